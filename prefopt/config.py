@@ -1,0 +1,366 @@
+"""Run configuration: one dataclass per section, a YAML recipe, and ``section.key=value`` overrides.
+
+A recipe looks like::
+
+    algorithm: {name: dpo, beta: 0.1, loss: sigmoid}
+    model: {name_or_path: runs/sft}
+    data: {path: ../shared/data/hh-rlhf, subsets: [harmless-base]}
+    train: {max_steps: 200, batch_size: 8, learning_rate: 5.0e-5}
+
+The ``algorithm`` section is validated against the Config dataclass the named algorithm declares. Unknown keys
+and wrong types are errors naming the key (with the closest known key); range checks live in each dataclass's
+``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from prefopt.errors import ConfigError
+from prefopt.registry import closest
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (peft). Used when ``model.lora.r > 0``."""
+
+    r: int = 0
+    """Adapter rank; 0 disables LoRA."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or "all-linear"."""
+
+    def __post_init__(self):
+        check(self.r >= 0, "model.lora.r", self.r, "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from and how to load it."""
+
+    name_or_path: str = ""
+    """Hub id or local directory of the starting (policy) model."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or directory; defaults to name_or_path."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights dtype when loading."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the hub. Off unless set."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base in 4-bit through bitsandbytes (needs lora.r > 0)."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the policy forward."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapter settings."""
+
+    def __post_init__(self):
+        check(not self.load_in_4bit or self.lora.r > 0, "model.load_in_4bit", True, "needs model.lora.r > 0 (QLoRA)")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split and truncated."""
+
+    path: str = ""
+    """A file (.jsonl, .jsonl.gz, .json), an HH-style directory (<subset>/<split>.jsonl.gz), or a hub dataset name."""
+    format: str = "auto"
+    """Row format: auto, hh, pairs, conversations, messages, ranks, text, sft, prompts, unpaired."""
+    subsets: list[str] = field(default_factory=lambda: ["harmless-base"])
+    """HH subsets to read from a directory or the hub."""
+    split: str = "train"
+    """Split file/hub split to read (HH: train or test)."""
+    eval_fraction: float = 0.1
+    """Fraction of rows held out for evaluation, chosen by a stable content hash."""
+    split_salt: str = "prefopt"
+    """Salt of the content hash; change it to draw a different pinned split."""
+    max_examples: int | None = None
+    """Use at most this many training rows (after the split), in hash order."""
+    max_length: int = 512
+    """Maximum prompt+response tokens; longer rows are truncated (prompt from the left)."""
+    max_prompt_length: int = 256
+    """Maximum prompt tokens (kept from the end of the prompt)."""
+    text_path: str | None = None
+    """Extra plain-text file (one document per line) for pt / PPO-ptx streams."""
+
+    def __post_init__(self):
+        check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        check(self.max_length > 0, "data.max_length", self.max_length, "must be > 0")
+        check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,
+              "must be in (0, data.max_length]")
+        check(self.max_examples is None or self.max_examples > 0, "data.max_examples", self.max_examples, "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpointing, shared by every algorithm."""
+
+    output_dir: str = "runs/default"
+    """Directory for checkpoints, metrics, the final model and the data manifest."""
+    seed: int = 0
+    """Seed for torch, numpy, python and data order."""
+    max_steps: int = 100
+    """Optimizer-update rounds (one batch of the algorithm's kind each)."""
+    batch_size: int = 8
+    """Rows per batch per process (pairs, prompts, sequences)."""
+    eval_batch_size: int = 16
+    """Rows per evaluation batch."""
+    gradient_accumulation_steps: int = 1
+    """Batches whose gradients are summed before one optimizer step."""
+    learning_rate: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_scheduler: str = "constant_with_warmup"
+    """transformers scheduler name: constant_with_warmup, linear, cosine, ..."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
+    """accelerate mixed precision; auto = bf16 on a GPU that has it, else no."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    max_eval_batches: int | None = None
+    """Cap on evaluation batches (None: the whole eval split)."""
+    log_every: int = 10
+    """Write metrics every N steps."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end and on interruption)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk."""
+    resume: str = "no"
+    """"auto": continue from the newest complete checkpoint in output_dir; "no"; or a checkpoint path."""
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    """What to do when the loss or gradient is NaN/inf: skip the update, or stop (exit code 3)."""
+    report_to: list[str] = field(default_factory=list)
+    """accelerate trackers (tensorboard, wandb) in addition to the CSV/JSONL metrics always written."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    save_model: bool = True
+    """Save the final model to output_dir/model."""
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
+            check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
+        check(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "must be >= 0")
+        check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
+        check(self.keep_checkpoints > 0, "train.keep_checkpoints", self.keep_checkpoints, "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe: algorithm (with its own Config), model, data, train."""
+
+    algorithm: Any
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_data: DataConfig | None = None
+    """Optional separate evaluation data (else the held-out split of ``data``)."""
+
+    @property
+    def algorithm_name(self) -> str:
+        return self.algorithm.registry_name
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["algorithm"] = {"name": self.algorithm_name, **dataclasses.asdict(self.algorithm)}
+        return out
+
+
+def check(ok: bool, key: str, value: Any, why: str) -> None:
+    """Raise a ConfigError naming ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type; errors name the dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            hint = closest(str(key), list(fields))
+            raise ConfigError(f"unknown config key {dotted!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                              + f" Known keys{' of ' + where if where else ''}: {', '.join(fields)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r}: expected {_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            hint = closest(str(value), [str(a) for a in args])
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(repr, args))}"
+                              + (f"; did you mean {hint!r}?" if hint else ""))
+        return value
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(args[0] if args else Any, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return {k: _coerce(args[1] if args else Any, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    return value
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=5", "algorithm.beta=0.2"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (update wins)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping with sections algorithm, model, data, train")
+    return data
+
+
+def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
+    """Validate a recipe dict (after overrides) into a RunConfig."""
+    from prefopt.registry import ALGORITHMS
+
+    data = dict(data)
+    algo = data.pop("algorithm", None)
+    if isinstance(algo, str):
+        algo = {"name": algo}
+    if not isinstance(algo, dict) or "name" not in algo:
+        raise ConfigError(f"{where}: 'algorithm' must be a mapping with a 'name' (see `prefopt list`)")
+    algo = dict(algo)
+    algo_cls = ALGORITHMS.get(str(algo.pop("name")))
+    algorithm = from_dict(algo_cls.Config, algo, "algorithm")
+    algorithm.registry_name = algo_cls.registry_name
+    known = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval_data": DataConfig}
+    sections = {}
+    for key, value in data.items():
+        if key not in known:
+            hint = closest(key, list(known) + ["algorithm"])
+            raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                              + ". Sections: algorithm, model, data, eval_data, train")
+        sections[key] = from_dict(known[key], value or {}, key)
+    return RunConfig(algorithm=algorithm, **sections)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate."""
+    data = read_yaml(path) if path else {}
+    data = merge(data, parse_overrides(list(overrides)))
+    return build_run_config(data, where=str(path or "overrides"))
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, docstring) for each field of a config dataclass, read from the source."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value).strip()  # type: ignore[union-attr]
+    except (OSError, TypeError, IndexError):
+        pass
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        out.append((f.name, _name(hints.get(f.name, Any)), default, docs.get(f.name, "")))
+    return out

@@ -1,0 +1,136 @@
+"""Pure tensor operations shared by the algorithms.
+
+Conventions: ``mask`` tensors are 0/1 of the same shape as the values; reductions over masked entries ignore
+the rest. Nothing here knows about models except ``sequence_logps`` and ``token_logps``, which apply the LM head
+only at the positions that are scored ("logits only where needed").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (over all entries, or along ``dim``)."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over masked entries; ``shift_mean=False`` keeps the mean (reward whitening)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over right-padded token sequences.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = sum_l (gamma * lam)^l delta_{t+l},   returns R_t = A_t + V_t.
+    V after the last valid token is 0. rewards, values, mask: [B, T]. Returns (advantages, returns), masked.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0.0)
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Monte-Carlo returns G_t = sum_l gamma^l r_{t+l} (the n-step target with n = the episode)."""
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] * mask[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs (Schulman's k1/k2/k3).
+
+    k1 = log pi - log pi_ref (unbiased, can be negative), k2 = 0.5 * k1^2, k3 = exp(-k1) - 1 + k1 (>= 0).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution given by ``logits`` [..., V] -> [...]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   position_ids: Tensor | None = None) -> Tensor:
+    """Last hidden states [N, T, H] of a causal LM's decoder (no LM head applied)."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+    return out.last_hidden_state
+
+
+def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
+                temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of ``input_ids[:, t]`` given tokens < t, computed only where ``score_mask[:, t]`` is 1.
+
+    The LM head runs on the selected hidden states alone, so a [N, T, V] logits tensor is never made.
+    Returns per-token log-probs [N, T] (0 where not scored; column 0 is never scored) and, when asked,
+    per-token entropies [N, T].
+    """
+    hidden = decoder_hidden(model, input_ids, attention_mask)
+    target_mask = score_mask[:, 1:].bool()  # token t is predicted from position t-1
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    selected = hidden[:, :-1][rows, cols]  # [M, H]
+    logits = model.get_output_embeddings()(selected).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    targets = input_ids[:, 1:][rows, cols]
+    picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    out = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+    out[rows, cols + 1] = picked
+    entropy = None
+    if with_entropy:
+        entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+        entropy[rows, cols + 1] = -(logp_all.exp() * logp_all).sum(-1).detach()
+    return out, entropy
+
+
+def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of the completion tokens of each row and the completion lengths: ([N], [N])."""
+    per_token, _ = token_logps(model, input_ids, attention_mask, completion_mask)
+    mask = completion_mask.clone()
+    mask[:, 0] = 0
+    return per_token.sum(-1), mask.sum(-1)
