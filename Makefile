@@ -7,7 +7,7 @@ export PREFOPT_HH_DIR ?= $(if $(wildcard ../shared/data/hh-rlhf),../shared/data/
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-fast bench clean
+.PHONY: venv test test-fast bench clean tiny-chain
 
 venv: $(STAMP)
 
@@ -29,3 +29,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs bench_runs .pytest_cache
+
+# The tiny HH chain: init -> pt -> sft -> reward, each stage a directory the next loads by path.
+tiny-chain: $(STAMP)
+	$(VENV)/bin/prefopt init-model runs/hh-tiny/init --corpus $(PREFOPT_HH_DIR) ../shared/data/medicalgpt/en_article_tail500.txt --arch gpt2 --size tiny --vocab-size 4096
+	$(VENV)/bin/prefopt train recipes/hh_tiny/pt.yaml
+	$(VENV)/bin/prefopt train recipes/hh_tiny/sft.yaml
+	$(VENV)/bin/prefopt train recipes/hh_tiny/reward.yaml

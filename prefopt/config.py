@@ -15,6 +15,8 @@ and wrong types are errors naming the key (with the closest known key); range ch
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +93,8 @@ class DataConfig:
     """Maximum prompt tokens (kept from the end of the prompt)."""
     text_path: str | None = None
     """Extra plain-text file (one document per line) for pt / PPO-ptx streams."""
+    length_bucketing: bool = True
+    """Batch rows of similar length together (less padding); the batch order is still shuffled."""
 
     def __post_init__(self):
         check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
@@ -294,12 +298,20 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` with the environment's value (recipes use PREFOPT_HH_DIR)."""
+    return _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), text)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(expand_env(path.read_text()))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -335,6 +347,8 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate."""
     data = read_yaml(path) if path else {}
+    if isinstance(data.get("algorithm"), str):
+        data["algorithm"] = {"name": data["algorithm"]}
     data = merge(data, parse_overrides(list(overrides)))
     return build_run_config(data, where=str(path or "overrides"))
 

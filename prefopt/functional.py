@@ -127,10 +127,15 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, sco
     return out, entropy
 
 
+def sum_scored(per_token: Tensor, score_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum per-token log-probs over scored tokens -> (logps [N], lengths [N]). Column 0 is never scored."""
+    mask = score_mask.clone()
+    mask[:, 0] = 0
+    return (per_token * mask).sum(-1), mask.sum(-1)
+
+
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                    completion_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the completion tokens of each row and the completion lengths: ([N], [N])."""
     per_token, _ = token_logps(model, input_ids, attention_mask, completion_mask)
-    mask = completion_mask.clone()
-    mask[:, 0] = 0
-    return per_token.sum(-1), mask.sum(-1)
+    return sum_scored(per_token, completion_mask)

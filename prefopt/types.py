@@ -130,3 +130,27 @@ class LossOutput:
     loss: Tensor  # scalar
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. {"rewards/accuracy": 0.6}
     num_tokens: int = 0  # tokens processed (for tokens/s)
+
+
+@dataclass
+class PairLogps:
+    """What a pairwise loss sees: summed response log-probs under the policy and the reference.
+
+    All tensors are [B]. ``*_lengths`` count response tokens (for length-normalised losses); the reference
+    entries are None for reference-free losses.
+    """
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+
+    @property
+    def chosen_logratios(self) -> Tensor:
+        return self.chosen - self.ref_chosen
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        return self.rejected - self.ref_rejected

@@ -39,7 +39,7 @@ class Algorithm:
         """Load the models; set ``self.model`` to the trainable module."""
         raise NotImplementedError
 
-    def setup(self, accelerator: Any, train_data: Any = None) -> None:
+    def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         """After ``accelerator.prepare``: move frozen modules to the device; precompute what is cached."""
         self.accelerator = accelerator
         for name, module in vars(self).items():
@@ -54,6 +54,10 @@ class Algorithm:
     def evaluate(self, batch: Any) -> dict[str, float]:
         """Per-batch metric SUMS over rows plus ``"count"``; the Trainer divides by the total count."""
         return {}
+
+    def finalize_eval(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Derive metrics from the averaged ones (e.g. perplexity from NLL)."""
+        return metrics
 
     def save(self, out_dir: str | Path) -> None:
         """Write the trained model so plain transformers / peft can load it."""

@@ -1,0 +1,98 @@
+"""DPO: Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290).
+
+The policy is trained directly on preference pairs with the implicit reward r(x, y) = beta * log pi(y|x) / pi_ref(y|x).
+Eq. 7 gives the Bradley-Terry loss ``sigmoid``; the variants (``ipo``, ``hinge``, ``cdpo``, and any loss a plugin
+registers) are chosen by name in ``algorithm.loss`` with their parameters in ``algorithm.loss_params``.
+
+Choices: one forward runs chosen and rejected rows together; the reference is a frozen copy of the starting model
+(or, with LoRA, the same model with its adapter disabled: no second copy); reference log-probs are computed without
+grad and, with ``precompute_reference``, once per pair before training, after which the reference is freed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from prefopt.algorithms.base import Algorithm
+from prefopt.algorithms.pairwise import ReferenceCache, means, policy_logps, preference_metrics, resolve_loss, sums
+from prefopt.config import LoraConfig, check
+from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
+from prefopt.modules import TokenScorer
+from prefopt.registry import register_algorithm
+from prefopt.types import LossOutput, PairBatch, PairLogps
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    """KL-regularisation strength beta (IPO: tau)."""
+    loss: str = "sigmoid"
+    """Registered pairwise loss: sigmoid, ipo, hinge, cdpo, ... (see `prefopt list`)."""
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword parameters of the chosen loss, e.g. {label_smoothing: 0.1} for cdpo."""
+    reference: str | None = None
+    """Reference model path or hub id; default: the starting model (model.name_or_path)."""
+    precompute_reference: bool = False
+    """Compute reference log-probs once for every pair before training, then free the reference model."""
+
+    def __post_init__(self):
+        check(self.beta > 0, "algorithm.beta", self.beta, "must be > 0")
+
+
+@register_algorithm("dpo")
+class DPO(Algorithm):
+    """Direct Preference Optimization (Rafailov et al. 2023) with pluggable pairwise losses."""
+
+    kind = "pairs"
+    Config = DPOConfig
+
+    def build(self) -> None:
+        self.loss_fn = resolve_loss(self.config.loss, self.config.loss_params)
+        lm = load_causal_lm(self.run.model)
+        self.model = TokenScorer(lm)
+        self.reference: TokenScorer | None = None
+        if not self.loss_fn.reference_free and (needs_separate_reference(lm) or self.config.reference):
+            ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
+            self.reference = TokenScorer(load_causal_lm(ref_cfg, path=self.config.reference, trainable=False))
+        self.cache = ReferenceCache()
+
+    def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
+        super().setup(accelerator, loaders)
+        if self.config.precompute_reference and not self.loss_fn.reference_free:
+            for split, loader in loaders.items():
+                self.cache.fill(split, loader, self._reference_scorer, accelerator)
+            self.reference = None
+
+    @torch.no_grad()
+    def _reference_scorer(self, *args: Any, **kwargs: Any):
+        if self.reference is not None:
+            return self.reference(*args, **kwargs)
+        with reference_context(self.unwrapped.lm):  # LoRA: the same weights with the adapter off
+            return self.model(*args, **kwargs)
+
+    def pair_logps(self, batch: PairBatch, split: str) -> PairLogps:
+        chosen, rejected, chosen_len, rejected_len = policy_logps(self.model, batch)
+        ref_chosen = ref_rejected = None
+        if not self.loss_fn.reference_free:
+            cached = self.cache.lookup(split, batch)
+            if cached is None:
+                ref_chosen, ref_rejected, _, _ = policy_logps(self._reference_scorer, batch)
+            else:
+                ref_chosen, ref_rejected = cached
+        return PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)
+
+    def step(self, batch: PairBatch) -> Iterator[LossOutput]:
+        logps = self.pair_logps(batch, "train")
+        losses = self.loss_fn(logps, self.config.beta)
+        yield LossOutput(losses.mean(), means(preference_metrics(logps, self.config.beta)), batch.num_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, batch: PairBatch) -> dict[str, float]:
+        logps = self.pair_logps(batch, "eval")
+        losses = self.loss_fn(logps, self.config.beta)
+        return {"loss": float(losses.sum()), **sums(preference_metrics(logps, self.config.beta)),
+                "count": batch.num_pairs}

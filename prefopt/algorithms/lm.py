@@ -1,0 +1,71 @@
+"""Language-model stages of the pipeline (InstructGPT step 1; MedicalGPT's PT and SFT).
+
+``pt``: continued pretraining on raw text, documents packed into fixed-length chunks (as transformers'
+run_clm does: EOS-separated, attention spans the chunk).
+``sft``: supervised fine-tuning on demonstrations; the loss covers response tokens only (prompt tokens are
+labelled -100 by the ``sft`` data kind).
+
+Both minimise the token-mean negative log-likelihood  L = -1/N * sum_t log pi(y_t | y_<t)  over labelled tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from prefopt.algorithms.base import Algorithm
+from prefopt.models import load_causal_lm
+from prefopt.modules import TokenScorer
+from prefopt.registry import register_algorithm
+from prefopt.types import LMBatch, LossOutput
+
+
+@dataclass
+class LMConfig:
+    """The LM stages take their settings from the model, data and train sections."""
+
+
+class LanguageModelling(Algorithm):
+    Config = LMConfig
+
+    def build(self) -> None:
+        self.model = TokenScorer(load_causal_lm(self.run.model))
+
+    def nll(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL over labelled tokens, number of labelled tokens)."""
+        score_mask = (batch.labels != -100).long()
+        score_mask[:, 0] = 0
+        per_token, _ = self.model(batch.input_ids, batch.attention_mask, score_mask)
+        return -(per_token * score_mask).sum(), score_mask.sum()
+
+    def step(self, batch: LMBatch) -> Iterator[LossOutput]:
+        total, count = self.nll(batch)
+        loss = total / count.clamp(min=1)
+        yield LossOutput(loss, {"lm/nll": float(loss.detach()), "lm/tokens": float(count)}, batch.num_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, batch: LMBatch) -> dict[str, float]:
+        total, count = self.nll(batch)
+        return {"nll": float(total), "count": float(count)}
+
+    def finalize_eval(self, metrics: dict[str, float]) -> dict[str, float]:
+        if "eval/nll" in metrics:
+            metrics["eval/perplexity"] = math.exp(min(metrics["eval/nll"], 50.0))
+        return metrics
+
+
+@register_algorithm("pt")
+class Pretrain(LanguageModelling):
+    """Continued pretraining: causal-LM loss on packed raw text."""
+
+    kind = "text"
+
+
+@register_algorithm("sft")
+class SFT(LanguageModelling):
+    """Supervised fine-tuning: causal-LM loss on response tokens only."""
+
+    kind = "sft"

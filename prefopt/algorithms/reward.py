@@ -1,0 +1,97 @@
+"""Reward modelling (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155, eq. 1; Sparrow's preference model).
+
+A scalar head reads the hidden state of the last non-pad token. For K ranked completions of one prompt, all
+C(K, 2) pairs (y_w better than y_l) enter the same batch, each completion is scored once, and
+
+    loss(theta) = -1 / C(K,2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l) - m_wl)
+
+is averaged over prompts (K = 2 is the pairwise Bradley-Terry loss; m is an optional margin). The optional
+centering regulariser  c * mean((r_w + r_l)^2)  keeps scores near 0 (Sparrow's preference model; TRL's
+``center_rewards_coefficient``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import peft
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prefopt.algorithms.base import Algorithm
+from prefopt.config import check
+from prefopt.models import load_reward_model
+from prefopt.registry import register_algorithm
+from prefopt.types import LossOutput, RankBatch
+
+
+class RewardScorer(nn.Module):
+    """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N]."""
+
+    def __init__(self, rm: nn.Module):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        rm = self.rm.get_base_model() if isinstance(self.rm, peft.PeftModel) else self.rm  # LoRA: adapted in place
+        hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = hidden.last_hidden_state
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (attention_mask * positions).argmax(-1)  # last attended token (right or left padding)
+        pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+        return rm.score(pooled).squeeze(-1).float()
+
+    def save_pretrained(self, out_dir, **kwargs) -> None:
+        self.rm.save_pretrained(out_dir, **kwargs)
+
+
+def ranking_loss(scores: Tensor, batch: RankBatch, center_coef: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The K-wise loss above: per-pair terms averaged within each prompt, then over prompts."""
+    better, worse = scores[batch.pairs[:, 0]], scores[batch.pairs[:, 1]]
+    diff = better - worse
+    if batch.margins is not None:
+        diff = diff - batch.margins
+    per_pair = -F.logsigmoid(diff)
+    if center_coef:
+        per_pair = per_pair + center_coef * (better + worse) ** 2
+    groups = int(batch.pair_group.max()) + 1
+    per_group = torch.zeros(groups, device=scores.device).index_add(0, batch.pair_group, per_pair)
+    pairs_per_group = torch.bincount(batch.pair_group, minlength=groups).clamp(min=1)
+    loss = (per_group / pairs_per_group).mean()
+    metrics = {"rm/accuracy": (better > worse).float(), "rm/margin": (better - worse).detach(),
+               "rm/score": scores.detach().mean().expand_as(better)}
+    return loss, metrics
+
+
+@dataclass
+class RewardConfig:
+    center_coef: float = 0.0
+    """Coefficient of the centering regulariser mean((r_w + r_l)^2) (0 disables)."""
+
+    def __post_init__(self):
+        check(self.center_coef >= 0, "algorithm.center_coef", self.center_coef, "must be >= 0")
+
+
+@register_algorithm("reward")
+class RewardModelling(Algorithm):
+    """Reward model: Bradley-Terry on pairs, InstructGPT K-wise on rankings, optional centering."""
+
+    kind = "ranks"
+    Config = RewardConfig
+
+    def build(self) -> None:
+        self.model = RewardScorer(load_reward_model(self.run.model.name_or_path, self.run.model, trainable=True))
+
+    def step(self, batch: RankBatch) -> Iterator[LossOutput]:
+        scores = self.model(batch.input_ids, batch.attention_mask)
+        loss, metrics = ranking_loss(scores, batch, self.config.center_coef)
+        yield LossOutput(loss, {k: float(v.float().mean()) for k, v in metrics.items()}, batch.num_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, batch: RankBatch) -> dict[str, float]:
+        scores = self.model(batch.input_ids, batch.attention_mask)
+        _, metrics = ranking_loss(scores, batch, self.config.center_coef)
+        out = {k.replace("rm/", ""): float(v.float().sum()) for k, v in metrics.items()}
+        return {**out, "count": float(batch.pairs.shape[0])}

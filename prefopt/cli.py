@@ -1,0 +1,136 @@
+"""``prefopt`` command line: train, list, init-model, merge-adapter, bench.
+
+Every user error prints one line ``prefopt: error: ...`` and exits 2 (no traceback); a non-finite stop exits 3;
+an interrupted run (SIGTERM/SIGINT) saves a checkpoint and exits 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from prefopt.errors import PrefoptError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from prefopt.config import load_config
+    from prefopt.trainer import Trainer
+
+    config = load_config(args.recipe, args.overrides)
+    final = Trainer(config).fit()
+    print(json.dumps({"output_dir": config.train.output_dir, **final}, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from prefopt.config import describe_fields
+    from prefopt.registry import ALGORITHMS, KINDS, LOSSES, REWARDS
+
+    if args.json:
+        print(json.dumps({"algorithms": {n: c.kind for n, c in ALGORITHMS.items()}, "losses": LOSSES.available(),
+                          "rewards": REWARDS.available(), "kinds": KINDS.available()}, indent=2))
+        return 0
+    print("Algorithms (algorithm.name):")
+    for name, cls in ALGORITHMS.items():
+        print(f"\n  {name}  [kind: {cls.kind}]  {cls.describe()}")
+        for field, type_name, default, doc in describe_fields(cls.Config):
+            print(f"      {field}: {type_name} = {default!r}" + (f"  # {doc}" if doc else ""))
+    print("\nPairwise losses (algorithm.loss, parameters in algorithm.loss_params):")
+    for name, fn in LOSSES.items():
+        print(f"  {name:10s} {_first_doc_line(fn)}{'  [reference-free]' if getattr(fn, 'reference_free', False) else ''}")
+    print("\nReward components (rewards[].name):")
+    for name, obj in REWARDS.items():
+        print(f"  {name:14s} {_first_doc_line(obj)}")
+    print("\nData kinds:", ", ".join(KINDS.available()))
+    return 0
+
+
+def _first_doc_line(obj: Any) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    if not doc and hasattr(obj, "__module__"):
+        doc = (sys.modules[obj.__module__].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from prefopt.tiny import init_model
+
+    path = init_model(args.out, corpus=args.corpus, arch=args.arch, size=args.size, vocab_size=args.vocab_size,
+                      seed=args.seed, max_texts=args.max_texts)
+    print(path)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from prefopt.models import merge_adapter
+
+    merge_adapter(args.adapter, args.out)
+    print(args.out)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prefopt.bench.runner import run_bench
+
+    out = run_bench(args.recipe, args.overrides)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefopt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one recipe: prefopt train RECIPE.yaml [section.key=value ...]")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 algorithm.beta=0.2")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list", help="registered algorithms (with config fields), losses, reward components")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("init-model", help="train a byte-level BPE tokenizer on a corpus and build a tiny causal LM")
+    p.add_argument("out")
+    p.add_argument("--corpus", nargs="+", required=True, help="HH .jsonl.gz files/dirs, .jsonl, .txt")
+    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--max-texts", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("merge-adapter", help="merge a saved LoRA adapter into its base model")
+    p.add_argument("adapter")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("bench", help="run a benchmark recipe: several algorithms, same start, same splits")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except PrefoptError as exc:
+        print(f"prefopt: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("prefopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

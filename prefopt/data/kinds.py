@@ -1,0 +1,155 @@
+"""The data kinds in prefopt.registry.KINDS: how a canonical record becomes token features, and how a list of
+features becomes the kind's typed batch (prefopt.types).
+
+Tokenization rules, the same for every kind:
+
+* the prompt and each response are tokenized SEPARATELY with ``add_special_tokens=False`` and the ids
+  concatenated, so the prompt / response boundary is exact;
+* every response (sft completion, chosen, rejected, ranked responses, unpaired completion) ends with
+  ``tokenizer.eos_token_id``; prompts of the ``prompts`` kind do not;
+* the prompt is cut from the LEFT to ``max_prompt_length`` tokens, then each response from the right so that
+  prompt + response <= ``max_length``; a response left with no token skips the row (SkipRow
+  "prompt longer than max_length");
+* ``text`` documents end with EOS and are packed into ``max_length`` chunks (prefopt.data.collate.pack).
+
+A kind offers ``tokenize(record, tokenizer, cfg) -> feature`` (raises SkipRow to skip a row),
+``prepare(features, cfg)`` (a pass over all features: packing for text), ``length(feature)`` (tokens, for
+length bucketing) and ``collate(features, tokenizer) -> batch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefopt.config import DataConfig
+from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pad_token_id, pair_batch, prompt_batch,
+                                  rank_batch, unpaired_batch)
+from prefopt.data.readers import SkipRow
+from prefopt.errors import DataError
+from prefopt.registry import KINDS
+from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def eos_token_id(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer has no eos token; set tokenizer.eos_token (responses must end with it)")
+    return tokenizer.eos_token_id
+
+
+def prompt_and_responses(tokenizer: Any, prompt: str, responses: list[str],
+                         cfg: DataConfig) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids (left-truncated) and each response's ids + EOS (right-truncated to fit ``max_length``)."""
+    prompt_ids = encode(tokenizer, prompt)[-cfg.max_prompt_length:]
+    room = cfg.max_length - len(prompt_ids)
+    eos = eos_token_id(tokenizer)
+    out = []
+    for response in responses:
+        ids = (encode(tokenizer, response) + [eos])[:room]
+        if not ids:
+            raise SkipRow("prompt longer than max_length")
+        out.append(ids)
+    return prompt_ids, out
+
+
+class Kind:
+    """Shared defaults: no dataset-level pass; length = all tokens of the feature's ``input_ids``."""
+
+    def prepare(self, features: list[Feature], cfg: DataConfig) -> list[Feature]:
+        return features
+
+    def length(self, feature: Feature) -> int:
+        return len(feature["input_ids"])
+
+
+class PairsKind(Kind):
+    """{prompt, chosen, rejected} -> PairBatch (chosen rows first, then rejected)."""
+
+    def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
+        prompt_ids, (chosen, rejected) = prompt_and_responses(
+            tokenizer, record["prompt"], [record["chosen"], record["rejected"]], cfg)
+        return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected}
+
+    def collate(self, features: list[Feature], tokenizer: Any) -> PairBatch:
+        return pair_batch(features, pad_token_id(tokenizer))
+
+    def length(self, feature: Feature) -> int:
+        return len(feature["prompt_ids"]) + max(len(feature["chosen_ids"]), len(feature["rejected_ids"]))
+
+
+class SFTKind(Kind):
+    """{prompt, completion} -> LMBatch with labels -100 on the prompt tokens and the padding."""
+
+    def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
+        prompt_ids, (completion,) = prompt_and_responses(tokenizer, record["prompt"], [record["completion"]], cfg)
+        return {"input_ids": prompt_ids + completion, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion}
+
+    def collate(self, features: list[Feature], tokenizer: Any) -> LMBatch:
+        return lm_batch(features, pad_token_id(tokenizer))
+
+
+class TextKind(Kind):
+    """{text} -> packed LMBatch: documents joined by EOS in max_length chunks, position_ids per document."""
+
+    def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
+        return {"input_ids": encode(tokenizer, record["text"]) + [eos_token_id(tokenizer)]}
+
+    def prepare(self, features: list[Feature], cfg: DataConfig) -> list[Feature]:
+        return pack([f["input_ids"] for f in features], cfg.max_length)
+
+    def collate(self, features: list[Feature], tokenizer: Any) -> LMBatch:
+        return lm_batch(features, pad_token_id(tokenizer))
+
+
+class RanksKind(Kind):
+    """{prompt, responses, scores} -> RankBatch with every (better, worse) pair of each prompt."""
+
+    def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
+        prompt_ids, responses = prompt_and_responses(tokenizer, record["prompt"], record["responses"], cfg)
+        return {"prompt_ids": prompt_ids, "response_ids": responses, "scores": list(record["scores"])}
+
+    def collate(self, features: list[Feature], tokenizer: Any) -> RankBatch:
+        return rank_batch(features, pad_token_id(tokenizer))
+
+    def length(self, feature: Feature) -> int:
+        return len(feature["prompt_ids"]) + max(len(r) for r in feature["response_ids"])
+
+
+class PromptsKind(Kind):
+    """{prompt, meta} -> PromptBatch, left-padded, no EOS after the prompt."""
+
+    def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
+        prompt_ids = encode(tokenizer, record["prompt"])[-cfg.max_prompt_length:]
+        return {"prompt_ids": prompt_ids, "prompt": record["prompt"], "meta": dict(record.get("meta", {}))}
+
+    def collate(self, features: list[Feature], tokenizer: Any) -> PromptBatch:
+        return prompt_batch(features, pad_token_id(tokenizer))
+
+    def length(self, feature: Feature) -> int:
+        return len(feature["prompt_ids"])
+
+
+class UnpairedKind(Kind):
+    """{prompt, completion, label} -> UnpairedBatch."""
+
+    def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
+        prompt_ids, (completion,) = prompt_and_responses(tokenizer, record["prompt"], [record["completion"]], cfg)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion, "label": bool(record["label"])}
+
+    def collate(self, features: list[Feature], tokenizer: Any) -> UnpairedBatch:
+        return unpaired_batch(features, pad_token_id(tokenizer))
+
+    def length(self, feature: Feature) -> int:
+        return len(feature["prompt_ids"]) + len(feature["completion_ids"])
+
+
+PAIRS = KINDS.register("pairs")(PairsKind())
+SFT = KINDS.register("sft")(SFTKind())
+TEXT = KINDS.register("text")(TextKind())
+RANKS = KINDS.register("ranks")(RanksKind())
+PROMPTS = KINDS.register("prompts")(PromptsKind())
+UNPAIRED = KINDS.register("unpaired")(UnpairedKind())

@@ -1,0 +1,87 @@
+"""Metrics: JSONL always (one line per log step), CSV written from it with pandas, plus accelerate trackers.
+
+Also the memory and speed readings every run reports: peak memory (CUDA max allocated on a GPU, peak RSS of the
+process on CPU) and tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory of this process so far: CUDA max allocated on a GPU, else peak resident set size."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class MetricAverager:
+    """Averages metric dicts between two log steps."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):
+                self.sums[key] += value
+                self.counts[key] += 1
+
+    def pop(self) -> dict[str, float]:
+        out = {key: self.sums[key] / self.counts[key] for key in self.sums if self.counts[key]}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+class MetricsWriter:
+    """Appends ``{"step": n, ...}`` rows to metrics.jsonl; ``to_csv`` rewrites metrics.csv from it."""
+
+    def __init__(self, output_dir: str | Path, accelerator: Any = None, enabled: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log(metrics, step=step)
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint's step (they will be logged again)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def to_csv(self) -> Path | None:
+        if not (self.enabled and self.path.exists()):
+            return None
+        frame = read_metrics(self.path)
+        out = self.path.with_suffix(".csv")
+        frame.to_csv(out, index=False)
+        return out
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """metrics.jsonl -> DataFrame (one row per logged step)."""
+    return pd.read_json(path, lines=True)

@@ -1,0 +1,59 @@
+"""Shared test fixtures: the data in ../shared/data and tiny models built from it once per session.
+
+Nothing is downloaded: the tiny models are built by ``prefopt.tiny.init_model`` from HH-RLHF rows in a
+session temp directory. Tests marked ``@pytest.mark.gpu`` are skipped when CUDA is not available.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefopt.tiny import init_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH_TEST = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+TINY_MODEL_TEXTS = 800  # the first 400 HH rows: a chosen and a rejected dialogue each
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data directory (../shared/data next to the project)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data directory {SHARED_DATA} is missing")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def hh_path() -> Path:
+    """2,000 HH-RLHF harmless-base test pairs (jsonl.gz with chosen/rejected dialogues)."""
+    if not HH_TEST.is_file():
+        pytest.skip(f"HH-RLHF data file {HH_TEST} is missing")
+    return HH_TEST
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A nano GPT-2 (vocab 512, random weights) with its BPE tokenizer, saved in the transformers layout."""
+    out_dir = tmp_path_factory.mktemp("tiny-gpt2")
+    return init_model(out_dir, [str(hh_path)], arch="gpt2", size="nano", vocab_size=512, seed=0,
+                      max_texts=TINY_MODEL_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A nano Llama (vocab 512, random weights) with its BPE tokenizer, saved in the transformers layout."""
+    out_dir = tmp_path_factory.mktemp("tiny-llama")
+    return init_model(out_dir, [str(hh_path)], arch="llama", size="nano", vocab_size=512, seed=0,
+                      max_texts=TINY_MODEL_TEXTS)
