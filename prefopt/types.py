@@ -72,7 +72,7 @@ class RankBatch(_Batch):
     attention_mask: Tensor  # [N, T]
     pairs: Tensor  # [P, 2] long: row of the better and of the worse completion
     pair_group: Tensor  # [P] long: which prompt each pair belongs to (0..G-1)
-    margins: Tensor | None = None  # [P] optional margin per pair (score difference)
+    margins: Tensor | None = None  # [P] score difference of each pair in the data (used as a margin on request)
 
 
 @dataclass

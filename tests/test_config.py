@@ -24,6 +24,11 @@ def test_overrides_parse_nested_and_typed():
         "train": {"max_steps": 5}, "algorithm": {"beta": 0.2}, "data": {"subsets": ["a", "b"]}}
 
 
+def test_exponent_floats_are_numbers(tmp_path):
+    cfg = load_config(write(tmp_path, "algorithm: dpo\ntrain: {learning_rate: 5e-5}\n"), ["algorithm.beta=1e-1"])
+    assert (cfg.train.learning_rate, cfg.algorithm.beta) == (5e-5, 0.1)
+
+
 def test_recipe_plus_overrides(tmp_path):
     path = write(tmp_path, "algorithm: {name: dpo, beta: 0.3}\ntrain: {max_steps: 7}\n")
     cfg = load_config(path, ["algorithm.loss=ipo", "train.batch_size=2"])

@@ -47,11 +47,15 @@ class RewardScorer(nn.Module):
         self.rm.save_pretrained(out_dir, **kwargs)
 
 
-def ranking_loss(scores: Tensor, batch: RankBatch, center_coef: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """The K-wise loss above: per-pair terms averaged within each prompt, then over prompts."""
+def ranking_loss(scores: Tensor, batch: RankBatch, center_coef: float,
+                 use_margins: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """The K-wise loss above: per-pair terms averaged within each prompt, then over prompts.
+
+    ``use_margins``: subtract ``batch.margins`` (the data's score difference of each pair) inside the sigmoid.
+    """
     better, worse = scores[batch.pairs[:, 0]], scores[batch.pairs[:, 1]]
     diff = better - worse
-    if batch.margins is not None:
+    if use_margins and batch.margins is not None:
         diff = diff - batch.margins
     per_pair = -F.logsigmoid(diff)
     if center_coef:
@@ -69,6 +73,8 @@ def ranking_loss(scores: Tensor, batch: RankBatch, center_coef: float) -> tuple[
 class RewardConfig:
     center_coef: float = 0.0
     """Coefficient of the centering regulariser mean((r_w + r_l)^2) (0 disables)."""
+    use_margins: bool = False
+    """Require r_w - r_l to exceed the data's score difference (Llama-2 style margin loss)."""
 
     def __post_init__(self):
         check(self.center_coef >= 0, "algorithm.center_coef", self.center_coef, "must be >= 0")
@@ -86,12 +92,12 @@ class RewardModelling(Algorithm):
 
     def step(self, batch: RankBatch) -> Iterator[LossOutput]:
         scores = self.model(batch.input_ids, batch.attention_mask)
-        loss, metrics = ranking_loss(scores, batch, self.config.center_coef)
+        loss, metrics = ranking_loss(scores, batch, self.config.center_coef, self.config.use_margins)
         yield LossOutput(loss, {k: float(v.float().mean()) for k, v in metrics.items()}, batch.num_tokens)
 
     @torch.no_grad()
     def evaluate(self, batch: RankBatch) -> dict[str, float]:
         scores = self.model(batch.input_ids, batch.attention_mask)
-        _, metrics = ranking_loss(scores, batch, self.config.center_coef)
+        _, metrics = ranking_loss(scores, batch, self.config.center_coef, self.config.use_margins)
         out = {k.replace("rm/", ""): float(v.float().sum()) for k, v in metrics.items()}
         return {**out, "count": float(batch.pairs.shape[0])}

@@ -56,6 +56,8 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
     skips = SkipLog()
     groups = dedupe(_records(cfg, kind, skips), skips)
     sources = source_info(cfg)
+    if kind == "text" and cfg.text_path:
+        sources += source_info(dataclasses.replace(cfg, path=cfg.text_path))
     if not groups:
         names = ", ".join(str(s.get("path", s.get("hub"))) for s in sources)
         detail = f"skipped {skips.total}: {skips.summary()}" if skips.total else "no rows"
@@ -79,7 +81,16 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
 
 
 def _records(cfg: DataConfig, kind: str, skips: SkipLog) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """``(location, source row id, record)`` of every usable record; bad rows go to ``skips``."""
+    """``(location, source row id, record)`` of every usable record; bad rows go to ``skips``.
+
+    For the ``text`` kind, ``cfg.text_path`` (plain text, one document per line) is read after ``cfg.path``.
+    """
+    yield from _file_records(cfg, kind, skips)
+    if kind == "text" and cfg.text_path:
+        yield from _file_records(dataclasses.replace(cfg, path=cfg.text_path, format="auto"), kind, skips)
+
+
+def _file_records(cfg: DataConfig, kind: str, skips: SkipLog) -> Iterator[tuple[str, str, dict[str, Any]]]:
     for source, line_no, row in read_rows(cfg, skips):
         where = f"{source}:{line_no}"
         try:
