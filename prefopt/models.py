@@ -36,7 +36,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     A tokenizer without a pad token pads with eos (a warning says so); one with neither is an error.
     """
     source = cfg.tokenizer or cfg.name_or_path
-    tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer", trust_remote_code=cfg.trust_remote_code)
+    what = "tokenizer" if cfg.tokenizer else "model"  # the message names the key the user set
+    tokenizer = _from_pretrained(AutoTokenizer, source, what, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PrefoptError(f"tokenizer {source!r} has no pad or eos token; add a pad token to it "
@@ -117,15 +118,19 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
 
-    An adapter trained on a 4-bit base is merged into the unquantized base it was loaded from.
+    An adapter trained on a 4-bit base is merged into the unquantized base it was loaded from; a reward-model
+    adapter (peft task type SEQ_CLS) is merged into a sequence-classification base with its score head.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
     adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     base_path = adapter_config.base_model_name_or_path
-    base = _from_pretrained(AutoModelForCausalLM, base_path, "adapter base model", dtype=torch.float32,
-                            use_safetensors=True)
+    is_reward = str(adapter_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS")
+    auto_class = AutoModelForSequenceClassification if is_reward else AutoModelForCausalLM
+    extra = {"num_labels": 1} if is_reward else {}
+    base = _from_pretrained(auto_class, base_path, "adapter base model", dtype=torch.float32,
+                            use_safetensors=True, **extra)
     merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)))
@@ -175,7 +180,7 @@ def _from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> 
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:  # missing files, unknown hub id, unrecognised config
         where = "the local directory" if Path(source).expanduser().exists() else "the hub (or the hub is unreachable)"
-        hint = " (prefopt loads safetensors weights only)" if what != "tokenizer" else ""
+        hint = " (prefopt loads safetensors weights only)" if auto_class is not AutoTokenizer else ""
         raise PrefoptError(f"cannot load {what} {source!r} from {where}{hint}: {exc}") from exc
 
 

@@ -1,0 +1,141 @@
+"""The generation engine: one batched sampler for every online algorithm, evaluation and the benchmark.
+
+``generate(model, tokenizer, batch, gen)`` runs transformers' ``model.generate`` on a LEFT-padded
+``PromptBatch`` with the KV cache on and returns a ``Rollout``:
+
+* ``response_ids``: the sampled tokens, right-padded with the pad token;
+* ``response_mask``: 1 on every token up to and including the first EOS (a response cut at
+  ``max_new_tokens`` has no EOS and is 1 throughout its length);
+* ``logprobs``: behaviour log-probs  log softmax(z_t / temperature)[y_t]  of each sampled token, read from the
+  raw logits generate returns (``output_logits``), so no second forward is run. Top-k / top-p truncation is
+  not folded in: these are the log-probs the training forward recomputes (as TRL and OpenRLHF do), so the
+  PPO ratio starts at exactly 1. Logits processors a checkpoint's own generation_config may ask for (repetition
+  penalty, n-gram blocking, minimum length, ...) are switched off: the samples come from the policy;
+* decoded response texts (special tokens dropped), and the prompts / meta of the batch;
+* ``seconds`` and ``new_tokens``: the generation time and the generated (unmasked) token count, so an
+  algorithm can log generation tokens/s apart from training tokens/s.
+
+Positions: generate numbers the tokens of a left-padded row from its first real token
+(``position_ids = cumsum(attention_mask) - 1``); a teacher-forced forward must pass the same positions
+(``position_ids(attention_mask)``) to reproduce these log-probs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from prefopt.config import check
+from prefopt.types import PromptBatch, Rollout
+
+
+# Only GenerationConfig shapes the sampling distribution: logits processors a checkpoint's generation_config may
+# switch on (repetition penalty, n-gram blocking, minimum length, banned tokens, min-p, ...) are turned off, so the
+# sampled tokens follow the policy and the behaviour log-probs are its log-probs.
+POLICY_ONLY = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, bad_words_ids=None,
+                   suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None)
+SAMPLING_POLICY_ONLY = dict(typical_p=1.0, min_p=None, epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings shared by every online algorithm."""
+
+    max_new_tokens: int = 48
+    """Most tokens generated per response."""
+    temperature: float = 1.0
+    """Softmax temperature of the sampling distribution (the log-probs use it too)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: off)."""
+    do_sample: bool = True
+    """Sample; False decodes greedily (temperature, top_p, top_k unused, log-probs at temperature 1)."""
+
+    def __post_init__(self):
+        check(self.max_new_tokens > 0, "generation.max_new_tokens", self.max_new_tokens, "must be > 0")
+        check(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
+        check(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
+        check(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the behaviour log-probs (and every policy forward scoring them) use."""
+        return self.temperature if self.do_sample else 1.0
+
+
+@dataclass
+class SampledRollout(Rollout):
+    """A Rollout plus what its generation cost (set by ``generate``)."""
+
+    seconds: float = 0.0  # wall time of model.generate
+    new_tokens: int = 0  # generated tokens under response_mask
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token, as generate numbers left-padded rows (0 on padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def eos_ids(tokenizer, model: nn.Module) -> list[int]:
+    """Every token id that ends a response: the tokenizer's eos and the model's generation eos ids."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def response_mask(response_ids: Tensor, eos: list[int]) -> Tensor:
+    """1 on every token up to and including the first EOS of each row; 0 after it. [B, Tr] long."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device)).long()
+    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before t
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationConfig,
+             seed: int | None = None) -> SampledRollout:
+    """Sample one response per prompt of ``batch`` (see the module docstring); ``seed`` fixes the draw.
+
+    ``model`` is a plain (unwrapped) transformers or peft causal LM; it is put in eval mode for generation and
+    its mode restored. With ``seed`` the global RNG is forked, so training randomness is left untouched.
+    """
+    was_training = model.training
+    model.eval()
+    eos = eos_ids(tokenizer, model)
+    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, **SAMPLING_POLICY_ONLY)
+    sampling = sampling if gen.do_sample else {}
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, **sampling, **POLICY_ONLY,
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                 return_dict_in_generate=True, output_logits=True)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    prompt_width = batch.input_ids.shape[1]
+    response_ids = out.sequences[:, prompt_width:]
+    mask = response_mask(response_ids, eos)
+    logprobs = torch.stack([  # one [B, V] step at a time: no float32 copy of all [B, Tr, V] logits at once
+        torch.log_softmax(logits.float() / gen.logprob_temperature, dim=-1).gather(-1, response_ids[:, t, None])[:, 0]
+        for t, logits in enumerate(out.logits)], dim=1) * mask
+    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
+    return SampledRollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, response_ids=response_ids,
+                          response_mask=mask, logprobs=logprobs, prompts=list(batch.prompts), responses=texts,
+                          meta=list(batch.meta), seconds=seconds, new_tokens=int(mask.sum()))
+
+
+def _rng_devices(tensor: Tensor) -> list[int]:
+    return [tensor.device.index or 0] if tensor.device.type == "cuda" else []

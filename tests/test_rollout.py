@@ -1,0 +1,160 @@
+"""The generation engine: shapes, EOS masks, behaviour log-probs equal to a teacher-forced forward, seeds."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prefopt.config import DataConfig, ModelConfig
+from prefopt.data import build_dataloader, load_rows
+from prefopt.errors import ConfigError
+from prefopt.models import load_tokenizer
+from prefopt.rollout import GenerationConfig, generate, position_ids, response_mask
+from prefopt.types import PromptBatch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(model_dir: Path):
+    return load_tokenizer(ModelConfig(name_or_path=str(model_dir))), AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+@lru_cache(maxsize=1)
+def short_hh_records(hh_path: Path) -> tuple[dict, ...]:
+    """60 short HH prompt records of increasing length."""
+    records = load_rows(DataConfig(path=str(hh_path), format="hh", eval_fraction=0.0), "prompts").train[:200]
+    return tuple(sorted(records, key=lambda r: len(r["prompt"]))[:60])
+
+
+def hh_prompts(tokenizer, hh_path: Path, rows: int = 6) -> PromptBatch:
+    """Left-padded short HH prompts of different lengths, from the data layer."""
+    records = list(short_hh_records(hh_path)[::10][:rows])
+    cfg = DataConfig(path=str(hh_path), format="hh", eval_fraction=0.0)
+    loader, _ = build_dataloader(records, "prompts", tokenizer, cfg, batch_size=rows, shuffle=False, seed=0)
+    return next(iter(loader))
+
+
+def teacher_forced_logps(model, rollout, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of each response token from ONE plain forward over prompt + response."""
+    sequences, mask = rollout.sequences, rollout.attention_mask
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logps = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    logps = logps.gather(-1, sequences[:, 1:, None]).squeeze(-1)
+    return logps[:, rollout.prompt_ids.shape[1] - 1:] * rollout.response_mask
+
+
+def test_response_mask_keeps_the_first_eos_and_nothing_after():
+    eos = [0]
+    ids = torch.tensor([[5, 6, 0, 1, 1],  # EOS at 2, then padding
+                        [5, 0, 0, 0, 0],  # pad == eos tokenizers: only the first EOS counts
+                        [5, 6, 7, 8, 9]])  # cut at max_new_tokens: no EOS
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.equal(response_mask(ids, eos), expected)
+    assert torch.equal(response_mask(torch.tensor([[3, 9, 4]]), [9, 4]), torch.tensor([[1, 1, 0]]))
+
+
+def test_position_ids_count_from_the_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+def test_generate_shapes_masks_texts_and_stats(tiny_model_dir, hh_path):
+    tokenizer, model = load(tiny_model_dir)
+    batch = hh_prompts(tokenizer, hh_path)
+    assert batch.attention_mask[:, 0].min() == 0 and batch.attention_mask[:, -1].min() == 1  # left-padded
+    # a random model rarely samples the one real EOS; many EOS ids make most rows stop early
+    model.generation_config.eos_token_id = list(range(2, 60))
+    gen = GenerationConfig(max_new_tokens=24)
+    rollout = generate(model, tokenizer, batch, gen, seed=0)
+    B, Tr = rollout.response_ids.shape
+    assert B == 6 and Tr <= 24
+    assert rollout.prompt_ids is batch.input_ids and rollout.prompts == batch.prompts and rollout.meta == batch.meta
+    assert rollout.logprobs.shape == rollout.response_mask.shape == (B, Tr)
+    stops = torch.isin(rollout.response_ids, torch.arange(2, 60))
+    lengths = rollout.response_mask.sum(-1)
+    assert stops.any()  # some row stopped at an EOS
+    for i in range(B):
+        n = int(lengths[i])
+        assert rollout.response_mask[i, :n].all() and not rollout.response_mask[i, n:].any()  # 1...1 0...0
+        ended = bool(stops[i, n - 1])
+        assert ended or n == gen.max_new_tokens  # a row ends at its first EOS or at the token budget
+        assert not stops[i, :n - 1].any()  # no EOS before the last unmasked token
+        assert (rollout.response_ids[i, n:] == tokenizer.pad_token_id).all()
+        assert (rollout.logprobs[i, n:] == 0).all() and (rollout.logprobs[i, :n] < 0).all()
+        assert rollout.responses[i] == tokenizer.decode(rollout.response_ids[i, :n], skip_special_tokens=True)
+    assert rollout.new_tokens == int(lengths.sum()) and rollout.seconds > 0 and rollout.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_behaviour_logprobs_equal_a_teacher_forced_forward(fixture, temperature, hh_path, request):
+    tokenizer, model = load(request.getfixturevalue(fixture))
+    batch = hh_prompts(tokenizer, hh_path)
+    rollout = generate(model, tokenizer, batch, GenerationConfig(max_new_tokens=16, temperature=temperature), seed=1)
+    expected = teacher_forced_logps(model, rollout, temperature)
+    torch.testing.assert_close(rollout.logprobs, expected, atol=1e-4, rtol=0)
+
+
+def test_checkpoint_generation_settings_do_not_reshape_the_samples(tiny_model_dir, hh_path):
+    """A checkpoint's repetition penalty, n-gram blocking, ... would sample from something other than the policy."""
+    tokenizer, model = load(tiny_model_dir)
+    batch = hh_prompts(tokenizer, hh_path, rows=4)
+    gen = GenerationConfig(max_new_tokens=24)
+    plain = generate(model, tokenizer, batch, gen, seed=3)
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=30, typical_p=0.2,
+                                   suppress_tokens=list(range(2, 200)))
+    assert torch.equal(generate(model, tokenizer, batch, gen, seed=3).response_ids, plain.response_ids)
+
+
+def test_greedy_logprobs_are_at_temperature_one(tiny_model_dir, hh_path):
+    tokenizer, model = load(tiny_model_dir)
+    batch = hh_prompts(tokenizer, hh_path, rows=3)
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False, temperature=0.5)
+    rollout = generate(model, tokenizer, batch, gen)
+    torch.testing.assert_close(rollout.logprobs, teacher_forced_logps(model, rollout, 1.0), atol=1e-4, rtol=0)
+    assert torch.equal(rollout.response_ids, generate(model, tokenizer, batch, gen).response_ids)
+
+
+def test_seeded_generation_is_reproducible_and_leaves_the_global_rng_alone(tiny_model_dir, hh_path):
+    tokenizer, model = load(tiny_model_dir)
+    batch = hh_prompts(tokenizer, hh_path, rows=4)
+    gen = GenerationConfig(max_new_tokens=12)
+    torch.manual_seed(123)
+    first = generate(model, tokenizer, batch, gen, seed=7)
+    after_first = torch.rand(3)
+    torch.manual_seed(123)
+    second = generate(model, tokenizer, batch, gen, seed=7)
+    assert torch.equal(first.response_ids, second.response_ids) and first.responses == second.responses
+    assert torch.equal(torch.rand(3), after_first)  # the seeded draw did not consume the global RNG
+    other = generate(model, tokenizer, batch, gen, seed=8)
+    assert not torch.equal(first.response_ids[:, :4], other.response_ids[:, :4])
+    torch.manual_seed(5)
+    unseeded = generate(model, tokenizer, batch, gen)
+    torch.manual_seed(5)
+    assert torch.equal(unseeded.response_ids, generate(model, tokenizer, batch, gen).response_ids)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_restores_the_model_mode(tiny_model_dir, hh_path, training):
+    tokenizer, model = load(tiny_model_dir)
+    model.train(training)
+    generate(model, tokenizer, hh_prompts(tokenizer, hh_path, rows=2), GenerationConfig(max_new_tokens=4))
+    assert model.training is training
+
+
+@pytest.mark.parametrize("key, value", [("max_new_tokens", 0), ("temperature", 0.0), ("top_p", 1.5), ("top_k", -1)])
+def test_generation_config_is_validated(key, value):
+    with pytest.raises(ConfigError, match=f"generation.{key}"):
+        GenerationConfig(**{key: value})
