@@ -1,18 +1,53 @@
 """Atomic checkpoints: write into ``<name>.tmp``, then rename; only renamed directories count as complete.
 
-A checkpoint holds what ``accelerator.save_state`` writes (model, optimizer, scheduler, RNG states of every
-process) plus ``trainer_state.json`` (the step, the data position and the metrics averager's progress).
+A checkpoint holds what ``accelerator.save_state`` writes (model weights as safetensors, optimizer, scheduler,
+the RNG states of every process: python, numpy, torch, cuda) plus ``trainer_state.json``, written last: the step,
+each process's data position (epoch, batches of it taken) and its metrics averager's partial sums. A directory without
+``trainer_state.json``, or still named ``*.tmp``, is an interrupted write and is never resumed from.
+
+Loading is safe: the model is safetensors and every pickle accelerate wrote (optimizer, scheduler, RNG states) is
+read with ``torch.load(weights_only=True)``; the RNG states need only numpy's array reconstruction on top
+(``SAFE_RNG_GLOBALS``). Objects an algorithm registers with ``accelerator.register_for_checkpointing`` (PPO's KL
+controller) would be read by accelerate with ``weights_only=False``, so we save and load their state dicts ourselves
+(``custom_state_<i>.pt``, weights-only). accelerate swallows a failed RNG restore with an info log, which would
+silently break exact resume, so ``load_checkpoint`` restores the RNG states itself and fails loudly instead.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
+import logging
 import os
+import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from prefopt.errors import CheckpointError, ConfigError
+
 STATE_FILE = "trainer_state.json"
+RNG_FILE = "random_states_{}.pkl"  # accelerate's name, one per process
+CUSTOM_FILE = "custom_state_{}.pt"  # objects registered with accelerator.register_for_checkpointing
+log = logging.getLogger("prefopt.checkpoint")
+
+
+def _numpy_rng_globals() -> list[Any]:
+    """What an unpickled ``np.random.get_state()`` needs beyond torch's weights-only allowlist."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    found = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found.append(dtypes.UInt32DType)
+    return found
+
+
+SAFE_RNG_GLOBALS = _numpy_rng_globals()
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -20,21 +55,33 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Save accelerate state + trainer state atomically; prune to the ``keep`` newest complete checkpoints."""
+    """Save accelerate state + trainer state atomically; prune to the ``keep`` newest complete checkpoints.
+
+    Every process must call this (``save_state`` and the barriers are collective); the main process writes
+    ``state`` (JSON-serialisable) and does the renames.
+    """
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob("*.tmp"):  # left by a write that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _own_custom_objects(accelerator) as custom:
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for index, obj in enumerate(custom):
+            torch.save(obj.state_dict(), tmp / CUSTOM_FILE.format(index))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_tree(tmp)
+        aside = root / f"step-{step:08d}.old.tmp"
+        if final.exists():  # the same step saved again (a finished run resumed): never leave a gap
+            os.replace(final, aside)
         os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(aside, ignore_errors=True)
         for old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -59,12 +106,91 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        from prefopt.errors import ConfigError
-
-        raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint (no {STATE_FILE})")
+        raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint (no {STATE_FILE}); "
+                          "use auto, no, or a checkpoints/step-N directory")
     return path
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    """Restore model, optimizer, scheduler and this process's RNG states; return the trainer state."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {exc}") from exc
+    try:
+        with _own_custom_objects(accelerator) as custom:
+            accelerator.load_state(str(path))
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded into this run "
+                              f"(a different model or optimizer?): {type(exc).__name__}: {exc}") from exc
+    for index, obj in enumerate(custom):
+        obj.load_state_dict(_safe_load(path / CUSTOM_FILE.format(index), "the state of a registered object"))
+    restore_rng(path / RNG_FILE.format(accelerator.process_index))
+    return state
+
+
+@contextlib.contextmanager
+def _own_custom_objects(accelerator: Any) -> Iterator[list[Any]]:
+    """Hide objects registered with ``accelerator.register_for_checkpointing`` from save/load_state.
+
+    accelerate reads their pickles with ``weights_only=False`` (arbitrary code on load); we write their state
+    dicts as ``custom_state_<i>.pt`` ourselves and read them back with ``weights_only=True``.
+    """
+    custom = list(getattr(accelerator, "_custom_objects", []))
+    if custom:
+        accelerator._custom_objects = []
+    try:
+        yield custom
+    finally:
+        if custom:
+            accelerator._custom_objects = custom
+
+
+def _safe_load(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} ({what}) is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors have many types
+        raise CheckpointError(f"{path}: cannot load {what} safely (weights_only=True): "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def restore_rng(path: Path) -> None:
+    """Set the python, numpy and torch (and cuda) RNGs from accelerate's ``random_states_<rank>.pkl``."""
+    if not path.is_file():  # resumed with more processes than wrote the checkpoint: not exact, but allowed
+        log.warning("checkpoint %s has no %s: the RNG states of this process are not restored, so the resumed "
+                    "run is not an exact continuation", path.parent, path.name)
+        return
+    try:
+        with torch.serialization.safe_globals(SAFE_RNG_GLOBALS):
+            states = torch.load(path, map_location="cpu", weights_only=True)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    except Exception as exc:  # an unpickling error has many types; the user needs the file and the reason
+        raise CheckpointError(f"{path}: cannot restore the RNG states: {type(exc).__name__}: {exc}") from exc
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk, so the rename publishes complete data even after a crash."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,7 +1,9 @@
 """``prefopt`` command line: train, list, init-model, merge-adapter, bench.
 
 Every user error prints one line ``prefopt: error: ...`` and exits 2 (no traceback); a non-finite stop exits 3;
-an interrupted run (SIGTERM/SIGINT) saves a checkpoint and exits 128 + the signal number.
+an interrupted run (SIGTERM/SIGINT) saves a checkpoint, prints ``prefopt: stopped: ...`` and exits 128 + the
+signal number. Any other exception is a bug or something unforeseen: it prints ``prefopt: unexpected error:
+<type>: <message>`` and a hint, and exits 1; ``-v`` or ``PREFOPT_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 from prefopt.errors import PrefoptError
@@ -83,7 +86,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level and print tracebacks (also PREFOPT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one recipe: prefopt train RECIPE.yaml [section.key=value ...]")
@@ -118,18 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; user errors are one line and exit 2, never a traceback (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    debug = args.verbose or os.environ.get("PREFOPT_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
     except PrefoptError as exc:
-        print(f"prefopt: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"prefopt: {getattr(exc, 'label', 'error')}: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("prefopt: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or an error we did not foresee: one line unless asked for the traceback
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or "(no message)"
+        hint = "" if debug else " (rerun with -v or PREFOPT_DEBUG=1 for the traceback)"
+        print(f"prefopt: unexpected error: {type(exc).__name__}: {message}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

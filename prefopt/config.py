@@ -231,6 +231,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{key}={value!r}: expected {_name(tp)}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (mixed_precision: no)
+            value = "no"
         if value not in args:
             hint = closest(str(value), [str(a) for a in args])
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(repr, args))}"
@@ -343,8 +345,8 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
     for key, value in data.items():
         if key not in known:
             hint = closest(key, list(known) + ["algorithm"])
-            raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                              + ". Sections: algorithm, model, data, eval_data, train")
+            raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else ".")
+                              + " Sections: algorithm, model, data, eval_data, train")
         sections[key] = from_dict(known[key], value or {}, key)
     return RunConfig(algorithm=algorithm, **sections)
 

@@ -5,33 +5,52 @@ It never names an algorithm. It asks the registry for the algorithm class, reads
 yielded loss is one micro-batch under ``accelerator.accumulate`` (accelerate owns devices, mixed precision,
 gradient accumulation, distribution and checkpoint state). One training step consumes
 ``gradient_accumulation_steps`` batches of the loader.
+
+Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
+
+* exact resume: a checkpoint holds weights, optimizer, scheduler, RNG states and the data position; the batch
+  order of epoch ``e`` is a function of ``(train.seed, e)`` only (``prefopt.distributed.seed_epoch``), and neither
+  opening a data iterator nor evaluating draws from the training RNG, so a resumed run continues bit for bit on CPU;
+* SIGTERM / SIGINT: the step in flight finishes, a checkpoint is saved, ``Interrupted`` (exit 128 + signal);
+  a second signal stops at once without saving;
+* a non-finite loss or gradient norm skips the update or stops (``train.on_nonfinite``), naming the step; the
+  decision is agreed by all processes, so none waits forever in a collective;
+* multi-process: logged train metrics are averaged over all processes' micro-batches, and evaluation counts
+  every held-out row exactly once (``prefopt.distributed.exact_eval_batches``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, gather_object,
+                              set_seed)
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.errors import PrefoptError
+from prefopt.distributed import (any_process, exact_eval_batches, max_over_processes, mean_over_processes,
+                                 seed_epoch, sum_over_processes)
+from prefopt.errors import ConfigError, DataError, PrefoptError
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb
 from prefopt.models import load_tokenizer
 from prefopt.registry import ALGORITHMS
 
 log = logging.getLogger("prefopt.trainer")
+
+RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "num_processes")
 
 
 class NonFiniteError(PrefoptError):
@@ -41,9 +60,10 @@ class NonFiniteError(PrefoptError):
 
 
 class Interrupted(PrefoptError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved."""
+    """SIGTERM/SIGINT arrived; a checkpoint was saved (unless a second signal asked to stop at once)."""
 
     exit_code = 128 + 15  # set to 128 + the signal number when raised
+    label = "stopped"
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -62,6 +82,13 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     )
 
 
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class Trainer:
     """fit / evaluate / save for any registered algorithm."""
 
@@ -75,6 +102,8 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.loaders: dict[str, Any] = {}
         self.data_report: dict[str, Any] = {}
+        self.skipped_updates = 0
+        self.data_position = (0, 0)  # (epoch, batches of it taken so far), per process
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------------ data
@@ -89,14 +118,14 @@ class Trainer:
             eval_rows = eval_loaded.eval or eval_loaded.train
             manifests["eval_data"] = eval_loaded.manifest
         t = cfg.train
-        train_loader, train_skipped = build_dataloader(
-            loaded.train, kind, self.tokenizer, cfg.data, t.batch_size, shuffle=True, seed=t.seed,
-            length_bucketing=cfg.data.length_bucketing)
+        train_loader, train_skipped = self._build_loader(loaded.train, cfg.data.path, "train", t.batch_size,
+                                                         shuffle=True, length_bucketing=cfg.data.length_bucketing)
         self.loaders = {"train": train_loader}
         skipped = {"train": {**loaded.skipped, **train_skipped}}
         if eval_rows:
-            eval_loader, eval_skipped = build_dataloader(
-                eval_rows, kind, self.tokenizer, cfg.data, t.eval_batch_size, shuffle=False, seed=t.seed)
+            eval_path = cfg.eval_data.path if cfg.eval_data is not None else cfg.data.path
+            eval_loader, eval_skipped = self._build_loader(eval_rows, eval_path, "eval", t.eval_batch_size,
+                                                           shuffle=False, length_bucketing=False)
             self.loaders["eval"] = eval_loader
             skipped["eval"] = eval_skipped
         self.data_report = {"manifests": manifests, "tokenization_skipped": skipped,
@@ -107,9 +136,24 @@ class Trainer:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         log.info("data: %s", loaded.report())
 
+    def _build_loader(self, rows, path: str, split: str, batch_size: int, shuffle: bool, length_bucketing: bool):
+        try:
+            return build_dataloader(rows, self.algorithm.kind, self.tokenizer, self.config.data, batch_size,
+                                    shuffle=shuffle, seed=self.config.train.seed, length_bucketing=length_bucketing)
+        except DataError as exc:  # name the file: the loader only sees records
+            raise DataError(f"{path} ({split} rows): {exc}") from None
+
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
         """Train for ``train.max_steps`` steps; returns the final evaluation metrics."""
+        self._check_backend()
+        self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            self._restore_signal_handlers()
+
+    def _fit(self) -> dict[str, float]:
         t, acc = self.config.train, self.accelerator
         if not self.loaders:
             self.prepare_data()
@@ -124,24 +168,30 @@ class Trainer:
         prepared = acc.prepare(self.algorithm.model, optimizer, scheduler, *self.loaders.values())
         self.algorithm.model, optimizer, scheduler = prepared[:3]
         self.loaders = dict(zip(names, prepared[3:]))
+        params = [p for p in self.algorithm.model.parameters() if p.requires_grad]  # FSDP replaces them
         self.algorithm.setup(acc, self.loaders)
         if t.report_to:
             acc.init_trackers(self.output_dir.name, config=self.config.to_dict())
 
         writer = MetricsWriter(self.output_dir, acc, enabled=acc.is_main_process)
+        averager = MetricAverager()
         step, consumed = 0, 0
         resume_from = find_resume(self.output_dir, t.resume)
         if resume_from is not None:
             state = load_checkpoint(acc, resume_from)
+            self._check_resume_state(state, resume_from)
             step, consumed = state["step"], state["batches_consumed"]
+            self.data_position = self._restored_position(state)
+            self.skipped_updates = state.get("skipped_updates", 0)
+            self._restore_averager(averager, state.get("averagers"))
             writer.truncate_after(step)
             log.info("resumed from %s at step %d", resume_from, step)
+        if signum := self._agreed_signal():
+            raise self._interrupted(signum, step, saved=False)
 
-        batches = self._batches(consumed)
-        averager = MetricAverager()
+        batches = self._batches(*self.data_position)
         progress = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and acc.is_main_process),
                         desc=f"{self.config.algorithm_name}", dynamic_ncols=True)
-        self._install_signal_handlers()
         train_start = time.perf_counter()
         try:
             while step < t.max_steps:
@@ -154,87 +204,163 @@ class Trainer:
                               "train/lr": scheduler.get_last_lr()[0]})
                 progress.update(1)
                 if step % t.log_every == 0 or step == t.max_steps:
-                    row = averager.pop()
+                    row = mean_over_processes(acc, averager)
+                    row["train/skipped_updates"] = self.skipped_updates
                     row["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
                     writer.log(step, row)
                     progress.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}")
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and "eval" in self.loaders:
                     writer.log(step, self.evaluate())
-                if self._stop_signal is not None:
-                    self._checkpoint(step, consumed)
-                    error = Interrupted(f"stopped by signal {self._stop_signal} at step {step}; "
-                                        f"checkpoint saved, resume with train.resume=auto")
-                    error.exit_code = 128 + self._stop_signal
-                    raise error
+                if signum := self._agreed_signal():
+                    self._checkpoint(step, consumed, averager)
+                    raise self._interrupted(signum, step, saved=True)
                 if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                    self._checkpoint(step, consumed)
+                    self._checkpoint(step, consumed, averager)
         finally:
             progress.close()
-            self._restore_signal_handlers()
             writer.to_csv()
         final = self.evaluate() if "eval" in self.loaders else {}
         final["perf/train_s"] = time.perf_counter() - train_start
         final["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
         writer.log(step, final)
         writer.to_csv()
-        self._checkpoint(step, consumed)
+        self._checkpoint(step, consumed, averager)
         if t.save_model:
             self.save(self.output_dir / "model")
         if acc.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps({"step": step, **final}, indent=2))
+        signum = self._agreed_signal()  # before end_training, which destroys the process group
         acc.end_training()
+        if signum:  # came during the final evaluation or save: all is saved; still exit non-zero
+            raise self._interrupted(signum, step, saved=True)
         return final
 
-    def _batches(self, consumed: int):
-        """Endless batches, epoch after epoch, starting ``consumed`` batches in (exact resume)."""
+    def _check_backend(self) -> None:
+        """Refuse the combinations whose result would be silently wrong."""
+        acc, t = self.accelerator, self.config.train
+        if acc.distributed_type == DistributedType.DEEPSPEED and t.on_nonfinite == "skip":
+            raise ConfigError("train.on_nonfinite='skip' is not supported under DeepSpeed (it steps the optimizer "
+                              "inside backward); use 'stop' (DeepSpeed's fp16 loss scaler skips overflows itself)")
+        if self._sharded_weights() and t.save_model:
+            raise ConfigError("train.save_model=true needs the full weights on one process, but this run shards "
+                              "them (FSDP / ZeRO-3); set train.save_model=false and export the last checkpoint "
+                              "(see docs/distributed.md)")
+
+    def _sharded_weights(self) -> bool:
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:
+            return True
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        return acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+
+    # ------------------------------------------------------------------------------------------------ data order
+    def _batches(self, epoch: int, offset: int) -> Iterator[Any]:
+        """Endless batches, epoch after epoch, from batch ``offset`` of epoch ``epoch`` on (exact resume).
+
+        ``self.data_position`` is (epoch, batches of it taken) after each batch. It is counted, not derived from
+        ``len(loader)``: accelerate's BatchSamplerShard can yield fewer batches than its length says.
+        """
         loader = self.loaders["train"]
-        if len(loader) == 0:
-            raise PrefoptError("the training data gives no batch (fewer rows than train.batch_size?)")
-        epoch, offset = divmod(consumed, len(loader))
         while True:
-            loader.set_epoch(epoch)
+            seed_epoch(loader, epoch, self.config.train.seed)
             source = self.accelerator.skip_first_batches(loader, offset) if offset else loader
-            yield from source
+            iterator = iter(source)
+            with torch.random.fork_rng(devices=[]):  # opening a DataLoader iterator draws from the global RNG
+                first = next(iterator, None)
+            if first is None and offset == 0:
+                raise PrefoptError("the training data gives no batch (fewer rows than train.batch_size?)")
+            for batch in itertools.chain([first], iterator) if first is not None else ():
+                offset += 1
+                self.data_position = (epoch, offset)
+                yield batch
             epoch, offset = epoch + 1, 0
 
+    # ------------------------------------------------------------------------------------------------ step
     def _train_step(self, batches, step: int, params, optimizer, scheduler, averager: MetricAverager) -> int:
-        """One step: ``gradient_accumulation_steps`` batches; each yielded loss is one micro-batch."""
+        """One step: ``gradient_accumulation_steps`` batches; each yielded loss is one micro-batch; one lr step.
+
+        A non-finite loss anywhere spoils the update it belongs to: its backward is skipped on every process and,
+        at the update, the optimizer does not step (``skip``) or the run stops (``stop``).
+        """
         t, acc, model = self.config.train, self.accelerator, self.algorithm.model
         tokens = 0
+        spoiled: str | None = None
         for _ in range(t.gradient_accumulation_steps):
             batch = next(batches)
             for out in self.algorithm.step(batch):
                 tokens += out.num_tokens
                 with acc.accumulate(model):
-                    if not torch.isfinite(out.loss.detach()):
-                        self._nonfinite(step, "loss", optimizer)
-                        continue
-                    acc.backward(out.loss)
+                    finite = bool(torch.isfinite(out.loss.detach()))
+                    if spoiled is None and any_process(acc, not finite):
+                        spoiled = "loss"
+                        self._nonfinite(step, spoiled)
+                    if spoiled is None:
+                        acc.backward(out.loss)
                     if acc.sync_gradients:
-                        norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                        if not torch.isfinite(norm):
-                            self._nonfinite(step, "gradient norm", optimizer)
-                            continue
-                        averager.add({"train/grad_norm": float(norm)})
-                    optimizer.step()
-                    if acc.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        if spoiled is None:
+                            spoiled = self._clip(params, averager)
+                            if spoiled is not None:
+                                self._nonfinite(step, spoiled)
+                        if spoiled is None:
+                            optimizer.step()
+                        else:
+                            self.skipped_updates += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        spoiled = None
                 averager.add({"train/loss": float(out.loss.detach()), **out.metrics})
+        # once per step, also after skipped updates: the lr is a function of the step, whether the algorithm makes
+        # one update per step (offline) or several (PPO: epochs x minibatches of one rollout)
+        scheduler.step()
         return tokens
 
-    def _nonfinite(self, step: int, what: str, optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def _clip(self, params, averager: MetricAverager) -> str | None:
+        """Clip the gradients (``max_grad_norm`` 0: only measure); "gradient norm" when it is not finite."""
+        acc, max_norm = self.accelerator, self.config.train.max_grad_norm
+        norm = acc.clip_grad_norm_(params, max_norm or float("inf"))
+        if norm is None:  # DeepSpeed clips inside its own step
+            return None
+        norm = float(norm)
+        if acc.scaler is not None:  # fp16: an overflow is the loss scaler's business (it skips the step)
+            finite = True
+        else:
+            finite = not any_process(acc, not math.isfinite(norm))
+        if not finite:
+            return "gradient norm"
+        if math.isfinite(norm):
+            averager.add({"train/grad_norm": norm})
+        return None
+
+    def _nonfinite(self, step: int, what: str) -> None:
         message = f"non-finite {what} at step {step + 1}"
         if self.config.train.on_nonfinite == "stop":
-            raise NonFiniteError(message + "; stopped (the last checkpoint is intact). "
+            raise NonFiniteError(f"{message}; stopped, the last checkpoint is intact. "
                                  "Set train.on_nonfinite=skip to skip such updates.")
         log.warning("%s; update skipped", message)
+
+    # ------------------------------------------------------------------------------------------------ metrics
+    @staticmethod
+    def _averager_state(averager: MetricAverager) -> dict[str, Any]:
+        return {"sums": dict(averager.sums), "counts": dict(averager.counts)}
+
+    def _restore_averager(self, averager: MetricAverager, states: list[dict[str, Any]] | None) -> None:
+        """This process's partial averages from the checkpoint (all of them on the main one if the count changed)."""
+        acc = self.accelerator
+        if not states:
+            return
+        if len(states) == acc.num_processes:
+            mine = [states[acc.process_index]]
+        else:
+            mine = states if acc.is_main_process else []
+        for state in mine:
+            for key, value in state["sums"].items():
+                averager.sums[key] += value
+                averager.counts[key] += state["counts"][key]
 
     # ------------------------------------------------------------------------------------------------ eval/save
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Average the algorithm's evaluation metrics over the held-out split (all processes)."""
+        """Average the algorithm's evaluation metrics over the held-out split, each row counted once."""
+        acc = self.accelerator
         loader = self.loaders.get("eval")
         if loader is None:
             return {}
@@ -242,18 +368,17 @@ class Trainer:
         was_training = model.training
         model.eval()
         totals: dict[str, float] = {}
-        for i, batch in enumerate(loader):
-            if self.config.train.max_eval_batches is not None and i >= self.config.train.max_eval_batches:
-                break
-            for key, value in self.algorithm.evaluate(batch).items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+        devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # evaluating must not change the training run
+            for batch, real in exact_eval_batches(acc, loader, self.config.train.max_eval_batches):
+                metrics = self.algorithm.evaluate(batch)
+                if real:
+                    for key, value in metrics.items():
+                        totals[key] = totals.get(key, 0.0) + float(value)
         model.train(was_training)
+        totals = sum_over_processes(acc, totals)
         if not totals:
             return {}
-        keys = sorted(totals)
-        reduced = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=self.accelerator.device),
-                                          reduction="sum").tolist()
-        totals = dict(zip(keys, reduced))
         count = max(totals.pop("count", 1.0), 1.0)
         metrics = {f"eval/{key}": value / count for key, value in totals.items() if math.isfinite(value)}
         return self.algorithm.finalize_eval(metrics)
@@ -264,15 +389,41 @@ class Trainer:
             self.algorithm.save(out_dir)
         self.accelerator.wait_for_everyone()
 
-    def _checkpoint(self, step: int, consumed: int) -> None:
-        save_checkpoint(self.accelerator, self.output_dir, step, {"batches_consumed": consumed},
-                        keep=self.config.train.keep_checkpoints)
+    def _checkpoint(self, step: int, consumed: int, averager: MetricAverager) -> None:
+        t = self.config.train
+        state = {"batches_consumed": consumed, "data_positions": gather_object([list(self.data_position)]),
+                 "skipped_updates": self.skipped_updates,
+                 "averagers": gather_object([self._averager_state(averager)]),
+                 "seed": t.seed, "batch_size": t.batch_size,
+                 "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                 "num_processes": self.accelerator.num_processes}
+        save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints)
+
+    def _restored_position(self, state: dict[str, Any]) -> tuple[int, int]:
+        """This process's (epoch, batches taken) from the checkpoint; derived from the step with another count."""
+        positions, acc = state.get("data_positions"), self.accelerator
+        if positions and len(positions) == acc.num_processes:
+            return tuple(positions[acc.process_index])
+        return divmod(state["batches_consumed"], len(self.loaders["train"]))
+
+    def _check_resume_state(self, state: dict[str, Any], path: Path) -> None:
+        current = {"num_processes": self.accelerator.num_processes,
+                   **{k: getattr(self.config.train, k) for k in RESUME_KEYS if k != "num_processes"}}
+        changed = [f"{k} {state[k]} -> {current[k]}" for k in RESUME_KEYS if k in state and state[k] != current[k]]
+        if changed:
+            log.warning("resuming from %s with a different %s: the data position is kept in batches, so this is "
+                        "not an exact continuation", path, ", ".join(changed))
 
     # ------------------------------------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
         self._previous_handlers = {}
 
         def handler(signum, frame):
+            if self._stop_signal is not None:  # the second one: stop at once
+                error = Interrupted(f"second {signal_name(signum)}: stopped at once, no checkpoint written "
+                                    "(the last complete one is intact)")
+                error.exit_code = 128 + signum
+                raise error
             self._stop_signal = signum
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -284,3 +435,19 @@ class Trainer:
     def _restore_signal_handlers(self) -> None:
         for sig, previous in getattr(self, "_previous_handlers", {}).items():
             signal.signal(sig, previous)
+        self._previous_handlers = {}
+
+    def _agreed_signal(self) -> int:
+        """The stop signal any process received (0: none); collective, so all processes stop together."""
+        received = max_over_processes(self.accelerator, self._stop_signal or 0)
+        if received and self._stop_signal is None:
+            self._stop_signal = received
+        return received
+
+    def _interrupted(self, signum: int, step: int, saved: bool) -> Interrupted:
+        where = (f"checkpoint saved in {self.output_dir / 'checkpoints'}; resume with train.resume=auto" if saved
+                 else "no step was run, so there is nothing new to save")
+        log.warning("%s received: stopping at step %d", signal_name(signum), step)
+        error = Interrupted(f"stopped by {signal_name(signum)} at step {step}; {where}")
+        error.exit_code = 128 + signum
+        return error

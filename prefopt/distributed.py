@@ -1,0 +1,117 @@
+"""What the Trainer must agree on across processes, and how it reads data exactly once under accelerate.
+
+Every function here is collective when the run has several processes: all processes call it at the same point,
+or the run hangs. With one process they cost nothing.
+
+* ``any_process`` / ``max_over_processes``: one decision for all (a NaN on one process, a signal to one process);
+* ``mean_over_processes`` / ``sum_over_processes``: logged averages over every process's micro-batches, and exact
+  evaluation totals (float64);
+* ``exact_eval_batches``: each held-out batch once, although accelerate's ``even_batches`` pads the last round
+  of batches with rows from the start;
+* ``seed_epoch``: the batch order of an epoch as a function of (seed, epoch) only, reaching through the batch
+  samplers accelerate wraps around ours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from accelerate.utils import gather_object
+
+from prefopt.metrics import MetricAverager
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """True when ``flag`` is True on any process."""
+    return max_over_processes(accelerator, int(bool(flag))) > 0
+
+
+def max_over_processes(accelerator: Any, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([float(value)], device=accelerator.device)
+    return int(accelerator.reduce(tensor, "max").item())
+
+
+def _all_keys(accelerator: Any, keys: list[str]) -> list[str]:
+    if accelerator.num_processes == 1:
+        return sorted(keys)
+    return sorted(set(gather_object(sorted(keys))))
+
+
+def sum_over_processes(accelerator: Any, totals: dict[str, float]) -> dict[str, float]:
+    """Per-key sums over all processes (a key missing on a process counts 0), in float64."""
+    keys = _all_keys(accelerator, list(totals))
+    if accelerator.num_processes == 1 or not keys:
+        return {k: totals[k] for k in keys}
+    values = torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(values, "sum").tolist()))
+
+
+def mean_over_processes(accelerator: Any, averager: MetricAverager) -> dict[str, float]:
+    """Pop ``averager``: each metric's mean over the values added on ALL processes since the last pop."""
+    if accelerator.num_processes == 1:
+        return averager.pop()
+    sums = sum_over_processes(accelerator, dict(averager.sums))
+    counts = sum_over_processes(accelerator, {k: float(v) for k, v in averager.counts.items()})
+    averager.pop()
+    return {k: sums[k] / counts[k] for k in sums if counts.get(k, 0) > 0}
+
+
+def exact_eval_batches(accelerator: Any, loader: Any, max_batches: int | None = None) -> Iterator[tuple[Any, bool]]:
+    """``(batch, real)``: every batch of a prepared map-style loader once over all processes.
+
+    accelerate's ``even_batches`` fills the last round of batches with rows from the start, which an average would
+    count twice; it is off while we iterate. A process with no batch in the last round then runs a stand-in
+    (``real`` False: drop its result), so every process runs the same number of forwards (FSDP and ZeRO-3 gather
+    weights inside each one). ``max_batches`` caps the batches of all processes together; batch i of process r
+    is batch ``i * num_processes + r`` of the loader's order, as without the cap.
+    """
+    shard = loader.batch_sampler if isinstance(loader.batch_sampler, BatchSamplerShard) else None
+    processes, rank = (accelerator.num_processes, accelerator.process_index) if shard is not None else (1, 0)
+    total = len(shard.batch_sampler) if shard is not None else len(loader)
+    if max_batches is not None:
+        total = min(total, max_batches)
+    mine, rounds = len(range(rank, total, processes)), math.ceil(total / processes)
+    stand_in = None
+    even = shard.even_batches if shard is not None else None
+    if shard is not None:
+        shard.even_batches = False
+    try:
+        if mine:
+            capped = mine < len(loader)  # else let the loader finish: accelerate unregisters it at its end
+            for i, batch in enumerate(loader):
+                stand_in = batch if stand_in is None else stand_in
+                yield batch, True
+                if capped and i + 1 >= mine:
+                    break
+    finally:
+        if shard is not None:
+            shard.even_batches = even
+    for _ in range(rounds - mine):
+        if stand_in is None:  # this process has no batch at all: borrow its even_batches one
+            stand_in = next(iter(loader))
+        yield stand_in, False
+
+
+def seed_epoch(loader: Any, epoch: int, seed: int) -> None:
+    """Make epoch ``epoch``'s batch order a function of ``(seed, epoch)`` only.
+
+    ``loader.set_epoch`` reseeds accelerate's seedable random sampler (seed + epoch). A batch sampler with its own
+    generator (prefopt's LengthBucketSampler) is not reached by it once accelerate wraps it in a BatchSamplerShard
+    (several processes), and without a ``set_epoch`` of its own its generator just runs on, so the order of epoch e
+    would depend on how often it was iterated before -- not the same after a resume. We reseed it with
+    ``seed + epoch``, as accelerate does its sampler.
+    """
+    loader.set_epoch(epoch)
+    sampler = loader.batch_sampler
+    while hasattr(sampler, "batch_sampler"):  # accelerate's BatchSamplerShard / SkipBatchSampler wrappers
+        sampler = sampler.batch_sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    elif isinstance(getattr(sampler, "generator", None), torch.Generator):
+        sampler.generator.manual_seed(seed + epoch)

@@ -1,0 +1,132 @@
+"""Two processes through accelerate (CPU, gloo) match one process with twice the gradient accumulation.
+
+``accelerate launch --multi_gpu --num_processes 2`` with ``ACCELERATE_USE_CPU=true`` starts two torchrun workers
+that accelerate runs as MULTI_CPU over gloo (``--cpu`` alone would start ONE process unless MPI is installed).
+Each process takes batch_size=4 pairs per step; the single process takes 4 pairs x 2 accumulated batches. Both
+see the same 8 pairs per update: the same length-bucketed batch order (a function of seed and epoch), batch
+2k on process 0 and 2k+1 on process 1. DPO with its precomputed reference cache (filled through a gather).
+
+Why the tolerance can be tiny: accelerate scales each micro-batch loss by 1/2 before backward and DDP divides each
+gradient by the world size (2) before its all-reduce, so both runs add g0/2 + g1/2 -- halving is exact in
+floating point, and a + b == b + a. Each batch's forward is the same computation in both runs. Measured: the
+weights and every logged training number agree to the last bit; we allow 1e-6 (a few float32 ulps of weights of
+size ~0.1) so that a BLAS kernel blocking differently cannot fail the test.
+
+Evaluation: the 11 held-out rows make batches of 5, 5 and 1, uneven over two processes; accelerate's even_batches
+would pad the last round with rows from the start and count them twice. The Trainer counts each row once, so the
+accuracy (a count of rows over 11) must be EQUAL. The other eval numbers agree to 1e-6 relative, not to the last
+bit: the reference cache is filled under even_batches (it needs equal gathers), so the rows of the padded last
+round get their reference log-probs from a batch padded to another width, which moves float32 rounding (~1e-7).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefopt.cli import main
+
+ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def hh_small(hh_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "hh48.jsonl"
+    with gzip.open(hh_path, "rt", encoding="utf-8") as lines:
+        out.write_text("".join(line for line, _ in zip(lines, range(48))))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def recipe(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["algorithm.name=dpo", "algorithm.precompute_reference=true", f"model.name_or_path={model}",
+            f"data.path={data}", "data.max_examples=16", "data.eval_fraction=0.25", "data.max_length=128",
+            "data.max_prompt_length=64", f"train.output_dir={out}", "train.max_steps=6", "train.batch_size=4",
+            "train.eval_batch_size=5", "train.learning_rate=0.002", "train.log_every=1", "train.eval_every=3",
+            "train.progress=false", "train.mixed_precision=no", *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_double_accumulation(tiny_model_dir, hh_small, tmp_path):
+    two = tmp_path / "two-processes"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), "-m", "prefopt.cli", "train", ""]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(tmp_path / "hf-home")}  # no user accelerate config
+    process = subprocess.Popen([*launcher, *recipe(tiny_model_dir, hh_small, two)], env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    one = tmp_path / "one-process"  # meanwhile, in this process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "", *recipe(tiny_model_dir, hh_small, one, "train.gradient_accumulation_steps=2")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        _, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # a collective out of step would hang: stop the launcher and its workers
+        process.terminate()
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+        pytest.fail(f"the 2-process run hung:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+
+    state = json.loads((two / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["batches_consumed"] == 6  # per process: 3 epochs of 2 batches
+    assert (two / "checkpoints" / "step-00000006" / "random_states_1.pkl").is_file()
+
+    expected = load_file(str(one / "model" / "model.safetensors"))
+    got = load_file(str(two / "model" / "model.safetensors"))
+    diff = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert diff <= 1e-6, f"weights differ by {diff:.3g}"
+
+    rows_one, rows_two = metrics(one), metrics(two)
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
+    for a, b in zip(rows_one, rows_two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), (a["step"], key)
+    evals = [(a, b) for a, b in zip(rows_one, rows_two) if "eval/loss" in a]
+    assert len(evals) == 2  # steps 3 and 6
+    for a, b in evals:
+        assert b["eval/rewards/accuracy"] == a["eval/rewards/accuracy"]
+        assert round(a["eval/rewards/accuracy"] * 11, 9).is_integer()  # 11 rows, each counted once
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
+def test_accelerate_configs_load(path):
+    """Each shipped config is one accelerate reads (unknown top-level keys are errors there)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
+    assert str(config.distributed_type).split(".")[-1] == expected[path.stem]
+    if path.stem.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
+    if path.stem == "fsdp":
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # loads with weights_only=True
