@@ -1,5 +1,5 @@
 """Pairwise losses added as plugins (one file, one decorator): ``simpo`` and ``robust`` equal TRL 1.16's on the same
-batch (both sides computed here, to 1e-5), and the code of docs/adding_a_loss.md works as written."""
+batch (both sides computed here, to 1e-5), and the README's 'Add a loss in three steps' works as written."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from prefopt.modules import TokenScorer
 from prefopt.registry import ALGORITHMS, LOSSES
 from prefopt.types import PairLogps
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "adding_a_loss.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,9 @@ def test_robust_is_unbiased_under_label_flips(setup):
 
 # ----------------------------------------------------------------------------------------------------- the docs
 def code_blocks(language: str) -> list[str]:
-    return [code for lang, code in re.findall(r"```(\w+)\n(.*?)```", DOC.read_text(), re.S) if lang == language]
+    """The code blocks of one language in the README's "Add a loss in three steps" section."""
+    section = README.read_text().split("## Add a loss in three steps", 1)[1].split("\n## ", 1)[0]
+    return [code for lang, code in re.findall(r"```(\w+)\n(.*?)```", section, re.S) if lang == language]
 
 
 def test_adding_a_loss_doc_works_as_written(tiny_model_dir, hh_path, tmp_path, monkeypatch):
@@ -167,7 +169,7 @@ def test_adding_a_loss_doc_works_as_written(tiny_model_dir, hh_path, tmp_path, m
     try:
         importlib.import_module("my_prefopt_losses.margin_sigmoid")  # registers the loss
         assert "margin_sigmoid" in LOSSES
-        exec(compile(train_script, str(DOC), "exec"), {"__name__": "__main__"})
+        exec(compile(train_script, str(README), "exec"), {"__name__": "__main__"})
     finally:
         LOSSES.unregister("margin_sigmoid")
         for name in ("my_prefopt_losses.margin_sigmoid", "my_prefopt_losses"):
