@@ -1,0 +1,331 @@
+"""Sparrow's shared frozen trunk (Glaese et al. 2022, "Improving alignment of dialogue agents via targeted
+human judgements", arXiv 2209.14375).
+
+Sparrow trains only the top layers of its 70B policy and freezes the rest; the frozen bottom layers are SHARED by
+the policy, the frozen reference policy, the value function and the reward models, and computed once per batch.
+Here a decoder of L blocks is cut at L - N (``trainable_layers`` = N):
+
+    h = trunk(x)              embeddings + blocks[0 : L-N]        frozen, run ONCE per batch under no_grad
+    pi(. | x_<t)   = softmax(W_pi norm_pi(top_pi(h))_{t-1})       top_pi = blocks[L-N : L]: trained
+    pi_0(. | x_<t) = softmax(W_0 norm_0(top_0(h))_{t-1})          top_0: frozen deep copy of the initial top
+    V(x_<t)        = v(h_{t-1})                                   MLP on trunk features, or a top copy + scalar
+    r(x)           = w . norm_r(top_r(h))_last                    reward heads: preference model, rule heads
+
+Choices. The policy IS the loaded transformers model (its bottom blocks are the trunk, its top blocks the trained
+top), so ``prefopt.rollout.generate`` and ``save_pretrained`` use it unchanged. A tied LM head is untied: the policy
+trains its own copy of the output embedding (``train_lm_head``), while the reference reads the frozen input
+embedding the trunk already holds (no extra copy). Position ids follow the attention mask (cumsum - 1, as
+transformers' ``generate`` makes them), so left-padded prompts score the same as in generation.
+
+Supported layouts: GPT-2 (``transformer.wte/wpe/h/ln_f``) and Llama-like decoders
+(``model.embed_tokens/layers/norm/rotary_emb``: Llama, Mistral, Qwen2, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask
+
+from prefopt.errors import PrefoptError
+from prefopt.online import disable_dropout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Attribute names of an architecture's parts on its decoder (``lm.base_model``)."""
+
+    embed: str
+    blocks: str
+    norm: str
+    positions: str | None = None  # learned absolute position embeddings (GPT-2)
+    rotary: str | None = None  # rotary position embedding module (Llama)
+
+
+GPT2 = Layout(embed="wte", blocks="h", norm="ln_f", positions="wpe")
+LLAMA = Layout(embed="embed_tokens", blocks="layers", norm="norm", rotary="rotary_emb")
+
+
+def layout_of(decoder: nn.Module) -> Layout:
+    """The layout of a decoder, recognised by its attributes."""
+    for layout in (GPT2, LLAMA):
+        names = [layout.embed, layout.blocks, layout.norm, layout.positions, layout.rotary]
+        if all(hasattr(decoder, name) for name in names if name):
+            return layout
+    raise PrefoptError(f"cannot split {type(decoder).__name__} into trunk and top: supported layouts are GPT-2 "
+                       "(wte/wpe/h/ln_f) and Llama-like (embed_tokens/layers/norm/rotary_emb)")
+
+
+def num_blocks(lm: nn.Module) -> int:
+    decoder = lm.base_model
+    return len(getattr(decoder, layout_of(decoder).blocks))
+
+
+@dataclass
+class TrunkOutput:
+    """Trunk features of one batch, shared by every top (tensors carry no grad)."""
+
+    hidden: Tensor  # [B, T, H] output of the last trunk block
+    attention_mask: Tensor  # [B, T] 1 on real tokens
+    block_kwargs: dict[str, Any]  # what every block takes besides hidden states: causal mask, position ids, rotary
+
+
+class Trunk(nn.Module):
+    """Embeddings + the first ``depth`` blocks of ``lm`` (the same module objects, frozen); forward under no_grad."""
+
+    def __init__(self, lm: nn.Module, depth: int):
+        super().__init__()
+        decoder = lm.base_model
+        layout = layout_of(decoder)
+        self.config = decoder.config
+        self.embed = getattr(decoder, layout.embed)
+        self.positions = getattr(decoder, layout.positions) if layout.positions else None
+        self.rotary = getattr(decoder, layout.rotary) if layout.rotary else None
+        self.dropout = getattr(decoder, "drop", None)
+        self.blocks = nn.ModuleList(list(getattr(decoder, layout.blocks))[:depth])
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TrunkOutput:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.embed(input_ids)
+        if self.positions is not None:
+            hidden = hidden + self.positions(position_ids)
+        if self.dropout is not None:
+            hidden = self.dropout(hidden)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": position_ids, "use_cache": False}
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
+        for block in self.blocks:
+            hidden = block(hidden, **kwargs)
+        return TrunkOutput(hidden, attention_mask, kwargs)
+
+
+class Top(nn.Module):
+    """Top transformer blocks + final norm on trunk features -> last hidden states [B, T, H]."""
+
+    def __init__(self, blocks: Iterable[nn.Module], norm: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+
+    def forward(self, features: TrunkOutput) -> Tensor:
+        hidden = features.hidden
+        for block in self.blocks:
+            hidden = block(hidden, **features.block_kwargs)
+        return self.norm(hidden)
+
+
+def logps_from_hidden(hidden: Tensor, head: nn.Module, input_ids: Tensor, score_mask: Tensor,
+                      temperature: float = 1.0, with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs and entropies [B, T] of ``input_ids[:, t]`` where ``score_mask[:, t]`` is 1.
+
+    Token t is predicted from position t - 1; the LM head runs only on those positions (no [B, T, V] logits).
+    Unlike ``prefopt.functional.token_logps`` the entropy keeps its graph (for an entropy bonus).
+    """
+    rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
+    logits = head(hidden[:, :-1][rows, cols]).float() / temperature  # [M, V]
+    logp_all = F.log_softmax(logits, dim=-1)
+    picked = logp_all.gather(-1, input_ids[:, 1:][rows, cols, None]).squeeze(-1)
+    logps = hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((rows, cols + 1), picked)
+    if not with_entropy:
+        return logps, None
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropies = hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((rows, cols + 1), entropy)
+    return logps, entropies
+
+
+class LMTop(nn.Module):
+    """A top with an LM head: the policy's or the reference's per-token log-probs on trunk features."""
+
+    def __init__(self, top: Top, head: nn.Module):
+        super().__init__()
+        self.top = top
+        self.head = head
+
+    def forward(self, features: TrunkOutput, input_ids: Tensor, score_mask: Tensor, temperature: float = 1.0,
+                with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+        return logps_from_hidden(self.top(features), self.head, input_ids, score_mask, temperature, with_entropy)
+
+
+def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Hidden state of the last attended token of each row [B, H] (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class SequenceHead(nn.Module):
+    """A reward head: a copy of the top blocks + a linear map read at the last token -> [B, outputs].
+
+    Sparrow's preference model (outputs=1) and rule model (outputs = number of rules) are heads of this kind on
+    the shared trunk. The linear layer starts at zero, so a fresh head scores every sequence 0.
+    """
+
+    def __init__(self, top: Top, hidden_size: int, outputs: int = 1):
+        super().__init__()
+        self.top = top
+        self.score = nn.Linear(hidden_size, outputs)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, features: TrunkOutput) -> Tensor:
+        return self.score(last_token(self.top(features), features.attention_mask)).float()
+
+
+class PreferenceHead(SequenceHead):
+    """Sparrow's preference reward model on the trunk: a scalar score r(x, y) per sequence [B]."""
+
+    def __init__(self, top: Top, hidden_size: int):
+        super().__init__(top, hidden_size, outputs=1)
+
+    def forward(self, features: TrunkOutput) -> Tensor:
+        return super().forward(features).squeeze(-1)
+
+
+class ValueMLP(nn.Module):
+    """V(s_t) from the trunk feature at each position: Linear -> GELU -> Linear (last layer zero-initialised)."""
+
+    def __init__(self, hidden_size: int, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+                                 nn.Linear(width, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features: TrunkOutput) -> Tensor:
+        return self.net(features.hidden).squeeze(-1).float()  # [B, T]
+
+
+class ValueTop(nn.Module):
+    """V(s_t) from a copy of the top blocks + a scalar head at each position (zero-initialised)."""
+
+    def __init__(self, top: Top, hidden_size: int):
+        super().__init__()
+        self.top = top
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, features: TrunkOutput) -> Tensor:
+        return self.head(self.top(features)).squeeze(-1).float()  # [B, T]
+
+
+class SparrowActorCritic(nn.Module):
+    """The one trainable module (policy top + LM head + value head); its forward takes trunk features.
+
+    ``forward(features, input_ids, score_mask)`` -> (log-probs, entropies, values), each [B, T] and aligned with
+    ``input_ids``: entry t belongs to token t, predicted from the state x_<t (position t - 1), 0 where not scored.
+    """
+
+    def __init__(self, policy: LMTop, value: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, features: TrunkOutput, input_ids: Tensor, score_mask: Tensor,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        logps, entropy = self.policy(features, input_ids, score_mask, temperature)
+        state_values = self.value(features)  # [B, T]: V of the state ending at each position
+        values = torch.zeros_like(logps)
+        values[:, 1:] = state_values[:, :-1]
+        return logps, entropy, values * score_mask
+
+
+@dataclass
+class SharedTrunkModel:
+    """A causal LM split for Sparrow-style training; ``lm`` (trunk + trained top) generates and is saved."""
+
+    lm: nn.Module  # the transformers model: trunk blocks frozen, top blocks (+ LM head) trainable
+    trunk: Trunk
+    policy: LMTop  # shares its modules with ``lm``
+    reference: LMTop  # frozen copy of the initial top; its head is the frozen embedding when ``lm`` was tied
+    hidden_size: int
+
+    def copy_top(self, trainable: bool = False) -> Top:
+        """A fresh copy of the initial top blocks + norm (from the never-trained reference), for a value or
+        reward head."""
+        return copy.deepcopy(self.reference.top).requires_grad_(trainable)
+
+
+def split_model(lm: nn.Module, trainable_layers: int, train_lm_head: bool = True) -> SharedTrunkModel:
+    """Freeze the bottom L - N blocks of ``lm`` into a trunk; the top N blocks, final norm and LM head train.
+
+    ``lm`` is modified in place: trainable flags, dropout off everywhere (policy, reference and heads must differ
+    by their weights only, and the shared features must not depend on which top reads them), and a tied LM head
+    is untied when ``train_lm_head``.
+    """
+    decoder = lm.base_model
+    layout = layout_of(decoder)
+    blocks = list(getattr(decoder, layout.blocks))
+    if not 1 <= trainable_layers <= len(blocks):
+        raise PrefoptError(f"algorithm.trainable_layers={trainable_layers}: the model has {len(blocks)} blocks; "
+                           f"choose 1..{len(blocks)}")
+    depth = len(blocks) - trainable_layers
+    embed, head = getattr(decoder, layout.embed), lm.get_output_embeddings()
+    tied = head.weight is embed.weight
+    lm.requires_grad_(False)
+    disable_dropout(lm)
+    top_blocks, norm = blocks[depth:], getattr(decoder, layout.norm)
+    reference_top = Top(copy.deepcopy(top_blocks), copy.deepcopy(norm))
+    if not train_lm_head:  # policy and reference share the one frozen head
+        reference_head = head
+    elif tied:  # the policy trains its own output embedding; the reference reads the trunk's input embedding
+        reference_head = _linear_on(embed.weight, head)
+        head.weight = nn.Parameter(embed.weight.detach().clone())
+        lm.config.tie_word_embeddings = False
+        if hasattr(lm.config, "get_text_config"):
+            lm.config.get_text_config().tie_word_embeddings = False
+    else:
+        reference_head = copy.deepcopy(head)
+    policy = LMTop(Top(top_blocks, norm), head).requires_grad_(True)
+    head.requires_grad_(train_lm_head)
+    reference = LMTop(reference_top, reference_head).requires_grad_(False).eval()
+    return SharedTrunkModel(lm=lm, trunk=Trunk(lm, depth).eval(), policy=policy, reference=reference,
+                            hidden_size=embed.weight.shape[1])
+
+
+def _linear_on(weight: nn.Parameter, like: nn.Module) -> nn.Linear:
+    """A linear layer that uses ``weight`` (shared, not copied), with a copy of ``like``'s bias if any."""
+    bias = getattr(like, "bias", None)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone())
+    return linear
+
+
+def fit_head(trunk: Trunk, head: nn.Module, batches: Iterable[Any], loss_fn: Callable[[Tensor, Any], tuple],
+             steps: int, lr: float, device: torch.device | str = "cpu") -> list[dict[str, float]]:
+    """Train a reward head on trunk features for ``steps`` batches (AdamW); the trunk stays frozen.
+
+    ``batches`` yields objects with ``input_ids``/``attention_mask`` (and a ``.to``); ``loss_fn(outputs, batch)``
+    returns (loss, metrics of tensors). The head is left frozen and in eval mode. Returns per-step metrics.
+    """
+    head.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr)
+    history: list[dict[str, float]] = []
+    iterator = iter(batches)
+    for _ in range(steps):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(batches)
+            batch = next(iterator)
+        batch = batch.to(device)
+        loss, metrics = loss_fn(head(trunk(batch.input_ids, batch.attention_mask)), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append({"loss": float(loss.detach()), **{k: float(v.float().mean()) for k, v in metrics.items()}})
+    head.zero_grad(set_to_none=True)
+    head.requires_grad_(False).eval()
+    return history

@@ -1,0 +1,268 @@
+"""A2C (Sparrow): the loss by hand, the shared trunk run once per step, frozen parts without gradients,
+the Trainer end to end, and (slow) learning the known-reward task of prefopt.tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+
+from prefopt.algorithms.a2c import A2C, HEADS_FILE, A2CConfig, a2c_loss, nstep_returns
+from prefopt.config import build_run_config, load_config
+from prefopt.data.collate import prompt_batch
+from prefopt.errors import ConfigError
+from prefopt.functional import discounted_returns
+from prefopt.models import load_tokenizer
+from prefopt.rules import label_rows
+from prefopt.tasks import write_task_prompts
+from prefopt.trainer import Trainer
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is as fast as two and does not stall when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ the math
+
+
+def test_nstep_returns_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    values = torch.tensor([[10.0, 20.0, 30.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # n = 1: r_t + 0.5 V_{t+1};  n = 2: r_t + 0.5 r_{t+1} + 0.25 V_{t+2};  V past the end is 0
+    assert nstep_returns(rewards, values, mask, 0.5, 1).tolist() == [[11.0, 17.0, 3.0, 0.0]]
+    assert nstep_returns(rewards, values, mask, 0.5, 2).tolist() == [[9.5, 3.5, 3.0, 0.0]]
+    assert nstep_returns(rewards, values, mask, 0.5, 0).tolist() == [[2.75, 3.5, 3.0, 0.0]]  # Monte-Carlo
+    assert torch.equal(nstep_returns(rewards, values, mask, 0.5, 9), discounted_returns(rewards, mask, 0.5))
+
+
+def loss_inputs():
+    logps = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    values = torch.tensor([[0.5, 0.25, 0.0]], requires_grad=True)
+    entropy = torch.tensor([[1.0, 2.0, 0.0]])
+    ref_logps = logps.detach() - torch.tensor([[0.1, 0.2, 0.0]])  # per-token KL (k1) 0.1, 0.2
+    return logps, values, entropy, ref_logps, torch.tensor([1.0]), torch.tensor([[1.0, 1.0, 0.0]])
+
+
+def test_a2c_loss_by_hand():
+    """r = [-0.5*0.1, -0.5*0.2 + 1] = [-0.05, 0.9]; gamma = lam = 1: G = [0.85, 0.9], A = G - V = [0.35, 0.65].
+
+    policy = -(0.35 * -1 + 0.65 * -2) / 2 = 0.825; value = 0.5 * (0.35^2 + 0.65^2) / 2 = 0.13625;
+    entropy = 1.5; loss = 0.825 + 1 * 0.13625 - 0.1 * 1.5 = 0.81125. No ratio: dL/dlogp = -A / 2.
+    """
+    logps, values, entropy, ref_logps, scores, mask = loss_inputs()
+    cfg = A2CConfig(kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False, vf_coef=1.0, ent_coef=0.1)
+    loss, metrics = a2c_loss(logps, values, entropy, ref_logps, scores, mask, cfg)
+    assert float(loss.detach()) == pytest.approx(0.81125)
+    assert float(metrics["losses/policy"]) == pytest.approx(0.825)
+    assert float(metrics["losses/value"]) == pytest.approx(0.13625)
+    assert float(metrics["policy/kl"]) == pytest.approx(0.3)
+    assert float(metrics["reward/total"]) == pytest.approx(1.0 - 0.5 * 0.3)
+    loss.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-0.175, -0.325, 0.0]]))
+    torch.testing.assert_close(values.grad, torch.tensor([[-0.175, -0.325, 0.0]]))  # (V - G) / 2
+    # n-step with n = 0 (Monte-Carlo) gives the same targets as GAE with lambda = 1
+    nstep, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.5, advantage="nstep", whiten_advantages=False,
+                                                  vf_coef=1.0, ent_coef=0.1))
+    assert float(nstep.detach()) == pytest.approx(0.81125)
+
+
+def test_kl_as_a_loss_term_adds_beta_k3():
+    no_kl, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.0, whiten_advantages=False))
+    as_loss, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.5, kl_mode="loss", whiten_advantages=False))
+    k3 = [math.exp(-x) - 1 + x for x in (0.1, 0.2)]
+    assert float((as_loss - no_kl).detach()) == pytest.approx(0.5 * sum(k3) / 2, rel=1e-5)
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="algorithm.trainable_layers"):
+        A2CConfig(trainable_layers=0)
+    with pytest.raises(ConfigError, match="algorithm.lam"):
+        A2CConfig(lam=1.5)
+
+
+@pytest.mark.parametrize("name", ["a2c_hh_tiny.yaml", "a2c_known_reward.yaml"])
+def test_recipes_validate(name):
+    config = load_config(RECIPES / name)
+    assert config.algorithm_name == "a2c" and config.algorithm.trainable_layers >= 1
+
+
+# ------------------------------------------------------------------------------------------------ the shared trunk
+
+
+def write_rule_rows(path: Path) -> Path:
+    dialogues = [("\n\nHuman: a link?\n\nAssistant:", f" https://site{i}.org") for i in range(4)]
+    dialogues += [("\n\nHuman: a link?\n\nAssistant:", f" no, sorry {i}") for i in range(4)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in label_rows(dialogues, ["no_url"])))
+    return path
+
+
+def sparrow_run(model_dir: Path, hh_path: Path, tmp_path: Path, **algorithm):
+    """A run with every reward term: preference head, a learned and a programmatic rule, two components."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return build_run_config({
+        "algorithm": {"name": "a2c", "trainable_layers": 1, "generation": {"max_new_tokens": 6},
+                      "preference_steps": 2, "rule_steps": 2, "rule_data": str(write_rule_rows(tmp_path / "r.jsonl")),
+                      "rules": {"no_url": 1.0, "no_new_human_turn": 0.5},
+                      "rewards": [{"name": "length_penalty", "weight": 1.0, "params": {"target": 4}},
+                                  {"name": "format_validity", "weight": 0.5}], **algorithm},
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": str(hh_path), "max_examples": 16, "eval_fraction": 0.01, "max_length": 128,
+                 "max_prompt_length": 96},
+        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "eval_batch_size": 4, "max_steps": 2,
+                  "max_eval_batches": 1, "progress": False, "log_every": 1},
+    })
+
+
+def built_a2c(run) -> A2C:
+    tokenizer = load_tokenizer(run.model)
+    algorithm = A2C(run.algorithm, run, tokenizer)
+    algorithm.build()
+    algorithm.setup(Accelerator(cpu=True), {})
+    return algorithm
+
+
+def prompts(tokenizer, n: int = 4):
+    features = [{"prompt_ids": tokenizer(p, add_special_tokens=False)["input_ids"], "prompt": p, "meta": {}}
+                for p in [f"\n\nHuman: tell me about item {i}{' please' * i}\n\nAssistant:" for i in range(n)]]
+    return prompt_batch(features, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("value_head", ["mlp", "blocks"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(arch, value_head, tiny_model_dir,
+                                                                    tiny_llama_dir, hh_path, tmp_path):
+    model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama_dir
+    algorithm = built_a2c(sparrow_run(model_dir, hh_path, tmp_path, value_head=value_head))
+    assert algorithm.learned_rules == ["no_url"] and algorithm.programmatic_rules == ["no_new_human_turn"]
+    calls = {"trunk": 0, "policy_top": 0, "reference_top": 0, "generation": 0}
+
+    def count(name):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    hooks = [algorithm.trunk.blocks[-1].register_forward_hook(count("trunk")),
+             algorithm.model.policy.top.blocks[0].register_forward_hook(count("policy_top")),
+             algorithm.reference.top.blocks[0].register_forward_hook(count("reference_top"))]
+    sample = algorithm.rollout
+
+    def counted_rollout(batch):  # generation runs the trunk block once per decoding step (KV cache)
+        before = calls["trunk"]
+        rollout = sample(batch)
+        calls["generation"] = calls["trunk"] - before
+        return rollout
+
+    algorithm.rollout = counted_rollout
+    (out,) = list(algorithm.step(prompts(algorithm.tokenizer)))
+    out.loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert 1 <= calls["generation"] <= 6
+    assert calls["trunk"] - calls["generation"] == 1  # the ONE trunk forward of the update
+    assert calls["policy_top"] - calls["generation"] == 1 and calls["reference_top"] == 1
+
+    frozen = {"trunk": algorithm.trunk, "reference": algorithm.reference,
+              "preference_head": algorithm.preference_head, "rule_head": algorithm.rule_head}
+    for name, module in frozen.items():
+        assert all(p.grad is None for p in module.parameters()), name
+    trained = {"policy_top": algorithm.model.policy.top, "lm_head": algorithm.model.policy.head,
+               "value": algorithm.model.value}
+    for name, module in trained.items():
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
+    trainable = {id(p) for p in algorithm.model.parameters() if p.requires_grad}
+    assert not trainable & {id(p) for m in frozen.values() for p in m.parameters()}
+    for key in ("reward/preference", "reward/rule/no_url", "reward/rule/no_new_human_turn",
+                "reward/length_penalty", "reward/format_validity", "policy/kl", "losses/value"):
+        assert key in out.metrics, key
+    assert out.metrics["policy/logprob_gap"] < 1e-4  # on-policy: recomputed log-probs = behaviour log-probs
+
+
+def test_score_is_the_weighted_sum_of_its_terms(tiny_model_dir, hh_path, tmp_path):
+    algorithm = built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path, preference_weight=2.0))
+    rollout = algorithm.rollout(prompts(algorithm.tokenizer))
+    features = algorithm.trunk(rollout.sequences, rollout.attention_mask)
+    total, parts = algorithm.score(features, rollout)
+    expected = (2.0 * parts["preference"] + parts["rule/no_url"] + 0.5 * parts["rule/no_new_human_turn"]
+                + parts["length_penalty"] + 0.5 * parts["format_validity"])
+    torch.testing.assert_close(total, expected)
+    assert ((parts["rule/no_url"] > 0) & (parts["rule/no_url"] < 1)).all()  # a probability from the rule head
+
+
+def test_trainer_end_to_end_saves_policy_and_heads(tiny_model_dir, hh_path, tmp_path):
+    run = sparrow_run(tiny_model_dir, hh_path, tmp_path)
+    final = Trainer(run).fit()
+    assert math.isfinite(final["eval/reward/score"]) and "eval/policy/kl" in final
+    out = Path(run.train.output_dir)
+    report = json.loads((out / "reward_heads.json").read_text())
+    assert report["preference"]["steps"] == 2 and "eval_accuracy" in report["preference"]
+    AutoModelForCausalLM.from_pretrained(out / "model")  # the policy is a plain transformers model
+    saved = torch.load(out / "model" / HEADS_FILE, weights_only=True)
+    assert saved["rule_names"] == ["no_url"] and saved["trainable_layers"] == 1
+    # a later run loads the reward heads instead of training them
+    reuse = built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path / "again", reward_heads=str(out / "model")))
+    assert not reuse.head_report
+    for key, value in reuse.preference_head.state_dict().items():
+        assert torch.equal(value, saved["preference"][key])
+    with pytest.raises(ConfigError, match="trainable_layers=1, not 2"):
+        built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path / "x", reward_heads=str(out / "model"),
+                              trainable_layers=2))
+
+
+def test_lora_is_refused(tiny_model_dir, hh_path, tmp_path):
+    run = sparrow_run(tiny_model_dir, hh_path, tmp_path)
+    run.model.lora.r = 4
+    with pytest.raises(ConfigError, match="lora"):
+        built_a2c(run)
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+
+TARGETS = [" the", " a", " to", " and", " of", " you", " I", " is"]
+
+
+@pytest.mark.slow
+def test_a2c_learns_the_known_reward_task(tiny_model_dir, tmp_path):
+    """The target_token task of prefopt.tasks with eight target tokens S (start rate 8/512 = 1.6%; with one
+    token the first hits are so rare that take-off alone needs ~40 steps).
+
+    The reward (1/T) sum_t [y_t in S] is a sum over tokens, so with the per-token KL penalty beta the optimum is
+    per token: pi*(y) ~ pi_0(y) exp([y in S] / (T beta)). For T = 12, beta = 0.02 (pi_0 ~ uniform over 512):
+    pi*(S) = 0.51 and KL(pi* || pi_0) = 1.42 nats per token = 17 per response, against 12 * log(512/8) = 50 for
+    the collapsed policy. A2C approaches it from below. Measured (nano GPT-2, 80 steps, train seeds 0-3): reward
+    0.009-0.020 in the first 5 steps -> 0.24-0.30 over the last 20 (held-out 0.19-0.30); KL 5-10 nats per
+    response; 15-17 s on an idle 2-core CPU.
+    """
+    data = write_task_prompts(tmp_path / "prompts.jsonl", 512, seed=0)
+    run = build_run_config({
+        "algorithm": {"name": "a2c", "trainable_layers": 1, "kl_coef": 0.02, "preference_weight": 0.0, "rules": {},
+                      "rewards": [{"name": "target_token", "params": {"token": TARGETS}}],
+                      "generation": {"max_new_tokens": 12}},
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"path": str(data), "format": "prompts", "eval_fraction": 0.1},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 80, "batch_size": 16, "eval_batch_size": 32,
+                  "learning_rate": 2e-3, "log_every": 5, "progress": False, "save_model": False},
+    })
+    final = Trainer(run).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward/target_token" in r]
+    start = train[0]["reward/target_token"]
+    end = sum(r["reward/target_token"] for r in train[-4:]) / 4  # the last 20 steps
+    kl = sum(r["policy/kl"] for r in train[-4:]) / 4
+    print(f"reward {start:.3f} -> {end:.3f} (eval {final['eval/reward/target_token']:.3f}), KL {kl:.2f}")
+    assert start < 0.04
+    assert end > 0.15 and end > 5 * start
+    assert final["eval/reward/target_token"] > 0.12
+    assert kl < 20 and final["eval/policy/kl"] < 20  # bounded: near the KL-regularised optimum's 17, not 50

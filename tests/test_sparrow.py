@@ -1,0 +1,218 @@
+"""The Sparrow trunk/top split (prefopt.sparrow) and the rule heads (prefopt.rules), on nano GPT-2 and Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefopt.errors import DataError, PrefoptError
+from prefopt.rollout import position_ids
+from prefopt.rules import (RULES, RuleBatch, RuleHead, label_rows, programmatic_ok, read_rule_rows, rule_batches,
+                           rule_loss)
+from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, ValueMLP, ValueTop, fit_head, num_blocks,
+                             split_model)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is as fast as two and does not stall when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model_dir(request, tiny_model_dir, tiny_llama_dir):
+    return tiny_model_dir if request.param == "gpt2" else tiny_llama_dir
+
+
+def left_padded_batch(vocab: int = 500):
+    """Three rows: two left-padded, one right-padded at its end; score the last 6 columns."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, vocab, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :2] = 0
+    mask[2, 10:] = 0
+    score_mask = mask.clone()
+    score_mask[:, :6] = 0
+    return ids, mask, score_mask
+
+
+def full_model_logps(lm, ids, mask, score_mask):
+    """Reference numbers: the unsplit model's log-probs of token t from position t - 1."""
+    logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    out = torch.zeros(ids.shape)
+    out[:, 1:] = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return out * score_mask
+
+
+@pytest.mark.parametrize("trainable_layers", [1, 2])
+def test_trunk_plus_top_reproduces_the_full_model(model_dir, trainable_layers):
+    """Policy and reference (trunk once + top) give the unsplit model's log-probs, left padding included."""
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    split = split_model(AutoModelForCausalLM.from_pretrained(model_dir), trainable_layers)
+    ids, mask, score_mask = left_padded_batch()
+    expected = full_model_logps(original, ids, mask, score_mask)
+    features = split.trunk(ids, mask)
+    policy_logps, entropy = split.policy(features, ids, score_mask)
+    reference_logps, _ = split.reference(features, ids, score_mask, with_entropy=False)
+    torch.testing.assert_close(policy_logps, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference_logps, expected, atol=1e-5, rtol=0)
+    assert not features.hidden.requires_grad and torch.isfinite(features.hidden).all()
+    assert float(entropy.detach()[score_mask.bool()].max()) <= math.log(original.config.vocab_size) + 1e-4
+
+
+def test_generation_of_the_split_model_is_unchanged(model_dir):
+    original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    split = split_model(AutoModelForCausalLM.from_pretrained(model_dir), 1)
+    ids, mask, _ = left_padded_batch()
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=1)
+    split.lm.eval()
+    assert torch.equal(split.lm.generate(ids[:2, :8], attention_mask=mask[:2, :8], **kwargs),
+                       original.generate(ids[:2, :8], attention_mask=mask[:2, :8], **kwargs))
+
+
+def test_only_the_top_trains_and_the_tied_head_is_untied(tiny_model_dir):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert lm.lm_head.weight is lm.transformer.wte.weight  # the tiny GPT-2 ties its head
+    split = split_model(lm, 1)
+    trainable = {name for name, p in lm.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in lm.named_parameters()
+                         if name.startswith(("transformer.h.1.", "transformer.ln_f.", "lm_head."))}
+    assert lm.lm_head.weight is not lm.transformer.wte.weight  # the policy trains its own output embedding
+    assert split.reference.head.weight is lm.transformer.wte.weight  # the reference reads the frozen one: no copy
+    assert all(not p.requires_grad for p in split.reference.parameters())
+    assert all(not p.requires_grad for p in split.trunk.parameters())
+    assert lm.config.tie_word_embeddings is False
+
+
+def test_frozen_lm_head_stays_shared(tiny_model_dir):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    split = split_model(lm, 1, train_lm_head=False)
+    assert split.policy.head is split.reference.head and not lm.lm_head.weight.requires_grad
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+
+
+def test_trainable_layers_out_of_range(tiny_model_dir):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert num_blocks(lm) == 2
+    with pytest.raises(PrefoptError, match="trainable_layers=3.*choose 1..2"):
+        split_model(lm, 3)
+
+
+def test_saved_policy_loads_as_a_plain_transformers_model(tiny_model_dir, tmp_path):
+    split = split_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1)
+    with torch.no_grad():
+        split.lm.lm_head.weight.add_(0.5)  # as if trained: the untied head must be saved on its own
+    split.lm.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids, mask, score_mask = left_padded_batch()
+    torch.testing.assert_close(full_model_logps(loaded, ids, mask, score_mask),
+                               full_model_logps(split.lm, ids, mask, score_mask))
+
+
+def test_heads_are_independent_copies_with_zero_initial_scores(tiny_model_dir):
+    split = split_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1)
+    ids, mask, score_mask = left_padded_batch()
+    features = split.trunk(ids, mask)
+    head = PreferenceHead(split.copy_top(), split.hidden_size)
+    assert torch.equal(head(features), torch.zeros(3))
+    policy_params = {id(p) for p in split.policy.parameters()}
+    assert not policy_params & {id(p) for p in head.top.parameters()}
+    for value in (ValueMLP(split.hidden_size, 32), ValueTop(split.copy_top(True), split.hidden_size)):
+        model = SparrowActorCritic(split.policy, value)
+        logps, entropy, values = model(features, ids, score_mask)
+        assert logps.shape == entropy.shape == values.shape == ids.shape
+        assert torch.equal(values, torch.zeros_like(values))  # zero-initialised last layer
+        assert torch.equal(values != 0, torch.zeros_like(values, dtype=torch.bool))
+
+
+def test_preference_head_learns_a_keyword_on_the_frozen_trunk(tiny_model_dir):
+    """Bradley-Terry + centering on the trunk: responses with a marker word are preferred."""
+    from prefopt.algorithms.reward import ranking_loss
+    from prefopt.types import RankBatch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    split = split_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1)
+    head = PreferenceHead(split.copy_top(), split.hidden_size)
+    good = [f"Human: question {i}? Assistant: thanks, happy to help" for i in range(8)]
+    bad = [f"Human: question {i}? Assistant: no way" for i in range(8)]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in good + bad]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    batch = RankBatch(ids, mask, pairs=torch.tensor([[i, i + 8] for i in range(8)]), pair_group=torch.arange(8))
+    trunk_before = [p.clone() for p in split.trunk.parameters()]
+    history = fit_head(split.trunk, head, [batch], lambda s, b: ranking_loss(s, b, 0.01), steps=30, lr=3e-3)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero scores: -log sigmoid(0)
+    assert history[-1]["rm/accuracy"] == 1.0 and history[-1]["loss"] < 0.2
+    assert all(torch.equal(a, b) for a, b in zip(trunk_before, split.trunk.parameters()))
+    assert not any(p.requires_grad for p in head.parameters())  # frozen again after fitting
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+
+def test_programmatic_rules_by_hand():
+    prompts = ["\n\nHuman: hi\n\nAssistant:"] * 4
+    responses = [" Hello!", " Sure.\n\nHuman: and then?", " See https://example.com", " mail me: a.b@c.org"]
+    ok = programmatic_ok(["no_new_human_turn", "no_url", "no_email"], prompts, responses)
+    assert ok["no_new_human_turn"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert ok["no_url"].tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert ok["no_email"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert {"no_new_human_turn", "no_url", "no_email"} <= set(RULES.available())
+
+
+def test_rule_rows_group_by_text_with_a_label_mask(tiny_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = label_rows([("Q:", " see www.x.com"), ("Q:", " fine")], ["no_url", "no_new_human_turn"])
+    rows.append({"text": "Q: fine", "rule": "other_rule", "violated": True})  # not a rule of this head: left out
+    path = tmp_path / "rules.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_rule_rows(path) == rows
+    (batch,) = rule_batches(read_rule_rows(path), ["no_url", "no_email", "no_new_human_turn"], tokenizer,
+                            batch_size=8, max_length=64)
+    order = [tokenizer.decode(row[m.bool()][:-1]) for row, m in zip(batch.input_ids, batch.attention_mask)]
+    url_row = order.index("Q: see www.x.com")
+    assert batch.labels[url_row].tolist() == [1.0, 0.0, 0.0]
+    assert batch.label_mask.tolist() == [[1.0, 0.0, 1.0]] * 2  # no_email has no rows
+    assert (batch.input_ids[batch.attention_mask.bool()] == tokenizer.eos_token_id).sum() == 2  # EOS appended
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x", "rule": "no_url", "violated": "yes"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        read_rule_rows(bad)
+
+
+def test_rule_loss_by_hand():
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 0.0]])
+    batch = RuleBatch(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), labels=torch.tensor([[1.0, 0.0],
+                      [0.0, 1.0]]), label_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    loss, metrics = rule_loss(logits, batch)
+    expected = (math.log(2) + math.log(1 + math.exp(2.0)) + math.log(1 + math.exp(-1.0))) / 3
+    assert float(loss) == pytest.approx(expected)
+    assert float(metrics["rules/accuracy"]) == pytest.approx(1 / 3)  # only (row 1, rule 0) is right at P = 0.5
+
+
+def test_rule_head_learns_a_programmatic_rule(tiny_model_dir):
+    """Labels from ``no_url`` train the multi-label head; P(not violated) then separates the two kinds of text."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    split = split_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1)
+    names = ["no_url", "no_new_human_turn"]
+    dialogues = [(f"\n\nHuman: where is item {i}?\n\nAssistant:", f" look at https://shop{i}.com/item")
+                 for i in range(12)]
+    dialogues += [(f"\n\nHuman: where is item {i}?\n\nAssistant:", f" it is in box {i}.\n\nHuman: ok")
+                  for i in range(12)]
+    batches = rule_batches(label_rows(dialogues, names), names, tokenizer, batch_size=8, max_length=64)
+    head = RuleHead(split.copy_top(), split.hidden_size, names)
+    history = fit_head(split.trunk, head, batches, rule_loss, steps=40, lr=3e-3)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    with torch.no_grad():
+        probs = torch.cat([head.p_not_violated(split.trunk(b.input_ids, b.attention_mask)) for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    assert ((probs < 0.5) == labels.bool()).float().mean() == 1.0
