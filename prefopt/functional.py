@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prefopt.prefix import SharedPrefixLayout
+
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (values * mask).sum() if dim is None else (values * mask).sum(dim)
@@ -101,28 +103,36 @@ def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
-                temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                temperature: float = 1.0, with_entropy: bool = False,
+                layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor | None]:
     """Log-probs of ``input_ids[:, t]`` given tokens < t, computed only where ``score_mask[:, t]`` is 1.
 
     The LM head runs on the selected hidden states alone, so a [N, T, V] logits tensor is never made.
+    With a ``layout`` (prefopt.prefix) the decoder runs on its packed rows, where shared prefixes appear once,
+    and the scored positions are gathered from there; the result is in the layout of ``input_ids`` either way.
     Returns per-token log-probs [N, T] (0 where not scored; column 0 is never scored) and, when asked,
     per-token entropies [N, T].
     """
-    hidden = decoder_hidden(model, input_ids, attention_mask)
     target_mask = score_mask[:, 1:].bool()  # token t is predicted from position t-1
     rows, cols = target_mask.nonzero(as_tuple=True)
-    selected = hidden[:, :-1][rows, cols]  # [M, H]
+    if layout is None:
+        hidden = decoder_hidden(model, input_ids, attention_mask)
+        selected = hidden[:, :-1][rows, cols]  # [M, H]
+    else:
+        mask = layout.mask_for(model, model.dtype)
+        hidden = decoder_hidden(model, layout.input_ids, mask, layout.position_ids)
+        selected = layout.gather(hidden, rows, cols)
     logits = model.get_output_embeddings()(selected).float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     targets = input_ids[:, 1:][rows, cols]
     picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    out = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[rows, cols + 1] = picked
     entropy = None
     if with_entropy:
-        entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+        entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         entropy[rows, cols + 1] = -(logp_all.exp() * logp_all).sum(-1).detach()
     return out, entropy
 

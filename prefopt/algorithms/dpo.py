@@ -4,13 +4,16 @@ The policy is trained directly on preference pairs with the implicit reward r(x,
 Eq. 7 gives the Bradley-Terry loss ``sigmoid``; the variants (``ipo``, ``hinge``, ``cdpo``, and any loss a plugin
 registers) are chosen by name in ``algorithm.loss`` with their parameters in ``algorithm.loss_params``.
 
-Choices: one forward runs chosen and rejected rows together; the reference is a frozen copy of the starting model
-(or, with LoRA, the same model with its adapter disabled: no second copy); reference log-probs are computed without
-grad and, with ``precompute_reference``, once per pair before training, after which the reference is freed.
+Choices: one forward runs chosen and rejected rows together, each pair's prompt computed once for both responses
+(prefix sharing, prefopt.prefix: the same values; ``prefix_sharing: false`` runs the padded rows instead); the
+reference is a frozen copy of the starting model (or, with LoRA, the same model with its adapter disabled: no second
+copy); reference log-probs are computed without grad and, with ``precompute_reference``, once per pair before
+training, after which the reference is freed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,10 +21,12 @@ from typing import Any
 import torch
 
 from prefopt.algorithms.base import Algorithm
-from prefopt.algorithms.pairwise import ReferenceCache, means, policy_logps, preference_metrics, resolve_loss, sums
+from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, policy_logps, preference_metrics,
+                                        resolve_loss, sums)
 from prefopt.config import LoraConfig, check
 from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
 from prefopt.modules import TokenScorer
+from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
 from prefopt.types import LossOutput, PairBatch, PairLogps
 
@@ -38,6 +43,8 @@ class DPOConfig:
     """Reference model path or hub id; default: the starting model (model.name_or_path)."""
     precompute_reference: bool = False
     """Compute reference log-probs once for every pair before training, then free the reference model."""
+    prefix_sharing: bool = True
+    """Run each pair's prompt once for both responses (prefopt.prefix; same values). Needs SDPA or eager attention."""
 
     def __post_init__(self):
         check(self.beta > 0, "algorithm.beta", self.beta, "must be > 0")
@@ -60,27 +67,40 @@ class DPO(Algorithm):
             self.reference = TokenScorer(load_causal_lm(ref_cfg, path=self.config.reference, trainable=False))
         self.cache = ReferenceCache()
 
+    @property
+    def share_prefix(self) -> bool:
+        """Prefix sharing is on and both the policy and the reference can take its layout."""
+        reference = getattr(self, "reference", None)
+        return (self.config.prefix_sharing and supports(self.unwrapped.lm)
+                and (reference is None or supports(reference.lm)))
+
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
         if self.config.precompute_reference and not self.loss_fn.reference_free:
             for split, loader in loaders.items():
-                self.cache.fill(split, loader, self._reference_scorer, accelerator)
+                self.cache.fill(split, loader, self._reference_scorer, accelerator, self.share_prefix)
             self.reference = None
 
     @torch.no_grad()
     def _reference_scorer(self, *args: Any, **kwargs: Any):
-        if self.reference is not None:
-            return self.reference(*args, **kwargs)
+        if self.reference is not None:  # in the policy's precision: the prepared policy runs under this autocast
+            with self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext():
+                return self.reference(*args, **kwargs)
         with reference_context(self.unwrapped.lm):  # LoRA: the same weights with the adapter off
             return self.model(*args, **kwargs)
 
+    def layout(self, batch: PairBatch) -> SharedPrefixLayout | None:
+        """The batch with each prompt written once (prefix sharing), or None to run the padded rows."""
+        return pair_layout(batch) if self.share_prefix else None
+
     def pair_logps(self, batch: PairBatch, split: str) -> PairLogps:
-        chosen, rejected, chosen_len, rejected_len = policy_logps(self.model, batch)
+        layout = self.layout(batch)
+        chosen, rejected, chosen_len, rejected_len = policy_logps(self.model, batch, layout)
         ref_chosen = ref_rejected = None
         if not self.loss_fn.reference_free:
             cached = self.cache.lookup(split, batch)
             if cached is None:
-                ref_chosen, ref_rejected, _, _ = policy_logps(self._reference_scorer, batch)
+                ref_chosen, ref_rejected, _, _ = policy_logps(self._reference_scorer, batch, layout)
             else:
                 ref_chosen, ref_rejected = cached
         return PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)

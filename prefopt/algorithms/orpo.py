@@ -5,7 +5,8 @@ odds(y|x) = P(y|x) / (1 - P(y|x)) with log P(y|x) the MEAN per-token log-prob of
 log odds = (log P_w - log P_l) - (log(1 - P_w) - log(1 - P_l)), computed with a stable log1mexp.
 
 Choices: ``lambda`` is ``beta`` (as in TRL). L_SFT is the token-mean NLL of the chosen responses (the paper);
-``nll_on: full`` also scores the chosen prompt tokens, which is what TRL's ORPOTrainer does.
+``nll_on: full`` also scores the chosen prompt tokens, which is what TRL's ORPOTrainer does. One forward runs
+chosen and rejected together, each pair's prompt computed once for both responses (prefopt.prefix).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.algorithms.base import Algorithm
-from prefopt.algorithms.pairwise import means, sums
+from prefopt.algorithms.pairwise import means, pair_layout, sums
 from prefopt.config import check
 from prefopt.models import load_causal_lm
 from prefopt.modules import TokenScorer
+from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
 from prefopt.types import LossOutput, PairBatch
 
@@ -38,6 +40,8 @@ class ORPOConfig:
     """lambda: weight of the odds-ratio term."""
     nll_on: Literal["response", "full"] = "response"
     """Tokens of the chosen rows in the NLL term: the response (paper) or prompt + response (TRL)."""
+    prefix_sharing: bool = True
+    """Run each pair's prompt once for both responses (prefopt.prefix; same values). Needs SDPA or eager attention."""
 
     def __post_init__(self):
         check(self.beta >= 0, "algorithm.beta", self.beta, "must be >= 0")
@@ -53,6 +57,11 @@ class ORPO(Algorithm):
     def build(self) -> None:
         self.model = TokenScorer(load_causal_lm(self.run.model))
 
+    def layout(self, batch: PairBatch) -> SharedPrefixLayout | None:
+        """The batch with each prompt written once (prefix sharing), or None to run the padded rows."""
+        share = self.config.prefix_sharing and supports(self.unwrapped.lm)
+        return pair_layout(batch) if share else None
+
     def losses(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss, per-pair metrics)."""
         completion = batch.completion_mask.clone()
@@ -63,7 +72,7 @@ class ORPO(Algorithm):
             nll_mask[:n] = batch.attention_mask[:n]
             nll_mask[:, 0] = 0
         score_mask = torch.maximum(nll_mask, completion)
-        per_token, _ = self.model(batch.input_ids, batch.attention_mask, score_mask)
+        per_token, _ = self.model(batch.input_ids, batch.attention_mask, score_mask, layout=self.layout(batch))
         nll = -(per_token[:n] * nll_mask[:n]).sum() / nll_mask[:n].sum().clamp(min=1)
         mean_logps = (per_token * completion).sum(-1) / completion.sum(-1).clamp(min=1)
         chosen, rejected = mean_logps.chunk(2)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from prefopt.errors import ConfigError
 from prefopt.functional import sum_scored
+from prefopt.prefix import SharedPrefixLayout, pair_groups, share_prefixes
 from prefopt.registry import LOSSES, closest
 from prefopt.types import PairBatch, PairLogps
 
@@ -36,9 +37,19 @@ def resolve_loss(name: str, params: dict[str, Any]) -> Callable[..., Tensor]:
     return bound
 
 
-def policy_logps(scorer: Any, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One forward over chosen and rejected rows -> (chosen, rejected, chosen_lengths, rejected_lengths)."""
-    per_token, _ = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
+def pair_layout(batch: PairBatch, pack: bool = True) -> SharedPrefixLayout:
+    """The batch with each pair's prompt written once for its chosen and rejected responses (prefopt.prefix)."""
+    return share_prefixes(batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs), pack=pack)
+
+
+def policy_logps(scorer: Any, batch: PairBatch,
+                 layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One forward over chosen and rejected rows -> (chosen, rejected, chosen_lengths, rejected_lengths).
+
+    With a ``layout`` (``pair_layout(batch)``) the scorer runs each shared prompt once; the values are the same.
+    """
+    kwargs = {} if layout is None else {"layout": layout}
+    per_token, _ = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask, **kwargs)
     logps, lengths = sum_scored(per_token, batch.completion_mask)
     chosen, rejected = logps.chunk(2)
     chosen_len, rejected_len = lengths.chunk(2)
@@ -77,10 +88,12 @@ class ReferenceCache:
         self.values: dict[str, dict[int, tuple[float, float]]] = {}
 
     @torch.no_grad()
-    def fill(self, split: str, loader: Any, reference_scorer: Any, accelerator: Any) -> None:
+    def fill(self, split: str, loader: Any, reference_scorer: Any, accelerator: Any,
+             share_prefix: bool = False) -> None:
         table = self.values.setdefault(split, {})
         for batch in loader:
-            chosen, rejected, _, _ = policy_logps(reference_scorer, batch)
+            layout = pair_layout(batch) if share_prefix else None
+            chosen, rejected, _, _ = policy_logps(reference_scorer, batch, layout)
             index = accelerator.gather(batch.index)
             chosen, rejected = accelerator.gather(chosen), accelerator.gather(rejected)
             for i, c, r in zip(index.tolist(), chosen.tolist(), rejected.tolist()):

@@ -8,6 +8,8 @@ C(K, 2) pairs (y_w better than y_l) enter the same batch, each completion is sco
 is averaged over prompts (K = 2 is the pairwise Bradley-Terry loss; m is an optional margin). The optional
 centering regulariser  c * mean((r_w + r_l)^2)  keeps scores near 0 (Sparrow's preference model; TRL's
 ``center_rewards_coefficient``).
+
+Choices: the completions of one prompt share one forward of that prompt (prefix sharing, prefopt.prefix).
 """
 
 from __future__ import annotations
@@ -23,24 +25,38 @@ from torch import Tensor, nn
 from prefopt.algorithms.base import Algorithm
 from prefopt.config import check
 from prefopt.models import load_reward_model
+from prefopt.prefix import SharedPrefixLayout, rank_groups, share_prefixes, supports
 from prefopt.registry import register_algorithm
 from prefopt.types import LossOutput, RankBatch
 
 
 class RewardScorer(nn.Module):
-    """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N]."""
+    """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N].
+
+    With ``layout`` (prefopt.prefix.share_prefixes of these right-padded rows) the backbone runs on the packed rows,
+    where the prompt shared by a group of completions is computed once; the scores are the same."""
 
     def __init__(self, rm: nn.Module):
         super().__init__()
         self.rm = rm
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        rm = self.rm.get_base_model() if isinstance(self.rm, peft.PeftModel) else self.rm  # LoRA: adapted in place
-        hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = hidden.last_hidden_state
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (attention_mask * positions).argmax(-1)  # last attended token (right or left padding)
-        pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+    @property
+    def backbone(self) -> nn.Module:
+        """The plain transformers model (LoRA: adapted in place)."""
+        return self.rm.get_base_model() if isinstance(self.rm, peft.PeftModel) else self.rm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, layout: SharedPrefixLayout | None = None) -> Tensor:
+        rm = self.backbone
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if layout is None:
+            hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            last = (attention_mask * positions).argmax(-1)  # last attended token (right or left padding)
+            pooled = hidden.last_hidden_state[rows, last]
+        else:
+            hidden = rm.base_model(input_ids=layout.input_ids, attention_mask=layout.mask_for(rm, rm.dtype),
+                                   position_ids=layout.position_ids, use_cache=False)
+            pooled = layout.gather(hidden.last_hidden_state, rows, layout.lengths - 1)
         return rm.score(pooled).squeeze(-1).float()
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
@@ -73,6 +89,8 @@ def ranking_loss(scores: Tensor, batch: RankBatch, center_coef: float,
 class RewardConfig:
     center_coef: float = 0.0
     """Coefficient of the centering regulariser mean((r_w + r_l)^2) (0 disables)."""
+    prefix_sharing: bool = True
+    """Run each prompt once for all its completions (prefopt.prefix; same scores). Needs SDPA or eager attention."""
     use_margins: bool = False
     """Require r_w - r_l to exceed the data's score difference (Llama-2 style margin loss)."""
 
@@ -90,14 +108,24 @@ class RewardModelling(Algorithm):
     def build(self) -> None:
         self.model = RewardScorer(load_reward_model(self.run.model.name_or_path, self.run.model, trainable=True))
 
+    def layout(self, batch: RankBatch) -> SharedPrefixLayout | None:
+        """The batch with each prompt written once for all its completions, or None to run the padded rows."""
+        if not (self.config.prefix_sharing and supports(self.unwrapped.backbone)):
+            return None
+        groups = rank_groups(batch.input_ids.shape[0], batch.pairs, batch.pair_group)
+        return share_prefixes(batch.input_ids, batch.attention_mask, groups)
+
+    def scores(self, batch: RankBatch) -> Tensor:
+        """Score of every completion row [N]."""
+        return self.model(batch.input_ids, batch.attention_mask, layout=self.layout(batch))
+
     def step(self, batch: RankBatch) -> Iterator[LossOutput]:
-        scores = self.model(batch.input_ids, batch.attention_mask)
-        loss, metrics = ranking_loss(scores, batch, self.config.center_coef, self.config.use_margins)
+        loss, metrics = ranking_loss(self.scores(batch), batch, self.config.center_coef, self.config.use_margins)
         yield LossOutput(loss, {k: float(v.float().mean()) for k, v in metrics.items()}, batch.num_tokens)
 
     @torch.no_grad()
     def evaluate(self, batch: RankBatch) -> dict[str, float]:
-        scores = self.model(batch.input_ids, batch.attention_mask)
+        scores = self.scores(batch)
         _, metrics = ranking_loss(scores, batch, self.config.center_coef, self.config.use_margins)
         out = {k.replace("rm/", ""): float(v.float().sum()) for k, v in metrics.items()}
         return {**out, "count": float(batch.pairs.shape[0])}
