@@ -1,0 +1,153 @@
+"""The shared evaluation: every policy on the same eval prompts and pairs, sampled with the same seeds.
+
+For a policy pi, the start policy pi_0 (the SFT checkpoint every algorithm trained from) and the gold scorer
+g (the gold RM, or the known task reward):
+
+* responses y_i ~ pi(.|x_i) for the eval prompts, drawn by the ONE generation engine (prefopt.rollout) with
+  batch b seeded ``eval.seed + b`` (the same draws of randomness for every policy);
+* ``gold_reward``     = mean_i g(x_i, y_i)  (and ``proxy_reward`` with the proxy RM, task hh);
+* ``kl``              = mean_i sum_t [log pi(y_it | x_i, y_i<t) - log pi_0(y_it | x_i, y_i<t)], the sequence-level
+  Monte-Carlo estimate of KL(pi || pi_0) on the sampled tokens (both log-probs from a teacher-forced forward at
+  the sampling temperature, so pi_0 scores 0 exactly);
+* ``win_rate``        = mean_i [g(x_i, y_i) > g(x_i, y0_i)] + 0.5 [=], y0_i the start's sample for the same prompt
+  and seed;
+* ``pref_acc``        = accuracy of the IMPLICIT reward on eval pairs: log pi(y_w)/pi_0(y_w) > log pi(y_l)/pi_0(y_l)
+  (ties count 1/2, so the start itself scores 0.5); ``pref_acc_logprob`` = plain log-prob ranking
+  log pi(y_w) > log pi(y_l);
+* ``length``          = mean response tokens (EOS included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prefopt.bench.config import BenchConfig
+from prefopt.config import DataConfig, ModelConfig
+from prefopt.data import build_dataloader
+from prefopt.functional import sequence_logps
+from prefopt.models import load_causal_lm, load_tokenizer
+from prefopt.online import rollout_inputs, token_logps
+from prefopt.rewards import RewardSpec, build_component
+from prefopt.rollout import generate
+
+
+@dataclass
+class PolicyEval:
+    """One policy's evaluation: the metrics and one row per eval prompt (prompt, response, scores)."""
+
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]]
+
+
+class Evaluator:
+    """Holds the start (reference) policy, the scorers and the tokenized eval set; ``evaluate(model)``."""
+
+    def __init__(self, cfg: BenchConfig, start_path: str, gold: dict[str, Any], proxy: dict[str, Any] | None,
+                 prompts: list[dict[str, Any]], pairs: list[dict[str, Any]], device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(ModelConfig(name_or_path=start_path))
+        self.reference = self.load_policy(start_path)
+        self.gold = build_component(RewardSpec(**gold), self.tokenizer, self.device)
+        self.proxy = build_component(RewardSpec(**proxy), self.tokenizer, self.device) if proxy else None
+        data = DataConfig(path="<eval>", eval_fraction=0.0, max_length=cfg.data.max_length,
+                          max_prompt_length=cfg.data.max_prompt_length)
+        size = cfg.eval.batch_size
+        loader, _ = build_dataloader(prompts, "prompts", self.tokenizer, data, size, shuffle=False, seed=0)
+        self.prompt_batches = [batch.to(self.device) for batch in loader]
+        self.pair_batches = []
+        if pairs:
+            loader, _ = build_dataloader(pairs, "pairs", self.tokenizer, data, size, shuffle=False, seed=0)
+            self.pair_batches = [batch.to(self.device) for batch in loader]
+        self.reference_pairs = [self.pair_logps(self.reference, b) for b in self.pair_batches]
+        self.baseline: PolicyEval | None = None
+
+    def load_policy(self, path: str) -> torch.nn.Module:
+        return load_causal_lm(ModelConfig(name_or_path=str(path)), trainable=False).to(self.device)
+
+    @torch.no_grad()
+    def pair_logps(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs (chosen [B], rejected [B]) of a pair batch."""
+        logps, _ = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        return logps.chunk(2)
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """One seeded response per eval prompt, with its gold / proxy score, KL to the start and length."""
+        gen = self.cfg.eval.generation
+        rows: list[dict[str, Any]] = []
+        for b, batch in enumerate(self.prompt_batches):
+            rollout = generate(model, self.tokenizer, batch, gen, seed=self.cfg.eval.seed + b)
+            sequences, attention_mask, score_mask = rollout_inputs(rollout)
+            width = rollout.prompt_ids.shape[1]
+            mask = rollout.response_mask.float()
+            logps = token_logps(model, sequences, attention_mask, score_mask, gen.logprob_temperature)[:, width:]
+            ref_logps = token_logps(self.reference, sequences, attention_mask, score_mask,
+                                    gen.logprob_temperature)[:, width:]
+            kl = ((logps - ref_logps) * mask).sum(-1)
+            gold = self.gold(rollout).float()
+            proxy = self.proxy(rollout).float() if self.proxy is not None else None
+            for i, (prompt, response) in enumerate(zip(rollout.prompts, rollout.responses)):
+                row = {"prompt": prompt, "response": response, "gold": float(gold[i]), "kl": float(kl[i]),
+                       "logp": float((logps[i] * mask[i]).sum()), "length": int(mask[i].sum())}
+                if proxy is not None:
+                    row["proxy"] = float(proxy[i])
+                rows.append(row)
+        return rows
+
+    @torch.no_grad()
+    def preference(self, model: torch.nn.Module) -> dict[str, float]:
+        if not self.pair_batches:
+            return {}
+        implicit, logprob, total = 0.0, 0.0, 0
+        for batch, (ref_chosen, ref_rejected) in zip(self.pair_batches, self.reference_pairs):
+            chosen, rejected = self.pair_logps(model, batch)
+            margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+            implicit += float((margin > 0).float().sum() + 0.5 * (margin == 0).float().sum())
+            logprob += float((chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum())
+            total += chosen.shape[0]
+        return {"pref_acc": implicit / total, "pref_acc_logprob": logprob / total}
+
+    def evaluate(self, model: torch.nn.Module) -> PolicyEval:
+        """All metrics of the module docstring for ``model`` (the start's samples are drawn first)."""
+        if self.baseline is None:
+            self.baseline = self._evaluate(self.reference, None)
+        return self._evaluate(model, self.baseline.samples)
+
+    def evaluate_start(self) -> PolicyEval:
+        if self.baseline is None:
+            self.baseline = self._evaluate(self.reference, None)
+        return self.baseline
+
+    def _evaluate(self, model: torch.nn.Module, baseline: list[dict[str, Any]] | None) -> PolicyEval:
+        rows = self.sample(model)
+        n = len(rows)
+        gold = [r["gold"] for r in rows]
+        metrics = {"gold_reward": sum(gold) / n, "gold_reward_sem": _sem(gold),
+                   "kl": sum(r["kl"] for r in rows) / n, "length": sum(r["length"] for r in rows) / n}
+        if self.proxy is not None:
+            metrics["proxy_reward"] = sum(r["proxy"] for r in rows) / n
+        if baseline is None:
+            metrics["win_rate"] = 0.5
+        else:
+            wins = [1.0 if r["gold"] > b["gold"] else 0.5 if r["gold"] == b["gold"] else 0.0
+                    for r, b in zip(rows, baseline)]
+            metrics["win_rate"] = sum(wins) / n
+            for r, b in zip(rows, baseline):
+                r["start_gold"] = b["gold"]
+        metrics.update(self.preference(model))
+        metrics["eval_prompts"] = n
+        metrics["eval_pairs"] = sum(b.completion_mask.shape[0] // 2 for b in self.pair_batches)
+        return PolicyEval(metrics, rows)
+
+
+def _sem(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
