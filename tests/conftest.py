@@ -57,3 +57,15 @@ def tiny_llama_dir(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out_dir = tmp_path_factory.mktemp("tiny-llama")
     return init_model(out_dir, [str(hh_path)], arch="llama", size="nano", vocab_size=512, seed=0,
                       max_texts=TINY_MODEL_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ from prefopt.trainer import Trainer
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast as two and does not stall when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ the math

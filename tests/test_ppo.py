@@ -25,13 +25,7 @@ from prefopt.rollout import GenerationConfig, generate
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- hand-computed numbers

@@ -55,15 +55,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def one_thread():
-    """Intra-op threads change float reduction order; every run of a comparison uses one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hh_small(hh_path, tmp_path_factory) -> Path:
     """The first 48 HH pairs as plain JSON lines (16 train rows are used, ~12 held out)."""

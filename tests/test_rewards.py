@@ -21,13 +21,7 @@ PROMPTS = ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: tell me a joke\n\nAssistan
 RESPONSES = [" the cat is the best", "", " sure\n\nHuman: and then"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, ValueMLP, Value
                              split_model)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast as two and does not stall when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["gpt2", "llama"])
