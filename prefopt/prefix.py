@@ -16,7 +16,8 @@ the original row layout: nothing downstream of the forward changes.
 The attention mask is a 4D boolean mask ``[R, 1, W, W]`` (True = may attend), which transformers passes through
 unchanged to SDPA; eager attention gets the same mask as an additive bias. Other attention implementations
 (flash, flex), models without position ids and sliding-window models are not supported: ``supports(model)`` says
-whether a model can take the layout, and the algorithms run the padded rows when it cannot.
+whether a model can take the layout, and the algorithms run the padded rows when it cannot. The mask takes
+R * W^2 bytes, of the order of the [N, 1, T, T] mask transformers itself builds for padded rows under SDPA.
 """
 
 from __future__ import annotations
