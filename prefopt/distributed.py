@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.data_loader import BatchSamplerShard
-from accelerate.utils import gather_object
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, gather_object
 
 from prefopt.metrics import MetricAverager
 
@@ -115,3 +116,20 @@ def seed_epoch(loader: Any, epoch: int, seed: int) -> None:
         sampler.set_epoch(epoch)
     elif isinstance(getattr(sampler, "generator", None), torch.Generator):
         sampler.generator.manual_seed(seed + epoch)
+
+
+def make_accelerator(config: Any) -> Accelerator:
+    """The Accelerator of a run: precision (auto = bf16 on a GPU that has it), accumulation, seeded sampler."""
+    t = config.train
+    precision = t.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        step_scheduler_with_optimizer=False,
+        log_with=t.report_to or None,
+        project_dir=t.output_dir,
+    )

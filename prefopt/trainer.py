@@ -32,16 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, gather_object,
-                              set_seed)
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.distributed import (any_process, exact_eval_batches, max_over_processes, mean_over_processes,
+from prefopt.distributed import (any_process, make_accelerator, exact_eval_batches, max_over_processes, mean_over_processes,
                                  seed_epoch, sum_over_processes)
 from prefopt.errors import ConfigError, DataError, PrefoptError
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb
@@ -64,22 +62,6 @@ class Interrupted(PrefoptError):
 
     exit_code = 128 + 15  # set to 128 + the signal number when raised
     label = "stopped"
-
-
-def make_accelerator(config: RunConfig) -> Accelerator:
-    t = config.train
-    precision = t.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
-        step_scheduler_with_optimizer=False,
-        log_with=t.report_to or None,
-        project_dir=t.output_dir,
-    )
 
 
 def signal_name(signum: int) -> str:
