@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from prefopt.tiny import init_model
+from realistic import REALISTIC, build as build_realistic
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_TEST = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -57,6 +58,32 @@ def tiny_llama_dir(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out_dir = tmp_path_factory.mktemp("tiny-llama")
     return init_model(out_dir, [str(hh_path)], arch="llama", size="nano", vocab_size=512, seed=0,
                       max_texts=TINY_MODEL_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def realistic_model_dirs(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The realistic fixtures of ``tests/realistic.py`` by name, built once per session (a second or so each)."""
+    root = tmp_path_factory.mktemp("realistic")
+    return {name: build_realistic(name, root / name, [str(hh_path)], max_texts=TINY_MODEL_TEXTS)
+            for name in REALISTIC}
+
+
+@pytest.fixture(scope="session")
+def gpt2_real_dir(realistic_model_dirs: dict[str, Path]) -> Path:
+    """GPT-2 as it ships: dropout 0.1, tied head, pad = eos (see tests/realistic.py)."""
+    return realistic_model_dirs["gpt2-real"]
+
+
+@pytest.fixture(scope="session")
+def llama_chat_dir(realistic_model_dirs: dict[str, Path]) -> Path:
+    """Llama in bf16, untied head, Llama-3-style chat template, two EOS ids (see tests/realistic.py)."""
+    return realistic_model_dirs["llama-chat"]
+
+
+@pytest.fixture(scope="session")
+def qwen2_window_dir(realistic_model_dirs: dict[str, Path]) -> Path:
+    """Qwen2 with a 16-token sliding window on every layer and a ChatML template (see tests/realistic.py)."""
+    return realistic_model_dirs["qwen2-window"]
 
 
 @pytest.fixture(scope="module")
