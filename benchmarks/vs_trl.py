@@ -210,8 +210,8 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
     base = {"dpo": DPO, "orpo": ORPO, "reward": RewardModelling}[algorithm]
     if not any(options.get(k) for k in ("no_packing", "two_forwards", "full_logits")):
         return base
-    from prefopt.functional import sum_scored
-    from prefopt.modules import TokenScorer
+    from prefopt.scoring import sum_scored
+    from prefopt.scoring import TokenScorer
     from prefopt.prefix import pair_groups, rank_groups, share_prefixes
     from prefopt.types import PairBatch, PairLogps
 
@@ -251,7 +251,7 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
         def forward(self, input_ids, attention_mask, score_mask, temperature=1.0, with_entropy=False, layout=None):
             import torch
 
-            from prefopt.functional import decoder_hidden
+            from prefopt.scoring import decoder_hidden
 
             if layout is None:
                 hidden = decoder_hidden(self.lm, input_ids, attention_mask)[:, :-1]

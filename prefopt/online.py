@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prefopt.functional import decoder_hidden, masked_var
+from prefopt.functional import masked_var
 from prefopt.rollout import position_ids
+from prefopt.scoring import decoder_hidden
 from prefopt.types import Rollout
 
 

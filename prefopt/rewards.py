@@ -25,6 +25,7 @@ from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
+from prefopt.scoring import RewardScorer
 from prefopt.types import Rollout
 
 
@@ -64,8 +65,6 @@ class RewardModelReward:
 
     def __init__(self, tokenizer, device, path: str, batch_size: int = 32, max_length: int = 512,
                  dtype: str = "float32"):
-        from prefopt.algorithms.reward import RewardScorer  # here: prefopt.algorithms imports this module
-
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.policy_eos = tokenizer.eos_token_id
         self.tokenizer = load_tokenizer(cfg)

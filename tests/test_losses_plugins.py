@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefopt.algorithms.pairwise import policy_logps, resolve_loss
 from prefopt.config import DataConfig, load_config
 from prefopt.data import build_dataloader, load_rows
-from prefopt.modules import TokenScorer
+from prefopt.scoring import TokenScorer
 from prefopt.registry import ALGORITHMS, LOSSES
 from prefopt.types import PairLogps
 

@@ -17,7 +17,7 @@ from prefopt.algorithms.orpo import ORPO, ORPOConfig
 from prefopt.algorithms.pairwise import policy_logps, resolve_loss
 from prefopt.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.modules import TokenScorer
+from prefopt.scoring import TokenScorer
 from prefopt.types import PairLogps
 
 

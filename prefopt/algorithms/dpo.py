@@ -25,7 +25,7 @@ from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, pol
                                         resolve_loss, sums)
 from prefopt.config import LoraConfig, check
 from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
-from prefopt.modules import TokenScorer
+from prefopt.scoring import TokenScorer
 from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
 from prefopt.types import LossOutput, PairBatch, PairLogps

@@ -28,9 +28,9 @@ from torch import Tensor
 from prefopt.algorithms.base import Algorithm
 from prefopt.config import LoraConfig, check
 from prefopt.data.collate import pad
-from prefopt.functional import sum_scored
+from prefopt.scoring import sum_scored
 from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
-from prefopt.modules import TokenScorer
+from prefopt.scoring import TokenScorer
 from prefopt.registry import register_algorithm
 from prefopt.types import LossOutput, UnpairedBatch
 

@@ -18,7 +18,7 @@ import torch
 
 from prefopt.algorithms.base import Algorithm
 from prefopt.models import load_causal_lm
-from prefopt.modules import TokenScorer
+from prefopt.scoring import TokenScorer
 from prefopt.registry import register_algorithm
 from prefopt.types import LMBatch, LossOutput
 

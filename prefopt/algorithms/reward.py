@@ -17,50 +17,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import peft
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from prefopt.algorithms.base import Algorithm
 from prefopt.config import check
 from prefopt.models import load_reward_model
 from prefopt.prefix import SharedPrefixLayout, rank_groups, share_prefixes, supports
 from prefopt.registry import register_algorithm
+from prefopt.scoring import RewardScorer
 from prefopt.types import LossOutput, RankBatch
-
-
-class RewardScorer(nn.Module):
-    """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N].
-
-    With ``layout`` (prefopt.prefix.share_prefixes of these right-padded rows) the backbone runs on the packed rows,
-    where the prompt shared by a group of completions is computed once; the scores are the same."""
-
-    def __init__(self, rm: nn.Module):
-        super().__init__()
-        self.rm = rm
-
-    @property
-    def backbone(self) -> nn.Module:
-        """The plain transformers model (LoRA: adapted in place)."""
-        return self.rm.get_base_model() if isinstance(self.rm, peft.PeftModel) else self.rm
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, layout: SharedPrefixLayout | None = None) -> Tensor:
-        rm = self.backbone
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        if layout is None:
-            hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            last = (attention_mask * positions).argmax(-1)  # last attended token (right or left padding)
-            pooled = hidden.last_hidden_state[rows, last]
-        else:
-            hidden = rm.base_model(input_ids=layout.input_ids, attention_mask=layout.mask_for(rm, rm.dtype),
-                                   position_ids=layout.position_ids, use_cache=False)
-            pooled = layout.gather(hidden.last_hidden_state, rows, layout.lengths - 1)
-        return rm.score(pooled).squeeze(-1).float()
-
-    def save_pretrained(self, out_dir, **kwargs) -> None:
-        self.rm.save_pretrained(out_dir, **kwargs)
 
 
 def ranking_loss(scores: Tensor, batch: RankBatch, center_coef: float,

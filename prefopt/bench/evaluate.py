@@ -28,7 +28,7 @@ import torch
 from prefopt.bench.config import BenchConfig
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
-from prefopt.functional import sequence_logps
+from prefopt.scoring import sequence_logps
 from prefopt.models import load_causal_lm, load_tokenizer
 from prefopt.online import rollout_inputs, token_logps
 from prefopt.rewards import RewardSpec, build_component
