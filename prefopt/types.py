@@ -113,6 +113,7 @@ class Rollout(_Batch):
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
+    group: Tensor | None = None  # [B] long: which prompt each row answers (the G samples of a prompt share it)
 
     @property
     def sequences(self) -> Tensor:

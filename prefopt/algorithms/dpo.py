@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, policy_logps, preference_metrics,
                                         resolve_loss, sums)
 from prefopt.config import LoraConfig, check

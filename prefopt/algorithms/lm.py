@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.models import load_causal_lm
 from prefopt.scoring import TokenScorer
 from prefopt.registry import register_algorithm

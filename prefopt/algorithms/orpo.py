@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import means, pair_layout, sums
 from prefopt.config import check
 from prefopt.models import load_causal_lm

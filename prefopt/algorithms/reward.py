@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.config import check
 from prefopt.models import load_reward_model
 from prefopt.prefix import SharedPrefixLayout, rank_groups, share_prefixes, supports

@@ -1,0 +1,242 @@
+"""``OnlineAlgorithm``: the skeleton of every critic-free online method, one batch of prompts per Trainer step:
+
+    collect     G responses per prompt with the shared engine (prefopt.rl.engine), each row tagged with its prompt;
+    score       the sequence reward R (prefopt.rewards components), the policy's log-probs at sampling time and the
+                reference's, the per-token KL and the per-token rewards r_t (KL shaping when ``kl_in="reward"``);
+    advantages  the estimator named by ``config.advantage`` (prefopt.rl.advantages);
+    update      ``epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update of the
+                policy loss named by ``config.loss_type`` (prefopt.rl.losses) - entropy_coef * mean entropy.
+
+Each stage is a method a subclass may override; a new method is usually only a ``Config`` with other defaults
+(see README, "Add an online algorithm"). With one epoch of one minibatch the sampling policy IS the policy being
+updated, so its log-probs are the ones the update computes (detached) and no extra forward is run (as TRL does);
+otherwise they are computed once, before the first update.
+
+Metrics (the same names for every online algorithm; ``eval/`` ones are per-response means on held-out prompts):
+    reward/score       mean R(x, y) (the weighted sum of the reward components; each is also reward/<component>)
+    reward/kl_penalty  mean beta * KL(x, y) per response (0 when the KL is a loss term or beta = 0)
+    reward/total       reward/score - reward/kl_penalty (what the policy is optimised for when the KL is a reward)
+    kl                 mean sum_t (log pi - log pi_ref)(y_t) per response, at sampling time
+    entropy            mean per-token entropy of the policy on its samples
+    response_length    mean response tokens (EOS included)
+    clip_fraction      share of tokens (rows for sequence losses) where the ratio clip binds
+    loss/policy, loss/kl (the k3 loss term, when ``kl_in="loss"``), perf/gen_s, perf/gen_tokens_per_s
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from prefopt.algorithm import Algorithm
+from prefopt.config import LoraConfig, check
+from prefopt.functional import masked_mean
+from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
+from prefopt.online import disable_dropout, kl_shaped_rewards, rollout_inputs
+from prefopt.registry import ADVANTAGES, POLICY_LOSSES
+from prefopt.rewards import CompositeReward, RewardSpec
+from prefopt.rl.advantages import AdvantageInputs
+from prefopt.rl.engine import sample
+from prefopt.rl.losses import PolicyLossInputs
+from prefopt.rollout import GenerationConfig, generate
+from prefopt.scoring import TokenScorer
+from prefopt.types import LossOutput, PromptBatch, Rollout
+
+
+@dataclass
+class OnlineConfig:
+    rewards: list[RewardSpec] = field(default_factory=list)
+    """Reward components and weights (prefopt.rewards), e.g. [{name: target_token}] or a reward_model."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rollout)."""
+    num_samples: int = 4
+    """G: responses sampled per prompt (a group); train.batch_size counts prompts."""
+    advantage: str = "grpo"
+    """Advantage estimator by name (prefopt.rl.advantages): grpo, rloo, reinforce_pp, mc, gae."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    gamma: float = 1.0
+    """Discount per token (reinforce_pp, mc, gae)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    loss_type: str = "grpo"
+    """Policy loss by name (prefopt.rl.losses): grpo, bnpo, dapo, dr_grpo, sequence."""
+    epsilon: float = 0.2
+    """Lower clip range eps_low of the ratio (and the upper one unless epsilon_high is set)."""
+    epsilon_high: float | None = None
+    """Upper clip range eps_high (DAPO clip-higher recommends 0.28); default: epsilon."""
+    kl_coef: float = 0.0
+    """beta: weight of KL(pi || pi_ref); 0 loads no reference."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """loss: beta * k3 per token in the loss (GRPO); reward: -beta * k1 per token in the reward (RLOO, REINFORCE++)."""
+    kl_ratio_correction: bool = True
+    """kl_in=loss: weight the k3 term by the ratio rho_t, which makes its gradient the unbiased reverse-KL gradient
+    off-policy (DeepSeek-V3.2, arXiv 2512.02556; TRL 1.16's use_bias_correction_kl default)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    epochs: int = 1
+    """Passes over each rollout batch (TRL's num_iterations)."""
+    num_minibatches: int = 1
+    """Minibatches per pass, each one optimizer update; at most the rows of a rollout (prompts x G)."""
+    reference: str | None = None
+    """Reference policy path; default: the starting model (model.name_or_path)."""
+
+    def __post_init__(self):
+        check(self.num_samples >= 1, "algorithm.num_samples", self.num_samples, "must be >= 1")
+        check(self.advantage in ADVANTAGES, "algorithm.advantage", self.advantage,
+              f"known: {', '.join(ADVANTAGES.available())}")
+        check(self.loss_type in POLICY_LOSSES, "algorithm.loss_type", self.loss_type,
+              f"known: {', '.join(POLICY_LOSSES.available())}")
+        check(self.epsilon > 0, "algorithm.epsilon", self.epsilon, "must be > 0")
+        check(self.epsilon_high is None or self.epsilon_high > 0, "algorithm.epsilon_high", self.epsilon_high,
+              "must be > 0")
+        check(0 <= self.gamma <= 1, "algorithm.gamma", self.gamma, "must be in [0, 1]")
+        check(0 <= self.lam <= 1, "algorithm.lam", self.lam, "must be in [0, 1]")
+        for key in ("kl_coef", "entropy_coef"):
+            check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
+        check(self.epochs >= 1, "algorithm.epochs", self.epochs, "must be >= 1")
+        check(self.num_minibatches >= 1, "algorithm.num_minibatches", self.num_minibatches, "must be >= 1")
+
+
+@dataclass
+class Scored:
+    """A rollout with everything the advantages and the update need; per-token tensors are [B, Tr]."""
+
+    rollout: Rollout
+    mask: Tensor  # 1 on response tokens
+    old_logps: Tensor | None  # log pi_old; None: the single update's own log-probs are used (detached)
+    ref_logps: Tensor | None  # log pi_ref; None without a KL term
+    scores: Tensor  # [B] R(x, y)
+    components: dict[str, Tensor]  # each reward component's raw score [B]
+    kl: Tensor  # k1 per token (0 without a reference)
+    rewards: Tensor  # per-token rewards r_t
+
+
+class OnlineAlgorithm(Algorithm):
+    """collect -> score -> advantages -> update; subclasses choose names in their Config or override a stage."""
+
+    kind = "prompts"
+    Config = OnlineConfig
+
+    def build(self) -> None:
+        cfg = self.config
+        lm = load_causal_lm(self.run.model)
+        disable_dropout(lm)
+        self.model = TokenScorer(lm)
+        self.reference = None
+        if needs_separate_reference(lm) or cfg.reference:  # also for the eval KL when beta = 0
+            ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
+            self.reference = load_causal_lm(ref_cfg, path=cfg.reference, trainable=False)
+            disable_dropout(self.reference)
+
+    def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
+        super().setup(accelerator, loaders)
+        rows = self.run.train.batch_size * self.config.num_samples
+        check(self.config.num_minibatches <= rows, "algorithm.num_minibatches", self.config.num_minibatches,
+              f"must be <= train.batch_size x num_samples ({rows})")
+        self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The plain transformers / peft policy (generation and the reference run on it, outside DDP)."""
+        return self.unwrapped.lm
+
+    @property
+    def single_update(self) -> bool:
+        return self.config.epochs == 1 and self.config.num_minibatches == 1
+
+    # ------------------------------------------------------------------------------------------ stages
+    def collect(self, batch: PromptBatch) -> Rollout:
+        return sample(self.policy, self.tokenizer, batch, self.config.generation, self.config.num_samples)
+
+    @torch.no_grad()
+    def reference_logps(self, rollout: Rollout) -> Tensor | None:
+        """log pi_ref of the response tokens [B, Tr], or None when there is no KL term."""
+        if self.config.kl_coef == 0:
+            return None
+        with reference_context(self.policy, self.reference) as reference:
+            logps, _ = TokenScorer(reference)(*rollout_inputs(rollout), self.config.generation.logprob_temperature)
+        return logps[:, rollout.prompt_ids.shape[1]:]
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Scored:
+        cfg = self.config
+        mask = rollout.response_mask.float()
+        old_logps = None
+        if not self.single_update or cfg.kl_coef > 0:
+            logps, _ = self.model(*rollout_inputs(rollout), cfg.generation.logprob_temperature)
+            old_logps = logps[:, rollout.prompt_ids.shape[1]:]
+        ref_logps = self.reference_logps(rollout)
+        kl = (old_logps - ref_logps) * mask if ref_logps is not None else torch.zeros_like(mask)
+        scores, components = self.reward(rollout)
+        kl_coef = cfg.kl_coef if cfg.kl_in == "reward" else 0.0
+        rewards = kl_shaped_rewards(scores, kl, mask, kl_coef)
+        return Scored(rollout, mask, None if self.single_update else old_logps, ref_logps, scores, components, kl,
+                      rewards)
+
+    def advantages(self, scored: Scored) -> Tensor:
+        inputs = AdvantageInputs(scored.rewards, scored.mask, scored.rollout.group)
+        advantages, _ = ADVANTAGES.get(self.config.advantage)(inputs, self.config)
+        return advantages
+
+    def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
+        cfg, rollout = self.config, scored.rollout
+        sequences, attention_mask, score_mask = rollout_inputs(rollout)
+        width, rows = rollout.prompt_ids.shape[1], sequences.shape[0]
+        loss_fn = POLICY_LOSSES.get(cfg.loss_type)
+        tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
+        for _ in range(cfg.epochs):
+            order = torch.randperm(rows, device=sequences.device) if cfg.num_minibatches > 1 else torch.arange(rows)
+            for idx in order.chunk(cfg.num_minibatches):
+                logps, entropy = self.model(sequences[idx], attention_mask[idx], score_mask[idx],
+                                            cfg.generation.logprob_temperature, with_entropy=True)
+                logps, entropy = logps[:, width:], entropy[:, width:]
+                mask = scored.mask[idx]
+                old = logps.detach() if scored.old_logps is None else scored.old_logps[idx]
+                ref = None if scored.ref_logps is None else scored.ref_logps[idx]
+                inputs = PolicyLossInputs(logps, old, advantages[idx], mask, ref, tokens_per_update,
+                                          cfg.generation.max_new_tokens)
+                policy_loss, loss_metrics = loss_fn(inputs, cfg)
+                mean_entropy = masked_mean(entropy, mask)
+                loss = policy_loss - cfg.entropy_coef * mean_entropy if cfg.entropy_coef else policy_loss
+                step_metrics = {"loss/policy": float(policy_loss.detach()), "entropy": float(mean_entropy.detach()),
+                                **{k: float(v) for k, v in loss_metrics.items()}}
+                yield LossOutput(loss, {**metrics, **step_metrics}, int(attention_mask[idx].sum()))
+                metrics = {}
+
+    def rollout_metrics(self, scored: Scored) -> dict[str, float]:
+        kl = scored.kl.sum(-1)
+        penalty = (self.config.kl_coef if self.config.kl_in == "reward" else 0.0) * kl
+        rollout = scored.rollout
+        return {**{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
+                "reward/score": float(scored.scores.mean()), "reward/kl_penalty": float(penalty.mean()),
+                "reward/total": float((scored.scores - penalty).mean()), "kl": float(kl.mean()),
+                "response_length": float(scored.mask.sum(-1).mean()),
+                "perf/gen_s": rollout.seconds, "perf/gen_tokens_per_s": rollout.tokens_per_s}
+
+    # ------------------------------------------------------------------------------------------ training
+    def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
+        start = time.perf_counter()
+        scored = self.score(self.collect(batch))
+        advantages = self.advantages(scored)
+        metrics = {**self.rollout_metrics(scored), "perf/collect_score_s": time.perf_counter() - start}
+        yield from self.update(scored, advantages, metrics)
+
+    @torch.no_grad()
+    def evaluate(self, batch: PromptBatch) -> dict[str, float]:
+        """Sums over one seeded response per prompt: each reward component, reward/score, kl, response_length."""
+        rollout = generate(self.policy, self.tokenizer, batch, self.config.generation, seed=self.run.train.seed)
+        scores, components = self.reward(rollout)
+        mask = rollout.response_mask.float()
+        out = {**{f"reward/{name}": float(v.sum()) for name, v in components.items()},
+               "reward/score": float(scores.sum()), "response_length": float(mask.sum()),
+               "count": float(len(rollout.responses))}
+        with reference_context(self.policy, self.reference) as reference:
+            ref, _ = TokenScorer(reference)(*rollout_inputs(rollout), self.config.generation.logprob_temperature)
+        out["kl"] = float(((rollout.logprobs - ref[:, rollout.prompt_ids.shape[1]:]) * mask).sum())
+        return out
