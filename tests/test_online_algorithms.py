@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefopt.config import ModelConfig, build_run_config
+from prefopt.config import ModelConfig, build_run_config, load_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import load_tokenizer
 from prefopt.rewards import CompositeReward
@@ -117,3 +117,42 @@ def test_reinforce_pp_learns_the_known_reward_task(gpt2_real_dir, prompts_path, 
     assert start < 0.06
     assert final["eval/reward/target_token"] > start + 0.4
     assert rows[-1]["reward/score"] > rows[0]["reward/score"] + 0.3
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("task", ["known_reward", "hh_tiny"])
+def test_recipes_validate(name, task):
+    config = load_config(Path(__file__).resolve().parents[1] / "recipes" / f"{name}_{task}.yaml")
+    assert config.algorithm_name == name and config.algorithm.rewards
+
+
+def test_adding_an_online_algorithm_doc_works_as_written(tiny_model_dir, tmp_path, monkeypatch):
+    """The README's "Add an online algorithm": the algorithm file in a package of our own, then its training code."""
+    import re
+    import sys
+
+    from prefopt.registry import ALGORITHMS
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("## Add an online algorithm", 1)[1].split("\n## ", 1)[0]
+    algorithm_file, train_script = re.findall(r"```python\n(.*?)```", section, re.S)
+    (tmp_path / "my_online").mkdir()
+    (tmp_path / "my_online" / "__init__.py").write_text("")
+    (tmp_path / "my_online" / "loo_dapo.py").write_text(algorithm_file)
+    (tmp_path / "runs" / "known").mkdir(parents=True)
+    (tmp_path / "runs" / "known" / "init").symlink_to(tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        exec(compile(train_script, str(readme), "exec"), {"__name__": "__main__"})
+        config = ALGORITHMS.get("loo_dapo").Config()
+        assert (config.advantage, config.loss_type, config.epsilon_high) == ("rloo", "dapo", 0.28)
+    finally:
+        ALGORITHMS.unregister("loo_dapo")
+        for name in ("my_online.loo_dapo", "my_online"):
+            sys.modules.pop(name, None)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "known" / "loo_dapo" / "metrics.jsonl").open()]
+    train = [row for row in rows if "reward/score" in row]
+    assert len(train) == 3 and all(math.isfinite(row["clip_fraction"]) for row in train)
+    assert json.loads((tmp_path / "runs" / "known" / "loo_dapo" / "config.json").read_text())["algorithm"][
+        "loss_type"] == "dapo"
