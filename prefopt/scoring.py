@@ -9,8 +9,8 @@ prefixes (prefopt.prefix):
 * entry t of a per-token result [N, T] belongs to token t, predicted from the tokens before it; column 0 is never
   scored; the LM head runs only on the scored positions, so no [N, T, V] logits tensor is made;
 * with a ``SharedPrefixLayout`` the decoder runs on its packed rows, where a prompt shared by several rows
-  (a preference pair, a ranking, the G samples of one prompt) is computed once; the result is in the layout of
-  ``input_ids`` either way.
+  (a preference pair, a ranking, the G samples of one prompt: ``grouped_token_logps``) is computed once; the
+  result is in the layout of ``input_ids`` either way.
 
 ``TokenScorer`` (a causal LM) and ``RewardScorer`` (a sequence-classification reward model) wrap a model so that
 its ``forward`` returns exactly these quantities and goes through the DDP/FSDP wrapper (see prefopt.trainer).
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prefopt.prefix import SharedPrefixLayout
+from prefopt.prefix import SharedPrefixLayout, share_prefixes
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -92,6 +92,35 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     """Summed log-probs of the completion tokens of each row and the completion lengths: ([N], [N])."""
     per_token, _ = token_logps(model, input_ids, attention_mask, completion_mask)
     return sum_scored(per_token, completion_mask)
+
+
+def group_lists(group: Tensor) -> list[list[int]]:
+    """Row indices of each group id, in order of first appearance: [[0, 1, 2, 3], [4, 5, 6, 7], ...]."""
+    rows: dict[int, list[int]] = {}
+    for row, g in enumerate(group.tolist()):
+        rows.setdefault(g, []).append(row)
+    return list(rows.values())
+
+
+def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
+                        group: Tensor | None, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``scorer(input_ids, attention_mask, score_mask)`` (a ``TokenScorer``, maybe DDP-wrapped) with the rows of
+    each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward; the same result.
+
+    Rows may be left-padded (a rollout): each is rotated so its real tokens start at column 0, scored in a
+    ``share_prefixes`` layout, and rotated back. ``group`` None: the padded rows as they are.
+    """
+    if group is None:
+        return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy)
+    width = input_ids.shape[1]
+    columns = torch.arange(width, device=input_ids.device)
+    pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # leading padding of each row
+    forward, back = (columns + pads) % width, (columns - pads) % width
+    ids, mask, scored = (x.gather(1, forward) for x in (input_ids, attention_mask, score_mask))
+    layout = share_prefixes(ids, mask, group_lists(group))
+    logps, entropy = scorer(ids, mask, scored, temperature, with_entropy, layout=layout)
+    return logps.gather(1, back), None if entropy is None else entropy.gather(1, back)
 
 
 class TokenScorer(nn.Module):

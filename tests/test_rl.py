@@ -15,7 +15,8 @@ from prefopt.rl.algorithm import OnlineConfig
 from prefopt.rl.engine import sample
 from prefopt.rl.losses import PolicyLossInputs
 from prefopt.rollout import GenerationConfig
-from prefopt.scoring import token_logps
+from prefopt.online import rollout_inputs
+from prefopt.scoring import TokenScorer, grouped_token_logps, token_logps
 from prefopt.tasks import TASK_REWARD
 from prefopt.types import PromptBatch
 
@@ -60,6 +61,26 @@ def test_engine_samples_g_responses_per_prompt_with_group_ids(gpt2_real_dir):
     with torch.no_grad():
         logps, _ = token_logps(model.eval(), rollout.sequences, rollout.attention_mask, score_mask)
     torch.testing.assert_close(logps[:, rollout.prompt_ids.shape[1]:], rollout.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir"])
+def test_the_samples_of_a_prompt_share_its_forward_with_the_same_logps(fixture, request):
+    """Left-padded prompts, G = 3 responses each: scoring with the prompt once per group changes nothing."""
+    model_dir = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = ["\n\nHuman: hi there\n\nAssistant:", "\n\nHuman: what is the weather like today?\n\nAssistant:"]
+    encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    batch = PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{}, {}])
+    rollout = sample(model, tokenizer, batch, GenerationConfig(max_new_tokens=9), num_samples=3, seed=0)
+    scorer = TokenScorer(model.eval())
+    inputs = rollout_inputs(rollout)
+    with torch.no_grad():
+        plain = grouped_token_logps(scorer, *inputs, group=None, temperature=0.7, with_entropy=True)
+        shared = grouped_token_logps(scorer, *inputs, group=rollout.group, temperature=0.7, with_entropy=True)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[1], plain[1], atol=1e-5, rtol=0)
+    assert (plain[0][:, rollout.prompt_ids.shape[1]:] != 0).any()
 
 
 # ----------------------------------------------------------------------------------------- advantages

@@ -20,7 +20,8 @@ Metrics (the same names for every online algorithm; ``eval/`` ones are per-respo
     entropy            mean per-token entropy of the policy on its samples
     response_length    mean response tokens (EOS included)
     clip_fraction      share of tokens (rows for sequence losses) where the ratio clip binds
-    loss/policy, loss/kl (the k3 loss term, when ``kl_in="loss"``), perf/gen_s, perf/gen_tokens_per_s
+    loss/policy, loss/kl (the k3 loss term, when ``kl_in="loss"``), perf/gen_s, perf/gen_tokens_per_s, perf/score_s
+    (the scoring stage: rewards, old and reference log-probs; the update is the rest of perf/step_s)
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from prefopt.config import LoraConfig, check
 from prefopt.functional import masked_mean
 from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
 from prefopt.online import disable_dropout, kl_shaped_rewards, rollout_inputs
+from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.engine import sample
 from prefopt.rl.losses import PolicyLossInputs
 from prefopt.rollout import GenerationConfig, generate
-from prefopt.scoring import TokenScorer
+from prefopt.scoring import TokenScorer, grouped_token_logps
 from prefopt.types import LossOutput, PromptBatch, Rollout
 
 
@@ -71,12 +73,11 @@ class OnlineConfig:
     epsilon_high: float | None = None
     """Upper clip range eps_high (DAPO clip-higher recommends 0.28); default: epsilon."""
     kl_coef: float = 0.0
-    """beta: weight of KL(pi || pi_ref); 0 loads no reference."""
+    """beta: weight of KL(pi || pi_ref) (0: no reference forward in training; evaluation still reports the KL)."""
     kl_in: Literal["loss", "reward"] = "loss"
     """loss: beta * k3 per token in the loss (GRPO); reward: -beta * k1 per token in the reward (RLOO, REINFORCE++)."""
     kl_ratio_correction: bool = True
-    """kl_in=loss: weight the k3 term by the ratio rho_t, which makes its gradient the unbiased reverse-KL gradient
-    off-policy (DeepSeek-V3.2, arXiv 2512.02556; TRL 1.16's use_bias_correction_kl default)."""
+    """kl_in=loss: weight k3 by the ratio rho_t (unbiased off-policy; DeepSeek-V3.2; TRL's use_bias_correction_kl)."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus."""
     epochs: int = 1
@@ -85,6 +86,9 @@ class OnlineConfig:
     """Minibatches per pass, each one optimizer update; at most the rows of a rollout (prompts x G)."""
     reference: str | None = None
     """Reference policy path; default: the starting model (model.name_or_path)."""
+    prefix_sharing: bool = True
+    """Score the G samples of a prompt with the prompt computed once (prefopt.prefix; the same log-probs). Needs
+    SDPA or eager attention and no sliding window; otherwise the padded rows are scored."""
 
     def __post_init__(self):
         check(self.num_samples >= 1, "algorithm.num_samples", self.num_samples, "must be >= 1")
@@ -154,28 +158,40 @@ class OnlineAlgorithm(Algorithm):
     def collect(self, batch: PromptBatch) -> Rollout:
         return sample(self.policy, self.tokenizer, batch, self.config.generation, self.config.num_samples)
 
+    def response_logps(self, scorer: torch.nn.Module, rollout: Rollout, rows: Tensor | None = None,
+                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Log-probs (and entropies) [b, Tr] of the response tokens of ``rows`` (all: None) under ``scorer``; the
+        samples of one prompt share its forward when ``prefix_sharing`` is on and the model supports it."""
+        sequences, attention_mask, score_mask = rollout_inputs(rollout)
+        group = rollout.group
+        if rows is not None:
+            sequences, attention_mask, score_mask = sequences[rows], attention_mask[rows], score_mask[rows]
+            group = None if group is None else group[rows]
+        group = group if self.config.prefix_sharing and supports(self.policy) else None
+        logps, entropy = grouped_token_logps(scorer, sequences, attention_mask, score_mask, group,
+                                             self.config.generation.logprob_temperature, with_entropy)
+        width = rollout.prompt_ids.shape[1]
+        return logps[:, width:], None if entropy is None else entropy[:, width:]
+
     @torch.no_grad()
-    def reference_logps(self, rollout: Rollout) -> Tensor | None:
-        """log pi_ref of the response tokens [B, Tr], or None when there is no KL term."""
-        if self.config.kl_coef == 0:
-            return None
+    def reference_logps(self, rollout: Rollout) -> Tensor:
+        """log pi_ref of the response tokens [B, Tr]."""
         with reference_context(self.policy, self.reference) as reference:
-            logps, _ = TokenScorer(reference)(*rollout_inputs(rollout), self.config.generation.logprob_temperature)
-        return logps[:, rollout.prompt_ids.shape[1]:]
+            return self.response_logps(TokenScorer(reference), rollout)[0]
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Scored:
         cfg = self.config
         mask = rollout.response_mask.float()
-        old_logps = None
+        old_logps = ref_logps = None
+        kl = torch.zeros_like(mask)
         if not self.single_update or cfg.kl_coef > 0:
-            logps, _ = self.model(*rollout_inputs(rollout), cfg.generation.logprob_temperature)
-            old_logps = logps[:, rollout.prompt_ids.shape[1]:]
-        ref_logps = self.reference_logps(rollout)
-        kl = (old_logps - ref_logps) * mask if ref_logps is not None else torch.zeros_like(mask)
+            old_logps = self.response_logps(self.model, rollout)[0]
+        if cfg.kl_coef > 0:
+            ref_logps = self.reference_logps(rollout)
+            kl = (old_logps - ref_logps) * mask
         scores, components = self.reward(rollout)
-        kl_coef = cfg.kl_coef if cfg.kl_in == "reward" else 0.0
-        rewards = kl_shaped_rewards(scores, kl, mask, kl_coef)
+        rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_in == "reward" else 0.0)
         return Scored(rollout, mask, None if self.single_update else old_logps, ref_logps, scores, components, kl,
                       rewards)
 
@@ -186,16 +202,13 @@ class OnlineAlgorithm(Algorithm):
 
     def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
         cfg, rollout = self.config, scored.rollout
-        sequences, attention_mask, score_mask = rollout_inputs(rollout)
-        width, rows = rollout.prompt_ids.shape[1], sequences.shape[0]
+        rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
         loss_fn = POLICY_LOSSES.get(cfg.loss_type)
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
         for _ in range(cfg.epochs):
-            order = torch.randperm(rows, device=sequences.device) if cfg.num_minibatches > 1 else torch.arange(rows)
+            order = torch.randperm(rows, device=device) if cfg.num_minibatches > 1 else torch.arange(rows, device=device)
             for idx in order.chunk(cfg.num_minibatches):
-                logps, entropy = self.model(sequences[idx], attention_mask[idx], score_mask[idx],
-                                            cfg.generation.logprob_temperature, with_entropy=True)
-                logps, entropy = logps[:, width:], entropy[:, width:]
+                logps, entropy = self.response_logps(self.model, rollout, idx, with_entropy=True)
                 mask = scored.mask[idx]
                 old = logps.detach() if scored.old_logps is None else scored.old_logps[idx]
                 ref = None if scored.ref_logps is None else scored.ref_logps[idx]
@@ -206,7 +219,8 @@ class OnlineAlgorithm(Algorithm):
                 loss = policy_loss - cfg.entropy_coef * mean_entropy if cfg.entropy_coef else policy_loss
                 step_metrics = {"loss/policy": float(policy_loss.detach()), "entropy": float(mean_entropy.detach()),
                                 **{k: float(v) for k, v in loss_metrics.items()}}
-                yield LossOutput(loss, {**metrics, **step_metrics}, int(attention_mask[idx].sum()))
+                tokens = int(rollout.prompt_mask[idx].sum() + rollout.response_mask[idx].sum())
+                yield LossOutput(loss, {**metrics, **step_metrics}, tokens)
                 metrics = {}
 
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
@@ -221,10 +235,11 @@ class OnlineAlgorithm(Algorithm):
 
     # ------------------------------------------------------------------------------------------ training
     def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
+        rollout = self.collect(batch)
         start = time.perf_counter()
-        scored = self.score(self.collect(batch))
+        scored = self.score(rollout)
         advantages = self.advantages(scored)
-        metrics = {**self.rollout_metrics(scored), "perf/collect_score_s": time.perf_counter() - start}
+        metrics = {**self.rollout_metrics(scored), "perf/score_s": time.perf_counter() - start}
         yield from self.update(scored, advantages, metrics)
 
     @torch.no_grad()
@@ -236,7 +251,5 @@ class OnlineAlgorithm(Algorithm):
         out = {**{f"reward/{name}": float(v.sum()) for name, v in components.items()},
                "reward/score": float(scores.sum()), "response_length": float(mask.sum()),
                "count": float(len(rollout.responses))}
-        with reference_context(self.policy, self.reference) as reference:
-            ref, _ = TokenScorer(reference)(*rollout_inputs(rollout), self.config.generation.logprob_temperature)
-        out["kl"] = float(((rollout.logprobs - ref[:, rollout.prompt_ids.shape[1]:]) * mask).sum())
+        out["kl"] = float(((rollout.logprobs - self.reference_logps(rollout)) * mask).sum())
         return out
