@@ -32,7 +32,7 @@ def test_bench_recipes_validate():
         cfg = load_bench_config(recipe)
         assert cfg.labels and cfg.seeds
     default = load_bench_config(REPO / "recipes" / "bench" / "hh_default.yaml")
-    assert set(default.labels) == {"ppo", "a2c", "dpo", "orpo"} and len(default.seeds) >= 2
+    assert set(default.labels) == {"ppo", "a2c", "dpo", "orpo", "grpo", "rloo", "reinforce_pp"} and len(default.seeds) >= 2
     assert load_bench_config(REPO / "recipes" / "bench" / "synthetic.yaml").reward == "known"
 
 
