@@ -82,7 +82,8 @@ def test_runs_on_realistic_models_and_logs_the_shared_metrics(name, fixture, lor
 
 @pytest.mark.slow
 def test_grpo_learns_the_known_reward_task(gpt2_real_dir, prompts_path, tmp_path):
-    """Measured: start 0.03; after 30 steps (16 prompts x G = 4) eval reward ~0.9 at a KL of ~20 nats."""
+    """Measured: start 0.030; after 30 steps (16 prompts x G = 4, beta = 0.01) eval reward 0.77 at a KL of 19 nats
+    (train reward by 5 steps: 0.03, 0.07, 0.12, 0.21, 0.40, 0.68)."""
     start = start_reward(gpt2_real_dir, prompts_path)
     final, rows = fit(recipe("grpo", gpt2_real_dir, prompts_path, tmp_path / "grpo", kl_coef=0.01,
                              train={"max_steps": 30}))
@@ -96,7 +97,7 @@ def test_grpo_learns_the_known_reward_task(gpt2_real_dir, prompts_path, tmp_path
 def test_rloo_learns_up_to_its_kl_regularised_optimum(gpt2_real_dir, prompts_path, tmp_path):
     """With a sequence KL penalty beta = 0.05 and 8-token responses the regularised optimum is
     pi*(y_t) ~ pi_ref(y_t) exp(1 / (8 beta)) on the target words: p* = 0.03 e^2.5 / (0.97 + 0.03 e^2.5) ~ 0.27.
-    Measured: 0.03 -> ~0.28 at a KL of ~3.5 nats in 40 steps."""
+    Measured: 0.030 -> 0.273 at a KL of 3.5 nats in 40 steps (train reward plateaus at 0.28 from step 30)."""
     beta = 0.05
     start = start_reward(gpt2_real_dir, prompts_path)
     final, rows = fit(recipe("rloo", gpt2_real_dir, prompts_path, tmp_path / "rloo", kl_coef=beta))
@@ -110,7 +111,7 @@ def test_rloo_learns_up_to_its_kl_regularised_optimum(gpt2_real_dir, prompts_pat
 
 @pytest.mark.slow
 def test_reinforce_pp_learns_the_known_reward_task(gpt2_real_dir, prompts_path, tmp_path):
-    """Measured: 0.03 -> ~0.95 in 30 steps of 32 prompts (one sample each), beta = 0.01 per token."""
+    """Measured: 0.030 -> 0.935 (KL 28 nats) in 30 steps of 32 prompts (one sample each), beta = 0.01 per token."""
     start = start_reward(gpt2_real_dir, prompts_path)
     final, rows = fit(recipe("reinforce_pp", gpt2_real_dir, prompts_path, tmp_path / "rpp", kl_coef=0.01,
                              train={"max_steps": 30, "batch_size": 32}))
