@@ -157,3 +157,15 @@ def test_adding_an_online_algorithm_doc_works_as_written(tiny_model_dir, tmp_pat
     assert len(train) == 3 and all(math.isfinite(row["clip_fraction"]) for row in train)
     assert json.loads((tmp_path / "runs" / "known" / "loo_dapo" / "config.json").read_text())["algorithm"][
         "loss_type"] == "dapo"
+
+
+def test_prefopt_list_shows_the_online_algorithms_and_their_registries():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "prefopt.cli", "list", "--json"], capture_output=True, text=True,
+                         check=True)
+    listed = json.loads(out.stdout)
+    assert {listed["algorithms"][name] for name in ("grpo", "rloo", "reinforce_pp")} == {"prompts"}
+    assert set(listed["advantages"]) >= {"gae", "mc", "grpo", "rloo", "reinforce_pp"}
+    assert set(listed["policy_losses"]) == {"grpo", "bnpo", "dapo", "dr_grpo", "sequence"}
