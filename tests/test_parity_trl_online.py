@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefopt.algorithms.grpo import GRPO, GRPOConfig
 from prefopt.algorithms.rloo import RLOO, RLOOConfig
+from prefopt.config import build_run_config
 from prefopt.rl.algorithm import Scored
 from prefopt.rollout import GenerationConfig
 from prefopt.scoring import TokenScorer
@@ -64,16 +65,23 @@ def batch(gpt2_real_dir):
                 ref_logps=ref[:, PROMPT_LEN:] * mask, advantages=advantages)
 
 
-def ours(batch, algorithm_cls, config) -> float:
-    """The loss of the one update our skeleton yields for this batch (old and reference log-probs given)."""
-    algorithm = algorithm_cls(config, run=None, tokenizer=batch["tokenizer"])
+def update_losses(batch, algorithm_cls, config, accumulation: int = 1) -> list[torch.Tensor]:
+    """The micro-batch losses our skeleton yields for the one update of this batch (old and reference log-probs
+    given), each as the Trainer receives it (accelerate divides each by the accumulation count)."""
+    run = build_run_config({"algorithm": algorithm_cls.registry_name,
+                            "train": {"gradient_accumulation_steps": accumulation}})
+    algorithm = algorithm_cls(config, run=run, tokenizer=batch["tokenizer"])
     algorithm.model = TokenScorer(batch["policy"])
     mask = batch["mask"]
     scored = Scored(batch["rollout"], mask, batch["old_logps"], batch["ref_logps"], torch.zeros(len(mask)), {},
                     torch.zeros_like(mask), torch.zeros_like(mask))
+    return [out.loss for out in algorithm.update(scored, batch["advantages"][:, None] * mask, {})]
+
+
+def ours(batch, algorithm_cls, config) -> float:
     with torch.no_grad():
-        (out,) = list(algorithm.update(scored, batch["advantages"][:, None] * mask, {}))
-    return float(out.loss)
+        (loss,) = update_losses(batch, algorithm_cls, config)
+    return float(loss)
 
 
 def trl_inputs(batch) -> dict:
@@ -149,3 +157,25 @@ def test_rloo_loss_equals_trl(batch, tmp_path, epsilon_high):
     assert mine == pytest.approx(theirs, abs=1e-5), (mine, theirs)
     unclipped = ours({**batch, "old_logps": old_logps}, RLOO, RLOOConfig(epsilon=10.0))
     assert unclipped != pytest.approx(mine, abs=1e-4)  # clipping binds on this batch
+
+
+@pytest.mark.parametrize("algorithm_cls, config_cls, loss_type", [
+    (GRPO, GRPOConfig, "grpo"), (GRPO, GRPOConfig, "bnpo"), (GRPO, GRPOConfig, "dapo"),
+    (GRPO, GRPOConfig, "dr_grpo"), (RLOO, RLOOConfig, "sequence")])
+def test_an_update_split_into_micro_batches_has_the_same_loss_and_gradient(batch, algorithm_cls, config_cls,
+                                                                           loss_type):
+    """train.gradient_accumulation_steps changes memory, not the update: G = 1, 2, 4 micro-batches of the same
+    minibatch give the same loss (mean of the micro-batch losses) and the same gradient."""
+    config = config_cls(loss_type=loss_type, kl_coef=0.1, kl_in="loss", entropy_coef=0.01,
+                        generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+    weight = batch["policy"].get_output_embeddings().weight
+    results = []
+    for accumulation in (1, 2, 4):
+        losses = update_losses(batch, algorithm_cls, config, accumulation)
+        assert len(losses) == accumulation
+        total = torch.stack(losses).sum() / accumulation  # what accelerate accumulates
+        (grad,) = torch.autograd.grad(total, weight)
+        results.append((total.detach(), grad))
+    for total, grad in results[1:]:
+        torch.testing.assert_close(total, results[0][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-5)

@@ -126,6 +126,7 @@ class OnlineAlgorithm(Algorithm):
 
     kind = "prompts"
     Config = OnlineConfig
+    accumulates_in_step = True  # one rollout per step; each update's minibatch is split into G micro-batches
 
     def build(self) -> None:
         cfg = self.config
@@ -143,6 +144,10 @@ class OnlineAlgorithm(Algorithm):
         rows = self.run.train.batch_size * self.config.num_samples
         check(self.config.num_minibatches <= rows, "algorithm.num_minibatches", self.config.num_minibatches,
               f"must be <= train.batch_size x num_samples ({rows})")
+        minibatch, accumulation = rows // self.config.num_minibatches, self.run.train.gradient_accumulation_steps
+        check(accumulation <= minibatch, "train.gradient_accumulation_steps", accumulation,
+              f"must be <= the rows of a minibatch (train.batch_size x num_samples // num_minibatches = {minibatch})"
+              ": each minibatch is split into that many micro-batches")
         self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
 
     @property
@@ -201,27 +206,31 @@ class OnlineAlgorithm(Algorithm):
         return advantages
 
     def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
-        cfg, rollout = self.config, scored.rollout
+        """``epochs`` x ``num_minibatches`` updates; each minibatch is split into G micro-batches whose losses
+        (each a share of the minibatch's loss, times G since accelerate divides by G) add up to its loss."""
+        cfg, rollout, accumulation = self.config, scored.rollout, self.run.train.gradient_accumulation_steps
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
         loss_fn = POLICY_LOSSES.get(cfg.loss_type)
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
         for _ in range(cfg.epochs):
             order = torch.randperm(rows, device=device) if cfg.num_minibatches > 1 else torch.arange(rows, device=device)
-            for idx in order.chunk(cfg.num_minibatches):
-                logps, entropy = self.response_logps(self.model, rollout, idx, with_entropy=True)
-                mask = scored.mask[idx]
-                old = logps.detach() if scored.old_logps is None else scored.old_logps[idx]
-                ref = None if scored.ref_logps is None else scored.ref_logps[idx]
-                inputs = PolicyLossInputs(logps, old, advantages[idx], mask, ref, tokens_per_update,
-                                          cfg.generation.max_new_tokens)
-                policy_loss, loss_metrics = loss_fn(inputs, cfg)
-                mean_entropy = masked_mean(entropy, mask)
-                loss = policy_loss - cfg.entropy_coef * mean_entropy if cfg.entropy_coef else policy_loss
-                step_metrics = {"loss/policy": float(policy_loss.detach()), "entropy": float(mean_entropy.detach()),
-                                **{k: float(v) for k, v in loss_metrics.items()}}
-                tokens = int(rollout.prompt_mask[idx].sum() + rollout.response_mask[idx].sum())
-                yield LossOutput(loss, {**metrics, **step_metrics}, tokens)
-                metrics = {}
+            for minibatch in order.tensor_split(cfg.num_minibatches):  # one optimizer update each
+                update_tokens = float(scored.mask[minibatch].sum())
+                for idx in minibatch.tensor_split(accumulation):  # its micro-batches
+                    logps, entropy = self.response_logps(self.model, rollout, idx, with_entropy=True)
+                    mask = scored.mask[idx]
+                    old = logps.detach() if scored.old_logps is None else scored.old_logps[idx]
+                    ref = None if scored.ref_logps is None else scored.ref_logps[idx]
+                    inputs = PolicyLossInputs(logps, old, advantages[idx], mask, ref, tokens_per_update,
+                                              cfg.generation.max_new_tokens, len(minibatch), update_tokens)
+                    policy_loss, loss_metrics = loss_fn(inputs, cfg)
+                    loss = policy_loss - cfg.entropy_coef * (entropy * mask).sum() / max(update_tokens, 1.0)
+                    step_metrics = {"loss/policy": accumulation * float(policy_loss.detach()),
+                                    "entropy": float(masked_mean(entropy.detach(), mask)),
+                                    **{k: float(v) for k, v in loss_metrics.items()}}
+                    tokens = int(rollout.prompt_mask[idx].sum() + rollout.response_mask[idx].sum())
+                    yield LossOutput(accumulation * loss, {**metrics, **step_metrics}, tokens)
+                    metrics = {}
 
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
         kl = scored.kl.sum(-1)

@@ -35,7 +35,10 @@ from prefopt.registry import POLICY_LOSSES
 
 @dataclass
 class PolicyLossInputs:
-    """What every policy loss receives: [B, T] tensors aligned with the response tokens of one minibatch."""
+    """What every policy loss receives: [b, T] tensors aligned with the response tokens of the b rows of one
+    micro-batch, and the size of the update (minibatch) they belong to. A loss is a SUM over the micro-batch's rows
+    or tokens divided by a count of the whole update, so the losses of an update's micro-batches add up to the
+    update's loss (with one micro-batch, the counts default to the micro-batch's own)."""
 
     logps: Tensor  # log pi(y_t|.) under the policy being trained (carries the graph)
     old_logps: Tensor  # log pi_old(y_t|.) of the policy that sampled (or that started this update's epochs)
@@ -44,6 +47,12 @@ class PolicyLossInputs:
     ref_logps: Tensor | None = None  # log pi_ref(y_t|.), needed when the KL is a loss term (beta > 0)
     tokens_per_update: float = 0.0  # response tokens of the rollout / minibatches (``dapo``)
     max_new_tokens: int = 0  # the generation budget (``dr_grpo``)
+    update_rows: int = 0  # rows of the update (0: this micro-batch's)
+    update_tokens: float = 0.0  # response tokens of the update (0: this micro-batch's)
+
+    def __post_init__(self):
+        self.update_rows = self.update_rows or self.mask.shape[0]
+        self.update_tokens = self.update_tokens or float(self.mask.sum())
 
 
 @dataclass
@@ -93,10 +102,11 @@ def _token_loss(aggregate: Callable[[Tensor, PolicyLossInputs], Tensor]):
     return loss
 
 
-POLICY_LOSSES.register("grpo")(_token_loss(lambda x, i: (x.sum(-1) / i.mask.sum(-1).clamp(min=1)).mean()))
-POLICY_LOSSES.register("bnpo")(_token_loss(lambda x, i: x.sum() / i.mask.sum().clamp(min=1)))
+POLICY_LOSSES.register("grpo")(_token_loss(lambda x, i: (x.sum(-1) / i.mask.sum(-1).clamp(min=1)).sum()
+                                           / i.update_rows))
+POLICY_LOSSES.register("bnpo")(_token_loss(lambda x, i: x.sum() / max(i.update_tokens, 1.0)))
 POLICY_LOSSES.register("dapo")(_token_loss(lambda x, i: x.sum() / max(i.tokens_per_update, 1.0)))
-POLICY_LOSSES.register("dr_grpo")(_token_loss(lambda x, i: x.sum() / (x.shape[0] * i.max_new_tokens)))
+POLICY_LOSSES.register("dr_grpo")(_token_loss(lambda x, i: x.sum() / (i.update_rows * i.max_new_tokens)))
 
 
 @POLICY_LOSSES.register("sequence")
@@ -105,4 +115,4 @@ def sequence_loss(inputs: PolicyLossInputs, cfg: Any) -> tuple[Tensor, dict[str,
     log_ratio = ((inputs.logps - inputs.old_logps) * mask).sum(-1)
     advantages = (inputs.advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # constant over a row's tokens
     per_row, binds = clipped_surrogate(torch.exp(log_ratio), advantages, clip_settings(cfg))
-    return per_row.mean(), {"clip_fraction": binds.float().mean()}
+    return per_row.sum() / inputs.update_rows, {"clip_fraction": binds.float().mean()}
