@@ -6,6 +6,7 @@ with its places, how chat messages are rendered, and the first example of each s
 of its batch: ``┃`` marks where the prompt ends and the response starts, ``⟦ ⟧`` enclose the tokens that carry
 loss (sft: labels other than -100; pairs / unpaired: the completion mask; ranks: the last token, where the
 reward model reads its score; prompts: none, generation starts after the prompt), and those tokens are listed.
+Long spans are cut to ``SHOWN_CHARS`` characters (a prompt keeps its end, a response its start).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prefopt.data.collate import IGNORE_INDEX, build_dataloader
 from prefopt.data.readers import SkipLog, summarise
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
 
-SHOWN_PROMPT_CHARS = 400
+SHOWN_CHARS = 400
 SHOWN_LOSS_TOKENS = 24
 
 
@@ -120,8 +121,8 @@ def _marked(tokenizer: Any, ids: list[int], loss: list[bool], boundary: int) -> 
             start = i
     for begin, end, on in spans:
         piece = _show(tokenizer.decode(ids[begin:end]))
-        if begin == 0 and end <= boundary and len(piece) > SHOWN_PROMPT_CHARS:
-            piece = "…" + piece[-SHOWN_PROMPT_CHARS:]
+        if len(piece) > SHOWN_CHARS:  # the prompt keeps its end, a response its start
+            piece = "…" + piece[-SHOWN_CHARS:] if end <= boundary else piece[:SHOWN_CHARS] + "…"
         text += ("┃" if begin == boundary and begin > 0 else "") + (f"⟦{piece}⟧" if on else piece)
     return text + ("┃" if boundary >= len(ids) else "")
 
