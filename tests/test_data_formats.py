@@ -116,9 +116,11 @@ def test_llama_factory_alpaca_and_sharegpt_preference_with_system(tmp_path, toke
         {"conversations": [{"from": "human", "value": "Capital of Italy?"}], "system": "Be exact.",
          "chosen": {"from": "gpt", "value": "Rome."}, "rejected": {"from": "gpt", "value": "Milan."}},
         {"conversations": [{"from": "human", "value": "Hi"}], "chosen": [{"from": "gpt", "value": "a"},
-         {"from": "gpt", "value": "b"}], "rejected": {"from": "gpt", "value": "c"}}])
+         {"from": "gpt", "value": "b"}], "rejected": {"from": "gpt", "value": "c"}},
+        {"messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Capital of Spain?"}],
+         "chosen": {"role": "assistant", "content": "Madrid."}, "rejected": {"role": "assistant", "content": "Rome."}}])
     loaded, cfg = load(path, "pairs")
-    assert loaded.formats == {"alpaca": 1, "conversations": 2}
+    assert loaded.formats == {"alpaca": 1, "conversations": 2, "messages": 1}
     assert loaded.skipped == {"conversations: field 'chosen' is not one assistant turn": 1}
     split = {}
     for record in loaded.train:
@@ -130,6 +132,8 @@ def test_llama_factory_alpaca_and_sharegpt_preference_with_system(tmp_path, toke
         f"{IM_USER}Translate to French:\n\ncat{END}{IM_BOT}", f"gato{END}")
     assert split[f"Rome.{END}"] == (f"<|im_start|>system\nBe exact.{END}{IM_USER}Capital of Italy?{END}{IM_BOT}",
                                     f"Milan.{END}")
+    assert split[f"Madrid.{END}"] == (f"<|im_start|>system\nBe exact.{END}{IM_USER}Capital of Spain?{END}{IM_BOT}",
+                                      f"Rome.{END}")
 
 
 def test_openai_messages_with_system_turns(tmp_path, tokenizer):

@@ -6,8 +6,9 @@ Source formats, detected per row from its keys (or forced by ``data.format``):
 hh                 ``{chosen, rejected}``: full HH dialogues (strings), split at the last "\\n\\nAssistant:"
 pairs              ``{prompt, chosen, rejected}``: strings, used as they are
 messages           TRL conversational preference: ``chosen`` / ``rejected`` message lists, with a ``prompt``
-                   list (explicit prompt) or without (implicit: the turns before the last assistant turn);
-                   ``{messages: [...]}`` alone (OpenAI style, system turns kept) is an SFT row
+                   list (explicit prompt) or without (implicit: the turns before the last assistant turn), or
+                   LLaMA-Factory's ``{messages, chosen: {role, content}, rejected}``; ``{messages: [...]}``
+                   alone (OpenAI style, system turns kept) is an SFT row
 ultrafeedback      UltraFeedback-binarized: a string ``prompt``, ``chosen`` / ``rejected`` FULL conversations
                    (they repeat the user turn, which is kept once), ``score_chosen`` / ``score_rejected``
 ultrafeedback_raw  raw UltraFeedback ``{instruction, completions: [{response, fine-grained_score |
@@ -86,7 +87,8 @@ def detect_format(row: dict[str, Any]) -> str:
     if "chosen" in row or "rejected" in row:
         if "score_chosen" in row or "score_rejected" in row:
             return "ultrafeedback"
-        if any(is_chat(row.get(key)) for key in ("prompt", "chosen", "rejected")):
+        if (any(isinstance(row.get(key), (list, dict)) for key in ("prompt", "chosen", "rejected"))
+                or ("prompt" not in row and isinstance(row.get("messages"), list))):
             return "messages"
         return "pairs" if "prompt" in row else "hh"
     for key, fmt in (("responses", "ranks"), ("label", "unpaired"), ("messages", "messages"),
@@ -141,7 +143,8 @@ def parse_messages(row: dict[str, Any]) -> tuple[str, Record]:
     if "chosen" not in row and "rejected" not in row and "messages" in row:
         return _sft(*_last_turn(as_messages(row["messages"], "messages")))
     _require_response(row, "chosen", "rejected")
-    prompt = as_messages(row["prompt"], "prompt") if "prompt" in row else []
+    context = "prompt" if "prompt" in row else "messages"  # LLaMA-Factory sharegpt with role/content tags
+    prompt = as_messages(row[context], context) if context in row else []
     chosen = _after_prompt(prompt, as_messages(_field(row, "chosen"), "chosen", "assistant"), "chosen")
     rejected = _after_prompt(prompt, as_messages(_field(row, "rejected"), "rejected", "assistant"), "rejected")
     prompt, chosen = _last_turn(chosen)
