@@ -15,7 +15,7 @@ from trl.data_utils import maybe_apply_chat_template
 from prefopt.config import DataConfig
 from prefopt.data import load_rows
 from prefopt.data.collate import IGNORE_INDEX
-from prefopt.data.kinds import PAIRS, PROMPTS, SFT, UNPAIRED
+from prefopt.data.kinds import PAIRS, PROMPTS, SFT, TEXT, UNPAIRED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,6 +100,20 @@ def test_sft_messages_token_ids_equal_trl_prompt_completion(chat_model, tmp_path
         assert ours["input_ids"] == theirs["input_ids"]
         assert ours["labels"] == theirs["labels"]  # -100 on the prompt: the same tokens carry loss
         assert IGNORE_INDEX in ours["labels"] and ours["labels"][-1] != IGNORE_INDEX
+
+
+def test_text_kind_of_messages_equals_trl_language_modeling(chat_model, tmp_path):
+    """A ``messages`` row as a ``text`` document (pt, PPO-ptx) is the templated conversation: TRL's SFT on
+    ``{messages}`` (language modelling) tokenizes it to the same ids."""
+    from trl import SFTConfig, SFTTrainer
+
+    _, tokenizer, model = chat_model
+    rows = [{"messages": row["prompt"] + row["chosen"]} for row in PAIR_ROWS]
+    cfg = data_cfg(write_jsonl(tmp_path / "messages.jsonl", rows))
+    documents = {tuple(TEXT.tokenize(r, tokenizer, cfg)["input_ids"]) for r in load_rows(cfg, "text").train}
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, max_length=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    assert documents == {tuple(theirs["input_ids"]) for theirs in trainer.train_dataset}
 
 
 def test_kto_unpaired_token_ids_equal_trl(chat_model, tmp_path):

@@ -104,10 +104,11 @@ def _example(batch: Any, feature: dict[str, Any], tokenizer: Any) -> list[str]:
         ids, loss = ids[keep].tolist(), loss[keep].tolist()
         out.append(f"  {name}: {len(ids)} tokens, prompt {prompt_len}, loss on {sum(loss)}")
         out.append("    " + _marked(tokenizer, ids, loss, prompt_len))
-        pieces = [_show(tokenizer.decode([t])) for t, on in zip(ids, loss) if on]
-        if pieces:
-            more = f" ... (+{len(pieces) - SHOWN_LOSS_TOKENS})" if len(pieces) > SHOWN_LOSS_TOKENS else ""
-            out.append("    loss tokens: " + " ".join(f"'{p}'" for p in pieces[:SHOWN_LOSS_TOKENS]) + more)
+        carried = [t for t, on in zip(ids, loss) if on]
+        if carried:
+            more = f" ... (+{len(carried) - SHOWN_LOSS_TOKENS})" if len(carried) > SHOWN_LOSS_TOKENS else ""
+            pieces = _pieces(tokenizer, carried[:SHOWN_LOSS_TOKENS])
+            out.append("    loss tokens: " + " ".join(f"'{_show(p)}'" for p in pieces) + more)
     return rows_note + out
 
 
@@ -125,6 +126,20 @@ def _marked(tokenizer: Any, ids: list[int], loss: list[bool], boundary: int) -> 
             piece = "…" + piece[-SHOWN_CHARS:] if end <= boundary else piece[:SHOWN_CHARS] + "…"
         text += ("┃" if begin == boundary and begin > 0 else "") + (f"⟦{piece}⟧" if on else piece)
     return text + ("┃" if boundary >= len(ids) else "")
+
+
+def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each token adds, decoded in context (a token that ends inside a character adds ''; the next one
+    adds the character), so byte-level and SentencePiece pieces read as the text they make."""
+    pieces, before = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[:i + 1])
+        if text.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        pieces.append(text[len(before):])
+        before = text
+    return pieces
 
 
 def _show(text: str) -> str:
