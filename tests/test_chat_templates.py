@@ -179,3 +179,31 @@ def test_hh_strings_stay_hh_text_and_none_or_a_file_choose_the_rendering(qwen2_w
     assert tokenizer.decode(feature["prompt_ids"]) == (
         "[system] You answer in one short sentence.\n[user] What is the capital of France?\n[assistant]")
     assert tokenizer.decode(feature["chosen_ids"]) == " Paris is the capital.\n"
+
+
+SEEN_PROMPTS: list[str] = []
+
+
+def remember_prompts(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]:
+    """A ``callable`` reward that records the prompt texts the rollouts were generated from."""
+    SEEN_PROMPTS.extend(prompts)
+    return [float(len(response)) for response in responses]
+
+
+def test_ppo_rollouts_start_from_the_templated_prompts(qwen2_window_dir, tmp_path):
+    """Online prompts go through the same rendering: PPO generates after TRL's templated prompt text."""
+    from prefopt.config import build_run_config
+    from prefopt.trainer import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_window_dir)
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": row["prompt"]} for row in PAIR_ROWS])
+    recipe = {"algorithm": {"name": "ppo", "generation": {"max_new_tokens": 4}, "ppo_epochs": 1, "num_minibatches": 1,
+                            "rewards": [{"name": "callable", "params": {"fn": f"{__name__}:remember_prompts"}}]},
+              "model": {"name_or_path": str(qwen2_window_dir)},
+              "data": {"path": str(path), "eval_fraction": 0.0},
+              "train": {"output_dir": str(tmp_path / "ppo"), "max_steps": 1, "batch_size": 3, "progress": False,
+                        "mixed_precision": "no", "save_model": False}}
+    SEEN_PROMPTS.clear()
+    Trainer(build_run_config(recipe)).fit()
+    expected = {maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer)["prompt"] for row in PAIR_ROWS}
+    assert set(SEEN_PROMPTS) == expected and all(p.endswith("<|im_start|>assistant\n") for p in SEEN_PROMPTS)
