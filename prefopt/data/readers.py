@@ -100,20 +100,21 @@ def is_hub_name(path: str) -> bool:
 
 @dataclass
 class Source:
-    """One thing rows are read from: a file read line by line here, or a table that ``open`` gets from datasets."""
+    """One thing rows are read from: a file read line by line here, or a table that ``load`` gets from datasets."""
 
     label: str
     """The file path, or "name[split]" for a hub or save_to_disk dataset; the prefix of every row's place."""
     info: dict[str, Any]
     """What the manifest records: path, sha256 and size of a file; hub name, subset and split."""
     path: Path | None = None
-    open: Callable[[], Any] | None = None
+    load: Callable[[], Any] | None = None
+    """Opens the datasets table (None: a JSON or text file read line by line)."""
 
     def rows(self, skips: SkipLog) -> Iterator[Row]:
-        if self.path is not None and self.open is None:
+        if self.load is None:
             yield from read_file(self.path, skips)
             return
-        table = self.open()
+        table = self.load()
         fingerprint = getattr(table, "_fingerprint", None)
         if fingerprint is not None:
             self.info["fingerprint"] = fingerprint
@@ -156,7 +157,7 @@ def file_source(path: Path) -> Source:
         return Source(str(path), file_info(path), path=path)
     extra = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
 
-    def open_table() -> Any:
+    def load() -> Any:
         import datasets
 
         try:
@@ -165,13 +166,13 @@ def file_source(path: Path) -> Source:
             raise DataError(f"{path}: datasets cannot read it as {builder}: {type(exc).__name__}: "
                             f"{_first_line(exc)}") from exc
 
-    return Source(str(path), file_info(path), path=path, open=open_table)
+    return Source(str(path), file_info(path), path=path, load=load)
 
 
 def _hub_source(name: str, subset: str | None, split: str) -> Source:
     """A hub dataset (or a local hub snapshot folder), one ``load_dataset`` per subset (``data_dir=subset``)."""
 
-    def open_table() -> Any:
+    def load() -> Any:
         import datasets
 
         try:
@@ -184,13 +185,13 @@ def _hub_source(name: str, subset: str | None, split: str) -> Source:
 
     label = f"{name}/{subset}[{split}]" if subset else f"{name}[{split}]"
     key = "path" if Path(name).expanduser().is_dir() else "hub"
-    return Source(label, {key: name, "subset": subset, "split": split}, open=open_table)
+    return Source(label, {key: name, "subset": subset, "split": split}, load=load)
 
 
 def _disk_source(path: Path, split: str) -> Source:
     """A ``save_to_disk`` folder: its Dataset, or the ``split`` of its DatasetDict."""
 
-    def open_table() -> Any:
+    def load() -> Any:
         import datasets
 
         try:
@@ -205,7 +206,7 @@ def _disk_source(path: Path, split: str) -> Source:
             return loaded[split]
         return loaded
 
-    return Source(f"{path}[{split}]", {"path": str(path), "split": split, "layout": "save_to_disk"}, open=open_table)
+    return Source(f"{path}[{split}]", {"path": str(path), "split": split, "layout": "save_to_disk"}, load=load)
 
 
 def _split_file(directory: Path, split: str) -> Path | None:
