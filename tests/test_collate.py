@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from prefopt.config import DataConfig
 from prefopt.data import build_dataloader, load_rows, pack
-from prefopt.data.kinds import encode
+from prefopt.data.chat import encode
 from prefopt.errors import DataError
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from prefopt.config import DataConfig
-from prefopt.data.readers import SkipRow
+from prefopt.data.readers import SkipLog, SkipRow
 from prefopt.errors import DataError
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
@@ -166,12 +166,14 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, cfg: DataConfig, batch_size: int,
-                     shuffle: bool, seed: int, length_bucketing: bool = False) -> tuple[DataLoader, dict[str, int]]:
+                     shuffle: bool, seed: int, length_bucketing: bool = False, skips: SkipLog | None = None,
+                     places: list[str] | None = None) -> tuple[DataLoader, dict[str, int]]:
     """Tokenize ``records`` as ``kind`` and batch them into that kind's typed container.
 
-    Returns the DataLoader and the counts of rows skipped at tokenization per reason. Each feature keeps
-    its record's position in ``records`` as ``"index"``. The order is drawn from a ``torch.Generator`` seeded
-    with ``seed``, so two runs with the same seed see the same batches.
+    Returns the DataLoader and the counts of rows skipped at tokenization per reason; with ``skips``, each
+    skipped row is also added there with its place (``places[i]`` of record i, else "record i"). Each feature
+    keeps its record's position in ``records`` as ``"index"``. The order is drawn from a ``torch.Generator``
+    seeded with ``seed``, so two runs with the same seed see the same batches.
     """
     handler = KINDS.get(kind)
     pad_token_id(tokenizer)
@@ -182,6 +184,8 @@ def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, c
             feature = handler.tokenize(record, tokenizer, cfg)
         except SkipRow as exc:
             skipped[exc.reason] += 1
+            if skips is not None:
+                skips.add(exc.reason, places[index] if places is not None else f"record {index}")
             continue
         feature["index"] = index
         features.append(feature)
