@@ -18,8 +18,8 @@ import torch
 
 from prefopt.algorithm import Algorithm
 from prefopt.models import load_causal_lm
-from prefopt.scoring import TokenScorer
 from prefopt.registry import register_algorithm
+from prefopt.scoring import TokenScorer
 from prefopt.types import LMBatch, LossOutput
 
 

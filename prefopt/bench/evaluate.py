@@ -28,11 +28,11 @@ import torch
 from prefopt.bench.config import BenchConfig
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
-from prefopt.scoring import sequence_logps
 from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.online import rollout_inputs, token_logps
+from prefopt.online import rollout_inputs
 from prefopt.rewards import RewardSpec, build_component
 from prefopt.rollout import generate
+from prefopt.scoring import sequence_logps, token_logps
 
 
 @dataclass
@@ -85,9 +85,9 @@ class Evaluator:
             sequences, attention_mask, score_mask = rollout_inputs(rollout)
             width = rollout.prompt_ids.shape[1]
             mask = rollout.response_mask.float()
-            logps = token_logps(model, sequences, attention_mask, score_mask, gen.logprob_temperature)[:, width:]
+            logps = token_logps(model, sequences, attention_mask, score_mask, gen.logprob_temperature)[0][:, width:]
             ref_logps = token_logps(self.reference, sequences, attention_mask, score_mask,
-                                    gen.logprob_temperature)[:, width:]
+                                    gen.logprob_temperature)[0][:, width:]
             kl = ((logps - ref_logps) * mask).sum(-1)
             gold = self.gold(rollout).float()
             proxy = self.proxy(rollout).float() if self.proxy is not None else None
