@@ -56,13 +56,14 @@ class PolicyAndValue(nn.Module):
     ``forward(input_ids, attention_mask, score_mask)`` -> (log-probs, entropies, values), each [B, T] and
     aligned with ``input_ids``: ``values[:, t]`` is V(tokens < t), the value of the state in which token t
     is chosen. Critic: ``value_head`` (a Linear on the policy's hidden states) or ``critic`` (a
-    sequence-classification reward model whose score head is read at every position).
+    sequence-classification reward model whose score head is read at every position); neither for a frozen
+    reference policy (scored with ``with_values=False``).
     """
 
     def __init__(self, lm: nn.Module, value_head: nn.Module | None = None, critic: nn.Module | None = None):
         super().__init__()
-        if (value_head is None) == (critic is None):
-            raise ValueError("give exactly one of value_head (shared critic) and critic (separate)")
+        if value_head is not None and critic is not None:
+            raise ValueError("give at most one of value_head (shared critic) and critic (separate)")
         self.lm = lm
         self.value_head = value_head
         self.critic = critic

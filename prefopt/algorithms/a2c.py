@@ -323,8 +323,7 @@ class A2C(Algorithm):
         temperature = self.config.generation.logprob_temperature
         features = self.trunk(sequences, attention_mask)
         logps, entropy, values = self.model(features, sequences, score_mask, temperature)
-        with torch.no_grad():
-            ref_logps, _ = self.reference(features, sequences, score_mask, temperature, with_entropy=False)
+        ref_logps, _ = self.reference_forward(features, sequences, score_mask, temperature, with_entropy=False)
         scores, parts = self.score(features, rollout)
         response = {"logps": logps, "entropy": entropy, "values": values, "ref_logps": ref_logps}
         out = {key: value[:, width:] for key, value in response.items()}

@@ -8,10 +8,16 @@ An algorithm declares:
   * ``step(batch)``: yield one ``LossOutput`` per optimizer update (offline algorithms yield once per batch;
     PPO yields epochs x minibatches of one rollout);
   * ``evaluate(batch)``: metric sums for a held-out batch (the Trainer averages them over rows).
+
+An algorithm with a reference policy scores it with ``reference_forward`` (the one way, for every algorithm):
+``self.reference`` when it holds a frozen copy, else its trained module with the LoRA adapter off, in either case
+under the accelerator's autocast, the precision the prepared policy runs in, so that at policy = reference every
+log-ratio is exactly 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from prefopt.models import reference_context
 from prefopt.types import LossOutput
 
 
@@ -66,6 +73,24 @@ class Algorithm:
         self.tokenizer.save_pretrained(out_dir)
 
     # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def reference_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The reference policy's forward on the arguments the policy's forward takes, without gradients.
+
+        ``self.reference`` (a frozen module taking those arguments) when set, else ``self.model`` with its LoRA
+        adapter disabled (no second copy). Runs under the accelerator's autocast, as the prepared policy does.
+        """
+        reference = getattr(self, "reference", None)
+        with self.autocast():
+            if reference is not None:
+                return reference(*args, **kwargs)
+            with reference_context(getattr(self.unwrapped, "lm", self.unwrapped)):
+                return self.model(*args, **kwargs)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of the run (the one ``accelerator.prepare`` puts around the policy)."""
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
     @property
     def unwrapped(self) -> nn.Module:
         if self.accelerator is None:

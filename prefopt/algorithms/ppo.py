@@ -35,9 +35,9 @@ from prefopt.config import DataConfig, LoraConfig, check
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.functional import gae, kl_penalty, masked_mean, masked_whiten
-from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference, reference_context
+from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
 from prefopt.online import (KLController, PolicyAndValue, disable_dropout, explained_variance, kl_shaped_rewards,
-                            rollout_inputs, sequence_mean, token_logps, value_head)
+                            rollout_inputs, sequence_mean, value_head)
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rollout import GenerationConfig, generate
@@ -157,7 +157,7 @@ class PPO(Algorithm):
         self.reference = None
         if needs_separate_reference(lm) or cfg.reference:
             ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
-            self.reference = load_causal_lm(ref_cfg, path=cfg.reference, trainable=False)
+            self.reference = PolicyAndValue(load_causal_lm(ref_cfg, path=cfg.reference, trainable=False))
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.pending: dict[str, float] = {}  # the previous update's timing, logged with the next step
 
@@ -196,11 +196,9 @@ class PPO(Algorithm):
         """The plain transformers / peft policy (generation and the reference run on it, outside DDP)."""
         return self.unwrapped.lm
 
-    @torch.no_grad()
     def reference_logps(self, sequences: Tensor, attention_mask: Tensor, score_mask: Tensor) -> Tensor:
-        with reference_context(self.policy, self.reference) as reference:
-            return token_logps(reference, sequences, attention_mask, score_mask,
-                               self.config.generation.logprob_temperature)
+        temperature = self.config.generation.logprob_temperature
+        return self.reference_forward(sequences, attention_mask, score_mask, temperature, with_values=False)[0]
 
     # ------------------------------------------------------------------------------------------ training
     def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
