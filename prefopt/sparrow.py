@@ -75,6 +75,21 @@ class TrunkOutput:
     attention_mask: Tensor  # [B, T] 1 on real tokens
     block_kwargs: dict[str, Any]  # what every block takes besides hidden states: causal mask, position ids, rotary
 
+    def select(self, rows: Tensor) -> TrunkOutput:
+        """The features of the batch rows ``rows`` (a micro-batch), without running the trunk again."""
+        batch = self.hidden.shape[0]
+
+        def pick(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value[rows]
+            if isinstance(value, (tuple, list)):
+                return type(value)(pick(v) for v in value)
+            if isinstance(value, dict):
+                return {k: pick(v) for k, v in value.items()}
+            return value
+
+        return TrunkOutput(self.hidden[rows], self.attention_mask[rows], pick(self.block_kwargs))
+
 
 class Trunk(nn.Module):
     """Embeddings + the first ``depth`` blocks of ``lm`` (the same module objects, frozen); forward under no_grad."""

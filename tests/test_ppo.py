@@ -279,3 +279,30 @@ def test_ppo_learns_the_known_reward_task_with_bounded_kl(tiny_model_dir, task_p
     assert end - beta * kl > start_mean  # the KL-penalised objective improved, not only the reward
     assert final["eval/reward/target_token"] > start_mean + 0.25 and final["eval/kl"] < 20.0
     assert rows[-2]["ppo/clipfrac"] < 0.5
+
+
+# ----------------------------------------------------------------------------------------- gradient accumulation
+
+
+def one_step_weights(recipe: dict, out: Path, accumulation: int) -> dict[str, torch.Tensor]:
+    recipe = {**recipe, "train": {**recipe["train"], "output_dir": str(out), "max_steps": 1, "batch_size": 8,
+                                  "gradient_accumulation_steps": accumulation, "learning_rate": 1e-3,
+                                  "save_model": True}}
+    recipe["data"] = {**recipe["data"], "eval_fraction": 0.0}
+    Trainer(build_run_config(recipe)).fit()
+    return AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+
+
+def test_ppo_accumulation_splits_each_minibatch_not_merges_updates(gpt2_real_dir, task_prompts_path, tmp_path):
+    """An update is G micro-batches of ONE minibatch: accumulation 2 gives the update of accumulation 1 (4 updates
+    of 4-row minibatches per step), not 2 updates summed from different minibatches or rollouts. Measured: the
+    weights agree to 3e-6 (Adam amplifies float rounding of near-zero gradients); before the fix they differed by
+    7e-3 (the Trainer summed pairs of consecutive PPO updates, from two rollouts, into one optimizer step)."""
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path, num_minibatches=2, ppo_epochs=2)
+    plain = one_step_weights(recipe, tmp_path / "g1", accumulation=1)
+    split = one_step_weights(recipe, tmp_path / "g2", accumulation=2)
+    start = AutoModelForCausalLM.from_pretrained(gpt2_real_dir).state_dict()
+    moved = max(float((plain[k] - start[k]).abs().max()) for k in plain)
+    assert moved > 1e-3  # 4 Adam updates of lr 1e-3 moved the weights
+    for key in plain:
+        torch.testing.assert_close(split[key], plain[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")

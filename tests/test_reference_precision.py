@@ -12,12 +12,21 @@ import json
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 
 from prefopt.config import build_run_config
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerator_state")
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process; these runs need bf16, the others of the session no."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def train_rows(out: Path) -> list[dict]:

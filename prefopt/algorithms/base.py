@@ -5,8 +5,15 @@ An algorithm declares:
     "ranks", "prompts", "unpaired"); the Trainer builds batches of that kind's typed container;
   * ``Config``: a dataclass of its hyper-parameters (validated from the recipe's ``algorithm`` section);
   * ``build()``: load its models (``self.model`` is the one module the optimizer trains);
-  * ``step(batch)``: yield one ``LossOutput`` per optimizer update (offline algorithms yield once per batch;
-    PPO yields epochs x minibatches of one rollout);
+  * ``step(batch)``: yield the ``LossOutput`` of each micro-batch; ``train.gradient_accumulation_steps`` (G)
+    consecutive micro-batches make one optimizer update (accelerate accumulates them and scales each loss by 1/G,
+    so the update's loss is the mean of its G micro-batch losses);
+  * ``accumulates_in_step``: who makes the G micro-batches of an update. False (offline algorithms): each batch
+    is one micro-batch and the Trainer passes G batches per training step. True (online algorithms, which make
+    several updates from one batch: PPO's epochs x minibatches of a rollout, A2C's one update of a rollout): the
+    Trainer passes ONE batch per training step, and ``step`` splits every update's minibatch into G
+    micro-batches whose losses are weighted so that their mean is the minibatch's loss -- accumulation then
+    changes memory, not the update;
   * ``evaluate(batch)``: metric sums for a held-out batch (the Trainer averages them over rows).
 
 An algorithm with a reference policy scores it with ``reference_forward`` (the one way, for every algorithm):
@@ -33,6 +40,7 @@ class Algorithm:
     kind: ClassVar[str]
     Config: ClassVar[type]
     registry_name: ClassVar[str]
+    accumulates_in_step: ClassVar[bool] = False
 
     def __init__(self, config: Any, run: Any, tokenizer: Any):
         self.config = config  # this algorithm's Config
@@ -54,8 +62,13 @@ class Algorithm:
                 module.to(accelerator.device)
 
     def step(self, batch: Any) -> Iterator[LossOutput]:
-        """Yield the loss of each optimizer update this batch gives rise to."""
+        """Yield the loss of each micro-batch this batch gives rise to (see the module docstring)."""
         raise NotImplementedError
+
+    @property
+    def accumulation(self) -> int:
+        """G: micro-batches per optimizer update (``train.gradient_accumulation_steps``)."""
+        return self.run.train.gradient_accumulation_steps
 
     @torch.no_grad()
     def evaluate(self, batch: Any) -> dict[str, float]:

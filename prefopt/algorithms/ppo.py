@@ -134,12 +134,26 @@ class PPOConfig:
         check(self.value_head_std >= 0, "algorithm.value_head_std", self.value_head_std, "must be >= 0")
 
 
+def ptx_micro_batches(batch: LMBatch, parts: int) -> list[tuple[LMBatch, Tensor] | None]:
+    """``batch`` cut into ``parts`` row slices, each with the labelled-token count of the WHOLE batch (the
+    denominator of its token mean); None for an empty slice."""
+    labelled = batch.labels[:, 1:] != -100
+    tokens = labelled.sum()
+    slices = torch.arange(batch.input_ids.shape[0]).tensor_split(parts)
+    return [(batch_rows(batch, rows), tokens) if len(rows) else None for rows in slices]
+
+
+def batch_rows(batch: LMBatch, rows: Tensor) -> LMBatch:
+    return replace(batch, **{name: value[rows] for name, value in vars(batch).items() if isinstance(value, Tensor)})
+
+
 @register_algorithm("ppo")
 class PPO(Algorithm):
     """RLHF-PPO (InstructGPT): KL-shaped reward, GAE, clipped surrogate and value loss, optional PPO-ptx."""
 
     kind = "prompts"
     Config = PPOConfig
+    accumulates_in_step = True
 
     def build(self) -> None:
         cfg = self.config
@@ -174,6 +188,10 @@ class PPO(Algorithm):
         batch_size = self.run.train.batch_size
         check(self.config.num_minibatches <= batch_size, "algorithm.num_minibatches", self.config.num_minibatches,
               f"must be <= train.batch_size ({batch_size})")
+        minibatch = batch_size // self.config.num_minibatches
+        check(self.accumulation <= minibatch, "train.gradient_accumulation_steps", self.accumulation,
+              f"must be <= the PPO minibatch size (train.batch_size // algorithm.num_minibatches = {minibatch}): "
+              "each minibatch is split into that many micro-batches")
         self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
         accelerator.register_for_checkpointing(self.kl_ctl)
         self.ptx_batches = self.ptx_stream() if self.config.ptx_coef > 0 else None
@@ -242,40 +260,47 @@ class PPO(Algorithm):
         }
 
         update_start, train_tokens = time.perf_counter(), 0
+        accumulation = self.accumulation
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout.responses), device=sequences.device)
-            for idx in order.chunk(cfg.num_minibatches):
-                logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
-                    sequences[idx], attention_mask[idx], score_mask[idx], temperature))
-                mb_mask = mask[idx]
-                pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
-                                                           cfg.cliprange)
-                vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
-                                                  cfg.cliprange_value)
-                mean_entropy = masked_mean(entropy, mb_mask)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
-                metrics = {"ppo/policy_loss": float(pg_loss.detach()), "ppo/value_loss": float(vf_loss.detach()),
-                           "ppo/clipfrac": float(clipfrac), "ppo/value_clipfrac": float(vf_clipfrac),
-                           "ppo/approx_kl": float(approx_kl), "ppo/entropy": float(mean_entropy.detach())}
-                if self.ptx_batches is not None:
-                    ptx_loss = self.ptx_loss(next(self.ptx_batches))
-                    loss = loss + cfg.ptx_coef * ptx_loss
-                    metrics["ppo/ptx_loss"] = float(ptx_loss.detach())
-                tokens = int(attention_mask[idx].sum())
-                train_tokens += tokens
-                yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
-                rollout_metrics = {}
+            for minibatch in order.tensor_split(cfg.num_minibatches):  # one optimizer update each
+                ptx = next(self.ptx_batches) if self.ptx_batches is not None else None
+                ptx_parts = ptx_micro_batches(ptx, accumulation) if ptx is not None else [None] * accumulation
+                minibatch_tokens = mask[minibatch].sum()
+                for idx, ptx_part in zip(minibatch.tensor_split(accumulation), ptx_parts):  # its micro-batches
+                    logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
+                        sequences[idx], attention_mask[idx], score_mask[idx], temperature))
+                    mb_mask = mask[idx]
+                    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
+                                                               cfg.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
+                                                      cfg.cliprange_value)
+                    mean_entropy = masked_mean(entropy, mb_mask)
+                    # this micro-batch's share of the minibatch's token mean; accelerate divides each loss by G
+                    share = accumulation * mb_mask.sum() / minibatch_tokens
+                    loss = share * (pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy)
+                    metrics = {"ppo/policy_loss": float(pg_loss.detach()), "ppo/value_loss": float(vf_loss.detach()),
+                               "ppo/clipfrac": float(clipfrac), "ppo/value_clipfrac": float(vf_clipfrac),
+                               "ppo/approx_kl": float(approx_kl), "ppo/entropy": float(mean_entropy.detach())}
+                    if ptx_part is not None:
+                        ptx_loss = self.ptx_loss(*ptx_part)
+                        loss = loss + cfg.ptx_coef * accumulation * ptx_loss
+                        metrics["ppo/ptx_loss"] = float(ptx_loss.detach()) * accumulation
+                    tokens = int(attention_mask[idx].sum())
+                    train_tokens += tokens
+                    yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
+                    rollout_metrics = {}
         update_s = time.perf_counter() - update_start  # includes the Trainer's backward and optimizer steps
         self.pending = {"perf/update_s": update_s, "perf/train_tokens_per_s": train_tokens / max(update_s, 1e-9)}
 
-    def ptx_loss(self, batch: LMBatch) -> Tensor:
-        """InstructGPT's PPO-ptx term: the token-mean NLL of a batch of pretraining/SFT text."""
+    def ptx_loss(self, batch: LMBatch, tokens: Tensor) -> Tensor:
+        """InstructGPT's PPO-ptx term on (part of) a batch of pretraining/SFT text: its summed NLL / ``tokens``."""
         batch = batch.to(self.device)
         score_mask = (batch.labels != -100).long()
         score_mask[:, 0] = 0
         logps, _, _ = self.model(batch.input_ids, batch.attention_mask, score_mask,
                                  positions=batch.position_ids, with_values=False)
-        return -masked_mean(logps, score_mask.float())
+        return -(logps * score_mask).sum() / tokens.to(self.device)
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
