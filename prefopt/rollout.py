@@ -5,7 +5,9 @@
 
 * ``response_ids``: the sampled tokens, right-padded with the pad token;
 * ``response_mask``: 1 on every token up to and including the first EOS (a response cut at
-  ``max_new_tokens`` has no EOS and is 1 throughout its length);
+  ``max_new_tokens`` has no EOS and is 1 throughout its length); ``ended``: whether it stopped at an EOS. EOS is
+  any id of ``eos_ids``: the tokenizer's and every one the model's generation config lists (Llama 3 ends a turn
+  with ``<|eot_id|>``, Qwen with ``<|im_end|>``);
 * ``logprobs``: behaviour log-probs  log softmax(z_t / temperature)[y_t]  of each sampled token, read from the
   raw logits generate returns (``output_logits``), so no second forward is run. Top-k / top-p truncation is
   not folded in: these are the log-probs the training forward recomputes (as TRL and OpenRLHF do), so the
@@ -127,13 +129,15 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     prompt_width = batch.input_ids.shape[1]
     response_ids = out.sequences[:, prompt_width:]
     mask = response_mask(response_ids, eos)
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))
+    ended = (is_eos & mask.bool()).any(-1)
     logprobs = torch.stack([  # one [B, V] step at a time: no float32 copy of all [B, Tr, V] logits at once
         torch.log_softmax(logits.float() / gen.logprob_temperature, dim=-1).gather(-1, response_ids[:, t, None])[:, 0]
         for t, logits in enumerate(out.logits)], dim=1) * mask
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
     return SampledRollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, response_ids=response_ids,
-                          response_mask=mask, logprobs=logprobs, prompts=list(batch.prompts), responses=texts,
+                          response_mask=mask, logprobs=logprobs, ended=ended, prompts=list(batch.prompts), responses=texts,
                           meta=list(batch.meta), seconds=seconds, new_tokens=int(mask.sum()))
 
 

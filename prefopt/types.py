@@ -110,6 +110,7 @@ class Rollout(_Batch):
     response_ids: Tensor  # [B, Tr] right-padded
     response_mask: Tensor  # [B, Tr] 1 on generated tokens up to and including EOS
     logprobs: Tensor  # [B, Tr] behaviour policy log-probs of the sampled tokens
+    ended: Tensor  # [B] bool: the response stopped at one of the model's EOS ids (not at max_new_tokens)
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.models import load_tokenizer
+from prefopt.rewards import RewardModelReward
 from prefopt.rollout import GenerationConfig, generate, position_ids, response_mask
 from prefopt.types import PromptBatch
 
@@ -152,3 +153,38 @@ def test_generate_restores_the_model_mode(tiny_model_dir, hh_path, training):
 def test_generation_config_is_validated(key, value):
     with pytest.raises(ConfigError, match=f"generation.{key}"):
         GenerationConfig(**{key: value})
+
+
+def test_every_generation_eos_ends_a_response(llama_chat_dir, hh_path, tmp_path):
+    """Llama 3 ends a turn with <|eot_id|>, listed next to the tokenizer's EOS in generation_config.eos_token_id:
+    a response ending in it is ended -- mask and padding stop there, and reward components see it as ended (the
+    reward model gets EOS appended, as its training rows had)."""
+    tokenizer, model = load(llama_chat_dir)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot != tokenizer.eos_token_id and eot in model.generation_config.eos_token_id
+    batch = hh_prompts(tokenizer, hh_path, rows=6)
+    with torch.no_grad():  # make <|eot_id|> likely: its output row along the mean final hidden state
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        mean = hidden[batch.attention_mask.bool()].float().mean(0)
+        model.get_output_embeddings().weight[eot] = (6 * mean / mean.norm() ** 2).to(model.dtype)
+    rollout = generate(model, tokenizer, batch, GenerationConfig(max_new_tokens=12), seed=0)
+    lengths = rollout.response_mask.sum(-1)
+    last = rollout.response_ids.gather(1, (lengths - 1)[:, None])[:, 0]
+    at_eot = last == eot
+    assert at_eot.any() and not at_eot.all()
+    for i in range(len(lengths)):
+        n = int(lengths[i])
+        assert (rollout.response_ids[i, n:] == tokenizer.pad_token_id).all()  # padding after the end
+        assert not (rollout.response_ids[i, :n - 1] == eot).any()  # nothing sampled after an <|eot_id|> counts
+    ended = at_eot | (last == tokenizer.eos_token_id)
+    assert rollout.ended.tolist() == ended.tolist()
+
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(llama_chat_dir, num_labels=1).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    reward = RewardModelReward(tokenizer, "cpu", path=str(rm_dir))
+    seen: list[bool] = []
+    encode = reward.encode
+    reward.encode = lambda prompt, response, done: seen.append(done) or encode(prompt, response, done)
+    reward(rollout)
+    assert seen == ended.tolist()
