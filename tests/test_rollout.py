@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import GenerationConfig as TransformersGenerationConfig
 
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader, load_rows
@@ -188,3 +190,27 @@ def test_every_generation_eos_ends_a_response(llama_chat_dir, hh_path, tmp_path)
     reward.encode = lambda prompt, response, done: seen.append(done) or encode(prompt, response, done)
     reward(rollout)
     assert seen == ended.tolist()
+
+
+def test_a_checkpoints_generation_config_does_not_reshape_the_samples(gpt2_real_dir, hh_path, tmp_path):
+    """A model folder whose generation_config.json forces EOS at the length limit, decays towards EOS, penalises
+    repetition, ...: sampling uses the algorithm's settings only, so the samples are those of the same model
+    without that file, and the behaviour log-probs are the policy's (a teacher-forced forward)."""
+    tokenizer, plain_model = load(gpt2_real_dir)
+    folder = tmp_path / "model"
+    shutil.copytree(gpt2_real_dir, folder)
+    eos = tokenizer.eos_token_id
+    TransformersGenerationConfig(
+        forced_eos_token_id=eos, exponential_decay_length_penalty=(2, 3.0), repetition_penalty=2.5,
+        no_repeat_ngram_size=2, min_new_tokens=4, typical_p=0.3, min_p=0.2, temperature=0.3, top_k=5, top_p=0.5,
+        do_sample=True, renormalize_logits=True, forced_bos_token_id=7, bad_words_ids=[[11], [12]], eos_token_id=eos,
+    ).save_pretrained(folder)
+    _, model = load(folder)
+    assert model.generation_config.forced_eos_token_id == eos
+    batch = hh_prompts(tokenizer, hh_path, rows=6)
+    gen = GenerationConfig(max_new_tokens=10, temperature=0.9)
+    rollout = generate(model, tokenizer, batch, gen, seed=4)
+    plain = generate(plain_model, tokenizer, batch, gen, seed=4)
+    assert torch.equal(rollout.response_ids, plain.response_ids)
+    torch.testing.assert_close(rollout.logprobs, teacher_forced_logps(model, rollout, 0.9), atol=1e-4, rtol=0)
+    assert model.generation_config.forced_eos_token_id == eos  # the model's own config is left as it was
