@@ -76,9 +76,10 @@ class PolicyAndValue(nn.Module):
         if not with_values:
             return logps, entropy, None
         if self.critic is not None:
-            hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=positions, use_cache=False).last_hidden_state
-            values = self.critic.score(hidden).squeeze(-1).float()
+            critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic  # peft
+            hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                       use_cache=False).last_hidden_state  # the backbone (with its adapter, if any)
+            values = critic.score(hidden).squeeze(-1).float()
         else:
             values = self.value_head(hidden.float()).squeeze(-1)
         return logps, entropy, F.pad(values[:, :-1], (1, 0))  # shift: V(tokens < t) sits at column t

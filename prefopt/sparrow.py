@@ -178,6 +178,12 @@ def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def linear_head(head: nn.Module, hidden: Tensor) -> Tensor:
+    """``head`` (float32 parameters) on hidden states of the model's dtype (bf16 models too) -> float32."""
+    dtype = next(head.parameters()).dtype
+    return head(hidden.to(dtype)).float()
+
+
 class SequenceHead(nn.Module):
     """A reward head: a copy of the top blocks + a linear map read at the last token -> [B, outputs].
 
@@ -193,7 +199,7 @@ class SequenceHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        return self.score(last_token(self.top(features), features.attention_mask)).float()
+        return linear_head(self.score, last_token(self.top(features), features.attention_mask))
 
 
 class PreferenceHead(SequenceHead):
@@ -217,7 +223,7 @@ class ValueMLP(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        return self.net(features.hidden).squeeze(-1).float()  # [B, T]
+        return linear_head(self.net, features.hidden).squeeze(-1)  # [B, T]
 
 
 class ValueTop(nn.Module):
@@ -231,7 +237,7 @@ class ValueTop(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        return self.head(self.top(features)).squeeze(-1).float()  # [B, T]
+        return linear_head(self.head, self.top(features)).squeeze(-1)  # [B, T]
 
 
 class SparrowActorCritic(nn.Module):

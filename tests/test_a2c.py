@@ -289,3 +289,16 @@ def test_accumulation_splits_the_one_update_of_a_rollout(gpt2_real_dir, tmp_path
     assert max(float((plain[k] - start[k]).abs().max()) for k in plain) > 5e-4  # the update moved the top
     for key in plain:
         torch.testing.assert_close(split[key], plain[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_a2c_trains_a_bf16_model(llama_chat_dir, tmp_path):
+    """model.dtype bfloat16 (llama-chat ships bf16 weights): the value and reward heads run on bf16 features."""
+    data = write_task_prompts(tmp_path / "prompts.jsonl", 8, seed=0)
+    run = sparrow_run(llama_chat_dir, data, tmp_path, preference_weight=0.0, generation={"max_new_tokens": 4})
+    run.model.dtype = "bfloat16"
+    run.data.format, run.data.max_examples, run.data.eval_fraction = "prompts", None, 0.0
+    Trainer(run).fit()
+    rows = [json.loads(line) for line in (Path(run.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if "losses/value" in row]
+    assert len(train) == 2 and all(math.isfinite(row["losses/value"]) for row in train)
+    assert 0 < train[0]["reward/rule/no_url"] < 1  # the learned rule head scored bf16 features

@@ -306,3 +306,21 @@ def test_ppo_accumulation_splits_each_minibatch_not_merges_updates(gpt2_real_dir
     assert moved > 1e-3  # 4 Adam updates of lr 1e-3 moved the weights
     for key in plain:
         torch.testing.assert_close(split[key], plain[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_ppo_trains_a_reward_model_critic_with_lora(tiny_model_dir, task_prompts_path, reward_model_dir, tmp_path):
+    """With LoRA the separate critic gets its own adapter (its score head trains in full) and the policy's
+    reference is the adapter-free base."""
+    recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "run", critic="reward_model",
+                        critic_path=str(reward_model_dir), num_minibatches=2, ppo_epochs=1)
+    recipe["model"]["lora"] = {"r": 4, "alpha": 8}
+    trainer = Trainer(build_run_config({**recipe, "train": {**recipe["train"], "max_steps": 2, "batch_size": 8,
+                                                             "log_every": 1, "save_model": False}}))
+    trainer.fit()
+    critic = trainer.algorithm.unwrapped.critic
+    rows = [row for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open())
+            if "ppo/value_loss" in row]
+    assert len(rows) == 2 and all(math.isfinite(row["ppo/value_loss"]) for row in rows)
+    trained = {name for name, p in critic.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name or "score" in name for name in trained)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
