@@ -69,8 +69,8 @@ class PolicyAndValue(nn.Module):
         self.critic = critic
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, temperature: float = 1.0,
-                positions: Tensor | None = None, with_values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-        positions = position_ids(attention_mask) if positions is None else positions
+                with_values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        positions = position_ids(attention_mask)
         hidden = decoder_hidden(self.lm, input_ids, attention_mask, positions)
         logps, entropy = logps_from_hidden(self.lm, hidden, input_ids, score_mask, temperature)
         if not with_values:

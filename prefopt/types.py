@@ -38,7 +38,6 @@ class LMBatch(_Batch):
     input_ids: Tensor  # [B, T]
     attention_mask: Tensor  # [B, T]
     labels: Tensor  # [B, T], -100 where no loss (prompt tokens, padding)
-    position_ids: Tensor | None = None  # [B, T], restarts at 0 per packed document
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from prefopt.algorithms.ppo import PPOConfig, policy_loss, value_loss
@@ -324,3 +325,25 @@ def test_ppo_trains_a_reward_model_critic_with_lora(tiny_model_dir, task_prompts
     trained = {name for name, p in critic.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in name or "score" in name for name in trained)
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ptx_scores_packed_text_as_the_pt_stage_does(gpt2_real_dir, task_prompts_path, hh_path, tmp_path):
+    """One packed-LM path: PPO-ptx's loss on a packed batch of text is the pt stage's loss on that batch (positions
+    and attention as run_clm: 0..T-1 over the chunk). Before the fix: 6.24077 vs 6.23905 (positions restarted per
+    document in ptx while attention spanned the chunk)."""
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path / "ppo", ptx_coef=1.0, ptx_path=str(hh_path))
+    recipe["data"].update(max_length=96, max_prompt_length=64)
+    ppo = Trainer(build_run_config(recipe)).algorithm
+    ppo.build()
+    ppo.setup(Accelerator(cpu=True), {})
+    batch = next(ppo.ptx_batches)
+    assert bool((batch.input_ids[:, 1:-1] == ppo.tokenizer.eos_token_id).any())  # documents packed together
+    pt = Trainer(build_run_config({"algorithm": "pt", "model": {"name_or_path": str(gpt2_real_dir)},
+                                   "train": {"output_dir": str(tmp_path / "pt")}})).algorithm
+    pt.build()
+    pt.model.eval()
+    tokens = (batch.labels[:, 1:] != -100).sum()
+    with torch.no_grad():
+        ptx_loss = ppo.ptx_loss(batch, tokens)
+        (pt_loss,) = [out.loss for out in pt.step(batch)]
+    assert float(ptx_loss) == pytest.approx(float(pt_loss), abs=1e-6)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from prefopt.algorithms.base import Algorithm
+from prefopt.algorithms.lm import lm_nll
 from prefopt.config import DataConfig, LoraConfig, check
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
@@ -294,13 +295,10 @@ class PPO(Algorithm):
         self.pending = {"perf/update_s": update_s, "perf/train_tokens_per_s": train_tokens / max(update_s, 1e-9)}
 
     def ptx_loss(self, batch: LMBatch, tokens: Tensor) -> Tensor:
-        """InstructGPT's PPO-ptx term on (part of) a batch of pretraining/SFT text: its summed NLL / ``tokens``."""
-        batch = batch.to(self.device)
-        score_mask = (batch.labels != -100).long()
-        score_mask[:, 0] = 0
-        logps, _, _ = self.model(batch.input_ids, batch.attention_mask, score_mask,
-                                 positions=batch.position_ids, with_values=False)
-        return -(logps * score_mask).sum() / tokens.to(self.device)
+        """InstructGPT's PPO-ptx term on (part of) a batch of pretraining/SFT text: its summed NLL / ``tokens``,
+        scored as the ``pt`` stage scores it (``lm_nll``)."""
+        nll, _ = lm_nll(lambda *inputs: self.model(*inputs, with_values=False)[0], batch.to(self.device))
+        return nll / tokens.to(self.device)
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -93,7 +93,7 @@ class SFTKind(Kind):
 
 
 class TextKind(Kind):
-    """{text} -> packed LMBatch: documents joined by EOS in max_length chunks, position_ids per document."""
+    """{text} -> packed LMBatch: documents joined by EOS in max_length chunks (scored as one sequence each)."""
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
         return {"input_ids": encode(tokenizer, record["text"]) + [eos_token_id(tokenizer)]}
