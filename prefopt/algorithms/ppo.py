@@ -34,6 +34,7 @@ from prefopt.algorithms.base import Algorithm
 from prefopt.algorithms.lm import lm_nll
 from prefopt.config import DataConfig, LoraConfig, check
 from prefopt.data import build_dataloader, load_rows
+from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
 from prefopt.functional import gae, kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
@@ -196,8 +197,10 @@ class PPO(Algorithm):
         self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
         accelerator.register_for_checkpointing(self.kl_ctl)
         self.ptx_batches = self.ptx_stream() if self.config.ptx_coef > 0 else None
+        if self.ptx_batches is not None:  # its position is checkpoint state: a resumed run continues the stream
+            accelerator.register_for_checkpointing(self.ptx_batches)
 
-    def ptx_stream(self) -> Iterator[LMBatch]:
+    def ptx_stream(self) -> BatchStream:
         """Endless shuffled batches of the PPO-ptx text (documents packed to data.max_length tokens)."""
         path = self.config.ptx_path or self.run.data.text_path
         if not path:
@@ -207,8 +210,7 @@ class PPO(Algorithm):
         size = self.config.ptx_batch_size or max(1, self.run.train.batch_size // self.config.num_minibatches)
         loader, _ = build_dataloader(load_rows(data, "text").train, "text", self.tokenizer, data, size,
                                      shuffle=True, seed=self.run.train.seed)
-        while True:
-            yield from loader
+        return BatchStream(loader, self.run.train.seed)
 
     @property
     def policy(self) -> torch.nn.Module:
