@@ -17,10 +17,13 @@ generate numbered them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prefopt.distributed import sum_over_processes
 from prefopt.functional import decoder_hidden, masked_var
 from prefopt.rollout import position_ids
 from prefopt.types import Rollout
@@ -127,7 +130,8 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 class KLController:
     """The KL coefficient beta: fixed, or adapted towards ``target`` (Ziegler et al. 2019, sec. 2.2).
 
-    ``update(kl, n)`` after each rollout batch of ``n`` sequences whose mean KL(pi || pi_ref) is ``kl``.
+    ``update(kl, n)`` after each rollout batch of ``n`` sequences whose mean KL(pi || pi_ref) is ``kl``, counted
+    over all processes (``kl_over_processes``).
     Registered for checkpointing by the algorithm, so a resumed run continues with the adapted beta.
     """
 
@@ -145,6 +149,13 @@ class KLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+def kl_over_processes(accelerator: Any, kl: Tensor, mask: Tensor) -> tuple[float, int]:
+    """(mean KL per sequence, number of sequences) of the rollouts of ALL processes, for ``KLController.update``."""
+    local = {"kl": float((kl * mask).sum()), "sequences": float(kl.shape[0])}
+    totals = sum_over_processes(accelerator, local) if accelerator is not None else local
+    return totals["kl"] / totals["sequences"], int(totals["sequences"])
 
 
 def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -377,3 +377,37 @@ def test_resume_with_ptx_is_bit_exact(tiny_model_dir, task_prompts_path, tmp_pat
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model").state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+# ----------------------------------------------------------------------------------------- several processes
+
+
+class TwoProcesses:
+    """This process's accelerator as seen in a 2-process run whose other process drew the same rollout:
+    every sum over processes is twice this process's value."""
+
+    num_processes = 2
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor * 2 if reduction == "sum" else tensor
+
+    def __getattr__(self, name):
+        return getattr(self.accelerator, name)
+
+
+def test_adaptive_kl_controller_counts_the_sequences_of_every_process(gpt2_real_dir, task_prompts_path, tmp_path):
+    """Ziegler's controller moves beta by e * n / horizon for n sequences: n is the whole batch over all processes
+    (2 x 8 here), not one process's 8."""
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path, adaptive_kl=True, kl_target=1.0, kl_horizon=100,
+                        ppo_epochs=1, num_minibatches=1)
+    ppo = Trainer(build_run_config(recipe)).algorithm
+    ppo.build()
+    ppo.setup(Accelerator(cpu=True), {})
+    ppo.accelerator = TwoProcesses(ppo.accelerator)
+    (out,) = list(ppo.step(prompt_batch(ppo.tokenizer, task_prompts_path, rows=8)))
+    error = min(max(out.metrics["objective/kl"] / 1.0 - 1, -0.2), 0.2)
+    assert error != 0
+    assert ppo.kl_ctl.value == pytest.approx(0.03 * (1 + error * 16 / 100), rel=1e-6)

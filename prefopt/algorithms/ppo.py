@@ -38,8 +38,8 @@ from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
 from prefopt.functional import gae, kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
-from prefopt.online import (KLController, PolicyAndValue, disable_dropout, explained_variance, kl_shaped_rewards,
-                            rollout_inputs, sequence_mean, value_head)
+from prefopt.online import (KLController, PolicyAndValue, disable_dropout, explained_variance, kl_over_processes,
+                            kl_shaped_rewards, rollout_inputs, sequence_mean, value_head)
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rollout import GenerationConfig, generate
@@ -245,8 +245,7 @@ class PPO(Algorithm):
                 advantages = masked_whiten(advantages, mask)
 
         mean_kl = sequence_mean(kl, mask)
-        self.kl_ctl.update(float(self.accelerator.reduce(mean_kl, "mean")) if self.accelerator else float(mean_kl),
-                           len(rollout.responses))
+        self.kl_ctl.update(*kl_over_processes(self.accelerator, kl, mask))
         rollout_metrics = {
             **{f"reward/{name}": float(values.mean()) for name, values in components.items()},
             "reward/total": float(scores.mean()),
