@@ -135,10 +135,9 @@ def prompts(tokenizer, n: int = 4):
 
 
 @pytest.mark.parametrize("value_head", ["mlp", "blocks"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(arch, value_head, tiny_model_dir,
-                                                                    tiny_llama_dir, hh_path, tmp_path):
-    model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama_dir
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir", "gpt2_real_dir", "qwen2_window_dir"])
+def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(fixture, value_head, hh_path, tmp_path, request):
+    model_dir = request.getfixturevalue(fixture)
     algorithm = built_a2c(sparrow_run(model_dir, hh_path, tmp_path, value_head=value_head))
     assert algorithm.learned_rules == ["no_url"] and algorithm.programmatic_rules == ["no_new_human_turn"]
     calls = {"trunk": 0, "policy_top": 0, "reference_top": 0, "generation": 0}
@@ -194,8 +193,10 @@ def test_score_is_the_weighted_sum_of_its_terms(tiny_model_dir, hh_path, tmp_pat
     assert ((parts["rule/no_url"] > 0) & (parts["rule/no_url"] < 1)).all()  # a probability from the rule head
 
 
-def test_trainer_end_to_end_saves_policy_and_heads(tiny_model_dir, hh_path, tmp_path):
-    run = sparrow_run(tiny_model_dir, hh_path, tmp_path)
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "llama_chat_dir"])
+def test_trainer_end_to_end_saves_policy_and_heads(fixture, hh_path, tmp_path, request):
+    model_dir = request.getfixturevalue(fixture)
+    run = sparrow_run(model_dir, hh_path, tmp_path)
     final = Trainer(run).fit()
     assert math.isfinite(final["eval/reward/score"]) and "eval/policy/kl" in final
     out = Path(run.train.output_dir)
@@ -205,12 +206,12 @@ def test_trainer_end_to_end_saves_policy_and_heads(tiny_model_dir, hh_path, tmp_
     saved = torch.load(out / "model" / HEADS_FILE, weights_only=True)
     assert saved["rule_names"] == ["no_url"] and saved["trainable_layers"] == 1
     # a later run loads the reward heads instead of training them
-    reuse = built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path / "again", reward_heads=str(out / "model")))
+    reuse = built_a2c(sparrow_run(model_dir, hh_path, tmp_path / "again", reward_heads=str(out / "model")))
     assert not reuse.head_report
     for key, value in reuse.preference_head.state_dict().items():
         assert torch.equal(value, saved["preference"][key])
     with pytest.raises(ConfigError, match="trainable_layers=1, not 2"):
-        built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path / "x", reward_heads=str(out / "model"),
+        built_a2c(sparrow_run(model_dir, hh_path, tmp_path / "x", reward_heads=str(out / "model"),
                               trainable_layers=2))
 
 

@@ -131,9 +131,11 @@ def task_prompts_path(tmp_path_factory) -> Path:
     return write_task_prompts(tmp_path_factory.mktemp("task") / "prompts.jsonl", 512, seed=0)
 
 
-def test_policy_and_value_forward_matches_the_engine(tiny_model_dir, task_prompts_path):
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
-    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "gpt2_real_dir", "qwen2_window_dir"])
+def test_policy_and_value_forward_matches_the_engine(fixture, task_prompts_path, request):
+    model_dir = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    lm = AutoModelForCausalLM.from_pretrained(model_dir)
     batch = prompt_batch(tokenizer, task_prompts_path, rows=5)
     rollout = generate(lm, tokenizer, batch, GenerationConfig(max_new_tokens=10, temperature=0.8), seed=0)
     sequences, attention_mask, score_mask = rollout_inputs(rollout)
@@ -226,8 +228,9 @@ def test_ppo_runs_with_a_reward_model_critic_ptx_and_several_rewards(tiny_model_
     assert saved.config.vocab_size == 512
 
 
-def test_ppo_with_lora_uses_the_adapter_free_base_as_reference(tiny_model_dir, task_prompts_path, tmp_path):
-    recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "lora", num_minibatches=2)
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "llama_chat_dir"])
+def test_ppo_with_lora_uses_the_adapter_free_base_as_reference(fixture, task_prompts_path, tmp_path, request):
+    recipe = ppo_recipe(request.getfixturevalue(fixture), task_prompts_path, tmp_path / "lora", num_minibatches=2)
     recipe["model"]["lora"] = {"r": 4, "alpha": 8}
     trainer = Trainer(build_run_config({**recipe, "train": {**recipe["train"], "max_steps": 2, "batch_size": 8,
                                                              "log_every": 1, "max_eval_batches": 1}}))

@@ -94,14 +94,17 @@ def test_generate_shapes_masks_texts_and_stats(tiny_model_dir, hh_path):
     assert rollout.new_tokens == int(lengths.sum()) and rollout.seconds > 0 and rollout.tokens_per_s > 0
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir", "gpt2_real_dir", "llama_chat_dir",
+                                     "qwen2_window_dir"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_equal_a_teacher_forced_forward(fixture, temperature, hh_path, request):
     tokenizer, model = load(request.getfixturevalue(fixture))
     batch = hh_prompts(tokenizer, hh_path)
     rollout = generate(model, tokenizer, batch, GenerationConfig(max_new_tokens=16, temperature=temperature), seed=1)
     expected = teacher_forced_logps(model, rollout, temperature)
-    torch.testing.assert_close(rollout.logprobs, expected, atol=1e-4, rtol=0)
+    # llama-chat loads as bf16 and computes in it: the KV-cached and the full forward round differently (~3e-3)
+    atol = 1e-2 if model.dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(rollout.logprobs, expected, atol=atol, rtol=0)
 
 
 def test_checkpoint_generation_settings_do_not_reshape_the_samples(tiny_model_dir, hh_path):
