@@ -155,8 +155,8 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
     return SampledRollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, response_ids=response_ids,
-                          response_mask=mask, logprobs=logprobs, ended=ended, prompts=list(batch.prompts), responses=texts,
-                          meta=list(batch.meta), seconds=seconds, new_tokens=int(mask.sum()))
+                          response_mask=mask, logprobs=logprobs, ended=ended, prompts=list(batch.prompts),
+                          responses=texts, meta=list(batch.meta), seconds=seconds, new_tokens=int(mask.sum()))
 
 
 def _rng_devices(tensor: Tensor) -> list[int]:

@@ -299,8 +299,9 @@ class Trainer:
                         spoiled = None
                 averager.add({"train/loss": float(out.loss.detach()), **out.metrics})
         if micro_batches % t.gradient_accumulation_steps:
-            raise PrefoptError(f"{self.config.algorithm_name} yielded {micro_batches} micro-batches in step {step + 1}, "
-                               f"not a multiple of train.gradient_accumulation_steps={t.gradient_accumulation_steps}")
+            raise PrefoptError(f"{self.config.algorithm_name} yielded {micro_batches} micro-batches in step "
+                               f"{step + 1}, not a multiple of train.gradient_accumulation_steps "
+                               f"({t.gradient_accumulation_steps})")
         # once per step, also after skipped updates: the lr is a function of the step, whether the algorithm makes
         # one update per step (offline) or several (PPO: epochs x minibatches of one rollout)
         scheduler.step()

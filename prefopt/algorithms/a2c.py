@@ -338,10 +338,10 @@ class A2C(Algorithm):
     def forward_rollout(self, rollout: Rollout) -> dict[str, Any]:
         """The trunk ONCE, then every top on its features; tensors sliced to the response [B, Tr]."""
         sequences, attention_mask, score_mask = rollout_inputs(rollout)
+        temperature = self.config.generation.logprob_temperature
         features = self.trunk(sequences, attention_mask)
         logps, entropy, values = self.policy_forward(features, rollout)
-        ref_logps, _ = self.reference_forward(features, sequences, score_mask, self.config.generation.logprob_temperature,
-                                              with_entropy=False)
+        ref_logps, _ = self.reference_forward(features, sequences, score_mask, temperature, with_entropy=False)
         scores, parts = self.score(features, rollout)
         out = {"logps": logps, "entropy": entropy, "values": values,
                "ref_logps": ref_logps[:, rollout.prompt_ids.shape[1]:]}
