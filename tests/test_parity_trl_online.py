@@ -52,7 +52,8 @@ def batch(gpt2_real_dir):
     response_mask = (torch.arange(RESPONSE_LEN) < lengths[:, None]).long()
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     rollout = Rollout(prompt_ids, torch.ones_like(prompt_ids), response_ids, response_mask,
-                      torch.zeros(rows, RESPONSE_LEN), group=torch.arange(PROMPTS).repeat_interleave(G))
+                      torch.zeros(rows, RESPONSE_LEN), ended=lengths < RESPONSE_LEN,
+                      group=torch.arange(PROMPTS).repeat_interleave(G))
     mask = response_mask.float()
     with torch.no_grad():
         scorer = TokenScorer(policy.eval())

@@ -84,7 +84,7 @@ class SFTKind(Kind):
 
 
 class TextKind(Kind):
-    """{text} -> packed LMBatch: documents joined by EOS in max_length chunks, position_ids per document."""
+    """{text} -> packed LMBatch: documents joined by EOS in max_length chunks (scored as one sequence each)."""
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
         return {"input_ids": document_ids(tokenizer, record["text"], cfg.chat_template)}

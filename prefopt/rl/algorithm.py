@@ -37,7 +37,7 @@ from torch import Tensor
 from prefopt.algorithm import Algorithm
 from prefopt.config import LoraConfig, check
 from prefopt.functional import masked_mean
-from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
+from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.online import disable_dropout, kl_shaped_rewards, rollout_inputs
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
@@ -136,7 +136,7 @@ class OnlineAlgorithm(Algorithm):
         self.reference = None
         if needs_separate_reference(lm) or cfg.reference:  # also for the eval KL when beta = 0
             ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
-            self.reference = load_causal_lm(ref_cfg, path=cfg.reference, trainable=False)
+            self.reference = TokenScorer(load_causal_lm(ref_cfg, path=cfg.reference, trainable=False))
             disable_dropout(self.reference)
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
@@ -144,7 +144,7 @@ class OnlineAlgorithm(Algorithm):
         rows = self.run.train.batch_size * self.config.num_samples
         check(self.config.num_minibatches <= rows, "algorithm.num_minibatches", self.config.num_minibatches,
               f"must be <= train.batch_size x num_samples ({rows})")
-        minibatch, accumulation = rows // self.config.num_minibatches, self.run.train.gradient_accumulation_steps
+        minibatch, accumulation = rows // self.config.num_minibatches, self.accumulation
         check(accumulation <= minibatch, "train.gradient_accumulation_steps", accumulation,
               f"must be <= the rows of a minibatch (train.batch_size x num_samples // num_minibatches = {minibatch})"
               ": each minibatch is split into that many micro-batches")
@@ -178,11 +178,9 @@ class OnlineAlgorithm(Algorithm):
         width = rollout.prompt_ids.shape[1]
         return logps[:, width:], None if entropy is None else entropy[:, width:]
 
-    @torch.no_grad()
     def reference_logps(self, rollout: Rollout) -> Tensor:
-        """log pi_ref of the response tokens [B, Tr]."""
-        with reference_context(self.policy, self.reference) as reference:
-            return self.response_logps(TokenScorer(reference), rollout)[0]
+        """log pi_ref of the response tokens [B, Tr] (``reference_forward``: the policy's precision, no gradient)."""
+        return self.response_logps(self.reference_forward, rollout)[0]
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Scored:
@@ -208,7 +206,7 @@ class OnlineAlgorithm(Algorithm):
     def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
         """``epochs`` x ``num_minibatches`` updates; each minibatch is split into G micro-batches whose losses
         (each a share of the minibatch's loss, times G since accelerate divides by G) add up to its loss."""
-        cfg, rollout, accumulation = self.config, scored.rollout, self.run.train.gradient_accumulation_steps
+        cfg, rollout, accumulation = self.config, scored.rollout, self.accumulation
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
         loss_fn = POLICY_LOSSES.get(cfg.loss_type)
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
