@@ -12,8 +12,9 @@ prefixes (prefopt.prefix):
   (a preference pair, a ranking, the G samples of one prompt: ``grouped_token_logps``) is computed once; the
   result is in the layout of ``input_ids`` either way.
 
-``TokenScorer`` (a causal LM) and ``RewardScorer`` (a sequence-classification reward model) wrap a model so that
-its ``forward`` returns exactly these quantities and goes through the DDP/FSDP wrapper (see prefopt.trainer).
+``TokenScorer`` (a causal LM), ``RewardScorer`` (a sequence-classification reward model) and ``PolicyAndValue`` (a
+causal LM and, optionally, its critic: per-token values V(tokens < t)) wrap models so that their ``forward`` returns
+exactly these quantities and goes through the DDP/FSDP wrapper (see prefopt.trainer).
 """
 
 from __future__ import annotations
@@ -171,3 +172,66 @@ class RewardScorer(nn.Module):
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
         self.rm.save_pretrained(out_dir, **kwargs)
+
+
+class PolicyAndValue(nn.Module):
+    """The policy LM and its critic (optional) in one module, so that DDP sees every trained forward.
+
+    ``forward(input_ids, attention_mask, score_mask)`` -> (log-probs, entropies, values), each [B, T] and
+    aligned with ``input_ids``: ``values[:, t]`` is V(tokens < t), the value of the state in which token t
+    is chosen. Critic: ``value_head`` (a Linear on the policy's hidden states) or ``critic`` (a
+    sequence-classification reward model whose score head is read at every position, InstructGPT sec. 3.5); neither
+    for a policy without a critic or a frozen reference (scored with ``with_values=False``).
+    """
+
+    def __init__(self, lm: nn.Module, value_head: nn.Module | None = None, critic: nn.Module | None = None):
+        super().__init__()
+        if value_head is not None and critic is not None:
+            raise ValueError("give at most one of value_head (shared critic) and critic (separate)")
+        self.lm = lm
+        self.value_head = value_head
+        self.critic = critic
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, temperature: float = 1.0,
+                with_values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        positions = position_ids(attention_mask)
+        hidden = decoder_hidden(self.lm, input_ids, attention_mask, positions)
+        logps, entropy = logps_from_hidden(hidden, self.lm.get_output_embeddings(), input_ids, score_mask,
+                                           temperature, with_entropy=True)
+        if not with_values:
+            return logps, entropy, None
+        if self.critic is not None:
+            critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic  # peft
+            hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                       use_cache=False).last_hidden_state  # the backbone (with its adapter, if any)
+            values = critic.score(hidden).squeeze(-1).float()
+        else:
+            values = self.value_head(hidden.float()).squeeze(-1)
+        return logps, entropy, F.pad(values[:, :-1], (1, 0))  # shift: V(tokens < t) sits at column t
+
+    def save_pretrained(self, out_dir, **kwargs) -> None:
+        """Save the policy (what the next stage loads); the critic lives in the training checkpoints."""
+        self.lm.save_pretrained(out_dir, **kwargs)
+
+
+def value_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
+    """A scalar value head; weights N(0, std^2) (std 0: zeros, so the first values are 0), bias 0."""
+    head = nn.Linear(hidden_size, 1)
+    nn.init.normal_(head.weight, std=std) if std > 0 else nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def value_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
+    """A scalar value head; weights N(0, std^2) (std 0: zeros, so the first values are 0), bias 0."""
+    head = nn.Linear(hidden_size, 1)
+    nn.init.normal_(head.weight, std=std) if std > 0 else nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off: policy, old-policy and reference log-probs must differ only by the weights."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

@@ -19,7 +19,7 @@ from prefopt.config import ModelConfig, build_run_config, load_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import load_tokenizer
 from prefopt.rewards import CompositeReward
-from prefopt.rl.engine import sample
+from prefopt.rl.engine import generate
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 
@@ -58,7 +58,7 @@ def start_reward(model_dir: Path, prompts: Path) -> float:
     loader, _ = build_dataloader(records, "prompts", tokenizer, cfg.data, len(records), shuffle=False, seed=0)
     batch, policy = next(iter(loader)), AutoModelForCausalLM.from_pretrained(model_dir).eval()
     reward = CompositeReward([TASK_REWARD], tokenizer, "cpu")
-    return sum(float(reward(sample(policy, tokenizer, batch, cfg.algorithm.generation, seed=s))[0].mean())
+    return sum(float(reward(generate(policy, tokenizer, batch, cfg.algorithm.generation, seed=s))[0].mean())
                for s in (0, 1, 2)) / 3
 
 

@@ -22,7 +22,7 @@ from prefopt.algorithms.grpo import GRPO, GRPOConfig
 from prefopt.algorithms.rloo import RLOO, RLOOConfig
 from prefopt.config import build_run_config
 from prefopt.rl.algorithm import Scored
-from prefopt.rollout import GenerationConfig
+from prefopt.rl.engine import GenerationConfig
 from prefopt.scoring import TokenScorer
 from prefopt.types import Rollout
 

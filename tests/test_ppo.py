@@ -19,10 +19,11 @@ from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.functional import gae
 from prefopt.models import load_tokenizer
-from prefopt.online import (KLController, PolicyAndValue, explained_variance, kl_shaped_rewards, rollout_inputs,
-                            token_logps, value_head)
 from prefopt.rewards import CompositeReward
-from prefopt.rollout import GenerationConfig, generate
+from prefopt.rl.advantages import explained_variance
+from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.kl import KLController, kl_shaped_rewards
+from prefopt.scoring import PolicyAndValue, token_logps, value_head
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 
@@ -145,7 +146,7 @@ def test_policy_and_value_forward_matches_the_engine(fixture, task_prompts_path,
     width = rollout.prompt_ids.shape[1]
     # the PPO ratio starts at 1: the module's log-probs are the engine's behaviour log-probs
     torch.testing.assert_close(logps[:, width:], rollout.logprobs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(token_logps(lm, sequences, attention_mask, score_mask, 0.8), logps)
+    torch.testing.assert_close(token_logps(lm, sequences, attention_mask, score_mask, 0.8)[0], logps)
     assert (logps[:, :width] == 0).all() and (entropy[:, width:][rollout.response_mask.bool()] > 0).all()
     # values[:, t] = V(tokens < t): the head applied to the hidden state one position earlier
     with torch.no_grad():
@@ -258,7 +259,7 @@ def task_score(policy_dir: Path, reference_dir: Path, prompts: Path, seed: int) 
     rollout = generate(policy, tokenizer, batch, cfg.algorithm.generation, seed=seed)
     reward, _ = CompositeReward([TASK_REWARD], tokenizer, "cpu")(rollout)
     sequences, attention_mask, score_mask = rollout_inputs(rollout)
-    ref_logps = token_logps(reference, sequences, attention_mask, score_mask)[:, rollout.prompt_ids.shape[1]:]
+    ref_logps = token_logps(reference, sequences, attention_mask, score_mask)[0][:, rollout.prompt_ids.shape[1]:]
     kl = ((rollout.logprobs - ref_logps) * rollout.response_mask).sum(-1)
     return float(reward.mean()), float(kl.mean())
 

@@ -12,10 +12,8 @@ from prefopt.models import load_tokenizer
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
 from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.algorithm import OnlineConfig
-from prefopt.rl.engine import sample
+from prefopt.rl.engine import GenerationConfig, generate, prefilled_cache, repeat_prompts, rollout_inputs
 from prefopt.rl.losses import PolicyLossInputs
-from prefopt.rollout import GenerationConfig
-from prefopt.online import rollout_inputs
 from prefopt.scoring import TokenScorer, grouped_token_logps, token_logps
 from prefopt.tasks import TASK_REWARD
 from prefopt.types import PromptBatch
@@ -52,7 +50,7 @@ def test_engine_samples_g_responses_per_prompt_with_group_ids(gpt2_real_dir):
     texts = ["\n\nHuman: hi there\n\nAssistant:", "\n\nHuman: what is the weather like today?\n\nAssistant:"]
     encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
     batch = PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{"id": 0}, {"id": 1}])
-    rollout = sample(model, tokenizer, batch, GenerationConfig(max_new_tokens=6), num_samples=3, seed=0)
+    rollout = generate(model, tokenizer, batch, GenerationConfig(max_new_tokens=6), num_samples=3, seed=0)
     assert rollout.group.tolist() == [0, 0, 0, 1, 1, 1]
     assert rollout.prompts == [texts[0]] * 3 + [texts[1]] * 3 and [m["id"] for m in rollout.meta] == [0] * 3 + [1] * 3
     assert torch.equal(rollout.prompt_ids, batch.input_ids.repeat_interleave(3, 0))
@@ -61,6 +59,23 @@ def test_engine_samples_g_responses_per_prompt_with_group_ids(gpt2_real_dir):
     with torch.no_grad():
         logps, _ = token_logps(model.eval(), rollout.sequences, rollout.attention_mask, score_mask)
     torch.testing.assert_close(logps[:, rollout.prompt_ids.shape[1]:], rollout.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
+def test_a_prompt_prefilled_once_for_its_samples_gives_the_same_draw(fixture, request):
+    """The prompts' KV cache computed once and repeated G times: the same tokens and log-probs as G copies."""
+    model_dir = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = ["\n\nHuman: hi there, how are you doing today?\n\nAssistant:", "\n\nHuman: what?\n\nAssistant:"]
+    encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    batch = PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{}, {}])
+    gen = GenerationConfig(max_new_tokens=24)
+    assert prefilled_cache(model, batch, 3)  # this model's cache is shared
+    once = generate(model, tokenizer, batch, gen, num_samples=3, seed=5)
+    copies = generate(model, tokenizer, repeat_prompts(batch, 3), gen, seed=5)
+    assert torch.equal(once.response_ids, copies.response_ids)
+    torch.testing.assert_close(once.logprobs, copies.logprobs, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir"])
@@ -72,7 +87,7 @@ def test_the_samples_of_a_prompt_share_its_forward_with_the_same_logps(fixture, 
     texts = ["\n\nHuman: hi there\n\nAssistant:", "\n\nHuman: what is the weather like today?\n\nAssistant:"]
     encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
     batch = PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{}, {}])
-    rollout = sample(model, tokenizer, batch, GenerationConfig(max_new_tokens=9), num_samples=3, seed=0)
+    rollout = generate(model, tokenizer, batch, GenerationConfig(max_new_tokens=9), num_samples=3, seed=0)
     scorer = TokenScorer(model.eval())
     inputs = rollout_inputs(rollout)
     with torch.no_grad():

@@ -41,10 +41,11 @@ from prefopt.config import check
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.functional import discounted_returns, gae, kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
-from prefopt.online import explained_variance, kl_shaped_rewards, rollout_inputs
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
-from prefopt.rollout import GenerationConfig, generate
+from prefopt.rl.advantages import explained_variance
+from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rules import RULES, RuleHead, programmatic_ok, read_rule_rows, rule_batches, rule_loss
 from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, fit_head,
                              split_model)

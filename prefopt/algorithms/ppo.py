@@ -3,7 +3,7 @@
 
 One step of the Trainer = one batch of prompts:
 
-1. sample responses y ~ pi(.|x) with the shared engine (prefopt.rollout, KV cache, stops at EOS);
+1. sample responses y ~ pi(.|x) with the shared engine (prefopt.rl.engine, KV cache, stops at EOS);
 2. score them: s(x, y) = sum_i w_i * reward_i(x, y) (prefopt.rewards), read at the last response token;
 3. per-token reward  r_t = -beta * KL_t + [t = last] * s,  KL_t = log pi(y_t|.) - log pi_ref(y_t|.) (k1, or k3);
    pi_ref is the frozen SFT policy (with LoRA: the same weights with the adapter off);
@@ -38,11 +38,12 @@ from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
 from prefopt.functional import gae, kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
-from prefopt.online import (KLController, PolicyAndValue, disable_dropout, explained_variance, kl_over_processes,
-                            kl_shaped_rewards, rollout_inputs, sequence_mean, value_head)
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
-from prefopt.rollout import GenerationConfig, generate
+from prefopt.rl.advantages import explained_variance
+from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.kl import KLController, kl_over_processes, kl_shaped_rewards, sequence_mean
+from prefopt.scoring import PolicyAndValue, disable_dropout, value_head
 from prefopt.types import LMBatch, LossOutput, PromptBatch
 
 
@@ -75,7 +76,7 @@ class PPOConfig:
     rewards: list[RewardSpec] = field(default_factory=list)
     """Reward components and weights, e.g. [{name: reward_model, params: {path: runs/rm/model}}] (prefopt.rewards)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rollout)."""
+    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rl.engine)."""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty to the reference policy (the initial value when adaptive)."""
     adaptive_kl: bool = False

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefopt.config import check, expand_env, from_dict, merge, parse_overrides, read_yaml
-from prefopt.rollout import GenerationConfig
+from prefopt.rl.engine import GenerationConfig
 
 HH_PARTS = ("policy_train", "proxy_rm_train", "gold_rm_train", "eval")
 SYNTHETIC_PARTS = ("policy_train", "eval")

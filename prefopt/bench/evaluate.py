@@ -3,7 +3,7 @@
 For a policy pi, the start policy pi_0 (the SFT checkpoint every algorithm trained from) and the gold scorer
 g (the gold RM, or the known task reward):
 
-* responses y_i ~ pi(.|x_i) for the eval prompts, drawn by the ONE generation engine (prefopt.rollout) with
+* responses y_i ~ pi(.|x_i) for the eval prompts, drawn by the ONE generation engine (prefopt.rl.engine) with
   batch b seeded ``eval.seed + b`` (the same draws of randomness for every policy);
 * ``gold_reward``     = mean_i g(x_i, y_i)  (and ``proxy_reward`` with the proxy RM, task hh);
 * ``kl``              = mean_i sum_t [log pi(y_it | x_i, y_i<t) - log pi_0(y_it | x_i, y_i<t)], the sequence-level
@@ -29,9 +29,8 @@ from prefopt.bench.config import BenchConfig
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
 from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.online import rollout_inputs
 from prefopt.rewards import RewardSpec, build_component
-from prefopt.rollout import generate
+from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.scoring import sequence_logps, token_logps
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefopt.functional import discounted_returns, gae, masked_whiten
+from prefopt.functional import discounted_returns, gae, masked_var, masked_whiten
 from prefopt.registry import ADVANTAGES
 
 STD_EPS = 1e-4
@@ -108,3 +108,9 @@ def leave_one_out_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor,
 def reinforce_pp_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
     returns = discounted_returns(inputs.rewards, inputs.mask, cfg.gamma)
     return masked_whiten(returns, inputs.mask), returns
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over masked tokens (1: perfect critic, <= 0: useless)."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns.clamp(min=1e-8))

@@ -38,15 +38,14 @@ from prefopt.algorithm import Algorithm
 from prefopt.config import LoraConfig, check
 from prefopt.functional import masked_mean
 from prefopt.models import load_causal_lm, needs_separate_reference
-from prefopt.online import disable_dropout, kl_shaped_rewards, rollout_inputs
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs
-from prefopt.rl.engine import sample
+from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rl.losses import PolicyLossInputs
-from prefopt.rollout import GenerationConfig, generate
-from prefopt.scoring import TokenScorer, grouped_token_logps
+from prefopt.scoring import TokenScorer, disable_dropout, grouped_token_logps
 from prefopt.types import LossOutput, PromptBatch, Rollout
 
 
@@ -55,7 +54,7 @@ class OnlineConfig:
     rewards: list[RewardSpec] = field(default_factory=list)
     """Reward components and weights (prefopt.rewards), e.g. [{name: target_token}] or a reward_model."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rollout)."""
+    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rl.engine)."""
     num_samples: int = 4
     """G: responses sampled per prompt (a group); train.batch_size counts prompts."""
     advantage: str = "grpo"
@@ -161,7 +160,7 @@ class OnlineAlgorithm(Algorithm):
 
     # ------------------------------------------------------------------------------------------ stages
     def collect(self, batch: PromptBatch) -> Rollout:
-        return sample(self.policy, self.tokenizer, batch, self.config.generation, self.config.num_samples)
+        return generate(self.policy, self.tokenizer, batch, self.config.generation, self.config.num_samples)
 
     def response_logps(self, scorer: torch.nn.Module, rollout: Rollout, rows: Tensor | None = None,
                        with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -1,20 +1,125 @@
-"""The generation engine of the online algorithms: G samples per prompt, each row tagged with its prompt.
+"""The generation engine: one batched sampler for every online algorithm, evaluation and the benchmark.
 
-``sample(model, tokenizer, batch, gen, num_samples=G)`` repeats each prompt of a left-padded ``PromptBatch`` G times
-(rows i*G .. i*G+G-1 answer prompt i), samples one response per row with prefopt.rollout's engine (transformers'
-``generate``, KV cache on, behaviour log-probs from the sampling logits) and sets ``rollout.group`` to the prompt
-index of every row, which the group estimators (prefopt.rl.advantages) read.
+``generate(model, tokenizer, batch, gen, num_samples=G)`` runs transformers' ``model.generate`` on a LEFT-padded
+``PromptBatch`` with the KV cache on and returns a ``Rollout`` of G responses per prompt (rows i*G .. i*G+G-1
+answer prompt i; ``group`` holds i). Each prompt is prefilled ONCE: one forward over the prompts (all but their
+last token) fills the KV cache, which is repeated G times before ``generate`` continues from it, instead of
+``generate`` prefilling every copy. The Rollout holds:
+
+* ``response_ids``: the sampled tokens, right-padded with the pad token;
+* ``response_mask``: 1 on every token up to and including the first EOS (a response cut at
+  ``max_new_tokens`` has no EOS and is 1 throughout its length); ``ended``: whether it stopped at an EOS. EOS is
+  any id of ``eos_ids``: the tokenizer's and every one the model's generation config lists (Llama 3 ends a turn
+  with ``<|eot_id|>``, Qwen with ``<|im_end|>``);
+* ``logprobs``: behaviour log-probs  log softmax(z_t / temperature)[y_t]  of each sampled token, read from the
+  raw logits generate returns (``output_logits``), so no second forward is run. Top-k / top-p truncation is
+  not folded in: these are the log-probs the training forward recomputes (as TRL and OpenRLHF do), so the
+  PPO ratio starts at exactly 1. Sampling uses the algorithm's ``GenerationConfig`` and nothing else: what a
+  checkpoint's own generation_config asks for (repetition penalty, forced or length-decayed EOS, n-gram
+  blocking, minimum length, its own temperature, ...) is not applied, so the samples come from the policy whose
+  log-probs are trained on; only its EOS ids are kept (``eos_ids``);
+* decoded response texts (special tokens dropped), and the prompts / meta of the batch (repeated G times);
+* ``seconds`` and ``new_tokens``: the generation time and the generated (unmasked) token count, so an
+  algorithm can log generation tokens/s apart from training tokens/s.
+
+Positions: generate numbers the tokens of a left-padded row from its first real token
+(``position_ids = cumsum(attention_mask) - 1``); prefopt.scoring numbers them the same way, so a teacher-forced
+forward reproduces these log-probs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import dataclasses
 
 import torch
-from torch import nn
+import transformers
+from torch import Tensor, nn
 
-from prefopt.rollout import GenerationConfig, SampledRollout, generate
-from prefopt.types import PromptBatch
+from prefopt.config import check
+from prefopt.scoring import position_ids
+from prefopt.types import PromptBatch, Rollout
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings shared by every online algorithm."""
+
+    max_new_tokens: int = 48
+    """Most tokens generated per response."""
+    temperature: float = 1.0
+    """Softmax temperature of the sampling distribution (the log-probs use it too)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: off)."""
+    do_sample: bool = True
+    """Sample; False decodes greedily (temperature, top_p, top_k unused, log-probs at temperature 1)."""
+
+    def __post_init__(self):
+        check(self.max_new_tokens > 0, "generation.max_new_tokens", self.max_new_tokens, "must be > 0")
+        check(self.temperature > 0, "generation.temperature", self.temperature, "must be > 0")
+        check(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
+        check(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the behaviour log-probs (and every policy forward scoring them) use."""
+        return self.temperature if self.do_sample else 1.0
+
+
+@dataclass
+class SampledRollout(Rollout):
+    """A Rollout plus what its generation cost (set by ``generate``)."""
+
+    seconds: float = 0.0  # wall time of model.generate
+    new_tokens: int = 0  # generated tokens under response_mask
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
+def eos_ids(tokenizer, model: nn.Module) -> list[int]:
+    """Every token id that ends a response: the tokenizer's eos and the eos ids of the model's generation config
+    and model config (one id or a list)."""
+    ids = {tokenizer.eos_token_id}
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        config_eos = getattr(config, "eos_token_id", None)
+        ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def sampling_config(gen: GenerationConfig, eos: list[int], pad_token_id: int) -> transformers.GenerationConfig:
+    """The complete transformers generation config of a rollout: the algorithm's settings and the EOS ids."""
+    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k) if gen.do_sample else {}
+    return transformers.GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, **sampling,
+                                         eos_token_id=eos, pad_token_id=pad_token_id, use_cache=True,
+                                         return_dict_in_generate=True, output_logits=True)
+
+
+@contextlib.contextmanager
+def only_settings(model: nn.Module, config: transformers.GenerationConfig) -> Iterator[None]:
+    """Make ``config`` the model's generation config for the duration: ``model.generate`` fills every setting a
+    passed config leaves unset from ``model.generation_config``, so passing ``config`` alone is not enough."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft reads the base model's
+    saved = base.generation_config
+    base.generation_config = config
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+def response_mask(response_ids: Tensor, eos: list[int]) -> Tensor:
+    """1 on every token up to and including the first EOS of each row; 0 after it. [B, Tr] long."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device)).long()
+    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before t
+    return (eos_before == 0).long()
 
 
 def repeat_prompts(batch: PromptBatch, num_samples: int) -> PromptBatch:
@@ -28,10 +133,67 @@ def repeat_prompts(batch: PromptBatch, num_samples: int) -> PromptBatch:
         meta=[m for m in batch.meta for _ in range(num_samples)])
 
 
-def sample(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationConfig, num_samples: int = 1,
-           seed: int | None = None) -> SampledRollout:
-    """``num_samples`` responses to every prompt of ``batch``; ``rollout.group`` [B * G] says whose."""
-    rollout = generate(model, tokenizer, repeat_prompts(batch, num_samples), gen, seed=seed)
-    rollout.group = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device).repeat_interleave(
-        num_samples)
-    return rollout
+def prefilled_cache(model: nn.Module, batch: PromptBatch, num_samples: int) -> dict[str, object]:
+    """``generate`` keyword arguments that start from the prompts' KV cache, computed once and repeated
+    ``num_samples`` times (all but the last prompt token, which ``generate`` feeds itself); {} when the model's
+    cache cannot be repeated or there is nothing to share."""
+    if num_samples == 1 or batch.input_ids.shape[1] < 2:
+        return {}
+    ids, mask = batch.input_ids[:, :-1], batch.attention_mask[:, :-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return {}
+    cache.batch_repeat_interleave(num_samples)
+    return {"cache": cache}
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationConfig, num_samples: int = 1,
+             seed: int | None = None) -> SampledRollout:
+    """Sample ``num_samples`` responses per prompt of ``batch`` (see the module docstring); ``seed`` fixes the draw.
+
+    ``model`` is a plain (unwrapped) transformers or peft causal LM; it is put in eval mode for generation and
+    its mode restored. With ``seed`` the global RNG is forked, so training randomness is left untouched.
+    """
+    was_training = model.training
+    model.eval()
+    eos = eos_ids(tokenizer, model)
+    config = sampling_config(gen, eos, tokenizer.pad_token_id)
+    repeated = repeat_prompts(batch, num_samples)
+    start = time.perf_counter()
+    try:
+        with (torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None),
+              only_settings(model, config)):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
+                                 generation_config=config, **prefilled_cache(model, batch, num_samples))
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    prompt_width = batch.input_ids.shape[1]
+    response_ids = out.sequences[:, prompt_width:]
+    mask = response_mask(response_ids, eos)
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))
+    ended = (is_eos & mask.bool()).any(-1)
+    logprobs = torch.stack([  # one [B, V] step at a time: no float32 copy of all [B, Tr, V] logits at once
+        torch.log_softmax(logits.float() / gen.logprob_temperature, dim=-1).gather(-1, response_ids[:, t, None])[:, 0]
+        for t, logits in enumerate(out.logits)], dim=1) * mask
+    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
+    group = torch.arange(batch.input_ids.shape[0], device=response_ids.device).repeat_interleave(num_samples)
+    return SampledRollout(prompt_ids=repeated.input_ids, prompt_mask=repeated.attention_mask,
+                          response_ids=response_ids, response_mask=mask, logprobs=logprobs, ended=ended,
+                          prompts=list(repeated.prompts), responses=texts, meta=list(repeated.meta), group=group,
+                          seconds=seconds, new_tokens=int(mask.sum()))
+
+
+def rollout_inputs(rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+    """(sequences, attention_mask, score_mask) [B, Tp + Tr]; score_mask is 1 on the response tokens."""
+    score_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+    return rollout.sequences, rollout.attention_mask, score_mask
+
+
+def _rng_devices(tensor: Tensor) -> list[int]:
+    return [tensor.device.index or 0] if tensor.device.type == "cuda" else []
