@@ -61,15 +61,19 @@ def test_engine_samples_g_responses_per_prompt_with_group_ids(gpt2_real_dir):
     torch.testing.assert_close(logps[:, rollout.prompt_ids.shape[1]:], rollout.logprobs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
-def test_a_prompt_prefilled_once_for_its_samples_gives_the_same_draw(fixture, request):
-    """The prompts' KV cache computed once and repeated G times: the same tokens and log-probs as G copies."""
-    model_dir = request.getfixturevalue(fixture)
+def two_prompts(model_dir):
+    """Tokenizer, fp32 model and a left-padded batch of two prompts of different lengths."""
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     texts = ["\n\nHuman: hi there, how are you doing today?\n\nAssistant:", "\n\nHuman: what?\n\nAssistant:"]
     encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-    batch = PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{}, {}])
+    return tokenizer, model, PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{}, {}])
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
+def test_a_prompt_prefilled_once_for_its_samples_gives_the_same_draw(fixture, request):
+    """The prompts' KV cache computed once and repeated G times: the same tokens and log-probs as G copies."""
+    tokenizer, model, batch = two_prompts(request.getfixturevalue(fixture))
     gen = GenerationConfig(max_new_tokens=24)
     assert prefilled_cache(model, batch, 3)  # this model's cache is shared
     once = generate(model, tokenizer, batch, gen, num_samples=3, seed=5)
@@ -81,12 +85,7 @@ def test_a_prompt_prefilled_once_for_its_samples_gives_the_same_draw(fixture, re
 @pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir"])
 def test_the_samples_of_a_prompt_share_its_forward_with_the_same_logps(fixture, request):
     """Left-padded prompts, G = 3 responses each: scoring with the prompt once per group changes nothing."""
-    model_dir = request.getfixturevalue(fixture)
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    texts = ["\n\nHuman: hi there\n\nAssistant:", "\n\nHuman: what is the weather like today?\n\nAssistant:"]
-    encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-    batch = PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{}, {}])
+    tokenizer, model, batch = two_prompts(request.getfixturevalue(fixture))
     rollout = generate(model, tokenizer, batch, GenerationConfig(max_new_tokens=9), num_samples=3, seed=0)
     scorer = TokenScorer(model.eval())
     inputs = rollout_inputs(rollout)
