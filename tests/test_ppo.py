@@ -216,14 +216,14 @@ def test_ppo_runs_with_a_reward_model_critic_ptx_and_several_rewards(tiny_model_
     train = [row for row in rows if "reward/total" in row]
     assert len(train) == 3
     for key in ("reward/target_token", "reward/reward_model", "reward/length_penalty", "reward/format_validity",
-                "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/clipfrac", "ppo/approx_kl",
-                "ppo/value_loss", "ppo/policy_loss", "ppo/explained_variance", "ppo/ptx_loss",
-                "rollout/response_length", "perf/gen_tokens_per_s"):
+                "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl",
+                "loss/value", "loss/policy", "explained_variance", "loss/ptx",
+                "response_length", "perf/gen_tokens_per_s"):
         assert math.isfinite(train[-1][key]), key
     assert "perf/train_tokens_per_s" in train[-1]  # the previous step's update phase
-    assert train[0]["objective/kl_coef"] == 0.03 and train[1]["objective/kl_coef"] != 0.03  # adaptive
-    assert train[0]["ppo/logprob_gap"] < 1e-4  # engine and training forward agree
-    for key in ("eval/reward/total", "eval/reward/reward_model", "eval/kl", "eval/response_length"):
+    assert train[0]["kl_coef"] == 0.03 and train[1]["kl_coef"] != 0.03  # adaptive
+    assert train[0]["logprob_gap"] < 1e-4  # engine and training forward agree
+    for key in ("eval/reward/score", "eval/reward/reward_model", "eval/kl", "eval/response_length"):
         assert math.isfinite(final[key]), key
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # the policy, loadable as is
     assert saved.config.vocab_size == 512
@@ -238,7 +238,7 @@ def test_ppo_with_lora_uses_the_adapter_free_base_as_reference(fixture, task_pro
     final = trainer.fit()
     assert trainer.algorithm.reference is None  # no second copy of the model
     rows = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").open()]
-    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B starts at 0: policy == reference
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B starts at 0: policy == reference
     assert math.isfinite(final["eval/kl"])
 
 
@@ -283,7 +283,7 @@ def test_ppo_learns_the_known_reward_task_with_bounded_kl(tiny_model_dir, task_p
     assert 2.0 < kl < 20.0  # it moved, and stayed below the regularised optimum's ~14 nats (+ margin)
     assert end - beta * kl > start_mean  # the KL-penalised objective improved, not only the reward
     assert final["eval/reward/target_token"] > start_mean + 0.25 and final["eval/kl"] < 20.0
-    assert rows[-2]["ppo/clipfrac"] < 0.5
+    assert rows[-2]["clip_fraction"] < 0.5
 
 
 # ----------------------------------------------------------------------------------------- gradient accumulation
@@ -324,11 +324,11 @@ def test_ppo_trains_a_reward_model_critic_with_lora(tiny_model_dir, task_prompts
     trainer.fit()
     critic = trainer.algorithm.unwrapped.critic
     rows = [row for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open())
-            if "ppo/value_loss" in row]
-    assert len(rows) == 2 and all(math.isfinite(row["ppo/value_loss"]) for row in rows)
+            if "loss/value" in row]
+    assert len(rows) == 2 and all(math.isfinite(row["loss/value"]) for row in rows)
     trained = {name for name, p in critic.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in name or "score" in name for name in trained)
-    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_ptx_scores_packed_text_as_the_pt_stage_does(gpt2_real_dir, task_prompts_path, hh_path, tmp_path):
@@ -412,6 +412,6 @@ def test_adaptive_kl_controller_counts_the_sequences_of_every_process(gpt2_real_
     ppo.setup(Accelerator(cpu=True), {})
     ppo.accelerator = TwoProcesses(ppo.accelerator)
     (out,) = list(ppo.step(prompt_batch(ppo.tokenizer, task_prompts_path, rows=8)))
-    error = min(max(out.metrics["objective/kl"] / 1.0 - 1, -0.2), 0.2)
+    error = min(max(out.metrics["kl"] / 1.0 - 1, -0.2), 0.2)
     assert error != 0
     assert ppo.kl_ctl.value == pytest.approx(0.03 * (1 + error * 16 / 100), rel=1e-6)

@@ -5,6 +5,8 @@ when the KL is in the reward) and the sequence reward R(x, y) at the last respon
 a row is sum_t r_t = R - beta * sum_t KL_t. Estimators (A_t for each response token t of row i, prompt group g(i)):
 
 * ``gae``    Schulman et al. 2016, eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t.
+* ``nstep``  A_t = G_t - V_t with the n-step return G_t = sum_{l<n} gamma^l r_{t+l} + gamma^n V_{t+n} (``n_step``;
+             0: Monte-Carlo), as Sparrow's A2C (Glaese et al. 2022).
 * ``mc``     Monte-Carlo: A_t = G_t - V_t with G_t = sum_l gamma^l r_{t+l} (G_t alone without a critic).
 * ``grpo``   DeepSeekMath (Shao et al. 2024, sec. 4.1.2): A_i = (R_i - mean_g R) / (std_g R + 1e-4) on every token;
              ``scale_rewards``: "group" (as the paper), "batch" (std over the whole batch) or "none" (Dr. GRPO,
@@ -68,6 +70,27 @@ def gae_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
     if inputs.values is None:
         raise ValueError("advantage 'gae' needs a critic (values)")
     return gae(inputs.rewards, inputs.values, inputs.mask, cfg.gamma, cfg.lam)
+
+
+def nstep_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, n: int) -> Tensor:
+    """G_t = sum_{l<n} gamma^l r_{t+l} + gamma^n V_{t+n} (V and r are 0 past the end); n = 0: Monte-Carlo."""
+    T = rewards.shape[1]
+    if n == 0 or n >= T:
+        return discounted_returns(rewards, mask, gamma)
+    rewards, values = rewards * mask, values * mask
+    returns = torch.zeros_like(rewards)
+    for lag in range(n):
+        returns[:, :T - lag] += gamma**lag * rewards[:, lag:]
+    returns[:, :T - n] += gamma**n * values[:, n:]
+    return returns * mask
+
+
+@ADVANTAGES.register("nstep")
+def nstep_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
+    if inputs.values is None:
+        raise ValueError("advantage 'nstep' needs a critic (values)")
+    returns = nstep_returns(inputs.rewards, inputs.values, inputs.mask, cfg.gamma, cfg.n_step)
+    return (returns - inputs.values) * inputs.mask, returns
 
 
 @ADVANTAGES.register("mc")

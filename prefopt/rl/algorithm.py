@@ -65,6 +65,8 @@ class OnlineConfig:
     """Discount per token (reinforce_pp, mc, gae)."""
     lam: float = 0.95
     """GAE lambda."""
+    n_step: int = 0
+    """n of the n-step returns (advantage=nstep); 0: Monte-Carlo returns to the end of the response."""
     loss_type: str = "grpo"
     """Policy loss by name (prefopt.rl.losses): grpo, bnpo, dapo, dr_grpo, sequence."""
     epsilon: float = 0.2

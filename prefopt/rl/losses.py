@@ -90,7 +90,7 @@ def token_terms(inputs: PolicyLossInputs, cfg: Any) -> tuple[Tensor, dict[str, T
         k3 = kl_penalty(inputs.logps, inputs.ref_logps, "k3")
         weight = ratio if clip.kl_ratio_correction else 1.0
         per_token = per_token + clip.kl_loss_coef * weight * k3
-        metrics["loss/kl"] = masked_mean(k3, inputs.mask)
+        metrics["loss/kl"] = masked_mean(k3.detach(), inputs.mask)
     return per_token, metrics
 
 
