@@ -41,6 +41,7 @@ from prefopt.models import load_causal_lm, load_reward_model, needs_separate_ref
 from prefopt.registry import ADVANTAGES, register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
+from prefopt.rl.algorithm import minibatches
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import KLController, kl_over_processes, kl_shaped_rewards, sequence_mean
 from prefopt.rl.losses import ClipSettings, clipped_surrogate
@@ -263,35 +264,33 @@ class PPO(Algorithm):
 
         update_start, train_tokens = time.perf_counter(), 0
         accumulation = self.accumulation
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rollout.responses), device=sequences.device)
-            for minibatch in order.tensor_split(cfg.num_minibatches):  # one optimizer update each
-                ptx = next(self.ptx_batches) if self.ptx_batches is not None else None
-                ptx_parts = ptx_micro_batches(ptx, accumulation) if ptx is not None else [None] * accumulation
-                minibatch_tokens = mask[minibatch].sum()
-                for idx, ptx_part in zip(minibatch.tensor_split(accumulation), ptx_parts):  # its micro-batches
-                    logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
-                        sequences[idx], attention_mask[idx], score_mask[idx], temperature))
-                    mb_mask = mask[idx]
-                    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
-                                                               cfg.cliprange)
-                    vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
-                                                      cfg.cliprange_value)
-                    mean_entropy = masked_mean(entropy, mb_mask)
-                    # this micro-batch's share of the minibatch's token mean; accelerate divides each loss by G
-                    share = accumulation * mb_mask.sum() / minibatch_tokens
-                    loss = share * (pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy)
-                    metrics = {"loss/policy": float(pg_loss.detach()), "loss/value": float(vf_loss.detach()),
-                               "clip_fraction": float(clipfrac), "value_clip_fraction": float(vf_clipfrac),
-                               "approx_kl": float(approx_kl), "entropy": float(mean_entropy.detach())}
-                    if ptx_part is not None:
-                        ptx_loss = self.ptx_loss(*ptx_part)
-                        loss = loss + cfg.ptx_coef * accumulation * ptx_loss
-                        metrics["loss/ptx"] = float(ptx_loss.detach()) * accumulation
-                    tokens = int(attention_mask[idx].sum())
-                    train_tokens += tokens
-                    yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
-                    rollout_metrics = {}
+        for minibatch in minibatches(len(rollout.responses), cfg.ppo_epochs, cfg.num_minibatches, sequences.device):
+            ptx = next(self.ptx_batches) if self.ptx_batches is not None else None
+            ptx_parts = ptx_micro_batches(ptx, accumulation) if ptx is not None else [None] * accumulation
+            minibatch_tokens = mask[minibatch].sum()
+            for idx, ptx_part in zip(minibatch.tensor_split(accumulation), ptx_parts):  # its micro-batches
+                logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
+                    sequences[idx], attention_mask[idx], score_mask[idx], temperature))
+                mb_mask = mask[idx]
+                pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
+                                                           cfg.cliprange)
+                vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
+                                                  cfg.cliprange_value)
+                mean_entropy = masked_mean(entropy, mb_mask)
+                # this micro-batch's share of the minibatch's token mean; accelerate divides each loss by G
+                share = accumulation * mb_mask.sum() / minibatch_tokens
+                loss = share * (pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy)
+                metrics = {"loss/policy": float(pg_loss.detach()), "loss/value": float(vf_loss.detach()),
+                           "clip_fraction": float(clipfrac), "value_clip_fraction": float(vf_clipfrac),
+                           "approx_kl": float(approx_kl), "entropy": float(mean_entropy.detach())}
+                if ptx_part is not None:
+                    ptx_loss = self.ptx_loss(*ptx_part)
+                    loss = loss + cfg.ptx_coef * accumulation * ptx_loss
+                    metrics["loss/ptx"] = float(ptx_loss.detach()) * accumulation
+                tokens = int(attention_mask[idx].sum())
+                train_tokens += tokens
+                yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
+                rollout_metrics = {}
         update_s = time.perf_counter() - update_start  # includes the Trainer's backward and optimizer steps
         self.pending = {"perf/update_s": update_s, "perf/train_tokens_per_s": train_tokens / max(update_s, 1e-9)}
 

@@ -122,6 +122,14 @@ class Scored:
     rewards: Tensor  # per-token rewards r_t
 
 
+def minibatches(rows: int, epochs: int, num_minibatches: int, device: Any, shuffle: bool = True) -> Iterator[Tensor]:
+    """Row indices of each optimizer update of one rollout of ``rows`` rows: ``epochs`` passes over
+    ``num_minibatches`` minibatches, the rows shuffled at the start of each pass unless ``shuffle`` is False."""
+    for _ in range(epochs):
+        order = torch.randperm(rows, device=device) if shuffle else torch.arange(rows, device=device)
+        yield from order.tensor_split(num_minibatches)
+
+
 class OnlineAlgorithm(Algorithm):
     """collect -> score -> advantages -> update; subclasses choose names in their Config or override a stage."""
 
@@ -211,25 +219,23 @@ class OnlineAlgorithm(Algorithm):
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
         loss_fn = POLICY_LOSSES.get(cfg.loss_type)
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
-        for _ in range(cfg.epochs):
-            order = torch.randperm(rows, device=device) if cfg.num_minibatches > 1 else torch.arange(rows, device=device)
-            for minibatch in order.tensor_split(cfg.num_minibatches):  # one optimizer update each
-                update_tokens = float(scored.mask[minibatch].sum())
-                for idx in minibatch.tensor_split(accumulation):  # its micro-batches
-                    logps, entropy = self.response_logps(self.model, rollout, idx, with_entropy=True)
-                    mask = scored.mask[idx]
-                    old = logps.detach() if scored.old_logps is None else scored.old_logps[idx]
-                    ref = None if scored.ref_logps is None else scored.ref_logps[idx]
-                    inputs = PolicyLossInputs(logps, old, advantages[idx], mask, ref, tokens_per_update,
-                                              cfg.generation.max_new_tokens, len(minibatch), update_tokens)
-                    policy_loss, loss_metrics = loss_fn(inputs, cfg)
-                    loss = policy_loss - cfg.entropy_coef * (entropy * mask).sum() / max(update_tokens, 1.0)
-                    step_metrics = {"loss/policy": accumulation * float(policy_loss.detach()),
-                                    "entropy": float(masked_mean(entropy.detach(), mask)),
-                                    **{k: float(v) for k, v in loss_metrics.items()}}
-                    tokens = int(rollout.prompt_mask[idx].sum() + rollout.response_mask[idx].sum())
-                    yield LossOutput(accumulation * loss, {**metrics, **step_metrics}, tokens)
-                    metrics = {}
+        for minibatch in minibatches(rows, cfg.epochs, cfg.num_minibatches, device, shuffle=cfg.num_minibatches > 1):
+            update_tokens = float(scored.mask[minibatch].sum())
+            for idx in minibatch.tensor_split(accumulation):  # its micro-batches
+                logps, entropy = self.response_logps(self.model, rollout, idx, with_entropy=True)
+                mask = scored.mask[idx]
+                old = logps.detach() if scored.old_logps is None else scored.old_logps[idx]
+                ref = None if scored.ref_logps is None else scored.ref_logps[idx]
+                inputs = PolicyLossInputs(logps, old, advantages[idx], mask, ref, tokens_per_update,
+                                          cfg.generation.max_new_tokens, len(minibatch), update_tokens)
+                policy_loss, loss_metrics = loss_fn(inputs, cfg)
+                loss = policy_loss - cfg.entropy_coef * (entropy * mask).sum() / max(update_tokens, 1.0)
+                step_metrics = {"loss/policy": accumulation * float(policy_loss.detach()),
+                                "entropy": float(masked_mean(entropy.detach(), mask)),
+                                **{k: float(v) for k, v in loss_metrics.items()}}
+                tokens = int(rollout.prompt_mask[idx].sum() + rollout.response_mask[idx].sum())
+                yield LossOutput(accumulation * loss, {**metrics, **step_metrics}, tokens)
+                metrics = {}
 
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
         kl = scored.kl.sum(-1)
