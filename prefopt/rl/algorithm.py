@@ -22,6 +22,8 @@ Metrics (the same names for every online algorithm; ``eval/`` ones are per-respo
     clip_fraction      share of tokens (rows for sequence losses) where the ratio clip binds
     loss/policy, loss/kl (the k3 loss term, when ``kl_in="loss"``), perf/gen_s, perf/gen_tokens_per_s, perf/score_s
     (the scoring stage: rewards, old and reference log-probs; the update is the rest of perf/step_s)
+PPO and A2C log the same names, plus their critic's: loss/value, value_clip_fraction (PPO), explained_variance,
+kl_coef (PPO's adaptive beta), approx_kl, logprob_gap (behaviour vs recomputed log-probs), loss/ptx (PPO-ptx).
 """
 
 from __future__ import annotations
