@@ -101,8 +101,9 @@ class WorldConfig:
     """Prompts drawn (repeats are dropped before the split)."""
     seed: int = 0
     """Seed of the prompt draw and of the preference labels."""
-    penalty: float = 0.5
-    """lambda of the true reward r(x, y) = (#tokens in G(x) - lambda #tokens in the other group) / |y|."""
+    penalty: float = 0.0
+    """lambda of the true reward r(x, y) = (#tokens in G(x) - lambda #tokens in the other group) / |y| (0: the
+    other group's words are worth nothing; > 0 they cost, which a nano proxy RM learns much worse)."""
     responses_per_prompt: int = 4
     """K: responses sampled from the start per labelled prompt, ranked by Plackett-Luce on r / label_temperature
     (the proxy RM trains on the K-wise rankings, offline algorithms on the C(K,2) pairs they imply)."""
@@ -135,14 +136,16 @@ class FrontierConfig:
     bootstrap: int = 2000
     """Bootstrap resamples (seeds x prompts) of the paired comparisons and the 95% intervals."""
     flops_runs: int = 1
-    """Runs per algorithm whose FLOPs are counted exactly (torch.utils.flop_counter, slow); every run's
-    FLOPs are estimated from them per token processed."""
+    """1: one short probe run per algorithm (its first run's recipe, 4 steps) has its FLOPs counted exactly
+    (torch.utils.flop_counter, slow), and every run's FLOPs are its tokens x the probe's FLOPs per token;
+    0: no probe, no FLOPs (nor compute-matched view)."""
 
     def __post_init__(self):
         check(self.checkpoints >= 1, "frontier.checkpoints", self.checkpoints, "must be >= 1")
         check(all(n >= 1 for n in self.best_of_n), "frontier.best_of_n", self.best_of_n, "every n must be >= 1")
         check(all(k > 0 for k in self.kl_levels), "frontier.kl_levels", self.kl_levels, "must be > 0")
         check(self.bootstrap >= 100, "frontier.bootstrap", self.bootstrap, "must be >= 100")
+        check(self.flops_runs in (0, 1), "frontier.flops_runs", self.flops_runs, "must be 0 or 1")
         for label, values in self.knob_values.items():
             check(bool(values) and all(v >= 0 for v in values), f"frontier.knob_values.{label}", values,
                   "give one or more values >= 0")

@@ -229,12 +229,13 @@ class Bench:
         (run.directory / "run.json").write_text(json.dumps(info, indent=2))
         self.times[f"train/{run.directory.relative_to(self.run_dir)}"] = {"wall_s": cost["wall_s"],
                                                                          "cpu_s": cost["cpu_s"]}
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         if run.phase == "flops":
             (run.directory / "eval.json").write_text(json.dumps({"key": run.key, "points": []}))
         else:
             self._evaluate(run, snapshots, summary.get("step"))
-        self.times[f"eval/{run.directory.relative_to(self.run_dir)}"] = {"wall_s": time.perf_counter() - started}
+        self.times[f"eval/{run.directory.relative_to(self.run_dir)}"] = {"wall_s": time.perf_counter() - started,
+                                                                        "cpu_s": time.process_time() - cpu}
         if not self.cfg.keep_checkpoints:
             shutil.rmtree(run.directory / "checkpoints", ignore_errors=True)
             shutil.rmtree(run.directory / "snapshots", ignore_errors=True)
@@ -280,7 +281,7 @@ class Bench:
         if path.is_file() and json.loads(path.read_text()).get("key") == key:
             self.evals["start"] = json.loads(path.read_text())
             return
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         evaluator = self._evaluator()
         result = evaluator.evaluate_start()
         rows = [{"step": 0, "set": "eval", "i": i, **row} for i, row in enumerate(result.samples)]
@@ -297,7 +298,7 @@ class Bench:
         write_jsonl(path.with_name("best_of_n.jsonl"), bon)
         record = {"key": key, "metrics": result.metrics, "points": points}
         path.write_text(json.dumps(record, indent=2))
-        self.times["eval/start"] = {"wall_s": time.perf_counter() - started}
+        self.times["eval/start"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
         self.evals["start"] = record
 
     def choose_learning_rates(self) -> None:

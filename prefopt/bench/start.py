@@ -4,12 +4,14 @@ Stages (task hh): ``init`` (tiny model + tokenizer from the policy_train dialogu
 start every algorithm trains from) -> ``proxy_rm`` and ``gold_rm`` (both initialised from the start, trained
 on the DISJOINT parts proxy_rm_train and gold_rm_train). Task synthetic: ``init`` -> optional pt / sft ->
 ``pairs`` (responses sampled from the start, the best and worst under the known reward as chosen / rejected).
+Task world: ``init`` -> sft -> ``labels`` (prefopt.bench.world: K-wise rankings and implied pairs of the start's
+responses, labelled by the true reward with noise) -> ``proxy_rm`` (trained on the policy_train rankings).
 
 A stage's key is sha256 of its kind, its recipe with every input path replaced by that input's identity (the
 key of the stage that made it, or the sha256 of a data file's bytes; output_dir dropped), and the torch /
 transformers versions. The stage lives in ``cache_dir/<stage>-<key16>``; ``stage.json``, written last, marks
-it complete. A trained stage is a ``prefopt`` SUBPROCESS (its log is ``stage.log``); an interrupted one
-resumes from its checkpoint (train.resume=auto).
+it complete. A trained stage runs in this process (``isolation: inprocess``, log ``train.log``) or as a
+``prefopt`` SUBPROCESS (log ``stage.log``); an interrupted one resumes from its checkpoint (train.resume=auto).
 """
 
 from __future__ import annotations

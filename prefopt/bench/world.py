@@ -8,7 +8,8 @@ prompt shows three words of its group G(x). The true (gold) reward of a response
 
 so it depends on the prompt, a tiny model can learn to satisfy it (copy the words the prompt shows), and a proxy
 that learns only "target words are good" is exploitable: pushing it emits the other group's words, which the gold
-reward penalises (over-optimisation).
+reward does not pay for (lambda = 0, the default) or penalises (lambda > 0) (over-optimisation). With lambda = 0.5 a
+nano proxy RM stays near chance on held-out pairs (0.55 accuracy; 0.62 with lambda = 0), so the default is 0.
 
 Labels: for each labelled prompt, K responses are sampled from the start and ranked by Plackett-Luce on
 r / tau (Gumbel-max: sort by r / tau + Gumbel noise), so any two of them are ordered by Bradley-Terry,
@@ -64,7 +65,7 @@ def prompt_group(prompt: str) -> int:
 class WorldGoldReward:
     """The world's true reward r(x, y) (module docstring); ``penalty`` is lambda."""
 
-    def __init__(self, tokenizer, device, penalty: float = 0.5):
+    def __init__(self, tokenizer, device, penalty: float = 0.0):
         self.groups = [torch.tensor(token_ids(tokenizer, list(group))) for group in GROUPS]
         self.penalty = float(penalty)
         self.device = device
