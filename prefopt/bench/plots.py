@@ -23,8 +23,8 @@ def _pyplot():
 
 def plot_frontiers(path: Path, frontier: pd.DataFrame, fits: pd.DataFrame, start_gold: float, reward_name: str,
                    kl_levels: list[float]) -> None:
-    """Seed-mean points (95% bootstrap bars) of every (label, knob value, step), a line through each knob's
-    checkpoints, the start, and each label's fitted Gao curve (dashed)."""
+    """Seed-mean points (95% bootstrap bars) of every (label, knob value, step), a line from the start through each
+    knob value's checkpoints in training order, and each label's fitted Gao curve (dashed); x on a sqrt scale."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.0, 5.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -32,7 +32,7 @@ def plot_frontiers(path: Path, frontier: pd.DataFrame, fits: pd.DataFrame, start
     for index, (label, group) in enumerate(frontier.groupby("label", sort=False)):
         color = colors[index % len(colors)]
         for v_index, (value, curve) in enumerate(group.groupby("value", dropna=False, sort=True)):
-            curve = curve.sort_values("kl")
+            curve = curve.sort_values(["step", "value"])  # along training (best-of-n: along n)
             xs = np.concatenate([[0.0], curve["kl"].to_numpy()]) if label != BON else curve["kl"].to_numpy()
             ys = np.concatenate([[start_gold], curve["gold"].to_numpy()]) if label != BON else curve["gold"].to_numpy()
             ax.plot(xs, ys, color=color, lw=1, alpha=0.6)
@@ -50,7 +50,8 @@ def plot_frontiers(path: Path, frontier: pd.DataFrame, fits: pd.DataFrame, start
     ax.scatter([0], [start_gold], marker="*", s=160, color="black", label="start", zorder=5)
     for k in kl_levels:
         ax.axvline(k, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("KL(pi || pi_start), nats per sequence (best-of-n: analytic log n - (n-1)/n)")
+    ax.set_xscale("function", functions=(lambda x: np.sqrt(np.maximum(x, 0)), np.square))  # Gao et al.'s d axis
+    ax.set_xlabel("KL(pi || pi_start), nats per sequence, on a sqrt scale (best-of-n: analytic log n - (n-1)/n)")
     ax.set_ylabel(f"{reward_name} on eval prompts")
     ax.set_title("Gold reward vs KL: knob values x checkpoints (markers: knob value), dashed: Gao fit; "
                  "bars: 95% bootstrap over seeds", fontsize=8)

@@ -165,6 +165,16 @@ def _notes(bench: Any) -> list[str]:
         f" at start {bench.load_at_start}, at the report {load_average()} (on a shared machine `cpu_s` is steadier"
         " than `wall_s`).",
     ]
+    for stage in bench.start.stages:
+        summary = stage.record().get("summary") or {}
+        if stage.name == "labels" and "policy_train" in summary:
+            part = summary["policy_train"]
+            notes.append(f"- world labels (policy_train): {part['prompts']} prompts x {cfg.world.responses_per_prompt}"
+                         f" responses, {part['pairs']} implied pairs; agreement of the noisy labels with the true order"
+                         f" {part['label_agreement_with_true_reward']:.3f} (tau {cfg.world.label_temperature}); the"
+                         f" start's mean true reward {part['start_true_reward']:.3f}; lambda {cfg.world.penalty}.")
+        if stage.name == "proxy_rm" and "eval/accuracy" in summary:
+            notes.append(f"- proxy RM: accuracy {summary['eval/accuracy']:.3f} on the val pairs' noisy labels.")
     for label, message in bench.skipped.items():
         notes.append(f"- **skipped {label}**: {message}")
     for run in bench.runs + bench.sweep_runs:
