@@ -7,7 +7,9 @@ one row per (label, knob value, seed, step, eval prompt i) with the gold score a
   percentile bootstrap interval over seeds.
 * **Gold at KL k** (per label and seed): all of the label's points (every knob value and checkpoint, plus the
   start at KL 0) sorted by mean KL; the per-prompt gold vector is interpolated linearly between the two points
-  whose mean KL brackets k (the same weights for every prompt). Undefined when a seed never reaches k.
+  whose mean KL brackets k (the same weights for every prompt). Undefined when a seed never reaches k. The
+  verdict table shows the seed-mean KLs of those two points ("A between KL"): an interval from 0 (the start) to
+  a far first checkpoint is a chord, not a measured frontier.
   Best-of-n is a label like the others, its points at the analytic KL log n - (n - 1) / n.
 * **Paired comparison** A vs B: d[s, i] = g_A[s, i] - g_B[s, i] on the same eval prompt i, sampled with the same
   seed, for training seed s; the 95% interval and the two-sided p-value come from a bootstrap that resamples
@@ -76,8 +78,10 @@ def frontier_table(points: pd.DataFrame, resamples: int) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def gold_matrix_at_kl(prompts: pd.DataFrame, label: str, k: float, start: pd.DataFrame | None) -> np.ndarray | None:
-    """[seeds, prompts] gold at KL k (module docstring), seeds in sorted order; None if a seed misses k."""
+def gold_matrix_at_kl(prompts: pd.DataFrame, label: str, k: float, start: pd.DataFrame | None,
+                      brackets: list[tuple[float, float]] | None = None) -> np.ndarray | None:
+    """[seeds, prompts] gold at KL k (module docstring), seeds in sorted order; None if a seed misses k.
+    ``brackets`` (when given) receives each seed's (lower, upper) KL of the two points interpolated between."""
     rows = []
     for seed, group in prompts[prompts["label"] == label].groupby("seed", sort=True):
         curves = [(float(g["kl"].mean()), g.sort_values("i")["gold"].to_numpy())
@@ -89,12 +93,22 @@ def gold_matrix_at_kl(prompts: pd.DataFrame, label: str, k: float, start: pd.Dat
         if k > kls[-1] or k < kls[0]:
             return None
         j = max(idx for idx, value in enumerate(kls) if value <= k)
+        if brackets is not None:
+            brackets.append((kls[j], kls[min(j + 1, len(kls) - 1)]))
         if j == len(curves) - 1 or kls[j + 1] == kls[j]:
             rows.append(curves[j][1])
             continue
         w = (k - kls[j]) / (kls[j + 1] - kls[j])
         rows.append((1 - w) * curves[j][1] + w * curves[j + 1][1])
     return np.vstack(rows) if rows else None
+
+
+def _between(brackets: list[tuple[float, float]]) -> str:
+    """Seed-mean KLs of the two measured points a matched-KL value was interpolated between ("0.0-6.9")."""
+    if not brackets:
+        return ""
+    lower, upper = np.mean([b[0] for b in brackets]), np.mean([b[1] for b in brackets])
+    return f"{lower:.1f}-{upper:.1f}"
 
 
 def paired(diff: np.ndarray, resamples: int, seed: int = 0) -> dict[str, float]:
@@ -136,11 +150,13 @@ def verdict_table(prompts: pd.DataFrame, start: pd.DataFrame, labels: list[str],
     for a_index, a in enumerate(labels):
         for b in labels[a_index + 1:]:
             for k in kl_levels:
-                ga, gb = gold_matrix_at_kl(prompts, a, k, start), gold_matrix_at_kl(prompts, b, k, start)
-                row = {"A": a, "B": b, "at": f"KL {k:g}"}
+                ba, bb = [], []
+                ga, gb = gold_matrix_at_kl(prompts, a, k, start, ba), gold_matrix_at_kl(prompts, b, k, start, bb)
+                row = {"A": a, "B": b, "at": f"KL {k:g}", "A between KL": _between(ba) if ga is not None else "",
+                       "B between KL": _between(bb) if gb is not None else ""}
                 if ga is None or gb is None or ga.shape != gb.shape:
                     missing = [x for x, g in ((a, ga), (b, gb)) if g is None]
-                    out.append({**row, "verdict": f"n/a ({', '.join(missing) or 'seeds differ'} does not reach it)"})
+                    out.append({**row, "verdict": f"n/a (not reached by {' and '.join(missing) or 'every seed'})"})
                     continue
                 result = paired(ga - gb, resamples)
                 out.append({**row, **result, "verdict": verdict(result)})

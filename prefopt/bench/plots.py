@@ -51,6 +51,9 @@ def plot_frontiers(path: Path, frontier: pd.DataFrame, fits: pd.DataFrame, start
     for k in kl_levels:
         ax.axvline(k, color="grey", ls=":", lw=0.8)
     ax.set_xscale("function", functions=(lambda x: np.sqrt(np.maximum(x, 0)), np.square))  # Gao et al.'s d axis
+    kl_max = float(frontier["kl"].max())
+    ax.set_xlim(0, kl_max * 1.05)
+    ax.set_xticks([t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= kl_max * 1.05])
     ax.set_xlabel("KL(pi || pi_start), nats per sequence, on a sqrt scale (best-of-n: analytic log n - (n-1)/n)")
     ax.set_ylabel(f"{reward_name} on eval prompts")
     ax.set_title("Gold reward vs KL: knob values x checkpoints (markers: knob value), dashed: Gao fit; "

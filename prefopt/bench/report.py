@@ -81,14 +81,19 @@ def verdict_markdown(verdicts: pd.DataFrame) -> str:
     if verdicts.empty:
         return "(no comparisons: fewer than two labels)"
     rows = []
-    for row in verdicts.itertuples(index=False):
-        diff = getattr(row, "diff", float("nan"))
+    for row in verdicts.to_dict("records"):
+        diff = row.get("diff", float("nan"))
         measured = isinstance(diff, float) and not math.isnan(diff)
-        rows.append({"A": row.A, "B": row.B, "at": row.at,
+        rows.append({"A": row["A"], "B": row["B"], "at": row["at"], "A between KL": _text(row.get("A between KL")),
+                     "B between KL": _text(row.get("B between KL")),
                      "gold A - B": f"{diff:+.4f}" if measured else "",
-                     "95% CI": f"[{row.lo:+.4f}, {row.hi:+.4f}]" if measured else "",
-                     "p": f"{row.p:.4f}" if measured else "", "verdict": row.verdict})
+                     "95% CI": f"[{row['lo']:+.4f}, {row['hi']:+.4f}]" if measured else "",
+                     "p": f"{row['p']:.4f}" if measured else "", "verdict": row["verdict"]})
     return markdown_table(pd.DataFrame(rows))
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def _verdict_note(cfg: Any) -> str:
@@ -97,7 +102,8 @@ def _verdict_note(cfg: Any) -> str:
             "points (knob values x checkpoints, start at 0) at that KL; best: each algorithm at its knob value of "
             "highest val gold (last step). 95% CI and two-sided p from a seeds x prompts bootstrap "
             f"({cfg.frontier.bootstrap} resamples); better / worse when the CI excludes 0; no multiple-comparison "
-            "correction.")
+            "correction. `between KL`: the seed-mean KLs of the two measured points a matched value is interpolated "
+            "between; a range from 0 (the start) to a far first checkpoint is a straight chord, not a measured curve.")
 
 
 def _diagnostics_note(cfg: Any) -> str:
