@@ -96,8 +96,19 @@ def test_knob_dispatch_uses_the_declared_field_and_falls_back_by_config():
 
 
 def test_plan_sweeps_the_knob_gives_online_algorithms_the_proxy_and_skips_unregistered(tmp_path):
+    from prefopt.algorithms.dpo import DPO
+    from prefopt.registry import ALGORITHMS, register_algorithm
+
+    if "bench_plugin_test" not in ALGORITHMS:  # an algorithm registered after the bench was written
+        @register_algorithm("bench_plugin_test")
+        class Plugin(DPO):
+            """A plugin: DPO under another name, its knob declared."""
+
+            kl_knob = "beta"
+
     cfg = load_bench_config(TINY, ["algorithms.nope={}", "algorithms.ppo={}", f"output_dir={tmp_path}",
-                                   "frontier.knob_values={dpo: [0.1, 0.3], ppo: [0.02]}"])
+                                   "algorithms.plugin={algorithm: {name: bench_plugin_test}}",
+                                   "frontier.knob_values={dpo: [0.1, 0.3], ppo: [0.02], plugin: [0.7]}"])
     part = tmp_path / "policy_train.jsonl"
     part.write_text(json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " a", "rejected": " b"}) + "\n")
     from prefopt.bench.runner import Bench
@@ -109,7 +120,7 @@ def test_plan_sweeps_the_knob_gives_online_algorithms_the_proxy_and_skips_unregi
     assert "unknown algorithm 'nope'" in bench.skipped["nope"]
     assert {(r.label, r.value, r.seed) for r in bench.runs} == {
         ("dpo", 0.1, 0), ("dpo", 0.1, 1), ("dpo", 0.3, 0), ("dpo", 0.3, 1), ("orpo", 0.1, 0), ("orpo", 0.1, 1),
-        ("ppo", 0.02, 0), ("ppo", 0.02, 1)}
+        ("ppo", 0.02, 0), ("ppo", 0.02, 1), ("plugin", 0.7, 0), ("plugin", 0.7, 1)}
     for run in bench.runs:
         assert str(tmp_path / "gold") not in json.dumps(run.recipe)
         assert run.recipe["model"]["name_or_path"] == str(tmp_path / "sft")

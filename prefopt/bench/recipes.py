@@ -84,7 +84,8 @@ def algorithm_recipe(cfg: BenchConfig, label: str, start_path: str, data_paths: 
     """Recipe of one (algorithm, seed) run: ``merge(defaults, algorithms[label])`` over the bench base, with
     ``knob`` (field, value) set in its algorithm section and ``learning_rate`` in train when given.
 
-    ``data_paths`` maps "prompts" (online algorithms) and "pairs" (everything else) to the training file.
+    ``data_paths`` maps a data kind ("prompts" for online algorithms, "ranks" where the bench has K-wise rankings)
+    to its training file, and "pairs" to the file of every other kind (pairs, unpaired, ...).
     UnknownNameError when the algorithm is not registered (the runner skips it with that message).
     """
     where = f"algorithms.{label}"
@@ -97,7 +98,7 @@ def algorithm_recipe(cfg: BenchConfig, label: str, start_path: str, data_paths: 
         algo["rewards"] = copy.deepcopy(rewards)
     if "generation" in fields and "generation" not in algo:
         algo["generation"] = dataclasses.asdict(cfg.eval.generation)
-    data_path = data_paths["prompts" if algorithm_cls.kind == "prompts" else "pairs"]
+    data_path = data_paths.get(algorithm_cls.kind) or data_paths["pairs"]  # prompts / ranks files, else pairs
     base = {"model": {"name_or_path": start_path}, "data": _data(data_path, cfg),
             "train": {"progress": False, "resume": "auto", "log_every": 1, "eval_every": 0, "save_model": True}}
     recipe = merge(base, partial)

@@ -113,7 +113,10 @@ class Bench:
     def data_paths(self) -> dict[str, str]:
         prompts = str(self.data.files["policy_train"].resolve())
         pairs = str(self.start.pairs["policy_train"]) if self.cfg.task != "hh" else prompts
-        return {"prompts": prompts, "pairs": pairs}
+        paths = {"prompts": prompts, "pairs": pairs}
+        if "policy_train" in self.start.ranks:  # world: the K-wise rankings for algorithms of kind ranks
+            paths["ranks"] = str(self.start.ranks["policy_train"])
+        return paths
 
     def known_paths(self) -> dict[str, str]:
         known = {str(stage.model): f"stage:{stage.key}" for stage in self.start.stages}
