@@ -28,13 +28,16 @@ the first n draws' argmax under the proxy (prefopt.bench.frontier), with analyti
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from prefopt.bench.config import BenchConfig
+from prefopt.bench.data import write_jsonl
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
 from prefopt.functional import sequence_logps
@@ -193,3 +196,69 @@ def _sem(values: list[float]) -> float:
         return float("nan")
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+# ------------------------------------------------------------------------------------------------ bench runs
+
+
+def evaluate_run(bench: Any, run: Any, snapshots: dict[int, str], final_step: int) -> None:
+    """A run's policy at every snapshot and at its end on the eval prompts (and, for a main run, at its end on the
+    val prompts; a sweep run on the val prompts only): ``eval.jsonl`` (one row per step and prompt) and
+    ``eval.json`` (the run's key and the means per step)."""
+    evaluator = bench._evaluator()
+    points, rows = [], []
+    models = [(step, path) for step, path in sorted(snapshots.items())] + [(final_step, str(run.model))]
+    sets = ["val"] if run.phase == "lr_sweep" else ["eval"]
+    for step, path in models:
+        model = evaluator.load_policy(path)
+        for prompt_set in sets + (["val"] if step == final_step and run.phase == "main"
+                                  and "val" in evaluator.sets else []):
+            samples = evaluator.sample(model, prompt_set)
+            points.append({"step": step, "set": prompt_set, **summarise(samples)})
+            rows += [{"step": step, "set": prompt_set, "i": i, **row} for i, row in enumerate(samples)]
+        del model
+    write_jsonl(run.directory / "eval.jsonl", rows)
+    (run.directory / "eval.json").write_text(json.dumps({"key": run.key, "points": points}, indent=2))
+
+
+def evaluate_start(bench: Any) -> None:
+    """The start on every prompt set (eval/start.json, start.jsonl) and the best-of-n draws per seed
+    (eval/best_of_n.jsonl), cached under a key of the eval settings, the start, the proxy and the seeds."""
+    from prefopt.bench.start import stage_key
+
+    path = bench.run_dir / "eval" / "start.json"
+    key = stage_key("start-eval", {"eval": bench._eval_settings(), "start": str(bench.start.policy),
+                                   "proxy": bench.reward_specs(), "bon": bench.cfg.frontier.best_of_n,
+                                   "seeds": bench.cfg.seeds}, bench.known_paths())
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        bench.evals["start"] = json.loads(path.read_text())
+        return
+    started, cpu = time.perf_counter(), time.process_time()
+    evaluator = bench._evaluator()
+    result = evaluator.evaluate_start()
+    rows = [{"step": 0, "set": "eval", "i": i, **row} for i, row in enumerate(result.samples)]
+    points = [{"step": 0, "set": "eval", **summarise(result.samples)}]
+    if "val" in evaluator.sets:
+        val = evaluator.sample(evaluator.reference, "val")
+        rows += [{"step": 0, "set": "val", "i": i, **row} for i, row in enumerate(val)]
+        points.append({"step": 0, "set": "val", **summarise(val)})
+    write_jsonl(path.with_name("start.jsonl"), rows)
+    write_jsonl(path.with_name("start_samples.jsonl"), result.samples)
+    n_max = max(bench.cfg.frontier.best_of_n, default=0)
+    bon = [{"seed": seed, **row} for seed in bench.cfg.seeds for row in evaluator.best_of_n_samples(n_max, seed)] \
+        if n_max else []
+    write_jsonl(path.with_name("best_of_n.jsonl"), bon)
+    record = {"key": key, "metrics": result.metrics, "points": points}
+    path.write_text(json.dumps(record, indent=2))
+    bench.times["eval/start"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
+    bench.evals["start"] = record
+
+
+def summarise(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over one set's samples (gold_reward, proxy_reward, kl, length, entropy)."""
+    n = max(len(samples), 1)
+    out = {"gold_reward": sum(r["gold"] for r in samples) / n, "kl": sum(r["kl"] for r in samples) / n,
+           "length": sum(r["length"] for r in samples) / n, "entropy": sum(r["entropy"] for r in samples) / n}
+    if samples and "proxy" in samples[0]:
+        out["proxy_reward"] = sum(r["proxy"] for r in samples) / n
+    return out

@@ -16,8 +16,6 @@ from typing import Any
 
 import pandas as pd
 
-from prefopt.bench.frontier import BON
-
 
 def write_report(bench: Any, total_s: float) -> str:
     """results.md / *.csv / plots / samples / manifest of a bench run (``bench``: prefopt.bench.runner.Bench);

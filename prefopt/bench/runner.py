@@ -27,12 +27,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from prefopt.bench.config import BenchConfig, load_bench_config
-from prefopt.bench.data import BenchData, prepare_data, read_jsonl, write_jsonl
+from prefopt.bench.data import BenchData, prepare_data, read_jsonl
 from prefopt.bench.manifest import load_average
 from prefopt.bench.recipes import algorithm_recipe
-from prefopt.config import merge
 from prefopt.bench.report import write_report
 from prefopt.bench.start import Start, StageFailed, plan_start, stage_key
+from prefopt.config import merge
 from prefopt.errors import PrefoptError, UnknownNameError
 
 
@@ -245,20 +245,9 @@ class Bench:
         run.status = "done"
 
     def _evaluate(self, run: Run, snapshots: dict[int, str], final_step: int) -> None:
-        evaluator = self._evaluator()
-        points, rows = [], []
-        models = [(step, path) for step, path in sorted(snapshots.items())] + [(final_step, str(run.model))]
-        sets = ["val"] if run.phase == "lr_sweep" else ["eval"]
-        for step, path in models:
-            model = evaluator.load_policy(path)
-            for prompt_set in sets + (["val"] if step == final_step and run.phase == "main"
-                                      and "val" in evaluator.sets else []):
-                samples = evaluator.sample(model, prompt_set)
-                points.append({"step": step, "set": prompt_set, **summarise(samples)})
-                rows += [{"step": step, "set": prompt_set, "i": i, **row} for i, row in enumerate(samples)]
-            del model
-        write_jsonl(run.directory / "eval.jsonl", rows)
-        (run.directory / "eval.json").write_text(json.dumps({"key": run.key, "points": points}, indent=2))
+        from prefopt.bench.evaluate import evaluate_run
+
+        evaluate_run(self, run, snapshots, final_step)
 
     def _eval_settings(self) -> dict[str, Any]:
         payload = {"eval": asdict(self.cfg.eval), "lengths": [self.cfg.data.max_length, self.cfg.data.max_prompt_length],
@@ -276,33 +265,10 @@ class Bench:
         return self.evaluator
 
     def eval_start(self) -> None:
-        """The start on every prompt set (eval/start.json, start.jsonl) and the best-of-n draws per seed."""
-        path = self.run_dir / "eval" / "start.json"
-        key = stage_key("start-eval", {"eval": self._eval_settings(), "start": str(self.start.policy),
-                                       "proxy": self.reward_specs(), "bon": self.cfg.frontier.best_of_n,
-                                       "seeds": self.cfg.seeds}, self.known_paths())
-        if path.is_file() and json.loads(path.read_text()).get("key") == key:
-            self.evals["start"] = json.loads(path.read_text())
-            return
-        started, cpu = time.perf_counter(), time.process_time()
-        evaluator = self._evaluator()
-        result = evaluator.evaluate_start()
-        rows = [{"step": 0, "set": "eval", "i": i, **row} for i, row in enumerate(result.samples)]
-        points = [{"step": 0, "set": "eval", **summarise(result.samples)}]
-        if "val" in evaluator.sets:
-            val = evaluator.sample(evaluator.reference, "val")
-            rows += [{"step": 0, "set": "val", "i": i, **row} for i, row in enumerate(val)]
-            points.append({"step": 0, "set": "val", **summarise(val)})
-        write_jsonl(path.with_name("start.jsonl"), rows)
-        write_jsonl(path.with_name("start_samples.jsonl"), result.samples)
-        n_max = max(self.cfg.frontier.best_of_n, default=0)
-        bon = [{"seed": seed, **row} for seed in self.cfg.seeds for row in evaluator.best_of_n_samples(n_max, seed)] \
-            if n_max else []
-        write_jsonl(path.with_name("best_of_n.jsonl"), bon)
-        record = {"key": key, "metrics": result.metrics, "points": points}
-        path.write_text(json.dumps(record, indent=2))
-        self.times["eval/start"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
-        self.evals["start"] = record
+        """The start on every prompt set and the best-of-n draws (prefopt.bench.evaluate.evaluate_start)."""
+        from prefopt.bench.evaluate import evaluate_start
+
+        evaluate_start(self)
 
     def choose_learning_rates(self) -> None:
         """Per label: the candidate of highest val gold reward at the sweep run's last step."""
@@ -321,16 +287,6 @@ class Bench:
             record["knob"] = next((r.knob for r in self.sweep_runs if r.label == label), None)
             record["knob_value"] = next((r.value for r in self.sweep_runs if r.label == label), None)
         self.learning_rates = by_label
-
-
-def summarise(samples: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over one set's samples (gold_reward, proxy_reward, kl, length, entropy)."""
-    n = max(len(samples), 1)
-    out = {"gold_reward": sum(r["gold"] for r in samples) / n, "kl": sum(r["kl"] for r in samples) / n,
-           "length": sum(r["length"] for r in samples) / n, "entropy": sum(r["entropy"] for r in samples) / n}
-    if samples and "proxy" in samples[0]:
-        out["proxy_reward"] = sum(r["proxy"] for r in samples) / n
-    return out
 
 
 def run_bench(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
