@@ -373,4 +373,4 @@ def test_tiny_hh_bench_keeps_its_gold_and_proxy_rms(tmp_path, hh_path, monkeypat
     for row in table.itertuples():
         rows = pd.DataFrame(read_jsonl(out / "runs" / row.label / "beta=0.1" / f"seed{row.seed}" / "eval.jsonl"))
         assert row.gold == pytest.approx(rows["gold"].mean()) and row.proxy == pytest.approx(rows["proxy"].mean())
-    assert "| dpo | orpo | best" in (out / "results.md").read_text()
+    assert "| dpo | orpo | last step (one knob value)" in (out / "results.md").read_text()

@@ -144,7 +144,8 @@ def final_matrix(prompts: pd.DataFrame, label: str, value: Any) -> np.ndarray:
 
 
 def verdict_table(prompts: pd.DataFrame, start: pd.DataFrame, labels: list[str], kl_levels: list[float],
-                  best: dict[str, Any], resamples: int) -> pd.DataFrame:
+                  best: dict[str, Any], resamples: int,
+                  best_label: str = "best (val-selected knob, last step)") -> pd.DataFrame:
     """Every ordered pair (A before B in ``labels``) at each KL level and at the best points."""
     out = []
     for a_index, a in enumerate(labels):
@@ -164,7 +165,7 @@ def verdict_table(prompts: pd.DataFrame, start: pd.DataFrame, labels: list[str],
                 ga, gb = final_matrix(prompts, a, best[a]), final_matrix(prompts, b, best[b])
                 if ga.shape == gb.shape:
                     result = paired(ga - gb, resamples)
-                    out.append({"A": a, "B": b, "at": "best (val-selected knob, last step)", **result,
+                    out.append({"A": a, "B": b, "at": best_label, **result,
                                 "verdict": verdict(result)})
     return pd.DataFrame(out)
 

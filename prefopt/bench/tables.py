@@ -45,7 +45,9 @@ def bench_tables(run_dir: Path, cfg: Any) -> dict[str, Any]:
     best = best_values(points, val_points) if not val_points.empty else _single_values(points)
     out["best"] = best
     out["frontier"] = frontier_table(points, resamples)
-    out["verdicts"] = verdict_table(logs.prompts, start, labels, list(frontier_cfg.kl_levels), best, resamples)
+    best_label = "best (val-selected knob, last step)" if not val_points.empty else "last step (one knob value)"
+    out["verdicts"] = verdict_table(logs.prompts, start, labels, list(frontier_cfg.kl_levels), best, resamples,
+                                    best_label)
     out["fits"] = pd.DataFrame([{"label": label, "form": "d(a - b d)" if label == BON else "d(a - b log d)",
                                  **gao_fit(points[points["label"] == label], start_gold, "bon" if label == BON else "rl")}
                                 for label in labels])
