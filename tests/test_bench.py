@@ -202,6 +202,7 @@ def test_matched_kl_interpolation_and_paired_verdicts_by_hand():
         {"label": "a", "value": 0.1, "seed": 0, "step": 10, "i": 1, "gold": 6.0, "kl": 4.0}])
     assert gold_matrix_at_kl(prompts, "a", 2.0, start).tolist() == [[1.5, 4.5]]  # halfway from KL 1 to 3
     assert gold_matrix_at_kl(prompts, "a", 0.5, start).tolist() == [[0.5, 1.5]]  # halfway from the start
+    assert gold_matrix_at_kl(prompts, "a", 1.5, start).tolist() == [[1.25, 3.75]]  # a quarter of the way
     assert gold_matrix_at_kl(prompts, "a", 3.5, start) is None  # never reached
     diff = np.array([[0.2, 0.3, 0.1, 0.4], [0.25, 0.2, 0.3, 0.35]])
     result = paired(diff, 500)
