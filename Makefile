@@ -24,7 +24,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
 
-# The known-gold preference world: frontiers, 5 seeds, verdicts (about 12 minutes on 2 quiet CPU cores).
+# The known-gold preference world: frontiers, 5 seeds, verdicts (about 10 minutes of CPU on 2 cores).
 bench: $(STAMP)
 	$(VENV)/bin/prefopt bench recipes/bench/world_default.yaml
 
