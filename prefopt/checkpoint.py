@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,9 @@ import torch
 from prefopt.errors import CheckpointError, ConfigError
 
 STATE_FILE = "trainer_state.json"
+MODEL_DIR = "model"  # a copy of the model that plain ``from_pretrained`` loads (with the tokenizer)
+STATE_KEYS = ("step", "batches_consumed")
+STEP_NAME = re.compile(r"step-\d+")
 RNG_FILE = "random_states_{}.pkl"  # accelerate's name, one per process
 CUSTOM_FILE = "custom_state_{}.pt"  # objects registered with accelerator.register_for_checkpointing
 log = logging.getLogger("prefopt.checkpoint")
@@ -54,11 +58,13 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep: int,
+                    export: Any = None) -> Path:
     """Save accelerate state + trainer state atomically; prune to the ``keep`` newest complete checkpoints.
 
     Every process must call this (``save_state`` and the barriers are collective); the main process writes
-    ``state`` (JSON-serialisable) and does the renames.
+    ``state`` (JSON-serialisable) and does the renames. ``export(directory)``, when given, writes the loadable
+    ``model/`` copy (main process only).
     """
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:08d}"
@@ -74,6 +80,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     if accelerator.is_main_process:
         for index, obj in enumerate(custom):
             torch.save(obj.state_dict(), tmp / CUSTOM_FILE.format(index))
+        if export is not None:
+            export(tmp / MODEL_DIR)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         _fsync_tree(tmp)
         aside = root / f"step-{step:08d}.old.tmp"
@@ -93,22 +101,69 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
 def find_resume(output_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint to resume from: ``auto`` -> newest complete one (or None), ``no`` -> None, else a path."""
+    found = resume_candidates(output_dir, resume)
+    return found[0] if found else None
+
+
+def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
+    """Checkpoints to try, in order: ``auto`` -> every complete one, newest first; a path -> that one."""
     if resume == "no":
-        return None
+        return []
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        return complete_checkpoints(output_dir)[::-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint (no {STATE_FILE}); "
                           "use auto, no, or a checkpoints/step-N directory")
-    return path
+    return [path]
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path``, naming the file (None: it looks loadable).
+
+    Reads the trainer state, every safetensors header (a truncated file fails here) and checks that the optimizer,
+    scheduler and RNG files accelerate wrote are present and not empty; it does not load the tensors.
+    """
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path / STATE_FILE}: unreadable ({exc})"
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        return f"{path / STATE_FILE}: missing {', '.join(missing)}"
+    weights = sorted(path.glob("model*.safetensors"))
+    if not weights:
+        return f"{path}: no model*.safetensors"
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error type
+            return f"{file}: {exc}"
+    for pattern in ("optimizer*.bin", "scheduler*.bin", RNG_FILE.format("*")):
+        files = list(path.glob(pattern))
+        if not files:
+            return f"{path}: no {pattern}"
+        empty = [f for f in files if f.stat().st_size == 0]
+        if empty:
+            return f"{empty[0]}: empty"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unusable checkpoint to ``<name>.corrupt`` (kept for inspection, never resumed from again)."""
+    target = path.with_name(path.name + ".corrupt")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
@@ -120,9 +175,9 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     try:
         with _own_custom_objects(accelerator) as custom:
             accelerator.load_state(str(path))
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded into this run "
-                              f"(a different model or optimizer?): {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # accelerate and torch raise many types; the user needs the file and the reason
+        raise CheckpointError(f"checkpoint {path} cannot be loaded into this run: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}") from exc
     for index, obj in enumerate(custom):
         obj.load_state_dict(_safe_load(path / CUSTOM_FILE.format(index), "the state of a registered object"))
     restore_rng(path / RNG_FILE.format(accelerator.process_index))

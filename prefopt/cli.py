@@ -24,8 +24,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.trainer import Trainer
 
     config = load_config(args.recipe, args.overrides)
-    final = Trainer(config).fit()
-    print(json.dumps({"output_dir": config.train.output_dir, **final}, indent=2))
+    trainer = Trainer(config)
+    final = trainer.fit()
+    if trainer.accelerator.is_main_process:  # under `accelerate launch`, one JSON
+        print(json.dumps({"output_dir": config.train.output_dir, **final}, indent=2))
     return 0
 
 

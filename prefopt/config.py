@@ -9,12 +9,16 @@ A recipe looks like::
 
 The ``algorithm`` section is validated against the Config dataclass the named algorithm declares. Unknown keys
 and wrong types are errors naming the key (with the closest known key); range checks live in each dataclass's
-``__post_init__``.
+``__post_init__``; a NaN or infinite number is refused anywhere. ``${VAR}`` and ``${VAR:-default}`` are expanded
+after YAML parsing, inside scalar string values only; an unset variable without a default is an error, and so is a
+key given twice in one mapping. Checks that need the model's own config (its context length, whether a reward
+model has a score head) run at build time in ``prefopt.preflight``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -123,11 +127,11 @@ class TrainConfig:
     learning_rate: float = 5e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay (>= 0)."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
     lr_scheduler: str = "constant_with_warmup"
-    """transformers scheduler name: constant_with_warmup, linear, cosine, ..."""
+    """transformers scheduler name: constant_with_warmup, constant, linear, cosine, polynomial, ..."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
@@ -142,16 +146,18 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end and on interruption)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk."""
-    resume: str = "no"
-    """"auto": continue from the newest complete checkpoint in output_dir; "no"; or a checkpoint path."""
+    resume: str | bool = "no"
+    """"auto": continue the same run from its newest usable checkpoint in output_dir; "no"; or a checkpoint path."""
+    overwrite: bool = False
+    """Clear an output_dir that holds an earlier run before starting (else such a directory is refused)."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """What to do when the loss or gradient is NaN/inf: skip the update, or stop (exit code 3)."""
+    max_skipped_updates: int = 10
+    """With on_nonfinite=skip: stop (exit code 3) after this many consecutive skipped updates."""
     report_to: list[str] = field(default_factory=list)
-    """accelerate trackers (tensorboard, wandb) in addition to the CSV/JSONL metrics always written."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    """accelerate trackers (tensorboard, wandb, mlflow, ...) in addition to the CSV/JSONL metrics always written."""
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar (a console line is printed every log_every steps either way)."""
     save_model: bool = True
     """Save the final model to output_dir/model."""
 
@@ -161,6 +167,24 @@ class TrainConfig:
         check(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "must be >= 0")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
         check(self.keep_checkpoints > 0, "train.keep_checkpoints", self.keep_checkpoints, "must be > 0")
+        check(self.max_skipped_updates > 0, "train.max_skipped_updates", self.max_skipped_updates, "must be > 0")
+        for key in ("eval_every", "save_every", "warmup_steps", "weight_decay"):
+            check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        check(self.max_eval_batches is None or self.max_eval_batches > 0, "train.max_eval_batches",
+              self.max_eval_batches, "must be > 0 (or null: the whole eval split)")
+        from transformers import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        hint = closest(self.lr_scheduler, schedulers)
+        check(self.lr_scheduler in schedulers, "train.lr_scheduler", self.lr_scheduler,
+              f"unknown scheduler{f'; did you mean {hint!r}?' if hint else ''} Known: {', '.join(schedulers)}")
+        if self.resume is False:  # YAML 1.1 reads a bare `no` as false
+            self.resume = "no"
+        check(isinstance(self.resume, str), "train.resume", self.resume, "must be auto, no, or a checkpoint directory")
+        if self.resume not in ("auto", "no") and not Path(self.resume).exists():
+            hint = closest(self.resume, ["auto", "no"])
+            check(False, "train.resume", self.resume, "not a complete checkpoint (no such directory); use auto, no, "
+                  "or a checkpoints/step-N directory" + (f"; did you mean {hint!r}?" if hint else ""))
 
 
 @dataclass
@@ -251,11 +275,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-5 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -308,9 +334,43 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
-def expand_env(text: str) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` with the environment's value (recipes use PREFOPT_HH_DIR)."""
-    return _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), text)
+def expand_env(text: str, where: str = "") -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in one string with the environment's value (recipes use
+    PREFOPT_HH_DIR); an unset (or empty) variable without a default is a ConfigError naming ``where``."""
+
+    def value(match: re.Match) -> str:
+        found = os.environ.get(match.group(1))
+        if found:
+            return found
+        if match.group(2) is None:
+            raise ConfigError(f"{where or 'config'}: environment variable {match.group(1)} is not set (write "
+                              f"${{{match.group(1)}:-default}} for a default)")
+        return match.group(2)
+
+    return _ENV.sub(value, text)
+
+
+def expand_env_values(data: Any, where: str = "") -> Any:
+    """``expand_env`` in every string value of a parsed recipe (keys and structure are never substituted)."""
+    if isinstance(data, dict):
+        return {k: expand_env_values(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env_values(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    return expand_env(data, where) if isinstance(data, str) else data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} is given twice "
+                                  f"(first on line {seen[key] + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -318,12 +378,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     try:
-        data = yaml.safe_load(expand_env(path.read_text()))
+        loader = _UniqueKeyLoader(path.read_text())
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe {str(path)!r}: cannot read it: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with sections algorithm, model, data, train")
-    return data
+    try:
+        return expand_env_values(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:

@@ -121,6 +121,7 @@ def seed_epoch(loader: Any, epoch: int, seed: int) -> None:
 def make_accelerator(config: Any) -> Accelerator:
     """The Accelerator of a run: precision (auto = bf16 on a GPU that has it), accumulation, seeded sampler."""
     t = config.train
+    check_trackers(t.report_to)
     precision = t.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -133,3 +134,19 @@ def make_accelerator(config: Any) -> Accelerator:
         log_with=t.report_to or None,
         project_dir=t.output_dir,
     )
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every ``train.report_to`` name is an accelerate tracker whose package is installed (accelerate itself
+    would only log at DEBUG level and run without it)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    from prefopt.errors import ConfigError
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"train.report_to: unknown tracker {name!r}; known: {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if name not in available:
+            raise ConfigError(f"train.report_to: tracker {name!r} needs its package, which is not installed "
+                              f"(pip install {name})")

@@ -7,6 +7,7 @@ process on CPU) and tokens/s.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+log = logging.getLogger("prefopt.metrics")
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak memory of this process so far: CUDA max allocated on a GPU, else peak resident set size."""
@@ -69,8 +71,18 @@ class MetricsWriter:
         """On resume: drop rows logged after the checkpoint's step (they will be logged again)."""
         if not (self.enabled and self.path.exists()):
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                if line.strip():  # a torn line (the process died mid-write): it is logged again after the resume
+                    log.warning("%s:%d: dropped an unreadable line (%r)", self.path, number, line[:60])
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def to_csv(self) -> Path | None:

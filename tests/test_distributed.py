@@ -21,7 +21,6 @@ round get their reference log-probs from a batch padded to another width, which 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -37,14 +36,6 @@ from safetensors.torch import load_file
 from prefopt.cli import main
 
 ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def hh_small(hh_path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "hh48.jsonl"
-    with gzip.open(hh_path, "rt", encoding="utf-8") as lines:
-        out.write_text("".join(line for line, _ in zip(lines, range(48))))
-    return out
 
 
 def free_port() -> int:
