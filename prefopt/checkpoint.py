@@ -158,6 +158,34 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
+def load_resume(accelerator: Any, output_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
+    """Load the checkpoint ``resume`` names: (its path, its trainer state), or None for a fresh start.
+
+    With ``auto``, a newest checkpoint that fails ``verify_checkpoint`` or ``load_checkpoint`` is set aside as
+    ``<name>.corrupt`` with a warning naming the bad file, and the previous complete one is tried.
+    """
+    problems = []
+    for path in resume_candidates(output_dir, resume):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                return path, load_checkpoint(accelerator, path)
+            except CheckpointError as exc:
+                problem = str(exc)
+        problems.append(problem)
+        if resume != "auto":
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            set_aside(path)
+        accelerator.wait_for_everyone()
+        log.warning("checkpoint %s is unusable (%s); set aside as %s.corrupt, trying the previous one",
+                    path, problem, path.name)
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(output_dir)}: {'; '.join(problems)}")
+    return None
+
+
 def set_aside(path: Path) -> Path:
     """Rename an unusable checkpoint to ``<name>.corrupt`` (kept for inspection, never resumed from again)."""
     target = path.with_name(path.name + ".corrupt")

@@ -42,6 +42,24 @@ class MetricAverager:
                 self.sums[key] += value
                 self.counts[key] += 1
 
+    def state(self) -> dict[str, Any]:
+        """The partial sums, for a checkpoint."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def restore(self, states: list[dict[str, Any]] | None, process_index: int, num_processes: int) -> None:
+        """This process's partial sums from the states of every process (a different process count: all of them
+        go to process 0)."""
+        if not states:
+            return
+        if len(states) == num_processes:
+            mine = [states[process_index]]
+        else:
+            mine = states if process_index == 0 else []
+        for state in mine:
+            for key, value in state["sums"].items():
+                self.sums[key] += value
+                self.counts[key] += state["counts"][key]
+
     def pop(self) -> dict[str, float]:
         out = {key: self.sums[key] / self.counts[key] for key in self.sums if self.counts[key]}
         self.sums.clear()
@@ -97,3 +115,12 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> pd.DataFrame:
     """metrics.jsonl -> DataFrame (one row per logged step)."""
     return pd.read_json(path, lines=True)
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config for accelerate's trackers: flat ``section.key`` names and values every tracker takes (numbers,
+    bools, strings; lists and None as JSON text) -- tensorboard's hparams refuse nested dicts and lists."""
+    from prefopt.rundir import flatten
+
+    return {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
+            for key, value in flatten(config).items()}

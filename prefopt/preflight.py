@@ -12,7 +12,6 @@ Only the model's config.json is read (``AutoConfig``); a model that cannot be fo
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from prefopt.errors import ConfigError
@@ -86,6 +85,6 @@ def check_has_reward(run: Any) -> None:
     else:
         terms = {spec.name: spec.weight for spec in getattr(algorithm, "rewards", None) or []}
     if not any(weight != 0 for weight in terms.values()):
-        fields = ", ".join(f.name for f in dataclasses.fields(algorithm) if "reward" in f.name or "rule" in f.name)
-        raise ConfigError(f"algorithm {run.algorithm_name!r} has no reward (every term's weight is 0 or none is "
-                          f"given: {fields or 'rewards'}); it would train on a reward of 0")
+        given = ", ".join(f"{name}: {weight:g}" for name, weight in terms.items())
+        why = f"every term's weight is 0 ({given})" if terms else "algorithm.rewards is empty"
+        raise ConfigError(f"algorithm {run.algorithm_name!r} has no reward: {why}; it would train on a reward of 0")

@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt import console, preflight, rundir
-from prefopt.checkpoint import load_checkpoint, resume_candidates, save_checkpoint, set_aside, verify_checkpoint
+from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import build_dataloader, load_rows
 from prefopt.distributed import (any_process, exact_eval_batches, make_accelerator, mean_over_processes, seed_epoch,
                                  sum_over_processes)
-from prefopt.errors import CheckpointError, ConfigError, DataError, PrefoptError
-from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb
+from prefopt.errors import ConfigError, DataError, PrefoptError
+from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
 from prefopt.registry import ALGORITHMS
 from prefopt.samples import format_sample, recording, write_samples
@@ -172,7 +172,7 @@ class Trainer:
             self.data_position = self._restored_position(state)
             self.skipped_updates = state.get("skipped_updates", 0)
             self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
-            self._restore_averager(averager, state.get("averagers"))
+            averager.restore(state.get("averagers"), acc.process_index, acc.num_processes)
             writer.truncate_after(step)
         if signum := self.signals.agreed(acc):
             raise self._interrupted(signum, step, saved=False)
@@ -344,25 +344,6 @@ class Trainer:
             raise NonFiniteError(f"the weights are non-finite at step {step}; {what} not written; stopped, "
                                  f"{last_finite_checkpoint(self.output_dir)}")
 
-    # ------------------------------------------------------------------------------------------------ metrics
-    @staticmethod
-    def _averager_state(averager: MetricAverager) -> dict[str, Any]:
-        return {"sums": dict(averager.sums), "counts": dict(averager.counts)}
-
-    def _restore_averager(self, averager: MetricAverager, states: list[dict[str, Any]] | None) -> None:
-        """This process's partial averages from the checkpoint (all of them on the main one if the count changed)."""
-        acc = self.accelerator
-        if not states:
-            return
-        if len(states) == acc.num_processes:
-            mine = [states[acc.process_index]]
-        else:
-            mine = states if acc.is_main_process else []
-        for state in mine:
-            for key, value in state["sums"].items():
-                averager.sums[key] += value
-                averager.counts[key] += state["counts"][key]
-
     # ------------------------------------------------------------------------------------------------ eval/save
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -416,7 +397,7 @@ class Trainer:
         self._check_weights(step, "checkpoint")
         state = {"batches_consumed": consumed, "data_positions": gather_object([list(self.data_position)]),
                  "skipped_updates": self.skipped_updates, "skipped_in_a_row": self.skipped_in_a_row,
-                 "averagers": gather_object([self._averager_state(averager)]),
+                 "averagers": gather_object([averager.state()]),
                  "seed": t.seed, "batch_size": t.batch_size,
                  "gradient_accumulation_steps": t.gradient_accumulation_steps,
                  "num_processes": self.accelerator.num_processes}
@@ -424,31 +405,14 @@ class Trainer:
         save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints, export=export)
 
     def _resume(self) -> dict[str, Any] | None:
-        """Load the checkpoint ``train.resume`` names; with ``auto``, a bad newest one is set aside (a warning
-        names the file) and the previous complete one is tried. Returns its trainer state (None: a fresh start)."""
-        t, problems = self.config.train, []
-        for path in resume_candidates(self.output_dir, t.resume):
-            problem = verify_checkpoint(path)
-            if problem is None:
-                try:
-                    state = load_checkpoint(self.accelerator, path)
-                except CheckpointError as exc:
-                    problem = str(exc)
-            if problem is None:
-                self._check_resume_state(state, path)
-                log.info("resumed from %s at step %d", path, state["step"])
-                return state
-            problems.append(problem)
-            if t.resume != "auto":
-                raise CheckpointError(f"cannot resume from {path}: {problem}")
-            self.accelerator.wait_for_everyone()
-            if self.main:
-                set_aside(path)
-            log.warning("checkpoint %s is unusable (%s); set aside as %s.corrupt, trying the previous one",
-                        path, problem, path.name)
-        if problems:
-            raise CheckpointError(f"no usable checkpoint in {self.output_dir / 'checkpoints'}: {'; '.join(problems)}")
-        return None
+        """The trainer state of the checkpoint ``train.resume`` names (None: a fresh start); see load_resume."""
+        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume)
+        if found is None:
+            return None
+        path, state = found
+        self._check_resume_state(state, path)
+        log.info("resumed from %s at step %d", path, state["step"])
+        return state
 
     def _restored_position(self, state: dict[str, Any]) -> tuple[int, int]:
         """This process's (epoch, batches taken) from the checkpoint; derived from the step with another count."""
@@ -482,9 +446,3 @@ def _read(data_config: Any, kind: str) -> Any:
     except OSError as exc:
         raise DataError(f"{exc.filename or data_config.path}: cannot read it: {exc.strerror or exc}") from None
 
-
-def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The run config for trackers: flat ``section.key`` names, values that every tracker takes (numbers, bools,
-    strings; lists and None as text) -- tensorboard's hparams refuse nested dicts and lists."""
-    return {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
-            for key, value in rundir.flatten(config).items()}

@@ -222,7 +222,7 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint(damage, named, gpt2_
     expected = weights(out / "model")
     newest = complete_checkpoints(out)[-1]
     damage(newest)
-    with caplog.at_level("WARNING", logger="prefopt.trainer"):
+    with caplog.at_level("WARNING", logger="prefopt.checkpoint"):
         code, stderr = train(capsys, *run, "train.resume=auto")
     assert code == 0, stderr
     warning = next(r.getMessage() for r in caplog.records if "is unusable" in r.getMessage())
