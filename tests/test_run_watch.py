@@ -24,17 +24,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_runs import short_dpo
 from prefopt.cli import main
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["algorithm.name=dpo", f"model.name_or_path={model}", f"data.path={data}", "data.max_examples=16",
-            "data.eval_fraction=0.25", "data.max_length=128", "data.max_prompt_length=64", f"train.output_dir={out}",
-            "train.max_steps=2", "train.batch_size=4", "train.eval_batch_size=8", "train.learning_rate=0.002",
-            "train.log_every=1", "train.progress=false", "train.mixed_precision=no", *extra]
+args = short_dpo
 
 
 def train(capsys, *argv: str) -> tuple[int, str, str]:
