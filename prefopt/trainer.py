@@ -117,9 +117,9 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train for ``train.max_steps`` steps; returns the final evaluation metrics."""
         self._check_backend()
-        self._claim_output_dir()
-        self.signals.install()
         try:
+            self._claim_output_dir()
+            self.signals.install()
             return self._fit()
         finally:
             self.signals.restore()
@@ -134,7 +134,6 @@ class Trainer:
                 self.lock.acquire()
                 rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite)
             except ConfigError as exc:
-                self.lock.release()
                 error = [str(exc)]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(error)
