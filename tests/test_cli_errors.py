@@ -306,3 +306,19 @@ def test_unusable_paths_are_user_errors(files, tiny_model_dir, tmp_path, capsys,
     monkeypatch.setattr(builtins, "open", deny)
     line = error_line(*run(capsys, *base(tiny_model_dir, tmp_path / "run", files["good"])))
     assert line == f"prefopt: error: {locked}: cannot read it: Permission denied"
+
+
+def test_a_malformed_line_is_skipped_not_fatal(files, tiny_model_dir, tmp_path, capsys):
+    """A lone surrogate escape (valid JSON, not encodable text) and a value nested past Python's recursion limit
+    are rows to skip and count, like any bad row; they used to stop the whole run."""
+    path = tmp_path / "malformed.jsonl"
+    good = files["good"].read_text()
+    surrogate = json.dumps({**PAIR, "chosen": " caf\ud800e"})  # json.dumps writes the escape "\ud800"
+    nested = '{"prompt": "p", "chosen": ' + "[" * 100_000 + "]" * 100_000 + ', "rejected": " no"}'
+    path.write_text(good + surrogate + "\n" + nested + "\n")
+    out = tmp_path / "run"
+    code, stderr = run(capsys, *base(tiny_model_dir, out, path), "data.eval_fraction=0")
+    assert code == 0, stderr
+    reasons = json.loads((out / "manifest.json").read_text())["manifests"]["train"]["skipped"]["reasons"]
+    assert reasons["lone surrogate escape (not text)"] == {"count": 1, "examples": [f"{path}:31"]}
+    assert reasons["JSON nested too deeply"] == {"count": 1, "examples": [f"{path}:32"]}
