@@ -28,6 +28,7 @@ from typing import Any
 from prefopt.errors import ConfigError
 
 CONFIG_FILE = "prefopt_config.json"
+LEGACY_CONFIG_FILE = "config.json"  # prefopt before the rename: resumable, and then rewritten as CONFIG_FILE
 LOCK_FILE = ".lock"
 RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "checkpoints")
 # How the run is driven and watched, not what it computes: these may change between a run and its resumption.
@@ -110,11 +111,15 @@ def claim(output_dir: str | Path, config: dict[str, Any], resume: str, overwrite
 
 
 def _read_config(output_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((output_dir / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """The run config of ``output_dir``: ``prefopt_config.json``, or the ``config.json`` older versions wrote."""
+    for name in (CONFIG_FILE, LEGACY_CONFIG_FILE):
+        try:
+            data = json.loads((output_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "train" in data and "algorithm" in data:
+            return data
+    return None
 
 
 class RunLock:

@@ -444,4 +444,3 @@ def _read(data_config: Any, kind: str) -> Any:
         return load_rows(data_config, kind)
     except OSError as exc:
         raise DataError(f"{exc.filename or data_config.path}: cannot read it: {exc.strerror or exc}") from None
-
