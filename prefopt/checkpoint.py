@@ -35,6 +35,7 @@ from prefopt.errors import CheckpointError, ConfigError
 STATE_FILE = "trainer_state.json"
 MODEL_DIR = "model"  # a copy of the model that plain ``from_pretrained`` loads (with the tokenizer)
 STATE_KEYS = ("step", "batches_consumed")
+FILES_KEY = "files"  # in trainer_state.json: every other file of the checkpoint and its size, for verify_checkpoint
 STEP_NAME = re.compile(r"step-\d+")
 RNG_FILE = "random_states_{}.pkl"  # accelerate's name, one per process
 CUSTOM_FILE = "custom_state_{}.pt"  # objects registered with accelerator.register_for_checkpointing
@@ -82,7 +83,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             torch.save(obj.state_dict(), tmp / CUSTOM_FILE.format(index))
         if export is not None:
             export(tmp / MODEL_DIR)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, FILES_KEY: files}, indent=2))
         _fsync_tree(tmp)
         aside = root / f"step-{step:08d}.old.tmp"
         if final.exists():  # the same step saved again (a finished run resumed): never leave a gap
@@ -127,8 +129,9 @@ def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
 def verify_checkpoint(path: Path) -> str | None:
     """What is wrong with checkpoint ``path``, naming the file (None: it looks loadable).
 
-    Reads the trainer state, every safetensors header (a truncated file fails here) and checks that the optimizer,
-    scheduler and RNG files accelerate wrote are present and not empty; it does not load the tensors.
+    Reads the trainer state, checks that every file it lists is there with the size it was written with (a missing
+    or truncated optimizer, scheduler, RNG or FSDP/DeepSpeed shard file), and reads every safetensors header; it
+    does not load the tensors.
     """
     from safetensors import safe_open
 
@@ -139,22 +142,18 @@ def verify_checkpoint(path: Path) -> str | None:
     missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         return f"{path / STATE_FILE}: missing {', '.join(missing)}"
-    weights = sorted(path.glob("model*.safetensors"))
-    if not weights:
-        return f"{path}: no model*.safetensors"
-    for file in weights:
+    for name, size in (state.get(FILES_KEY) or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != size:
+            return f"{file}: {file.stat().st_size} bytes, written with {size} (truncated?)"
+    for file in sorted(path.rglob("*.safetensors")):
         try:
             with safe_open(str(file), "pt"):
                 pass
         except Exception as exc:  # safetensors raises its own error type
             return f"{file}: {exc}"
-    for pattern in ("optimizer*.bin", "scheduler*.bin", RNG_FILE.format("*")):
-        files = list(path.glob(pattern))
-        if not files:
-            return f"{path}: no {pattern}"
-        empty = [f for f in files if f.stat().st_size == 0]
-        if empty:
-            return f"{empty[0]}: empty"
     return None
 
 
@@ -200,6 +199,7 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {exc}") from exc
+    state.pop(FILES_KEY, None)
     try:
         with _own_custom_objects(accelerator) as custom:
             accelerator.load_state(str(path))

@@ -206,10 +206,17 @@ def remove_optimizer(path: Path) -> Path:
     return path
 
 
+def truncate_optimizer(path: Path) -> Path:
+    file = path / "optimizer.bin"
+    file.write_bytes(file.read_bytes()[:100])
+    return file
+
+
 @pytest.mark.parametrize("damage, named", [(truncate_weights, "model.safetensors"),
                                            (drop_state_key, "trainer_state.json: missing batches_consumed"),
-                                           (remove_optimizer, "no optimizer*.bin")],
-                         ids=["truncated-weights", "state-key-missing", "optimizer-missing"])
+                                           (remove_optimizer, "optimizer.bin: missing"),
+                                           (truncate_optimizer, "optimizer.bin: 100 bytes, written with")],
+                         ids=["truncated-weights", "state-key-missing", "optimizer-missing", "optimizer-truncated"])
 def test_resume_falls_back_from_a_damaged_newest_checkpoint(damage, named, gpt2_real_dir, hh_small, tmp_path,
                                                             capsys, caplog):
     out = tmp_path / "run"
