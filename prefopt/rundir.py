@@ -8,7 +8,8 @@ holds a run is refused unless
 * ``train.resume=auto`` (or a checkpoint path) and the directory holds the SAME run: its config equals this one in
   every key that changes what is computed (``config_hash``; the run-control keys in ``CONTROL_KEYS`` may differ),
   else the refusal lists the keys that differ;
-* ``train.overwrite=true``: the directory is cleared first (only if it holds a run: nothing else is deleted).
+* ``train.overwrite=true``: the earlier run's outputs are removed first (``clear_run``: only what a run writes;
+  a recipe or notes kept beside them stay).
 
 ``output_dir/.lock`` holds the pid and host of the run writing the directory; a second run is refused while that
 process lives. A lock left by a process that died (kill -9, a crash) is taken over with a warning.
@@ -31,6 +32,8 @@ CONFIG_FILE = "prefopt_config.json"
 LEGACY_CONFIG_FILE = "config.json"  # prefopt before the rename: resumable, and then rewritten as CONFIG_FILE
 LOCK_FILE = ".lock"
 RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "checkpoints")
+RUN_OUTPUTS = (CONFIG_FILE, "manifest.json", "metrics.jsonl", "metrics.csv", "samples.jsonl", "summary.json",
+               "checkpoints", "model")
 # How the run is driven and watched, not what it computes: these may change between a run and its resumption.
 CONTROL_KEYS = frozenset({"train.resume", "train.overwrite", "train.progress", "train.report_to", "train.log_every",
                           "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.max_eval_batches",
@@ -90,10 +93,8 @@ def claim(output_dir: str | Path, config: dict[str, Any], resume: str, overwrite
     key = f"train.output_dir={str(output_dir)!r}"
     if holds_run(output_dir):
         if overwrite:
-            log.warning("train.overwrite=true: clearing %s", output_dir)
-            for entry in output_dir.iterdir():
-                if entry.name != LOCK_FILE:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            log.warning("train.overwrite=true: removing the earlier run's outputs from %s", output_dir)
+            clear_run(output_dir)
         elif resume == "no":
             raise ConfigError(f"{key} already holds a run; set train.resume=auto to continue it, "
                               "train.overwrite=true to start over, or choose another output_dir")
@@ -110,16 +111,34 @@ def claim(output_dir: str | Path, config: dict[str, Any], resume: str, overwrite
     (output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
 
+def clear_run(output_dir: Path) -> None:
+    """Remove what a run wrote into ``output_dir`` (``RUN_OUTPUTS``, the trackers' folder); nothing else."""
+    names = [*RUN_OUTPUTS, output_dir.name]  # accelerate's trackers log to project_dir / project_name
+    if _read_config_file(output_dir / LEGACY_CONFIG_FILE) is not None:
+        names.append(LEGACY_CONFIG_FILE)
+    for name in names:
+        entry = output_dir / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+
+
 def _read_config(output_dir: Path) -> dict[str, Any] | None:
     """The run config of ``output_dir``: ``prefopt_config.json``, or the ``config.json`` older versions wrote."""
     for name in (CONFIG_FILE, LEGACY_CONFIG_FILE):
-        try:
-            data = json.loads((output_dir / name).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and "train" in data and "algorithm" in data:
+        data = _read_config_file(output_dir / name)
+        if data is not None:
             return data
     return None
+
+
+def _read_config_file(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "train" in data and "algorithm" in data else None
 
 
 class RunLock:

@@ -90,8 +90,10 @@ def test_overwrite_clears_the_old_run_first(gpt2_real_dir, hh_small, tmp_path, c
     assert train(capsys, *args(gpt2_real_dir, hh_small, out, "train.max_steps=4", "train.save_every=1",
                                 "train.keep_checkpoints=4"))[0] == 0
     assert len(complete_checkpoints(out)) == 4
+    (out / "notes.txt").write_text("what I was trying")  # not the run's: kept
     code, stderr = train(capsys, *args(gpt2_real_dir, hh_small, out, "train.overwrite=true", "train.save_every=1"))
     assert code == 0, stderr
+    assert (out / "notes.txt").read_text() == "what I was trying"
     # the old run's step-3 and step-4 checkpoints would otherwise outrank (and prune) the new ones
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000001", "step-00000002"]
     assert steps(out) == [1, 2, 2]
