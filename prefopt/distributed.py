@@ -9,11 +9,14 @@ or the run hangs. With one process they cost nothing.
 * ``exact_eval_batches``: each held-out batch once, although accelerate's ``even_batches`` pads the last round
   of batches with rows from the start;
 * ``seed_epoch``: the batch order of an epoch as a function of (seed, epoch) only, reaching through the batch
-  samplers accelerate wraps around ours.
+  samplers accelerate wraps around ours;
+* ``BatchStream``: endless batches of a loader the Trainer does not drive (PPO-ptx's text), whose position is
+  checkpoint state, so a resumed run continues the stream where it stopped.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import BatchSamplerShard
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, gather_object
+from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, gather_object
 
 from prefopt.metrics import MetricAverager
 
@@ -108,7 +111,8 @@ def seed_epoch(loader: Any, epoch: int, seed: int) -> None:
     would depend on how often it was iterated before -- not the same after a resume. We reseed it with
     ``seed + epoch``, as accelerate does its sampler.
     """
-    loader.set_epoch(epoch)
+    if hasattr(loader, "set_epoch"):  # a loader prepared by accelerate
+        loader.set_epoch(epoch)
     sampler = loader.batch_sampler
     while hasattr(sampler, "batch_sampler"):  # accelerate's BatchSamplerShard / SkipBatchSampler wrappers
         sampler = sampler.batch_sampler
@@ -116,6 +120,49 @@ def seed_epoch(loader: Any, epoch: int, seed: int) -> None:
         sampler.set_epoch(epoch)
     elif isinstance(getattr(sampler, "generator", None), torch.Generator):
         sampler.generator.manual_seed(seed + epoch)
+    elif isinstance(getattr(getattr(sampler, "sampler", None), "generator", None), torch.Generator):
+        sampler.sampler.generator.manual_seed(seed + epoch)  # a plain DataLoader's RandomSampler
+
+
+class BatchStream:
+    """Endless batches of ``loader``, epoch after epoch; ``state_dict`` is its position (epoch, batches taken).
+
+    The order of epoch e is a function of ``(seed, e)`` (``seed_epoch``) and opening an iterator draws nothing from
+    the global RNG, so after ``load_state_dict`` the stream gives exactly the batches it would have given next.
+    Register it with ``accelerator.register_for_checkpointing``.
+    """
+
+    def __init__(self, loader: Any, seed: int):
+        self.loader, self.seed = loader, seed
+        self.epoch, self.offset = 0, 0
+        self._iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._open()
+        batch = next(self._iterator, None)
+        if batch is None:  # the epoch ran out
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._iterator = self._open()
+            batch = next(self._iterator)
+        self.offset += 1
+        return batch
+
+    def _open(self) -> Iterator[Any]:
+        seed_epoch(self.loader, self.epoch, self.seed)
+        with torch.random.fork_rng(devices=[]):  # opening a DataLoader iterator draws from the global RNG
+            iterator = iter(self.loader)
+        return itertools.islice(iterator, self.offset, None)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._iterator = None
 
 
 def make_accelerator(config: Any) -> Accelerator:
@@ -150,3 +197,24 @@ def check_trackers(names: list[str]) -> None:
         if name not in available:
             raise ConfigError(f"train.report_to: tracker {name!r} needs its package, which is not installed "
                               f"(pip install {name})")
+
+
+def sharded_weights(accelerator: Any) -> bool:
+    """The run shards its weights over processes (FSDP, DeepSpeed ZeRO-3): no process holds the full model."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+
+
+def check_backend(accelerator: Any, train: Any) -> None:
+    """Refuse the combinations of backend and ``train`` settings whose result would be silently wrong."""
+    from prefopt.errors import ConfigError
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and train.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite='skip' is not supported under DeepSpeed (it steps the optimizer "
+                          "inside backward); use 'stop' (DeepSpeed's fp16 loss scaler skips overflows itself)")
+    if sharded_weights(accelerator) and train.save_model:
+        raise ConfigError("train.save_model=true needs the full weights on one process, but this run shards "
+                          "them (FSDP / ZeRO-3); set train.save_model=false and export the last checkpoint "
+                          "(see docs/distributed.md)")

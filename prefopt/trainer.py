@@ -3,8 +3,10 @@
 It never names an algorithm. It asks the registry for the algorithm class, reads the algorithm's declared data
 ``kind``, loads and splits rows of that kind, builds typed batches, and drives ``algorithm.step(batch)``: every
 yielded loss is one micro-batch under ``accelerator.accumulate`` (accelerate owns devices, mixed precision,
-gradient accumulation, distribution and checkpoint state). One training step consumes
-``gradient_accumulation_steps`` batches of the loader.
+gradient accumulation, distribution and checkpoint state), and ``gradient_accumulation_steps`` micro-batches
+make one update. One training step consumes ``gradient_accumulation_steps`` batches of the loader, or one batch
+when the algorithm ``accumulates_in_step`` (it splits each of its updates into micro-batches itself; see
+``prefopt.algorithms.base``).
 
 Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
 
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -44,8 +46,8 @@ from prefopt import console, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.distributed import (any_process, exact_eval_batches, make_accelerator, mean_over_processes, seed_epoch,
-                                 sum_over_processes)
+from prefopt.distributed import (any_process, check_backend, exact_eval_batches, make_accelerator, mean_over_processes,
+                                 seed_epoch, sharded_weights, sum_over_processes)
 from prefopt.errors import ConfigError, DataError, PrefoptError
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
@@ -116,7 +118,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
         """Train for ``train.max_steps`` steps; returns the final evaluation metrics."""
-        self._check_backend()
+        check_backend(self.accelerator, self.config.train)
         try:
             self._claim_output_dir()
             self.signals.install()
@@ -184,7 +186,7 @@ class Trainer:
             while step < t.max_steps:
                 step_start = time.perf_counter()
                 tokens = self._train_step(batches, step, params, optimizer, scheduler, averager)
-                consumed += t.gradient_accumulation_steps
+                consumed += self.batches_per_step
                 step += 1
                 elapsed = time.perf_counter() - step_start
                 averager.add({"perf/step_s": elapsed, "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -223,24 +225,6 @@ class Trainer:
             raise self._interrupted(signum, step, saved=True)
         return final
 
-    def _check_backend(self) -> None:
-        """Refuse the combinations whose result would be silently wrong."""
-        acc, t = self.accelerator, self.config.train
-        if acc.distributed_type == DistributedType.DEEPSPEED and t.on_nonfinite == "skip":
-            raise ConfigError("train.on_nonfinite='skip' is not supported under DeepSpeed (it steps the optimizer "
-                              "inside backward); use 'stop' (DeepSpeed's fp16 loss scaler skips overflows itself)")
-        if self._sharded_weights() and t.save_model:
-            raise ConfigError("train.save_model=true needs the full weights on one process, but this run shards "
-                              "them (FSDP / ZeRO-3); set train.save_model=false and export the last checkpoint "
-                              "(see docs/distributed.md)")
-
-    def _sharded_weights(self) -> bool:
-        acc = self.accelerator
-        if acc.distributed_type == DistributedType.FSDP:
-            return True
-        plugin = getattr(acc.state, "deepspeed_plugin", None)
-        return acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
-
     # ------------------------------------------------------------------------------------------------ data order
     def _batches(self, epoch: int, offset: int) -> Iterator[Any]:
         """Endless batches, epoch after epoch, from batch ``offset`` of epoch ``epoch`` on (exact resume).
@@ -264,19 +248,25 @@ class Trainer:
             epoch, offset = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------------------ step
+    @property
+    def batches_per_step(self) -> int:
+        """Batches one training step takes: G, or 1 when the algorithm makes the G micro-batches itself."""
+        return 1 if self.algorithm.accumulates_in_step else self.config.train.gradient_accumulation_steps
+
     def _train_step(self, batches, step: int, params, optimizer, scheduler, averager: MetricAverager) -> int:
-        """One step: ``gradient_accumulation_steps`` batches; each yielded loss is one micro-batch; one lr step.
+        """One step: ``batches_per_step`` batches; each yielded loss is one micro-batch; one lr step.
 
         A non-finite loss anywhere spoils the update it belongs to: its backward is skipped on every process and,
         at the update, the optimizer does not step (``skip``) or the run stops (``stop``).
         """
         t, acc, model = self.config.train, self.accelerator, self.algorithm.model
-        tokens = 0
+        tokens = micro_batches = 0
         spoiled: str | None = None
-        for _ in range(t.gradient_accumulation_steps):
+        for _ in range(self.batches_per_step):
             batch = next(batches)
             for out in self.algorithm.step(batch):
                 tokens += out.num_tokens
+                micro_batches += 1
                 with acc.accumulate(model):
                     finite = bool(torch.isfinite(out.loss.detach()))
                     if spoiled is None and any_process(acc, not finite):
@@ -297,6 +287,10 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                         spoiled = None
                 averager.add({"train/loss": float(out.loss.detach()), **out.metrics})
+        if micro_batches % t.gradient_accumulation_steps:
+            raise PrefoptError(f"{self.config.algorithm_name} yielded {micro_batches} micro-batches in step "
+                               f"{step + 1}, not a multiple of train.gradient_accumulation_steps "
+                               f"({t.gradient_accumulation_steps})")
         # once per step, also after skipped updates: the lr is a function of the step, whether the algorithm makes
         # one update per step (offline) or several (PPO: epochs x minibatches of one rollout)
         scheduler.step()
@@ -400,7 +394,7 @@ class Trainer:
                  "seed": t.seed, "batch_size": t.batch_size,
                  "gradient_accumulation_steps": t.gradient_accumulation_steps,
                  "num_processes": self.accelerator.num_processes}
-        export = None if self._sharded_weights() else self.algorithm.save  # model/: plain from_pretrained
+        export = None if sharded_weights(self.accelerator) else self.algorithm.save  # model/: plain from_pretrained
         save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints, export=export)
 
     def _resume(self) -> dict[str, Any] | None:
