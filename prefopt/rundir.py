@@ -34,10 +34,13 @@ LOCK_FILE = ".lock"
 RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "checkpoints")
 RUN_OUTPUTS = (CONFIG_FILE, "manifest.json", "metrics.jsonl", "metrics.csv", "samples.jsonl", "summary.json",
                "checkpoints", "model")
-# How the run is driven and watched, not what it computes: these may change between a run and its resumption.
+# May change between a run and its resumption: how the run is driven and watched (not what it computes), where it
+# is (the directory itself, however spelled), and the keys the Trainer warns about when they change at a resume
+# (seed, batch_size, gradient_accumulation_steps: the data position is kept in batches, not exact).
 CONTROL_KEYS = frozenset({"train.resume", "train.overwrite", "train.progress", "train.report_to", "train.log_every",
                           "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.max_eval_batches",
-                          "train.max_steps", "train.save_model", "train.max_skipped_updates", "train.num_workers"})
+                          "train.max_steps", "train.save_model", "train.max_skipped_updates", "train.num_workers",
+                          "train.output_dir", "train.seed", "train.batch_size", "train.gradient_accumulation_steps"})
 log = logging.getLogger("prefopt.rundir")
 
 
