@@ -32,7 +32,7 @@ from prefopt.bench.manifest import load_average
 from prefopt.bench.recipes import algorithm_recipe
 from prefopt.bench.report import write_report
 from prefopt.bench.start import Start, StageFailed, plan_start, stage_key
-from prefopt.config import merge
+from prefopt.recipe_file import merge
 from prefopt.errors import PrefoptError, UnknownNameError
 
 
