@@ -4,6 +4,8 @@ An algorithm declares:
   * ``kind``: the data kind it consumes (a name in ``prefopt.registry.KINDS``: "text", "sft", "pairs",
     "ranks", "prompts", "unpaired"); the Trainer builds batches of that kind's typed container;
   * ``Config``: a dataclass of its hyper-parameters (validated from the recipe's ``algorithm`` section);
+  * ``kl_knob`` (optional): the Config field that trades reward for KL to the reference (beta, kl_coef), the one
+    the benchmark sweeps for its frontier (prefopt.bench);
   * ``build()``: load its models (``self.model`` is the one module the optimizer trains);
   * ``step(batch)``: yield the ``LossOutput`` of each micro-batch; ``train.gradient_accumulation_steps`` (G)
     consecutive micro-batches make one optimizer update (accelerate accumulates them and scales each loss by 1/G,
@@ -38,6 +40,7 @@ from prefopt.types import LossOutput
 
 class Algorithm:
     kind: ClassVar[str]
+    kl_knob: ClassVar[str | None] = None  # the Config field that sets the strength of the pull to the reference
     Config: ClassVar[type]
     registry_name: ClassVar[str]
     accumulates_in_step: ClassVar[bool] = False

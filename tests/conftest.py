@@ -6,6 +6,7 @@ session temp directory. Tests marked ``@pytest.mark.gpu`` are skipped when CUDA 
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,15 @@ def hh_path() -> Path:
     if not HH_TEST.is_file():
         pytest.skip(f"HH-RLHF data file {HH_TEST} is missing")
     return HH_TEST
+
+
+@pytest.fixture(scope="session")
+def hh_small(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 48 HH pairs as plain JSON lines (with data.max_examples=16: 16 train rows, ~12 held out)."""
+    out = tmp_path_factory.mktemp("data") / "hh48.jsonl"
+    with gzip.open(hh_path, "rt", encoding="utf-8") as lines:
+        out.write_text("".join(line for line, _ in zip(lines, range(48))))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,7 @@ def test_adding_an_online_algorithm_doc_works_as_written(tiny_model_dir, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "runs" / "known" / "loo_dapo" / "metrics.jsonl").open()]
     train = [row for row in rows if "reward/score" in row]
     assert len(train) == 3 and all(math.isfinite(row["clip_fraction"]) for row in train)
-    assert json.loads((tmp_path / "runs" / "known" / "loo_dapo" / "config.json").read_text())["algorithm"][
+    assert json.loads((tmp_path / "runs" / "known" / "loo_dapo" / "prefopt_config.json").read_text())["algorithm"][
         "loss_type"] == "dapo"
 
 

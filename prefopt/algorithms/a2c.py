@@ -47,6 +47,7 @@ from prefopt.rl.advantages import AdvantageInputs, explained_variance
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rules import RULES, RuleHead, programmatic_ok, read_rule_rows, rule_batches, rule_loss
+from prefopt.samples import note_rewards
 from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, fit_head,
                              split_model)
 from prefopt.types import LossOutput, PromptBatch, Rollout
@@ -108,6 +109,11 @@ class A2CConfig:
     """Further reward components (prefopt.rewards: length_penalty, format_validity, callable, target_token, ...)."""
     reward_heads: str | None = None
     """A sparrow_heads.pt saved by an earlier a2c run (or its directory): load the reward heads, do not train."""
+
+    def reward_terms(self) -> dict[str, float]:
+        """The weight of every term of R(x, y) (prefopt.preflight refuses a run whose weights are all zero)."""
+        return {"preference": self.preference_weight, **{f"rule/{k}": w for k, w in self.rules.items()},
+                **{spec.name: spec.weight for spec in self.rewards}}
 
     def __post_init__(self):
         check(self.trainable_layers >= 1, "algorithm.trainable_layers", self.trainable_layers, "must be >= 1")
@@ -171,6 +177,7 @@ class A2C(Algorithm):
     """Sparrow-style A2C: shared frozen trunk, one update per rollout, rule + preference reward heads."""
 
     kind = "prompts"
+    kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = A2CConfig
     accumulates_in_step = True
 
@@ -319,6 +326,7 @@ class A2C(Algorithm):
             extra, components = self.composite(rollout)
             total = total + extra
             parts.update(components)
+        note_rewards(rollout, total, parts)  # samples.jsonl: the heads' parts too
         return total, parts
 
     def forward_rollout(self, rollout: Rollout) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class OnlineAlgorithm(Algorithm):
     kind = "prompts"
     Config = OnlineConfig
     accumulates_in_step = True  # one rollout per step; each update's minibatch is split into G micro-batches
+    kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
 
     def build(self) -> None:
         cfg = self.config

@@ -41,6 +41,7 @@ import transformers
 from torch import Tensor, nn
 
 from prefopt.config import check
+from prefopt.samples import note_rollout
 from prefopt.scoring import position_ids
 from prefopt.types import PromptBatch, Rollout
 
@@ -183,10 +184,12 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
     group = torch.arange(batch.input_ids.shape[0], device=response_ids.device).repeat_interleave(num_samples)
-    return SampledRollout(prompt_ids=repeated.input_ids, prompt_mask=repeated.attention_mask,
-                          response_ids=response_ids, response_mask=mask, logprobs=logprobs, ended=ended,
-                          prompts=list(repeated.prompts), responses=texts, meta=list(repeated.meta), group=group,
-                          seconds=seconds, new_tokens=int(mask.sum()))
+    rollout = SampledRollout(prompt_ids=repeated.input_ids, prompt_mask=repeated.attention_mask,
+                             response_ids=response_ids, response_mask=mask, logprobs=logprobs, ended=ended,
+                             prompts=list(repeated.prompts), responses=texts, meta=list(repeated.meta), group=group,
+                             seconds=seconds, new_tokens=int(mask.sum()))
+    note_rollout(rollout)  # samples.jsonl, while the Trainer records
+    return rollout
 
 
 def rollout_inputs(rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
