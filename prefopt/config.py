@@ -62,6 +62,9 @@ class ModelConfig:
     """QLoRA: load the base in 4-bit through bitsandbytes (needs lora.r > 0)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the policy forward."""
+    disable_dropout: bool = True
+    """Turn the model's dropout off (policy, reference, reward and value models; as TRL's disable_dropout). The
+    LoRA adapter's own dropout is model.lora.dropout."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter settings."""
 
