@@ -351,7 +351,9 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
             raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else ".")
                               + " Sections: algorithm, model, data, eval_data, train")
         sections[key] = from_dict(known[key], value or {}, key)
-    return RunConfig(algorithm=algorithm, **sections)
+    run = RunConfig(algorithm=algorithm, **sections)
+    algo_cls.check_run(run)  # combinations the algorithm cannot run are refused here, not mid-run
+    return run
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -172,12 +172,15 @@ class A2C(Algorithm):
     kind = "prompts"
     Config = A2CConfig
 
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        check(run.model.lora.r == 0, "model.lora.r", run.model.lora.r,
+              "a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); set model.lora.r=0")
+
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         cfg, model_cfg = self.config, self.run.model
-        if model_cfg.lora.r > 0 or model_cfg.load_in_4bit:
-            raise ConfigError("a2c trains the top blocks of the model in full on a frozen shared trunk; "
-                              "set model.lora.r=0 and model.load_in_4bit=false")
+        self.check_run(self.run)
         split = split_model(load_causal_lm(model_cfg), cfg.trainable_layers, cfg.train_lm_head)
         self.lm, self.trunk, self.reference = split.lm, split.trunk, split.reference
         width = split.hidden_size
