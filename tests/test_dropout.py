@@ -57,7 +57,8 @@ def test_kto_kl_estimate_is_0_at_learning_rate_0_on_a_dropout_model(gpt2_real_di
 
 def test_every_loader_turns_dropout_off(gpt2_real_dir):
     cfg = ModelConfig(name_or_path=str(gpt2_real_dir), lora=LoraConfig(r=4, dropout=0.05))
-    for model in (load_causal_lm(cfg), load_causal_lm(cfg, trainable=False), load_reward_model(str(gpt2_real_dir), cfg)):
+    loaded = (load_causal_lm(cfg), load_causal_lm(cfg, trainable=False), load_reward_model(str(gpt2_real_dir), cfg))
+    for model in loaded:
         probabilities = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
         assert probabilities, "gpt2-real has dropout modules"
         model_dropouts = {p for name, p in probabilities.items() if "lora_dropout" not in name}
