@@ -6,6 +6,9 @@ session temp directory. Tests marked ``@pytest.mark.gpu`` are skipped when CUDA 
 
 from __future__ import annotations
 
+import gzip
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,21 @@ def hh_path() -> Path:
     if not HH_TEST.is_file():
         pytest.skip(f"HH-RLHF data file {HH_TEST} is missing")
     return HH_TEST
+
+
+@pytest.fixture(scope="session")
+def hh_head(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """``hh_head(n)``: the first n HH pairs as a .jsonl file, written once per n (small data for end-to-end runs)."""
+    files: dict[int, Path] = {}
+
+    def head(n: int) -> Path:
+        if n not in files:
+            files[n] = tmp_path_factory.mktemp("hh-head") / f"hh{n}.jsonl"
+            with gzip.open(hh_path, "rt", encoding="utf-8") as rows:
+                files[n].write_text("".join(itertools.islice(rows, n)))
+        return files[n]
+
+    return head
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ when the recipe is read (``Algorithm.check_run``: a ConfigError, ``prefopt train
 from __future__ import annotations
 
 import contextlib
-import gzip
 import itertools
 import json
 import math
@@ -69,12 +68,9 @@ def refusal(algorithm: str, *axes: Any) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def pairs_path(hh_path, tmp_path_factory) -> Path:
+def pairs_path(hh_head) -> Path:
     """16 HH pairs, shared by every cell (pairs also give text, sft, ranks, unpaired and prompt rows)."""
-    path = tmp_path_factory.mktemp("conformance") / "pairs.jsonl"
-    with gzip.open(hh_path, "rt") as rows:
-        path.write_text("".join(itertools.islice(rows, 16)))
-    return path
+    return hh_head(16)
 
 
 @pytest.fixture(scope="module")

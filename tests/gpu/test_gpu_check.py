@@ -9,8 +9,6 @@ FSDP, where the reference is a full copy next to the sharded policy. CI never ne
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
 import math
 import os
@@ -48,11 +46,8 @@ def base_model_dir(hh_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pairs_path(hh_path, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gpu-data") / "pairs.jsonl"
-    with gzip.open(hh_path, "rt") as rows:
-        path.write_text("".join(itertools.islice(rows, 256)))
-    return path
+def pairs_path(hh_head) -> Path:
+    return hh_head(256)
 
 
 def overrides(algorithm: str, model_dir: Path, data: Path, out: Path, max_steps: int = 5) -> dict:
