@@ -104,6 +104,18 @@ def qwen2_window_dir(realistic_model_dirs: dict[str, Path]) -> Path:
     return realistic_model_dirs["qwen2-window"]
 
 
+OFFLINE_MODELS = ("tiny", "gpt2-real", "llama-chat")
+
+
+@pytest.fixture(scope="module", params=OFFLINE_MODELS)
+def offline_model(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(name, directory), once per model the offline algorithms' number tests run on: the kind nano GPT-2,
+    ``gpt2-real`` (dropout, pad = eos) and ``llama-chat`` (bf16 weights: load it in float32 to compare at 1e-5)."""
+    if request.param == "tiny":
+        return request.param, request.getfixturevalue("tiny_model_dir")
+    return request.param, request.getfixturevalue("realistic_model_dirs")[request.param]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it.

@@ -24,10 +24,9 @@ from prefopt.modules import TokenScorer
 from prefopt.types import PairLogps
 
 
-@pytest.fixture(scope="module", params=["tiny", "gpt2-real", "llama-chat"])
-def setup(request, hh_path, tmp_path_factory):
-    model_dir = request.getfixturevalue("tiny_model_dir" if request.param == "tiny" else "realistic_model_dirs")
-    model_dir = model_dir if request.param == "tiny" else model_dir[request.param]
+@pytest.fixture(scope="module")
+def setup(offline_model, hh_path, tmp_path_factory):
+    name, model_dir = offline_model
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = load_causal_lm(ModelConfig(name_or_path=str(model_dir)))  # float32, dropout off, train mode
@@ -40,7 +39,7 @@ def setup(request, hh_path, tmp_path_factory):
     loader, _ = build_dataloader(rows, "pairs", tokenizer, data_cfg, batch_size=6, shuffle=False, seed=0,
                                  length_bucketing=False)
     batch = next(iter(loader))
-    return tokenizer, policy, reference, rows, batch, tmp_path_factory.mktemp("trl"), model_dir, request.param
+    return tokenizer, policy, reference, rows, batch, tmp_path_factory.mktemp("trl"), model_dir, name
 
 
 def saved_model(setup, weights: torch.nn.Module | None = None) -> torch.nn.Module:
