@@ -26,8 +26,6 @@ import contextlib
 import itertools
 import json
 import math
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from prefopt.cli import main
 from prefopt.config import build_run_config
 from prefopt.errors import ConfigError
 from prefopt.registry import ALGORITHMS
@@ -244,14 +243,24 @@ def test_cell(algorithm, model, precision, weights, accumulation, realistic_mode
     STEP_ONE[algorithm](Cell(trainer, rows, model_dir, precision))
 
 
-def test_a_refused_combination_is_one_line_and_exit_2_at_the_cli(llama_chat_dir, pairs_path, tmp_path):
-    (algorithm, axis), message = next(iter(REFUSED.items()))
-    cell = {"weights": axis} if axis in WEIGHTS else {}
-    data = recipe(algorithm, llama_chat_dir, pairs_path, "fp32", cell.get("weights", "full"), 1, tmp_path / "run")
-    path = tmp_path / "recipe.json"  # JSON is YAML
-    path.write_text(json.dumps(data))
-    done = subprocess.run([sys.executable, "-m", "prefopt.cli", "train", str(path)], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"prefopt: error: {message}"]
+@pytest.mark.parametrize("refused", sorted(REFUSED), ids=["-".join(map(str, key)) for key in sorted(REFUSED)])
+def test_a_refused_combination_is_one_line_and_exit_2_at_the_cli(refused, llama_chat_dir, pairs_path, tmp_path, capsys):
+    algorithm, axis = refused
+    weights = axis if axis in WEIGHTS else "full"
+    precision = axis if axis in PRECISIONS else "fp32"
+    accumulation = axis if axis in ACCUMULATION else 1
+    path = tmp_path / "recipe.yaml"  # JSON is YAML
+    path.write_text(json.dumps(recipe(algorithm, llama_chat_dir, pairs_path, precision, weights, accumulation,
+                                      tmp_path / "run")))
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"prefopt: error: {REFUSED[refused]}"]
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_kto_with_one_row_per_batch_is_refused_when_the_recipe_is_read(llama_chat_dir, pairs_path, tmp_path):
+    """Outside the matrix: KTO's KL reference point needs two rows (a one-row batch's mismatched pair is itself)."""
+    data = recipe("kto", llama_chat_dir, pairs_path, "fp32", "full", 1, tmp_path)
+    data["train"]["batch_size"] = 1
+    with pytest.raises(ConfigError) as error:
+        build_run_config(data)
+    assert str(error.value) == "train.batch_size=1: KTO needs >= 2 rows per batch to estimate its KL reference point"
