@@ -6,7 +6,8 @@ step is worth in ``STEP_ONE`` below. At step 1 the policy is still the model it 
 
 * with a reference the log-ratio is 0 and the loss is its analytic value: DPO (sigmoid, Rafailov et al. eq. 7)
   log 2 with zero implicit rewards, KTO 0.5 with a KL estimate of 0, PPO and A2C a KL of 0 to the reference, and
-  PPO's ratio 1 (approx KL 0, nothing clipped);
+  PPO's ratio 1 (approx KL 0, nothing clipped); every registered pairwise loss with a reference likewise (IPO
+  1 / (4 beta^2), hinge 1, cdpo and robust log 2: ``DPO_LOSS_AT_ZERO``);
 * without one the loss equals the same loss computed another way on the same batches: plain transformers
   forwards (its causal-LM loss for pt / sft, its sequence-classification scores in the Bradley-Terry loss for the
   reward model, its logits in the paper's formula for ORPO).
@@ -39,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from prefopt.cli import main
 from prefopt.config import build_run_config
 from prefopt.errors import ConfigError
-from prefopt.registry import ALGORITHMS
+from prefopt.registry import ALGORITHMS, LOSSES
 from prefopt.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +61,13 @@ REFUSED = {  # (algorithm, axis value) -> the one line a user sees
                      "set model.lora.r=0",
 }
 CELLS = list(itertools.product(ALGORITHMS.available(), MODELS, PRECISIONS, WEIGHTS, ACCUMULATION))
+DPO_BETA = 0.1
+DPO_LOSS_AT_ZERO = {  # each registered pairwise loss with a reference at log-ratio 0, default parameters
+    "sigmoid": math.log(2), "cdpo": math.log(2), "robust": math.log(2),  # -log sigmoid(0), smoothed or debiased
+    "hinge": 1.0,  # relu(1 - 0)
+    "ipo": 1 / (4 * DPO_BETA**2),  # (0 - 1 / (2 beta))^2
+}
+WITH_REFERENCE = [name for name, fn in LOSSES.items() if not getattr(fn, "reference_free", False)]
 
 
 def refusal(algorithm: str, *axes: Any) -> str | None:
@@ -241,6 +249,20 @@ def test_cell(algorithm, model, precision, weights, accumulation, realistic_mode
         assert math.isfinite(row["train/loss"]) and row["train/skipped_updates"] == 0
         assert row["train/grad_norm"] > 0
     STEP_ONE[algorithm](Cell(trainer, rows, model_dir, precision))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("loss", WITH_REFERENCE)
+def test_every_pairwise_loss_starts_at_its_analytic_value(loss, precision, gpt2_real_dir, pairs_path, tmp_path):
+    """DPO with each registered loss that has a reference (reference-free ones, e.g. simpo, are compared with TRL in
+    tests/test_losses_plugins.py), one step on gpt2-real: the first loss is the loss of a zero log-ratio."""
+    assert loss in DPO_LOSS_AT_ZERO, f"state the value of loss {loss!r} at log-ratio 0 in DPO_LOSS_AT_ZERO"
+    data = recipe("dpo", gpt2_real_dir, pairs_path, precision, "full", 1, tmp_path)
+    data["algorithm"].update({"loss": loss, "beta": DPO_BETA})
+    data["train"]["max_steps"] = 1
+    Trainer(build_run_config(data)).fit()
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/loss"] == pytest.approx(DPO_LOSS_AT_ZERO[loss], abs=ANALYTIC_TOLERANCE[precision])
 
 
 @pytest.mark.parametrize("refused", sorted(REFUSED), ids=["-".join(map(str, key)) for key in sorted(REFUSED)])
