@@ -1,4 +1,4 @@
-"""``prefopt`` command line: train, list, init-model, merge-adapter, bench.
+"""``prefopt`` command line: train, data, list, init-model, merge-adapter, bench.
 
 Every user error prints one line ``prefopt: error: ...`` and exits 2 (no traceback); a non-finite stop exits 3;
 an interrupted run (SIGTERM/SIGINT) saves a checkpoint, prints ``prefopt: stopped: ...`` and exits 128 + the
@@ -26,6 +26,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)
     final = Trainer(config).fit()
     print(json.dumps({"output_dir": config.train.output_dir, **final}, indent=2))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from prefopt.config import load_config
+    from prefopt.data.preview import preview
+    from prefopt.models import load_tokenizer
+    from prefopt.registry import ALGORITHMS
+
+    config = load_config(args.recipe, args.overrides)
+    kind = ALGORITHMS.get(config.algorithm_name).kind
+    print(preview(config.data, kind, load_tokenizer(config.model), config.eval_data))
     return 0
 
 
@@ -94,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 algorithm.beta=0.2")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="show what a recipe's data becomes, without training: formats, rows per split, "
+                                     "skips with places, the first example of each split as tokens")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.path=prefs.parquet data.split=test")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("list", help="registered algorithms (with config fields), losses, reward components")
     p.add_argument("--json", action="store_true")

@@ -77,13 +77,18 @@ class DataConfig:
     """Where the data comes from and how it is split and truncated."""
 
     path: str = ""
-    """A file (.jsonl, .jsonl.gz, .json), an HH-style directory (<subset>/<split>.jsonl.gz), or a hub dataset name."""
+    """A file (.jsonl/.json[.gz], .csv, .parquet, .arrow, .txt), a directory (HH <subset>/<split>.jsonl.gz,
+    Dataset.save_to_disk or a hub snapshot), or a hub dataset name; see prefopt.data.readers."""
     format: str = "auto"
-    """Row format: auto, hh, pairs, conversations, messages, ranks, text, sft, prompts, unpaired."""
-    subsets: list[str] = field(default_factory=lambda: ["harmless-base"])
-    """HH subsets to read from a directory or the hub."""
+    """Row format (prefopt.data.formats): auto, or one of hh, pairs, messages, ultrafeedback, ultrafeedback_raw,
+    conversations, alpaca, sft, text, ranks, unpaired, prompts."""
+    subsets: list[str] | None = None
+    """Sub-directories to read (hub data_dir); None: ["harmless-base"] for HH-RLHF, none for other data."""
     split: str = "train"
-    """Split file/hub split to read (HH: train or test)."""
+    """Split to read: the file / hub split name (HH: train or test; UltraFeedback-binarized: train_prefs, ...)."""
+    chat_template: str = "auto"
+    """Conversational rows: "auto" (the tokenizer's chat template, HH text if it has none), "none" (HH text),
+    or a Jinja template file."""
     eval_fraction: float = 0.1
     """Fraction of rows held out for evaluation, chosen by a stable content hash."""
     split_salt: str = "prefopt"
@@ -105,6 +110,8 @@ class DataConfig:
         check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,
               "must be in (0, data.max_length]")
         check(self.max_examples is None or self.max_examples > 0, "data.max_examples", self.max_examples, "must be > 0")
+        check(self.chat_template in ("auto", "none") or Path(self.chat_template).expanduser().is_file(),
+              "data.chat_template", self.chat_template, "must be auto, none or an existing template file")
 
 
 @dataclass

@@ -9,11 +9,14 @@ or the run hangs. With one process they cost nothing.
 * ``exact_eval_batches``: each held-out batch once, although accelerate's ``even_batches`` pads the last round
   of batches with rows from the start;
 * ``seed_epoch``: the batch order of an epoch as a function of (seed, epoch) only, reaching through the batch
-  samplers accelerate wraps around ours.
+  samplers accelerate wraps around ours;
+* ``BatchStream``: endless batches of a loader the Trainer does not drive (PPO-ptx's text), whose position is
+  checkpoint state, so a resumed run continues the stream where it stopped.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -111,7 +114,8 @@ def seed_epoch(loader: Any, epoch: int, seed: int) -> None:
     would depend on how often it was iterated before -- not the same after a resume. We reseed it with
     ``seed + epoch``, as accelerate does its sampler.
     """
-    loader.set_epoch(epoch)
+    if hasattr(loader, "set_epoch"):  # a loader prepared by accelerate
+        loader.set_epoch(epoch)
     sampler = loader.batch_sampler
     while hasattr(sampler, "batch_sampler"):  # accelerate's BatchSamplerShard / SkipBatchSampler wrappers
         sampler = sampler.batch_sampler
@@ -119,6 +123,49 @@ def seed_epoch(loader: Any, epoch: int, seed: int) -> None:
         sampler.set_epoch(epoch)
     elif isinstance(getattr(sampler, "generator", None), torch.Generator):
         sampler.generator.manual_seed(seed + epoch)
+    elif isinstance(getattr(getattr(sampler, "sampler", None), "generator", None), torch.Generator):
+        sampler.sampler.generator.manual_seed(seed + epoch)  # a plain DataLoader's RandomSampler
+
+
+class BatchStream:
+    """Endless batches of ``loader``, epoch after epoch; ``state_dict`` is its position (epoch, batches taken).
+
+    The order of epoch e is a function of ``(seed, e)`` (``seed_epoch``) and opening an iterator draws nothing from
+    the global RNG, so after ``load_state_dict`` the stream gives exactly the batches it would have given next.
+    Register it with ``accelerator.register_for_checkpointing``.
+    """
+
+    def __init__(self, loader: Any, seed: int):
+        self.loader, self.seed = loader, seed
+        self.epoch, self.offset = 0, 0
+        self._iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._open()
+        batch = next(self._iterator, None)
+        if batch is None:  # the epoch ran out
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._iterator = self._open()
+            batch = next(self._iterator)
+        self.offset += 1
+        return batch
+
+    def _open(self) -> Iterator[Any]:
+        seed_epoch(self.loader, self.epoch, self.seed)
+        with torch.random.fork_rng(devices=[]):  # opening a DataLoader iterator draws from the global RNG
+            iterator = iter(self.loader)
+        return itertools.islice(iterator, self.offset, None)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._iterator = None
 
 
 def make_accelerator(config: Any) -> Accelerator:

@@ -30,15 +30,29 @@ from prefopt.errors import PrefoptError
 
 logger = logging.getLogger("prefopt.models")
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
+TOKENIZER_PROBE = "Hello, world."
+
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of ``cfg.tokenizer`` (or ``cfg.name_or_path``), right-padded, with a pad token.
 
-    A tokenizer without a pad token pads with eos (a warning says so); one with neither is an error.
+    A tokenizer without a pad token pads with eos (a warning says so); one with neither is an error. So is a
+    local folder without tokenizer files, and a tokenizer that encodes text to no tokens (transformers builds an
+    empty one from a model folder that lacks them, which would train on empty sequences).
     """
     source = cfg.tokenizer or cfg.name_or_path
     what = "tokenizer" if cfg.tokenizer else "model"  # the message names the key the user set
+    folder = Path(source).expanduser() if source else None
+    if folder is not None and folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        raise PrefoptError(f"{key} {source!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                           "save the tokenizer there (tokenizer.save_pretrained) or set model.tokenizer")
     tokenizer = _from_pretrained(AutoTokenizer, source, what, trust_remote_code=cfg.trust_remote_code)
+    if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
+        raise PrefoptError(f"tokenizer of {source!r} encodes {TOKENIZER_PROBE!r} to no tokens (an empty vocabulary: "
+                           f"are its files incomplete?); {len(tokenizer)} tokens in it")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PrefoptError(f"tokenizer {source!r} has no pad or eos token; add a pad token to it "

@@ -17,10 +17,13 @@ generate numbered them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prefopt.distributed import sum_over_processes
 from prefopt.functional import decoder_hidden, masked_var
 from prefopt.rollout import position_ids
 from prefopt.types import Rollout
@@ -56,28 +59,30 @@ class PolicyAndValue(nn.Module):
     ``forward(input_ids, attention_mask, score_mask)`` -> (log-probs, entropies, values), each [B, T] and
     aligned with ``input_ids``: ``values[:, t]`` is V(tokens < t), the value of the state in which token t
     is chosen. Critic: ``value_head`` (a Linear on the policy's hidden states) or ``critic`` (a
-    sequence-classification reward model whose score head is read at every position).
+    sequence-classification reward model whose score head is read at every position); neither for a frozen
+    reference policy (scored with ``with_values=False``).
     """
 
     def __init__(self, lm: nn.Module, value_head: nn.Module | None = None, critic: nn.Module | None = None):
         super().__init__()
-        if (value_head is None) == (critic is None):
-            raise ValueError("give exactly one of value_head (shared critic) and critic (separate)")
+        if value_head is not None and critic is not None:
+            raise ValueError("give at most one of value_head (shared critic) and critic (separate)")
         self.lm = lm
         self.value_head = value_head
         self.critic = critic
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, temperature: float = 1.0,
-                positions: Tensor | None = None, with_values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-        positions = position_ids(attention_mask) if positions is None else positions
+                with_values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        positions = position_ids(attention_mask)
         hidden = decoder_hidden(self.lm, input_ids, attention_mask, positions)
         logps, entropy = logps_from_hidden(self.lm, hidden, input_ids, score_mask, temperature)
         if not with_values:
             return logps, entropy, None
         if self.critic is not None:
-            hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=positions, use_cache=False).last_hidden_state
-            values = self.critic.score(hidden).squeeze(-1).float()
+            critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic  # peft
+            hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                       use_cache=False).last_hidden_state  # the backbone (with its adapter, if any)
+            values = critic.score(hidden).squeeze(-1).float()
         else:
             values = self.value_head(hidden.float()).squeeze(-1)
         return logps, entropy, F.pad(values[:, :-1], (1, 0))  # shift: V(tokens < t) sits at column t
@@ -125,7 +130,8 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 class KLController:
     """The KL coefficient beta: fixed, or adapted towards ``target`` (Ziegler et al. 2019, sec. 2.2).
 
-    ``update(kl, n)`` after each rollout batch of ``n`` sequences whose mean KL(pi || pi_ref) is ``kl``.
+    ``update(kl, n)`` after each rollout batch of ``n`` sequences whose mean KL(pi || pi_ref) is ``kl``, counted
+    over all processes (``kl_over_processes``).
     Registered for checkpointing by the algorithm, so a resumed run continues with the adapted beta.
     """
 
@@ -143,6 +149,13 @@ class KLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+def kl_over_processes(accelerator: Any, kl: Tensor, mask: Tensor) -> tuple[float, int]:
+    """(mean KL per sequence, number of sequences) of the rollouts of ALL processes, for ``KLController.update``."""
+    local = {"kl": float((kl * mask).sum()), "sequences": float(kl.shape[0])}
+    totals = sum_over_processes(accelerator, local) if accelerator is not None else local
+    return totals["kl"] / totals["sequences"], int(totals["sequences"])
 
 
 def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -45,13 +45,6 @@ def response_lengths(rollout: Rollout) -> Tensor:
     return rollout.response_mask.sum(-1).float()
 
 
-def ended_with_eos(rollout: Rollout, eos_token_id: int) -> list[bool]:
-    """Whether each response stopped at EOS (rather than at max_new_tokens)."""
-    last = (rollout.response_mask.sum(-1) - 1).clamp(min=0)
-    ids = rollout.response_ids.gather(1, last[:, None]).squeeze(1)
-    return (ids == eos_token_id).tolist()
-
-
 @REWARDS.register("reward_model")
 class RewardModelReward:
     """Score of a scalar reward model from the reward stage (InstructGPT's r_theta(x, y)).
@@ -67,7 +60,6 @@ class RewardModelReward:
         from prefopt.algorithms.reward import RewardScorer  # here: prefopt.algorithms imports this module
 
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
-        self.policy_eos = tokenizer.eos_token_id
         self.tokenizer = load_tokenizer(cfg)
         self.scorer = RewardScorer(load_reward_model(path, cfg)).to(device)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
@@ -81,7 +73,7 @@ class RewardModelReward:
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> Tensor:
-        ended = ended_with_eos(rollout, self.policy_eos)
+        ended = rollout.ended.tolist()
         rows = [self.encode(p, r, e) for p, r, e in zip(rollout.prompts, rollout.responses, ended)]
         scores = []
         for start in range(0, len(rows), self.batch_size):

@@ -5,12 +5,16 @@
 
 * ``response_ids``: the sampled tokens, right-padded with the pad token;
 * ``response_mask``: 1 on every token up to and including the first EOS (a response cut at
-  ``max_new_tokens`` has no EOS and is 1 throughout its length);
+  ``max_new_tokens`` has no EOS and is 1 throughout its length); ``ended``: whether it stopped at an EOS. EOS is
+  any id of ``eos_ids``: the tokenizer's and every one the model's generation config lists (Llama 3 ends a turn
+  with ``<|eot_id|>``, Qwen with ``<|im_end|>``);
 * ``logprobs``: behaviour log-probs  log softmax(z_t / temperature)[y_t]  of each sampled token, read from the
   raw logits generate returns (``output_logits``), so no second forward is run. Top-k / top-p truncation is
   not folded in: these are the log-probs the training forward recomputes (as TRL and OpenRLHF do), so the
-  PPO ratio starts at exactly 1. Logits processors a checkpoint's own generation_config may ask for (repetition
-  penalty, n-gram blocking, minimum length, ...) are switched off: the samples come from the policy;
+  PPO ratio starts at exactly 1. Sampling uses the algorithm's ``GenerationConfig`` and nothing else: what a
+  checkpoint's own generation_config asks for (repetition penalty, forced or length-decayed EOS, n-gram
+  blocking, minimum length, its own temperature, ...) is not applied, so the samples come from the policy whose
+  log-probs are trained on; only its EOS ids are kept (``eos_ids``);
 * decoded response texts (special tokens dropped), and the prompts / meta of the batch;
 * ``seconds`` and ``new_tokens``: the generation time and the generated (unmasked) token count, so an
   algorithm can log generation tokens/s apart from training tokens/s.
@@ -22,22 +26,17 @@ Positions: generate numbers the tokens of a left-padded row from its first real 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import Tensor, nn
 
 from prefopt.config import check
 from prefopt.types import PromptBatch, Rollout
-
-
-# Only GenerationConfig shapes the sampling distribution: logits processors a checkpoint's generation_config may
-# switch on (repetition penalty, n-gram blocking, minimum length, banned tokens, min-p, ...) are turned off, so the
-# sampled tokens follow the policy and the behaviour log-probs are its log-probs.
-POLICY_ONLY = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, bad_words_ids=None,
-                   suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None)
-SAMPLING_POLICY_ONLY = dict(typical_p=1.0, min_p=None, epsilon_cutoff=0.0, eta_cutoff=0.0)
 
 
 @dataclass
@@ -85,11 +84,34 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def eos_ids(tokenizer, model: nn.Module) -> list[int]:
-    """Every token id that ends a response: the tokenizer's eos and the model's generation eos ids."""
+    """Every token id that ends a response: the tokenizer's eos and the eos ids of the model's generation config
+    and model config (one id or a list)."""
     ids = {tokenizer.eos_token_id}
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        config_eos = getattr(config, "eos_token_id", None)
+        ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
     return sorted(i for i in ids if i is not None)
+
+
+def sampling_config(gen: GenerationConfig, eos: list[int], pad_token_id: int) -> transformers.GenerationConfig:
+    """The complete transformers generation config of a rollout: the algorithm's settings and the EOS ids."""
+    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k) if gen.do_sample else {}
+    return transformers.GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, **sampling,
+                                         eos_token_id=eos, pad_token_id=pad_token_id, use_cache=True,
+                                         return_dict_in_generate=True, output_logits=True)
+
+
+@contextlib.contextmanager
+def only_settings(model: nn.Module, config: transformers.GenerationConfig) -> Iterator[None]:
+    """Make ``config`` the model's generation config for the duration: ``model.generate`` fills every setting a
+    passed config leaves unset from ``model.generation_config``, so passing ``config`` alone is not enough."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft reads the base model's
+    saved = base.generation_config
+    base.generation_config = config
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 def response_mask(response_ids: Tensor, eos: list[int]) -> Tensor:
@@ -110,31 +132,31 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     was_training = model.training
     model.eval()
     eos = eos_ids(tokenizer, model)
-    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, **SAMPLING_POLICY_ONLY)
-    sampling = sampling if gen.do_sample else {}
+    config = sampling_config(gen, eos, tokenizer.pad_token_id)
     start = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None):
+        with (torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None),
+              only_settings(model, config)):
             if seed is not None:
                 torch.manual_seed(seed)
             out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, **sampling, **POLICY_ONLY,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                                 return_dict_in_generate=True, output_logits=True)
+                                 generation_config=config)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     prompt_width = batch.input_ids.shape[1]
     response_ids = out.sequences[:, prompt_width:]
     mask = response_mask(response_ids, eos)
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))
+    ended = (is_eos & mask.bool()).any(-1)
     logprobs = torch.stack([  # one [B, V] step at a time: no float32 copy of all [B, Tr, V] logits at once
         torch.log_softmax(logits.float() / gen.logprob_temperature, dim=-1).gather(-1, response_ids[:, t, None])[:, 0]
         for t, logits in enumerate(out.logits)], dim=1) * mask
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
     return SampledRollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, response_ids=response_ids,
-                          response_mask=mask, logprobs=logprobs, prompts=list(batch.prompts), responses=texts,
-                          meta=list(batch.meta), seconds=seconds, new_tokens=int(mask.sum()))
+                          response_mask=mask, logprobs=logprobs, ended=ended, prompts=list(batch.prompts),
+                          responses=texts, meta=list(batch.meta), seconds=seconds, new_tokens=int(mask.sum()))
 
 
 def _rng_devices(tensor: Tensor) -> list[int]:

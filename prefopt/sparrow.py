@@ -18,12 +18,15 @@ embedding the trunk already holds (no extra copy). Position ids follow the atten
 transformers' ``generate`` makes them), so left-padded prompts score the same as in generation.
 
 Supported layouts: GPT-2 (``transformer.wte/wpe/h/ln_f``) and Llama-like decoders
-(``model.embed_tokens/layers/norm/rotary_emb``: Llama, Mistral, Qwen2, ...).
+(``model.embed_tokens/layers/norm/rotary_emb``: Llama, Mistral, Qwen2, ...). Each block gets the mask of its
+layer type (``config.layer_types``: full causal or sliding window), built by transformers' masking utils as the
+model's own forward builds it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from prefopt.errors import PrefoptError
 from prefopt.online import disable_dropout
@@ -73,11 +76,47 @@ class TrunkOutput:
 
     hidden: Tensor  # [B, T, H] output of the last trunk block
     attention_mask: Tensor  # [B, T] 1 on real tokens
-    block_kwargs: dict[str, Any]  # what every block takes besides hidden states: causal mask, position ids, rotary
+    masks: dict[str, Any]  # the attention mask of each layer type ("full_attention", "sliding_attention")
+    block_kwargs: dict[str, Any]  # what else every block takes besides hidden states: position ids, rotary
+
+    def select(self, rows: Tensor) -> TrunkOutput:
+        """The features of the batch rows ``rows`` (a micro-batch), without running the trunk again."""
+        batch = self.hidden.shape[0]
+
+        def pick(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value[rows]
+            if isinstance(value, (tuple, list)):
+                return type(value)(pick(v) for v in value)
+            if isinstance(value, dict):
+                return {k: pick(v) for k, v in value.items()}
+            return value
+
+        return TrunkOutput(self.hidden[rows], self.attention_mask[rows], pick(self.masks), pick(self.block_kwargs))
+
+
+def layer_types(config: Any) -> list[str]:
+    """The attention type of each block ("full_attention" or "sliding_attention"), as the model's forward reads it."""
+    types = getattr(config, "layer_types", None)
+    return list(types) if types else ["full_attention"] * config.num_hidden_layers
+
+
+MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def run_blocks(blocks: Iterable[nn.Module], types: list[str], hidden: Tensor, features: TrunkOutput) -> Tensor:
+    """Hidden states through ``blocks``, each with the mask of its layer type."""
+    for block, kind in zip(blocks, types, strict=True):
+        hidden = block(hidden, attention_mask=features.masks[kind], **features.block_kwargs)
+    return hidden
 
 
 class Trunk(nn.Module):
-    """Embeddings + the first ``depth`` blocks of ``lm`` (the same module objects, frozen); forward under no_grad."""
+    """Embeddings + the first ``depth`` blocks of ``lm`` (the same module objects, frozen); forward under no_grad.
+
+    It builds the masks the model's own forward would (transformers' masking utils: a causal mask, and a sliding
+    window one for the layers ``config.layer_types`` marks so, as in Mistral or Qwen2 with ``use_sliding_window``).
+    """
 
     def __init__(self, lm: nn.Module, depth: int):
         super().__init__()
@@ -89,6 +128,7 @@ class Trunk(nn.Module):
         self.rotary = getattr(decoder, layout.rotary) if layout.rotary else None
         self.dropout = getattr(decoder, "drop", None)
         self.blocks = nn.ModuleList(list(getattr(decoder, layout.blocks))[:depth])
+        self.types = layer_types(self.config)
         self.requires_grad_(False)
 
     @torch.no_grad()
@@ -99,29 +139,27 @@ class Trunk(nn.Module):
             hidden = hidden + self.positions(position_ids)
         if self.dropout is not None:
             hidden = self.dropout(hidden)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
-        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": position_ids, "use_cache": False}
+        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                   cache=None, position_ids=position_ids) for kind in set(self.types)}
+        kwargs: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
-        for block in self.blocks:
-            hidden = block(hidden, **kwargs)
-        return TrunkOutput(hidden, attention_mask, kwargs)
+        embedded = TrunkOutput(hidden, attention_mask, masks, kwargs)
+        return dataclasses.replace(embedded, hidden=run_blocks(self.blocks, self.types[:len(self.blocks)], hidden,
+                                                                embedded))
 
 
 class Top(nn.Module):
-    """Top transformer blocks + final norm on trunk features -> last hidden states [B, T, H]."""
+    """Top transformer blocks (of attention types ``types``) + final norm on trunk features -> [B, T, H]."""
 
-    def __init__(self, blocks: Iterable[nn.Module], norm: nn.Module):
+    def __init__(self, blocks: Iterable[nn.Module], norm: nn.Module, types: list[str]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
+        self.types = list(types)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        hidden = features.hidden
-        for block in self.blocks:
-            hidden = block(hidden, **features.block_kwargs)
-        return self.norm(hidden)
+        return self.norm(run_blocks(self.blocks, self.types, features.hidden, features))
 
 
 def logps_from_hidden(hidden: Tensor, head: nn.Module, input_ids: Tensor, score_mask: Tensor,
@@ -163,6 +201,12 @@ def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def linear_head(head: nn.Module, hidden: Tensor) -> Tensor:
+    """``head`` (float32 parameters) on hidden states of the model's dtype (bf16 models too) -> float32."""
+    dtype = next(head.parameters()).dtype
+    return head(hidden.to(dtype)).float()
+
+
 class SequenceHead(nn.Module):
     """A reward head: a copy of the top blocks + a linear map read at the last token -> [B, outputs].
 
@@ -178,7 +222,7 @@ class SequenceHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        return self.score(last_token(self.top(features), features.attention_mask)).float()
+        return linear_head(self.score, last_token(self.top(features), features.attention_mask))
 
 
 class PreferenceHead(SequenceHead):
@@ -202,7 +246,7 @@ class ValueMLP(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        return self.net(features.hidden).squeeze(-1).float()  # [B, T]
+        return linear_head(self.net, features.hidden).squeeze(-1)  # [B, T]
 
 
 class ValueTop(nn.Module):
@@ -216,7 +260,7 @@ class ValueTop(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        return self.head(self.top(features)).squeeze(-1).float()  # [B, T]
+        return linear_head(self.head, self.top(features)).squeeze(-1)  # [B, T]
 
 
 class SparrowActorCritic(nn.Module):
@@ -274,8 +318,8 @@ def split_model(lm: nn.Module, trainable_layers: int, train_lm_head: bool = True
     tied = head.weight is embed.weight
     lm.requires_grad_(False)
     disable_dropout(lm)
-    top_blocks, norm = blocks[depth:], getattr(decoder, layout.norm)
-    reference_top = Top(copy.deepcopy(top_blocks), copy.deepcopy(norm))
+    top_blocks, norm, top_types = blocks[depth:], getattr(decoder, layout.norm), layer_types(decoder.config)[depth:]
+    reference_top = Top(copy.deepcopy(top_blocks), copy.deepcopy(norm), top_types)
     if not train_lm_head:  # policy and reference share the one frozen head
         reference_head = head
     elif tied:  # the policy trains its own output embedding; the reference reads the trunk's input embedding
@@ -286,7 +330,7 @@ def split_model(lm: nn.Module, trainable_layers: int, train_lm_head: bool = True
             lm.config.get_text_config().tie_word_embeddings = False
     else:
         reference_head = copy.deepcopy(head)
-    policy = LMTop(Top(top_blocks, norm), head).requires_grad_(True)
+    policy = LMTop(Top(top_blocks, norm, top_types), head).requires_grad_(True)
     head.requires_grad_(train_lm_head)
     reference = LMTop(reference_top, reference_head).requires_grad_(False).eval()
     return SharedTrunkModel(lm=lm, trunk=Trunk(lm, depth).eval(), policy=policy, reference=reference,

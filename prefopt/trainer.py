@@ -3,8 +3,10 @@
 It never names an algorithm. It asks the registry for the algorithm class, reads the algorithm's declared data
 ``kind``, loads and splits rows of that kind, builds typed batches, and drives ``algorithm.step(batch)``: every
 yielded loss is one micro-batch under ``accelerator.accumulate`` (accelerate owns devices, mixed precision,
-gradient accumulation, distribution and checkpoint state). One training step consumes
-``gradient_accumulation_steps`` batches of the loader.
+gradient accumulation, distribution and checkpoint state), and ``gradient_accumulation_steps`` micro-batches
+make one update. One training step consumes ``gradient_accumulation_steps`` batches of the loader, or one batch
+when the algorithm ``accumulates_in_step`` (it splits each of its updates into micro-batches itself; see
+``prefopt.algorithms.base``).
 
 Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
 
@@ -179,7 +181,7 @@ class Trainer:
             while step < t.max_steps:
                 step_start = time.perf_counter()
                 tokens = self._train_step(batches, step, params, optimizer, scheduler, averager)
-                consumed += t.gradient_accumulation_steps
+                consumed += self.batches_per_step
                 step += 1
                 elapsed = time.perf_counter() - step_start
                 averager.add({"perf/step_s": elapsed, "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -258,19 +260,25 @@ class Trainer:
             epoch, offset = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------------------ step
+    @property
+    def batches_per_step(self) -> int:
+        """Batches one training step takes: G, or 1 when the algorithm makes the G micro-batches itself."""
+        return 1 if self.algorithm.accumulates_in_step else self.config.train.gradient_accumulation_steps
+
     def _train_step(self, batches, step: int, params, optimizer, scheduler, averager: MetricAverager) -> int:
-        """One step: ``gradient_accumulation_steps`` batches; each yielded loss is one micro-batch; one lr step.
+        """One step: ``batches_per_step`` batches; each yielded loss is one micro-batch; one lr step.
 
         A non-finite loss anywhere spoils the update it belongs to: its backward is skipped on every process and,
         at the update, the optimizer does not step (``skip``) or the run stops (``stop``).
         """
         t, acc, model = self.config.train, self.accelerator, self.algorithm.model
-        tokens = 0
+        tokens = micro_batches = 0
         spoiled: str | None = None
-        for _ in range(t.gradient_accumulation_steps):
+        for _ in range(self.batches_per_step):
             batch = next(batches)
             for out in self.algorithm.step(batch):
                 tokens += out.num_tokens
+                micro_batches += 1
                 with acc.accumulate(model):
                     finite = bool(torch.isfinite(out.loss.detach()))
                     if spoiled is None and any_process(acc, not finite):
@@ -290,6 +298,10 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                         spoiled = None
                 averager.add({"train/loss": float(out.loss.detach()), **out.metrics})
+        if micro_batches % t.gradient_accumulation_steps:
+            raise PrefoptError(f"{self.config.algorithm_name} yielded {micro_batches} micro-batches in step "
+                               f"{step + 1}, not a multiple of train.gradient_accumulation_steps "
+                               f"({t.gradient_accumulation_steps})")
         # once per step, also after skipped updates: the lr is a function of the step, whether the algorithm makes
         # one update per step (offline) or several (PPO: epochs x minibatches of one rollout)
         scheduler.step()

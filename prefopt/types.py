@@ -38,7 +38,6 @@ class LMBatch(_Batch):
     input_ids: Tensor  # [B, T]
     attention_mask: Tensor  # [B, T]
     labels: Tensor  # [B, T], -100 where no loss (prompt tokens, padding)
-    position_ids: Tensor | None = None  # [B, T], restarts at 0 per packed document
 
 
 @dataclass
@@ -110,6 +109,7 @@ class Rollout(_Batch):
     response_ids: Tensor  # [B, Tr] right-padded
     response_mask: Tensor  # [B, Tr] 1 on generated tokens up to and including EOS
     logprobs: Tensor  # [B, Tr] behaviour policy log-probs of the sampled tokens
+    ended: Tensor  # [B] bool: the response stopped at one of the model's EOS ids (not at max_new_tokens)
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)

@@ -135,10 +135,9 @@ def prompts(tokenizer, n: int = 4):
 
 
 @pytest.mark.parametrize("value_head", ["mlp", "blocks"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(arch, value_head, tiny_model_dir,
-                                                                    tiny_llama_dir, hh_path, tmp_path):
-    model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama_dir
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir", "gpt2_real_dir", "qwen2_window_dir"])
+def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(fixture, value_head, hh_path, tmp_path, request):
+    model_dir = request.getfixturevalue(fixture)
     algorithm = built_a2c(sparrow_run(model_dir, hh_path, tmp_path, value_head=value_head))
     assert algorithm.learned_rules == ["no_url"] and algorithm.programmatic_rules == ["no_new_human_turn"]
     calls = {"trunk": 0, "policy_top": 0, "reference_top": 0, "generation": 0}
@@ -194,8 +193,10 @@ def test_score_is_the_weighted_sum_of_its_terms(tiny_model_dir, hh_path, tmp_pat
     assert ((parts["rule/no_url"] > 0) & (parts["rule/no_url"] < 1)).all()  # a probability from the rule head
 
 
-def test_trainer_end_to_end_saves_policy_and_heads(tiny_model_dir, hh_path, tmp_path):
-    run = sparrow_run(tiny_model_dir, hh_path, tmp_path)
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "llama_chat_dir"])
+def test_trainer_end_to_end_saves_policy_and_heads(fixture, hh_path, tmp_path, request):
+    model_dir = request.getfixturevalue(fixture)
+    run = sparrow_run(model_dir, hh_path, tmp_path)
     final = Trainer(run).fit()
     assert math.isfinite(final["eval/reward/score"]) and "eval/policy/kl" in final
     out = Path(run.train.output_dir)
@@ -205,12 +206,12 @@ def test_trainer_end_to_end_saves_policy_and_heads(tiny_model_dir, hh_path, tmp_
     saved = torch.load(out / "model" / HEADS_FILE, weights_only=True)
     assert saved["rule_names"] == ["no_url"] and saved["trainable_layers"] == 1
     # a later run loads the reward heads instead of training them
-    reuse = built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path / "again", reward_heads=str(out / "model")))
+    reuse = built_a2c(sparrow_run(model_dir, hh_path, tmp_path / "again", reward_heads=str(out / "model")))
     assert not reuse.head_report
     for key, value in reuse.preference_head.state_dict().items():
         assert torch.equal(value, saved["preference"][key])
     with pytest.raises(ConfigError, match="trainable_layers=1, not 2"):
-        built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path / "x", reward_heads=str(out / "model"),
+        built_a2c(sparrow_run(model_dir, hh_path, tmp_path / "x", reward_heads=str(out / "model"),
                               trainable_layers=2))
 
 
@@ -260,3 +261,45 @@ def test_a2c_learns_the_known_reward_task(tiny_model_dir, tmp_path):
     assert end > 0.15 and end > 5 * start
     assert final["eval/reward/target_token"] > 0.12
     assert kl < 20 and final["eval/policy/kl"] < 20  # bounded: near the KL-regularised optimum's 17, not 50
+
+
+# ------------------------------------------------------------------------------------------------ accumulation
+
+
+def test_accumulation_splits_the_one_update_of_a_rollout(gpt2_real_dir, tmp_path):
+    """Accumulation 2 makes the update of accumulation 1 from the SAME rollout (two micro-batches of its rows,
+    advantages whitened over all of them), not one update from two rollouts. Measured: the weights agree to
+    1e-10; before the fix (two rollouts per update) they differed by 2e-3."""
+    data = write_task_prompts(tmp_path / "prompts.jsonl", 16, seed=0)
+
+    def weights(accumulation: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"g{accumulation}"
+        Trainer(build_run_config({
+            "algorithm": {"name": "a2c", "trainable_layers": 1, "preference_weight": 0.0, "rules": {},
+                          "rewards": [{"name": "target_token", "params": {"token": TARGETS}}],
+                          "generation": {"max_new_tokens": 6}},
+            "model": {"name_or_path": str(gpt2_real_dir)},
+            "data": {"path": str(data), "format": "prompts", "eval_fraction": 0.0},
+            "train": {"output_dir": str(out), "max_steps": 1, "batch_size": 8, "learning_rate": 1e-3,
+                      "gradient_accumulation_steps": accumulation, "progress": False, "mixed_precision": "no"},
+        })).fit()
+        return AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+
+    plain, split = weights(1), weights(2)
+    start = AutoModelForCausalLM.from_pretrained(gpt2_real_dir).state_dict()
+    assert max(float((plain[k] - start[k]).abs().max()) for k in plain) > 5e-4  # the update moved the top
+    for key in plain:
+        torch.testing.assert_close(split[key], plain[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_a2c_trains_a_bf16_model(llama_chat_dir, tmp_path):
+    """model.dtype bfloat16 (llama-chat ships bf16 weights): the value and reward heads run on bf16 features."""
+    data = write_task_prompts(tmp_path / "prompts.jsonl", 8, seed=0)
+    run = sparrow_run(llama_chat_dir, data, tmp_path, preference_weight=0.0, generation={"max_new_tokens": 4})
+    run.model.dtype = "bfloat16"
+    run.data.format, run.data.max_examples, run.data.eval_fraction = "prompts", None, 0.0
+    Trainer(run).fit()
+    rows = [json.loads(line) for line in (Path(run.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if "losses/value" in row]
+    assert len(train) == 2 and all(math.isfinite(row["losses/value"]) for row in train)
+    assert 0 < train[0]["reward/rule/no_url"] < 1  # the learned rule head scored bf16 features

@@ -104,10 +104,10 @@ FILE_ERRORS = [  # (file, extra overrides, what the message must contain)
     ("truncated", [], ["truncated.jsonl.gz: truncated or corrupt gzip after line"]),
     ("invalid_json", [], ["invalid_json.jsonl: not a JSON lines file (line 1:", "no line holds a JSON object"]),
     ("latin1", [], ["latin1.jsonl line 2: not valid UTF-8"]),
-    ("types", [], ["no usable pairs rows in", "2 field 'prompt' is not a string", "types.jsonl:1", "types.jsonl:2"]),
+    ("types", [], ["no usable pairs rows in", "2 pairs: field 'prompt' is not a string", "types.jsonl:1", "types.jsonl:2"]),
     ("missing", [], ["no usable pairs rows in", "missing field 'rejected'", "missing.jsonl:1"]),
-    ("empty", [], ["no usable pairs rows in", "2 empty response", "empty.jsonl:1", "empty.jsonl:2"]),
-    ("prompt_only", [], ["no usable pairs rows in", "2 prompt-only row", "prompt_only.jsonl:1"]),
+    ("empty", [], ["no usable pairs rows in", "2 pairs: empty response", "empty.jsonl:1", "empty.jsonl:2"]),
+    ("prompt_only", [], ["no usable pairs rows in", "2 prompts: prompt-only row", "prompt_only.jsonl:1"]),
     # the prompt fills max_length when it may take all of it: no room for a response, the row is skipped
     ("long", ["data.max_prompt_length=128", "data.eval_fraction=0"],
      ["long.jsonl (train rows): no pairs rows left after tokenization", "'prompt longer than max_length': 1"]),
@@ -182,10 +182,10 @@ def test_bad_rows_are_skipped_counted_and_reported(files, tiny_model_dir, tmp_pa
     mixed = files["mixed"]
     reasons = json.loads((out / "manifest.json").read_text())["manifests"]["train"]["skipped"]["reasons"]
     assert reasons["invalid JSON"] == {"count": 1, "examples": [f"{mixed}:31"]}
-    assert reasons["field 'prompt' is not a string"] == {"count": 1, "examples": [f"{mixed}:32"]}
-    assert reasons["missing field 'rejected'"] == {"count": 1, "examples": [f"{mixed}:33"]}
-    assert reasons["empty response"]["examples"][-1] == f"{mixed}:34"
-    assert reasons["prompt-only row"] == {"count": 1, "examples": [f"{mixed}:35"]}
+    assert reasons["pairs: field 'prompt' is not a string"] == {"count": 1, "examples": [f"{mixed}:32"]}
+    assert reasons["pairs: missing field 'rejected'"] == {"count": 1, "examples": [f"{mixed}:33"]}
+    assert reasons["pairs: empty response"]["examples"][-1] == f"{mixed}:34"
+    assert reasons["prompts: prompt-only row"] == {"count": 1, "examples": [f"{mixed}:35"]}
     tokenization = json.loads((out / "manifest.json").read_text())["tokenization_skipped"]["train"]
     assert tokenization["prompt longer than max_length"] >= 1  # line 36 (and long HH prompts): at tokenization
     assert "invalid JSON" in caplog.text and "prompt-only row" in caplog.text

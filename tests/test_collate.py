@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from prefopt.config import DataConfig
 from prefopt.data import build_dataloader, load_rows, pack
-from prefopt.data.kinds import encode
+from prefopt.data.chat import encode
 from prefopt.errors import DataError
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
@@ -97,7 +97,7 @@ def test_prompt_longer_than_max_length_is_skipped_and_counted(tokenizer):
 def test_sft_labels_ignore_prompt_and_padding(pairs, tokenizer):
     records = load_rows(DataConfig(path=str(HH), eval_fraction=0.0, max_examples=3), "sft").train
     batch, _ = one_batch(records, "sft", tokenizer)
-    assert isinstance(batch, LMBatch) and batch.position_ids is None
+    assert isinstance(batch, LMBatch)
     for row, record in enumerate(records):
         n_prompt = len(encode(tokenizer, record["prompt"]))
         n = int(batch.attention_mask[row].sum())
@@ -120,11 +120,10 @@ def test_prompts_are_left_padded_without_eos(tokenizer):
     assert batch.prompts == [r["prompt"] for r in records] and batch.meta == [{"ref": "a"}, {}]
 
 
-def test_pack_fills_chunks_and_restarts_positions():
+def test_pack_fills_chunks():
     docs = [[1] * 5, [2] * 3, [3] * 9, [4] * 2]
     chunks = pack(docs, 6)
-    assert [c["input_ids"] for c in chunks] == [[1, 1, 1, 1, 1, 2], [2, 2, 3, 3, 3, 3], [3, 3, 3, 3, 3, 4], [4]]
-    assert [c["position_ids"] for c in chunks] == [[0, 1, 2, 3, 4, 0], [0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0], [0]]
+    assert chunks == [{"input_ids": ids} for ids in ([1, 1, 1, 1, 1, 2], [2, 2, 3, 3, 3, 3], [3, 3, 3, 3, 3, 4], [4])]
 
 
 def test_text_kind_packs_documents_into_max_length_chunks(tokenizer):
@@ -137,12 +136,7 @@ def test_text_kind_packs_documents_into_max_length_chunks(tokenizer):
     full = torch.cat([b.input_ids for b in batches[:-1]])
     assert full.shape[1] == 128 and (batches[-1].input_ids.shape[1] <= 128)
     for batch in batches[:-1]:
-        assert torch.equal(batch.labels, batch.input_ids)
-        after_eos = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-        after_eos[:, 1:] = batch.input_ids[:, :-1] == tokenizer.eos_token_id
-        after_eos[:, 0] = True
-        assert (batch.position_ids[after_eos] == 0).all()  # restarts at every document start
-        assert (batch.position_ids[~after_eos] > 0).all()
+        assert torch.equal(batch.labels, batch.input_ids) and batch.attention_mask.all()
     assert int((full == tokenizer.eos_token_id).sum()) == 40 - sum(
         int((b.input_ids == tokenizer.eos_token_id).sum()) for b in batches[-1:])
 

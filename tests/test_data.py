@@ -13,7 +13,7 @@ from trl.data_utils import extract_prompt
 
 from prefopt.config import DataConfig
 from prefopt.data import load_rows, split_hh
-from prefopt.data.hh import ASSISTANT
+from prefopt.data.hh import ASSISTANT, render, render_prompt, render_response
 from prefopt.data.readers import SkipLog, read_file
 from prefopt.data.splits import assign, manifest, record_id, write_manifest
 from prefopt.errors import DataError
@@ -77,16 +77,18 @@ def test_trl_extract_prompt_cuts_into_hh_responses(hh_rows):
 
 def test_hh_file_loads_as_pairs(hh_pairs):
     assert (len(hh_pairs.train), len(hh_pairs.eval)) == (1801, 190)  # 1,991 of 2,000 rows kept
-    assert hh_pairs.skipped == {"chosen and rejected prompts differ": 5, "empty response": 4}
+    assert hh_pairs.skipped == {"hh: chosen and rejected prompts differ": 5, "hh: empty response": 4}
+    assert hh_pairs.formats == {"hh": 2000}
     reasons = hh_pairs.manifest["skipped"]["reasons"]
-    assert reasons["empty response"]["examples"] == [f"{HH}:69", f"{HH}:458", f"{HH}:808"]
-    assert reasons["chosen and rejected prompts differ"]["examples"][0] == f"{HH}:1092"
+    assert reasons["hh: empty response"]["examples"] == [f"{HH}:69", f"{HH}:458", f"{HH}:808"]
+    assert reasons["hh: chosen and rejected prompts differ"]["examples"][0] == f"{HH}:1092"
     for record in hh_pairs.train + hh_pairs.eval:
         assert set(record) == {"prompt", "chosen", "rejected"}
         assert record["prompt"].endswith(ASSISTANT) and record["chosen"] != record["rejected"]
     report = hh_pairs.report()
-    assert report.startswith("kept 1991 rows (train 1801, eval 190); skipped 9: 5 chosen and rejected prompts differ")
-    assert f"4 empty response ({HH}:69, {HH}:458, {HH}:808, ...)" in report
+    assert report.startswith("kept 1991 rows (train 1801, eval 190); skipped 9: 5 hh: chosen and rejected prompts "
+                             "differ")
+    assert f"4 hh: empty response ({HH}:69, {HH}:458, {HH}:808, ...)" in report
 
 
 def test_hh_directory_layout(hh_pairs):
@@ -113,20 +115,25 @@ def test_hh_converts_to_every_kind_with_the_same_split(hh_pairs):
 
 
 def test_medicalgpt_conversations_load_as_pairs():
+    """ShareGPT turns become chat messages; without a chat template they render as HH text, as before."""
     loaded = load_rows(DataConfig(path=str(MEDICAL_DPO), eval_fraction=0.0), "pairs")
-    assert len(loaded.train) == 500 and loaded.skipped == {}
-    with_system = [r for r in loaded.train if not r["prompt"].startswith("\n\nHuman: ")]
+    assert len(loaded.train) == 500 and loaded.skipped == {} and loaded.formats == {"conversations": 500}
+    prompts = [render_prompt(r["prompt"]) for r in loaded.train]
+    with_system = [p for p in prompts if not p.startswith("\n\nHuman: ")]
     assert len(with_system) == 84  # a system turn is the first line, before "\n\nHuman:"
-    assert all("\n\nHuman: " in r["prompt"] for r in with_system)
+    assert all("\n\nHuman: " in p for p in with_system)
+    assert sum(r["prompt"][0]["role"] == "system" for r in loaded.train) == 84
     for record in loaded.train:
-        assert record["prompt"].endswith(ASSISTANT) and record["chosen"].startswith(" ")
+        assert record["chosen"] == [{"role": "assistant", "content": record["chosen"][0]["content"]}]
+        assert render_response(record["prompt"], record["chosen"]).startswith(" ")
 
 
 def test_medicalgpt_sft_conversations():
     loaded = load_rows(DataConfig(path=str(MEDICAL_SFT), eval_fraction=0.0), "sft")
     assert len(loaded.train) == 1000 and loaded.skipped == {}
     first = json.loads(MEDICAL_SFT.read_text(encoding="utf-8").splitlines()[0])["conversations"]
-    record = {"prompt": f"\n\nHuman: {first[0]['value']}\n\nAssistant:", "completion": f" {first[1]['value']}"}
+    record = {"prompt": [{"role": "user", "content": first[0]["value"]}],
+              "completion": [{"role": "assistant", "content": first[1]["value"]}]}
     assert record in loaded.train
     with pytest.raises(DataError, match=r"medical_sft_1K_format\.jsonl:1: format 'conversations' \(sft rows\) "
                                         r"cannot be converted to kind 'pairs'"):
@@ -154,9 +161,10 @@ def test_each_bad_row_reason_is_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         loaded = load_rows(DataConfig(path=str(path), eval_fraction=0.0), "pairs")
     assert len(loaded.train) == 2
-    assert loaded.skipped == {"invalid JSON": 2, "missing field 'chosen'": 1, "field 'chosen' is not a string": 1,
-                              "empty response": 1, "chosen == rejected": 1, "no assistant turn": 1,
-                              "prompt-only row": 1, "duplicate row": 1}
+    assert loaded.skipped == {"invalid JSON": 2, "pairs: missing field 'chosen'": 1,
+                              "pairs: field 'chosen' is not a string": 1, "pairs: empty response": 1,
+                              "pairs: chosen == rejected": 1, "hh: no assistant turn": 1,
+                              "prompts: prompt-only row": 1, "duplicate row": 1}
     reasons = loaded.manifest["skipped"]["reasons"]
     assert reasons["invalid JSON"] == {"count": 2, "examples": [f"{path}:2", f"{path}:10"]}
     assert reasons["duplicate row"]["examples"] == [f"{path}:9"]
@@ -167,15 +175,15 @@ def test_each_bad_row_reason_is_counted(tmp_path, caplog):
 def test_no_usable_rows_names_the_file_and_the_reasons(tmp_path):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "a", "chosen": " x", "rejected": " x"}, "{oops"])
     with pytest.raises(DataError, match=r"no usable pairs rows in .*empty\.jsonl \(skipped 2: "
-                                        r"1 chosen == rejected .*1 invalid JSON"):
+                                        r"1 invalid JSON .*1 pairs: chosen == rejected"):
         load_rows(DataConfig(path=str(path)), "pairs")
 
 
 def test_unusable_files_raise_data_error_naming_file_and_line(tmp_path):
-    csv = tmp_path / "pairs.csv"
-    csv.write_text("prompt,chosen,rejected\nQ?,yes,no\n")
-    with pytest.raises(DataError, match=r"pairs\.csv: not a JSON lines file \(line 1: 'prompt,chosen,rejected'\)"):
-        load_rows(DataConfig(path=str(csv)), "pairs")
+    text = tmp_path / "pairs.tab"  # not JSON, not a table suffix: read as JSON lines, which it is not
+    text.write_text("prompt,chosen,rejected\nQ?,yes,no\n")
+    with pytest.raises(DataError, match=r"pairs\.tab: not a JSON lines file \(line 1: 'prompt,chosen,rejected'\)"):
+        load_rows(DataConfig(path=str(text)), "pairs")
     rows = [json.dumps({"prompt": f"Q{i}?", "chosen": " yes" * 50, "rejected": " no"}) + "\n" for i in range(200)]
     blob = gzip.compress("".join(rows).encode())
     (cut := tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
@@ -208,17 +216,22 @@ def test_json_list_txt_and_the_other_formats(tmp_path):
     path = tmp_path / "messages.json"
     path.write_text(json.dumps(rows))
     loaded = load_rows(DataConfig(path=str(path), eval_fraction=0.0), "pairs")
-    assert sorted(loaded.train, key=lambda r: r["rejected"]) == [
-        {"prompt": "\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": " Go away."},
-        {"prompt": "Be kind.\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": " No."},
+    assert sorted(loaded.train, key=str) == [
+        {"prompt": [{"role": "system", "content": "Be kind."}, user], "chosen": [bot],
+         "rejected": [{"role": "assistant", "content": "No."}]},
+        {"prompt": [user], "chosen": [bot], "rejected": [{"role": "assistant", "content": "Go away."}]},
     ]
+    assert sorted((render_prompt(r["prompt"]), render_response(r["prompt"], r["rejected"])) for r in loaded.train) \
+        == [("\n\nHuman: Hi?\n\nAssistant:", " Go away."), ("Be kind.\n\nHuman: Hi?\n\nAssistant:", " No.")]
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "Add", "input": "1+1", "output": "2"},
                                                {"prompt": "P", "completion": " C"}])
+    add = [{"role": "user", "content": "Add\n\n1+1"}]
     assert sorted(load_rows(DataConfig(path=str(sft), eval_fraction=0.0), "sft").train, key=str) == [
         {"prompt": "P", "completion": " C"},
-        {"prompt": "\n\nHuman: Add\n\n1+1\n\nAssistant:", "completion": " 2"}]
+        {"prompt": add, "completion": [{"role": "assistant", "content": "2"}]}]
     assert sorted(load_rows(DataConfig(path=str(sft), eval_fraction=0.0), "text").train, key=str) == [
-        {"text": "P C"}, {"text": "\n\nHuman: Add\n\n1+1\n\nAssistant: 2"}]
+        {"text": "P C"}, {"text": add + [{"role": "assistant", "content": "2"}]}]
+    assert render(add + [{"role": "assistant", "content": "2"}]) == "\n\nHuman: Add\n\n1+1\n\nAssistant: 2"
     ranks = write_jsonl(tmp_path / "ranks.jsonl", [
         {"prompt": "P", "responses": [" a", " b", " c"], "ranking": [2, 0, 1]},
         {"prompt": "Q", "responses": [" a", " b"], "scores": [0.5, 2]},
@@ -228,19 +241,20 @@ def test_json_list_txt_and_the_other_formats(tmp_path):
     assert sorted(loaded.train, key=lambda r: r["prompt"]) == [
         {"prompt": "P", "responses": [" a", " b", " c"], "scores": [1.0, 0.0, 2.0]},
         {"prompt": "Q", "responses": [" a", " b"], "scores": [0.5, 2.0]}]
-    assert loaded.skipped == {"all scores tied": 1, "field 'ranking' is not a permutation of the response indices": 1}
+    assert loaded.skipped == {"ranks: all scores tied": 1,
+                              "ranks: field 'ranking' is not a permutation of the response indices": 1}
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "P", "completion": " C", "label": True},
                                                    {"prompt": "Q", "completion": " D", "label": "yes"},
                                                    {"prompt": "R", "reference": "x"}])
     assert load_rows(DataConfig(path=str(mixed), eval_fraction=0.0), "unpaired").skipped == {
-        "field 'label' is not a boolean": 1, "prompt-only row": 1}
+        "unpaired: field 'label' is not a boolean": 1, "prompts: prompt-only row": 1}
     prompts = load_rows(DataConfig(path=str(mixed), eval_fraction=0.0, format="prompts"), "prompts").train
     assert {"prompt": "R", "meta": {"reference": "x"}} in prompts and len(prompts) == 3
     with pytest.raises(DataError, match="format 'text' \\(text rows\\) cannot be converted to kind 'pairs'"):
         load_rows(DataConfig(path=str(write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}]))), "pairs")
     (txt := tmp_path / "corpus.txt").write_text("first doc\n\nsecond doc\n")  # .txt: one document per line
-    assert list(read_file(txt, SkipLog())) == [(str(txt), 1, {"text": "first doc"}),
-                                               (str(txt), 3, {"text": "second doc"})]
+    assert list(read_file(txt, SkipLog())) == [(f"{txt}:1", {"text": "first doc"}),
+                                               (f"{txt}:3", {"text": "second doc"})]
 
 
 def test_hub_names_load_each_subset_with_data_dir(monkeypatch, hh_rows):

@@ -139,7 +139,7 @@ def test_dpo_lora_reference_is_the_base_and_no_second_model(lora_run, tiny_model
     batch = next(iter(loader))
     algorithm.unwrapped.eval()
     with torch.no_grad():
-        reference = policy_logps(algorithm._reference_scorer, batch)[:2]
+        reference = policy_logps(algorithm.reference_forward, batch)[:2]
         policy = policy_logps(algorithm.model, batch)[:2]
         base = policy_logps(TokenScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), batch)[:2]
     for ref, want, pol in zip(reference, base, policy):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from prefopt.algorithms.ppo import PPOConfig, policy_loss, value_loss
@@ -130,9 +131,11 @@ def task_prompts_path(tmp_path_factory) -> Path:
     return write_task_prompts(tmp_path_factory.mktemp("task") / "prompts.jsonl", 512, seed=0)
 
 
-def test_policy_and_value_forward_matches_the_engine(tiny_model_dir, task_prompts_path):
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
-    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "gpt2_real_dir", "qwen2_window_dir"])
+def test_policy_and_value_forward_matches_the_engine(fixture, task_prompts_path, request):
+    model_dir = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    lm = AutoModelForCausalLM.from_pretrained(model_dir)
     batch = prompt_batch(tokenizer, task_prompts_path, rows=5)
     rollout = generate(lm, tokenizer, batch, GenerationConfig(max_new_tokens=10, temperature=0.8), seed=0)
     sequences, attention_mask, score_mask = rollout_inputs(rollout)
@@ -225,8 +228,9 @@ def test_ppo_runs_with_a_reward_model_critic_ptx_and_several_rewards(tiny_model_
     assert saved.config.vocab_size == 512
 
 
-def test_ppo_with_lora_uses_the_adapter_free_base_as_reference(tiny_model_dir, task_prompts_path, tmp_path):
-    recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "lora", num_minibatches=2)
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "llama_chat_dir"])
+def test_ppo_with_lora_uses_the_adapter_free_base_as_reference(fixture, task_prompts_path, tmp_path, request):
+    recipe = ppo_recipe(request.getfixturevalue(fixture), task_prompts_path, tmp_path / "lora", num_minibatches=2)
     recipe["model"]["lora"] = {"r": 4, "alpha": 8}
     trainer = Trainer(build_run_config({**recipe, "train": {**recipe["train"], "max_steps": 2, "batch_size": 8,
                                                              "log_every": 1, "max_eval_batches": 1}}))
@@ -279,3 +283,134 @@ def test_ppo_learns_the_known_reward_task_with_bounded_kl(tiny_model_dir, task_p
     assert end - beta * kl > start_mean  # the KL-penalised objective improved, not only the reward
     assert final["eval/reward/target_token"] > start_mean + 0.25 and final["eval/kl"] < 20.0
     assert rows[-2]["ppo/clipfrac"] < 0.5
+
+
+# ----------------------------------------------------------------------------------------- gradient accumulation
+
+
+def one_step_weights(recipe: dict, out: Path, accumulation: int) -> dict[str, torch.Tensor]:
+    recipe = {**recipe, "train": {**recipe["train"], "output_dir": str(out), "max_steps": 1, "batch_size": 8,
+                                  "gradient_accumulation_steps": accumulation, "learning_rate": 1e-3,
+                                  "save_model": True}}
+    recipe["data"] = {**recipe["data"], "eval_fraction": 0.0}
+    Trainer(build_run_config(recipe)).fit()
+    return AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+
+
+def test_ppo_accumulation_splits_each_minibatch_not_merges_updates(gpt2_real_dir, task_prompts_path, tmp_path):
+    """An update is G micro-batches of ONE minibatch: accumulation 2 gives the update of accumulation 1 (4 updates
+    of 4-row minibatches per step), not 2 updates summed from different minibatches or rollouts. Measured: the
+    weights agree to 3e-6 (Adam amplifies float rounding of near-zero gradients); before the fix they differed by
+    7e-3 (the Trainer summed pairs of consecutive PPO updates, from two rollouts, into one optimizer step)."""
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path, num_minibatches=2, ppo_epochs=2)
+    plain = one_step_weights(recipe, tmp_path / "g1", accumulation=1)
+    split = one_step_weights(recipe, tmp_path / "g2", accumulation=2)
+    start = AutoModelForCausalLM.from_pretrained(gpt2_real_dir).state_dict()
+    moved = max(float((plain[k] - start[k]).abs().max()) for k in plain)
+    assert moved > 1e-3  # 4 Adam updates of lr 1e-3 moved the weights
+    for key in plain:
+        torch.testing.assert_close(split[key], plain[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_ppo_trains_a_reward_model_critic_with_lora(tiny_model_dir, task_prompts_path, reward_model_dir, tmp_path):
+    """With LoRA the separate critic gets its own adapter (its score head trains in full) and the policy's
+    reference is the adapter-free base."""
+    recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "run", critic="reward_model",
+                        critic_path=str(reward_model_dir), num_minibatches=2, ppo_epochs=1)
+    recipe["model"]["lora"] = {"r": 4, "alpha": 8}
+    trainer = Trainer(build_run_config({**recipe, "train": {**recipe["train"], "max_steps": 2, "batch_size": 8,
+                                                             "log_every": 1, "save_model": False}}))
+    trainer.fit()
+    critic = trainer.algorithm.unwrapped.critic
+    rows = [row for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open())
+            if "ppo/value_loss" in row]
+    assert len(rows) == 2 and all(math.isfinite(row["ppo/value_loss"]) for row in rows)
+    trained = {name for name, p in critic.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name or "score" in name for name in trained)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ptx_scores_packed_text_as_the_pt_stage_does(gpt2_real_dir, task_prompts_path, hh_path, tmp_path):
+    """One packed-LM path: PPO-ptx's loss on a packed batch of text is the pt stage's loss on that batch (positions
+    and attention as run_clm: 0..T-1 over the chunk). Before the fix: 6.24077 vs 6.23905 (positions restarted per
+    document in ptx while attention spanned the chunk)."""
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path / "ppo", ptx_coef=1.0, ptx_path=str(hh_path))
+    recipe["data"].update(max_length=96, max_prompt_length=64)
+    ppo = Trainer(build_run_config(recipe)).algorithm
+    ppo.build()
+    ppo.setup(Accelerator(cpu=True), {})
+    batch = next(ppo.ptx_batches)
+    assert bool((batch.input_ids[:, 1:-1] == ppo.tokenizer.eos_token_id).any())  # documents packed together
+    pt = Trainer(build_run_config({"algorithm": "pt", "model": {"name_or_path": str(gpt2_real_dir)},
+                                   "train": {"output_dir": str(tmp_path / "pt")}})).algorithm
+    pt.build()
+    pt.model.eval()
+    tokens = (batch.labels[:, 1:] != -100).sum()
+    with torch.no_grad():
+        ptx_loss = ppo.ptx_loss(batch, tokens)
+        (pt_loss,) = [out.loss for out in pt.step(batch)]
+    assert float(ptx_loss) == pytest.approx(float(pt_loss), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- exact resume
+
+
+def test_resume_with_ptx_is_bit_exact(tiny_model_dir, task_prompts_path, tmp_path):
+    """2 steps, checkpoint, resume for 2 more == 4 steps in one go, bit for bit: weights and every logged number.
+    The PPO-ptx text stream (several passes over a small text, so the resumed run starts mid-stream) continues
+    from its checkpointed position, as the prompts, the RNG and the KL controller do."""
+    text = tmp_path / "ptx.txt"
+    text.write_text("".join(f"Human: question {i}? Assistant: answer number {i} is here.\n" for i in range(12)))
+    recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "unused", ptx_coef=0.5, ptx_path=str(text),
+                        num_minibatches=2, ppo_epochs=2, adaptive_kl=True, kl_horizon=100)
+    recipe["data"].update(eval_fraction=0.0, max_length=32, max_prompt_length=24)
+
+    def run(out: Path, max_steps: int) -> list[dict]:
+        train = {**recipe["train"], "output_dir": str(out), "max_steps": max_steps, "batch_size": 8,
+                 "log_every": 1, "resume": "auto"}
+        Trainer(build_run_config({**recipe, "train": train})).fit()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows if "train/loss" in row]
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4)
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
+    assert resumed == straight
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model").state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+# ----------------------------------------------------------------------------------------- several processes
+
+
+class TwoProcesses:
+    """This process's accelerator as seen in a 2-process run whose other process drew the same rollout:
+    every sum over processes is twice this process's value."""
+
+    num_processes = 2
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor * 2 if reduction == "sum" else tensor
+
+    def __getattr__(self, name):
+        return getattr(self.accelerator, name)
+
+
+def test_adaptive_kl_controller_counts_the_sequences_of_every_process(gpt2_real_dir, task_prompts_path, tmp_path):
+    """Ziegler's controller moves beta by e * n / horizon for n sequences: n is the whole batch over all processes
+    (2 x 8 here), not one process's 8."""
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path, adaptive_kl=True, kl_target=1.0, kl_horizon=100,
+                        ppo_epochs=1, num_minibatches=1)
+    ppo = Trainer(build_run_config(recipe)).algorithm
+    ppo.build()
+    ppo.setup(Accelerator(cpu=True), {})
+    ppo.accelerator = TwoProcesses(ppo.accelerator)
+    (out,) = list(ppo.step(prompt_batch(ppo.tokenizer, task_prompts_path, rows=8)))
+    error = min(max(out.metrics["objective/kl"] / 1.0 - 1, -0.2), 0.2)
+    assert error != 0
+    assert ppo.kl_ctl.value == pytest.approx(0.03 * (1 + error * 16 / 100), rel=1e-6)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from prefopt.algorithms.losses.sigmoid import sigmoid
 from prefopt.checkpoint import SAFE_RNG_GLOBALS, complete_checkpoints, find_resume
 from prefopt.cli import main
+from prefopt.distributed import BatchStream
 from prefopt.registry import LOSSES
 
 MAX_STEPS = 10
@@ -271,3 +272,25 @@ def test_nan_gradient_with_skip_leaves_the_weights_unchanged(tiny_model_dir, hh_
     assert all(torch.equal(before[k], skipped[k]) for k in before)
     assert not all(torch.equal(skipped[k], after[k]) for k in skipped)
     assert all(torch.isfinite(t).all() for t in after.values())
+
+
+def test_batch_stream_resumes_at_every_position():
+    """A stream restored from its state after k batches gives the batches an unbroken stream gives after k, at
+    epoch boundaries too, and neither draws from the global RNG."""
+    loader = torch.utils.data.DataLoader(list(range(5)), batch_size=2,
+                                         sampler=torch.utils.data.RandomSampler(range(5),
+                                                                                generator=torch.Generator()))
+    torch.manual_seed(0)
+    untouched = torch.rand(2)
+    torch.manual_seed(0)
+    stream = BatchStream(loader, seed=3)
+    states, batches = [], []
+    for _ in range(8):  # 3 batches per epoch: crosses two epoch ends
+        states.append(stream.state_dict())
+        batches.append(next(stream).tolist())
+    assert torch.equal(torch.rand(2), untouched)
+    assert batches[:3] != batches[3:6] and sorted(sum(batches[:3], [])) == list(range(5))
+    for k, state in enumerate(states):
+        resumed = BatchStream(loader, seed=3)
+        resumed.load_state_dict(state)
+        assert [next(resumed).tolist() for _ in range(8 - k)] == batches[k:], k

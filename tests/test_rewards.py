@@ -43,7 +43,8 @@ def make_rollout(tokenizer, prompts=PROMPTS, responses=RESPONSES, ended=(True, T
         prompt_ids[i, tp - len(p):], prompt_mask[i, tp - len(p):] = torch.tensor(p), 1
         response_ids[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                   response_mask=response_mask, logprobs=torch.zeros(response_ids.shape), prompts=list(prompts),
+                   response_mask=response_mask, logprobs=torch.zeros(response_ids.shape), ended=torch.tensor(ended),
+                   prompts=list(prompts),
                    responses=list(responses), meta=[{"answer": "cat"}, {}, {}])
 
 

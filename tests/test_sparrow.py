@@ -46,20 +46,44 @@ def full_model_logps(lm, ids, mask, score_mask):
     return out * score_mask
 
 
-@pytest.mark.parametrize("trainable_layers", [1, 2])
-def test_trunk_plus_top_reproduces_the_full_model(model_dir, trainable_layers):
-    """Policy and reference (trunk once + top) give the unsplit model's log-probs, left padding included."""
-    original = AutoModelForCausalLM.from_pretrained(model_dir)
-    split = split_model(AutoModelForCausalLM.from_pretrained(model_dir), trainable_layers)
-    ids, mask, score_mask = left_padded_batch()
+def assert_split_reproduces(original, split, ids, mask, score_mask):
+    """Policy and reference log-probs (trunk once + each top) equal the unsplit model's; -> (features, entropy)."""
     expected = full_model_logps(original, ids, mask, score_mask)
     features = split.trunk(ids, mask)
     policy_logps, entropy = split.policy(features, ids, score_mask)
     reference_logps, _ = split.reference(features, ids, score_mask, with_entropy=False)
     torch.testing.assert_close(policy_logps, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(reference_logps, expected, atol=1e-5, rtol=0)
+    return features, entropy
+
+
+@pytest.mark.parametrize("trainable_layers", [1, 2])
+def test_trunk_plus_top_reproduces_the_full_model(model_dir, trainable_layers):
+    """Policy and reference (trunk once + top) give the unsplit model's log-probs, left padding included."""
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    split = split_model(AutoModelForCausalLM.from_pretrained(model_dir), trainable_layers)
+    ids, mask, score_mask = left_padded_batch()
+    features, entropy = assert_split_reproduces(original, split, ids, mask, score_mask)
     assert not features.hidden.requires_grad and torch.isfinite(features.hidden).all()
     assert float(entropy.detach()[score_mask.bool()].max()) <= math.log(original.config.vocab_size) + 1e-4
+
+
+@pytest.mark.parametrize("trainable_layers", [1, 2])
+def test_trunk_plus_top_keeps_the_sliding_window(qwen2_window_dir, trainable_layers):
+    """Qwen2 with a 16-token sliding window on 40-token rows: every block gets the mask the model builds for its
+    layer type, so the split model's log-probs are the model's past the window too (a full causal mask there
+    was off by ~1 nat)."""
+    original = AutoModelForCausalLM.from_pretrained(qwen2_window_dir)
+    assert original.config.sliding_window == 16 and set(original.config.layer_types) == {"sliding_attention"}
+    split = split_model(AutoModelForCausalLM.from_pretrained(qwen2_window_dir), trainable_layers)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding, as in rollouts
+    mask[2, 33:] = 0
+    score_mask = mask.clone()
+    score_mask[:, :10] = 0
+    assert_split_reproduces(original, split, ids, mask, score_mask)
 
 
 def test_generation_of_the_split_model_is_unchanged(model_dir):

@@ -23,6 +23,7 @@ rollout keeps (``policy/logprob_gap`` logs the recomputed-vs-behaviour log-prob 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -131,6 +132,35 @@ def nstep_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, n
     return returns * mask
 
 
+def a2c_targets(logps: Tensor, values: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
+                cfg: A2CConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(advantages, returns, per-token k1 KL) [B, T] from detached log-probs, values and reference log-probs [B, T]
+    and scores [B]; advantages are whitened over all rows given."""
+    kl = (logps - ref_logps) * mask
+    rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_mode == "reward" else 0.0)
+    if cfg.advantage == "gae":
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    else:
+        returns = nstep_returns(rewards, values, mask, cfg.gamma, cfg.n_step)
+        advantages = (returns - values) * mask
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns, kl
+
+
+def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, advantages: Tensor,
+                  returns: Tensor, mask: Tensor, cfg: A2CConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """L of the module docstring (token means over ``mask``) given the targets; -> (loss, its terms)."""
+    policy_loss = -masked_mean(advantages * logps, mask)
+    value_loss = 0.5 * masked_mean((values - returns) ** 2, mask)
+    mean_entropy = masked_mean(entropy, mask)
+    loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * mean_entropy
+    if cfg.kl_mode == "loss":
+        loss = loss + cfg.kl_coef * masked_mean(kl_penalty(logps, ref_logps, "k3"), mask)
+    return loss, {"losses/policy": policy_loss.detach(), "losses/value": value_loss.detach(),
+                  "policy/entropy": mean_entropy.detach()}
+
+
 def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
              cfg: A2CConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """The A2C loss of the module docstring on response-aligned tensors [B, T] (``scores`` [B]).
@@ -138,30 +168,15 @@ def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, 
     ``logps``, ``values`` and ``entropy`` carry the graph; ``ref_logps`` and ``scores`` do not.
     """
     mask = mask.float()
-    kl = (logps.detach() - ref_logps) * mask  # k1 per token
-    in_reward = cfg.kl_mode == "reward"
-    rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if in_reward else 0.0)
     old_values = values.detach()
-    if cfg.advantage == "gae":
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    else:
-        returns = nstep_returns(rewards, old_values, mask, cfg.gamma, cfg.n_step)
-        advantages = (returns - old_values) * mask
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    policy_loss = -masked_mean(advantages * logps, mask)
-    value_loss = 0.5 * masked_mean((values - returns) ** 2, mask)
-    mean_entropy = masked_mean(entropy, mask)
-    loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * mean_entropy
-    if not in_reward:
-        loss = loss + cfg.kl_coef * masked_mean(kl_penalty(logps, ref_logps, "k3"), mask)
+    advantages, returns, kl = a2c_targets(logps.detach(), old_values, ref_logps, scores, mask, cfg)
+    loss, metrics = a2c_objective(logps, values, entropy, ref_logps, advantages, returns, mask, cfg)
     kl_per_sequence = kl.sum(-1)
-    metrics = {"losses/policy": policy_loss.detach(), "losses/value": value_loss.detach(),
-               "policy/entropy": mean_entropy.detach(), "policy/kl": kl_per_sequence.mean(),
-               "reward/score": scores.mean(), "reward/total": (scores - cfg.kl_coef * kl_per_sequence).mean(),
-               "values/mean": masked_mean(old_values, mask), "returns/mean": masked_mean(returns, mask),
-               "values/explained_variance": torch.tensor(explained_variance(old_values, returns, mask)),
-               "response/length": mask.sum(-1).mean()}
+    metrics.update({"policy/kl": kl_per_sequence.mean(),
+                    "reward/score": scores.mean(), "reward/total": (scores - cfg.kl_coef * kl_per_sequence).mean(),
+                    "values/mean": masked_mean(old_values, mask), "returns/mean": masked_mean(returns, mask),
+                    "values/explained_variance": torch.tensor(explained_variance(old_values, returns, mask)),
+                    "response/length": mask.sum(-1).mean()})
     return loss, metrics
 
 
@@ -171,6 +186,7 @@ class A2C(Algorithm):
 
     kind = "prompts"
     Config = A2CConfig
+    accumulates_in_step = True
 
     @classmethod
     def check_run(cls, run: Any) -> None:
@@ -231,6 +247,9 @@ class A2C(Algorithm):
     # ------------------------------------------------------------------ setup: reward heads on the trunk
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
+        check(self.accumulation <= self.run.train.batch_size, "train.gradient_accumulation_steps", self.accumulation,
+              f"must be <= train.batch_size ({self.run.train.batch_size}): each rollout is split into that many "
+              "micro-batches")
         if self.config.rewards:
             self.composite = CompositeReward(self.config.rewards, self.tokenizer, self.device)
         saved = self._saved_heads()
@@ -322,31 +341,58 @@ class A2C(Algorithm):
     def forward_rollout(self, rollout: Rollout) -> dict[str, Any]:
         """The trunk ONCE, then every top on its features; tensors sliced to the response [B, Tr]."""
         sequences, attention_mask, score_mask = rollout_inputs(rollout)
-        width = rollout.prompt_ids.shape[1]
         temperature = self.config.generation.logprob_temperature
         features = self.trunk(sequences, attention_mask)
-        logps, entropy, values = self.model(features, sequences, score_mask, temperature)
-        with torch.no_grad():
-            ref_logps, _ = self.reference(features, sequences, score_mask, temperature, with_entropy=False)
+        logps, entropy, values = self.policy_forward(features, rollout)
+        ref_logps, _ = self.reference_forward(features, sequences, score_mask, temperature, with_entropy=False)
         scores, parts = self.score(features, rollout)
-        response = {"logps": logps, "entropy": entropy, "values": values, "ref_logps": ref_logps}
-        out = {key: value[:, width:] for key, value in response.items()}
-        return {**out, "scores": scores, "parts": parts, "mask": rollout.response_mask.float()}
+        out = {"logps": logps, "entropy": entropy, "values": values,
+               "ref_logps": ref_logps[:, rollout.prompt_ids.shape[1]:]}
+        return {**out, "scores": scores, "parts": parts, "mask": rollout.response_mask.float(), "features": features}
 
-    def learn(self, rollout: Rollout) -> LossOutput:
-        """One A2C update's loss on a rollout (the Trainer does backward + optimizer step)."""
-        out = self.forward_rollout(rollout)
-        loss, metrics = a2c_loss(out["logps"], out["values"], out["entropy"], out["ref_logps"], out["scores"],
-                                 out["mask"], self.config)
+    def policy_forward(self, features: TrunkOutput, rollout: Rollout,
+                       rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-probs, entropies, values) [B, Tr] of the trained module on the features of ``rows`` (default all)."""
+        sequences, _, score_mask = rollout_inputs(rollout)
+        if rows is not None:
+            features, sequences, score_mask = features.select(rows), sequences[rows], score_mask[rows]
+        out = self.model(features, sequences, score_mask, self.config.generation.logprob_temperature)
+        return tuple(value[:, rollout.prompt_ids.shape[1]:] for value in out)
+
+    def learn(self, rollout: Rollout) -> Iterator[LossOutput]:
+        """The ONE update of a rollout, as G = train.gradient_accumulation_steps micro-batches of its rows.
+
+        G = 1: every top runs once on the shared features and the loss keeps its graph. G > 1: the targets
+        (advantages whitened over the whole rollout) come from a forward without gradient over all rows; then each
+        micro-batch of rows runs the trained module again, its loss weighted by its share of the response tokens,
+        so that the mean of the G losses is the loss of G = 1.
+        """
+        accumulation, cfg = self.accumulation, self.config
+        with torch.no_grad() if accumulation > 1 else contextlib.nullcontext():
+            out = self.forward_rollout(rollout)
+            loss, metrics = a2c_loss(out["logps"], out["values"], out["entropy"], out["ref_logps"], out["scores"],
+                                     out["mask"], cfg)
         gap = masked_mean((out["logps"].detach() - rollout.logprobs).abs(), out["mask"])
         metrics.update({"policy/logprob_gap": gap, **{f"reward/{k}": v.mean() for k, v in out["parts"].items()}})
         seconds = getattr(rollout, "seconds", 0.0)
         if seconds:
             metrics["perf/generate_s"] = torch.tensor(seconds)
-        return LossOutput(loss, {k: float(v) for k, v in metrics.items()}, int(rollout.attention_mask.sum()))
+        logged = {k: float(v) for k, v in metrics.items()}
+        if accumulation == 1:
+            yield LossOutput(loss, logged, int(rollout.attention_mask.sum()))
+            return
+        advantages, returns, _ = a2c_targets(out["logps"], out["values"], out["ref_logps"], out["scores"],
+                                             out["mask"], cfg)
+        tokens = out["mask"].sum()
+        for rows in torch.arange(len(rollout.responses), device=tokens.device).tensor_split(accumulation):
+            logps, entropy, values = self.policy_forward(out["features"], rollout, rows)
+            mask = out["mask"][rows]
+            loss, _ = a2c_objective(logps, values, entropy, out["ref_logps"][rows], advantages[rows], returns[rows],
+                                    mask, cfg)
+            yield LossOutput(accumulation * mask.sum() / tokens * loss, logged, int(rollout.attention_mask[rows].sum()))
 
     def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
-        yield self.learn(self.rollout(batch))
+        yield from self.learn(self.rollout(batch))
 
     @torch.no_grad()
     def evaluate(self, batch: PromptBatch) -> dict[str, float]:

@@ -7,13 +7,26 @@ An algorithm declares:
   * ``check_run(run)``: refuse, when the recipe is read, model / data / train settings it cannot run (a
     ConfigError naming the key), so an unsupported combination never fails mid-run;
   * ``build()``: load its models (``self.model`` is the one module the optimizer trains);
-  * ``step(batch)``: yield one ``LossOutput`` per optimizer update (offline algorithms yield once per batch;
-    PPO yields epochs x minibatches of one rollout);
+  * ``step(batch)``: yield the ``LossOutput`` of each micro-batch; ``train.gradient_accumulation_steps`` (G)
+    consecutive micro-batches make one optimizer update (accelerate accumulates them and scales each loss by 1/G,
+    so the update's loss is the mean of its G micro-batch losses);
+  * ``accumulates_in_step``: who makes the G micro-batches of an update. False (offline algorithms): each batch
+    is one micro-batch and the Trainer passes G batches per training step. True (online algorithms, which make
+    several updates from one batch: PPO's epochs x minibatches of a rollout, A2C's one update of a rollout): the
+    Trainer passes ONE batch per training step, and ``step`` splits every update's minibatch into G
+    micro-batches whose losses are weighted so that their mean is the minibatch's loss -- accumulation then
+    changes memory, not the update;
   * ``evaluate(batch)``: metric sums for a held-out batch (the Trainer averages them over rows).
+
+An algorithm with a reference policy scores it with ``reference_forward`` (the one way, for every algorithm):
+``self.reference`` when it holds a frozen copy, else its trained module with the LoRA adapter off, in either case
+under the accelerator's autocast, the precision the prepared policy runs in, so that at policy = reference every
+log-ratio is exactly 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from prefopt.models import reference_context
 from prefopt.types import LossOutput
 
 
@@ -28,6 +42,7 @@ class Algorithm:
     kind: ClassVar[str]
     Config: ClassVar[type]
     registry_name: ClassVar[str]
+    accumulates_in_step: ClassVar[bool] = False
 
     def __init__(self, config: Any, run: Any, tokenizer: Any):
         self.config = config  # this algorithm's Config
@@ -57,8 +72,13 @@ class Algorithm:
                 module.to(accelerator.device)
 
     def step(self, batch: Any) -> Iterator[LossOutput]:
-        """Yield the loss of each optimizer update this batch gives rise to."""
+        """Yield the loss of each micro-batch this batch gives rise to (see the module docstring)."""
         raise NotImplementedError
+
+    @property
+    def accumulation(self) -> int:
+        """G: micro-batches per optimizer update (``train.gradient_accumulation_steps``)."""
+        return self.run.train.gradient_accumulation_steps
 
     @torch.no_grad()
     def evaluate(self, batch: Any) -> dict[str, float]:
@@ -76,6 +96,24 @@ class Algorithm:
         self.tokenizer.save_pretrained(out_dir)
 
     # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def reference_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The reference policy's forward on the arguments the policy's forward takes, without gradients.
+
+        ``self.reference`` (a frozen module taking those arguments) when set, else ``self.model`` with its LoRA
+        adapter disabled (no second copy). Runs under the accelerator's autocast, as the prepared policy does.
+        """
+        reference = getattr(self, "reference", None)
+        with self.autocast():
+            if reference is not None:
+                return reference(*args, **kwargs)
+            with reference_context(getattr(self.unwrapped, "lm", self.unwrapped)):
+                return self.model(*args, **kwargs)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of the run (the one ``accelerator.prepare`` puts around the policy)."""
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
     @property
     def unwrapped(self) -> nn.Module:
         if self.accelerator is None:

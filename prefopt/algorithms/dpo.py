@@ -13,7 +13,6 @@ training, after which the reference is freed.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,7 +23,7 @@ from prefopt.algorithms.base import Algorithm
 from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, policy_logps, preference_metrics,
                                         resolve_loss, sums)
 from prefopt.config import LoraConfig, check
-from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
+from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.modules import TokenScorer
 from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
@@ -78,16 +77,8 @@ class DPO(Algorithm):
         super().setup(accelerator, loaders)
         if self.config.precompute_reference and not self.loss_fn.reference_free:
             for split, loader in loaders.items():
-                self.cache.fill(split, loader, self._reference_scorer, accelerator, self.share_prefix)
+                self.cache.fill(split, loader, self.reference_forward, accelerator, self.share_prefix)
             self.reference = None
-
-    @torch.no_grad()
-    def _reference_scorer(self, *args: Any, **kwargs: Any):
-        if self.reference is not None:  # in the policy's precision: the prepared policy runs under this autocast
-            with self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext():
-                return self.reference(*args, **kwargs)
-        with reference_context(self.unwrapped.lm):  # LoRA: the same weights with the adapter off
-            return self.model(*args, **kwargs)
 
     def layout(self, batch: PairBatch) -> SharedPrefixLayout | None:
         """The batch with each prompt written once (prefix sharing), or None to run the padded rows."""
@@ -100,7 +91,7 @@ class DPO(Algorithm):
         if not self.loss_fn.reference_free:
             cached = self.cache.lookup(split, batch)
             if cached is None:
-                ref_chosen, ref_rejected, _, _ = policy_logps(self._reference_scorer, batch, layout)
+                ref_chosen, ref_rejected, _, _ = policy_logps(self.reference_forward, batch, layout)
             else:
                 ref_chosen, ref_rejected = cached
         return PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)

@@ -29,7 +29,7 @@ from prefopt.algorithms.base import Algorithm
 from prefopt.config import LoraConfig, check
 from prefopt.data.collate import pad
 from prefopt.functional import sum_scored
-from prefopt.models import load_causal_lm, needs_separate_reference, reference_context
+from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.modules import TokenScorer
 from prefopt.registry import register_algorithm
 from prefopt.types import LossOutput, UnpairedBatch
@@ -110,18 +110,11 @@ class KTO(Algorithm):
             ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
             self.reference = TokenScorer(load_causal_lm(ref_cfg, path=self.config.reference, trainable=False))
 
-    @torch.no_grad()
-    def _reference_scorer(self, *args: Any, **kwargs: Any):
-        if self.reference is not None:
-            return self.reference(*args, **kwargs)
-        with reference_context(self.unwrapped.lm):  # LoRA: the same weights with the adapter off
-            return self.model(*args, **kwargs)
-
     def reference_point(self, batch: UnpairedBatch) -> Tensor:
         """z_ref: mean KL estimate on the batch's mismatched pairs, over all processes, clamped at 0, detached."""
         kl_batch = mismatched_pairs(batch, self.tokenizer.pad_token_id, self.run.data.max_length)
         with torch.no_grad():
-            kl = (completion_logps(self.model, *kl_batch) - completion_logps(self._reference_scorer, *kl_batch)).mean()
+            kl = (completion_logps(self.model, *kl_batch) - completion_logps(self.reference_forward, *kl_batch)).mean()
         if self.accelerator is not None:
             kl = self.accelerator.gather(kl[None]).mean()
         return kl.clamp(min=0).detach()
@@ -132,7 +125,7 @@ class KTO(Algorithm):
         kl = self.reference_point(batch)
         logps = completion_logps(self.model, *inputs)
         with torch.no_grad():
-            ref_logps = completion_logps(self._reference_scorer, *inputs)
+            ref_logps = completion_logps(self.reference_forward, *inputs)
         logratios = logps - ref_logps
         desirable = batch.desirable.bool()
         losses = kto_loss(logratios, desirable, kl, self.config.beta, self.config.desirable_weight,

@@ -1,7 +1,8 @@
 """Language-model stages of the pipeline (InstructGPT step 1; MedicalGPT's PT and SFT).
 
 ``pt``: continued pretraining on raw text, documents packed into fixed-length chunks (as transformers'
-run_clm does: EOS-separated, attention spans the chunk).
+run_clm does: EOS-separated, positions 0..T-1 over the chunk, attention spans it). ``lm_nll`` is the one way
+packed text is scored, here and in PPO-ptx.
 ``sft``: supervised fine-tuning on demonstrations; the loss covers response tokens only (prompt tokens are
 labelled -100 by the ``sft`` data kind).
 
@@ -11,16 +12,29 @@ Both minimise the token-mean negative log-likelihood  L = -1/N * sum_t log pi(y_
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from prefopt.algorithms.base import Algorithm
 from prefopt.models import load_causal_lm
 from prefopt.modules import TokenScorer
 from prefopt.registry import register_algorithm
 from prefopt.types import LMBatch, LossOutput
+
+
+def lm_nll(token_logps: Callable[[Tensor, Tensor, Tensor], Tensor], batch: LMBatch) -> tuple[Tensor, Tensor]:
+    """(summed NLL over the labelled tokens of ``batch``, their count).
+
+    ``token_logps(input_ids, attention_mask, score_mask)`` -> per-token log-probs [B, T] of a causal LM forward
+    over each row (positions from the attention mask: 0..T-1 on right-padded rows).
+    """
+    score_mask = (batch.labels != -100).long()
+    score_mask[:, 0] = 0  # column 0 is never predicted
+    per_token = token_logps(batch.input_ids, batch.attention_mask, score_mask)
+    return -(per_token * score_mask).sum(), score_mask.sum()
 
 
 @dataclass
@@ -36,10 +50,7 @@ class LanguageModelling(Algorithm):
 
     def nll(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL over labelled tokens, number of labelled tokens)."""
-        score_mask = (batch.labels != -100).long()
-        score_mask[:, 0] = 0
-        per_token, _ = self.model(batch.input_ids, batch.attention_mask, score_mask)
-        return -(per_token * score_mask).sum(), score_mask.sum()
+        return lm_nll(lambda *inputs: self.model(*inputs)[0], batch)
 
     def step(self, batch: LMBatch) -> Iterator[LossOutput]:
         total, count = self.nll(batch)

@@ -31,13 +31,15 @@ import torch
 from torch import Tensor
 
 from prefopt.algorithms.base import Algorithm
+from prefopt.algorithms.lm import lm_nll
 from prefopt.config import DataConfig, LoraConfig, check
 from prefopt.data import build_dataloader, load_rows
+from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
 from prefopt.functional import gae, kl_penalty, masked_mean, masked_whiten
-from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference, reference_context
-from prefopt.online import (KLController, PolicyAndValue, disable_dropout, explained_variance, kl_shaped_rewards,
-                            rollout_inputs, sequence_mean, token_logps, value_head)
+from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
+from prefopt.online import (KLController, PolicyAndValue, disable_dropout, explained_variance, kl_over_processes,
+                            kl_shaped_rewards, rollout_inputs, sequence_mean, value_head)
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rollout import GenerationConfig, generate
@@ -134,12 +136,26 @@ class PPOConfig:
         check(self.value_head_std >= 0, "algorithm.value_head_std", self.value_head_std, "must be >= 0")
 
 
+def ptx_micro_batches(batch: LMBatch, parts: int) -> list[tuple[LMBatch, Tensor] | None]:
+    """``batch`` cut into ``parts`` row slices, each with the labelled-token count of the WHOLE batch (the
+    denominator of its token mean); None for an empty slice."""
+    labelled = batch.labels[:, 1:] != -100
+    tokens = labelled.sum()
+    slices = torch.arange(batch.input_ids.shape[0]).tensor_split(parts)
+    return [(batch_rows(batch, rows), tokens) if len(rows) else None for rows in slices]
+
+
+def batch_rows(batch: LMBatch, rows: Tensor) -> LMBatch:
+    return replace(batch, **{name: value[rows] for name, value in vars(batch).items() if isinstance(value, Tensor)})
+
+
 @register_algorithm("ppo")
 class PPO(Algorithm):
     """RLHF-PPO (InstructGPT): KL-shaped reward, GAE, clipped surrogate and value loss, optional PPO-ptx."""
 
     kind = "prompts"
     Config = PPOConfig
+    accumulates_in_step = True
 
     def build(self) -> None:
         cfg = self.config
@@ -157,7 +173,7 @@ class PPO(Algorithm):
         self.reference = None
         if needs_separate_reference(lm) or cfg.reference:
             ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
-            self.reference = load_causal_lm(ref_cfg, path=cfg.reference, trainable=False)
+            self.reference = PolicyAndValue(load_causal_lm(ref_cfg, path=cfg.reference, trainable=False))
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.pending: dict[str, float] = {}  # the previous update's timing, logged with the next step
 
@@ -174,11 +190,17 @@ class PPO(Algorithm):
         batch_size = self.run.train.batch_size
         check(self.config.num_minibatches <= batch_size, "algorithm.num_minibatches", self.config.num_minibatches,
               f"must be <= train.batch_size ({batch_size})")
+        minibatch = batch_size // self.config.num_minibatches
+        check(self.accumulation <= minibatch, "train.gradient_accumulation_steps", self.accumulation,
+              f"must be <= the PPO minibatch size (train.batch_size // algorithm.num_minibatches = {minibatch}): "
+              "each minibatch is split into that many micro-batches")
         self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
         accelerator.register_for_checkpointing(self.kl_ctl)
         self.ptx_batches = self.ptx_stream() if self.config.ptx_coef > 0 else None
+        if self.ptx_batches is not None:  # its position is checkpoint state: a resumed run continues the stream
+            accelerator.register_for_checkpointing(self.ptx_batches)
 
-    def ptx_stream(self) -> Iterator[LMBatch]:
+    def ptx_stream(self) -> BatchStream:
         """Endless shuffled batches of the PPO-ptx text (documents packed to data.max_length tokens)."""
         path = self.config.ptx_path or self.run.data.text_path
         if not path:
@@ -188,19 +210,16 @@ class PPO(Algorithm):
         size = self.config.ptx_batch_size or max(1, self.run.train.batch_size // self.config.num_minibatches)
         loader, _ = build_dataloader(load_rows(data, "text").train, "text", self.tokenizer, data, size,
                                      shuffle=True, seed=self.run.train.seed)
-        while True:
-            yield from loader
+        return BatchStream(loader, self.run.train.seed)
 
     @property
     def policy(self) -> torch.nn.Module:
         """The plain transformers / peft policy (generation and the reference run on it, outside DDP)."""
         return self.unwrapped.lm
 
-    @torch.no_grad()
     def reference_logps(self, sequences: Tensor, attention_mask: Tensor, score_mask: Tensor) -> Tensor:
-        with reference_context(self.policy, self.reference) as reference:
-            return token_logps(reference, sequences, attention_mask, score_mask,
-                               self.config.generation.logprob_temperature)
+        temperature = self.config.generation.logprob_temperature
+        return self.reference_forward(sequences, attention_mask, score_mask, temperature, with_values=False)[0]
 
     # ------------------------------------------------------------------------------------------ training
     def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
@@ -226,8 +245,7 @@ class PPO(Algorithm):
                 advantages = masked_whiten(advantages, mask)
 
         mean_kl = sequence_mean(kl, mask)
-        self.kl_ctl.update(float(self.accelerator.reduce(mean_kl, "mean")) if self.accelerator else float(mean_kl),
-                           len(rollout.responses))
+        self.kl_ctl.update(*kl_over_processes(self.accelerator, kl, mask))
         rollout_metrics = {
             **{f"reward/{name}": float(values.mean()) for name, values in components.items()},
             "reward/total": float(scores.mean()),
@@ -244,40 +262,44 @@ class PPO(Algorithm):
         }
 
         update_start, train_tokens = time.perf_counter(), 0
+        accumulation = self.accumulation
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout.responses), device=sequences.device)
-            for idx in order.chunk(cfg.num_minibatches):
-                logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
-                    sequences[idx], attention_mask[idx], score_mask[idx], temperature))
-                mb_mask = mask[idx]
-                pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
-                                                           cfg.cliprange)
-                vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
-                                                  cfg.cliprange_value)
-                mean_entropy = masked_mean(entropy, mb_mask)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
-                metrics = {"ppo/policy_loss": float(pg_loss.detach()), "ppo/value_loss": float(vf_loss.detach()),
-                           "ppo/clipfrac": float(clipfrac), "ppo/value_clipfrac": float(vf_clipfrac),
-                           "ppo/approx_kl": float(approx_kl), "ppo/entropy": float(mean_entropy.detach())}
-                if self.ptx_batches is not None:
-                    ptx_loss = self.ptx_loss(next(self.ptx_batches))
-                    loss = loss + cfg.ptx_coef * ptx_loss
-                    metrics["ppo/ptx_loss"] = float(ptx_loss.detach())
-                tokens = int(attention_mask[idx].sum())
-                train_tokens += tokens
-                yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
-                rollout_metrics = {}
+            for minibatch in order.tensor_split(cfg.num_minibatches):  # one optimizer update each
+                ptx = next(self.ptx_batches) if self.ptx_batches is not None else None
+                ptx_parts = ptx_micro_batches(ptx, accumulation) if ptx is not None else [None] * accumulation
+                minibatch_tokens = mask[minibatch].sum()
+                for idx, ptx_part in zip(minibatch.tensor_split(accumulation), ptx_parts):  # its micro-batches
+                    logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
+                        sequences[idx], attention_mask[idx], score_mask[idx], temperature))
+                    mb_mask = mask[idx]
+                    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
+                                                               cfg.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
+                                                      cfg.cliprange_value)
+                    mean_entropy = masked_mean(entropy, mb_mask)
+                    # this micro-batch's share of the minibatch's token mean; accelerate divides each loss by G
+                    share = accumulation * mb_mask.sum() / minibatch_tokens
+                    loss = share * (pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy)
+                    metrics = {"ppo/policy_loss": float(pg_loss.detach()), "ppo/value_loss": float(vf_loss.detach()),
+                               "ppo/clipfrac": float(clipfrac), "ppo/value_clipfrac": float(vf_clipfrac),
+                               "ppo/approx_kl": float(approx_kl), "ppo/entropy": float(mean_entropy.detach())}
+                    if ptx_part is not None:
+                        ptx_loss = self.ptx_loss(*ptx_part)
+                        loss = loss + cfg.ptx_coef * accumulation * ptx_loss
+                        metrics["ppo/ptx_loss"] = float(ptx_loss.detach()) * accumulation
+                    tokens = int(attention_mask[idx].sum())
+                    train_tokens += tokens
+                    yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
+                    rollout_metrics = {}
         update_s = time.perf_counter() - update_start  # includes the Trainer's backward and optimizer steps
         self.pending = {"perf/update_s": update_s, "perf/train_tokens_per_s": train_tokens / max(update_s, 1e-9)}
 
-    def ptx_loss(self, batch: LMBatch) -> Tensor:
-        """InstructGPT's PPO-ptx term: the token-mean NLL of a batch of pretraining/SFT text."""
-        batch = batch.to(self.device)
-        score_mask = (batch.labels != -100).long()
-        score_mask[:, 0] = 0
-        logps, _, _ = self.model(batch.input_ids, batch.attention_mask, score_mask,
-                                 positions=batch.position_ids, with_values=False)
-        return -masked_mean(logps, score_mask.float())
+    def ptx_loss(self, batch: LMBatch, tokens: Tensor) -> Tensor:
+        """InstructGPT's PPO-ptx term on (part of) a batch of pretraining/SFT text: its summed NLL / ``tokens``,
+        scored as the ``pt`` stage scores it (``lm_nll``)."""
+        nll, _ = lm_nll(lambda *inputs: self.model(*inputs, with_values=False)[0], batch.to(self.device))
+        return nll / tokens.to(self.device)
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()

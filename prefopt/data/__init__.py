@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefopt.config import DataConfig
 from prefopt.data.collate import build_dataloader, pack
-from prefopt.data.formats import check_names, convert, parse_row
+from prefopt.data.formats import check_names, convert, detect_format, parse_row
 from prefopt.data.hh import split_hh
-from prefopt.data.readers import SkipLog, SkipRow, read_rows, source_info, summarise
+from prefopt.data.readers import SkipLog, SkipRow, Source, open_sources, summarise
 from prefopt.data.splits import assign, dedupe, manifest, record_id, write_manifest
 from prefopt.errors import DataError
 
@@ -35,6 +36,10 @@ class LoadedData:
     eval: list[dict[str, Any]]
     manifest: dict[str, Any]
     skipped: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)
+    """Source rows read per detected format (prefopt.data.formats), kept or not."""
+    places: dict[str, list[str]] = field(default_factory=dict)
+    """Per split, the place ("file:line", "source:row N") of the source row of each record."""
 
     def report(self) -> str:
         """``"kept 1991 rows (train 1790, eval 201); skipped 9: 5 chosen and rejected prompts differ (...)"``."""
@@ -54,12 +59,14 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
     """
     check_names(cfg.format, kind)
     skips = SkipLog()
-    groups = dedupe(_records(cfg, kind, skips), skips)
-    sources = source_info(cfg)
-    if kind == "text" and cfg.text_path:
-        sources += source_info(dataclasses.replace(cfg, path=cfg.text_path))
+    formats: Counter[str] = Counter()
+    plan = [(source, cfg.format) for source in open_sources(cfg)]
+    if kind == "text" and cfg.text_path:  # plain text, one document per line, after the data
+        plan += [(source, "auto") for source in open_sources(dataclasses.replace(cfg, path=cfg.text_path))]
+    groups = dedupe(_records(plan, kind, skips, formats), skips)
+    sources = [source for source, _ in plan]
     if not groups:
-        names = ", ".join(str(s.get("path", s.get("hub"))) for s in sources)
+        names = ", ".join(source.label for source in sources)
         detail = f"skipped {skips.total}: {skips.summary()}" if skips.total else "no rows"
         raise DataError(f"no usable {kind} rows in {names} ({detail})")
     fractions = {"train": 1.0 - cfg.eval_fraction, "eval": cfg.eval_fraction}
@@ -68,40 +75,36 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
         raise DataError(f"all {len(split['eval'])} usable rows of {cfg.path} fell in the eval split; "
                         "lower data.eval_fraction")
     # one (row id, record) per record, in hash order; a row that gives two records lists its id twice
-    members = {name: [(rid, record) for rid in ids for record in groups[rid]] for name, ids in split.items()}
+    members = {name: [(rid, item) for rid in ids for item in groups[rid]] for name, ids in split.items()}
     members["train"] = members["train"][:cfg.max_examples]
     parts = {name: [rid for rid, _ in items] for name, items in members.items()}
-    pinned = manifest(parts, sources, skips, salt=cfg.split_salt, fractions=fractions)
-    pinned.update(kind=kind, config=dataclasses.asdict(cfg))
-    loaded = LoadedData(train=[r for _, r in members["train"]], eval=[r for _, r in members["eval"]],
-                        manifest=pinned, skipped=dict(skips.counts))
+    pinned = manifest(parts, [source.info for source in sources], skips, salt=cfg.split_salt, fractions=fractions)
+    pinned.update(kind=kind, config=dataclasses.asdict(cfg), formats=dict(formats))
+    loaded = LoadedData(train=[record for _, (_, record) in members["train"]],
+                        eval=[record for _, (_, record) in members["eval"]],
+                        manifest=pinned, skipped=dict(skips.counts), formats=dict(formats),
+                        places={name: [where for _, (where, _) in items] for name, items in members.items()})
     if skips.total:
         log.warning("%s: %s", cfg.path, loaded.report())
     return loaded
 
 
-def _records(cfg: DataConfig, kind: str, skips: SkipLog) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """``(location, source row id, record)`` of every usable record; bad rows go to ``skips``.
-
-    For the ``text`` kind, ``cfg.text_path`` (plain text, one document per line) is read after ``cfg.path``.
-    """
-    yield from _file_records(cfg, kind, skips)
-    if kind == "text" and cfg.text_path:
-        yield from _file_records(dataclasses.replace(cfg, path=cfg.text_path, format="auto"), kind, skips)
-
-
-def _file_records(cfg: DataConfig, kind: str, skips: SkipLog) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for source, line_no, row in read_rows(cfg, skips):
-        where = f"{source}:{line_no}"
-        try:
-            fmt, shape, parsed = parse_row(row, cfg.format)
-            records = convert(parsed, shape, kind, fmt)
-        except SkipRow as exc:
-            skips.add(exc.reason, where)
-            continue
-        except DataError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        row_id = record_id(parsed)
-        for record in records:
-            yield where, row_id, record
-
+def _records(plan: list[tuple[Source, str]], kind: str, skips: SkipLog, formats: Counter[str]
+             ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(place, source row id, record)`` of every usable record of the ``(source, format)`` plan; bad rows go
+    to ``skips``, detected formats are counted in ``formats``."""
+    for source, fmt in plan:
+        for where, row in source.rows(skips):
+            try:
+                found = detect_format(row) if fmt == "auto" else fmt
+                formats[found] += 1
+                found, shape, parsed = parse_row(row, found)
+                records = convert(parsed, shape, kind, found)
+            except SkipRow as exc:
+                skips.add(exc.reason, where)
+                continue
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            row_id = record_id(parsed)
+            for record in records:
+                yield where, row_id, record

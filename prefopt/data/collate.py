@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from prefopt.config import DataConfig
-from prefopt.data.readers import SkipRow
+from prefopt.data.readers import SkipLog, SkipRow
 from prefopt.errors import DataError
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
@@ -57,24 +57,22 @@ def pad(rows: list[list[int]], value: int, left: bool = False) -> Tensor:
 def pack(docs: list[list[int]], max_length: int) -> list[Feature]:
     """Concatenate token documents (each ending with EOS) into chunks of exactly ``max_length`` tokens.
 
-    Only the last chunk may be shorter. ``position_ids`` restart at 0 at every document start and at every
-    chunk start (a document that runs on into the next chunk continues there from 0).
+    Only the last chunk may be shorter. A chunk is scored as one sequence (positions 0..T-1, attention across the
+    documents in it), as transformers' run_clm trains on packed text.
     """
     chunks: list[Feature] = []
     ids: list[int] = []
-    positions: list[int] = []
     for doc in docs:
         offset = 0
         while offset < len(doc):
             take = min(max_length - len(ids), len(doc) - offset)
             ids += doc[offset:offset + take]
-            positions += range(take)
             offset += take
             if len(ids) == max_length:
-                chunks.append({"input_ids": ids, "position_ids": positions})
-                ids, positions = [], []
+                chunks.append({"input_ids": ids})
+                ids = []
     if ids:
-        chunks.append({"input_ids": ids, "position_ids": positions})
+        chunks.append({"input_ids": ids})
     return chunks
 
 
@@ -85,10 +83,8 @@ def _ones(rows: list[list[int]]) -> list[list[int]]:
 def lm_batch(features: list[Feature], pad_id: int) -> LMBatch:
     """Causal-LM rows; ``labels`` from the feature (sft) or the input ids (packed text)."""
     rows = [f["input_ids"] for f in features]
-    positions = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
     return LMBatch(input_ids=pad(rows, pad_id), attention_mask=pad(_ones(rows), 0),
-                   labels=pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX),
-                   position_ids=pad(positions, 0) if positions is not None else None)
+                   labels=pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX))
 
 
 def pair_batch(features: list[Feature], pad_id: int) -> PairBatch:
@@ -166,12 +162,14 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, cfg: DataConfig, batch_size: int,
-                     shuffle: bool, seed: int, length_bucketing: bool = False) -> tuple[DataLoader, dict[str, int]]:
+                     shuffle: bool, seed: int, length_bucketing: bool = False, skips: SkipLog | None = None,
+                     places: list[str] | None = None) -> tuple[DataLoader, dict[str, int]]:
     """Tokenize ``records`` as ``kind`` and batch them into that kind's typed container.
 
-    Returns the DataLoader and the counts of rows skipped at tokenization per reason. Each feature keeps
-    its record's position in ``records`` as ``"index"``. The order is drawn from a ``torch.Generator`` seeded
-    with ``seed``, so two runs with the same seed see the same batches.
+    Returns the DataLoader and the counts of rows skipped at tokenization per reason; with ``skips``, each
+    skipped row is also added there with its place (``places[i]`` of record i, else "record i"). Each feature
+    keeps its record's position in ``records`` as ``"index"``. The order is drawn from a ``torch.Generator``
+    seeded with ``seed``, so two runs with the same seed see the same batches.
     """
     handler = KINDS.get(kind)
     pad_token_id(tokenizer)
@@ -182,6 +180,8 @@ def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, c
             feature = handler.tokenize(record, tokenizer, cfg)
         except SkipRow as exc:
             skipped[exc.reason] += 1
+            if skips is not None:
+                skips.add(exc.reason, places[index] if places is not None else f"record {index}")
             continue
         feature["index"] = index
         features.append(feature)

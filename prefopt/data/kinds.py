@@ -1,12 +1,14 @@
 """The data kinds in prefopt.registry.KINDS: how a canonical record becomes token features, and how a list of
 features becomes the kind's typed batch (prefopt.types).
 
-Tokenization rules, the same for every kind:
+Tokenization rules, the same for every kind (prefopt.data.chat):
 
-* the prompt and each response are tokenized SEPARATELY with ``add_special_tokens=False`` and the ids
-  concatenated, so the prompt / response boundary is exact;
-* every response (sft completion, chosen, rejected, ranked responses, unpaired completion) ends with
-  ``tokenizer.eos_token_id``; prompts of the ``prompts`` kind do not;
+* plain strings: the prompt and each response are tokenized SEPARATELY with ``add_special_tokens=False`` and
+  the ids concatenated, so the prompt / response boundary is exact; every response (sft completion, chosen,
+  rejected, ranked responses, unpaired completion) ends with ``tokenizer.eos_token_id``;
+* chat messages: rendered with the chat template ``data.chat_template`` selects, the prompt with the generation
+  prompt added and each response as the assistant turn, as TRL 1.16 does (no EOS appended: the template ends the
+  turn); as HH text when there is no template; prompts of the ``prompts`` kind get no EOS either way;
 * the prompt is cut from the LEFT to ``max_prompt_length`` tokens, then each response from the right so that
   prompt + response <= ``max_length``; a response left with no token skips the row (SkipRow
   "prompt longer than max_length");
@@ -22,34 +24,23 @@ from __future__ import annotations
 from typing import Any
 
 from prefopt.config import DataConfig
+from prefopt.data.chat import document_ids, prompt_and_response_ids, prompt_text_and_ids
 from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pad_token_id, pair_batch, prompt_batch,
                                   rank_batch, unpaired_batch)
 from prefopt.data.readers import SkipRow
-from prefopt.errors import DataError
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def eos_token_id(tokenizer: Any) -> int:
-    if tokenizer.eos_token_id is None:
-        raise DataError("tokenizer has no eos token; set tokenizer.eos_token (responses must end with it)")
-    return tokenizer.eos_token_id
-
-
-def prompt_and_responses(tokenizer: Any, prompt: str, responses: list[str],
+def prompt_and_responses(tokenizer: Any, prompt: Any, responses: list[Any],
                          cfg: DataConfig) -> tuple[list[int], list[list[int]]]:
-    """Prompt ids (left-truncated) and each response's ids + EOS (right-truncated to fit ``max_length``)."""
-    prompt_ids = encode(tokenizer, prompt)[-cfg.max_prompt_length:]
+    """Prompt ids (left-truncated) and each response's ids (right-truncated to fit ``max_length``)."""
+    prompt_ids, response_ids = prompt_and_response_ids(tokenizer, prompt, responses, cfg.chat_template)
+    prompt_ids = prompt_ids[-cfg.max_prompt_length:]
     room = cfg.max_length - len(prompt_ids)
-    eos = eos_token_id(tokenizer)
     out = []
-    for response in responses:
-        ids = (encode(tokenizer, response) + [eos])[:room]
+    for ids in response_ids:
+        ids = ids[:room]
         if not ids:
             raise SkipRow("prompt longer than max_length")
         out.append(ids)
@@ -93,10 +84,10 @@ class SFTKind(Kind):
 
 
 class TextKind(Kind):
-    """{text} -> packed LMBatch: documents joined by EOS in max_length chunks, position_ids per document."""
+    """{text} -> packed LMBatch: documents joined by EOS in max_length chunks (scored as one sequence each)."""
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
-        return {"input_ids": encode(tokenizer, record["text"]) + [eos_token_id(tokenizer)]}
+        return {"input_ids": document_ids(tokenizer, record["text"], cfg.chat_template)}
 
     def prepare(self, features: list[Feature], cfg: DataConfig) -> list[Feature]:
         return pack([f["input_ids"] for f in features], cfg.max_length)
@@ -123,8 +114,8 @@ class PromptsKind(Kind):
     """{prompt, meta} -> PromptBatch, left-padded, no EOS after the prompt."""
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
-        prompt_ids = encode(tokenizer, record["prompt"])[-cfg.max_prompt_length:]
-        return {"prompt_ids": prompt_ids, "prompt": record["prompt"], "meta": dict(record.get("meta", {}))}
+        text, prompt_ids = prompt_text_and_ids(tokenizer, record["prompt"], cfg.chat_template)
+        return {"prompt_ids": prompt_ids[-cfg.max_prompt_length:], "prompt": text, "meta": dict(record.get("meta", {}))}
 
     def collate(self, features: list[Feature], tokenizer: Any) -> PromptBatch:
         return prompt_batch(features, pad_token_id(tokenizer))

@@ -1,17 +1,27 @@
-"""Read raw rows from data files, HH-style directories or the hub, and count the rows that are skipped.
+"""Read raw rows from data files, directories or the hub, and count the rows that are skipped.
 
-Every row comes out as ``(source, line_no, row)``. Supported inputs:
+This is the one reader: every row comes out as ``(where, row)``, ``where`` the row's place for skip reports
+("file:line" or "source:row N"). What ``data.path`` may be:
 
-* ``.jsonl`` / ``.jsonl.gz``: one JSON object per line;
-* ``.json``: a JSON list of objects (``line_no`` is then the position in the list); a ``.json`` file that
-  does not start with ``[`` is read as JSON lines;
-* ``.txt``: one document per line, read as ``{"text": line}``;
-* a directory in the HH-RLHF layout ``<dir>/<subset>/<split>.jsonl.gz`` (subsets and split from DataConfig);
-* a hub dataset name such as ``Anthropic/hh-rlhf`` (``datasets.load_dataset(name, data_dir=subset,
-  split=split)`` per subset; set ``data.subsets: []`` for a dataset without sub-directories).
+* ``.jsonl`` / ``.json`` (plain or ``.gz``): read here, line by line, so that one malformed line is skipped and
+  counted with its line number and every row keeps its own keys (datasets' json loader fails on the whole file
+  for one bad line, and merges all rows into one schema: absent keys become null, mixed types fail); a ``.json``
+  file that starts with ``[`` is a JSON list (``line`` is then the position in the list); ``.txt``: one document
+  per line, read as ``{"text": line}``;
+* ``.csv`` / ``.tsv``, ``.parquet``, ``.arrow``: opened by ``datasets.load_dataset(<builder>, data_files=...)``;
+* a directory: ``Dataset.save_to_disk`` output (a Dataset, or a DatasetDict of which ``data.split`` is read)
+  through ``datasets.load_from_disk``; the HH-RLHF layout ``<dir>/<subset>/<split>.jsonl.gz``; ``<dir>/<split>.jsonl``;
+  otherwise a hub snapshot (``data/train-00000-of-00001.parquet``, ...) through ``datasets.load_dataset(dir)``;
+* a hub dataset name such as ``Anthropic/hh-rlhf``: ``datasets.load_dataset(name, data_dir=subset, split=split)``
+  per subset.
 
-A problem that makes a whole file unusable (missing, truncated gzip, bytes that are not UTF-8, not JSON at
-all) raises DataError naming the file and line. A single bad line is skipped and counted in a SkipLog.
+``data.subsets`` defaults to ``["harmless-base"]`` for HH-RLHF only (the hub name ``Anthropic/hh-rlhf`` or a
+directory with a ``harmless-base`` folder); other data has no sub-directories unless asked. Rows of a datasets
+table lose their null fields (a null column of a row is an absent field), so formats are detected alike.
+
+A problem that makes a whole source unusable (missing, truncated gzip, bytes that are not UTF-8, not JSON at
+all, a table datasets cannot open, a missing split) raises DataError naming it. A single bad line is skipped and
+counted in a SkipLog.
 """
 
 from __future__ import annotations
@@ -22,18 +32,21 @@ import itertools
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefopt.config import DataConfig
 from prefopt.errors import DataError
 
-Row = tuple[str, int, dict[str, Any]]
+Row = tuple[str, dict[str, Any]]
 EXAMPLES_PER_REASON = 3
 SPLIT_SUFFIXES = (".jsonl.gz", ".jsonl", ".json")
-FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".txt")
+TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".txt", *TABLE_BUILDERS)
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+HH_HUB, HH_SUBSETS = "Anthropic/hh-rlhf", ["harmless-base"]
 
 
 class SkipRow(ValueError):
@@ -85,41 +98,129 @@ def is_hub_name(path: str) -> bool:
             and not path.startswith(".") and not path.endswith(FILE_SUFFIXES))
 
 
-def data_files(cfg: DataConfig) -> list[Path]:
-    """The local files ``cfg.path`` stands for: the file itself, or ``<dir>/<subset>/<split>.jsonl.gz``."""
+@dataclass
+class Source:
+    """One thing rows are read from: a file read line by line here, or a table that ``load`` gets from datasets."""
+
+    label: str
+    """The file path, or "name[split]" for a hub or save_to_disk dataset; the prefix of every row's place."""
+    info: dict[str, Any]
+    """What the manifest records: path, sha256 and size of a file; hub name, subset and split."""
+    path: Path | None = None
+    load: Callable[[], Any] | None = None
+    """Opens the datasets table (None: a JSON or text file read line by line)."""
+
+    def rows(self, skips: SkipLog) -> Iterator[Row]:
+        if self.load is None:
+            yield from read_file(self.path, skips)
+            return
+        table = self.load()
+        fingerprint = getattr(table, "_fingerprint", None)
+        if fingerprint is not None:
+            self.info["fingerprint"] = fingerprint
+        for index, row in enumerate(table, 1):
+            yield f"{self.label}:row {index}", {key: value for key, value in dict(row).items() if value is not None}
+
+
+def open_sources(cfg: DataConfig) -> list[Source]:
+    """The sources ``cfg.path`` stands for (see the module docstring); DataError when there is none."""
     if not cfg.path:
-        raise DataError("data.path is empty: give a .jsonl/.jsonl.gz/.json file, an HH-style directory "
-                        "or a hub dataset name")
+        raise DataError("data.path is empty: give a data file (.jsonl, .json, .csv, .parquet, .arrow, .txt), "
+                        "a directory or a hub dataset name")
+    if is_hub_name(cfg.path):
+        subsets = cfg.subsets if cfg.subsets is not None else (HH_SUBSETS if cfg.path == HH_HUB else [])
+        return [_hub_source(cfg.path, subset, cfg.split) for subset in subsets or [None]]
     path = Path(cfg.path).expanduser()
     if path.is_file():
-        return [path]
+        return [file_source(path)]
     if not path.is_dir():
         raise DataError(f"data file '{cfg.path}' not found")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return [_disk_source(path, cfg.split)]
+    subsets = cfg.subsets if cfg.subsets is not None else (HH_SUBSETS if (path / HH_SUBSETS[0]).is_dir() else None)
+    if subsets is None and not _split_file(path, cfg.split):
+        return [_hub_source(str(path), None, cfg.split)]  # a hub snapshot, or any folder datasets can read
     files = []
-    for subset in cfg.subsets or [""]:
-        candidates = [path / subset / f"{cfg.split}{suffix}" for suffix in SPLIT_SUFFIXES]
-        found = next((c for c in candidates if c.is_file()), None)
+    for subset in subsets or [""]:
+        found = _split_file(path / subset, cfg.split)
         if found is None:
-            raise DataError(f"data file '{candidates[0]}' not found (a data directory is read as "
-                            "<dir>/<subset>/<split>.jsonl.gz with data.subsets and data.split)")
-        files.append(found)
+            raise DataError(f"data file '{path / subset / (cfg.split + SPLIT_SUFFIXES[0])}' not found (a data "
+                            "directory is read as <dir>/<subset>/<split>.jsonl.gz with data.subsets and data.split)")
+        files.append(file_source(found))
     return files
 
 
+def file_source(path: Path) -> Source:
+    """A local file: a table for datasets (csv, parquet, arrow) or lines read here (json, jsonl, txt)."""
+    builder = TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        return Source(str(path), file_info(path), path=path)
+    extra = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+
+    def load() -> Any:
+        import datasets
+
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+        except Exception as exc:  # datasets raises many types; the user needs the file and the reason
+            raise DataError(f"{path}: datasets cannot read it as {builder}: {type(exc).__name__}: "
+                            f"{_first_line(exc)}") from exc
+
+    return Source(str(path), file_info(path), path=path, load=load)
+
+
+def _hub_source(name: str, subset: str | None, split: str) -> Source:
+    """A hub dataset (or a local hub snapshot folder), one ``load_dataset`` per subset (``data_dir=subset``)."""
+
+    def load() -> Any:
+        import datasets
+
+        try:
+            return datasets.load_dataset(name, data_dir=subset, split=split)
+        except Exception as exc:  # the hub raises many types; the user needs the name and the reason
+            where = ("is a directory that datasets cannot read" if Path(name).expanduser().is_dir()
+                     else "is not a local file or directory, and loading it from the hub")
+            raise DataError(f"data path {name!r} {where} (data_dir={subset!r}, split={split!r}) failed: "
+                            f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+    label = f"{name}/{subset}[{split}]" if subset else f"{name}[{split}]"
+    key = "path" if Path(name).expanduser().is_dir() else "hub"
+    return Source(label, {key: name, "subset": subset, "split": split}, load=load)
+
+
+def _disk_source(path: Path, split: str) -> Source:
+    """A ``save_to_disk`` folder: its Dataset, or the ``split`` of its DatasetDict."""
+
+    def load() -> Any:
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path}: datasets.load_from_disk failed: {type(exc).__name__}: {_first_line(exc)}") \
+                from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: a DatasetDict without split {split!r}; its splits: "
+                                f"{', '.join(loaded)} (set data.split)")
+            return loaded[split]
+        return loaded
+
+    return Source(f"{path}[{split}]", {"path": str(path), "split": split, "layout": "save_to_disk"}, load=load)
+
+
+def _split_file(directory: Path, split: str) -> Path | None:
+    return next((c for c in (directory / f"{split}{s}" for s in SPLIT_SUFFIXES) if c.is_file()), None)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or ["(no message)"])[0][:300]
+
+
 def read_rows(cfg: DataConfig, skips: SkipLog) -> Iterator[Row]:
-    """Every row of the data ``cfg`` names, as ``(source, line_no, row)``; bad lines go to ``skips``."""
-    if is_hub_name(cfg.path):
-        yield from read_hub(cfg.path, cfg.subsets, cfg.split)
-        return
-    for path in data_files(cfg):
-        yield from read_file(path, skips)
-
-
-def source_info(cfg: DataConfig) -> list[dict[str, Any]]:
-    """What the rows were read from: each file's path, sha256 and size, or the hub name, subsets and split."""
-    if is_hub_name(cfg.path):
-        return [{"hub": cfg.path, "subset": subset, "split": cfg.split} for subset in cfg.subsets or [None]]
-    return [file_info(path) for path in data_files(cfg)]
+    """Every row of the data ``cfg`` names, as ``(where, row)``; bad lines go to ``skips``."""
+    for source in open_sources(cfg):
+        yield from source.rows(skips)
 
 
 def file_info(path: Path) -> dict[str, Any]:
@@ -131,11 +232,11 @@ def file_info(path: Path) -> dict[str, Any]:
 
 
 def read_file(path: Path, skips: SkipLog) -> Iterator[Row]:
-    """Rows of one local file (see the module docstring for the formats)."""
+    """Rows of one local JSON / JSON lines / text file (see the module docstring)."""
     if path.name.endswith((".txt", ".txt.gz")):
         for line_no, text in read_lines(path):
             if text.strip():
-                yield str(path), line_no, {"text": text.rstrip("\r\n")}
+                yield f"{path}:{line_no}", {"text": text.rstrip("\r\n")}
         return
     lines = read_lines(path)
     first = next(lines, None)
@@ -163,21 +264,6 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: truncated or corrupt gzip after line {line_no} ({exc})") from exc
 
 
-def read_hub(name: str, subsets: list[str], split: str) -> Iterator[Row]:
-    """Rows of a hub dataset, one ``load_dataset`` per subset (``data_dir=subset``)."""
-    import datasets
-
-    for subset in subsets or [None]:
-        try:
-            dataset = datasets.load_dataset(name, data_dir=subset, split=split)
-        except Exception as exc:  # the hub raises many types; the user needs the name and the reason
-            raise DataError(f"data path {name!r} is not a local file or directory, and loading it from the hub "
-                            f"(data_dir={subset!r}, split={split!r}) failed: {type(exc).__name__}: {exc}") from exc
-        source = f"{name}/{subset}:{split}" if subset else f"{name}:{split}"
-        for line_no, row in enumerate(dataset, 1):
-            yield source, line_no, dict(row)
-
-
 def _json_lines(path: Path, lines: Iterator[tuple[int, str]], skips: SkipLog) -> Iterator[Row]:
     kept = 0
     first_bad: tuple[int, str] | None = None
@@ -191,7 +277,7 @@ def _json_lines(path: Path, lines: Iterator[tuple[int, str]], skips: SkipLog) ->
         else:
             if isinstance(row, dict):
                 kept += 1
-                yield str(path), line_no, row
+                yield f"{path}:{line_no}", row
                 continue
             reason = "row is not a JSON object"
         first_bad = first_bad or (line_no, text)
@@ -209,7 +295,7 @@ def _json_list(path: Path, text: str, skips: SkipLog) -> Iterator[Row]:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     for position, row in enumerate(rows, 1):
         if isinstance(row, dict):
-            yield str(path), position, row
+            yield f"{path}:{position}", row
         else:
             skips.add("row is not a JSON object", f"{path}:{position}")
 

@@ -28,18 +28,19 @@ def record_id(record: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def dedupe(items: Iterable[tuple[str, str, dict[str, Any]]], skips: SkipLog) -> dict[str, list[dict[str, Any]]]:
-    """Group ``(location, row_id, record)`` items by row id, in first-seen order, dropping every record
-    identical to one seen before (counted in ``skips`` as "duplicate row")."""
+def dedupe(items: Iterable[tuple[str, str, dict[str, Any]]], skips: SkipLog
+           ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Group ``(location, row_id, record)`` items by row id as ``(location, record)``, in first-seen order,
+    dropping every record identical to one seen before (counted in ``skips`` as "duplicate row")."""
     seen: set[str] = set()
-    out: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for where, row_id, record in items:
         rid = record_id(record)
         if rid in seen:
             skips.add("duplicate row", where)
             continue
         seen.add(rid)
-        out.setdefault(row_id, []).append(record)
+        out.setdefault(row_id, []).append((where, record))
     return out
 
 
