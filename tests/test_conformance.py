@@ -60,6 +60,13 @@ REFUSED = {  # (algorithm, axis value) -> the one line a user sees
     ("a2c", "lora"): "model.lora.r=4: a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); "
                      "set model.lora.r=0",
 }
+SETTING_REFUSED = {  # (algorithm, section, key, value) -> the one line a user sees, for settings outside the axes
+    ("kto", "train", "batch_size", 1):
+        "train.batch_size=1: KTO needs >= 2 rows per batch to estimate its KL reference point",
+    **{(online, "model", "disable_dropout", False):
+       f"model.disable_dropout=False: {online} compares the policy with its old self and its reference token by "
+       "token; dropout must be off" for online in ("ppo", "a2c")},
+}
 CELLS = list(itertools.product(ALGORITHMS.available(), MODELS, PRECISIONS, WEIGHTS, ACCUMULATION))
 DPO_BETA = 0.1
 DPO_LOSS_AT_ZERO = {  # each registered pairwise loss with a reference at log-ratio 0, default parameters
@@ -279,10 +286,14 @@ def test_a_refused_combination_is_one_line_and_exit_2_at_the_cli(refused, llama_
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
-def test_kto_with_one_row_per_batch_is_refused_when_the_recipe_is_read(llama_chat_dir, pairs_path, tmp_path):
-    """Outside the matrix: KTO's KL reference point needs two rows (a one-row batch's mismatched pair is itself)."""
-    data = recipe("kto", llama_chat_dir, pairs_path, "fp32", "full", 1, tmp_path)
-    data["train"]["batch_size"] = 1
+@pytest.mark.parametrize("setting", sorted(SETTING_REFUSED, key=str), ids=lambda key: "-".join(map(str, key)))
+def test_settings_an_algorithm_cannot_run_are_refused_when_the_recipe_is_read(setting, llama_chat_dir, pairs_path,
+                                                                              tmp_path):
+    """Beyond the matrix's axes: KTO's KL reference point needs two rows per batch (a one-row batch's mismatched pair
+    is itself); the online algorithms compare the policy with its old self and its reference token by token."""
+    algorithm, section, key, value = setting
+    data = recipe(algorithm, llama_chat_dir, pairs_path, "fp32", "full", 1, tmp_path)
+    data[section][key] = value
     with pytest.raises(ConfigError) as error:
         build_run_config(data)
-    assert str(error.value) == "train.batch_size=1: KTO needs >= 2 rows per batch to estimate its KL reference point"
+    assert str(error.value) == SETTING_REFUSED[setting]

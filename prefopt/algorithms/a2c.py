@@ -41,7 +41,7 @@ from prefopt.config import check
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.functional import discounted_returns, gae, kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
-from prefopt.online import explained_variance, kl_shaped_rewards, rollout_inputs
+from prefopt.online import explained_variance, kl_shaped_rewards, require_dropout_off, rollout_inputs
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rollout import GenerationConfig, generate
@@ -192,6 +192,7 @@ class A2C(Algorithm):
     def check_run(cls, run: Any) -> None:
         check(run.model.lora.r == 0, "model.lora.r", run.model.lora.r,
               "a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); set model.lora.r=0")
+        require_dropout_off(run, "a2c")
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
