@@ -197,7 +197,7 @@ class Ours(Contestant):
                       "batch_size": BATCH, "learning_rate": TRL_LR[self.algorithm], "lr_scheduler": "constant",
                       "warmup_steps": 0, "max_grad_norm": 1.0, "seed": args.seed,
                       "mixed_precision": "bf16" if self.dtype == "bf16" else "no", "progress": False,
-                      "save_model": False, "log_every": 10},
+                      "save_model": False, "log_every": 10, "overwrite": True},  # a rerun replaces the last
         }
 
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,10 @@ import torch
 from prefopt.errors import CheckpointError, ConfigError
 
 STATE_FILE = "trainer_state.json"
+MODEL_DIR = "model"  # a copy of the model that plain ``from_pretrained`` loads (with the tokenizer)
+STATE_KEYS = ("step", "batches_consumed")
+FILES_KEY = "files"  # in trainer_state.json: every other file of the checkpoint and its size, for verify_checkpoint
+STEP_NAME = re.compile(r"step-\d+")
 RNG_FILE = "random_states_{}.pkl"  # accelerate's name, one per process
 CUSTOM_FILE = "custom_state_{}.pt"  # objects registered with accelerator.register_for_checkpointing
 log = logging.getLogger("prefopt.checkpoint")
@@ -54,11 +59,13 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep: int,
+                    export: Any = None) -> Path:
     """Save accelerate state + trainer state atomically; prune to the ``keep`` newest complete checkpoints.
 
     Every process must call this (``save_state`` and the barriers are collective); the main process writes
-    ``state`` (JSON-serialisable) and does the renames.
+    ``state`` (JSON-serialisable) and does the renames. ``export(directory)``, when given, writes the loadable
+    ``model/`` copy (main process only).
     """
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:08d}"
@@ -74,7 +81,10 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     if accelerator.is_main_process:
         for index, obj in enumerate(custom):
             torch.save(obj.state_dict(), tmp / CUSTOM_FILE.format(index))
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if export is not None:
+            export(tmp / MODEL_DIR)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, FILES_KEY: files}, indent=2))
         _fsync_tree(tmp)
         aside = root / f"step-{step:08d}.old.tmp"
         if final.exists():  # the same step saved again (a finished run resumed): never leave a gap
@@ -93,22 +103,94 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
 def find_resume(output_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint to resume from: ``auto`` -> newest complete one (or None), ``no`` -> None, else a path."""
+    found = resume_candidates(output_dir, resume)
+    return found[0] if found else None
+
+
+def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
+    """Checkpoints to try, in order: ``auto`` -> every complete one, newest first; a path -> that one."""
     if resume == "no":
-        return None
+        return []
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        return complete_checkpoints(output_dir)[::-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint (no {STATE_FILE}); "
                           "use auto, no, or a checkpoints/step-N directory")
-    return path
+    return [path]
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path``, naming the file (None: it looks loadable).
+
+    Reads the trainer state, checks that every file it lists is there with the size it was written with (a missing
+    or truncated optimizer, scheduler, RNG or FSDP/DeepSpeed shard file), and reads every safetensors header; it
+    does not load the tensors.
+    """
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path / STATE_FILE}: unreadable ({exc})"
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        return f"{path / STATE_FILE}: missing {', '.join(missing)}"
+    for name, size in (state.get(FILES_KEY) or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != size:
+            return f"{file}: {file.stat().st_size} bytes, written with {size} (truncated?)"
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error type
+            return f"{file}: {exc}"
+    return None
+
+
+def load_resume(accelerator: Any, output_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
+    """Load the checkpoint ``resume`` names: (its path, its trainer state), or None for a fresh start.
+
+    With ``auto``, a newest checkpoint that fails ``verify_checkpoint`` or ``load_checkpoint`` is set aside as
+    ``<name>.corrupt`` with a warning naming the bad file, and the previous complete one is tried.
+    """
+    problems = []
+    for path in resume_candidates(output_dir, resume):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                return path, load_checkpoint(accelerator, path)
+            except CheckpointError as exc:
+                problem = str(exc)
+        problems.append(problem)
+        if resume != "auto":
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            set_aside(path)
+        accelerator.wait_for_everyone()
+        log.warning("checkpoint %s is unusable (%s); set aside as %s.corrupt, trying the previous one",
+                    path, problem, path.name)
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(output_dir)}: {'; '.join(problems)}")
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unusable checkpoint to ``<name>.corrupt`` (kept for inspection, never resumed from again)."""
+    target = path.with_name(path.name + ".corrupt")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
@@ -117,12 +199,13 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {exc}") from exc
+    state.pop(FILES_KEY, None)
     try:
         with _own_custom_objects(accelerator) as custom:
             accelerator.load_state(str(path))
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded into this run "
-                              f"(a different model or optimizer?): {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # accelerate and torch raise many types; the user needs the file and the reason
+        raise CheckpointError(f"checkpoint {path} cannot be loaded into this run: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}") from exc
     for index, obj in enumerate(custom):
         obj.load_state_dict(_safe_load(path / CUSTOM_FILE.format(index), "the state of a registered object"))
     restore_rng(path / RNG_FILE.format(accelerator.process_index))

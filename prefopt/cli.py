@@ -24,8 +24,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.trainer import Trainer
 
     config = load_config(args.recipe, args.overrides)
-    final = Trainer(config).fit()
-    print(json.dumps({"output_dir": config.train.output_dir, **final}, indent=2))
+    if not config.train.progress:  # no bars at all: also transformers' weight loading / saving ones
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    trainer = Trainer(config)
+    final = trainer.fit()
+    if trainer.accelerator.is_main_process:  # under `accelerate launch`, one JSON
+        print(json.dumps({"output_dir": config.train.output_dir, **final}, indent=2))
     return 0
 
 

@@ -9,23 +9,24 @@ A recipe looks like::
 
 The ``algorithm`` section is validated against the Config dataclass the named algorithm declares. Unknown keys
 and wrong types are errors naming the key (with the closest known key); range checks live in each dataclass's
-``__post_init__``.
+``__post_init__``; a NaN or infinite number is refused anywhere. ``${VAR}`` and ``${VAR:-default}`` are expanded
+after YAML parsing, inside scalar string values only; an unset variable without a default is an error, and so is a
+key given twice in one mapping. Checks that need the model's own config (its context length, whether a reward
+model has a score head) run at build time in ``prefopt.preflight``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from prefopt.errors import ConfigError
+from prefopt.recipe_file import merge, parse_overrides, read_yaml
 from prefopt.registry import closest
 
 
@@ -133,11 +134,11 @@ class TrainConfig:
     learning_rate: float = 5e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay (>= 0)."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
     lr_scheduler: str = "constant_with_warmup"
-    """transformers scheduler name: constant_with_warmup, linear, cosine, ..."""
+    """transformers scheduler name: constant_with_warmup, constant, linear, cosine, polynomial, ..."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
@@ -152,16 +153,18 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end and on interruption)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk."""
-    resume: str = "no"
-    """"auto": continue from the newest complete checkpoint in output_dir; "no"; or a checkpoint path."""
+    resume: str | bool = "no"
+    """"auto": continue the same run from its newest usable checkpoint in output_dir; "no"; or a checkpoint path."""
+    overwrite: bool = False
+    """Clear an output_dir that holds an earlier run before starting (else such a directory is refused)."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """What to do when the loss or gradient is NaN/inf: skip the update, or stop (exit code 3)."""
+    max_skipped_updates: int = 10
+    """With on_nonfinite=skip: stop (exit code 3) after this many consecutive skipped updates."""
     report_to: list[str] = field(default_factory=list)
-    """accelerate trackers (tensorboard, wandb) in addition to the CSV/JSONL metrics always written."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    """accelerate trackers (tensorboard, wandb, mlflow, ...) in addition to the CSV/JSONL metrics always written."""
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar (a console line is printed every log_every steps either way)."""
     save_model: bool = True
     """Save the final model to output_dir/model."""
 
@@ -171,6 +174,24 @@ class TrainConfig:
         check(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "must be >= 0")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
         check(self.keep_checkpoints > 0, "train.keep_checkpoints", self.keep_checkpoints, "must be > 0")
+        check(self.max_skipped_updates > 0, "train.max_skipped_updates", self.max_skipped_updates, "must be > 0")
+        for key in ("eval_every", "save_every", "warmup_steps", "weight_decay"):
+            check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        check(self.max_eval_batches is None or self.max_eval_batches > 0, "train.max_eval_batches",
+              self.max_eval_batches, "must be > 0 (or null: the whole eval split)")
+        from transformers import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        hint = closest(self.lr_scheduler, schedulers)
+        check(self.lr_scheduler in schedulers, "train.lr_scheduler", self.lr_scheduler,
+              f"unknown scheduler{f'; did you mean {hint!r}?' if hint else ''} Known: {', '.join(schedulers)}")
+        if self.resume is False:  # YAML 1.1 reads a bare `no` as false
+            self.resume = "no"
+        check(isinstance(self.resume, str), "train.resume", self.resume, "must be auto, no, or a checkpoint directory")
+        if self.resume not in ("auto", "no") and not Path(self.resume).exists():
+            hint = closest(self.resume, ["auto", "no"])
+            check(False, "train.resume", self.resume, "not a complete checkpoint (no such directory); use auto, no, "
+                  "or a checkpoints/step-N directory" + (f"; did you mean {hint!r}?" if hint else ""))
 
 
 @dataclass
@@ -261,11 +282,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-5 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -284,56 +307,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["train.max_steps=5", "algorithm.beta=0.2"]`` -> nested dict; values parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = out
-        parts = dotted.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
-    return out
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge (update wins)."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
-
-
-def expand_env(text: str) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` with the environment's value (recipes use PREFOPT_HH_DIR)."""
-    return _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), text)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(expand_env(path.read_text()))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping with sections algorithm, model, data, train")
-    return data
 
 
 def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:

@@ -174,6 +174,7 @@ def make_accelerator(config: Any) -> Accelerator:
     A launch whose distribution accelerate silently changes is refused (``check_launch``).
     """
     t = config.train
+    check_trackers(t.report_to)
     precision = t.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -211,3 +212,40 @@ def check_launch(accelerator: Any) -> None:
     if launched > accelerator.num_processes:
         raise ConfigError(f"launched as {launched} processes but accelerate runs each alone ({got.value}); on CPU "
                           "launch with --multi_gpu and ACCELERATE_USE_CPU=true (see tests/test_distributed.py)")
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every ``train.report_to`` name is an accelerate tracker whose package is installed (accelerate itself
+    would only log at DEBUG level and run without it)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    from prefopt.errors import ConfigError
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"train.report_to: unknown tracker {name!r}; known: {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if name not in available:
+            raise ConfigError(f"train.report_to: tracker {name!r} needs its package, which is not installed "
+                              f"(pip install {name})")
+
+
+def sharded_weights(accelerator: Any) -> bool:
+    """The run shards its weights over processes (FSDP, DeepSpeed ZeRO-3): no process holds the full model."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+
+
+def check_backend(accelerator: Any, train: Any) -> None:
+    """Refuse the combinations of backend and ``train`` settings whose result would be silently wrong."""
+    from prefopt.errors import ConfigError
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and train.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite='skip' is not supported under DeepSpeed (it steps the optimizer "
+                          "inside backward); use 'stop' (DeepSpeed's fp16 loss scaler skips overflows itself)")
+    if sharded_weights(accelerator) and train.save_model:
+        raise ConfigError("train.save_model=true needs the full weights on one process, but this run shards "
+                          "them (FSDP / ZeRO-3); set train.save_model=false and export the last checkpoint "
+                          "(see docs/distributed.md)")

@@ -7,6 +7,7 @@ process on CPU) and tokens/s.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+log = logging.getLogger("prefopt.metrics")
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak memory of this process so far: CUDA max allocated on a GPU, else peak resident set size."""
@@ -39,6 +41,24 @@ class MetricAverager:
             if math.isfinite(value):
                 self.sums[key] += value
                 self.counts[key] += 1
+
+    def state(self) -> dict[str, Any]:
+        """The partial sums, for a checkpoint."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def restore(self, states: list[dict[str, Any]] | None, process_index: int, num_processes: int) -> None:
+        """This process's partial sums from the states of every process (a different process count: all of them
+        go to process 0)."""
+        if not states:
+            return
+        if len(states) == num_processes:
+            mine = [states[process_index]]
+        else:
+            mine = states if process_index == 0 else []
+        for state in mine:
+            for key, value in state["sums"].items():
+                self.sums[key] += value
+                self.counts[key] += state["counts"][key]
 
     def pop(self) -> dict[str, float]:
         out = {key: self.sums[key] / self.counts[key] for key in self.sums if self.counts[key]}
@@ -69,8 +89,18 @@ class MetricsWriter:
         """On resume: drop rows logged after the checkpoint's step (they will be logged again)."""
         if not (self.enabled and self.path.exists()):
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                if line.strip():  # a torn line (the process died mid-write): it is logged again after the resume
+                    log.warning("%s:%d: dropped an unreadable line (%r)", self.path, number, line[:60])
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def to_csv(self) -> Path | None:
@@ -85,3 +115,12 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> pd.DataFrame:
     """metrics.jsonl -> DataFrame (one row per logged step)."""
     return pd.read_json(path, lines=True)
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config for accelerate's trackers: flat ``section.key`` names and values every tracker takes (numbers,
+    bools, strings; lists and None as JSON text) -- tensorboard's hparams refuse nested dicts and lists."""
+    from prefopt.rundir import flatten
+
+    return {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
+            for key, value in flatten(config).items()}

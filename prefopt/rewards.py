@@ -25,6 +25,7 @@ from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
+from prefopt.samples import note_rewards
 from prefopt.types import Rollout
 
 
@@ -178,6 +179,7 @@ class CompositeReward:
         total = torch.zeros(len(rollout.responses), device=self.device)
         for name, spec in zip(self.names, self.specs):
             total = total + spec.weight * parts[name]
+        note_rewards(rollout, total, parts)  # samples.jsonl, while the Trainer records
         return total, parts
 
 

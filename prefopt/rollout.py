@@ -36,6 +36,7 @@ import transformers
 from torch import Tensor, nn
 
 from prefopt.config import check
+from prefopt.samples import note_rollout
 from prefopt.types import PromptBatch, Rollout
 
 
@@ -154,9 +155,12 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
         for t, logits in enumerate(out.logits)], dim=1) * mask
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
-    return SampledRollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, response_ids=response_ids,
-                          response_mask=mask, logprobs=logprobs, ended=ended, prompts=list(batch.prompts),
-                          responses=texts, meta=list(batch.meta), seconds=seconds, new_tokens=int(mask.sum()))
+    rollout = SampledRollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask,
+                             response_ids=response_ids, response_mask=mask, logprobs=logprobs, ended=ended,
+                             prompts=list(batch.prompts), responses=texts, meta=list(batch.meta), seconds=seconds,
+                             new_tokens=int(mask.sum()))
+    note_rollout(rollout)  # samples.jsonl, while the Trainer records
+    return rollout
 
 
 def _rng_devices(tensor: Tensor) -> list[int]:

@@ -13,10 +13,15 @@ Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
 * exact resume: a checkpoint holds weights, optimizer, scheduler, RNG states and the data position; the batch
   order of epoch ``e`` is a function of ``(train.seed, e)`` only (``prefopt.distributed.seed_epoch``), and neither
   opening a data iterator nor evaluating draws from the training RNG, so a resumed run continues bit for bit on CPU;
+* the output directory belongs to one run (``prefopt.rundir``: refused unless resumed or overwritten; a lock);
+  resume=auto verifies the newest checkpoint and falls back to the previous one, setting the bad one aside;
 * SIGTERM / SIGINT: the step in flight finishes, a checkpoint is saved, ``Interrupted`` (exit 128 + signal);
-  a second signal stops at once without saving;
+  a second signal stops at once without saving (``prefopt.stopping``);
 * a non-finite loss or gradient norm skips the update or stops (``train.on_nonfinite``), naming the step; the
-  decision is agreed by all processes, so none waits forever in a collective;
+  decision is agreed by all processes, so none waits forever in a collective; ``train.max_skipped_updates``
+  skips in a row stop the run; no checkpoint or model with non-finite weights is ever written (exit 3 instead);
+* every checkpoint holds ``model/``, loadable with plain ``from_pretrained``; online algorithms' sampled
+  completions go to ``samples.jsonl`` at each evaluation (``prefopt.samples``); a console line every log step;
 * multi-process: logged train metrics are averaged over all processes' micro-batches, and evaluation counts
   every held-out row exactly once (``prefopt.distributed.exact_eval_batches``).
 """
@@ -27,50 +32,33 @@ import itertools
 import json
 import logging
 import math
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from prefopt.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from prefopt import console, preflight, rundir
+from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.distributed import (any_process, make_accelerator, exact_eval_batches, max_over_processes, mean_over_processes,
-                                 seed_epoch, sum_over_processes)
+from prefopt.distributed import (any_process, check_backend, exact_eval_batches, make_accelerator, mean_over_processes,
+                                 seed_epoch, sharded_weights, sum_over_processes)
 from prefopt.errors import ConfigError, DataError, PrefoptError
-from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb
+from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
 from prefopt.registry import ALGORITHMS
+from prefopt.samples import format_sample, recording, write_samples
+from prefopt.stopping import Interrupted, NonFiniteError, SignalCatcher, last_finite_checkpoint, signal_name
 
 log = logging.getLogger("prefopt.trainer")
 
 RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "num_processes")
-
-
-class NonFiniteError(PrefoptError):
-    """The loss or gradient was NaN/inf and ``train.on_nonfinite`` is ``stop``."""
-
-    exit_code = 3
-
-
-class Interrupted(PrefoptError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved (unless a second signal asked to stop at once)."""
-
-    exit_code = 128 + 15  # set to 128 + the signal number when raised
-    label = "stopped"
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+__all__ = ["Trainer", "NonFiniteError", "Interrupted"]
 
 
 class Trainer:
@@ -81,24 +69,28 @@ class Trainer:
         self.accelerator = make_accelerator(config)
         set_seed(config.train.seed)
         algorithm_cls = ALGORITHMS.get(config.algorithm_name)
+        preflight.check_run(config, algorithm_cls.kind)
         self.tokenizer = load_tokenizer(config.model)
         self.algorithm = algorithm_cls(config.algorithm, config, self.tokenizer)
         self.output_dir = Path(config.train.output_dir)
         self.loaders: dict[str, Any] = {}
         self.data_report: dict[str, Any] = {}
         self.skipped_updates = 0
+        self.skipped_in_a_row = 0
         self.data_position = (0, 0)  # (epoch, batches of it taken so far), per process
-        self._stop_signal: int | None = None
+        self.signals = SignalCatcher()
+        self.lock = rundir.RunLock(self.output_dir)
+        self.main = self.accelerator.is_main_process
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_data(self) -> None:
         """Load, split and tokenize rows of the algorithm's kind; write the split manifest."""
         cfg, kind = self.config, self.algorithm.kind
-        loaded = load_rows(cfg.data, kind)
+        loaded = _read(cfg.data, kind)
         eval_rows = loaded.eval
         manifests = {"train": loaded.manifest}
         if cfg.eval_data is not None:
-            eval_loaded = load_rows(cfg.eval_data, kind)
+            eval_loaded = _read(cfg.eval_data, kind)
             eval_rows = eval_loaded.eval or eval_loaded.train
             manifests["eval_data"] = eval_loaded.manifest
         t = cfg.train
@@ -114,10 +106,6 @@ class Trainer:
             skipped["eval"] = eval_skipped
         self.data_report = {"manifests": manifests, "tokenization_skipped": skipped,
                             "rows": {"train": len(loaded.train), "eval": len(eval_rows)}}
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "manifest.json").write_text(json.dumps(self.data_report, indent=2, default=str))
-            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         log.info("data: %s", loaded.report())
 
     def _build_loader(self, rows, path: str, split: str, batch_size: int, shuffle: bool, length_bucketing: bool):
@@ -130,17 +118,36 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
         """Train for ``train.max_steps`` steps; returns the final evaluation metrics."""
-        self._check_backend()
-        self._install_signal_handlers()
+        check_backend(self.accelerator, self.config.train)
         try:
+            self._claim_output_dir()
+            self.signals.install()
             return self._fit()
         finally:
-            self._restore_signal_handlers()
+            self.signals.restore()
+            self.lock.release()
+
+    def _claim_output_dir(self) -> None:
+        """The output-directory policy and lock (prefopt.rundir), on the main process; all processes agree."""
+        t, error = self.config.train, [None]
+        if self.main:
+            try:
+                rundir.check_writable(self.output_dir)
+                self.lock.acquire()
+                rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite)
+            except ConfigError as exc:
+                error = [str(exc)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(error)
+        if error[0] is not None:
+            raise ConfigError(error[0])
 
     def _fit(self) -> dict[str, float]:
         t, acc = self.config.train, self.accelerator
         if not self.loaders:
             self.prepare_data()
+        if self.main:
+            (self.output_dir / "manifest.json").write_text(json.dumps(self.data_report, indent=2, default=str))
         self.algorithm.build()
         params = [p for p in self.algorithm.model.parameters() if p.requires_grad]
         if not params:
@@ -155,28 +162,26 @@ class Trainer:
         params = [p for p in self.algorithm.model.parameters() if p.requires_grad]  # FSDP replaces them
         self.algorithm.setup(acc, self.loaders)
         if t.report_to:
-            acc.init_trackers(self.output_dir.name, config=self.config.to_dict())
+            acc.init_trackers(self.output_dir.name, config=tracker_config(self.config.to_dict()))
 
-        writer = MetricsWriter(self.output_dir, acc, enabled=acc.is_main_process)
+        writer = MetricsWriter(self.output_dir, acc, enabled=self.main)
         averager = MetricAverager()
         step, consumed = 0, 0
-        resume_from = find_resume(self.output_dir, t.resume)
-        if resume_from is not None:
-            state = load_checkpoint(acc, resume_from)
-            self._check_resume_state(state, resume_from)
+        state = self._resume()
+        if state is not None:
             step, consumed = state["step"], state["batches_consumed"]
             self.data_position = self._restored_position(state)
             self.skipped_updates = state.get("skipped_updates", 0)
-            self._restore_averager(averager, state.get("averagers"))
+            self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+            averager.restore(state.get("averagers"), acc.process_index, acc.num_processes)
             writer.truncate_after(step)
-            log.info("resumed from %s at step %d", resume_from, step)
-        if signum := self._agreed_signal():
+        if signum := self.signals.agreed(acc):
             raise self._interrupted(signum, step, saved=False)
 
         batches = self._batches(*self.data_position)
-        progress = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and acc.is_main_process),
+        progress = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and self.main),
                         desc=f"{self.config.algorithm_name}", dynamic_ncols=True)
-        train_start = time.perf_counter()
+        train_start, first_step = time.perf_counter(), step
         try:
             while step < t.max_steps:
                 step_start = time.perf_counter()
@@ -192,10 +197,11 @@ class Trainer:
                     row["train/skipped_updates"] = self.skipped_updates
                     row["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
                     writer.log(step, row)
-                    progress.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}")
+                    console.say(console.format_line(step, t.max_steps, row, time.perf_counter() - train_start,
+                                                    step - first_step), self.main)
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and "eval" in self.loaders:
-                    writer.log(step, self.evaluate())
-                if signum := self._agreed_signal():
+                    writer.log(step, self._evaluate_and_sample(step))
+                if signum := self.signals.agreed(acc):
                     self._checkpoint(step, consumed, averager)
                     raise self._interrupted(signum, step, saved=True)
                 if t.save_every and step % t.save_every == 0 and step < t.max_steps:
@@ -203,7 +209,7 @@ class Trainer:
         finally:
             progress.close()
             writer.to_csv()
-        final = self.evaluate() if "eval" in self.loaders else {}
+        final = self._evaluate_and_sample(step) if "eval" in self.loaders else {}
         final["perf/train_s"] = time.perf_counter() - train_start
         final["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
         writer.log(step, final)
@@ -211,31 +217,13 @@ class Trainer:
         self._checkpoint(step, consumed, averager)
         if t.save_model:
             self.save(self.output_dir / "model")
-        if acc.is_main_process:
+        if self.main:
             (self.output_dir / "summary.json").write_text(json.dumps({"step": step, **final}, indent=2))
-        signum = self._agreed_signal()  # before end_training, which destroys the process group
+        signum = self.signals.agreed(acc)  # before end_training, which destroys the process group
         acc.end_training()
         if signum:  # came during the final evaluation or save: all is saved; still exit non-zero
             raise self._interrupted(signum, step, saved=True)
         return final
-
-    def _check_backend(self) -> None:
-        """Refuse the combinations whose result would be silently wrong."""
-        acc, t = self.accelerator, self.config.train
-        if acc.distributed_type == DistributedType.DEEPSPEED and t.on_nonfinite == "skip":
-            raise ConfigError("train.on_nonfinite='skip' is not supported under DeepSpeed (it steps the optimizer "
-                              "inside backward); use 'stop' (DeepSpeed's fp16 loss scaler skips overflows itself)")
-        if self._sharded_weights() and t.save_model:
-            raise ConfigError("train.save_model=true needs the full weights on one process, but this run shards "
-                              "them (FSDP / ZeRO-3); set train.save_model=false and export the last checkpoint "
-                              "(see docs/distributed.md)")
-
-    def _sharded_weights(self) -> bool:
-        acc = self.accelerator
-        if acc.distributed_type == DistributedType.FSDP:
-            return True
-        plugin = getattr(acc.state, "deepspeed_plugin", None)
-        return acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
     # ------------------------------------------------------------------------------------------------ data order
     def _batches(self, epoch: int, offset: int) -> Iterator[Any]:
@@ -293,8 +281,9 @@ class Trainer:
                                 self._nonfinite(step, spoiled)
                         if spoiled is None:
                             optimizer.step()
+                            self.skipped_in_a_row = 0
                         else:
-                            self.skipped_updates += 1
+                            self._skipped(step, spoiled)
                         optimizer.zero_grad(set_to_none=True)
                         spoiled = None
                 averager.add({"train/loss": float(out.loss.detach()), **out.metrics})
@@ -327,28 +316,26 @@ class Trainer:
     def _nonfinite(self, step: int, what: str) -> None:
         message = f"non-finite {what} at step {step + 1}"
         if self.config.train.on_nonfinite == "stop":
-            raise NonFiniteError(f"{message}; stopped, the last checkpoint is intact. "
+            raise NonFiniteError(f"{message}; stopped, {last_finite_checkpoint(self.output_dir)}. "
                                  "Set train.on_nonfinite=skip to skip such updates.")
         log.warning("%s; update skipped", message)
 
-    # ------------------------------------------------------------------------------------------------ metrics
-    @staticmethod
-    def _averager_state(averager: MetricAverager) -> dict[str, Any]:
-        return {"sums": dict(averager.sums), "counts": dict(averager.counts)}
+    def _skipped(self, step: int, what: str) -> None:
+        """Count a skipped update; ``train.max_skipped_updates`` in a row stop the run."""
+        self.skipped_updates += 1
+        self.skipped_in_a_row += 1
+        limit = self.config.train.max_skipped_updates
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteError(f"{self.skipped_in_a_row} updates in a row skipped (non-finite {what}, last at step "
+                                 f"{step + 1}; train.max_skipped_updates={limit}); stopped, "
+                                 f"{last_finite_checkpoint(self.output_dir)}")
 
-    def _restore_averager(self, averager: MetricAverager, states: list[dict[str, Any]] | None) -> None:
-        """This process's partial averages from the checkpoint (all of them on the main one if the count changed)."""
-        acc = self.accelerator
-        if not states:
-            return
-        if len(states) == acc.num_processes:
-            mine = [states[acc.process_index]]
-        else:
-            mine = states if acc.is_main_process else []
-        for state in mine:
-            for key, value in state["sums"].items():
-                averager.sums[key] += value
-                averager.counts[key] += state["counts"][key]
+    def _check_weights(self, step: int, what: str) -> None:
+        """Refuse to write ``what`` from non-finite weights (agreed by all processes): stop with exit code 3."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.algorithm.model.parameters() if p.is_floating_point())
+        if any_process(self.accelerator, not finite):
+            raise NonFiniteError(f"the weights are non-finite at step {step}; {what} not written; stopped, "
+                                 f"{last_finite_checkpoint(self.output_dir)}")
 
     # ------------------------------------------------------------------------------------------------ eval/save
     @torch.no_grad()
@@ -377,21 +364,48 @@ class Trainer:
         metrics = {f"eval/{key}": value / count for key, value in totals.items() if math.isfinite(value)}
         return self.algorithm.finalize_eval(metrics)
 
+    def _evaluate_and_sample(self, step: int) -> dict[str, float]:
+        """``evaluate``, recording the completions online algorithms sample: a few go to samples.jsonl and the
+        console (prefopt.samples)."""
+        with recording() as recorder:
+            metrics = self.evaluate()
+        rows = recorder.rows()
+        if self.main:
+            console.say(console.format_eval(step, metrics))
+            if rows:
+                write_samples(self.output_dir / "samples.jsonl", step, rows)
+                for row in rows[:2]:
+                    console.say(format_sample(row))
+        return metrics
+
     def save(self, out_dir: str | Path) -> None:
+        self._check_weights(self.config.train.max_steps, f"the model {out_dir}")
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if self.main:
             self.algorithm.save(out_dir)
         self.accelerator.wait_for_everyone()
 
     def _checkpoint(self, step: int, consumed: int, averager: MetricAverager) -> None:
         t = self.config.train
+        self._check_weights(step, "checkpoint")
         state = {"batches_consumed": consumed, "data_positions": gather_object([list(self.data_position)]),
-                 "skipped_updates": self.skipped_updates,
-                 "averagers": gather_object([self._averager_state(averager)]),
+                 "skipped_updates": self.skipped_updates, "skipped_in_a_row": self.skipped_in_a_row,
+                 "averagers": gather_object([averager.state()]),
                  "seed": t.seed, "batch_size": t.batch_size,
                  "gradient_accumulation_steps": t.gradient_accumulation_steps,
                  "num_processes": self.accelerator.num_processes}
-        save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints)
+        export = None if sharded_weights(self.accelerator) else self.algorithm.save  # model/: plain from_pretrained
+        save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints, export=export)
+
+    def _resume(self) -> dict[str, Any] | None:
+        """The trainer state of the checkpoint ``train.resume`` names (None: a fresh start); see load_resume."""
+        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume)
+        if found is None:
+            return None
+        path, state = found
+        self._check_resume_state(state, path)
+        log.info("resumed from %s at step %d", path, state["step"])
+        return state
 
     def _restored_position(self, state: dict[str, Any]) -> tuple[int, int]:
         """This process's (epoch, batches taken) from the checkpoint; derived from the step with another count."""
@@ -408,36 +422,7 @@ class Trainer:
             log.warning("resuming from %s with a different %s: the data position is kept in batches, so this is "
                         "not an exact continuation", path, ", ".join(changed))
 
-    # ------------------------------------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> None:
-        self._previous_handlers = {}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:  # the second one: stop at once
-                error = Interrupted(f"second {signal_name(signum)}: stopped at once, no checkpoint written "
-                                    "(the last complete one is intact)")
-                error.exit_code = 128 + signum
-                raise error
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous_handlers[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, previous in getattr(self, "_previous_handlers", {}).items():
-            signal.signal(sig, previous)
-        self._previous_handlers = {}
-
-    def _agreed_signal(self) -> int:
-        """The stop signal any process received (0: none); collective, so all processes stop together."""
-        received = max_over_processes(self.accelerator, self._stop_signal or 0)
-        if received and self._stop_signal is None:
-            self._stop_signal = received
-        return received
-
+    # ------------------------------------------------------------------------------------------------ stop
     def _interrupted(self, signum: int, step: int, saved: bool) -> Interrupted:
         where = (f"checkpoint saved in {self.output_dir / 'checkpoints'}; resume with train.resume=auto" if saved
                  else "no step was run, so there is nothing new to save")
@@ -445,3 +430,11 @@ class Trainer:
         error = Interrupted(f"stopped by {signal_name(signum)} at step {step}; {where}")
         error.exit_code = 128 + signum
         return error
+
+
+def _read(data_config: Any, kind: str) -> Any:
+    """``load_rows``; a file the OS will not let us read is a DataError naming it (not an unexpected error)."""
+    try:
+        return load_rows(data_config, kind)
+    except OSError as exc:
+        raise DataError(f"{exc.filename or data_config.path}: cannot read it: {exc.strerror or exc}") from None

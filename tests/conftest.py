@@ -63,6 +63,12 @@ def hh_head(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable
 
 
 @pytest.fixture(scope="session")
+def hh_small(hh_head: Callable[[int], Path]) -> Path:
+    """The first 48 HH pairs as plain JSON lines (with data.max_examples=16: 16 train rows, ~12 held out)."""
+    return hh_head(48)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A nano GPT-2 (vocab 512, random weights) with its BPE tokenizer, saved in the transformers layout."""
     out_dir = tmp_path_factory.mktemp("tiny-gpt2")

@@ -131,7 +131,7 @@ def test_tiny_bench_end_to_end(tmp_path, hh_path, monkeypatch):
         run_dir = first / "runs" / row.algorithm / f"seed{row.seed}"
         for key, value in _metric_means(run_dir).items():
             assert getattr(row, key) == pytest.approx(value, rel=1e-9, abs=1e-12), (row.algorithm, row.seed, key)
-        for name in ("recipe.yaml", "train.log", "config.json", "metrics.csv", "eval.json", "model/model.safetensors"):
+        for name in ("recipe.yaml", "train.log", "prefopt_config.json", "metrics.csv", "eval.json", "model/model.safetensors"):
             assert (run_dir / name).is_file(), name
     start = table[table["algorithm"] == "start"].iloc[0]
     assert start["kl"] == 0.0 and start["win_rate"] == 0.5 and start["pref_acc"] == 0.5

@@ -135,6 +135,18 @@ CONFIG_ERRORS = [
     (["train.on_nonfinite=ignore"], "train.on_nonfinite='ignore': must be one of 'skip', 'stop'"),
     (["data.eval_fraction=1.5"], "data.eval_fraction=1.5: must be in [0, 1)"),
     (["train.resume=/nonexistent/step-1"], "train.resume='/nonexistent/step-1': not a complete checkpoint"),
+    # issue 14: config holes that used to train, or fail late as "unexpected"
+    (["train.resume=autp"], "train.resume='autp': not a complete checkpoint (no such directory); use auto, no, or "
+                            "a checkpoints/step-N directory; did you mean 'auto'?"),
+    (["train.learning_rate=inf"], "train.learning_rate=inf: must be a finite number"),
+    (["algorithm.beta=.inf"], "algorithm.beta=inf: must be a finite number"),
+    (["algorithm.beta=.nan"], "algorithm.beta=nan: must be a finite number"),
+    (["train.lr_scheduler=cosin"], "train.lr_scheduler='cosin': unknown scheduler; did you mean 'cosine'?"),
+    (["train.save_every=-1"], "train.save_every=-1: must be >= 0"),
+    (["train.eval_every=-2"], "train.eval_every=-2: must be >= 0"),
+    (["train.weight_decay=-0.1"], "train.weight_decay=-0.1: must be >= 0"),
+    (["train.num_workers=2"], "unknown config key 'train.num_workers'"),
+    (["train.max_skipped_updates=0"], "train.max_skipped_updates=0: must be > 0"),
 ]
 
 
@@ -209,3 +221,104 @@ def test_unexpected_error_is_one_line_with_a_hint(files, tiny_model_dir, tmp_pat
     assert code == 1 and "Traceback (most recent call last)" in stderr
     last = stderr.strip().splitlines()[-1]
     assert last == "prefopt: unexpected error: RuntimeError: something nobody foresaw second line"
+
+
+# ----------------------------------------------------------------------------------------------- issue 14
+def test_max_length_beyond_the_model_context(files, gpt2_real_dir, tmp_path, capsys):
+    line = error_line(*run(capsys, *base(gpt2_real_dir, tmp_path / "run", files["good"]), "data.max_length=1024"))
+    assert line == (f"prefopt: error: data.max_length=1024: longer than the context of {gpt2_real_dir} "
+                    "(512 positions); set data.max_length <= 512")
+    assert not (tmp_path / "run").exists()  # refused before the model is loaded or anything written
+
+
+def online(name: str, model: Path, data: Path, out: Path) -> list[str]:
+    return [f"algorithm.name={name}", f"model.name_or_path={model}", f"data.path={data}", f"train.output_dir={out}",
+            "train.progress=false", "train.max_steps=1", "train.mixed_precision=no"]
+
+
+def test_a_causal_lm_given_as_reward_model(files, gpt2_real_dir, tiny_model_dir, tmp_path, capsys):
+    rewards = f"algorithm.rewards=[{{name: reward_model, params: {{path: {gpt2_real_dir}}}}}]"
+    line = error_line(*run(capsys, *online("ppo", tiny_model_dir, files["good"], tmp_path / "run"), rewards))
+    assert line == (f"prefopt: error: algorithm.rewards[0].params.path='{gpt2_real_dir}': not a reward model "
+                    "(GPT2LMHeadModel has no score head); train one with algorithm.name=reward and give its model/ "
+                    "directory")
+
+
+def test_an_online_algorithm_without_any_reward(files, tiny_model_dir, tmp_path, capsys):
+    line = error_line(*run(capsys, *online("a2c", tiny_model_dir, files["good"], tmp_path / "run"),
+                           "algorithm.preference_weight=0", "algorithm.rules={}"))
+    assert line == ("prefopt: error: algorithm 'a2c' has no reward: every term's weight is 0 (preference: 0); it "
+                    "would train on a reward of 0")
+
+
+def test_recipe_text_is_parsed_before_variables_are_expanded(files, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    common = (f"algorithm: {{name: dpo}}\nmodel: {{name_or_path: {tiny_model_dir}}}\n")
+    # a variable fills a value, never a section
+    monkeypatch.setenv("PREFOPT_TEST_SECTION", "{path: elsewhere}")
+    recipe.write_text(common + "data: ${PREFOPT_TEST_SECTION}\n")
+    line = error_line(main(["train", str(recipe)]), capsys.readouterr().err)
+    assert line == "prefopt: error: data: expected a mapping of keys, got str"
+    # an unset variable without a default is an error (it used to become "")
+    monkeypatch.delenv("PREFOPT_TEST_UNSET", raising=False)
+    recipe.write_text(common + "data:\n  path: ${PREFOPT_TEST_UNSET}\n")
+    line = error_line(main(["train", str(recipe)]), capsys.readouterr().err)
+    assert line == (f"prefopt: error: {recipe}: data.path: environment variable PREFOPT_TEST_UNSET is not set "
+                    "(write ${PREFOPT_TEST_UNSET:-default} for a default)")
+    # a key given twice
+    recipe.write_text(common + "train:\n  max_steps: 1\n  batch_size: 2\n  max_steps: 2\n")
+    line = error_line(main(["train", str(recipe)]), capsys.readouterr().err)
+    assert line == f"prefopt: error: {recipe}:6: key 'max_steps' is given twice (first on line 4)"
+
+
+def test_resume_no_as_documented_in_a_recipe(files, tiny_model_dir, tmp_path, capsys):
+    """YAML reads a bare ``no`` as false; ``train.resume: no`` is the documented spelling."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"algorithm: dpo\nmodel: {{name_or_path: {tiny_model_dir}}}\n"
+                      f"data: {{path: {files['good']}, max_length: 128, max_prompt_length: 64}}\n"
+                      f"train: {{resume: no, output_dir: {tmp_path / 'run'}, max_steps: 1, progress: false, "
+                      "save_model: false, mixed_precision: no}\n")
+    code = main(["train", str(recipe)])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_unusable_paths_are_user_errors(files, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """An unreadable data file, an output_dir that is a file or cannot be created: exit 2, not "unexpected"."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    line = error_line(*run(capsys, *base(tiny_model_dir, a_file, files["good"])))
+    assert line == f"prefopt: error: train.output_dir='{a_file}': {a_file} is a file, not a directory"
+    line = error_line(*run(capsys, *base(tiny_model_dir, a_file / "run", files["good"])))
+    assert line == f"prefopt: error: train.output_dir='{a_file / 'run'}': {a_file} is a file, not a directory"
+    line = error_line(*run(capsys, *base(tiny_model_dir, "/sys/prefopt-test-run", files["good"])))
+    assert line.startswith("prefopt: error: train.output_dir='/sys/prefopt-test-run': cannot create it: ")
+
+    import builtins
+
+    real_open = builtins.open
+    locked = str(files["good"])
+
+    def deny(path, *args, **kwargs):  # as if chmod 000 (the tests may run as root, who reads anything)
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    line = error_line(*run(capsys, *base(tiny_model_dir, tmp_path / "run", files["good"])))
+    assert line == f"prefopt: error: {locked}: cannot read it: Permission denied"
+
+
+def test_a_malformed_line_is_skipped_not_fatal(files, tiny_model_dir, tmp_path, capsys):
+    """A lone surrogate escape (valid JSON, not encodable text) and a value nested past Python's recursion limit
+    are rows to skip and count, like any bad row; they used to stop the whole run."""
+    path = tmp_path / "malformed.jsonl"
+    good = files["good"].read_text()
+    surrogate = json.dumps({**PAIR, "chosen": " caf\ud800e"})  # json.dumps writes the escape "\ud800"
+    nested = '{"prompt": "p", "chosen": ' + "[" * 100_000 + "]" * 100_000 + ', "rejected": " no"}'
+    path.write_text(good + surrogate + "\n" + nested + "\n")
+    out = tmp_path / "run"
+    code, stderr = run(capsys, *base(tiny_model_dir, out, path), "data.eval_fraction=0")
+    assert code == 0, stderr
+    reasons = json.loads((out / "manifest.json").read_text())["manifests"]["train"]["skipped"]["reasons"]
+    assert reasons["lone surrogate escape (not text)"] == {"count": 1, "examples": [f"{path}:31"]}
+    assert reasons["JSON nested too deeply"] == {"count": 1, "examples": [f"{path}:32"]}

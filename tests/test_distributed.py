@@ -21,7 +21,6 @@ round get their reference log-probs from a batch padded to another width, which 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -37,14 +36,6 @@ from safetensors.torch import load_file
 from prefopt.cli import main
 
 ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def hh_small(hh_path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "hh48.jsonl"
-    with gzip.open(hh_path, "rt", encoding="utf-8") as lines:
-        out.write_text("".join(line for line, _ in zip(lines, range(48))))
-    return out
 
 
 def free_port() -> int:
@@ -85,7 +76,7 @@ def test_two_processes_match_one_with_double_accumulation(tiny_model_dir, hh_sma
     finally:
         torch.set_num_threads(threads)
     try:
-        _, stderr = process.communicate(timeout=600)
+        stdout, stderr = process.communicate(timeout=600)
     except subprocess.TimeoutExpired:  # a collective out of step would hang: stop the launcher and its workers
         process.terminate()
         try:
@@ -95,6 +86,9 @@ def test_two_processes_match_one_with_double_accumulation(tiny_model_dir, hh_sma
             _, stderr = process.communicate()
         pytest.fail(f"the 2-process run hung:\n{stderr[-3000:]}")
     assert process.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout)["output_dir"] == str(two)  # one final JSON, from the main process only
+    console = [line for line in stderr.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in console] == [f"step {n}/6" for n in range(1, 7)]  # printed once
 
     state = json.loads((two / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["batches_consumed"] == 6  # per process: 3 epochs of 2 batches

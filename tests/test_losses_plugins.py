@@ -182,4 +182,4 @@ def test_adding_a_loss_doc_works_as_written(tiny_model_dir, hh_path, tmp_path, m
     assert len(losses) == 2
     # before the first update the policy is its reference, so the loss is -log s(0 - margin) = log(1 + e^0.5)
     assert losses[0] == pytest.approx(math.log1p(math.exp(0.5)), abs=1e-5)
-    assert json.loads((run_dir / "config.json").read_text())["algorithm"]["loss"] == "margin_sigmoid"
+    assert json.loads((run_dir / "prefopt_config.json").read_text())["algorithm"]["loss"] == "margin_sigmoid"

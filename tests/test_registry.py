@@ -78,6 +78,6 @@ def test_plugin_from_another_package_registers_a_loss_that_trains_by_name(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
-    assert json.loads((out / "config.json").read_text())["algorithm"]["loss"] == "double_sigmoid"
+    assert json.loads((out / "prefopt_config.json").read_text())["algorithm"]["loss"] == "double_sigmoid"
     # at step 1 policy == reference, so the loss is exactly log 2 whatever the scale
     assert rows[0]["train/loss"] == pytest.approx(0.693147, abs=1e-4)

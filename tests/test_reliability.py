@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -54,15 +53,6 @@ def slow_step(self, batches, step, *args):
 trainer.Trainer._train_step = slow_step
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def hh_small(hh_path, tmp_path_factory) -> Path:
-    """The first 48 HH pairs as plain JSON lines (16 train rows are used, ~12 held out)."""
-    out = tmp_path_factory.mktemp("data") / "hh48.jsonl"
-    with gzip.open(hh_path, "rt", encoding="utf-8") as lines:
-        out.write_text("".join(line for line, _ in zip(lines, range(48))))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +229,8 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(tiny_model_dir
     assert train(args) == 3
     stderr = capsys.readouterr().err
     assert stderr.strip().splitlines()[-1] == (
-        "prefopt: error: non-finite loss at step 5; stopped, the last checkpoint is intact. "
+        "prefopt: error: non-finite loss at step 5; stopped, the newest checkpoint with finite weights is "
+        f"{out / 'checkpoints' / 'step-00000004'} (resume with train.resume=auto). "
         "Set train.on_nonfinite=skip to skip such updates.")
     assert "Traceback" not in stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] and not list((out / "checkpoints").glob("*.tmp"))

@@ -44,6 +44,7 @@ from prefopt.models import load_causal_lm
 from prefopt.online import explained_variance, kl_shaped_rewards, require_dropout_off, rollout_inputs
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
+from prefopt.samples import note_rewards
 from prefopt.rollout import GenerationConfig, generate
 from prefopt.rules import RULES, RuleHead, programmatic_ok, read_rule_rows, rule_batches, rule_loss
 from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, fit_head,
@@ -107,6 +108,11 @@ class A2CConfig:
     """Further reward components (prefopt.rewards: length_penalty, format_validity, callable, target_token, ...)."""
     reward_heads: str | None = None
     """A sparrow_heads.pt saved by an earlier a2c run (or its directory): load the reward heads, do not train."""
+
+    def reward_terms(self) -> dict[str, float]:
+        """The weight of every term of R(x, y) (prefopt.preflight refuses a run whose weights are all zero)."""
+        return {"preference": self.preference_weight, **{f"rule/{k}": w for k, w in self.rules.items()},
+                **{spec.name: spec.weight for spec in self.rewards}}
 
     def __post_init__(self):
         check(self.trainable_layers >= 1, "algorithm.trainable_layers", self.trainable_layers, "must be >= 1")
@@ -337,6 +343,7 @@ class A2C(Algorithm):
             extra, components = self.composite(rollout)
             total = total + extra
             parts.update(components)
+        note_rewards(rollout, total, parts)  # samples.jsonl: the heads' parts too
         return total, parts
 
     def forward_rollout(self, rollout: Rollout) -> dict[str, Any]:

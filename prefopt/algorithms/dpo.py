@@ -23,6 +23,7 @@ from prefopt.algorithms.base import Algorithm
 from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, policy_logps, preference_metrics,
                                         resolve_loss, sums)
 from prefopt.config import LoraConfig, check
+from prefopt.distributed import seed_epoch
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.modules import TokenScorer
 from prefopt.prefix import SharedPrefixLayout, supports
@@ -76,8 +77,13 @@ class DPO(Algorithm):
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
         if self.config.precompute_reference and not self.loss_fn.reference_free:
+            t = self.run.train
+            budget = {"train": t.max_steps * t.gradient_accumulation_steps, "eval": t.max_eval_batches}
+            if "train" in loaders:  # the first epoch's order: the batches a short run takes
+                seed_epoch(loaders["train"], 0, t.seed)
             for split, loader in loaders.items():
-                self.cache.fill(split, loader, self.reference_forward, accelerator, self.share_prefix)
+                self.cache.fill(split, loader, self.reference_forward, accelerator, self.share_prefix,
+                                max_batches=budget.get(split), progress=t.progress)
             self.reference = None
 
     def layout(self, batch: PairBatch) -> SharedPrefixLayout | None:

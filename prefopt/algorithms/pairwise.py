@@ -4,10 +4,12 @@ reference log-probs cached once per dataset, and the preference metrics every pa
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from prefopt.errors import ConfigError
 from prefopt.functional import sum_scored
@@ -89,9 +91,16 @@ class ReferenceCache:
 
     @torch.no_grad()
     def fill(self, split: str, loader: Any, reference_scorer: Any, accelerator: Any,
-             share_prefix: bool = False) -> None:
+             share_prefix: bool = False, max_batches: int | None = None, progress: bool = True) -> None:
+        """Reference log-probs of the first ``max_batches`` batches of ``loader`` (all: None), with a progress bar.
+
+        For the training split the caller seeds the loader's epoch 0 first, so these are the batches a run of
+        ``max_steps`` steps takes when it stays inside the first epoch."""
         table = self.values.setdefault(split, {})
-        for batch in loader:
+        total = len(loader) if max_batches is None else min(len(loader), max_batches)
+        bar = tqdm(itertools.islice(loader, total), total=total, desc=f"reference log-probs ({split})",
+                   disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+        for batch in bar:
             layout = pair_layout(batch) if share_prefix else None
             chosen, rejected, _, _ = policy_logps(reference_scorer, batch, layout)
             index = accelerator.gather(batch.index)

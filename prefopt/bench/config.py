@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prefopt.config import check, expand_env, from_dict, merge, parse_overrides, read_yaml
+from prefopt.config import check, from_dict
+from prefopt.recipe_file import expand_env, merge, parse_overrides, read_yaml
 from prefopt.rollout import GenerationConfig
 
 HH_PARTS = ("policy_train", "proxy_rm_train", "gold_rm_train", "eval")

@@ -14,7 +14,8 @@ import dataclasses
 from typing import Any
 
 from prefopt.bench.config import BenchConfig
-from prefopt.config import build_run_config, merge
+from prefopt.config import build_run_config
+from prefopt.recipe_file import merge
 from prefopt.errors import ConfigError, UnknownNameError
 from prefopt.registry import ALGORITHMS
 

@@ -274,12 +274,14 @@ def _json_lines(path: Path, lines: Iterator[tuple[int, str]], skips: SkipLog) ->
             row = json.loads(text)
         except json.JSONDecodeError:
             reason = "invalid JSON"
+        except RecursionError:
+            reason = "JSON nested too deeply"
         else:
-            if isinstance(row, dict):
+            if isinstance(row, dict) and not _has_lone_surrogate(row):
                 kept += 1
                 yield f"{path}:{line_no}", row
                 continue
-            reason = "row is not a JSON object"
+            reason = "row is not a JSON object" if not isinstance(row, dict) else "lone surrogate escape (not text)"
         first_bad = first_bad or (line_no, text)
         skips.add(reason, f"{path}:{line_no}")
     if first_bad is not None and kept == 0:
@@ -293,11 +295,29 @@ def _json_list(path: Path, text: str, skips: SkipLog) -> Iterator[Row]:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     for position, row in enumerate(rows, 1):
-        if isinstance(row, dict):
+        if isinstance(row, dict) and not _has_lone_surrogate(row):
             yield f"{path}:{position}", row
         else:
-            skips.add("row is not a JSON object", f"{path}:{position}")
+            reason = "row is not a JSON object" if not isinstance(row, dict) else "lone surrogate escape (not text)"
+            skips.add(reason, f"{path}:{position}")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """A string holding an unpaired ``\\udXXX`` escape: valid JSON, but not text any tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _is_gzip(path: Path) -> bool:

@@ -1,0 +1,64 @@
+"""The console line a run prints every ``train.log_every`` steps, with or without the progress bar.
+
+``step 20/100 | loss 0.6412 | rewards/accuracy 0.625 | rewards/margin 0.183 | lr 5.00e-05 | 2,310 tok/s |
+elapsed 0:00:41 | ETA 0:02:44``: the step, the loss, the algorithm's key metrics (every logged metric whose
+name ends in one of ``KEY_METRICS``: reward totals and scores, KL, accuracy, margin), the learning rate,
+training tokens/s, the time since this process started training and the time left at the average step time so
+far. Only the main process prints (``tqdm.write`` on stderr, so the bar is kept intact and stdout holds only the
+final JSON).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Any
+
+from tqdm.auto import tqdm
+
+KEY_METRICS = ("reward/total", "reward/score", "rm/score", "kl", "accuracy", "margin")
+MAX_KEY_METRICS = 5
+
+
+def key_metrics(row: dict[str, float]) -> list[str]:
+    """The names of ``row`` the console shows after the loss, in ``KEY_METRICS`` order."""
+    names = [k for k in row if not k.startswith(("perf/", "train/", "eval/"))]
+    chosen: list[str] = []
+    for pattern in KEY_METRICS:
+        for name in names:
+            last = name.split("/")[-1]
+            if name not in chosen and (name.endswith(pattern) if "/" in pattern else last == pattern):
+                chosen.append(name)
+    return chosen[:MAX_KEY_METRICS]
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def format_line(step: int, max_steps: int, row: dict[str, float], elapsed: float, steps_done: int) -> str:
+    """One console line from a logged metrics row (``steps_done``: steps run by this process so far)."""
+    parts = [f"step {step}/{max_steps}"]
+    if "train/loss" in row:
+        parts.append(f"loss {row['train/loss']:.4f}")
+    parts += [f"{name} {row[name]:.4g}" for name in key_metrics(row)]
+    if "train/lr" in row:
+        parts.append(f"lr {row['train/lr']:.2e}")
+    if "perf/tokens_per_s" in row:
+        parts.append(f"{row['perf/tokens_per_s']:,.0f} tok/s")
+    parts.append(f"elapsed {_clock(elapsed)}")
+    if steps_done > 0:
+        parts.append(f"ETA {_clock(elapsed / steps_done * (max_steps - step))}")
+    return " | ".join(parts)
+
+
+def format_eval(step: int, metrics: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                      if k.startswith("eval/") and isinstance(v, (int, float)))
+    return f"eval at step {step}: {shown}"
+
+
+def say(line: str, enabled: bool = True) -> None:
+    """Print ``line`` on stderr without breaking a progress bar (main process only: pass ``enabled``)."""
+    if enabled:
+        tqdm.write(line, file=sys.stderr)
