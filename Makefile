@@ -7,7 +7,7 @@ export PREFOPT_HH_DIR ?= $(if $(wildcard ../shared/data/hh-rlhf),../shared/data/
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-fast gpu-check bench clean tiny-chain
+.PHONY: venv test test-fast gpu-check bench bench-hh clean tiny-chain
 
 venv: $(STAMP)
 
@@ -29,7 +29,12 @@ test-fast: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) -m pytest -q -s -rs tests/gpu -m gpu
 
+# The known-gold preference world: frontiers, 5 seeds, verdicts (about 10 minutes of CPU on 2 cores).
 bench: $(STAMP)
+	$(VENV)/bin/prefopt bench recipes/bench/world_default.yaml
+
+# HH-RLHF with a proxy and a gold RM (no known reward).
+bench-hh: $(STAMP)
 	$(VENV)/bin/prefopt bench recipes/bench/hh_default.yaml
 
 clean:

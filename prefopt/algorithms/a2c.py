@@ -191,6 +191,7 @@ class A2C(Algorithm):
     """Sparrow-style A2C: shared frozen trunk, one update per rollout, rule + preference reward heads."""
 
     kind = "prompts"
+    kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = A2CConfig
     accumulates_in_step = True
 

@@ -6,6 +6,8 @@ An algorithm declares:
   * ``Config``: a dataclass of its hyper-parameters (validated from the recipe's ``algorithm`` section);
   * ``check_run(run)``: refuse, when the recipe is read, model / data / train settings it cannot run (a
     ConfigError naming the key), so an unsupported combination never fails mid-run;
+  * ``kl_knob`` (optional): the Config field that trades reward for KL to the reference (beta, kl_coef), the one
+    the benchmark sweeps for its frontier (prefopt.bench);
   * ``build()``: load its models (``self.model`` is the one module the optimizer trains);
   * ``step(batch)``: yield the ``LossOutput`` of each micro-batch; ``train.gradient_accumulation_steps`` (G)
     consecutive micro-batches make one optimizer update (accelerate accumulates them and scales each loss by 1/G,
@@ -40,6 +42,7 @@ from prefopt.types import LossOutput
 
 class Algorithm:
     kind: ClassVar[str]
+    kl_knob: ClassVar[str | None] = None  # the Config field that sets the strength of the pull to the reference
     Config: ClassVar[type]
     registry_name: ClassVar[str]
     accumulates_in_step: ClassVar[bool] = False

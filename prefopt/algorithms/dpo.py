@@ -55,6 +55,7 @@ class DPO(Algorithm):
     """Direct Preference Optimization (Rafailov et al. 2023) with pluggable pairwise losses."""
 
     kind = "pairs"
+    kl_knob = "beta"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = DPOConfig
 
     def build(self) -> None:

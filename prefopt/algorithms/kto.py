@@ -94,6 +94,7 @@ class KTO(Algorithm):
     """KTO (Ethayarajh et al. 2024): unpaired desirable / undesirable feedback, prospect-theoretic value."""
 
     kind = "unpaired"
+    kl_knob = "beta"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = KTOConfig
 
     @classmethod

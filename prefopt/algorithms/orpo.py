@@ -52,6 +52,7 @@ class ORPO(Algorithm):
     """ORPO (Hong et al. 2024): SFT loss plus an odds-ratio preference term, no reference model."""
 
     kind = "pairs"
+    kl_knob = "beta"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = ORPOConfig
 
     def build(self) -> None:

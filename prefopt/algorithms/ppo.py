@@ -154,6 +154,7 @@ class PPO(Algorithm):
     """RLHF-PPO (InstructGPT): KL-shaped reward, GAE, clipped surrogate and value loss, optional PPO-ptx."""
 
     kind = "prompts"
+    kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = PPOConfig
     accumulates_in_step = True
 

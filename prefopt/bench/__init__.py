@@ -1,19 +1,20 @@
-"""The benchmark harness: several algorithms from ONE start, on the same pinned splits, several seeds.
+"""The benchmark harness: several algorithms from ONE start, same data, same budget, many seeds, verdicts.
 
 ``prefopt bench BENCH.yaml [key=value ...]`` (``run_bench``) follows the protocol of DESIGN.md:
 
-1. pinned splits: the HH pairs are cut by a stable hash into DISJOINT parts ``policy_train``,
-   ``proxy_rm_train``, ``gold_rm_train`` and ``eval`` (prefopt.data.splits.assign), written as files;
-2. the start (init -> pt -> sft), a proxy RM and a gold RM, each cached under ``cache_dir/<stage>-<hash>``
-   by a hash of its recipe, its input stage and its data (prefopt.bench.start);
-3. every listed algorithm (a partial recipe merged over shared ``defaults``) trains from the same SFT
-   checkpoint with the same budget for every seed, each run a ``prefopt train`` SUBPROCESS in its own
-   directory; online algorithms get the proxy RM as reward, the gold RM is never seen in training;
-4. every policy is evaluated on the same eval prompts and pairs with the shared generation engine and a
-   fixed sampling seed (prefopt.bench.evaluate), then tabulated and plotted (prefopt.bench.report).
-
-``task: synthetic`` runs the same harness on prefopt.tasks' programmatic reward: the known true reward takes
-the place of both RMs (``reward: known``).
+1. the data (prefopt.bench.data): the known-gold world's prompts (``task: world``, prefopt.bench.world), HH pairs
+   (``task: hh``) or prefopt.tasks' prompts (``task: synthetic``), cut by a stable hash into DISJOINT parts;
+2. the start and the scorers, each cached by hash (prefopt.bench.start): init -> sft; world: preference labels
+   from the true reward (Plackett-Luce / Bradley-Terry with label noise) and a proxy RM trained on them; hh: a
+   proxy RM and a gold RM on disjoint parts;
+3. a learning rate per algorithm from a sweep judged on the val prompts; then every algorithm over its KL knob
+   (the Config field it declares as ``kl_knob``, prefopt.bench.execute) x seeds, trained in-process with
+   snapshots along training; online algorithms optimise the proxy (the gold never reaches training);
+4. every snapshot evaluated on the same eval prompts with the same sampling seeds (prefopt.bench.evaluate); the
+   best-of-n baseline from the start;
+5. the report from the per-run logs alone (prefopt.bench.logs, .frontier, .tables, .diagnostics, .report):
+   verdicts at matched KL with paired bootstrap intervals, frontiers with Gao et al.'s fits, step- and
+   compute-matched views, reward-hacking flags.
 """
 
 from prefopt.bench.config import BenchConfig, load_bench_config

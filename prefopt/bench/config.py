@@ -34,6 +34,7 @@ from prefopt.rollout import GenerationConfig
 
 HH_PARTS = ("policy_train", "proxy_rm_train", "gold_rm_train", "eval")
 SYNTHETIC_PARTS = ("policy_train", "eval")
+WORLD_PARTS = ("policy_train", "val", "eval")
 
 
 @dataclass
@@ -91,6 +92,94 @@ class SyntheticConfig:
     def __post_init__(self):
         check(self.num_prompts > 0, "synthetic.num_prompts", self.num_prompts, "must be > 0")
         check(self.samples_per_prompt >= 2, "synthetic.samples_per_prompt", self.samples_per_prompt, "must be >= 2")
+
+
+@dataclass
+class WorldConfig:
+    """The known-gold preference world (prefopt.bench.world; used when ``task: world``)."""
+
+    num_prompts: int = 1200
+    """Prompts drawn (repeats are dropped before the split)."""
+    seed: int = 0
+    """Seed of the prompt draw and of the preference labels."""
+    penalty: float = 0.0
+    """lambda of the true reward r(x, y) = (#tokens in G(x) - lambda #tokens in the other group) / |y| (0: the
+    other group's words are worth nothing; > 0 they cost, which a nano proxy RM learns much worse)."""
+    responses_per_prompt: int = 4
+    """K: responses sampled from the start per labelled prompt, ranked by Plackett-Luce on r / label_temperature
+    (the proxy RM trains on the K-wise rankings, offline algorithms on the C(K,2) pairs they imply)."""
+    label_temperature: float = 0.05
+    """tau: Bradley-Terry / Plackett-Luce label noise, P(a > b) = sigmoid((r(a) - r(b)) / tau)."""
+    max_new_tokens: int = 16
+    """Length of the labelled responses (and the default sampling length of the world)."""
+
+    def __post_init__(self):
+        check(self.num_prompts > 0, "world.num_prompts", self.num_prompts, "must be > 0")
+        check(self.penalty >= 0, "world.penalty", self.penalty, "must be >= 0")
+        check(self.responses_per_prompt >= 2, "world.responses_per_prompt", self.responses_per_prompt, "must be >= 2")
+        check(self.label_temperature > 0, "world.label_temperature", self.label_temperature, "must be > 0")
+
+
+@dataclass
+class FrontierConfig:
+    """Frontiers, not points: every algorithm swept over its KL knob, evaluated at checkpoints along training."""
+
+    knob_values: dict[str, list[float]] = field(default_factory=dict)
+    """Label -> values of the algorithm's KL knob (its class attribute ``kl_knob``: beta, kl_coef, ...);
+    a label not listed runs once at its recipe's value."""
+    checkpoints: int = 4
+    """Evaluations along training: at steps max_steps * i / checkpoints, i = 1..checkpoints."""
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """n of the best-of-n baseline (the start's n samples ranked by the proxy RM; analytic KL
+    log n - (n - 1) / n); empty: no baseline."""
+    kl_levels: list[float] = field(default_factory=list)
+    """KL values (nats) at which algorithms are compared (interpolated along each frontier)."""
+    bootstrap: int = 2000
+    """Bootstrap resamples (seeds x prompts) of the paired comparisons and the 95% intervals."""
+    flops_runs: int = 1
+    """1: one short probe run per algorithm (its first run's recipe, 4 steps) has its FLOPs counted exactly
+    (torch.utils.flop_counter, slow), and every run's FLOPs are its tokens x the probe's FLOPs per token;
+    0: no probe, no FLOPs (nor compute-matched view)."""
+
+    def __post_init__(self):
+        check(self.checkpoints >= 1, "frontier.checkpoints", self.checkpoints, "must be >= 1")
+        check(all(n >= 1 for n in self.best_of_n), "frontier.best_of_n", self.best_of_n, "every n must be >= 1")
+        check(all(k > 0 for k in self.kl_levels), "frontier.kl_levels", self.kl_levels, "must be > 0")
+        check(self.bootstrap >= 100, "frontier.bootstrap", self.bootstrap, "must be >= 100")
+        check(self.flops_runs in (0, 1), "frontier.flops_runs", self.flops_runs, "must be 0 or 1")
+        for label, values in self.knob_values.items():
+            check(bool(values) and all(v >= 0 for v in values), f"frontier.knob_values.{label}", values,
+                  "give one or more values >= 0")
+
+
+@dataclass
+class LRSweepConfig:
+    """Per-algorithm learning rate chosen on the val split (never the eval prompts): one run per candidate at
+    the middle value of the algorithm's KL knob, the candidate of highest val gold reward at the last step."""
+
+    learning_rates: list[float] = field(default_factory=list)
+    """Candidates (empty: no sweep, every algorithm uses its recipe's learning rate)."""
+    seed: int = 1000
+    """Training seed of the sweep runs (not one of the bench's seeds)."""
+
+    def __post_init__(self):
+        check(all(lr > 0 for lr in self.learning_rates), "lr_sweep.learning_rates", self.learning_rates, "must be > 0")
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Reward-hacking flags: each computed per run, flagged when it crosses its threshold."""
+
+    gap_z: float = 1.0
+    """Gold-proxy gap: (proxy - proxy_start) / sd_proxy - (gold - gold_start) / sd_gold above this (sd: the
+    start's, over eval prompts)."""
+    length_ratio: float = 1.5
+    """Length drift: mean response length / the start's above this or below its inverse."""
+    entropy_ratio: float = 0.5
+    """Entropy collapse: mean token entropy / the start's below this."""
+    kl_acceleration: float = 2.0
+    """KL acceleration: KL growth per step over the last checkpoint interval / over the first above this
+    (and the final KL above 1 nat)."""
 
 
 @dataclass
@@ -170,8 +259,9 @@ class BenchConfig:
     """Where built starts and reward models are kept, one directory per stage hash, shared by benches."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """Training seeds of every algorithm."""
-    task: Literal["hh", "synthetic"] = "hh"
-    """hh: HH pairs, gold RM; synthetic: prefopt.tasks' prompts and known true reward."""
+    task: Literal["hh", "synthetic", "world"] = "hh"
+    """hh: HH pairs, gold RM; synthetic: prefopt.tasks' prompts and known true reward; world: the known-gold
+    preference world (prefopt.bench.world): labels from the true reward, a proxy RM trained on them."""
     reward: Literal["auto", "proxy_rm", "known"] = "auto"
     """What online algorithms optimise: the proxy RM (hh) or the known reward (synthetic); auto picks."""
     only: list[str] = field(default_factory=list)
@@ -179,6 +269,8 @@ class BenchConfig:
     threads: int = 0
     """CPU threads of every run and of the evaluation (OMP_NUM_THREADS, torch.set_num_threads); 0: torch's
     default. On a CPU shared with other jobs, 1 avoids the stalls of multi-threaded ops on oversubscribed cores."""
+    isolation: Literal["inprocess", "subprocess"] = "inprocess"
+    """Training runs in this process (seconds each at nano scale) or each in a ``prefopt train`` subprocess."""
     keep_checkpoints: bool = False
     """Keep the training checkpoints of finished runs (they are deleted to save disk by default)."""
     data: BenchDataConfig = field(default_factory=BenchDataConfig)
@@ -187,6 +279,14 @@ class BenchConfig:
     """The pinned split into disjoint parts."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """The known-reward task (task: synthetic)."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """The known-gold preference world (task: world)."""
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
+    """KL-knob sweeps, checkpoints, best-of-n, matched-KL comparisons."""
+    lr_sweep: LRSweepConfig = field(default_factory=LRSweepConfig)
+    """Per-algorithm learning-rate sweep on the val split."""
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    """Reward-hacking thresholds."""
     start: StartConfig = field(default_factory=StartConfig)
     """The shared start."""
     reward_models: RewardModelsConfig = field(default_factory=RewardModelsConfig)
@@ -207,11 +307,13 @@ class BenchConfig:
         check(not unknown, "only", self.only, f"unknown labels {unknown}; labels: {', '.join(self.algorithms)}")
         if self.reward == "auto":
             self.reward = "known" if self.task == "synthetic" else "proxy_rm"
+        check(not (self.task == "world" and self.reward == "known"), "reward", self.reward,
+              "task world optimises its proxy RM (the true reward is the judge only)")
         check(not (self.task == "hh" and self.reward == "known"), "reward", self.reward,
               "task hh has no known reward; use proxy_rm")
         check(not (self.task == "synthetic" and self.reward == "proxy_rm"), "reward", self.reward,
               "task synthetic optimises the known reward")
-        needed = HH_PARTS if self.task == "hh" else SYNTHETIC_PARTS
+        needed = {"hh": HH_PARTS, "synthetic": SYNTHETIC_PARTS, "world": WORLD_PARTS}[self.task]
         missing = [part for part in needed if not self.splits.fractions.get(part)]
         check(not missing, "splits.fractions", self.splits.fractions,
               f"task {self.task} needs parts {', '.join(needed)} with a fraction > 0 (missing: {missing})")
@@ -219,6 +321,11 @@ class BenchConfig:
             self.output_dir = str(Path("bench_runs") / self.name)
         for label, partial in self.algorithms.items():
             check(isinstance(partial, dict), f"algorithms.{label}", partial, "expected a partial recipe mapping")
+        check(not (self.lr_sweep.learning_rates and self.task != "world"), "lr_sweep.learning_rates",
+              self.lr_sweep.learning_rates, "the sweep is judged on the val prompts, which only task world has")
+        unknown = [label for label in self.frontier.knob_values if label not in self.algorithms]
+        check(not unknown, "frontier.knob_values", list(self.frontier.knob_values),
+              f"unknown labels {unknown}; labels: {', '.join(self.algorithms)}")
 
     @property
     def labels(self) -> list[str]:

@@ -36,6 +36,7 @@ class BenchData:
     eval_prompts: list[dict[str, Any]] = field(default_factory=list)
     eval_pairs: list[dict[str, Any]] = field(default_factory=list)
     corpus: Path | None = None
+    val_prompts: list[dict[str, Any]] = field(default_factory=list)
 
     def eval_manifest(self) -> dict[str, Any]:
         return {"prompts": {"count": len(self.eval_prompts),
@@ -58,7 +59,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def prepare_data(cfg: BenchConfig, run_dir: Path) -> BenchData:
     """Split the source into the pinned parts and write them under ``run_dir/data``."""
-    return _synthetic(cfg, run_dir) if cfg.task == "synthetic" else _hh(cfg, run_dir)
+    return {"synthetic": _synthetic, "world": _world, "hh": _hh}[cfg.task](cfg, run_dir)
 
 
 def _split(records: list[dict[str, Any]], cfg: BenchConfig) -> tuple[dict[str, list[dict[str, Any]]], dict]:
@@ -99,6 +100,24 @@ def _synthetic(cfg: BenchConfig, run_dir: Path) -> BenchData:
     files = {name: write_jsonl(run_dir / "data" / f"{name}.jsonl", rows) for name, rows in parts.items()}
     data = BenchData(parts=parts, files=files, manifest=manifest)
     data.eval_prompts = _distinct_prompts(parts["eval"], cfg.eval.num_prompts)
+    return data
+
+
+def _world(cfg: BenchConfig, run_dir: Path) -> BenchData:
+    """The known-gold world's prompts (prefopt.bench.world), split into policy_train / val / eval."""
+    from prefopt.bench.world import world_prompts
+
+    world = cfg.world
+    prompts = list(dict.fromkeys(world_prompts(world.num_prompts, world.seed)))
+    parts, manifest = _split([{"prompt": p} for p in prompts], cfg)
+    manifest.update(sources=[{"task": "prefopt.bench.world.world_prompts", "num_prompts": world.num_prompts,
+                              "seed": world.seed, "distinct": len(prompts)}],
+                    skipped={"total": world.num_prompts - len(prompts),
+                             "reasons": {"duplicate prompt": {"count": world.num_prompts - len(prompts)}}})
+    files = {name: write_jsonl(run_dir / "data" / f"{name}.jsonl", rows) for name, rows in parts.items()}
+    data = BenchData(parts=parts, files=files, manifest=manifest)
+    data.eval_prompts = _distinct_prompts(parts["eval"], cfg.eval.num_prompts)
+    data.val_prompts = _distinct_prompts(parts["val"], cfg.eval.num_prompts)
     return data
 
 

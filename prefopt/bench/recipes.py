@@ -47,8 +47,9 @@ def _lengths(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _data(path: str, cfg: BenchConfig) -> dict[str, Any]:
-    """A pinned part file read whole: its own hash split is switched off (eval_fraction 0)."""
-    return {"path": path, "format": "auto", "eval_fraction": 0.0, **_lengths(cfg)}
+    """A pinned part file read whole: its own hash split is switched off (eval_fraction 0), and so is length
+    bucketing (it yields a partial batch first: every update of every algorithm gets the same rows)."""
+    return {"path": path, "format": "auto", "eval_fraction": 0.0, "length_bucketing": False, **_lengths(cfg)}
 
 
 def stage_recipe(cfg: BenchConfig, stage: str, partial: dict[str, Any], model_path: str, data_path: str,
@@ -79,10 +80,13 @@ def stage_recipe(cfg: BenchConfig, stage: str, partial: dict[str, Any], model_pa
 
 
 def algorithm_recipe(cfg: BenchConfig, label: str, start_path: str, data_paths: dict[str, str],
-                     rewards: list[dict[str, Any]], output_dir: str, seed: int) -> dict[str, Any]:
-    """Recipe of one (algorithm, seed) run: ``merge(defaults, algorithms[label])`` over the bench base.
+                     rewards: list[dict[str, Any]], output_dir: str, seed: int,
+                     knob: tuple[str, float] | None = None, learning_rate: float | None = None) -> dict[str, Any]:
+    """Recipe of one (algorithm, seed) run: ``merge(defaults, algorithms[label])`` over the bench base, with
+    ``knob`` (field, value) set in its algorithm section and ``learning_rate`` in train when given.
 
-    ``data_paths`` maps "prompts" (online algorithms) and "pairs" (everything else) to the training file.
+    ``data_paths`` maps a data kind ("prompts" for online algorithms, "ranks" where the bench has K-wise rankings)
+    to its training file, and "pairs" to the file of every other kind (pairs, unpaired, ...).
     UnknownNameError when the algorithm is not registered (the runner skips it with that message).
     """
     where = f"algorithms.{label}"
@@ -95,11 +99,15 @@ def algorithm_recipe(cfg: BenchConfig, label: str, start_path: str, data_paths: 
         algo["rewards"] = copy.deepcopy(rewards)
     if "generation" in fields and "generation" not in algo:
         algo["generation"] = dataclasses.asdict(cfg.eval.generation)
-    data_path = data_paths["prompts" if algorithm_cls.kind == "prompts" else "pairs"]
+    data_path = data_paths.get(algorithm_cls.kind) or data_paths["pairs"]  # prompts / ranks files, else pairs
     base = {"model": {"name_or_path": start_path}, "data": _data(data_path, cfg),
             "train": {"progress": False, "resume": "auto", "log_every": 1, "eval_every": 0, "save_model": True}}
     recipe = merge(base, partial)
     recipe["algorithm"] = {"name": name, **algo}
+    if knob is not None:
+        recipe["algorithm"][knob[0]] = knob[1]
+    if learning_rate is not None:
+        recipe["train"]["learning_rate"] = learning_rate
     recipe["train"].update(output_dir=output_dir, seed=seed)
     return recipe
 
@@ -113,8 +121,8 @@ def validate_recipes(cfg: BenchConfig) -> None:
         if partial is not None:
             checks.append((f"start.{stage}", lambda s=stage, p=partial: stage_recipe(
                 cfg, s, p, "<start>", "<policy_train>", "<eval>", "<out>")))
-    if cfg.task == "hh":
-        for which in ("proxy", "gold"):
+    if cfg.task != "synthetic":
+        for which in ("proxy", "gold") if cfg.task == "hh" else ("proxy",):
             checks.append((f"reward_models.{which}", lambda w=which: stage_recipe(
                 cfg, w, getattr(cfg.reward_models, w), "<start>", f"<{w}_rm_train>", "<eval>", "<out>")))
     rewards = [{"name": "reward_model", "params": {"path": "<proxy_rm>"}}]

@@ -4,12 +4,14 @@ Stages (task hh): ``init`` (tiny model + tokenizer from the policy_train dialogu
 start every algorithm trains from) -> ``proxy_rm`` and ``gold_rm`` (both initialised from the start, trained
 on the DISJOINT parts proxy_rm_train and gold_rm_train). Task synthetic: ``init`` -> optional pt / sft ->
 ``pairs`` (responses sampled from the start, the best and worst under the known reward as chosen / rejected).
+Task world: ``init`` -> sft -> ``labels`` (prefopt.bench.world: K-wise rankings and implied pairs of the start's
+responses, labelled by the true reward with noise) -> ``proxy_rm`` (trained on the policy_train rankings).
 
 A stage's key is sha256 of its kind, its recipe with every input path replaced by that input's identity (the
 key of the stage that made it, or the sha256 of a data file's bytes; output_dir dropped), and the torch /
 transformers versions. The stage lives in ``cache_dir/<stage>-<key16>``; ``stage.json``, written last, marks
-it complete. A trained stage is a ``prefopt`` SUBPROCESS (its log is ``stage.log``); an interrupted one
-resumes from its checkpoint (train.resume=auto).
+it complete. A trained stage runs in this process (``isolation: inprocess``, log ``train.log``) or as a
+``prefopt`` SUBPROCESS (log ``stage.log``); an interrupted one resumes from its checkpoint (train.resume=auto).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,12 +175,18 @@ class Start:
     policy: Path  # the start model every algorithm trains from
     proxy_rm: Path | None = None
     gold_rm: Path | None = None
-    pairs: dict[str, Path] = field(default_factory=dict)  # synthetic: generated pairs per part
+    pairs: dict[str, Path] = field(default_factory=dict)  # synthetic / world: generated pairs per part
+    ranks: dict[str, Path] = field(default_factory=dict)  # world: K-wise rankings per part
 
 
 def plan_start(cfg: BenchConfig, data: BenchData) -> Start:
     """The start's stages with their keys and cache directories (nothing is built yet)."""
     cache = Path(cfg.cache_dir).resolve()
+    inprocess = cfg.isolation == "inprocess"
+
+    def trained(stage: Stage) -> dict[str, float]:
+        return _build_trained(stage, inprocess)
+
     known: dict[str, str] = {}  # path -> identity of the stage output it is
     stages: list[Stage] = []
 
@@ -195,7 +203,7 @@ def plan_start(cfg: BenchConfig, data: BenchData) -> Start:
         corpus = cfg.start.init.corpus or ([str(data.corpus)] if data.corpus else [cfg.data.path])
         corpus = [str(Path(c).resolve()) if Path(c).exists() else c for c in corpus]
         init_spec = {**asdict(cfg.start.init), "corpus": corpus}
-        model = str(add("init", init_spec, _build_init).model)
+        model = str(add("init", init_spec, lambda s: _build_init(s, inprocess)).model)
 
     eval_file = str(data.files["eval"].resolve())
     policy_file = str(data.files["policy_train"].resolve())
@@ -205,7 +213,10 @@ def plan_start(cfg: BenchConfig, data: BenchData) -> Start:
             continue
         recipe = stage_recipe(cfg, stage_name, partial, model, policy_file,
                               eval_file if cfg.task == "hh" else None, "<stage dir>")
-        model = str(add(stage_name, recipe, _build_trained).model)
+        if cfg.task == "world" and "path" not in (partial.get("data") or {}):
+            raise StageFailed(f"start.{stage_name}.data.path: task world has no demonstrations; give the text the "
+                              "start learns from (e.g. the HH dialogues)")
+        model = str(add(stage_name, recipe, trained).model)
     start = Start(stages=stages, policy=Path(model))
 
     if cfg.task == "hh":
@@ -213,8 +224,10 @@ def plan_start(cfg: BenchConfig, data: BenchData) -> Start:
             part = str(data.files[f"{which}_rm_train"].resolve())
             recipe = stage_recipe(cfg, which, getattr(cfg.reward_models, which), model, part, eval_file,
                                   "<stage dir>")
-            stage = add(f"{which}_rm", recipe, _build_trained)
+            stage = add(f"{which}_rm", recipe, trained)
             setattr(start, f"{which}_rm", stage.model)
+    elif cfg.task == "world":
+        _plan_world(cfg, data, start, model, add, known, trained)
     else:
         spec = {"start": model, "prompts": {name: str(path.resolve()) for name, path in data.files.items()},
                 "synthetic": asdict(cfg.synthetic), "generation": asdict(cfg.eval.generation),
@@ -224,8 +237,39 @@ def plan_start(cfg: BenchConfig, data: BenchData) -> Start:
     return start
 
 
-def _build_init(stage: Stage) -> dict[str, float]:
+def _plan_world(cfg: BenchConfig, data: BenchData, start: Start, model: str, add, known: dict[str, str],
+                trained) -> None:
+    """World stages: ``labels`` (K responses per prompt from the start, ranked by the true reward with noise,
+    prefopt.bench.world) and ``proxy_rm`` (the reward recipe on the policy_train rankings, eval on val pairs)."""
+    from prefopt.bench.world import build_labels
+
+    parts = ("policy_train", "val")
+    generation = replace(cfg.eval.generation, max_new_tokens=cfg.world.max_new_tokens)
+    spec = {"start": model, "prompts": {p: str(data.files[p].resolve()) for p in parts}, "world": asdict(cfg.world),
+            "generation": asdict(generation), "lengths": [cfg.data.max_length, cfg.data.max_prompt_length],
+            "batch_size": cfg.eval.batch_size}
+    labels = add("labels", spec, lambda s: build_labels(s.directory, model, spec["prompts"], cfg.world, generation,
+                                                        (cfg.data.max_length, cfg.data.max_prompt_length),
+                                                        cfg.eval.batch_size) and None)
+    start.ranks = {p: labels.directory / f"{p}.ranks.jsonl" for p in parts}
+    start.pairs = {p: labels.directory / f"{p}.pairs.jsonl" for p in parts}
+    for p in parts:
+        known[str(start.ranks[p])] = f"stage:{labels.key}:{p}.ranks"
+        known[str(start.pairs[p])] = f"stage:{labels.key}:{p}.pairs"
+    recipe = stage_recipe(cfg, "proxy", cfg.reward_models.proxy, model, str(start.ranks["policy_train"]),
+                          str(start.pairs["val"]), "<stage dir>")
+    start.proxy_rm = add("proxy_rm", recipe, trained).model
+
+
+def _build_init(stage: Stage, inprocess: bool = False) -> dict[str, float]:
     spec = stage.spec
+    if inprocess:
+        from prefopt.tiny import init_model
+
+        cpu = time.process_time()
+        init_model(stage.model, corpus=spec["corpus"], arch=spec["arch"], size=spec["size"],
+                   vocab_size=spec["vocab_size"], seed=spec["seed"], max_texts=spec.get("max_texts"))
+        return {"cpu_s": time.process_time() - cpu}
     args = ["init-model", str(stage.model), "--corpus", *spec["corpus"], "--arch", spec["arch"], "--size",
             spec["size"], "--vocab-size", str(spec["vocab_size"]), "--seed", str(spec["seed"])]
     if spec.get("max_texts"):
@@ -233,9 +277,16 @@ def _build_init(stage: Stage) -> dict[str, float]:
     return run_prefopt(args, stage.directory / "stage.log")
 
 
-def _build_trained(stage: Stage) -> dict[str, float]:
+def _build_trained(stage: Stage, inprocess: bool = False) -> dict[str, float]:
     recipe = json.loads(json.dumps(stage.spec))
     recipe["train"]["output_dir"] = str(stage.directory)
+    stage.directory.mkdir(parents=True, exist_ok=True)
+    if inprocess:  # prefopt.bench.execute: the same Trainer, without a subprocess's imports
+        from prefopt.bench.execute import train_run
+
+        cost = train_run(recipe, stage.directory, [], inprocess=True)
+        _drop_checkpoints(stage.directory)
+        return {"cpu_s": cost["cpu_s"]}
     path = write_recipe(stage.directory / "recipe.yaml", recipe)
     cost = run_prefopt(["train", str(path)], stage.directory / "stage.log")
     _drop_checkpoints(stage.directory)
