@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prefopt.config import check
 from prefopt.distributed import sum_over_processes
 from prefopt.functional import decoder_hidden, masked_var
 from prefopt.rollout import position_ids
@@ -100,11 +101,11 @@ def value_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
     return head
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off: policy, old-policy and reference log-probs must differ only by the weights."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+def require_dropout_off(run: Any, algorithm: str) -> None:
+    """Refuse ``model.disable_dropout: false``: an online update compares the policy with its old self and its
+    reference token by token (the ratio is 1 and the KL 0 at the start only without dropout noise)."""
+    check(run.model.disable_dropout, "model.disable_dropout", run.model.disable_dropout,
+          f"{algorithm} compares the policy with its old self and its reference token by token; dropout must be off")
 
 
 def rollout_inputs(rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from prefopt.errors import PrefoptError
-from prefopt.online import disable_dropout
+from prefopt.models import disable_dropout
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from prefopt.config import check
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.functional import discounted_returns, gae, kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
-from prefopt.online import explained_variance, kl_shaped_rewards, rollout_inputs
+from prefopt.online import explained_variance, kl_shaped_rewards, require_dropout_off, rollout_inputs
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.samples import note_rewards
@@ -195,12 +195,16 @@ class A2C(Algorithm):
     Config = A2CConfig
     accumulates_in_step = True
 
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        check(run.model.lora.r == 0, "model.lora.r", run.model.lora.r,
+              "a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); set model.lora.r=0")
+        require_dropout_off(run, "a2c")
+
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         cfg, model_cfg = self.config, self.run.model
-        if model_cfg.lora.r > 0 or model_cfg.load_in_4bit:
-            raise ConfigError("a2c trains the top blocks of the model in full on a frozen shared trunk; "
-                              "set model.lora.r=0 and model.load_in_4bit=false")
+        self.check_run(self.run)
         split = split_model(load_causal_lm(model_cfg), cfg.trainable_layers, cfg.train_lm_head)
         self.lm, self.trunk, self.reference = split.lm, split.trunk, split.reference
         width = split.hidden_size

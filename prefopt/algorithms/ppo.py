@@ -38,8 +38,8 @@ from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
 from prefopt.functional import gae, kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
-from prefopt.online import (KLController, PolicyAndValue, disable_dropout, explained_variance, kl_over_processes,
-                            kl_shaped_rewards, rollout_inputs, sequence_mean, value_head)
+from prefopt.online import (KLController, PolicyAndValue, explained_variance, kl_over_processes,
+                            kl_shaped_rewards, require_dropout_off, rollout_inputs, sequence_mean, value_head)
 from prefopt.registry import register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rollout import GenerationConfig, generate
@@ -158,18 +158,21 @@ class PPO(Algorithm):
     Config = PPOConfig
     accumulates_in_step = True
 
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        require_dropout_off(run, "ppo")
+
     def build(self) -> None:
         cfg = self.config
         if not cfg.rewards:
             raise ConfigError("algorithm.rewards is empty: give at least one reward component, e.g. "
                               "[{name: reward_model, params: {path: runs/rm/model}}]")
-        lm = load_causal_lm(self.run.model)
-        disable_dropout(lm)
+        self.check_run(self.run)
+        lm = load_causal_lm(self.run.model)  # dropout off: check_run
         if cfg.critic == "shared":
             self.model = PolicyAndValue(lm, value_head=value_head(lm.config.hidden_size, cfg.value_head_std))
         else:
             critic = load_reward_model(self.critic_path(), self.run.model, trainable=True)
-            disable_dropout(critic)
             self.model = PolicyAndValue(lm, critic=critic)
         self.reference = None
         if needs_separate_reference(lm) or cfg.reference:
