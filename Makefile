@@ -7,7 +7,7 @@ export PREFOPT_HH_DIR ?= $(if $(wildcard ../shared/data/hh-rlhf),../shared/data/
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-fast bench bench-hh clean tiny-chain
+.PHONY: venv test test-fast gpu-check bench bench-hh clean tiny-chain
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
+
+# On a CUDA machine: every algorithm a few steps in bf16 on a ~91M model, sft and dpo under accelerate launch with
+# recipes/accelerate/fsdp.yaml and deepspeed_zero2.yaml (tests/gpu; skipped without CUDA, as in `make test`).
+gpu-check: $(STAMP)
+	$(PY) -m pytest -q -s -rs tests/gpu -m gpu
 
 # The known-gold preference world: frontiers, 5 seeds, verdicts (about 10 minutes of CPU on 2 cores).
 bench: $(STAMP)

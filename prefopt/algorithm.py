@@ -4,6 +4,8 @@ An algorithm declares:
   * ``kind``: the data kind it consumes (a name in ``prefopt.registry.KINDS``: "text", "sft", "pairs",
     "ranks", "prompts", "unpaired"); the Trainer builds batches of that kind's typed container;
   * ``Config``: a dataclass of its hyper-parameters (validated from the recipe's ``algorithm`` section);
+  * ``check_run(run)``: refuse, when the recipe is read, model / data / train settings it cannot run (a
+    ConfigError naming the key), so an unsupported combination never fails mid-run;
   * ``kl_knob`` (optional): the Config field that trades reward for KL to the reference (beta, kl_coef), the one
     the benchmark sweeps for its frontier (prefopt.bench);
   * ``build()``: load its models (``self.model`` is the one module the optimizer trains);
@@ -51,6 +53,14 @@ class Algorithm:
         self.tokenizer = tokenizer
         self.model: nn.Module | None = None
         self.accelerator = None
+
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        """Raise a ConfigError for settings of the other sections this algorithm cannot run (none by default).
+
+        Called by ``prefopt.config.build_run_config`` (config time: ``prefopt train`` exits 2 with one line) and
+        again by ``build``-time code that wants the same guarantee for a RunConfig made by hand.
+        """
 
     # ------------------------------------------------------------------ lifecycle (called by the Trainer)
     def build(self) -> None:

@@ -63,6 +63,9 @@ class ModelConfig:
     """QLoRA: load the base in 4-bit through bitsandbytes (needs lora.r > 0)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the policy forward."""
+    disable_dropout: bool = True
+    """Turn the model's dropout off (policy, reference, reward and value models; as TRL's disable_dropout). The
+    LoRA adapter's own dropout is model.lora.dropout."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter settings."""
 
@@ -328,7 +331,9 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
             raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else ".")
                               + " Sections: algorithm, model, data, eval_data, train")
         sections[key] = from_dict(known[key], value or {}, key)
-    return RunConfig(algorithm=algorithm, **sections)
+    run = RunConfig(algorithm=algorithm, **sections)
+    algo_cls.check_run(run)  # combinations the algorithm cannot run are refused here, not mid-run
+    return run
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

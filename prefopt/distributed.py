@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
+import accelerate
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, gather_object
 
+from prefopt.errors import ConfigError
 from prefopt.metrics import MetricAverager
 
 
@@ -166,13 +169,16 @@ class BatchStream:
 
 
 def make_accelerator(config: Any) -> Accelerator:
-    """The Accelerator of a run: precision (auto = bf16 on a GPU that has it), accumulation, seeded sampler."""
+    """The Accelerator of a run: precision (auto = bf16 on a GPU that has it), accumulation, seeded sampler.
+
+    A launch whose distribution accelerate silently changes is refused (``check_launch``).
+    """
     t = config.train
     check_trackers(t.report_to)
     precision = t.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False),
@@ -181,6 +187,31 @@ def make_accelerator(config: Any) -> Accelerator:
         log_with=t.report_to or None,
         project_dir=t.output_dir,
     )
+    check_launch(accelerator)
+    return accelerator
+
+
+REQUESTED = {"ACCELERATE_USE_FSDP": DistributedType.FSDP, "ACCELERATE_USE_DEEPSPEED": DistributedType.DEEPSPEED}
+
+
+def check_launch(accelerator: Any) -> None:
+    """ConfigError when accelerate runs other than launched: sharding asked for but not granted, or several
+    launched processes that each run alone.
+
+    accelerate (1.15) grants FSDP only to GPU-like devices: with ``use_cpu`` it runs plain data parallel
+    (MULTI_CPU) and ignores the FSDP config, and without it each process of a CPU machine trains alone
+    (DistributedType.NO) on the same output directory.
+    """
+    got = accelerator.distributed_type
+    for variable, wanted in REQUESTED.items():
+        if os.environ.get(variable, "false").lower() == "true" and got != wanted:
+            raise ConfigError(f"the accelerate config asks for {wanted.value} but accelerate runs this launch as "
+                              f"{got.value} on {accelerator.device.type} (accelerate {accelerate.__version__} "
+                              f"shards with {wanted.value} on GPUs only); use a GPU, or a data-parallel launch")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise ConfigError(f"launched as {launched} processes but accelerate runs each alone ({got.value}); on CPU "
+                          "launch with --multi_gpu and ACCELERATE_USE_CPU=true (see tests/test_distributed.py)")
 
 
 def check_trackers(names: list[str]) -> None:

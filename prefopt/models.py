@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from trl.trainer.utils import disable_dropout_in_model
 
 from prefopt.config import ModelConfig
 from prefopt.errors import PrefoptError
@@ -67,13 +68,16 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
 
     Trainable: 4-bit bases are prepared for k-bit training, a LoRA adapter is added when ``cfg.lora.r > 0``
     (then only the adapter trains), gradient checkpointing is on when asked and the KV cache is off.
-    ``trainable=False``: eval mode, no parameter requires grad, no adapter.
+    ``trainable=False``: eval mode, no parameter requires grad, no adapter. Dropout is off unless
+    ``cfg.disable_dropout`` is false (``disable_dropout``).
     """
     source = path or cfg.name_or_path
     kwargs = _weights_kwargs(cfg)
     if cfg.load_in_4bit:
         kwargs.update(_quantization_kwargs(kwargs["dtype"]))
     model = _from_pretrained(AutoModelForCausalLM, source, "model", **kwargs)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if not trainable:
         return _freeze(model)
     model.config.use_cache = False
@@ -117,9 +121,12 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
     tokenizer (``cfg.tokenizer`` or ``path``) when the checkpoint lacks it. Frozen unless ``trainable``. Uses
     ``cfg.dtype`` and ``cfg.trust_remote_code``. Trainable with ``cfg.lora.r > 0``: a LoRA adapter on the backbone
     while the score head trains in full (peft's SEQ_CLS ``modules_to_save``); 4-bit loading is not applied.
+    Dropout is off unless ``cfg.disable_dropout`` is false.
     """
     model = _from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
                              **_weights_kwargs(cfg))
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(dataclasses.replace(cfg, name_or_path=path)).pad_token_id
     if trainable and cfg.lora.r > 0:
@@ -127,6 +134,20 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
                                target_modules=cfg.lora.target_modules, task_type="SEQ_CLS")
         model = peft.get_peft_model(model, lora)
     return model.train() if trainable else _freeze(model)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in ``model`` (before any adapter is added, so ``model.lora.dropout`` still applies).
+
+    With dropout on, policy and reference log-probs of the same weights differ by noise (DPO at policy = reference
+    is not log 2, KTO's KL estimate is not 0). TRL's helper zeroes every ``nn.Dropout``; attention dropout that
+    Llama-style models read from a float attribute (``attention_dropout``) is zeroed too.
+    """
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:

@@ -140,12 +140,26 @@ class TokenScorer(nn.Module):
         self.lm.save_pretrained(out_dir, **kwargs)
 
 
+def score_positions(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | None) -> Tensor:
+    """The token a sequence-classification head reads in each row [N]: the last attended one that is not pad.
+
+    This is transformers' rule (the rightmost token != ``config.pad_token_id``, left or right padding), restricted
+    to attended tokens: when pad = eos, a text ending with eos is read at the token before it, as plain
+    transformers reads it.
+    """
+    readable = attention_mask.bool()
+    if pad_token_id is not None:
+        readable = readable & (input_ids != pad_token_id)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (readable * positions).argmax(-1)
+
+
 class RewardScorer(nn.Module):
-    """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N], read at the last
-    attended token of each row (left or right padding).
+    """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N].
 
     With ``layout`` (prefopt.prefix.share_prefixes of these right-padded rows) the backbone runs on the packed rows,
-    where the prompt shared by a group of completions is computed once; the scores are the same."""
+    where the prompt shared by a group of completions is computed once; the scores are the same. Scores are read
+    where plain transformers reads them (``score_positions``)."""
 
     def __init__(self, rm: nn.Module):
         super().__init__()
@@ -159,15 +173,14 @@ class RewardScorer(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, layout: SharedPrefixLayout | None = None) -> Tensor:
         rm = self.backbone
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        read = score_positions(input_ids, attention_mask, rm.config.pad_token_id)
         if layout is None:
             hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            last = (attention_mask * positions).argmax(-1)  # last attended token (right or left padding)
-            pooled = hidden.last_hidden_state[rows, last]
+            pooled = hidden.last_hidden_state[rows, read]
         else:
             hidden = rm.base_model(input_ids=layout.input_ids, attention_mask=layout.mask_for(rm, rm.dtype),
                                    position_ids=layout.position_ids, use_cache=False)
-            pooled = layout.gather(hidden.last_hidden_state, rows, layout.lengths - 1)
+            pooled = layout.gather(hidden.last_hidden_state, rows, read)
         return rm.score(pooled).squeeze(-1).float()
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
@@ -228,10 +241,3 @@ def value_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
     nn.init.normal_(head.weight, std=std) if std > 0 else nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off: policy, old-policy and reference log-probs must differ only by the weights."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from prefopt.errors import PrefoptError
-from prefopt.scoring import disable_dropout, logps_from_hidden
+from prefopt.models import disable_dropout
+from prefopt.scoring import logps_from_hidden
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ SIZES: dict[str, Size] = {
     "nano": Size(layers=2, dim=64, heads=2),  # ~0.4M parameters
     "tiny": Size(layers=4, dim=256, heads=4),  # ~4.3M, the benchmark size
     "small": Size(layers=6, dim=512, heads=8),  # ~21M
+    "base": Size(layers=12, dim=768, heads=12),  # ~91M with an 8192-token vocabulary (GPU checks: tests/gpu)
 }
 
 

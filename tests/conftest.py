@@ -7,6 +7,8 @@ session temp directory. Tests marked ``@pytest.mark.gpu`` are skipped when CUDA 
 from __future__ import annotations
 
 import gzip
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,12 +48,24 @@ def hh_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hh_small(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hh_head(hh_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """``hh_head(n)``: the first n HH pairs as a .jsonl file, written once per n (small data for end-to-end runs)."""
+    files: dict[int, Path] = {}
+
+    def head(n: int) -> Path:
+        if n not in files:
+            files[n] = tmp_path_factory.mktemp("hh-head") / f"hh{n}.jsonl"
+            with gzip.open(hh_path, "rt", encoding="utf-8") as rows:
+                files[n].write_text("".join(itertools.islice(rows, n)))
+        return files[n]
+
+    return head
+
+
+@pytest.fixture(scope="session")
+def hh_small(hh_head: Callable[[int], Path]) -> Path:
     """The first 48 HH pairs as plain JSON lines (with data.max_examples=16: 16 train rows, ~12 held out)."""
-    out = tmp_path_factory.mktemp("data") / "hh48.jsonl"
-    with gzip.open(hh_path, "rt", encoding="utf-8") as lines:
-        out.write_text("".join(line for line, _ in zip(lines, range(48))))
-    return out
+    return hh_head(48)
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +108,18 @@ def llama_chat_dir(realistic_model_dirs: dict[str, Path]) -> Path:
 def qwen2_window_dir(realistic_model_dirs: dict[str, Path]) -> Path:
     """Qwen2 with a 16-token sliding window on every layer and a ChatML template (see tests/realistic.py)."""
     return realistic_model_dirs["qwen2-window"]
+
+
+OFFLINE_MODELS = ("tiny", "gpt2-real", "llama-chat")
+
+
+@pytest.fixture(scope="module", params=OFFLINE_MODELS)
+def offline_model(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(name, directory), once per model the offline algorithms' number tests run on: the kind nano GPT-2,
+    ``gpt2-real`` (dropout, pad = eos) and ``llama-chat`` (bf16 weights: load it in float32 to compare at 1e-5)."""
+    if request.param == "tiny":
+        return request.param, request.getfixturevalue("tiny_model_dir")
+    return request.param, request.getfixturevalue("realistic_model_dirs")[request.param]
 
 
 @pytest.fixture(scope="module")

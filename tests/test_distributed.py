@@ -124,3 +124,28 @@ def test_accelerate_configs_load(path):
         assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
     if path.stem == "fsdp":
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # loads with weights_only=True
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    ("ACCELERATE_USE_FSDP", "true", "the accelerate config asks for FSDP but accelerate runs this launch as NO on cpu"),
+    ("WORLD_SIZE", "2", r"launched as 2 processes but accelerate runs each alone \(NO\)"),
+])
+def test_a_launch_accelerate_would_silently_change_is_refused(variable, value, message, monkeypatch, tmp_path):
+    """FSDP on CPU: accelerate 1.15 runs an FSDP launch as plain data parallel (``use_cpu``: MULTI_CPU) or, without
+    ``use_cpu``, as independent single processes (NO) on one output directory. Both are refused before any work
+    (checked by hand with ``accelerate launch`` of an FSDP config on this CPU machine: each worker exits 2 with this
+    line). In-process here: the same check on the same environment variables the launcher sets."""
+    from accelerate.state import AcceleratorState
+
+    from prefopt.config import build_run_config
+    from prefopt.distributed import make_accelerator
+    from prefopt.errors import ConfigError
+
+    monkeypatch.setenv(variable, value)
+    config = build_run_config({"algorithm": {"name": "sft"}, "train": {"output_dir": str(tmp_path)}})
+    AcceleratorState._reset_state()
+    try:
+        with pytest.raises(ConfigError, match=message):
+            make_accelerator(config)
+    finally:
+        AcceleratorState._reset_state()

@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefopt.algorithms.kto import KTO, KTOConfig, kto_loss, mismatched_pairs
+from prefopt.algorithms.kto import KTO, KTOConfig, completion_logps, kto_loss, mismatched_pairs
 from prefopt.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.registry import ALGORITHMS, KINDS
@@ -25,10 +25,12 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "kto_hh_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, hh_path, tmp_path_factory):
+def setup(offline_model, hh_path, tmp_path_factory):
+    """On the kind nano GPT-2, gpt2-real and llama-chat (tests/conftest.py ``offline_model``)."""
+    model_dir = offline_model[1]
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     other = copy.deepcopy(policy)
     with torch.no_grad():  # a second model that differs, so log-ratios and the KL estimate are not zero
         for p in other.parameters():
@@ -39,6 +41,12 @@ def setup(tiny_model_dir, hh_path, tmp_path_factory):
     loader, _ = build_dataloader(rows, "unpaired", tokenizer, data_cfg, batch_size=6, shuffle=False, seed=0,
                                  length_bucketing=False)
     batch = next(iter(loader))
+    kl_batch = mismatched_pairs(batch, tokenizer.pad_token_id, MAX_LENGTH)
+    with torch.no_grad():
+        estimate = (completion_logps(TokenScorer(policy), *kl_batch)
+                    - completion_logps(TokenScorer(other), *kl_batch)).mean()
+    if estimate > 0:  # orient the pair so that (policy, other) gives a negative estimate and the swap a positive one
+        policy, other = other, policy
     return tokenizer, policy, other, rows, data_cfg, batch, tmp_path_factory.mktemp("trl-kto")
 
 

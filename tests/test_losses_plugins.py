@@ -27,10 +27,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, hh_path, tmp_path_factory):
+def setup(offline_model, hh_path, tmp_path_factory):
+    """On the kind nano GPT-2, gpt2-real and llama-chat (tests/conftest.py ``offline_model``)."""
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(offline_model[1])
+    policy = AutoModelForCausalLM.from_pretrained(offline_model[1], dtype=torch.float32).eval()
     reference = copy.deepcopy(policy)
     with torch.no_grad():  # make the reference differ so the log-ratios are not zero
         for p in reference.parameters():
@@ -93,10 +94,10 @@ def test_simpo_by_hand_and_reference_free(setup):
     assert resolve_loss("simpo", {}).reference_free
 
 
-def test_dpo_with_a_reference_free_loss_loads_no_reference(setup, tiny_model_dir):
+def test_dpo_with_a_reference_free_loss_loads_no_reference(setup, offline_model):
     tokenizer, policy, _, _, batch, logps, _ = setup
     config = load_config(None, ["algorithm.name=dpo", "algorithm.loss=simpo", "algorithm.beta=2.0",
-                                "algorithm.loss_params={gamma: 0.5}", f"model.name_or_path={tiny_model_dir}"])
+                                "algorithm.loss_params={gamma: 0.5}", f"model.name_or_path={offline_model[1]}"])
     dpo = ALGORITHMS.get("dpo")(config.algorithm, config, tokenizer)
     dpo.build()
     assert dpo.reference is None

@@ -13,7 +13,6 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from prefopt.algorithms.ppo import PPOConfig, policy_loss, value_loss
-from prefopt.algorithms.reward import RewardScorer
 from prefopt.config import ModelConfig, build_run_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
@@ -23,7 +22,7 @@ from prefopt.rewards import CompositeReward
 from prefopt.rl.advantages import explained_variance
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import KLController, kl_shaped_rewards
-from prefopt.scoring import PolicyAndValue, token_logps, value_head
+from prefopt.scoring import PolicyAndValue, RewardScorer, token_logps, value_head
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 

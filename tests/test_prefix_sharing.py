@@ -89,13 +89,20 @@ def grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def model_dir_of(request, arch: str):
+    """The kind nano models by architecture, or a realistic fixture by name (tests/realistic.py)."""
+    if arch in ("gpt2", "llama"):
+        return request.getfixturevalue("tiny_model_dir" if arch == "gpt2" else "tiny_llama_dir")
+    return request.getfixturevalue("realistic_model_dirs")[arch]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-real", "llama-chat"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("pack", [True, False])
 def test_token_logps_and_gradients_equal_unshared(request, pair_batch, arch, attention, pack):
-    model_dir = request.getfixturevalue("tiny_model_dir" if arch == "gpt2" else "tiny_llama_dir")
+    model_dir = model_dir_of(request, arch)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype=torch.float32)
     with torch.no_grad():  # random weights of a useful scale: nano models start close to uniform
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -148,11 +155,13 @@ def test_orpo_loss_equal_unshared(tiny_model_dir, pair_batch, nll_on):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
-def test_reward_scores_equal_unshared_k3(tiny_model_dir):
-    """Three ranked completions of one prompt share it; a second prompt has two. Scores and gradients match."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+def test_reward_scores_equal_unshared_k3(offline_model):
+    """Three ranked completions of one prompt share it; a second prompt has two. Scores and gradients match (on
+    gpt2-real, pad = eos: both read the token before each completion's eos)."""
+    model_dir = offline_model[1]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     rm.config.pad_token_id = tokenizer.pad_token_id
     records = [
         {"prompt": "\n\nHuman: How do I bake bread?\n\nAssistant:",
@@ -178,7 +187,7 @@ def test_reward_scores_equal_unshared_k3(tiny_model_dir):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
 
-def test_supports(tiny_model_dir, tiny_llama_dir):
+def test_supports(tiny_model_dir, tiny_llama_dir, qwen2_window_dir):
     """SDPA / eager models take a layout, a LoRA-wrapped one too; a sliding window or flash attention does not."""
     import peft
 
@@ -192,3 +201,4 @@ def test_supports(tiny_model_dir, tiny_llama_dir):
     llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     llama.config.sliding_window = 16
     assert not supports(llama)
+    assert not supports(AutoModelForCausalLM.from_pretrained(qwen2_window_dir))  # Qwen2 with use_sliding_window

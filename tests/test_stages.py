@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from prefopt.algorithms.reward import ranking_loss
 from prefopt.config import DataConfig, load_config
 from prefopt.data import build_dataloader, load_rows
+from prefopt.models import disable_dropout
 from prefopt.scoring import RewardScorer
 from prefopt.trainer import Trainer
 from prefopt.types import RankBatch
@@ -51,20 +52,23 @@ def test_kwise_with_k2_equals_pairwise_and_centering():
     assert float(centered) == pytest.approx(float(loss) + 0.1 * (0.1**2 + 2.5**2) / 2, abs=1e-6)
 
 
-def test_pairwise_rm_loss_equals_trl_reward_trainer(tiny_model_dir, hh_path, tmp_path):
+def test_pairwise_rm_loss_equals_trl_reward_trainer(offline_model, hh_path, tmp_path):
+    """In train mode: our reward models load with dropout off (model.disable_dropout), TRL's trainer turns it off."""
     from trl import RewardConfig, RewardTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model_dir = offline_model[1]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    ours_model = disable_dropout(copy.deepcopy(model)).train()
     cfg = DataConfig(path=str(hh_path), eval_fraction=0.0, max_examples=6, max_length=160, max_prompt_length=96)
     rows = load_rows(cfg, "pairs").train
     loader, _ = build_dataloader(load_rows(cfg, "ranks").train, "ranks", tokenizer, cfg, batch_size=6,
                                  shuffle=False, seed=0, length_bucketing=False)
     batch = next(iter(loader))
     with torch.no_grad():
-        ours, _ = ranking_loss(RewardScorer(model)(batch.input_ids, batch.attention_mask), batch, center_coef=0.01)
+        ours, _ = ranking_loss(RewardScorer(ours_model)(batch.input_ids, batch.attention_mask), batch, center_coef=0.01)
 
     order = torch.cat([batch.pairs[:, 0], batch.pairs[:, 1]])  # TRL: chosen rows, then rejected rows
     inputs = {"input_ids": batch.input_ids[order], "attention_mask": batch.attention_mask[order]}
@@ -72,6 +76,7 @@ def test_pairwise_rm_loss_equals_trl_reward_trainer(tiny_model_dir, hh_path, tmp
                         center_rewards_coefficient=0.01, per_device_train_batch_size=6)
     trainer = RewardTrainer(model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=tokenizer)
+    trainer.model.train()
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, inputs)
     assert batch.pairs.shape[0] == 6

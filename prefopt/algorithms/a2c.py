@@ -44,6 +44,7 @@ from prefopt.models import load_causal_lm
 from prefopt.registry import ADVANTAGES, register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
+from prefopt.rl.algorithm import require_dropout_off
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rules import RULES, RuleHead, programmatic_ok, read_rule_rows, rule_batches, rule_loss
@@ -181,12 +182,16 @@ class A2C(Algorithm):
     Config = A2CConfig
     accumulates_in_step = True
 
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        check(run.model.lora.r == 0, "model.lora.r", run.model.lora.r,
+              "a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); set model.lora.r=0")
+        require_dropout_off(run, "a2c")
+
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         cfg, model_cfg = self.config, self.run.model
-        if model_cfg.lora.r > 0 or model_cfg.load_in_4bit:
-            raise ConfigError("a2c trains the top blocks of the model in full on a frozen shared trunk; "
-                              "set model.lora.r=0 and model.load_in_4bit=false")
+        self.check_run(self.run)
         split = split_model(load_causal_lm(model_cfg), cfg.trainable_layers, cfg.train_lm_head)
         self.lm, self.trunk, self.reference = split.lm, split.trunk, split.reference
         width = split.hidden_size

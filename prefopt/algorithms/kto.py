@@ -96,9 +96,13 @@ class KTO(Algorithm):
     kl_knob = "beta"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = KTOConfig
 
-    def build(self) -> None:
-        check(self.run.train.batch_size > 1, "train.batch_size", self.run.train.batch_size,
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        check(run.train.batch_size > 1, "train.batch_size", run.train.batch_size,
               "KTO needs >= 2 rows per batch to estimate its KL reference point")
+
+    def build(self) -> None:
+        self.check_run(self.run)
         lm = load_causal_lm(self.run.model)
         self.model = TokenScorer(lm)
         self.reference: TokenScorer | None = None

@@ -41,11 +41,11 @@ from prefopt.models import load_causal_lm, load_reward_model, needs_separate_ref
 from prefopt.registry import ADVANTAGES, register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
-from prefopt.rl.algorithm import minibatches
+from prefopt.rl.algorithm import minibatches, require_dropout_off
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import KLController, kl_over_processes, kl_shaped_rewards, sequence_mean
 from prefopt.rl.losses import ClipSettings, clipped_surrogate
-from prefopt.scoring import PolicyAndValue, disable_dropout, value_head
+from prefopt.scoring import PolicyAndValue, value_head
 from prefopt.types import LMBatch, LossOutput, PromptBatch
 
 
@@ -159,18 +159,21 @@ class PPO(Algorithm):
     Config = PPOConfig
     accumulates_in_step = True
 
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        require_dropout_off(run, "ppo")
+
     def build(self) -> None:
         cfg = self.config
         if not cfg.rewards:
             raise ConfigError("algorithm.rewards is empty: give at least one reward component, e.g. "
                               "[{name: reward_model, params: {path: runs/rm/model}}]")
-        lm = load_causal_lm(self.run.model)
-        disable_dropout(lm)
+        self.check_run(self.run)
+        lm = load_causal_lm(self.run.model)  # dropout off: check_run
         if cfg.critic == "shared":
             self.model = PolicyAndValue(lm, value_head=value_head(lm.config.hidden_size, cfg.value_head_std))
         else:
             critic = load_reward_model(self.critic_path(), self.run.model, trainable=True)
-            disable_dropout(critic)
             self.model = PolicyAndValue(lm, critic=critic)
         self.reference = None
         if needs_separate_reference(lm) or cfg.reference:

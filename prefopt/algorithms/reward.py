@@ -1,6 +1,8 @@
 """Reward modelling (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155, eq. 1; Sparrow's preference model).
 
-A scalar head reads the hidden state of the last non-pad token. For K ranked completions of one prompt, all
+A scalar head reads the hidden state of the last non-pad token, by transformers' rule (``prefopt.scoring.score_positions``), so
+a saved reward model gives the same score in prefopt and in plain ``AutoModelForSequenceClassification``; with
+pad = eos (GPT-2) a trailing eos is therefore not the token read. For K ranked completions of one prompt, all
 C(K, 2) pairs (y_w better than y_l) enter the same batch, each completion is scored once, and
 
     loss(theta) = -1 / C(K,2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l) - m_wl)

@@ -47,7 +47,7 @@ from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rl.losses import PolicyLossInputs
-from prefopt.scoring import TokenScorer, disable_dropout, grouped_token_logps
+from prefopt.scoring import TokenScorer, grouped_token_logps
 from prefopt.types import LossOutput, PromptBatch, Rollout
 
 
@@ -124,6 +124,13 @@ class Scored:
     rewards: Tensor  # per-token rewards r_t
 
 
+def require_dropout_off(run: Any, algorithm: str) -> None:
+    """Refuse ``model.disable_dropout: false``: an online update compares the policy with its old self and its
+    reference token by token (the ratio is 1 and the KL 0 at the start only without dropout noise)."""
+    check(run.model.disable_dropout, "model.disable_dropout", run.model.disable_dropout,
+          f"{algorithm} compares the policy with its old self and its reference token by token; dropout must be off")
+
+
 def minibatches(rows: int, epochs: int, num_minibatches: int, device: Any, shuffle: bool = True) -> Iterator[Tensor]:
     """Row indices of each optimizer update of one rollout of ``rows`` rows: ``epochs`` passes over
     ``num_minibatches`` minibatches, the rows shuffled at the start of each pass unless ``shuffle`` is False."""
@@ -140,26 +147,29 @@ class OnlineAlgorithm(Algorithm):
     accumulates_in_step = True  # one rollout per step; each update's minibatch is split into G micro-batches
     kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
 
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        require_dropout_off(run, cls.registry_name)
+        cfg, rows = run.algorithm, run.train.batch_size * run.algorithm.num_samples
+        check(cfg.num_minibatches <= rows, "algorithm.num_minibatches", cfg.num_minibatches,
+              f"must be <= train.batch_size x num_samples ({rows})")
+        minibatch, accumulation = rows // cfg.num_minibatches, run.train.gradient_accumulation_steps
+        check(accumulation <= minibatch, "train.gradient_accumulation_steps", accumulation,
+              f"must be <= the rows of a minibatch (train.batch_size x num_samples // num_minibatches = {minibatch})"
+              ": each minibatch is split into that many micro-batches")
+
     def build(self) -> None:
         cfg = self.config
-        lm = load_causal_lm(self.run.model)
-        disable_dropout(lm)
+        self.check_run(self.run)
+        lm = load_causal_lm(self.run.model)  # dropout off: check_run
         self.model = TokenScorer(lm)
         self.reference = None
         if needs_separate_reference(lm) or cfg.reference:  # also for the eval KL when beta = 0
             ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
             self.reference = TokenScorer(load_causal_lm(ref_cfg, path=cfg.reference, trainable=False))
-            disable_dropout(self.reference)
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
-        rows = self.run.train.batch_size * self.config.num_samples
-        check(self.config.num_minibatches <= rows, "algorithm.num_minibatches", self.config.num_minibatches,
-              f"must be <= train.batch_size x num_samples ({rows})")
-        minibatch, accumulation = rows // self.config.num_minibatches, self.accumulation
-        check(accumulation <= minibatch, "train.gradient_accumulation_steps", accumulation,
-              f"must be <= the rows of a minibatch (train.batch_size x num_samples // num_minibatches = {minibatch})"
-              ": each minibatch is split into that many micro-batches")
         self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
 
     @property
