@@ -47,10 +47,10 @@ from prefopt.algorithms.a2c import A2C, a2c_loss
 from prefopt.config import DataConfig, build_run_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import load_tokenizer
-from prefopt.online import rollout_inputs
-from prefopt.rollout import generate, position_ids
+from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rules import label_rows
-from prefopt.sparrow import last_token, layout_of, logps_from_hidden
+from prefopt.scoring import logps_from_hidden, position_ids
+from prefopt.sparrow import last_token, layout_of
 from prefopt.tiny import init_model
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"

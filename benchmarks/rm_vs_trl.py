@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from prefopt.algorithms.reward import RewardScorer, ranking_loss
+from prefopt.algorithms.reward import ranking_loss
 from prefopt.config import load_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import load_reward_model, load_tokenizer
+from prefopt.scoring import RewardScorer
 
 
 @torch.no_grad()

@@ -138,12 +138,68 @@ class Contestant:
         raise NotImplementedError
 
 
+def fit_in_turns(contestant: Contestant, trainer: Any) -> None:
+    """Run a prefopt ``Trainer.fit`` with each optimizer step bracketed by the contestant's baton."""
+    import torch
+
+    train_step = trainer._train_step
+
+    def timed_step(*a, **k):
+        contestant.begin()
+        try:
+            return train_step(*a, **k)
+        finally:
+            contestant.end()
+
+    trainer._train_step = timed_step
+    with torch.random.fork_rng(devices=[]):
+        trainer.fit()
+
+
+def train_in_turns(contestant: Contestant, trainer: Any) -> None:
+    """Run a TRL ``trainer.train()`` with each optimizer step bracketed by the contestant's baton."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Baton(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            contestant.begin()
+
+        def on_step_end(self, *a, **k):
+            contestant.end()
+
+    trainer.add_callback(Baton())
+    with torch.random.fork_rng(devices=[]):
+        trainer.train()
+
+
+def run_in_turns(contestants: list[Contestant], check: Any = None) -> None:
+    """Start every contestant's thread (set-up one at a time), then give each one step in turn until all are done."""
+    for c in contestants:  # set up one at a time (model loading, TRL's dataset passes, reference precompute)
+        c.thread = threading.Thread(target=c.thread_main, name=c.name, daemon=True)
+        c.thread.start()
+        c.idle.wait()
+        if c.error:
+            raise RuntimeError(f"{c.name} failed to start:\n{c.error}")
+    if check is not None:
+        check()
+    for _ in range(max(c.steps for c in contestants)):
+        for c in contestants:  # one step each, in turn
+            if c.error or len(c.times) >= c.steps:
+                continue
+            c.idle.clear()
+            c.go.set()
+            c.idle.wait()
+            if c.error:
+                raise RuntimeError(f"{c.name} failed:\n{c.error}")
+    for c in contestants:
+        c.thread.join(timeout=600)
+
+
 class Ours(Contestant):
     side = "prefopt"
 
     def train(self) -> None:
-        import torch
-
         from prefopt.config import build_run_config
         from prefopt.data import build_dataloader
         from prefopt.trainer import Trainer
@@ -168,18 +224,7 @@ class Ours(Contestant):
                 yield out
 
         trainer.algorithm.step = recorded_step
-        train_step = trainer._train_step
-
-        def timed_step(*a, **k):
-            self.begin()
-            try:
-                return train_step(*a, **k)
-            finally:
-                self.end()
-
-        trainer._train_step = timed_step
-        with torch.random.fork_rng(devices=[]):
-            trainer.fit()
+        fit_in_turns(self, trainer)
 
     def recipe(self) -> dict[str, Any]:
         """The recipe this contestant trains with (as a YAML recipe would give it)."""
@@ -210,8 +255,8 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
     base = {"dpo": DPO, "orpo": ORPO, "reward": RewardModelling}[algorithm]
     if not any(options.get(k) for k in ("no_packing", "two_forwards", "full_logits")):
         return base
-    from prefopt.functional import sum_scored
-    from prefopt.modules import TokenScorer
+    from prefopt.scoring import sum_scored
+    from prefopt.scoring import TokenScorer
     from prefopt.prefix import pair_groups, rank_groups, share_prefixes
     from prefopt.types import PairBatch, PairLogps
 
@@ -251,7 +296,7 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
         def forward(self, input_ids, attention_mask, score_mask, temperature=1.0, with_entropy=False, layout=None):
             import torch
 
-            from prefopt.functional import decoder_hidden
+            from prefopt.scoring import decoder_hidden
 
             if layout is None:
                 hidden = decoder_hidden(self.lm, input_ids, attention_mask)[:, :-1]
@@ -285,9 +330,7 @@ class TRL(Contestant):
     side = "TRL"
 
     def train(self) -> None:
-        import torch
         from datasets import Dataset
-        from transformers import TrainerCallback
 
         args, assets, best = self.args, self.shared["assets"], self.options.get("best", False)
         common = dict(output_dir=str(args.work / "runs" / self.dtype / self.name), per_device_train_batch_size=BATCH,
@@ -334,19 +377,8 @@ class TRL(Contestant):
 
         trainer.compute_loss = recorded_loss
         self.tokens = self.shared["tokens"][:self.steps]  # the same batches as prefopt's, in the same order
-        contestant = self
-
-        class Baton(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                contestant.begin()
-
-            def on_step_end(self, *a, **k):
-                contestant.end()
-
-        trainer.add_callback(Baton())
         self.trainer = trainer
-        with torch.random.fork_rng(devices=[]):
-            trainer.train()
+        train_in_turns(self, trainer)
 
 
 class SameTokens:
@@ -449,24 +481,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     ceiling_before = matmul_ceiling(args.dtype) if not args.only else float("nan")
 
     contestants = [cls(name, algo, args, shared, **options) for name, algo, cls, options in lineup(args)]
-    for c in contestants:  # set up one at a time (model loading, TRL's dataset passes, reference precompute)
-        c.thread = threading.Thread(target=c.thread_main, name=c.name, daemon=True)
-        c.thread.start()
-        c.idle.wait()
-        if c.error:
-            raise RuntimeError(f"{c.name} failed to start:\n{c.error}")
-    check_same_batches(contestants, batches)
-    for _ in range(max(c.steps for c in contestants)):
-        for c in contestants:  # one step each, in turn
-            if c.error or len(c.times) >= c.steps:
-                continue
-            c.idle.clear()
-            c.go.set()
-            c.idle.wait()
-            if c.error:
-                raise RuntimeError(f"{c.name} failed:\n{c.error}")
-    for c in contestants:
-        c.thread.join(timeout=600)
+    run_in_turns(contestants, check=lambda: check_same_batches(contestants, batches))
     ceiling_after = matmul_ceiling(args.dtype) if not args.only else float("nan")
 
     tokens = [int(b.attention_mask.sum()) for b in batches]

@@ -49,11 +49,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from prefopt.config import describe_fields
-    from prefopt.registry import ALGORITHMS, KINDS, LOSSES, REWARDS
+    from prefopt.registry import ADVANTAGES, ALGORITHMS, KINDS, LOSSES, POLICY_LOSSES, REWARDS
 
     if args.json:
         print(json.dumps({"algorithms": {n: c.kind for n, c in ALGORITHMS.items()}, "losses": LOSSES.available(),
-                          "rewards": REWARDS.available(), "kinds": KINDS.available()}, indent=2))
+                          "rewards": REWARDS.available(), "kinds": KINDS.available(),
+                          "advantages": ADVANTAGES.available(), "policy_losses": POLICY_LOSSES.available()}, indent=2))
         return 0
     print("Algorithms (algorithm.name):")
     for name, cls in ALGORITHMS.items():
@@ -66,6 +67,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("\nReward components (rewards[].name):")
     for name, obj in REWARDS.items():
         print(f"  {name:14s} {_first_doc_line(obj)}")
+    print("\nOnline advantage estimators (algorithm.advantage):", ", ".join(ADVANTAGES.available()))
+    print("Online policy losses (algorithm.loss_type):", ", ".join(POLICY_LOSSES.available()))
     print("\nData kinds:", ", ".join(KINDS.available()))
     return 0
 

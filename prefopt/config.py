@@ -351,14 +351,15 @@ def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     import inspect
 
     docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's doc wins
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+            body = tree.body[0].body  # type: ignore[attr-defined]
+        except (OSError, TypeError, IndexError):
+            continue
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = str(nxt.value.value).strip()  # type: ignore[union-attr]
-    except (OSError, TypeError, IndexError):
-        pass
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

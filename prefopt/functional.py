@@ -1,17 +1,14 @@
 """Pure tensor operations shared by the algorithms.
 
 Conventions: ``mask`` tensors are 0/1 of the same shape as the values; reductions over masked entries ignore
-the rest. Nothing here knows about models except ``sequence_logps`` and ``token_logps``, which apply the LM head
-only at the positions that are scored ("logits only where needed").
+the rest. Nothing here knows about models: turning token ids into log-probs is prefopt.scoring's job.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from prefopt.prefix import SharedPrefixLayout
+from torch import Tensor
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -92,60 +89,3 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the categorical distribution given by ``logits`` [..., V] -> [...]."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                   position_ids: Tensor | None = None) -> Tensor:
-    """Last hidden states [N, T, H] of a causal LM's decoder (no LM head applied)."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False)
-    return out.last_hidden_state
-
-
-def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
-                temperature: float = 1.0, with_entropy: bool = False,
-                layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor | None]:
-    """Log-probs of ``input_ids[:, t]`` given tokens < t, computed only where ``score_mask[:, t]`` is 1.
-
-    The LM head runs on the selected hidden states alone, so a [N, T, V] logits tensor is never made.
-    With a ``layout`` (prefopt.prefix) the decoder runs on its packed rows, where shared prefixes appear once,
-    and the scored positions are gathered from there; the result is in the layout of ``input_ids`` either way.
-    Returns per-token log-probs [N, T] (0 where not scored; column 0 is never scored) and, when asked,
-    per-token entropies [N, T].
-    """
-    target_mask = score_mask[:, 1:].bool()  # token t is predicted from position t-1
-    rows, cols = target_mask.nonzero(as_tuple=True)
-    if layout is None:
-        hidden = decoder_hidden(model, input_ids, attention_mask)
-        selected = hidden[:, :-1][rows, cols]  # [M, H]
-    else:
-        mask = layout.mask_for(model, model.dtype)
-        hidden = decoder_hidden(model, layout.input_ids, mask, layout.position_ids)
-        selected = layout.gather(hidden, rows, cols)
-    logits = model.get_output_embeddings()(selected).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    targets = input_ids[:, 1:][rows, cols]
-    picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    out[rows, cols + 1] = picked
-    entropy = None
-    if with_entropy:
-        entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-        entropy[rows, cols + 1] = -(logp_all.exp() * logp_all).sum(-1).detach()
-    return out, entropy
-
-
-def sum_scored(per_token: Tensor, score_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum per-token log-probs over scored tokens -> (logps [N], lengths [N]). Column 0 is never scored."""
-    mask = score_mask.clone()
-    mask[:, 0] = 0
-    return (per_token * mask).sum(-1), mask.sum(-1)
-
-
-def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                   completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs of the completion tokens of each row and the completion lengths: ([N], [N])."""
-    per_token, _ = token_logps(model, input_ids, attention_mask, completion_mask)
-    return sum_scored(per_token, completion_mask)

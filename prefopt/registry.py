@@ -26,7 +26,7 @@ from prefopt.errors import PrefoptError, UnknownNameError
 T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "prefopt.algorithms"
-BUILTIN_MODULES = ("prefopt.data.kinds", "prefopt.algorithms", "prefopt.rewards")
+BUILTIN_MODULES = ("prefopt.data.kinds", "prefopt.rl", "prefopt.algorithms", "prefopt.rewards")
 _builtins_loaded = False
 _plugins_loaded = False
 
@@ -109,13 +109,18 @@ def _origin(obj: Any) -> str:
 
 
 ALGORITHMS: Registry[Any] = Registry("algorithm")
-"""Algorithm classes (subclasses of prefopt.algorithms.base.Algorithm)."""
+"""Algorithm classes (subclasses of prefopt.algorithm.Algorithm)."""
 LOSSES: Registry[Any] = Registry("pairwise loss")
 """Pairwise preference losses: fn(logps: PairLogps, beta: float, **params) -> per-pair loss [B]."""
 REWARDS: Registry[Any] = Registry("reward component")
 """Reward components for online algorithms (see prefopt.rewards)."""
 KINDS: Registry[Any] = Registry("data kind")
 """Data kinds: how raw rows become typed batches (see prefopt.data.kinds)."""
+ADVANTAGES: Registry[Any] = Registry("advantage estimator")
+"""Online advantage estimators: fn(inputs: AdvantageInputs, cfg) -> (advantages [B, T], returns [B, T] | None)
+(see prefopt.rl.advantages)."""
+POLICY_LOSSES: Registry[Any] = Registry("policy loss")
+"""Online policy losses: fn(inputs: PolicyLossInputs, cfg) -> (loss, metrics) (see prefopt.rl.losses)."""
 
 
 def register_algorithm(name: str):

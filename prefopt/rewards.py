@@ -26,6 +26,7 @@ from prefopt.errors import ConfigError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
 from prefopt.samples import note_rewards
+from prefopt.scoring import RewardScorer
 from prefopt.types import Rollout
 
 
@@ -58,8 +59,6 @@ class RewardModelReward:
 
     def __init__(self, tokenizer, device, path: str, batch_size: int = 32, max_length: int = 512,
                  dtype: str = "float32"):
-        from prefopt.algorithms.reward import RewardScorer  # here: prefopt.algorithms imports this module
-
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.tokenizer = load_tokenizer(cfg)
         self.scorer = RewardScorer(load_reward_model(path, cfg)).to(device)

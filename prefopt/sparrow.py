@@ -12,7 +12,7 @@ Here a decoder of L blocks is cut at L - N (``trainable_layers`` = N):
     r(x)           = w . norm_r(top_r(h))_last                    reward heads: preference model, rule heads
 
 Choices. The policy IS the loaded transformers model (its bottom blocks are the trunk, its top blocks the trained
-top), so ``prefopt.rollout.generate`` and ``save_pretrained`` use it unchanged. A tied LM head is untied: the policy
+top), so ``prefopt.rl.engine.generate`` and ``save_pretrained`` use it unchanged. A tied LM head is untied: the policy
 trains its own copy of the output embedding (``train_lm_head``), while the reference reads the frozen input
 embedding the trunk already holds (no extra copy). Position ids follow the attention mask (cumsum - 1, as
 transformers' ``generate`` makes them), so left-padded prompts score the same as in generation.
@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from prefopt.errors import PrefoptError
 from prefopt.models import disable_dropout
+from prefopt.scoring import logps_from_hidden
 
 
 @dataclass(frozen=True)
@@ -160,25 +160,6 @@ class Top(nn.Module):
 
     def forward(self, features: TrunkOutput) -> Tensor:
         return self.norm(run_blocks(self.blocks, self.types, features.hidden, features))
-
-
-def logps_from_hidden(hidden: Tensor, head: nn.Module, input_ids: Tensor, score_mask: Tensor,
-                      temperature: float = 1.0, with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs and entropies [B, T] of ``input_ids[:, t]`` where ``score_mask[:, t]`` is 1.
-
-    Token t is predicted from position t - 1; the LM head runs only on those positions (no [B, T, V] logits).
-    Unlike ``prefopt.functional.token_logps`` the entropy keeps its graph (for an entropy bonus).
-    """
-    rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
-    logits = head(hidden[:, :-1][rows, cols]).float() / temperature  # [M, V]
-    logp_all = F.log_softmax(logits, dim=-1)
-    picked = logp_all.gather(-1, input_ids[:, 1:][rows, cols, None]).squeeze(-1)
-    logps = hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((rows, cols + 1), picked)
-    if not with_entropy:
-        return logps, None
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    entropies = hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((rows, cols + 1), entropy)
-    return logps, entropies
 
 
 class LMTop(nn.Module):

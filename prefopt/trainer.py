@@ -6,7 +6,7 @@ yielded loss is one micro-batch under ``accelerator.accumulate`` (accelerate own
 gradient accumulation, distribution and checkpoint state), and ``gradient_accumulation_steps`` micro-batches
 make one update. One training step consumes ``gradient_accumulation_steps`` batches of the loader, or one batch
 when the algorithm ``accumulates_in_step`` (it splits each of its updates into micro-batches itself; see
-``prefopt.algorithms.base``).
+``prefopt.algorithm``).
 
 Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
 

@@ -98,7 +98,7 @@ class UnpairedBatch(_Batch):
 
 @dataclass
 class Rollout(_Batch):
-    """Sampled responses with everything an online update needs. Built by prefopt.rollout.
+    """Sampled responses with everything an online update needs. Built by prefopt.rl.engine.
 
     Sequences are prompt (left-padded) + response (right-padded): ``sequences = cat(prompt_ids, response_ids)``.
     Per-token tensors are aligned with ``response_ids``: entry t belongs to the response token t.
@@ -113,6 +113,7 @@ class Rollout(_Batch):
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
+    group: Tensor | None = None  # [B] long: which prompt each row answers (the G samples of a prompt share it)
 
     @property
     def sequences(self) -> Tensor:

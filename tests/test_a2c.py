@@ -12,12 +12,13 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from prefopt.algorithms.a2c import A2C, HEADS_FILE, A2CConfig, a2c_loss, nstep_returns
+from prefopt.algorithms.a2c import A2C, HEADS_FILE, A2CConfig, a2c_loss
 from prefopt.config import build_run_config, load_config
 from prefopt.data.collate import prompt_batch
 from prefopt.errors import ConfigError
 from prefopt.functional import discounted_returns
 from prefopt.models import load_tokenizer
+from prefopt.rl.advantages import nstep_returns
 from prefopt.rules import label_rows
 from prefopt.tasks import write_task_prompts
 from prefopt.trainer import Trainer
@@ -60,9 +61,9 @@ def test_a2c_loss_by_hand():
     cfg = A2CConfig(kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False, vf_coef=1.0, ent_coef=0.1)
     loss, metrics = a2c_loss(logps, values, entropy, ref_logps, scores, mask, cfg)
     assert float(loss.detach()) == pytest.approx(0.81125)
-    assert float(metrics["losses/policy"]) == pytest.approx(0.825)
-    assert float(metrics["losses/value"]) == pytest.approx(0.13625)
-    assert float(metrics["policy/kl"]) == pytest.approx(0.3)
+    assert float(metrics["loss/policy"]) == pytest.approx(0.825)
+    assert float(metrics["loss/value"]) == pytest.approx(0.13625)
+    assert float(metrics["kl"]) == pytest.approx(0.3)
     assert float(metrics["reward/total"]) == pytest.approx(1.0 - 0.5 * 0.3)
     loss.backward()
     torch.testing.assert_close(logps.grad, torch.tensor([[-0.175, -0.325, 0.0]]))
@@ -177,9 +178,9 @@ def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(fixture, valu
     trainable = {id(p) for p in algorithm.model.parameters() if p.requires_grad}
     assert not trainable & {id(p) for m in frozen.values() for p in m.parameters()}
     for key in ("reward/preference", "reward/rule/no_url", "reward/rule/no_new_human_turn",
-                "reward/length_penalty", "reward/format_validity", "policy/kl", "losses/value"):
+                "reward/length_penalty", "reward/format_validity", "kl", "loss/value"):
         assert key in out.metrics, key
-    assert out.metrics["policy/logprob_gap"] < 1e-4  # on-policy: recomputed log-probs = behaviour log-probs
+    assert out.metrics["logprob_gap"] < 1e-4  # on-policy: recomputed log-probs = behaviour log-probs
 
 
 def test_score_is_the_weighted_sum_of_its_terms(tiny_model_dir, hh_path, tmp_path):
@@ -198,7 +199,7 @@ def test_trainer_end_to_end_saves_policy_and_heads(fixture, hh_path, tmp_path, r
     model_dir = request.getfixturevalue(fixture)
     run = sparrow_run(model_dir, hh_path, tmp_path)
     final = Trainer(run).fit()
-    assert math.isfinite(final["eval/reward/score"]) and "eval/policy/kl" in final
+    assert math.isfinite(final["eval/reward/score"]) and "eval/kl" in final
     out = Path(run.train.output_dir)
     report = json.loads((out / "reward_heads.json").read_text())
     assert report["preference"]["steps"] == 2 and "eval_accuracy" in report["preference"]
@@ -255,12 +256,12 @@ def test_a2c_learns_the_known_reward_task(tiny_model_dir, tmp_path):
     train = [r for r in rows if "reward/target_token" in r]
     start = train[0]["reward/target_token"]
     end = sum(r["reward/target_token"] for r in train[-4:]) / 4  # the last 20 steps
-    kl = sum(r["policy/kl"] for r in train[-4:]) / 4
+    kl = sum(r["kl"] for r in train[-4:]) / 4
     print(f"reward {start:.3f} -> {end:.3f} (eval {final['eval/reward/target_token']:.3f}), KL {kl:.2f}")
     assert start < 0.04
     assert end > 0.15 and end > 5 * start
     assert final["eval/reward/target_token"] > 0.12
-    assert kl < 20 and final["eval/policy/kl"] < 20  # bounded: near the KL-regularised optimum's 17, not 50
+    assert kl < 20 and final["eval/kl"] < 20  # bounded: near the KL-regularised optimum's 17, not 50
 
 
 # ------------------------------------------------------------------------------------------------ accumulation
@@ -300,6 +301,6 @@ def test_a2c_trains_a_bf16_model(llama_chat_dir, tmp_path):
     run.data.format, run.data.max_examples, run.data.eval_fraction = "prompts", None, 0.0
     Trainer(run).fit()
     rows = [json.loads(line) for line in (Path(run.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    train = [row for row in rows if "losses/value" in row]
-    assert len(train) == 2 and all(math.isfinite(row["losses/value"]) for row in train)
+    train = [row for row in rows if "loss/value" in row]
+    assert len(train) == 2 and all(math.isfinite(row["loss/value"]) for row in train)
     assert 0 < train[0]["reward/rule/no_url"] < 1  # the learned rule head scored bf16 features

@@ -55,6 +55,9 @@ SETTINGS: dict[str, dict[str, Any]] = {  # algorithm settings of a cell (beyond 
     "ppo": {"rewards": ONLINE_REWARD, "generation": {"max_new_tokens": 4}, "ppo_epochs": 1, "num_minibatches": 1},
     "a2c": {"trainable_layers": 1, "preference_weight": 0.0, "rules": {}, "rewards": ONLINE_REWARD,
             "generation": {"max_new_tokens": 4}},
+    # the 4-token samples all get the same reward, so the group advantages are 0: an entropy bonus moves the policy
+    **{name: {"rewards": ONLINE_REWARD, "generation": {"max_new_tokens": 4}, "num_samples": 2, "kl_coef": 0.05,
+              "num_minibatches": 1, "entropy_coef": 0.01} for name in ("grpo", "rloo", "reinforce_pp")},
 }
 REFUSED = {  # (algorithm, axis value) -> the one line a user sees
     ("a2c", "lora"): "model.lora.r=4: a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); "
@@ -65,7 +68,7 @@ SETTING_REFUSED = {  # (algorithm, section, key, value) -> the one line a user s
         "train.batch_size=1: KTO needs >= 2 rows per batch to estimate its KL reference point",
     **{(online, "model", "disable_dropout", False):
        f"model.disable_dropout=False: {online} compares the policy with its old self and its reference token by "
-       "token; dropout must be off" for online in ("ppo", "a2c")},
+       "token; dropout must be off" for online in ("ppo", "a2c", "grpo", "rloo", "reinforce_pp")},
 }
 CELLS = list(itertools.product(ALGORITHMS.available(), MODELS, PRECISIONS, WEIGHTS, ACCUMULATION))
 DPO_BETA = 0.1
@@ -213,21 +216,30 @@ def kto_step_one(cell: Cell) -> None:
 
 def ppo_step_one(cell: Cell) -> None:
     first, second = cell.rows
-    assert first["objective/kl"] == pytest.approx(0.0, abs=cell.tolerance)  # policy == reference
-    assert first["ppo/approx_kl"] == pytest.approx(0.0, abs=cell.tolerance)  # ratio 1 on the first minibatch
-    assert first["ppo/clipfrac"] == 0.0
-    assert second["objective/kl"] != 0.0
+    assert first["kl"] == pytest.approx(0.0, abs=cell.tolerance)  # policy == reference
+    assert first["approx_kl"] == pytest.approx(0.0, abs=cell.tolerance)  # ratio 1 on the first minibatch
+    assert first["clip_fraction"] == 0.0
+    assert second["kl"] != 0.0
 
 
 def a2c_step_one(cell: Cell) -> None:
     first, second = cell.rows
-    assert first["policy/kl"] == pytest.approx(0.0, abs=cell.tolerance)
-    assert second["policy/kl"] != 0.0
+    assert first["kl"] == pytest.approx(0.0, abs=cell.tolerance)
+    assert second["kl"] != 0.0
+
+
+def group_step_one(cell: Cell) -> None:
+    """grpo / rloo / reinforce_pp: at step 1 the policy is its reference (KL 0) and the ratio is 1 (nothing clipped)."""
+    first, second = cell.rows
+    assert first["kl"] == pytest.approx(0.0, abs=cell.tolerance)
+    assert first["clip_fraction"] == 0.0
+    assert second["kl"] != 0.0
 
 
 STEP_ONE: dict[str, Callable[[Cell], None]] = {
     "pt": lm_step_one, "sft": lm_step_one, "reward": reward_step_one, "orpo": orpo_step_one,
     "dpo": dpo_step_one, "kto": kto_step_one, "ppo": ppo_step_one, "a2c": a2c_step_one,
+    "grpo": group_step_one, "rloo": group_step_one, "reinforce_pp": group_step_one,
 }
 
 

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefopt.algorithms.kto import KTO, KTOConfig, completion_logps, kto_loss, mismatched_pairs
 from prefopt.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from prefopt.data import build_dataloader, load_rows
-from prefopt.modules import TokenScorer
 from prefopt.registry import ALGORITHMS, KINDS
+from prefopt.scoring import TokenScorer
 from prefopt.trainer import Trainer
 from prefopt.types import UnpairedBatch
 

@@ -23,8 +23,8 @@ from prefopt.cli import main as cli_main
 from prefopt.config import load_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import count_parameters
-from prefopt.modules import TokenScorer
 from prefopt.registry import ALGORITHMS
+from prefopt.scoring import TokenScorer
 from prefopt.trainer import Trainer
 
 

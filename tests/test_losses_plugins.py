@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefopt.algorithms.pairwise import policy_logps, resolve_loss
 from prefopt.config import DataConfig, load_config
 from prefopt.data import build_dataloader, load_rows
-from prefopt.modules import TokenScorer
 from prefopt.registry import ALGORITHMS, LOSSES
+from prefopt.scoring import TokenScorer
 from prefopt.types import PairLogps
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -20,7 +20,7 @@ from prefopt.algorithms.pairwise import policy_logps, resolve_loss
 from prefopt.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import load_causal_lm
-from prefopt.modules import TokenScorer
+from prefopt.scoring import TokenScorer
 from prefopt.types import PairLogps
 
 

@@ -13,16 +13,16 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from prefopt.algorithms.ppo import PPOConfig, policy_loss, value_loss
-from prefopt.algorithms.reward import RewardScorer
 from prefopt.config import ModelConfig, build_run_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.functional import gae
 from prefopt.models import load_tokenizer
-from prefopt.online import (KLController, PolicyAndValue, explained_variance, kl_shaped_rewards, rollout_inputs,
-                            token_logps, value_head)
 from prefopt.rewards import CompositeReward
-from prefopt.rollout import GenerationConfig, generate
+from prefopt.rl.advantages import explained_variance
+from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.kl import KLController, kl_shaped_rewards
+from prefopt.scoring import PolicyAndValue, RewardScorer, token_logps, value_head
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 
@@ -145,7 +145,7 @@ def test_policy_and_value_forward_matches_the_engine(fixture, task_prompts_path,
     width = rollout.prompt_ids.shape[1]
     # the PPO ratio starts at 1: the module's log-probs are the engine's behaviour log-probs
     torch.testing.assert_close(logps[:, width:], rollout.logprobs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(token_logps(lm, sequences, attention_mask, score_mask, 0.8), logps)
+    torch.testing.assert_close(token_logps(lm, sequences, attention_mask, score_mask, 0.8)[0], logps)
     assert (logps[:, :width] == 0).all() and (entropy[:, width:][rollout.response_mask.bool()] > 0).all()
     # values[:, t] = V(tokens < t): the head applied to the hidden state one position earlier
     with torch.no_grad():
@@ -215,14 +215,14 @@ def test_ppo_runs_with_a_reward_model_critic_ptx_and_several_rewards(tiny_model_
     train = [row for row in rows if "reward/total" in row]
     assert len(train) == 3
     for key in ("reward/target_token", "reward/reward_model", "reward/length_penalty", "reward/format_validity",
-                "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/clipfrac", "ppo/approx_kl",
-                "ppo/value_loss", "ppo/policy_loss", "ppo/explained_variance", "ppo/ptx_loss",
-                "rollout/response_length", "perf/gen_tokens_per_s"):
+                "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl",
+                "loss/value", "loss/policy", "explained_variance", "loss/ptx",
+                "response_length", "perf/gen_tokens_per_s"):
         assert math.isfinite(train[-1][key]), key
     assert "perf/train_tokens_per_s" in train[-1]  # the previous step's update phase
-    assert train[0]["objective/kl_coef"] == 0.03 and train[1]["objective/kl_coef"] != 0.03  # adaptive
-    assert train[0]["ppo/logprob_gap"] < 1e-4  # engine and training forward agree
-    for key in ("eval/reward/total", "eval/reward/reward_model", "eval/kl", "eval/response_length"):
+    assert train[0]["kl_coef"] == 0.03 and train[1]["kl_coef"] != 0.03  # adaptive
+    assert train[0]["logprob_gap"] < 1e-4  # engine and training forward agree
+    for key in ("eval/reward/score", "eval/reward/reward_model", "eval/kl", "eval/response_length"):
         assert math.isfinite(final[key]), key
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # the policy, loadable as is
     assert saved.config.vocab_size == 512
@@ -237,7 +237,7 @@ def test_ppo_with_lora_uses_the_adapter_free_base_as_reference(fixture, task_pro
     final = trainer.fit()
     assert trainer.algorithm.reference is None  # no second copy of the model
     rows = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").open()]
-    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B starts at 0: policy == reference
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B starts at 0: policy == reference
     assert math.isfinite(final["eval/kl"])
 
 
@@ -258,7 +258,7 @@ def task_score(policy_dir: Path, reference_dir: Path, prompts: Path, seed: int) 
     rollout = generate(policy, tokenizer, batch, cfg.algorithm.generation, seed=seed)
     reward, _ = CompositeReward([TASK_REWARD], tokenizer, "cpu")(rollout)
     sequences, attention_mask, score_mask = rollout_inputs(rollout)
-    ref_logps = token_logps(reference, sequences, attention_mask, score_mask)[:, rollout.prompt_ids.shape[1]:]
+    ref_logps = token_logps(reference, sequences, attention_mask, score_mask)[0][:, rollout.prompt_ids.shape[1]:]
     kl = ((rollout.logprobs - ref_logps) * rollout.response_mask).sum(-1)
     return float(reward.mean()), float(kl.mean())
 
@@ -282,7 +282,7 @@ def test_ppo_learns_the_known_reward_task_with_bounded_kl(tiny_model_dir, task_p
     assert 2.0 < kl < 20.0  # it moved, and stayed below the regularised optimum's ~14 nats (+ margin)
     assert end - beta * kl > start_mean  # the KL-penalised objective improved, not only the reward
     assert final["eval/reward/target_token"] > start_mean + 0.25 and final["eval/kl"] < 20.0
-    assert rows[-2]["ppo/clipfrac"] < 0.5
+    assert rows[-2]["clip_fraction"] < 0.5
 
 
 # ----------------------------------------------------------------------------------------- gradient accumulation
@@ -323,11 +323,11 @@ def test_ppo_trains_a_reward_model_critic_with_lora(tiny_model_dir, task_prompts
     trainer.fit()
     critic = trainer.algorithm.unwrapped.critic
     rows = [row for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open())
-            if "ppo/value_loss" in row]
-    assert len(rows) == 2 and all(math.isfinite(row["ppo/value_loss"]) for row in rows)
+            if "loss/value" in row]
+    assert len(rows) == 2 and all(math.isfinite(row["loss/value"]) for row in rows)
     trained = {name for name, p in critic.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in name or "score" in name for name in trained)
-    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_ptx_scores_packed_text_as_the_pt_stage_does(gpt2_real_dir, task_prompts_path, hh_path, tmp_path):
@@ -411,6 +411,6 @@ def test_adaptive_kl_controller_counts_the_sequences_of_every_process(gpt2_real_
     ppo.setup(Accelerator(cpu=True), {})
     ppo.accelerator = TwoProcesses(ppo.accelerator)
     (out,) = list(ppo.step(prompt_batch(ppo.tokenizer, task_prompts_path, rows=8)))
-    error = min(max(out.metrics["objective/kl"] / 1.0 - 1, -0.2), 0.2)
+    error = min(max(out.metrics["kl"] / 1.0 - 1, -0.2), 0.2)
     assert error != 0
     assert ppo.kl_ctl.value == pytest.approx(0.03 * (1 + error * 16 / 100), rel=1e-6)

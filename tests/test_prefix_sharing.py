@@ -12,11 +12,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from prefopt.algorithms.orpo import ORPO, ORPOConfig
 from prefopt.algorithms.pairwise import pair_layout, policy_logps, resolve_loss
-from prefopt.algorithms.reward import RewardScorer
 from prefopt.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.modules import TokenScorer
 from prefopt.prefix import rank_groups, share_prefixes, supports
+from prefopt.scoring import RewardScorer, TokenScorer
 from prefopt.types import PairLogps
 
 PAD = 0

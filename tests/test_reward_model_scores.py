@@ -2,7 +2,7 @@
 
 The convention is transformers' (``AutoModelForSequenceClassification`` reads the rightmost token that is not
 ``config.pad_token_id``): with pad = eos (``gpt2-real``) a text ending with eos is read at the token before the eos,
-in prefopt too (``prefopt.algorithms.reward.score_positions``). On ``llama-chat`` (pad != eos) the eos is read.
+in prefopt too (``prefopt.scoring.score_positions``). On ``llama-chat`` (pad != eos) the eos is read.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from prefopt.algorithms.reward import RewardScorer
 from prefopt.config import ModelConfig, build_run_config
 from prefopt.data.collate import pad
 from prefopt.models import load_reward_model
+from prefopt.scoring import RewardScorer
 from prefopt.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

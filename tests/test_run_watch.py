@@ -155,7 +155,7 @@ def test_online_algorithm_writes_samples_with_reward_parts(tiny_model_dir, tmp_p
         assert row["reward"] == pytest.approx(parts["target_token"] + 0.5 * parts["length_penalty"], abs=1e-6)
     final = json.loads((out / "summary.json").read_text())
     last = [row["reward"] for row in rows if row["step"] == 2]
-    assert final["eval/reward/total"] == pytest.approx(sum(last) / len(last), abs=1e-6)  # the same 4 samples
+    assert final["eval/reward/score"] == pytest.approx(sum(last) / len(last), abs=1e-6)  # the same 4 samples
     assert sum(line.startswith("  sample: ...") for line in stderr.splitlines()) == 4  # 2 per evaluation
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefopt.errors import DataError, PrefoptError
-from prefopt.rollout import position_ids
+from prefopt.scoring import position_ids
 from prefopt.rules import (RULES, RuleBatch, RuleHead, label_rows, programmatic_ok, read_rule_rows, rule_batches,
                            rule_loss)
 from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, ValueMLP, ValueTop, fit_head, num_blocks,

@@ -10,10 +10,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from prefopt.algorithms.reward import RewardScorer, ranking_loss
+from prefopt.algorithms.reward import ranking_loss
 from prefopt.config import DataConfig, load_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import disable_dropout
+from prefopt.scoring import RewardScorer
 from prefopt.trainer import Trainer
 from prefopt.types import RankBatch
 

@@ -18,7 +18,7 @@ centering regulariser), rule terms come from the rule head (learned rules) or fr
 are the pluggable components of prefopt.rewards (length penalty, format validity, task rewards, ...). Each term
 is logged as ``reward/<name>``. The reward heads are trained in ``setup`` (or loaded from ``reward_heads``) and
 frozen before the first update. Without a ratio the gradient is unbiased only on-policy, which one update per
-rollout keeps (``policy/logprob_gap`` logs the recomputed-vs-behaviour log-prob difference).
+rollout keeps (``logprob_gap`` logs the recomputed-vs-behaviour log-prob difference).
 """
 
 from __future__ import annotations
@@ -35,18 +35,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.algorithms.reward import ranking_loss
 from prefopt.config import check
 from prefopt.errors import ConfigError, PrefoptError
-from prefopt.functional import discounted_returns, gae, kl_penalty, masked_mean, masked_whiten
+from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
-from prefopt.online import explained_variance, kl_shaped_rewards, require_dropout_off, rollout_inputs
-from prefopt.registry import register_algorithm
+from prefopt.registry import ADVANTAGES, register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
-from prefopt.samples import note_rewards
-from prefopt.rollout import GenerationConfig, generate
+from prefopt.rl.advantages import AdvantageInputs, explained_variance
+from prefopt.rl.algorithm import require_dropout_off
+from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rules import RULES, RuleHead, programmatic_ok, read_rule_rows, rule_batches, rule_loss
+from prefopt.samples import note_rewards
 from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, fit_head,
                              split_model)
 from prefopt.types import LossOutput, PromptBatch, Rollout
@@ -125,30 +127,14 @@ class A2CConfig:
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
 
 
-def nstep_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, n: int) -> Tensor:
-    """G_t = sum_{l<n} gamma^l r_{t+l} + gamma^n V_{t+n} (V and r are 0 past the end); n = 0: Monte-Carlo."""
-    T = rewards.shape[1]
-    if n == 0 or n >= T:
-        return discounted_returns(rewards, mask, gamma)
-    rewards, values = rewards * mask, values * mask
-    returns = torch.zeros_like(rewards)
-    for lag in range(n):
-        returns[:, :T - lag] += gamma**lag * rewards[:, lag:]
-    returns[:, :T - n] += gamma**n * values[:, n:]
-    return returns * mask
-
-
 def a2c_targets(logps: Tensor, values: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
                 cfg: A2CConfig) -> tuple[Tensor, Tensor, Tensor]:
     """(advantages, returns, per-token k1 KL) [B, T] from detached log-probs, values and reference log-probs [B, T]
     and scores [B]; advantages are whitened over all rows given."""
     kl = (logps - ref_logps) * mask
     rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_mode == "reward" else 0.0)
-    if cfg.advantage == "gae":
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    else:
-        returns = nstep_returns(rewards, values, mask, cfg.gamma, cfg.n_step)
-        advantages = (returns - values) * mask
+    group = torch.arange(rewards.shape[0], device=rewards.device)
+    advantages, returns = ADVANTAGES.get(cfg.advantage)(AdvantageInputs(rewards, mask, group, values), cfg)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     return advantages, returns, kl
@@ -163,8 +149,8 @@ def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Ten
     loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * mean_entropy
     if cfg.kl_mode == "loss":
         loss = loss + cfg.kl_coef * masked_mean(kl_penalty(logps, ref_logps, "k3"), mask)
-    return loss, {"losses/policy": policy_loss.detach(), "losses/value": value_loss.detach(),
-                  "policy/entropy": mean_entropy.detach()}
+    return loss, {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
+                  "entropy": mean_entropy.detach()}
 
 
 def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
@@ -178,11 +164,12 @@ def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, 
     advantages, returns, kl = a2c_targets(logps.detach(), old_values, ref_logps, scores, mask, cfg)
     loss, metrics = a2c_objective(logps, values, entropy, ref_logps, advantages, returns, mask, cfg)
     kl_per_sequence = kl.sum(-1)
-    metrics.update({"policy/kl": kl_per_sequence.mean(),
-                    "reward/score": scores.mean(), "reward/total": (scores - cfg.kl_coef * kl_per_sequence).mean(),
+    penalty = (cfg.kl_coef if cfg.kl_mode == "reward" else 0.0) * kl_per_sequence
+    metrics.update({"kl": kl_per_sequence.mean(), "reward/score": scores.mean(), "reward/kl_penalty": penalty.mean(),
+                    "reward/total": (scores - penalty).mean(),
                     "values/mean": masked_mean(old_values, mask), "returns/mean": masked_mean(returns, mask),
-                    "values/explained_variance": torch.tensor(explained_variance(old_values, returns, mask)),
-                    "response/length": mask.sum(-1).mean()})
+                    "explained_variance": torch.tensor(explained_variance(old_values, returns, mask)),
+                    "response_length": mask.sum(-1).mean()})
     return loss, metrics
 
 
@@ -382,7 +369,7 @@ class A2C(Algorithm):
             loss, metrics = a2c_loss(out["logps"], out["values"], out["entropy"], out["ref_logps"], out["scores"],
                                      out["mask"], cfg)
         gap = masked_mean((out["logps"].detach() - rollout.logprobs).abs(), out["mask"])
-        metrics.update({"policy/logprob_gap": gap, **{f"reward/{k}": v.mean() for k, v in out["parts"].items()}})
+        metrics.update({"logprob_gap": gap, **{f"reward/{k}": v.mean() for k, v in out["parts"].items()}})
         seconds = getattr(rollout, "seconds", 0.0)
         if seconds:
             metrics["perf/generate_s"] = torch.tensor(seconds)
@@ -408,9 +395,8 @@ class A2C(Algorithm):
         rollout = self.rollout(batch)
         out = self.forward_rollout(rollout)
         kl = ((out["logps"] - out["ref_logps"]) * out["mask"]).sum(-1)
-        sums = {"reward/score": out["scores"].sum(), "policy/kl": kl.sum(),
-                "reward/total": (out["scores"] - self.config.kl_coef * kl).sum(),
-                "response/length": out["mask"].sum(), **{f"reward/{k}": v.sum() for k, v in out["parts"].items()}}
+        sums = {"reward/score": out["scores"].sum(), "kl": kl.sum(), "response_length": out["mask"].sum(),
+                **{f"reward/{k}": v.sum() for k, v in out["parts"].items()}}
         return {**{k: float(v) for k, v in sums.items()}, "count": float(len(rollout.responses))}
 
     # ------------------------------------------------------------------ save

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, policy_logps, preference_metrics,
                                         resolve_loss, sums)
 from prefopt.config import LoraConfig, check
 from prefopt.distributed import seed_epoch
 from prefopt.models import load_causal_lm, needs_separate_reference
-from prefopt.modules import TokenScorer
 from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
+from prefopt.scoring import TokenScorer
 from prefopt.types import LossOutput, PairBatch, PairLogps
 
 

@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.config import LoraConfig, check
 from prefopt.data.collate import pad
-from prefopt.functional import sum_scored
 from prefopt.models import load_causal_lm, needs_separate_reference
-from prefopt.modules import TokenScorer
 from prefopt.registry import register_algorithm
+from prefopt.scoring import TokenScorer, sum_scored
 from prefopt.types import LossOutput, UnpairedBatch
 
 

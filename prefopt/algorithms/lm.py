@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.models import load_causal_lm
-from prefopt.modules import TokenScorer
 from prefopt.registry import register_algorithm
+from prefopt.scoring import TokenScorer
 from prefopt.types import LMBatch, LossOutput
 
 

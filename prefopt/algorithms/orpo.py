@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import means, pair_layout, sums
 from prefopt.config import check
 from prefopt.models import load_causal_lm
-from prefopt.modules import TokenScorer
 from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
+from prefopt.scoring import TokenScorer
 from prefopt.types import LossOutput, PairBatch
 
 

@@ -12,9 +12,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefopt.errors import ConfigError
-from prefopt.functional import sum_scored
 from prefopt.prefix import SharedPrefixLayout, pair_groups, share_prefixes
 from prefopt.registry import LOSSES, closest
+from prefopt.scoring import sum_scored
 from prefopt.types import PairBatch, PairLogps
 
 

@@ -3,7 +3,7 @@
 
 One step of the Trainer = one batch of prompts:
 
-1. sample responses y ~ pi(.|x) with the shared engine (prefopt.rollout, KV cache, stops at EOS);
+1. sample responses y ~ pi(.|x) with the shared engine (prefopt.rl.engine, KV cache, stops at EOS);
 2. score them: s(x, y) = sum_i w_i * reward_i(x, y) (prefopt.rewards), read at the last response token;
 3. per-token reward  r_t = -beta * KL_t + [t = last] * s,  KL_t = log pi(y_t|.) - log pi_ref(y_t|.) (k1, or k3);
    pi_ref is the frozen SFT policy (with LoRA: the same weights with the adapter off);
@@ -30,33 +30,34 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.algorithms.lm import lm_nll
 from prefopt.config import DataConfig, LoraConfig, check
 from prefopt.data import build_dataloader, load_rows
 from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
-from prefopt.functional import gae, kl_penalty, masked_mean, masked_whiten
+from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
-from prefopt.online import (KLController, PolicyAndValue, explained_variance, kl_over_processes,
-                            kl_shaped_rewards, require_dropout_off, rollout_inputs, sequence_mean, value_head)
-from prefopt.registry import register_algorithm
+from prefopt.registry import ADVANTAGES, register_algorithm
 from prefopt.rewards import CompositeReward, RewardSpec
-from prefopt.rollout import GenerationConfig, generate
+from prefopt.rl.advantages import AdvantageInputs, explained_variance
+from prefopt.rl.algorithm import minibatches, require_dropout_off
+from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.kl import KLController, kl_over_processes, kl_shaped_rewards, sequence_mean
+from prefopt.rl.losses import ClipSettings, clipped_surrogate
+from prefopt.scoring import PolicyAndValue, value_head
 from prefopt.types import LMBatch, LossOutput, PromptBatch
 
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                 cliprange: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss -> (loss, clip fraction, approx KL)."""
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7; prefopt.rl.losses) as a token-mean loss
+    -> (loss, clip fraction, approx KL)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
-    clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
+    per_token, clipped = clipped_surrogate(ratio, advantages, ClipSettings(cliprange, cliprange))
     approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimate of KL(pi_old || pi)
-    return loss, clipfrac.detach(), approx_kl.detach()
+    return masked_mean(per_token, mask), masked_mean(clipped.float(), mask).detach(), approx_kl.detach()
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
@@ -75,7 +76,7 @@ class PPOConfig:
     rewards: list[RewardSpec] = field(default_factory=list)
     """Reward components and weights, e.g. [{name: reward_model, params: {path: runs/rm/model}}] (prefopt.rewards)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rollout)."""
+    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rl.engine)."""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty to the reference policy (the initial value when adaptive)."""
     adaptive_kl: bool = False
@@ -235,7 +236,7 @@ class PPO(Algorithm):
         prompt_width = rollout.prompt_ids.shape[1]
 
         with torch.no_grad():
-            old_logprobs, entropy, old_values = (out[:, prompt_width:] for out in self.model(
+            old_logprobs, _, old_values = (out[:, prompt_width:] for out in self.model(
                 sequences, attention_mask, score_mask, temperature))
             ref_logprobs = self.reference_logps(sequences, attention_mask, score_mask)[:, prompt_width:]
             scores, components = self.reward(rollout)
@@ -244,7 +245,7 @@ class PPO(Algorithm):
             rewards = kl_shaped_rewards(scores, kl, mask, kl_coef)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            advantages, returns = ADVANTAGES.get("gae")(AdvantageInputs(rewards, mask, rollout.group, old_values), cfg)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
 
@@ -252,14 +253,14 @@ class PPO(Algorithm):
         self.kl_ctl.update(*kl_over_processes(self.accelerator, kl, mask))
         rollout_metrics = {
             **{f"reward/{name}": float(values.mean()) for name, values in components.items()},
-            "reward/total": float(scores.mean()),
-            "objective/kl": float(mean_kl),
-            "objective/kl_coef": kl_coef,
-            "objective/entropy": float(masked_mean(entropy, mask)),
-            "objective/rlhf_reward": float(scores.mean() - kl_coef * mean_kl),
-            "ppo/explained_variance": explained_variance(old_values, returns, mask),
-            "ppo/logprob_gap": float(masked_mean((rollout.logprobs - old_logprobs).abs(), mask)),
-            "rollout/response_length": float(mask.sum(-1).mean()),
+            "reward/score": float(scores.mean()),
+            "reward/kl_penalty": float(kl_coef * mean_kl),
+            "reward/total": float(scores.mean() - kl_coef * mean_kl),
+            "kl": float(mean_kl),
+            "kl_coef": kl_coef,
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "logprob_gap": float(masked_mean((rollout.logprobs - old_logprobs).abs(), mask)),
+            "response_length": float(mask.sum(-1).mean()),
             "perf/gen_s": rollout.seconds,
             "perf/gen_tokens_per_s": rollout.tokens_per_s,
             **self.pending,
@@ -267,35 +268,33 @@ class PPO(Algorithm):
 
         update_start, train_tokens = time.perf_counter(), 0
         accumulation = self.accumulation
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rollout.responses), device=sequences.device)
-            for minibatch in order.tensor_split(cfg.num_minibatches):  # one optimizer update each
-                ptx = next(self.ptx_batches) if self.ptx_batches is not None else None
-                ptx_parts = ptx_micro_batches(ptx, accumulation) if ptx is not None else [None] * accumulation
-                minibatch_tokens = mask[minibatch].sum()
-                for idx, ptx_part in zip(minibatch.tensor_split(accumulation), ptx_parts):  # its micro-batches
-                    logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
-                        sequences[idx], attention_mask[idx], score_mask[idx], temperature))
-                    mb_mask = mask[idx]
-                    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
-                                                               cfg.cliprange)
-                    vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
-                                                      cfg.cliprange_value)
-                    mean_entropy = masked_mean(entropy, mb_mask)
-                    # this micro-batch's share of the minibatch's token mean; accelerate divides each loss by G
-                    share = accumulation * mb_mask.sum() / minibatch_tokens
-                    loss = share * (pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy)
-                    metrics = {"ppo/policy_loss": float(pg_loss.detach()), "ppo/value_loss": float(vf_loss.detach()),
-                               "ppo/clipfrac": float(clipfrac), "ppo/value_clipfrac": float(vf_clipfrac),
-                               "ppo/approx_kl": float(approx_kl), "ppo/entropy": float(mean_entropy.detach())}
-                    if ptx_part is not None:
-                        ptx_loss = self.ptx_loss(*ptx_part)
-                        loss = loss + cfg.ptx_coef * accumulation * ptx_loss
-                        metrics["ppo/ptx_loss"] = float(ptx_loss.detach()) * accumulation
-                    tokens = int(attention_mask[idx].sum())
-                    train_tokens += tokens
-                    yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
-                    rollout_metrics = {}
+        for minibatch in minibatches(len(rollout.responses), cfg.ppo_epochs, cfg.num_minibatches, sequences.device):
+            ptx = next(self.ptx_batches) if self.ptx_batches is not None else None
+            ptx_parts = ptx_micro_batches(ptx, accumulation) if ptx is not None else [None] * accumulation
+            minibatch_tokens = mask[minibatch].sum()
+            for idx, ptx_part in zip(minibatch.tensor_split(accumulation), ptx_parts):  # its micro-batches
+                logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
+                    sequences[idx], attention_mask[idx], score_mask[idx], temperature))
+                mb_mask = mask[idx]
+                pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
+                                                           cfg.cliprange)
+                vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
+                                                  cfg.cliprange_value)
+                mean_entropy = masked_mean(entropy, mb_mask)
+                # this micro-batch's share of the minibatch's token mean; accelerate divides each loss by G
+                share = accumulation * mb_mask.sum() / minibatch_tokens
+                loss = share * (pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy)
+                metrics = {"loss/policy": float(pg_loss.detach()), "loss/value": float(vf_loss.detach()),
+                           "clip_fraction": float(clipfrac), "value_clip_fraction": float(vf_clipfrac),
+                           "approx_kl": float(approx_kl), "entropy": float(mean_entropy.detach())}
+                if ptx_part is not None:
+                    ptx_loss = self.ptx_loss(*ptx_part)
+                    loss = loss + cfg.ptx_coef * accumulation * ptx_loss
+                    metrics["loss/ptx"] = float(ptx_loss.detach()) * accumulation
+                tokens = int(attention_mask[idx].sum())
+                train_tokens += tokens
+                yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
+                rollout_metrics = {}
         update_s = time.perf_counter() - update_start  # includes the Trainer's backward and optimizer steps
         self.pending = {"perf/update_s": update_s, "perf/train_tokens_per_s": train_tokens / max(update_s, 1e-9)}
 
@@ -317,5 +316,5 @@ class PPO(Algorithm):
         scores, components = self.reward(rollout)
         kl = ((rollout.logprobs - ref_logprobs) * mask).sum(-1)
         return {**{f"reward/{name}": float(values.sum()) for name, values in components.items()},
-                "reward/total": float(scores.sum()), "kl": float(kl.sum()),
+                "reward/score": float(scores.sum()), "kl": float(kl.sum()),
                 "response_length": float(mask.sum()), "count": float(len(rollout.responses))}

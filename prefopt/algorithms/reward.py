@@ -1,6 +1,6 @@
 """Reward modelling (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155, eq. 1; Sparrow's preference model).
 
-A scalar head reads the hidden state of the last non-pad token, by transformers' rule (``score_positions``), so
+A scalar head reads the hidden state of the last non-pad token, by transformers' rule (``prefopt.scoring.score_positions``), so
 a saved reward model gives the same score in prefopt and in plain ``AutoModelForSequenceClassification``; with
 pad = eos (GPT-2) a trailing eos is therefore not the token read. For K ranked completions of one prompt, all
 C(K, 2) pairs (y_w better than y_l) enter the same batch, each completion is scored once, and
@@ -19,64 +19,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import peft
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from prefopt.algorithms.base import Algorithm
+from prefopt.algorithm import Algorithm
 from prefopt.config import check
 from prefopt.models import load_reward_model
 from prefopt.prefix import SharedPrefixLayout, rank_groups, share_prefixes, supports
 from prefopt.registry import register_algorithm
+from prefopt.scoring import RewardScorer
 from prefopt.types import LossOutput, RankBatch
-
-
-def score_positions(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | None) -> Tensor:
-    """The token a sequence-classification head reads in each row [N]: the last attended one that is not pad.
-
-    This is transformers' rule (the rightmost token != ``config.pad_token_id``, left or right padding), restricted
-    to attended tokens: when pad = eos, a text ending with eos is read at the token before it, as plain
-    transformers reads it.
-    """
-    readable = attention_mask.bool()
-    if pad_token_id is not None:
-        readable = readable & (input_ids != pad_token_id)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    return (readable * positions).argmax(-1)
-
-
-class RewardScorer(nn.Module):
-    """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N].
-
-    With ``layout`` (prefopt.prefix.share_prefixes of these right-padded rows) the backbone runs on the packed rows,
-    where the prompt shared by a group of completions is computed once; the scores are the same. Scores are read
-    where plain transformers reads them (``score_positions``)."""
-
-    def __init__(self, rm: nn.Module):
-        super().__init__()
-        self.rm = rm
-
-    @property
-    def backbone(self) -> nn.Module:
-        """The plain transformers model (LoRA: adapted in place)."""
-        return self.rm.get_base_model() if isinstance(self.rm, peft.PeftModel) else self.rm
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, layout: SharedPrefixLayout | None = None) -> Tensor:
-        rm = self.backbone
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        read = score_positions(input_ids, attention_mask, rm.config.pad_token_id)
-        if layout is None:
-            hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            pooled = hidden.last_hidden_state[rows, read]
-        else:
-            hidden = rm.base_model(input_ids=layout.input_ids, attention_mask=layout.mask_for(rm, rm.dtype),
-                                   position_ids=layout.position_ids, use_cache=False)
-            pooled = layout.gather(hidden.last_hidden_state, rows, read)
-        return rm.score(pooled).squeeze(-1).float()
-
-    def save_pretrained(self, out_dir, **kwargs) -> None:
-        self.rm.save_pretrained(out_dir, **kwargs)
 
 
 def ranking_loss(scores: Tensor, batch: RankBatch, center_coef: float,

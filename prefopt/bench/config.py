@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from prefopt.config import check, from_dict
 from prefopt.recipe_file import expand_env, merge, parse_overrides, read_yaml
-from prefopt.rollout import GenerationConfig
+from prefopt.rl.engine import GenerationConfig
 
 HH_PARTS = ("policy_train", "proxy_rm_train", "gold_rm_train", "eval")
 SYNTHETIC_PARTS = ("policy_train", "eval")

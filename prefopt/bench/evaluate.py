@@ -3,7 +3,7 @@
 For a policy pi, the start policy pi_0 (the SFT checkpoint every algorithm trained from) and the gold scorer
 g (the gold RM, or the known task reward):
 
-* responses y_i ~ pi(.|x_i) for the eval prompts, drawn by the ONE generation engine (prefopt.rollout) with
+* responses y_i ~ pi(.|x_i) for the eval prompts, drawn by the ONE generation engine (prefopt.rl.engine) with
   batch b seeded ``eval.seed + b`` (the same draws of randomness for every policy);
 * ``gold_reward``     = mean_i g(x_i, y_i)  (and ``proxy_reward`` with the proxy RM, task hh);
 * ``kl``              = mean_i sum_t [log pi(y_it | x_i, y_i<t) - log pi_0(y_it | x_i, y_i<t)], the sequence-level
@@ -40,13 +40,10 @@ from prefopt.bench.config import BenchConfig
 from prefopt.bench.data import write_jsonl
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
-from prefopt.functional import sequence_logps
 from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.functional import decoder_hidden
-from prefopt.online import logps_from_hidden, rollout_inputs, token_logps
-from prefopt.rollout import position_ids
 from prefopt.rewards import RewardSpec, build_component
-from prefopt.rollout import generate
+from prefopt.rl.engine import generate, rollout_inputs
+from prefopt.scoring import sequence_logps, token_logps
 
 
 @dataclass
@@ -106,11 +103,10 @@ class Evaluator:
             sequences, attention_mask, score_mask = rollout_inputs(rollout)
             width = rollout.prompt_ids.shape[1]
             mask = rollout.response_mask.float()
-            hidden = decoder_hidden(model, sequences, attention_mask, position_ids(attention_mask))
-            logps, entropy = (t[:, width:] for t in logps_from_hidden(model, hidden, sequences, score_mask,
-                                                                         gen.logprob_temperature))
+            logps, entropy = (t[:, width:] for t in token_logps(model, sequences, attention_mask, score_mask,
+                                                                   gen.logprob_temperature, with_entropy=True))
             ref_logps = token_logps(self.reference, sequences, attention_mask, score_mask,
-                                    gen.logprob_temperature)[:, width:]
+                                    gen.logprob_temperature)[0][:, width:]
             kl = ((logps - ref_logps) * mask).sum(-1)
             entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             gold = self.gold(rollout).float()

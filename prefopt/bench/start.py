@@ -308,7 +308,7 @@ def _build_pairs(stage: Stage, cfg: BenchConfig) -> None:
     from prefopt.data import build_dataloader
     from prefopt.models import load_causal_lm, load_tokenizer
     from prefopt.rewards import RewardSpec, build_component
-    from prefopt.rollout import generate
+    from prefopt.rl.engine import generate
     from prefopt.tasks import TASK_REWARD
 
     spec = stage.spec

@@ -115,7 +115,7 @@ def build_labels(directory: Path, start: str, prompt_files: dict[str, str], worl
     from prefopt.data import build_dataloader
     from prefopt.models import load_causal_lm, load_tokenizer
     from prefopt.rewards import RewardSpec, build_component
-    from prefopt.rollout import generate
+    from prefopt.rl.engine import generate
 
     model_cfg = ModelConfig(name_or_path=start)
     tokenizer = load_tokenizer(model_cfg)

@@ -1,7 +1,10 @@
 """The generation engine: one batched sampler for every online algorithm, evaluation and the benchmark.
 
-``generate(model, tokenizer, batch, gen)`` runs transformers' ``model.generate`` on a LEFT-padded
-``PromptBatch`` with the KV cache on and returns a ``Rollout``:
+``generate(model, tokenizer, batch, gen, num_samples=G)`` runs transformers' ``model.generate`` on a LEFT-padded
+``PromptBatch`` with the KV cache on and returns a ``Rollout`` of G responses per prompt (rows i*G .. i*G+G-1
+answer prompt i; ``group`` holds i). Each prompt is prefilled ONCE: one forward over the prompts (all but their
+last token) fills the KV cache, which is repeated G times before ``generate`` continues from it, instead of
+``generate`` prefilling every copy. The Rollout holds:
 
 * ``response_ids``: the sampled tokens, right-padded with the pad token;
 * ``response_mask``: 1 on every token up to and including the first EOS (a response cut at
@@ -15,13 +18,13 @@
   checkpoint's own generation_config asks for (repetition penalty, forced or length-decayed EOS, n-gram
   blocking, minimum length, its own temperature, ...) is not applied, so the samples come from the policy whose
   log-probs are trained on; only its EOS ids are kept (``eos_ids``);
-* decoded response texts (special tokens dropped), and the prompts / meta of the batch;
+* decoded response texts (special tokens dropped), and the prompts / meta of the batch (repeated G times);
 * ``seconds`` and ``new_tokens``: the generation time and the generated (unmasked) token count, so an
   algorithm can log generation tokens/s apart from training tokens/s.
 
 Positions: generate numbers the tokens of a left-padded row from its first real token
-(``position_ids = cumsum(attention_mask) - 1``); a teacher-forced forward must pass the same positions
-(``position_ids(attention_mask)``) to reproduce these log-probs.
+(``position_ids = cumsum(attention_mask) - 1``); prefopt.scoring numbers them the same way, so a teacher-forced
+forward reproduces these log-probs.
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import dataclasses
+
 import torch
 import transformers
 from torch import Tensor, nn
 
 from prefopt.config import check
 from prefopt.samples import note_rollout
+from prefopt.scoring import position_ids
 from prefopt.types import PromptBatch, Rollout
 
 
@@ -79,11 +85,6 @@ class SampledRollout(Rollout):
         return self.new_tokens / max(self.seconds, 1e-9)
 
 
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted from each row's first real token, as generate numbers left-padded rows (0 on padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def eos_ids(tokenizer, model: nn.Module) -> list[int]:
     """Every token id that ends a response: the tokenizer's eos and the eos ids of the model's generation config
     and model config (one id or a list)."""
@@ -122,10 +123,36 @@ def response_mask(response_ids: Tensor, eos: list[int]) -> Tensor:
     return (eos_before == 0).long()
 
 
+def repeat_prompts(batch: PromptBatch, num_samples: int) -> PromptBatch:
+    """Each prompt row (and its text and meta) ``num_samples`` times in a row."""
+    if num_samples == 1:
+        return batch
+    return dataclasses.replace(
+        batch, input_ids=batch.input_ids.repeat_interleave(num_samples, 0),
+        attention_mask=batch.attention_mask.repeat_interleave(num_samples, 0),
+        prompts=[p for p in batch.prompts for _ in range(num_samples)],
+        meta=[m for m in batch.meta for _ in range(num_samples)])
+
+
+def prefilled_cache(model: nn.Module, batch: PromptBatch, num_samples: int) -> dict[str, object]:
+    """``generate`` keyword arguments that start from the prompts' KV cache, computed once and repeated
+    ``num_samples`` times (all but the last prompt token, which ``generate`` feeds itself); {} when the model's
+    cache cannot be repeated or there is nothing to share."""
+    if num_samples == 1 or batch.input_ids.shape[1] < 2:
+        return {}
+    ids, mask = batch.input_ids[:, :-1], batch.attention_mask[:, :-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return {}
+    cache.batch_repeat_interleave(num_samples)
+    return {"cache": cache}
+
+
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationConfig,
+def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationConfig, num_samples: int = 1,
              seed: int | None = None) -> SampledRollout:
-    """Sample one response per prompt of ``batch`` (see the module docstring); ``seed`` fixes the draw.
+    """Sample ``num_samples`` responses per prompt of ``batch`` (see the module docstring); ``seed`` fixes the draw.
 
     ``model`` is a plain (unwrapped) transformers or peft causal LM; it is put in eval mode for generation and
     its mode restored. With ``seed`` the global RNG is forked, so training randomness is left untouched.
@@ -134,14 +161,15 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     model.eval()
     eos = eos_ids(tokenizer, model)
     config = sampling_config(gen, eos, tokenizer.pad_token_id)
+    repeated = repeat_prompts(batch, num_samples)
     start = time.perf_counter()
     try:
         with (torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None),
               only_settings(model, config)):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 generation_config=config)
+            out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
+                                 generation_config=config, **prefilled_cache(model, batch, num_samples))
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -155,12 +183,19 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
         for t, logits in enumerate(out.logits)], dim=1) * mask
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
-    rollout = SampledRollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask,
+    group = torch.arange(batch.input_ids.shape[0], device=response_ids.device).repeat_interleave(num_samples)
+    rollout = SampledRollout(prompt_ids=repeated.input_ids, prompt_mask=repeated.attention_mask,
                              response_ids=response_ids, response_mask=mask, logprobs=logprobs, ended=ended,
-                             prompts=list(batch.prompts), responses=texts, meta=list(batch.meta), seconds=seconds,
-                             new_tokens=int(mask.sum()))
+                             prompts=list(repeated.prompts), responses=texts, meta=list(repeated.meta), group=group,
+                             seconds=seconds, new_tokens=int(mask.sum()))
     note_rollout(rollout)  # samples.jsonl, while the Trainer records
     return rollout
+
+
+def rollout_inputs(rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+    """(sequences, attention_mask, score_mask) [B, Tp + Tr]; score_mask is 1 on the response tokens."""
+    score_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+    return rollout.sequences, rollout.attention_mask, score_mask
 
 
 def _rng_devices(tensor: Tensor) -> list[int]:

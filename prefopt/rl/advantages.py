@@ -1,0 +1,139 @@
+"""Advantage estimators, registered by name; every one takes the same ``AdvantageInputs``.
+
+The per-token rewards r_t already hold the KL shaping (``kl_shaped_rewards``: -beta * KL_t on each response token
+when the KL is in the reward) and the sequence reward R(x, y) at the last response token, so the sequence return of
+a row is sum_t r_t = R - beta * sum_t KL_t. Estimators (A_t for each response token t of row i, prompt group g(i)):
+
+* ``gae``    Schulman et al. 2016, eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t.
+* ``nstep``  A_t = G_t - V_t with the n-step return G_t = sum_{l<n} gamma^l r_{t+l} + gamma^n V_{t+n} (``n_step``;
+             0: Monte-Carlo), as Sparrow's A2C (Glaese et al. 2022).
+* ``mc``     Monte-Carlo: A_t = G_t - V_t with G_t = sum_l gamma^l r_{t+l} (G_t alone without a critic).
+* ``grpo``   DeepSeekMath (Shao et al. 2024, sec. 4.1.2): A_i = (R_i - mean_g R) / (std_g R + 1e-4) on every token;
+             ``scale_rewards``: "group" (as the paper), "batch" (std over the whole batch) or "none" (Dr. GRPO,
+             Liu et al. 2025: no std division).
+* ``rloo``   Ahmadian et al. 2024, eq. 6: A_i = R_i - 1/(G-1) sum_{j != i in g} R_j (the leave-one-out baseline);
+             ``scale_rewards="batch"`` normalises them over the batch (TRL's ``normalize_advantages``).
+* ``reinforce_pp``  REINFORCE++ (Hu 2025, eq. 7-8): A_t = sum_{s >= t} gamma^{s-t} r_s (the reward minus the KL
+             still to come), normalised to mean 0, std 1 over all response tokens of the batch.
+
+``scale_rewards`` "group" and "batch" divide by the unbiased std + 1e-4, as TRL 1.16 does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prefopt.functional import discounted_returns, gae, masked_var, masked_whiten
+from prefopt.registry import ADVANTAGES
+
+STD_EPS = 1e-4
+
+
+@dataclass
+class AdvantageInputs:
+    """What every estimator receives. Per-token tensors are [B, T], aligned with the response tokens."""
+
+    rewards: Tensor  # [B, T] per-token rewards (KL shaping + the sequence reward at the last token)
+    mask: Tensor  # [B, T] 1 on response tokens
+    group: Tensor  # [B] long: the prompt each row answers
+    values: Tensor | None = None  # [B, T] critic values V(s_t) (gae, mc with a baseline)
+
+    @property
+    def sequence_rewards(self) -> Tensor:
+        """R_i - beta * KL_i: the return of each row [B]."""
+        return (self.rewards * self.mask).sum(-1)
+
+
+def group_mean(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row (mean over its group [B], group size [B]) of the row values ``x`` [B]."""
+    ids, inverse = torch.unique(group, return_inverse=True)
+    sums = x.new_zeros(len(ids)).index_add(0, inverse, x)
+    counts = x.new_zeros(len(ids)).index_add(0, inverse, torch.ones_like(x))
+    return (sums / counts)[inverse], counts[inverse]
+
+
+def unbiased_std(x: Tensor) -> Tensor:
+    return x.std() if x.numel() > 1 else x.new_zeros(())
+
+
+def per_token(sequence_advantages: Tensor, mask: Tensor) -> Tensor:
+    """Broadcast one advantage per row [B] over its response tokens -> [B, T]."""
+    return sequence_advantages[:, None] * mask
+
+
+@ADVANTAGES.register("gae")
+def gae_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
+    if inputs.values is None:
+        raise ValueError("advantage 'gae' needs a critic (values)")
+    return gae(inputs.rewards, inputs.values, inputs.mask, cfg.gamma, cfg.lam)
+
+
+def nstep_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, n: int) -> Tensor:
+    """G_t = sum_{l<n} gamma^l r_{t+l} + gamma^n V_{t+n} (V and r are 0 past the end); n = 0: Monte-Carlo."""
+    T = rewards.shape[1]
+    if n == 0 or n >= T:
+        return discounted_returns(rewards, mask, gamma)
+    rewards, values = rewards * mask, values * mask
+    returns = torch.zeros_like(rewards)
+    for lag in range(n):
+        returns[:, :T - lag] += gamma**lag * rewards[:, lag:]
+    returns[:, :T - n] += gamma**n * values[:, n:]
+    return returns * mask
+
+
+@ADVANTAGES.register("nstep")
+def nstep_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
+    if inputs.values is None:
+        raise ValueError("advantage 'nstep' needs a critic (values)")
+    returns = nstep_returns(inputs.rewards, inputs.values, inputs.mask, cfg.gamma, cfg.n_step)
+    return (returns - inputs.values) * inputs.mask, returns
+
+
+@ADVANTAGES.register("mc")
+def monte_carlo_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
+    returns = discounted_returns(inputs.rewards, inputs.mask, cfg.gamma)
+    baseline = inputs.values * inputs.mask if inputs.values is not None else torch.zeros_like(returns)
+    return returns - baseline, returns
+
+
+@ADVANTAGES.register("grpo")
+def group_normalised_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, None]:
+    rewards = inputs.sequence_rewards
+    mean, _ = group_mean(rewards, inputs.group)
+    advantages = rewards - mean
+    if cfg.scale_rewards == "group":
+        variance, counts = group_mean((rewards - mean) ** 2, inputs.group)
+        std = (variance * counts / (counts - 1).clamp(min=1)).sqrt()
+        advantages = advantages / (std + STD_EPS)
+    elif cfg.scale_rewards == "batch":
+        advantages = advantages / (unbiased_std(rewards) + STD_EPS)
+    return per_token(advantages, inputs.mask), None
+
+
+@ADVANTAGES.register("rloo")
+def leave_one_out_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, None]:
+    rewards = inputs.sequence_rewards
+    mean, counts = group_mean(rewards, inputs.group)
+    if (counts < 2).any():
+        raise ValueError("advantage 'rloo' needs at least 2 samples per prompt (algorithm.num_samples >= 2)")
+    baseline = (mean * counts - rewards) / (counts - 1)
+    advantages = rewards - baseline
+    if cfg.scale_rewards == "batch":
+        advantages = (advantages - advantages.mean()) / (unbiased_std(advantages) + STD_EPS)
+    return per_token(advantages, inputs.mask), None
+
+
+@ADVANTAGES.register("reinforce_pp")
+def reinforce_pp_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
+    returns = discounted_returns(inputs.rewards, inputs.mask, cfg.gamma)
+    return masked_whiten(returns, inputs.mask), returns
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over masked tokens (1: perfect critic, <= 0: useless)."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns.clamp(min=1e-8))

@@ -1,0 +1,182 @@
+"""GRPO's loss types and RLOO's loss equal TRL 1.16's GRPOTrainer / RLOOTrainer on the same batch, to 1e-5.
+
+Both sides are computed here: TRL's own ``_compute_loss`` on an inputs dict built from one batch, and ours through
+the online skeleton's ``update`` (prefopt.rl.algorithm) on the same tokens, advantages and old / reference
+log-probs. The old log-probs are perturbed so the ratios leave the clip range, and the advantages have both signs,
+so clipping binds on both sides. TRL is put in eval mode so it does not divide by its gradient-accumulation count.
+TRL's training forward numbers positions from 0 even on left-padded prompts (it passes no position ids), while
+generation numbers them from each row's first real token (as prefopt.scoring does); so the prompts here have one
+length and both numberings agree.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefopt.algorithms.grpo import GRPO, GRPOConfig
+from prefopt.algorithms.rloo import RLOO, RLOOConfig
+from prefopt.config import build_run_config
+from prefopt.rl.algorithm import Scored
+from prefopt.rl.engine import GenerationConfig
+from prefopt.scoring import TokenScorer
+from prefopt.types import Rollout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+G, PROMPTS, PROMPT_LEN, RESPONSE_LEN = 4, 2, 6, 7
+
+
+def constant_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+@pytest.fixture(scope="module")
+def batch(gpt2_real_dir):
+    """One rollout-shaped batch: 8 rows (2 prompts x G = 4), responses of 3..7 tokens, perturbed old log-probs."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_real_dir)
+    policy = AutoModelForCausalLM.from_pretrained(gpt2_real_dir)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    rows = PROMPTS * G
+    prompt_ids = torch.randint(5, 500, (PROMPTS, PROMPT_LEN)).repeat_interleave(G, 0)
+    response_ids = torch.randint(5, 500, (rows, RESPONSE_LEN))
+    lengths = torch.tensor([7, 3, 5, 7, 4, 7, 6, 2])
+    response_mask = (torch.arange(RESPONSE_LEN) < lengths[:, None]).long()
+    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    rollout = Rollout(prompt_ids, torch.ones_like(prompt_ids), response_ids, response_mask,
+                      torch.zeros(rows, RESPONSE_LEN), ended=lengths < RESPONSE_LEN,
+                      group=torch.arange(PROMPTS).repeat_interleave(G))
+    mask = response_mask.float()
+    with torch.no_grad():
+        scorer = TokenScorer(policy.eval())
+        logps = scorer(rollout.sequences, rollout.attention_mask, torch.cat([0 * prompt_ids, response_mask], 1))[0]
+        ref = TokenScorer(reference)(rollout.sequences, rollout.attention_mask,
+                                     torch.cat([0 * prompt_ids, response_mask], 1))[0]
+    old_logps = (logps[:, PROMPT_LEN:] + 0.3 * torch.randn(rows, RESPONSE_LEN)) * mask
+    advantages = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.9, -0.2, 1.1, -0.8])
+    return dict(tokenizer=tokenizer, policy=policy, rollout=rollout, mask=mask, old_logps=old_logps,
+                ref_logps=ref[:, PROMPT_LEN:] * mask, advantages=advantages)
+
+
+def update_losses(batch, algorithm_cls, config, accumulation: int = 1) -> list[torch.Tensor]:
+    """The micro-batch losses our skeleton yields for the one update of this batch (old and reference log-probs
+    given), each as the Trainer receives it (accelerate divides each by the accumulation count)."""
+    run = build_run_config({"algorithm": algorithm_cls.registry_name,
+                            "train": {"gradient_accumulation_steps": accumulation}})
+    algorithm = algorithm_cls(config, run=run, tokenizer=batch["tokenizer"])
+    algorithm.model = TokenScorer(batch["policy"])
+    mask = batch["mask"]
+    scored = Scored(batch["rollout"], mask, batch["old_logps"], batch["ref_logps"], torch.zeros(len(mask)), {},
+                    torch.zeros_like(mask), torch.zeros_like(mask))
+    return [out.loss for out in algorithm.update(scored, batch["advantages"][:, None] * mask, {})]
+
+
+def ours(batch, algorithm_cls, config) -> float:
+    with torch.no_grad():
+        (loss,) = update_losses(batch, algorithm_cls, config)
+    return float(loss)
+
+
+def trl_inputs(batch) -> dict:
+    rollout = batch["rollout"]
+    return {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+            "completion_ids": rollout.response_ids, "completion_mask": rollout.response_mask,
+            "advantages": batch["advantages"]}
+
+
+def trl_grpo_loss(batch, tmp_path, **args) -> float:
+    from trl import GRPOConfig as TRLGRPOConfig, GRPOTrainer
+
+    config = TRLGRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                           per_device_train_batch_size=PROMPTS * G, num_generations=G,
+                           max_completion_length=RESPONSE_LEN, **args)
+    trainer = GRPOTrainer(model=copy.deepcopy(batch["policy"]), reward_funcs=constant_reward, args=config,
+                          train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8),
+                          processing_class=batch["tokenizer"])
+    trainer.model.eval()  # eval: TRL does not divide by its gradient-accumulation count
+    inputs = {**trl_inputs(batch), "old_per_token_logps": batch["old_logps"],
+              "ref_per_token_logps": batch["ref_logps"], "num_items_in_batch": batch["mask"].sum()}
+    with torch.no_grad():
+        return float(trainer._compute_loss(trainer.model, inputs))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("beta, epsilon_high, correction", [(0.0, None, True), (0.1, 0.28, True), (0.1, None, False)])
+def test_grpo_loss_types_equal_trl(batch, tmp_path, loss_type, beta, epsilon_high, correction):
+    config = GRPOConfig(loss_type=loss_type, kl_coef=beta, epsilon=0.2, epsilon_high=epsilon_high,
+                        kl_ratio_correction=correction, generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+    mine = ours(batch, GRPO, config)
+    theirs = trl_grpo_loss(batch, tmp_path, loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=epsilon_high,
+                           use_bias_correction_kl=correction)
+    assert mine == pytest.approx(theirs, abs=1e-5), (loss_type, beta, mine, theirs)
+    # the loss depends on the clip range and on beta (the comparison could not pass by accident)
+    other = GRPOConfig(loss_type=loss_type, kl_coef=beta + 0.5, epsilon=0.05, epsilon_high=epsilon_high,
+                       kl_ratio_correction=correction, generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+    assert ours(batch, GRPO, other) != pytest.approx(mine, abs=1e-4)
+
+
+def test_grpo_loss_types_differ_on_this_batch(batch):
+    """The aggregations really differ here (unequal lengths), so each parity test checks its own normaliser."""
+    losses = {t: ours(batch, GRPO, GRPOConfig(loss_type=t, generation=GenerationConfig(max_new_tokens=RESPONSE_LEN)))
+              for t in ("grpo", "bnpo", "dr_grpo")}
+    assert len({round(v, 5) for v in losses.values()}) == 3, losses
+
+
+@pytest.mark.parametrize("epsilon_high", [None, 0.28])
+def test_rloo_loss_equals_trl(batch, tmp_path, epsilon_high):
+    from trl import RLOOConfig as TRLRLOOConfig, RLOOTrainer
+
+    config = TRLRLOOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                           per_device_train_batch_size=PROMPTS * G, num_generations=G,
+                           max_completion_length=RESPONSE_LEN, epsilon=0.2, epsilon_high=epsilon_high)
+    trainer = RLOOTrainer(model=copy.deepcopy(batch["policy"]), reward_funcs=constant_reward, args=config,
+                          train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8),
+                          processing_class=batch["tokenizer"])
+    trainer.model.eval()
+    # sequence ratios of this size: perturb the old sequence log-probs by a little per row only
+    with torch.no_grad():
+        logps, _ = TokenScorer(batch["policy"])(batch["rollout"].sequences, batch["rollout"].attention_mask,
+                                                torch.cat([0 * batch["rollout"].prompt_mask,
+                                                           batch["rollout"].response_mask], 1))
+    shift = torch.tensor([0.3, -0.3, 0.1, -0.05, 0.25, 0.4, -0.2, 0.02])
+    old_logps = logps[:, PROMPT_LEN:] * batch["mask"]
+    old_logps[:, 0] += shift  # log rho_i = -shift_i: some rows clipped high, some low
+    inputs = {**trl_inputs(batch), "old_logps": old_logps.sum(-1)}
+    with torch.no_grad():
+        theirs = float(trainer._compute_loss(trainer.model, inputs))
+    mine = ours({**batch, "old_logps": old_logps}, RLOO,
+                RLOOConfig(epsilon=0.2, epsilon_high=epsilon_high, kl_coef=0.05,
+                           generation=GenerationConfig(max_new_tokens=RESPONSE_LEN)))
+    assert mine == pytest.approx(theirs, abs=1e-5), (mine, theirs)
+    unclipped = ours({**batch, "old_logps": old_logps}, RLOO, RLOOConfig(epsilon=10.0))
+    assert unclipped != pytest.approx(mine, abs=1e-4)  # clipping binds on this batch
+
+
+@pytest.mark.parametrize("algorithm_cls, config_cls, loss_type", [
+    (GRPO, GRPOConfig, "grpo"), (GRPO, GRPOConfig, "bnpo"), (GRPO, GRPOConfig, "dapo"),
+    (GRPO, GRPOConfig, "dr_grpo"), (RLOO, RLOOConfig, "sequence")])
+def test_an_update_split_into_micro_batches_has_the_same_loss_and_gradient(batch, algorithm_cls, config_cls,
+                                                                           loss_type):
+    """train.gradient_accumulation_steps changes memory, not the update: G = 1, 2, 4 micro-batches of the same
+    minibatch give the same loss (mean of the micro-batch losses) and the same gradient."""
+    config = config_cls(loss_type=loss_type, kl_coef=0.1, kl_in="loss", entropy_coef=0.01,
+                        generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+    weight = batch["policy"].get_output_embeddings().weight
+    results = []
+    for accumulation in (1, 2, 4):
+        losses = update_losses(batch, algorithm_cls, config, accumulation)
+        assert len(losses) == accumulation
+        total = torch.stack(losses).sum() / accumulation  # what accelerate accumulates
+        (grad,) = torch.autograd.grad(total, weight)
+        results.append((total.detach(), grad))
+    for total, grad in results[1:]:
+        torch.testing.assert_close(total, results[0][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-5)
