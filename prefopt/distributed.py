@@ -10,6 +10,7 @@ or the run hangs. With one process they cost nothing.
   of batches with rows from the start;
 * ``seed_epoch``: the batch order of an epoch as a function of (seed, epoch) only, reaching through the batch
   samplers accelerate wraps around ours;
+* ``end_training``: accelerate's, once gloo has let go of the last collective (see its docstring);
 * ``BatchStream``: endless batches of a loader the Trainer does not drive (PPO-ptx's text), whose position is
   checkpoint state, so a resumed run continues the stream where it stopped.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +37,21 @@ from prefopt.metrics import MetricAverager
 def any_process(accelerator: Any, flag: bool) -> bool:
     """True when ``flag`` is True on any process."""
     return max_over_processes(accelerator, int(bool(flag))) > 0
+
+
+def end_training(accelerator: Any) -> None:
+    """``accelerator.end_training()``, after every gloo worker has let go of the last collective's tensors.
+
+    A gloo worker drops its reference to a finished collective under the process group's lock, and dropping a
+    tensor that Python created needs the GIL. If the main thread, holding the GIL, frees the process group in that
+    moment (DDP's reducer holds the last reference and lets go when the model is freed), both wait for ever: seen in
+    ``tests/test_distributed.py`` under load, rank 0 stuck in ``~ProcessGroupGloo`` from ``~Reducer``. A barrier,
+    then a short sleep (which releases the GIL), lets the workers finish first.
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.2)
+    accelerator.end_training()
 
 
 def max_over_processes(accelerator: Any, value: int) -> int:

@@ -46,8 +46,8 @@ from prefopt import console, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.distributed import (any_process, check_backend, exact_eval_batches, make_accelerator, mean_over_processes,
-                                 seed_epoch, sharded_weights, sum_over_processes)
+from prefopt.distributed import (any_process, check_backend, end_training, exact_eval_batches, make_accelerator,
+                                 mean_over_processes, seed_epoch, sharded_weights, sum_over_processes)
 from prefopt.errors import ConfigError, DataError, PrefoptError
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
@@ -220,7 +220,7 @@ class Trainer:
         if self.main:
             (self.output_dir / "summary.json").write_text(json.dumps({"step": step, **final}, indent=2))
         signum = self.signals.agreed(acc)  # before end_training, which destroys the process group
-        acc.end_training()
+        end_training(acc)
         if signum:  # came during the final evaluation or save: all is saved; still exit non-zero
             raise self._interrupted(signum, step, saved=True)
         return final
