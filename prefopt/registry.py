@@ -26,7 +26,7 @@ from prefopt.errors import PrefoptError, UnknownNameError
 T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "prefopt.algorithms"
-BUILTIN_MODULES = ("prefopt.data.kinds", "prefopt.rl", "prefopt.algorithms", "prefopt.rewards")
+BUILTIN_MODULES = ("prefopt.data.kinds", "prefopt.rl", "prefopt.algorithms", "prefopt.rl.rewards")
 _builtins_loaded = False
 _plugins_loaded = False
 
@@ -113,7 +113,7 @@ ALGORITHMS: Registry[Any] = Registry("algorithm")
 LOSSES: Registry[Any] = Registry("pairwise loss")
 """Pairwise preference losses: fn(logps: PairLogps, beta: float, **params) -> per-pair loss [B]."""
 REWARDS: Registry[Any] = Registry("reward component")
-"""Reward components for online algorithms (see prefopt.rewards)."""
+"""Reward components for online algorithms (see prefopt.rl.rewards)."""
 KINDS: Registry[Any] = Registry("data kind")
 """Data kinds: how raw rows become typed batches (see prefopt.data.kinds)."""
 ADVANTAGES: Registry[Any] = Registry("advantage estimator")

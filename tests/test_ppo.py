@@ -18,7 +18,7 @@ from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.functional import gae
 from prefopt.models import load_tokenizer
-from prefopt.rewards import CompositeReward
+from prefopt.rl.rewards import CompositeReward
 from prefopt.rl.advantages import explained_variance
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import KLController, kl_shaped_rewards

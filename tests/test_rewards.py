@@ -12,7 +12,7 @@ from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError, UnknownNameError
 from prefopt.models import load_tokenizer
 from prefopt.registry import REWARDS
-from prefopt.rewards import CompositeReward, RewardSpec, build_component
+from prefopt.rl.rewards import CompositeReward, RewardSpec, build_component
 from prefopt.scoring import RewardScorer
 from prefopt.tasks import TARGET_WORDS, task_prompts, write_task_prompts
 from prefopt.types import Rollout

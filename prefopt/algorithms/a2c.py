@@ -15,7 +15,7 @@ Per response y = (y_1 .. y_n) of prompt x, with state s_t = (x, y_<t):
 
 r_pm is the preference-model head (trained on the shared trunk with the reward stage's K-wise loss and its
 centering regulariser), rule terms come from the rule head (learned rules) or from programmatic rules, and c_j
-are the pluggable components of prefopt.rewards (length penalty, format validity, task rewards, ...). Each term
+are the pluggable components of prefopt.rl.rewards (length penalty, format validity, task rewards, ...). Each term
 is logged as ``reward/<name>``. The reward heads are trained in ``setup`` (or loaded from ``reward_heads``) and
 frozen before the first update. Without a ratio the gradient is unbiased only on-policy, which one update per
 rollout keeps (``logprob_gap`` logs the recomputed-vs-behaviour log-prob difference).
@@ -42,7 +42,7 @@ from prefopt.errors import ConfigError, PrefoptError
 from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
 from prefopt.registry import ADVANTAGES, register_algorithm
-from prefopt.rewards import CompositeReward, RewardSpec
+from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
 from prefopt.rl.algorithm import require_dropout_off
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
@@ -107,7 +107,7 @@ class A2CConfig:
     head_batch_size: int = 8
     """Rows per batch when training the reward heads."""
     rewards: list[RewardSpec] = field(default_factory=list)
-    """Further reward components (prefopt.rewards: length_penalty, format_validity, callable, target_token, ...)."""
+    """Further reward components (prefopt.rl.rewards: length_penalty, format_validity, callable, target_token, ...)."""
     reward_heads: str | None = None
     """A sparrow_heads.pt saved by an earlier a2c run (or its directory): load the reward heads, do not train."""
 

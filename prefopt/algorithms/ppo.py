@@ -4,7 +4,7 @@
 One step of the Trainer = one batch of prompts:
 
 1. sample responses y ~ pi(.|x) with the shared engine (prefopt.rl.engine, KV cache, stops at EOS);
-2. score them: s(x, y) = sum_i w_i * reward_i(x, y) (prefopt.rewards), read at the last response token;
+2. score them: s(x, y) = sum_i w_i * reward_i(x, y) (prefopt.rl.rewards), read at the last response token;
 3. per-token reward  r_t = -beta * KL_t + [t = last] * s,  KL_t = log pi(y_t|.) - log pi_ref(y_t|.) (k1, or k3);
    pi_ref is the frozen SFT policy (with LoRA: the same weights with the adapter off);
 4. GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_l (gamma lam)^l delta_{t+l},
@@ -39,7 +39,7 @@ from prefopt.errors import ConfigError
 from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
 from prefopt.registry import ADVANTAGES, register_algorithm
-from prefopt.rewards import CompositeReward, RewardSpec
+from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
 from prefopt.rl.algorithm import minibatches, require_dropout_off
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
@@ -74,7 +74,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 @dataclass
 class PPOConfig:
     rewards: list[RewardSpec] = field(default_factory=list)
-    """Reward components and weights, e.g. [{name: reward_model, params: {path: runs/rm/model}}] (prefopt.rewards)."""
+    """Reward components and weights, e.g. [{name: reward_model, params: {path: runs/rm/model}}] (prefopt.rl.rewards)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rl.engine)."""
     kl_coef: float = 0.05

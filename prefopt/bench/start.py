@@ -307,7 +307,7 @@ def _build_pairs(stage: Stage, cfg: BenchConfig) -> None:
     from prefopt.config import DataConfig, ModelConfig
     from prefopt.data import build_dataloader
     from prefopt.models import load_causal_lm, load_tokenizer
-    from prefopt.rewards import RewardSpec, build_component
+    from prefopt.rl.rewards import RewardSpec, build_component
     from prefopt.rl.engine import generate
     from prefopt.tasks import TASK_REWARD
 

@@ -114,7 +114,7 @@ def build_labels(directory: Path, start: str, prompt_files: dict[str, str], worl
     from prefopt.config import DataConfig, ModelConfig
     from prefopt.data import build_dataloader
     from prefopt.models import load_causal_lm, load_tokenizer
-    from prefopt.rewards import RewardSpec, build_component
+    from prefopt.rl.rewards import RewardSpec, build_component
     from prefopt.rl.engine import generate
 
     model_cfg = ModelConfig(name_or_path=start)

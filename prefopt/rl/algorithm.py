@@ -1,7 +1,7 @@
 """``OnlineAlgorithm``: the skeleton of every critic-free online method, one batch of prompts per Trainer step:
 
     collect     G responses per prompt with the shared engine (prefopt.rl.engine), each row tagged with its prompt;
-    score       the sequence reward R (prefopt.rewards components), the policy's log-probs at sampling time and the
+    score       the sequence reward R (prefopt.rl.rewards components), the policy's log-probs at sampling time and the
                 reference's, the per-token KL and the per-token rewards r_t (KL shaping when ``kl_in="reward"``);
     advantages  the estimator named by ``config.advantage`` (prefopt.rl.advantages);
     update      ``epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update of the
@@ -42,7 +42,7 @@ from prefopt.functional import masked_mean
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
-from prefopt.rewards import CompositeReward, RewardSpec
+from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
@@ -54,7 +54,7 @@ from prefopt.types import LossOutput, PromptBatch, Rollout
 @dataclass
 class OnlineConfig:
     rewards: list[RewardSpec] = field(default_factory=list)
-    """Reward components and weights (prefopt.rewards), e.g. [{name: target_token}] or a reward_model."""
+    """Reward components and weights (prefopt.rl.rewards), e.g. [{name: target_token}] or a reward_model."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rl.engine)."""
     num_samples: int = 4
