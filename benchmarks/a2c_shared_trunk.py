@@ -91,10 +91,13 @@ class Shared:
         return [a.lm, a.model, a.reference, a.preference_head, a.rule_head]
 
     def generate(self, batch, seed: int):
-        return generate(self.algorithm.lm, self.tokenizer, batch, self.gen, seed=seed)
+        torch.manual_seed(seed)  # the draw of generate(seed=seed); collect also keeps the trunk features
+        return self.algorithm.collect(batch)
 
     def update(self, rollout) -> float:
-        out = self.algorithm.learn(rollout)
+        algorithm = self.algorithm
+        scored = algorithm.score(rollout)
+        (out,) = algorithm.update(scored, algorithm.advantages(scored), {})  # one rollout, one micro-batch
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -37,7 +37,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from prefopt.errors import PrefoptError
 from prefopt.models import disable_dropout
-from prefopt.scoring import logps_from_hidden
+from prefopt.scoring import logps_from_hidden, position_ids
 
 
 @dataclass(frozen=True)
@@ -133,20 +133,27 @@ class Trunk(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TrunkOutput:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.embed(input_ids)
         if self.positions is not None:
-            hidden = hidden + self.positions(position_ids)
+            hidden = hidden + self.positions(position_ids(attention_mask))
         if self.dropout is not None:
             hidden = self.dropout(hidden)
-        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                   cache=None, position_ids=position_ids) for kind in set(self.types)}
-        kwargs: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
-        if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
-        embedded = TrunkOutput(hidden, attention_mask, masks, kwargs)
+        embedded = self.as_features(hidden, attention_mask)
         return dataclasses.replace(embedded, hidden=run_blocks(self.blocks, self.types[:len(self.blocks)], hidden,
                                                                 embedded))
+
+    @torch.no_grad()
+    def as_features(self, hidden: Tensor, attention_mask: Tensor) -> TrunkOutput:
+        """``hidden`` [B, T, H] in the layout of ``attention_mask`` with the masks and block arguments this forward
+        builds for it (positions from the mask): trunk outputs computed elsewhere (during generation,
+        ``prefopt.rl.engine.generate(capture=...)``) become features the tops read."""
+        positions = position_ids(attention_mask)
+        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                   cache=None, position_ids=positions) for kind in set(self.types)}
+        kwargs: dict[str, Any] = {"position_ids": positions, "use_cache": False}
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=positions)
+        return TrunkOutput(hidden, attention_mask, masks, kwargs)
 
 
 class Top(nn.Module):

@@ -3,6 +3,7 @@ the Trainer end to end, and (slow) learning the known-reward task of prefopt.tas
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -141,7 +142,8 @@ def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(fixture, valu
     model_dir = request.getfixturevalue(fixture)
     algorithm = built_a2c(sparrow_run(model_dir, hh_path, tmp_path, value_head=value_head))
     assert algorithm.learned_rules == ["no_url"] and algorithm.programmatic_rules == ["no_new_human_turn"]
-    calls = {"trunk": 0, "policy_top": 0, "reference_top": 0, "generation": 0}
+    calls = {"trunk": 0, "policy_top": 0, "reference_top": 0}
+    in_generation: dict[str, int] = {}
 
     def count(name):
         return lambda *_: calls.__setitem__(name, calls[name] + 1)
@@ -149,22 +151,24 @@ def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(fixture, valu
     hooks = [algorithm.trunk.blocks[-1].register_forward_hook(count("trunk")),
              algorithm.model.policy.top.blocks[0].register_forward_hook(count("policy_top")),
              algorithm.reference.top.blocks[0].register_forward_hook(count("reference_top"))]
-    sample = algorithm.rollout
+    collect = algorithm.collect
 
-    def counted_rollout(batch):  # generation runs the trunk block once per decoding step (KV cache)
-        before = calls["trunk"]
-        rollout = sample(batch)
-        calls["generation"] = calls["trunk"] - before
+    def counted_collect(batch):  # generation runs trunk and top once per decoding step (KV cache)
+        before = dict(calls)
+        rollout = collect(batch)
+        in_generation.update({name: calls[name] - before[name] for name in calls})
         return rollout
 
-    algorithm.rollout = counted_rollout
+    algorithm.collect = counted_collect
     (out,) = list(algorithm.step(prompts(algorithm.tokenizer)))
     out.loss.backward()
     for hook in hooks:
         hook.remove()
-    assert 1 <= calls["generation"] <= 6
-    assert calls["trunk"] - calls["generation"] == 1  # the ONE trunk forward of the update
-    assert calls["policy_top"] - calls["generation"] == 1 and calls["reference_top"] == 1
+    assert 1 <= in_generation["policy_top"] <= 6
+    # one trunk step per decoding step, plus one on the last sampled token (its features; the top does not run)
+    assert in_generation["trunk"] == in_generation["policy_top"] + 1
+    assert calls["trunk"] - in_generation["trunk"] == 0  # no trunk pass after generation: its features are reused
+    assert calls["policy_top"] - in_generation["policy_top"] == 1 and calls["reference_top"] == 1
 
     frozen = {"trunk": algorithm.trunk, "reference": algorithm.reference,
               "preference_head": algorithm.preference_head, "rule_head": algorithm.rule_head}
@@ -183,11 +187,32 @@ def test_trunk_runs_once_per_step_and_frozen_parts_get_no_gradient(fixture, valu
     assert out.metrics["logprob_gap"] < 1e-4  # on-policy: recomputed log-probs = behaviour log-probs
 
 
+@pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
+def test_scoring_on_captured_features_equals_scoring_on_a_trunk_pass(fixture, hh_path, tmp_path, request):
+    """Log-probs, entropies, values, reference log-probs, KL, every reward term and the advantages of a rollout
+    scored on the trunk features captured in generation equal those scored after a fresh trunk pass (fp32)."""
+    model_dir = request.getfixturevalue(fixture)
+    algorithm = built_a2c(sparrow_run(model_dir, hh_path, tmp_path, value_head="blocks",
+                                      generation={"max_new_tokens": 20}))
+    rollout = algorithm.collect(prompts(algorithm.tokenizer))
+    assert rollout.hidden is not None and rollout.sequences.shape[1] > 16  # past qwen2-window's window
+    with torch.no_grad():
+        captured = algorithm.score(rollout)
+        fresh = algorithm.score(dataclasses.replace(rollout, hidden=None))  # no capture: Trunk.forward
+        advantages = [algorithm.advantages(scored) for scored in (captured, fresh)]
+    for name, got, expected in [*zip(("logps", "entropy", "values"), captured.forward, fresh.forward),
+                                ("ref_logps", captured.ref_logps, fresh.ref_logps), ("kl", captured.kl, fresh.kl),
+                                ("scores", captured.scores, fresh.scores), ("advantages", *advantages),
+                                *[(k, captured.components[k], fresh.components[k]) for k in fresh.components]]:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+    assert captured.components.keys() == fresh.components.keys() and len(fresh.components) == 5
+
+
 def test_score_is_the_weighted_sum_of_its_terms(tiny_model_dir, hh_path, tmp_path):
     algorithm = built_a2c(sparrow_run(tiny_model_dir, hh_path, tmp_path, preference_weight=2.0))
-    rollout = algorithm.rollout(prompts(algorithm.tokenizer))
+    rollout = algorithm.collect(prompts(algorithm.tokenizer))
     features = algorithm.trunk(rollout.sequences, rollout.attention_mask)
-    total, parts = algorithm.score(features, rollout)
+    total, parts = algorithm.score_terms(features, rollout)
     expected = (2.0 * parts["preference"] + parts["rule/no_url"] + 0.5 * parts["rule/no_new_human_turn"]
                 + parts["length_penalty"] + 0.5 * parts["format_validity"])
     torch.testing.assert_close(total, expected)

@@ -7,9 +7,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from prefopt.data.collate import prompt_batch
 from prefopt.errors import DataError, PrefoptError
+from prefopt.rl.engine import eos_ids
 from prefopt.scoring import position_ids
 from prefopt.rules import (RULES, RuleBatch, RuleHead, label_rows, programmatic_ok, read_rule_rows, rule_batches,
                            rule_loss)
@@ -94,6 +97,55 @@ def test_generation_of_the_split_model_is_unchanged(model_dir):
     split.lm.eval()
     assert torch.equal(split.lm.generate(ids[:2, :8], attention_mask=mask[:2, :8], **kwargs),
                        original.generate(ids[:2, :8], attention_mask=mask[:2, :8], **kwargs))
+
+
+def captured_rollout(model_dir, num_samples: int, max_new_tokens: int = 20, eos_logit: float = 3.0):
+    """(split model, rollout with the trunk features captured in generation) of four left-padded chat prompts.
+
+    The policy head gets a bias of ``eos_logit`` on each EOS id, so that rows end at different steps (random
+    weights almost never sample EOS): padding after EOS, rows finished early and rows cut at max_new_tokens.
+    """
+    from prefopt.rl.engine import GenerationConfig, generate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    split = split_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 1)
+    head = split.lm.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    eos = eos_ids(tokenizer, split.lm)
+    bias[torch.tensor(eos)] = eos_logit - math.log(len(eos))  # the same EOS mass with one or two EOS ids
+    head.bias = nn.Parameter(bias)
+    texts = [f"Human: tell me about item {i}{' please' * 3 * i}" for i in range(4)]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batch = prompt_batch([{"prompt_ids": r, "prompt": t, "meta": {}} for r, t in zip(rows, texts)],
+                         tokenizer.pad_token_id)
+    rollout = generate(split.lm, tokenizer, batch, GenerationConfig(max_new_tokens=max_new_tokens), num_samples,
+                       seed=0, capture=split.trunk.blocks[-1])
+    return split, rollout
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
+def test_trunk_features_captured_in_generation_equal_a_trunk_pass(fixture, num_samples, request):
+    """The trunk output recorded while generating (prompt prefill, once per prompt for its G samples; one column
+    per decoding step; one trunk step on the last sampled token) is ``Trunk.forward`` on the sampled sequences at
+    every attended position, past qwen2-window's 16-token window too, and 0 where nothing attends."""
+    split, rollout = captured_rollout(request.getfixturevalue(fixture), num_samples)
+    lengths = rollout.response_mask.sum(-1)
+    assert rollout.ended.any() and (lengths < 20).any() and (lengths == 20).any()  # early ends and cut rows
+    assert rollout.sequences.shape[1] > 16 + 16
+    fresh = split.trunk(rollout.sequences, rollout.attention_mask).hidden
+    attended = rollout.attention_mask.bool()
+    assert rollout.hidden.shape == fresh.shape
+    torch.testing.assert_close(rollout.hidden[attended], fresh[attended], atol=1e-5, rtol=0)
+    assert not rollout.hidden[~attended].any()
+    captured = split.trunk.as_features(rollout.hidden, rollout.attention_mask)
+    ids, mask = rollout.sequences, torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], 1)
+    expected = full_model_logps(split.lm, ids, rollout.attention_mask, mask)  # the policy (no trunk split)
+    torch.testing.assert_close(split.policy(captured, ids, mask)[0], expected, atol=1e-5, rtol=0)
+    reference = split.reference(split.trunk(ids, rollout.attention_mask), ids, mask)[0]  # its head has no bias
+    torch.testing.assert_close(split.reference(captured, ids, mask)[0], reference, atol=1e-5, rtol=0)
+    # the sampling-time log-probs: the same policy, token by token with the KV cache
+    torch.testing.assert_close(expected[:, rollout.prompt_ids.shape[1]:], rollout.logprobs, atol=1e-5, rtol=0)
 
 
 def test_only_the_top_trains_and_the_tied_head_is_untied(tiny_model_dir):

@@ -1,8 +1,10 @@
 """A2C as in Sparrow (Glaese et al. 2022, arXiv 2209.14375; its RL set-up follows GopherCite, Menick et al. 2022).
 
 Advantage actor-critic on a policy whose bottom blocks are a frozen trunk SHARED by the policy, the frozen
-reference, the value head and the reward heads (prefopt.sparrow): per batch of prompts, one rollout is sampled,
-the trunk runs ONCE on the sampled sequences, and ONE update is made (no importance ratio, no clipping).
+reference, the value head and the reward heads (prefopt.sparrow): per batch of prompts, one rollout is sampled and
+ONE update is made (no importance ratio, no clipping). The trunk runs once per token, inside generation: its
+output at every position is kept (``prefopt.rl.engine.generate(capture=...)``) and every top and head reads it, so
+scoring and the update run no trunk pass at all. The stages are those of ``prefopt.rl.algorithm.OnlineAlgorithm``.
 
 Per response y = (y_1 .. y_n) of prompt x, with state s_t = (x, y_<t):
 
@@ -23,10 +25,7 @@ rollout keeps (``logprob_gap`` logs the recomputed-vs-behaviour log-prob differe
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,26 +35,21 @@ import torch
 from torch import Tensor
 
 from prefopt.algorithm import Algorithm
-from prefopt.algorithms.reward import ranking_loss
+from prefopt.algorithms.sparrow_heads import (HEADS_FILE, heads_state, load_heads, sort_rules,
+                                              train_preference_head, train_rule_head)
 from prefopt.config import check
-from prefopt.errors import ConfigError, PrefoptError
 from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
 from prefopt.registry import ADVANTAGES, register_algorithm
-from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
-from prefopt.rl.algorithm import require_dropout_off
+from prefopt.rl.algorithm import OnlineAlgorithm, Scored, require_dropout_off
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
-from prefopt.rules import RULES, RuleHead, programmatic_ok, read_rule_rows, rule_batches, rule_loss
+from prefopt.rl.rewards import CompositeReward, RewardSpec
+from prefopt.rules import RuleHead, programmatic_ok
 from prefopt.samples import note_rewards
-from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, fit_head,
-                             split_model)
+from prefopt.sparrow import PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, split_model
 from prefopt.types import LossOutput, PromptBatch, Rollout
-
-log = logging.getLogger("prefopt.a2c")
-HEADS_FILE = "sparrow_heads.pt"
-
 
 @dataclass
 class A2CConfig:
@@ -111,6 +105,11 @@ class A2CConfig:
     reward_heads: str | None = None
     """A sparrow_heads.pt saved by an earlier a2c run (or its directory): load the reward heads, do not train."""
 
+    @property
+    def kl_in(self) -> str:
+        """Where the KL goes, in the online family's name (``OnlineConfig.kl_in``) for its shared metrics."""
+        return self.kl_mode
+
     def reward_terms(self) -> dict[str, float]:
         """The weight of every term of R(x, y) (prefopt.preflight refuses a run whose weights are all zero)."""
         return {"preference": self.preference_weight, **{f"rule/{k}": w for k, w in self.rules.items()},
@@ -127,17 +126,23 @@ class A2CConfig:
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
 
 
+def a2c_advantages(rewards: Tensor, mask: Tensor, values: Tensor, cfg: A2CConfig) -> tuple[Tensor, Tensor]:
+    """(advantages, returns) [B, T] of the estimator ``cfg.advantage`` (gae or nstep) from the per-token rewards
+    and the detached values; advantages are whitened over all rows given."""
+    group = torch.arange(rewards.shape[0], device=rewards.device)
+    advantages, returns = ADVANTAGES.get(cfg.advantage)(AdvantageInputs(rewards, mask, group, values), cfg)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
 def a2c_targets(logps: Tensor, values: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
                 cfg: A2CConfig) -> tuple[Tensor, Tensor, Tensor]:
     """(advantages, returns, per-token k1 KL) [B, T] from detached log-probs, values and reference log-probs [B, T]
     and scores [B]; advantages are whitened over all rows given."""
     kl = (logps - ref_logps) * mask
     rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_mode == "reward" else 0.0)
-    group = torch.arange(rewards.shape[0], device=rewards.device)
-    advantages, returns = ADVANTAGES.get(cfg.advantage)(AdvantageInputs(rewards, mask, group, values), cfg)
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return advantages, returns, kl
+    return *a2c_advantages(rewards, mask, values, cfg), kl
 
 
 def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, advantages: Tensor,
@@ -173,14 +178,26 @@ def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, 
     return loss, metrics
 
 
-@register_algorithm("a2c")
-class A2C(Algorithm):
-    """Sparrow-style A2C: shared frozen trunk, one update per rollout, rule + preference reward heads."""
+@dataclass
+class TrunkScored(Scored):
+    """A2C's scored rollout: the shared trunk features and the trained module's forward on them ([B, Tr] each)."""
 
-    kind = "prompts"
-    kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
+    features: TrunkOutput | None = None  # of the sampled sequences (captured while generating)
+    forward: tuple[Tensor, Tensor, Tensor] | None = None  # (log-probs, entropies, values); with its graph when the
+    # update is one micro-batch (the update reuses it), else without (the targets; each micro-batch runs again)
+    returns: Tensor | None = None  # value targets G_t, set by the advantages stage
+
+
+@register_algorithm("a2c")
+class A2C(OnlineAlgorithm):
+    """Sparrow-style A2C: shared frozen trunk, one update per rollout, rule + preference reward heads.
+
+    The stages of ``OnlineAlgorithm``: collect (generation, keeping the trunk features it computes), score (every
+    top and head on those features: log-probs, values, reference log-probs, R(x, y), KL-shaped rewards),
+    advantages (gae or nstep, whitened) and update (ONE update, in train.gradient_accumulation_steps micro-batches).
+    """
+
     Config = A2CConfig
-    accumulates_in_step = True
 
     @classmethod
     def check_run(cls, run: Any) -> None:
@@ -188,7 +205,7 @@ class A2C(Algorithm):
               "a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); set model.lora.r=0")
         require_dropout_off(run, "a2c")
 
-    # ------------------------------------------------------------------ build
+    # ------------------------------------------------------------------ build, setup
     def build(self) -> None:
         cfg, model_cfg = self.config, self.run.model
         self.check_run(self.run)
@@ -199,9 +216,9 @@ class A2C(Algorithm):
                  else ValueTop(split.copy_top(trainable=True), width))
         self.model = SparrowActorCritic(split.policy, value)
         self.preference_head = PreferenceHead(split.copy_top(), width) if cfg.preference_weight > 0 else None
-        self.learned_rules, self.programmatic_rules = self._sort_rules()
-        saved = self._saved_heads()
-        head_rules = saved["rule_names"] if saved is not None and self.learned_rules else self.learned_rules
+        self.saved_heads = load_heads(cfg.reward_heads, cfg.trainable_layers)
+        self.learned_rules, self.programmatic_rules = sort_rules(cfg.rules, self.saved_heads, cfg.rule_data)
+        head_rules = self.saved_heads["rule_names"] if self.saved_heads and self.learned_rules else self.learned_rules
         self.rule_head = RuleHead(split.copy_top(), width, head_rules) if self.learned_rules else None
         for head in (self.preference_head, self.rule_head):
             if head is not None:
@@ -209,111 +226,60 @@ class A2C(Algorithm):
         self.composite: CompositeReward | None = None
         self.head_report: dict[str, Any] = {}
 
-    def _sort_rules(self) -> tuple[list[str], list[str]]:
-        """(learned rules: those with rows in rule_data or in the saved heads, programmatic rules)."""
-        labelled: set[str] = set()
-        saved = self._saved_heads()
-        if saved is not None:
-            labelled = set(saved.get("rule_names", []))
-        elif self.config.rule_data:
-            labelled = {row["rule"] for row in read_rule_rows(self.config.rule_data)}
-        learned = [name for name in self.config.rules if name in labelled]
-        programmatic = [name for name in self.config.rules if name not in labelled]
-        unknown = [name for name in programmatic if name not in RULES]
-        if unknown:
-            raise ConfigError(f"algorithm.rules: {unknown} have no rows in algorithm.rule_data and no programmatic "
-                              f"rule; programmatic rules: {', '.join(RULES.available())}")
-        return learned, programmatic
-
-    def _saved_heads(self) -> dict[str, Any] | None:
-        if not self.config.reward_heads:
-            return None
-        if not hasattr(self, "_saved"):
-            path = Path(self.config.reward_heads)
-            path = path / HEADS_FILE if path.is_dir() else path
-            if not path.is_file():
-                raise ConfigError(f"algorithm.reward_heads={str(path)!r}: file not found")
-            self._saved = torch.load(path, map_location="cpu", weights_only=True)
-            if self._saved.get("trainable_layers") != self.config.trainable_layers:
-                raise ConfigError(f"algorithm.reward_heads were trained with trainable_layers="
-                                  f"{self._saved.get('trainable_layers')}, not {self.config.trainable_layers}")
-        return self._saved
-
-    # ------------------------------------------------------------------ setup: reward heads on the trunk
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
-        super().setup(accelerator, loaders)
+        """Move the frozen parts; load the reward heads, or train them on the trunk (``sparrow_heads``)."""
+        Algorithm.setup(self, accelerator, loaders)  # the rewards are a2c's own: no CompositeReward is required
         check(self.accumulation <= self.run.train.batch_size, "train.gradient_accumulation_steps", self.accumulation,
               f"must be <= train.batch_size ({self.run.train.batch_size}): each rollout is split into that many "
               "micro-batches")
         if self.config.rewards:
             self.composite = CompositeReward(self.config.rewards, self.tokenizer, self.device)
-        saved = self._saved_heads()
-        if saved is not None:
+        if self.saved_heads is not None:
             for name, head in (("preference", self.preference_head), ("rules", self.rule_head)):
                 if head is not None:
-                    head.load_state_dict(saved[name])
+                    head.load_state_dict(self.saved_heads[name])
             return
         if self.preference_head is not None:
-            self.head_report["preference"] = self.train_preference_head()
+            self.head_report["preference"] = train_preference_head(self.trunk, self.preference_head, self.run,
+                                                                   self.tokenizer, self.device)
         if self.rule_head is not None:
-            self.head_report["rules"] = self.train_rule_head()
+            self.head_report["rules"] = train_rule_head(self.trunk, self.rule_head, self.run, self.tokenizer,
+                                                        self.learned_rules, self.device)
         out_dir = Path(self.run.train.output_dir)
         if self.head_report and (accelerator is None or accelerator.is_main_process):
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "reward_heads.json").write_text(json.dumps(self.head_report, indent=2))
 
-    def train_preference_head(self) -> dict[str, float]:
-        """Fit the preference head with the reward stage's K-wise loss + centering; report held-out accuracy."""
-        from prefopt.data import build_dataloader, load_rows
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.lm
 
-        data_cfg = self.run.data
-        if self.config.preference_data:
-            data_cfg = dataclasses.replace(data_cfg, path=self.config.preference_data, format="auto")
-        try:
-            loaded = load_rows(data_cfg, "ranks")
-        except PrefoptError as exc:
-            raise ConfigError(f"the preference head needs pairs or rankings ({exc}); set algorithm.preference_data, "
-                              "or algorithm.preference_weight=0 for no preference head") from exc
-        seed, size = self.run.train.seed, self.config.head_batch_size
-        train, _ = build_dataloader(loaded.train, "ranks", self.tokenizer, data_cfg, size, shuffle=True, seed=seed)
-        history = fit_head(self.trunk, self.preference_head, train,
-                           lambda scores, batch: ranking_loss(scores, batch, self.config.center_coef),
-                           self.config.preference_steps, self.config.head_lr, self.device)
-        report = _tail_mean(history)
-        if loaded.eval:
-            held_out, _ = build_dataloader(loaded.eval, "ranks", self.tokenizer, data_cfg, size, shuffle=False,
-                                           seed=seed)
-            report["eval_accuracy"] = self._preference_accuracy(held_out)
-        log.info("preference head: %s", report)
-        return report
+    # ------------------------------------------------------------------ stages
+    def collect(self, batch: PromptBatch) -> Rollout:
+        """One response per prompt from the full policy model (KV cache on); the trunk's output at every position,
+        computed on the way, is kept (``rollout.hidden``) for the tops and heads."""
+        capture = self.trunk.blocks[-1] if len(self.trunk.blocks) else None
+        return generate(self.lm, self.tokenizer, batch, self.config.generation, capture=capture)
 
-    @torch.no_grad()
-    def _preference_accuracy(self, loader) -> float:
-        correct = total = 0
-        for batch in loader:
-            batch = batch.to(self.device)
-            scores = self.preference_head(self.trunk(batch.input_ids, batch.attention_mask))
-            correct += int((scores[batch.pairs[:, 0]] > scores[batch.pairs[:, 1]]).sum())
-            total += batch.pairs.shape[0]
-        return correct / max(total, 1)
+    def features(self, rollout: Rollout) -> TrunkOutput:
+        """The trunk features of the sampled sequences: those captured in generation (no trunk forward), else (a
+        trunk of no blocks, or a rollout generated elsewhere) one trunk pass."""
+        sequences, attention_mask, _ = rollout_inputs(rollout)
+        if getattr(rollout, "hidden", None) is None:
+            return self.trunk(sequences, attention_mask)
+        return self.trunk.as_features(rollout.hidden, attention_mask)
 
-    def train_rule_head(self) -> dict[str, float]:
-        """Fit the rule head (multi-label BCE) on the rows of rule_data."""
-        batches = rule_batches(read_rule_rows(self.config.rule_data), self.learned_rules, self.tokenizer,
-                               self.config.head_batch_size, self.run.data.max_length, self.run.train.seed)
-        history = fit_head(self.trunk, self.rule_head, batches, rule_loss, self.config.rule_steps,
-                           self.config.head_lr, self.device)
-        report = _tail_mean(history)
-        log.info("rule head: %s", report)
-        return report
-
-    # ------------------------------------------------------------------ rollout, reward, update
-    def rollout(self, batch: PromptBatch) -> Rollout:
-        """Sample one response per prompt with the full policy model (trunk + policy top), KV cache on."""
-        return generate(self.lm, self.tokenizer, batch, self.config.generation)
+    def policy_forward(self, features: TrunkOutput, rollout: Rollout,
+                       rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-probs, entropies, values) [B, Tr] of the trained module on the features of ``rows`` (default all)."""
+        sequences, _, score_mask = rollout_inputs(rollout)
+        if rows is not None:
+            features, sequences, score_mask = features.select(rows), sequences[rows], score_mask[rows]
+        out = self.model(features, sequences, score_mask, self.config.generation.logprob_temperature)
+        return tuple(value[:, rollout.prompt_ids.shape[1]:] for value in out)
 
     @torch.no_grad()
-    def score(self, features: TrunkOutput, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
+    def score_terms(self, features: TrunkOutput, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """R(x, y) [B] and each weighted term's raw value {name: [B]}, from heads on the shared features."""
         total = torch.zeros(rollout.response_ids.shape[0], device=features.hidden.device)
         parts: dict[str, Tensor] = {}
@@ -334,70 +300,63 @@ class A2C(Algorithm):
         note_rewards(rollout, total, parts)  # samples.jsonl: the heads' parts too
         return total, parts
 
-    def forward_rollout(self, rollout: Rollout) -> dict[str, Any]:
-        """The trunk ONCE, then every top on its features; tensors sliced to the response [B, Tr]."""
-        sequences, attention_mask, score_mask = rollout_inputs(rollout)
-        temperature = self.config.generation.logprob_temperature
-        features = self.trunk(sequences, attention_mask)
-        logps, entropy, values = self.policy_forward(features, rollout)
-        ref_logps, _ = self.reference_forward(features, sequences, score_mask, temperature, with_entropy=False)
-        scores, parts = self.score(features, rollout)
-        out = {"logps": logps, "entropy": entropy, "values": values,
-               "ref_logps": ref_logps[:, rollout.prompt_ids.shape[1]:]}
-        return {**out, "scores": scores, "parts": parts, "mask": rollout.response_mask.float(), "features": features}
-
-    def policy_forward(self, features: TrunkOutput, rollout: Rollout,
-                       rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(log-probs, entropies, values) [B, Tr] of the trained module on the features of ``rows`` (default all)."""
+    def score(self, rollout: Rollout) -> TrunkScored:
+        """Every top and head on the shared features: the trained module's log-probs, entropies and values (with
+        their graph when the update is one micro-batch), the reference's log-probs, R(x, y), KL-shaped rewards."""
+        cfg = self.config
+        features = self.features(rollout)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.accumulation == 1):
+            forward = self.policy_forward(features, rollout)
         sequences, _, score_mask = rollout_inputs(rollout)
-        if rows is not None:
-            features, sequences, score_mask = features.select(rows), sequences[rows], score_mask[rows]
-        out = self.model(features, sequences, score_mask, self.config.generation.logprob_temperature)
-        return tuple(value[:, rollout.prompt_ids.shape[1]:] for value in out)
+        ref_logps, _ = self.reference_forward(features, sequences, score_mask, cfg.generation.logprob_temperature,
+                                              with_entropy=False)
+        ref_logps = ref_logps[:, rollout.prompt_ids.shape[1]:]
+        scores, parts = self.score_terms(features, rollout)
+        mask = rollout.response_mask.float()
+        kl = (forward[0].detach() - ref_logps) * mask
+        rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_mode == "reward" else 0.0)
+        return TrunkScored(rollout, mask, None, ref_logps, scores, parts, kl, rewards, features=features,
+                           forward=forward)
 
-    def learn(self, rollout: Rollout) -> Iterator[LossOutput]:
+    def advantages(self, scored: TrunkScored) -> Tensor:
+        """A_t of ``cfg.advantage`` (whitened); the value targets G_t go to ``scored.returns``."""
+        advantages, scored.returns = a2c_advantages(scored.rewards, scored.mask, scored.forward[2].detach(),
+                                                    self.config)
+        return advantages
+
+    def update(self, scored: TrunkScored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
         """The ONE update of a rollout, as G = train.gradient_accumulation_steps micro-batches of its rows.
 
-        G = 1: every top runs once on the shared features and the loss keeps its graph. G > 1: the targets
-        (advantages whitened over the whole rollout) come from a forward without gradient over all rows; then each
-        micro-batch of rows runs the trained module again, its loss weighted by its share of the response tokens,
-        so that the mean of the G losses is the loss of G = 1.
+        G = 1: the loss on the score stage's forward (its graph kept). G > 1: each micro-batch of rows runs the
+        trained module again on its features, its loss weighted by its share of the response tokens, so that the
+        mean of the G losses is the loss of G = 1 (advantages whitened over the whole rollout).
         """
-        accumulation, cfg = self.accumulation, self.config
-        with torch.no_grad() if accumulation > 1 else contextlib.nullcontext():
-            out = self.forward_rollout(rollout)
-            loss, metrics = a2c_loss(out["logps"], out["values"], out["entropy"], out["ref_logps"], out["scores"],
-                                     out["mask"], cfg)
-        gap = masked_mean((out["logps"].detach() - rollout.logprobs).abs(), out["mask"])
-        metrics.update({"logprob_gap": gap, **{f"reward/{k}": v.mean() for k, v in out["parts"].items()}})
-        seconds = getattr(rollout, "seconds", 0.0)
-        if seconds:
-            metrics["perf/generate_s"] = torch.tensor(seconds)
-        logged = {k: float(v) for k, v in metrics.items()}
+        cfg, rollout, accumulation, mask = self.config, scored.rollout, self.accumulation, scored.mask
+        logps, entropy, values = scored.forward
+        loss, terms = a2c_objective(logps, values, entropy, scored.ref_logps, advantages, scored.returns, mask, cfg)
+        values = values.detach()
+        logged = {**metrics, **{k: float(v) for k, v in terms.items()},
+                  "values/mean": float(masked_mean(values, mask)),
+                  "returns/mean": float(masked_mean(scored.returns, mask)),
+                  "explained_variance": explained_variance(values, scored.returns, mask),
+                  "logprob_gap": float(masked_mean((logps.detach() - rollout.logprobs).abs(), mask))}
         if accumulation == 1:
             yield LossOutput(loss, logged, int(rollout.attention_mask.sum()))
             return
-        advantages, returns, _ = a2c_targets(out["logps"], out["values"], out["ref_logps"], out["scores"],
-                                             out["mask"], cfg)
-        tokens = out["mask"].sum()
+        tokens = mask.sum()
         for rows in torch.arange(len(rollout.responses), device=tokens.device).tensor_split(accumulation):
-            logps, entropy, values = self.policy_forward(out["features"], rollout, rows)
-            mask = out["mask"][rows]
-            loss, _ = a2c_objective(logps, values, entropy, out["ref_logps"][rows], advantages[rows], returns[rows],
-                                    mask, cfg)
-            yield LossOutput(accumulation * mask.sum() / tokens * loss, logged, int(rollout.attention_mask[rows].sum()))
-
-    def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
-        yield from self.learn(self.rollout(batch))
+            logps, entropy, values = self.policy_forward(scored.features, rollout, rows)
+            loss, _ = a2c_objective(logps, values, entropy, scored.ref_logps[rows], advantages[rows],
+                                    scored.returns[rows], mask[rows], cfg)
+            yield LossOutput(accumulation * mask[rows].sum() / tokens * loss, logged,
+                             int(rollout.attention_mask[rows].sum()))
 
     @torch.no_grad()
     def evaluate(self, batch: PromptBatch) -> dict[str, float]:
-        rollout = self.rollout(batch)
-        out = self.forward_rollout(rollout)
-        kl = ((out["logps"] - out["ref_logps"]) * out["mask"]).sum(-1)
-        sums = {"reward/score": out["scores"].sum(), "kl": kl.sum(), "response_length": out["mask"].sum(),
-                **{f"reward/{k}": v.sum() for k, v in out["parts"].items()}}
-        return {**{k: float(v) for k, v in sums.items()}, "count": float(len(rollout.responses))}
+        scored = self.score(self.collect(batch))
+        sums = {"reward/score": scored.scores.sum(), "kl": scored.kl.sum(), "response_length": scored.mask.sum(),
+                **{f"reward/{k}": v.sum() for k, v in scored.components.items()}}
+        return {**{k: float(v) for k, v in sums.items()}, "count": float(len(scored.rollout.responses))}
 
     # ------------------------------------------------------------------ save
     def save(self, out_dir: str | Path) -> None:
@@ -405,21 +364,5 @@ class A2C(Algorithm):
         out_dir = Path(out_dir)
         self.lm.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
-        heads: dict[str, Any] = {"trainable_layers": self.config.trainable_layers,
-                                 "value": self.unwrapped.value.state_dict()}
-        if self.preference_head is not None:
-            heads["preference"] = self.preference_head.state_dict()
-        if self.rule_head is not None:
-            heads.update(rules=self.rule_head.state_dict(), rule_names=self.rule_head.names)
-        torch.save(heads, out_dir / HEADS_FILE)
-
-
-def _tail_mean(history: list[dict[str, float]], last: int = 20) -> dict[str, float]:
-    """Mean of each metric over the last ``last`` steps (and the first step's loss, to see the drop)."""
-    if not history:
-        return {}
-    tail = history[-last:]
-    report = {f"train_{k}": sum(h[k] for h in tail) / len(tail) for k in tail[0]}
-    report["first_loss"] = history[0]["loss"]
-    report["steps"] = len(history)
-    return report
+        torch.save(heads_state(self.config.trainable_layers, self.unwrapped.value, self.preference_head,
+                               self.rule_head), out_dir / HEADS_FILE)

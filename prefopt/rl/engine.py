@@ -20,7 +20,11 @@ last token) fills the KV cache, which is repeated G times before ``generate`` co
   log-probs are trained on; only its EOS ids are kept (``eos_ids``);
 * decoded response texts (special tokens dropped), and the prompts / meta of the batch (repeated G times);
 * ``seconds`` and ``new_tokens``: the generation time and the generated (unmasked) token count, so an
-  algorithm can log generation tokens/s apart from training tokens/s.
+  algorithm can log generation tokens/s apart from training tokens/s;
+* ``hidden`` (when ``capture`` names a module of the model, e.g. the last block of Sparrow's shared trunk): that
+  module's output at every position of the sampled sequences, recorded from generate's own forwards (the prompt
+  prefill and each decoding step) plus one step on the last sampled token, so nobody runs the model up to that
+  module again on the rollout.
 
 Positions: generate numbers the tokens of a left-padded row from its first real token
 (``position_ids = cumsum(attention_mask) - 1``); prefopt.scoring numbers them the same way, so a teacher-forced
@@ -33,6 +37,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import dataclasses
 
@@ -79,6 +84,7 @@ class SampledRollout(Rollout):
 
     seconds: float = 0.0  # wall time of model.generate
     new_tokens: int = 0  # generated tokens under response_mask
+    hidden: Tensor | None = None  # [B, Tp + Tr, H] output of ``generate(capture=module)``; 0 where not attended
 
     @property
     def tokens_per_s(self) -> float:
@@ -149,33 +155,80 @@ def prefilled_cache(model: nn.Module, batch: PromptBatch, num_samples: int) -> d
     return {"cache": cache}
 
 
+class _Captured(Exception):
+    """Ends the forward of the last sampled token once the captured module has run."""
+
+
+@contextlib.contextmanager
+def recording(module: nn.Module, stop: bool = False) -> Iterator[list[Tensor]]:
+    """The outputs of ``module`` [b, t, H] of every forward while open, in order; ``stop``: raise ``_Captured``
+    after recording, so the rest of the model does not run."""
+    outputs: list[Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+        if stop:
+            raise _Captured
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def captured_hidden(model: nn.Module, module: nn.Module, outputs: list[Tensor], sequences: Tensor,
+                    prompt_mask: Tensor, cache: Any) -> Tensor:
+    """The output of ``module`` at every column of ``sequences`` [B, T, H] from the ``outputs`` the forwards of
+    ``generate`` recorded: the prompts (prefilled once per prompt for its G samples, or by generate) and one
+    column per decoding step. The last sampled token is never fed forward by generate: one more step on its
+    column with the generation's KV cache runs the model up to ``module`` and stops there."""
+    rows, width = sequences.shape
+    hidden = torch.cat([out.repeat_interleave(rows // out.shape[0], 0) for out in outputs], dim=1)[:, :width]
+    if hidden.shape[1] < width:  # generate's own mask: the prompt's, then 1 on every generated column
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, width - prompt_mask.shape[1])], dim=1)
+        with recording(module, stop=True) as last, contextlib.suppress(_Captured):
+            model(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=position_ids(mask)[:, -1:],
+                  cache=cache, use_cache=True)
+        hidden = torch.cat([hidden, *last], dim=1)
+    return hidden
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationConfig, num_samples: int = 1,
-             seed: int | None = None) -> SampledRollout:
+             seed: int | None = None, capture: nn.Module | None = None) -> SampledRollout:
     """Sample ``num_samples`` responses per prompt of ``batch`` (see the module docstring); ``seed`` fixes the draw.
 
     ``model`` is a plain (unwrapped) transformers or peft causal LM; it is put in eval mode for generation and
     its mode restored. With ``seed`` the global RNG is forked, so training randomness is left untouched.
+    ``capture``: a module of ``model`` (e.g. a block) whose output at every position of the sampled sequences is
+    kept as ``rollout.hidden`` (``captured_hidden``), so a later pass need not run the model up to it again.
     """
     was_training = model.training
     model.eval()
     eos = eos_ids(tokenizer, model)
     config = sampling_config(gen, eos, tokenizer.pad_token_id)
     repeated = repeat_prompts(batch, num_samples)
+    hidden = None
     start = time.perf_counter()
     try:
         with (torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None),
               only_settings(model, config)):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
-                                 generation_config=config, **prefilled_cache(model, batch, num_samples))
+            with recording(capture) if capture is not None else contextlib.nullcontext([]) as outputs:
+                out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
+                                     generation_config=config, **prefilled_cache(model, batch, num_samples))
+            if capture is not None:
+                hidden = captured_hidden(model, capture, outputs, out.sequences, repeated.attention_mask, out.cache)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     prompt_width = batch.input_ids.shape[1]
     response_ids = out.sequences[:, prompt_width:]
     mask = response_mask(response_ids, eos)
+    if capture is not None:  # padding and the columns after EOS are garbage (generate attends to them): zero
+        hidden = hidden * torch.cat([repeated.attention_mask, mask], dim=1)[..., None].to(hidden.dtype)
     is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))
     ended = (is_eos & mask.bool()).any(-1)
     logprobs = torch.stack([  # one [B, V] step at a time: no float32 copy of all [B, Tr, V] logits at once
@@ -187,7 +240,7 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     rollout = SampledRollout(prompt_ids=repeated.input_ids, prompt_mask=repeated.attention_mask,
                              response_ids=response_ids, response_mask=mask, logprobs=logprobs, ended=ended,
                              prompts=list(repeated.prompts), responses=texts, meta=list(repeated.meta), group=group,
-                             seconds=seconds, new_tokens=int(mask.sum()))
+                             seconds=seconds, new_tokens=int(mask.sum()), hidden=hidden)
     note_rollout(rollout)  # samples.jsonl, while the Trainer records
     return rollout
 
