@@ -15,7 +15,10 @@ Choices. The policy IS the loaded transformers model (its bottom blocks are the 
 top), so ``prefopt.rl.engine.generate`` and ``save_pretrained`` use it unchanged. A tied LM head is untied: the policy
 trains its own copy of the output embedding (``train_lm_head``), while the reference reads the frozen input
 embedding the trunk already holds (no extra copy). Position ids follow the attention mask (cumsum - 1, as
-transformers' ``generate`` makes them), so left-padded prompts score the same as in generation.
+transformers' ``generate`` makes them), so left-padded prompts score the same as in generation, and trunk outputs
+recorded while generating become features without a trunk pass (``Trunk.as_features``). A top's last block computes
+only the columns read from it (the response for log-probs and values, the last tokens for the reward heads); the
+columns before enter it as keys and values only (``block_from``).
 
 Supported layouts: GPT-2 (``transformer.wte/wpe/h/ln_f``) and Llama-like decoders
 (``model.embed_tokens/layers/norm/rotary_emb``: Llama, Mistral, Qwen2, ...). Each block gets the mask of its
@@ -27,12 +30,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from prefopt.errors import PrefoptError
@@ -47,17 +52,21 @@ class Layout:
     embed: str
     blocks: str
     norm: str
+    attention_norm: str  # a block's norm before its self-attention
+    attention: str  # a block's self-attention module (called with the block's arguments)
     positions: str | None = None  # learned absolute position embeddings (GPT-2)
     rotary: str | None = None  # rotary position embedding module (Llama)
 
 
-GPT2 = Layout(embed="wte", blocks="h", norm="ln_f", positions="wpe")
-LLAMA = Layout(embed="embed_tokens", blocks="layers", norm="norm", rotary="rotary_emb")
+GPT2 = Layout(embed="wte", blocks="h", norm="ln_f", attention_norm="ln_1", attention="attn", positions="wpe")
+LLAMA = Layout(embed="embed_tokens", blocks="layers", norm="norm", attention_norm="input_layernorm",
+               attention="self_attn", rotary="rotary_emb")
+LAYOUTS = (GPT2, LLAMA)
 
 
 def layout_of(decoder: nn.Module) -> Layout:
     """The layout of a decoder, recognised by its attributes."""
-    for layout in (GPT2, LLAMA):
+    for layout in LAYOUTS:
         names = [layout.embed, layout.blocks, layout.norm, layout.positions, layout.rotary]
         if all(hasattr(decoder, name) for name in names if name):
             return layout
@@ -104,11 +113,46 @@ def layer_types(config: Any) -> list[str]:
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
-def run_blocks(blocks: Iterable[nn.Module], types: list[str], hidden: Tensor, features: TrunkOutput) -> Tensor:
-    """Hidden states through ``blocks``, each with the mask of its layer type."""
-    for block, kind in zip(blocks, types, strict=True):
+def run_blocks(blocks: Iterable[nn.Module], types: list[str], hidden: Tensor, features: TrunkOutput,
+               start: int = 0) -> Tensor:
+    """Hidden states through ``blocks``, each with the mask of its layer type; with ``start`` > 0 the last block
+    computes only the columns start.. (``block_from``), and the result is [B, T - start, H]."""
+    blocks = list(blocks)
+    for i, (block, kind) in enumerate(zip(blocks, types, strict=True)):
+        if start and i == len(blocks) - 1:
+            return block_from(block, kind, hidden, features, start)
         hidden = block(hidden, attention_mask=features.masks[kind], **features.block_kwargs)
     return hidden
+
+
+def block_from(block: nn.Module, kind: str, hidden: Tensor, features: TrunkOutput, start: int) -> Tensor:
+    """The output of ``block`` [B, T - start, H] at the columns start.. only, equal to its full output there.
+
+    The columns before ``start`` enter those outputs only as keys and values: the block's own self-attention
+    (after its norm) runs on them first and leaves them in a cache, and the block then runs on the columns start..
+    with that cache. Their MLP and the rest of the block are not computed. Without a materialised [B, 1, T, T] mask
+    (transformers may leave it to the kernel when nothing is padded) the whole block runs.
+    """
+    mask = features.masks[kind]
+    if not (isinstance(mask, Tensor) and mask.dim() == 4):
+        return block(hidden, attention_mask=mask, **features.block_kwargs)[:, start:]
+    layout = next(layout for layout in LAYOUTS if hasattr(block, layout.attention))
+    width = hidden.shape[1]
+
+    def columns(value: Any, part: slice) -> Any:
+        if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[1] == width:
+            return value[:, part]
+        if isinstance(value, (tuple, list)):
+            return type(value)(columns(v, part) for v in value)
+        return value
+
+    before, after = slice(0, start), slice(start, None)
+    cache = DynamicCache()  # plain layers: a sliding window is in the mask
+    kwargs = {name: columns(value, before) for name, value in features.block_kwargs.items()}
+    getattr(block, layout.attention)(getattr(block, layout.attention_norm)(hidden[:, before]),
+                                     attention_mask=mask[:, :, before, before], cache=cache, **kwargs)
+    kwargs = {name: columns(value, after) for name, value in features.block_kwargs.items()}
+    return block(hidden[:, after], attention_mask=mask[:, :, after], cache=cache, **kwargs)
 
 
 class Trunk(nn.Module):
@@ -157,7 +201,8 @@ class Trunk(nn.Module):
 
 
 class Top(nn.Module):
-    """Top transformer blocks (of attention types ``types``) + final norm on trunk features -> [B, T, H]."""
+    """Top transformer blocks (of attention types ``types``) + final norm on trunk features -> [B, T - start, H]:
+    the outputs at the columns start.. (all: 0), the last block computing only those (``block_from``)."""
 
     def __init__(self, blocks: Iterable[nn.Module], norm: nn.Module, types: list[str]):
         super().__init__()
@@ -165,8 +210,8 @@ class Top(nn.Module):
         self.norm = norm
         self.types = list(types)
 
-    def forward(self, features: TrunkOutput) -> Tensor:
-        return self.norm(run_blocks(self.blocks, self.types, features.hidden, features))
+    def forward(self, features: TrunkOutput, start: int = 0) -> Tensor:
+        return self.norm(run_blocks(self.blocks, self.types, features.hidden, features, start))
 
 
 class LMTop(nn.Module):
@@ -179,7 +224,19 @@ class LMTop(nn.Module):
 
     def forward(self, features: TrunkOutput, input_ids: Tensor, score_mask: Tensor, temperature: float = 1.0,
                 with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
-        return logps_from_hidden(self.top(features), self.head, input_ids, score_mask, temperature, with_entropy)
+        """Log-probs (and entropies) [B, T] of the scored tokens; the top runs from the column before the first
+        scored one (a rollout: the last prompt column), so the prompt is only keys and values to it."""
+        start = first_state(score_mask)
+        hidden = self.top(features, start)
+        logps, entropy = logps_from_hidden(hidden, self.head, input_ids[:, start:], score_mask[:, start:],
+                                           temperature, with_entropy)
+        return F.pad(logps, (start, 0)), None if entropy is None else F.pad(entropy, (start, 0))
+
+
+def first_state(score_mask: Tensor) -> int:
+    """The column of the state that predicts the first scored token of any row (0 when none is scored)."""
+    scored = score_mask.bool().any(0).nonzero()
+    return max(int(scored[0]) - 1, 0) if len(scored) else 0
 
 
 def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -210,7 +267,10 @@ class SequenceHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, features: TrunkOutput) -> Tensor:
-        return linear_head(self.score, last_token(self.top(features), features.attention_mask))
+        """The top runs from the earliest last token of the rows: what comes before is only keys and values."""
+        positions = torch.arange(features.attention_mask.shape[1], device=features.attention_mask.device)
+        start = int((features.attention_mask * positions).argmax(-1).min())
+        return linear_head(self.score, last_token(self.top(features, start), features.attention_mask[:, start:]))
 
 
 class PreferenceHead(SequenceHead):
@@ -233,8 +293,8 @@ class ValueMLP(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, features: TrunkOutput) -> Tensor:
-        return linear_head(self.net, features.hidden).squeeze(-1)  # [B, T]
+    def forward(self, features: TrunkOutput, start: int = 0) -> Tensor:
+        return linear_head(self.net, features.hidden[:, start:]).squeeze(-1)  # [B, T - start]
 
 
 class ValueTop(nn.Module):
@@ -247,8 +307,8 @@ class ValueTop(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, features: TrunkOutput) -> Tensor:
-        return linear_head(self.head, self.top(features)).squeeze(-1)  # [B, T]
+    def forward(self, features: TrunkOutput, start: int = 0) -> Tensor:
+        return linear_head(self.head, self.top(features, start)).squeeze(-1)  # [B, T - start]
 
 
 class SparrowActorCritic(nn.Module):
@@ -266,9 +326,10 @@ class SparrowActorCritic(nn.Module):
     def forward(self, features: TrunkOutput, input_ids: Tensor, score_mask: Tensor,
                 temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         logps, entropy = self.policy(features, input_ids, score_mask, temperature)
-        state_values = self.value(features)  # [B, T]: V of the state ending at each position
+        start = first_state(score_mask)
+        state_values = self.value(features, start)  # [B, T - start]: V of the state ending at each column start..
         values = torch.zeros_like(logps)
-        values[:, 1:] = state_values[:, :-1]
+        values[:, start + 1:] = state_values[:, :-1]
         return logps, entropy, values * score_mask
 
 
@@ -333,31 +394,3 @@ def _linear_on(weight: nn.Parameter, like: nn.Module) -> nn.Linear:
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone())
     return linear
-
-
-def fit_head(trunk: Trunk, head: nn.Module, batches: Iterable[Any], loss_fn: Callable[[Tensor, Any], tuple],
-             steps: int, lr: float, device: torch.device | str = "cpu") -> list[dict[str, float]]:
-    """Train a reward head on trunk features for ``steps`` batches (AdamW); the trunk stays frozen.
-
-    ``batches`` yields objects with ``input_ids``/``attention_mask`` (and a ``.to``); ``loss_fn(outputs, batch)``
-    returns (loss, metrics of tensors). The head is left frozen and in eval mode. Returns per-step metrics.
-    """
-    head.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr)
-    history: list[dict[str, float]] = []
-    iterator = iter(batches)
-    for _ in range(steps):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            iterator = iter(batches)
-            batch = next(iterator)
-        batch = batch.to(device)
-        loss, metrics = loss_fn(head(trunk(batch.input_ids, batch.attention_mask)), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append({"loss": float(loss.detach()), **{k: float(v.float().mean()) for k, v in metrics.items()}})
-    head.zero_grad(set_to_none=True)
-    head.requires_grad_(False).eval()
-    return history

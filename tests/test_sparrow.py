@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from prefopt.algorithms.sparrow_heads import fit_head
 from prefopt.data.collate import prompt_batch
 from prefopt.errors import DataError, PrefoptError
 from prefopt.rl.engine import eos_ids
-from prefopt.scoring import position_ids
+from prefopt.scoring import logps_from_hidden, position_ids
 from prefopt.rules import (RULES, RuleBatch, RuleHead, label_rows, programmatic_ok, read_rule_rows, rule_batches,
                            rule_loss)
-from prefopt.sparrow import (PreferenceHead, SparrowActorCritic, ValueMLP, ValueTop, fit_head, num_blocks,
-                             split_model)
+from prefopt.sparrow import PreferenceHead, SparrowActorCritic, ValueMLP, ValueTop, num_blocks, split_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,6 +146,43 @@ def test_trunk_features_captured_in_generation_equal_a_trunk_pass(fixture, num_s
     torch.testing.assert_close(split.reference(captured, ids, mask)[0], reference, atol=1e-5, rtol=0)
     # the sampling-time log-probs: the same policy, token by token with the KV cache
     torch.testing.assert_close(expected[:, rollout.prompt_ids.shape[1]:], rollout.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
+def test_tops_compute_only_the_columns_they_need(fixture, request):
+    """A top's last block run from column ``start`` (the columns before it only as keys and values) gives the full
+    top's outputs there and the same gradients; the policy log-probs, values and reward heads use it."""
+    model_dir = request.getfixturevalue(fixture)
+    split = split_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 2)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding, as in rollouts; row 2 ends early (right padding)
+    mask[2, 33:] = 0
+    score_mask = mask.clone()
+    score_mask[:, :22] = 0
+    features = split.trunk(ids, mask)
+    top = split.policy.top
+    full = top(features)
+    for start in (1, 21, 39):
+        torch.testing.assert_close(top(features, start), full[:, start:], atol=1e-5, rtol=0)
+    logps, _ = split.policy(features, ids, score_mask)  # from column 21
+    expected, _ = logps_from_hidden(top(features), split.policy.head, ids, score_mask, with_entropy=False)
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
+    grads = [torch.autograd.grad(x.sum(), list(top.parameters())) for x in (logps, expected)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    value = ValueTop(split.copy_top(True), split.hidden_size)
+    torch.nn.init.normal_(value.head.weight)
+    _, _, values = SparrowActorCritic(split.policy, value)(features, ids, score_mask)
+    state_values = value.head(value.top(features)).squeeze(-1)
+    torch.testing.assert_close(values[:, 22:], (state_values[:, 21:-1] * score_mask[:, 22:]).detach(), atol=1e-5,
+                               rtol=0)
+    head = PreferenceHead(split.copy_top(), split.hidden_size)  # from column 32 (row 2's last token)
+    torch.nn.init.normal_(head.score.weight)
+    rows = torch.arange(3)
+    expected = head.score(head.top(features)[rows, torch.tensor([39, 39, 32])]).squeeze(-1)
+    torch.testing.assert_close(head(features), expected, atol=1e-5, rtol=0)
 
 
 def test_only_the_top_trains_and_the_tied_head_is_untied(tiny_model_dir):

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from prefopt.algorithms.reward import ranking_loss
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.rules import RULES, read_rule_rows, rule_batches, rule_loss
-from prefopt.sparrow import PreferenceHead, Trunk, fit_head
+from prefopt.sparrow import PreferenceHead, Trunk
 
 log = logging.getLogger("prefopt.a2c")
 HEADS_FILE = "sparrow_heads.pt"
@@ -62,6 +63,34 @@ def sort_rules(rules: dict[str, float], saved: dict[str, Any] | None,
         raise ConfigError(f"algorithm.rules: {unknown} have no rows in algorithm.rule_data and no programmatic "
                           f"rule; programmatic rules: {', '.join(RULES.available())}")
     return learned, programmatic
+
+
+def fit_head(trunk: Trunk, head: nn.Module, batches: Iterable[Any], loss_fn: Callable[[Tensor, Any], tuple],
+             steps: int, lr: float, device: torch.device | str = "cpu") -> list[dict[str, float]]:
+    """Train a reward head on trunk features for ``steps`` batches (AdamW); the trunk stays frozen.
+
+    ``batches`` yields objects with ``input_ids``/``attention_mask`` (and a ``.to``); ``loss_fn(outputs, batch)``
+    returns (loss, metrics of tensors). The head is left frozen and in eval mode. Returns per-step metrics.
+    """
+    head.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr)
+    history: list[dict[str, float]] = []
+    iterator = iter(batches)
+    for _ in range(steps):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(batches)
+            batch = next(iterator)
+        batch = batch.to(device)
+        loss, metrics = loss_fn(head(trunk(batch.input_ids, batch.attention_mask)), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append({"loss": float(loss.detach()), **{k: float(v.float().mean()) for k, v in metrics.items()}})
+    head.zero_grad(set_to_none=True)
+    head.requires_grad_(False).eval()
+    return history
 
 
 def train_preference_head(trunk: Trunk, head: PreferenceHead, run: Any, tokenizer,
