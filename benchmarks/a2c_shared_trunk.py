@@ -3,18 +3,21 @@
 Glaese et al. 2022 (arXiv 2209.14375) freeze the bottom layers and share them between the policy, the reference,
 the value function and the reward models, so the trunk is held once and computed once per batch. This compares
 
-  * ``shared``        prefopt's ``a2c``: trunk once, then the policy top (trained), the reference top, the value
-                      head (an MLP on trunk features, the default) and the preference + rule heads (copies of the
-                      top blocks) on the same features;
+  * ``shared``        prefopt's ``a2c``: the trunk features its generation computed (kept while sampling, no
+                      trunk pass afterwards), then the policy top (trained), the reference top, the value head (an
+                      MLP on trunk features, the default) and the preference + rule heads (copies of the top
+                      blocks) on those features, each top's last block only on the columns read from it;
   * ``shared_blocks`` the same with ``value_head: blocks`` (the value is a copy of the top blocks + scalar head,
                       so it trains exactly what the separate value model trains);
   * ``separate``      the same A2C loss and trainable blocks, but the policy, reference, value, preference and rule
                       models are each a full model computing its own full forward;
 
 on the same HH prompts, rollout sizes and generation seeds, in one process, alternating the variants step by step
-after warm-up. Step = generation (the full policy, KV cache) + update (forwards, loss, backward, AdamW step); the
-trunk trick acts on the update. Peak memory is the peak RSS of a separate subprocess per variant
-(VmHWM on Linux, else ``resource.getrusage``), also shown above that process's RSS before any model was built.
+after warm-up. Step = generation (the full policy, KV cache; in ``shared*`` it also keeps the trunk's output, plus
+one trunk step on the last sampled token) + update (forwards, loss, backward, AdamW step). The trunk trick acts on
+both: the trunk runs once per token, inside generation, and the update runs only the tops. Peak memory is the
+peak RSS of a separate subprocess per variant (VmHWM on Linux, else ``resource.getrusage``), also shown above that
+process's RSS before any model was built.
 
     python benchmarks/a2c_shared_trunk.py --out results/a2c_shared_trunk.json
 
