@@ -134,9 +134,9 @@ def block_from(block: nn.Module, kind: str, hidden: Tensor, features: TrunkOutpu
     (transformers may leave it to the kernel when nothing is padded) the whole block runs.
     """
     mask = features.masks[kind]
-    if not (isinstance(mask, Tensor) and mask.dim() == 4):
+    layout = next((layout for layout in LAYOUTS if hasattr(block, layout.attention)), None)
+    if layout is None or not (isinstance(mask, Tensor) and mask.dim() == 4):
         return block(hidden, attention_mask=mask, **features.block_kwargs)[:, start:]
-    layout = next(layout for layout in LAYOUTS if hasattr(block, layout.attention))
     width = hidden.shape[1]
 
     def columns(value: Any, part: slice) -> Any:

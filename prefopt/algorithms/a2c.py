@@ -263,11 +263,14 @@ class A2C(OnlineAlgorithm):
 
     def features(self, rollout: Rollout) -> TrunkOutput:
         """The trunk features of the sampled sequences: those captured in generation (no trunk forward), else (a
-        trunk of no blocks, or a rollout generated elsewhere) one trunk pass."""
+        trunk of no blocks, or a rollout generated elsewhere) one trunk pass. The features take the captured states
+        over: a rollout kept for samples.jsonl does not hold them."""
         sequences, attention_mask, _ = rollout_inputs(rollout)
-        if getattr(rollout, "hidden", None) is None:
+        hidden = getattr(rollout, "hidden", None)
+        if hidden is None:
             return self.trunk(sequences, attention_mask)
-        return self.trunk.as_features(rollout.hidden, attention_mask)
+        rollout.hidden = None
+        return self.trunk.as_features(hidden, attention_mask)
 
     def policy_forward(self, features: TrunkOutput, rollout: Rollout,
                        rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -315,8 +318,8 @@ class A2C(OnlineAlgorithm):
         mask = rollout.response_mask.float()
         kl = (forward[0].detach() - ref_logps) * mask
         rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_mode == "reward" else 0.0)
-        return TrunkScored(rollout, mask, None, ref_logps, scores, parts, kl, rewards, features=features,
-                           forward=forward)
+        return TrunkScored(rollout=rollout, mask=mask, old_logps=None, ref_logps=ref_logps, scores=scores,
+                           components=parts, kl=kl, rewards=rewards, features=features, forward=forward)
 
     def advantages(self, scored: TrunkScored) -> Tensor:
         """A_t of ``cfg.advantage`` (whitened); the value targets G_t go to ``scored.returns``."""
