@@ -199,8 +199,8 @@ def test_scoring_on_captured_features_equals_scoring_on_a_trunk_pass(fixture, hh
     with torch.no_grad():
         captured = algorithm.score(rollout)
         fresh = algorithm.score(dataclasses.replace(rollout, hidden=None))  # no capture: Trunk.forward
-    assert rollout.hidden is None  # handed over to the features (samples.jsonl may keep the rollout)
         advantages = [algorithm.advantages(scored) for scored in (captured, fresh)]
+    assert rollout.hidden is None  # handed over to the features (samples.jsonl may keep the rollout)
     for name, got, expected in [*zip(("logps", "entropy", "values"), captured.forward, fresh.forward),
                                 ("ref_logps", captured.ref_logps, fresh.ref_logps), ("kl", captured.kl, fresh.kl),
                                 ("scores", captured.scores, fresh.scores), ("advantages", *advantages),
