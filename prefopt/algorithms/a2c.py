@@ -218,7 +218,8 @@ class A2C(OnlineAlgorithm):
         self.preference_head = PreferenceHead(split.copy_top(), width) if cfg.preference_weight > 0 else None
         self.saved_heads = load_heads(cfg.reward_heads, cfg.trainable_layers)
         self.learned_rules, self.programmatic_rules = sort_rules(cfg.rules, self.saved_heads, cfg.rule_data)
-        head_rules = self.saved_heads["rule_names"] if self.saved_heads and self.learned_rules else self.learned_rules
+        saved_rules = self.saved_heads is not None and self.learned_rules
+        head_rules = self.saved_heads["rule_names"] if saved_rules else self.learned_rules
         self.rule_head = RuleHead(split.copy_top(), width, head_rules) if self.learned_rules else None
         for head in (self.preference_head, self.rule_head):
             if head is not None:
