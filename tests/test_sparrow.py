@@ -148,6 +148,16 @@ def test_trunk_features_captured_in_generation_equal_a_trunk_pass(fixture, num_s
     torch.testing.assert_close(expected[:, rollout.prompt_ids.shape[1]:], rollout.logprobs, atol=1e-5, rtol=0)
 
 
+def test_capturing_a_module_outside_the_model_is_refused(tiny_model_dir):
+    from prefopt.rl.engine import GenerationConfig, generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = prompt_batch([{"prompt_ids": [5, 6, 7], "prompt": "x", "meta": {}}], tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="Linear is not a module of the generating model"):
+        generate(lm, tokenizer, batch, GenerationConfig(max_new_tokens=2), capture=nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
 def test_tops_compute_only_the_columns_they_need(fixture, request):
     """A top's last block run from column ``start`` (the columns before it only as keys and values) gives the full

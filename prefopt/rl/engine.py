@@ -184,6 +184,8 @@ def captured_hidden(model: nn.Module, module: nn.Module, outputs: list[Tensor], 
     column per decoding step. The last sampled token is never fed forward by generate: one more step on its
     column with the generation's KV cache runs the model up to ``module`` and stops there."""
     rows, width = sequences.shape
+    if not outputs:
+        raise ValueError(f"generate(capture=...): {type(module).__name__} is not a module of the generating model")
     hidden = torch.cat([out.repeat_interleave(rows // out.shape[0], 0) for out in outputs], dim=1)[:, :width]
     if hidden.shape[1] < width:  # generate's own mask: the prompt's, then 1 on every generated column
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, width - prompt_mask.shape[1])], dim=1)
