@@ -118,18 +118,6 @@ def test_config_ranges_name_the_key():
     assert cfg.algorithm.rewards[0].name == "target_token" and cfg.algorithm.generation.top_k == 5
 
 
-@pytest.mark.parametrize("old, new", [("ppo_epochs", "epochs"), ("cliprange", "epsilon")])
-def test_renamed_keys_say_their_new_name(old, new):
-    """PPO's knobs carry the online skeleton's names (one name per knob): an old recipe gets one line naming the new
-    key, and PPO's settings reach the skeleton's update loop and clipped loss under that name."""
-    with pytest.raises(ConfigError, match=f"^algorithm.{old} was renamed algorithm.{new}: write {new}: 2 instead$"):
-        build_run_config({"algorithm": {"name": "ppo", old: 2}})
-    cfg = build_run_config({"algorithm": {"name": "ppo", new: 2}}).algorithm
-    assert getattr(cfg, new) == 2 and PPOConfig().epochs == 4 and PPOConfig().epsilon == 0.2
-    with pytest.raises(ConfigError, match="unknown config key 'algorithm.kl_in'"):  # fixed by PPO: not a knob
-        build_run_config({"algorithm": {"name": "ppo", "kl_in": "loss"}})
-
-
 # ----------------------------------------------------------------------------------------- the policy/critic module
 
 

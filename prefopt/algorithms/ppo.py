@@ -86,7 +86,7 @@ class PPOConfig(OnlineConfig):
     loss_type: str = "bnpo"
     """Policy loss (prefopt.rl.losses); bnpo is PPO's E_t, the token mean over the minibatch."""
     kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty to the reference policy (the initial value when adaptive)."""
+    """beta of the per-token KL penalty to the reference (initial value when adaptive; 0: no reference in training)."""
     epochs: int = 4
     """Passes over each rollout batch (PPO epochs)."""
     advantage: str = field(default="gae", init=False)
