@@ -284,8 +284,8 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
             rejected, rejected_len = halves_logps(self.model, batch, 1)
             cached = self.cache.lookup(split, batch)
             if cached is None:
-                ref_chosen, _ = halves_logps(self._reference_scorer, batch, 0)
-                ref_rejected, _ = halves_logps(self._reference_scorer, batch, 1)
+                ref_chosen, _ = halves_logps(self.reference_forward, batch, 0)
+                ref_rejected, _ = halves_logps(self.reference_forward, batch, 1)
             else:
                 ref_chosen, ref_rejected = cached
             return PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)

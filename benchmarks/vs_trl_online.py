@@ -112,7 +112,8 @@ class Ours(Contestant):
                 "train": {"output_dir": str(args.work / "runs" / self.name), "max_steps": self.steps,
                           "batch_size": PROMPTS_PER_STEP, "learning_rate": LR, "lr_scheduler": "constant",
                           "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 0, "mixed_precision": "no",
-                          "progress": False, "save_model": False, "log_every": 100}}
+                          "progress": False, "save_model": False, "log_every": 100,
+                          "overwrite": True}}  # a rerun (the memory process) replaces the last
 
 
 class TRL(Contestant):
