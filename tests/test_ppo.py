@@ -18,10 +18,10 @@ from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.functional import gae
 from prefopt.models import load_tokenizer
-from prefopt.rl.rewards import CompositeReward
 from prefopt.rl.advantages import explained_variance
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import KLController, kl_shaped_rewards
+from prefopt.rl.rewards import CompositeReward
 from prefopt.scoring import PolicyAndValue, RewardScorer, token_logps, value_head
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
