@@ -3,39 +3,37 @@
     python benchmarks/vs_trl_online.py                     # grpo and rloo, 2 warm-up + 6 timed steps, memory
     python benchmarks/vs_trl_online.py --algorithms grpo --steps 2 --no-memory      # a quick look
 
-Protocol (as ``vs_trl.py``, whose contestant threads and model this reuses). The model is the tiny GPT-2 of
-``prefopt.tiny`` (4 layers, width 256, BPE 4096 trained on the HH text), fp32 on both sides. Prompts are the
-HH-RLHF harmless-base prompts of ../shared/data (up to the last "\\n\\nAssistant:") of 24..``--max-prompt`` tokens,
-in file order, 8 per step; each is answered G = 4 times (32 completions a step), ``--max-new-tokens`` 32 tokens,
-temperature 1, top-p 1, top-k 0. Neither side shuffles (TRL: ``shuffle_dataset=False``), so step k of both sides
-answers the same 8 prompts. The reward is the same deterministic function of the completion text on both sides
+Protocol (as ``vs_trl.py``: the contestant threads of ``turns.py``, the model of ``assets.py``). The model is the
+tiny GPT-2 of ``prefopt.tiny`` (4 layers, width 256, BPE 4096 trained on the HH text), fp32 on both sides. Prompts
+are the HH-RLHF harmless-base prompts of ../shared/data (up to the last "\\n\\nAssistant:") of 24..``--max-prompt``
+tokens, in file order, 8 per step; each is answered G = 4 times (32 completions a step), ``--max-new-tokens`` 32
+tokens, temperature 1, top-p 1, top-k 0. Neither side shuffles (TRL: ``shuffle_dataset=False``), so step k of both
+sides answers the same 8 prompts. The reward is the same deterministic function of the completion text on both sides
 (the share of its words that are common English words, ``reward``). Learning rate 1e-6 (TRL's default), constant,
 clip 1.0, seed 0; TRL's default loss type (``dapo``) for GRPO on both sides; RLOO with beta = 0.05 (TRL's default).
 "trl-default" is TRL as it ships (gradient checkpointing on); "trl-best" turns it off.
 
 Every contestant is a real training loop in its own thread (``Trainer.fit`` / ``trainer.train()``), one optimizer
-step each in turn. Reported: median s/step over the timed steps and its parts (generation; scoring = rewards and
-the old / reference log-probs the step needs; update = the rest: the policy forward, backward and optimizer step),
-generated tokens/s, the loss at step 0, and peak RSS of a process that runs only that contestant
-(``--memory-steps`` steps). The samples differ between the sides (different random streams), so losses are equal
-only where they do not depend on the samples; ``tests/test_parity_trl_online.py`` shows the losses equal on the
-same batch.
+step each in turn (``turns.run_in_turns``). Reported: median s/step over the timed steps and its parts (generation;
+scoring = rewards and the old / reference log-probs the step needs; update = the rest: the policy forward, backward
+and optimizer step), generated tokens/s, the loss at step 0, and peak RSS of a process that runs only that
+contestant (``--memory-steps`` steps; ``measure.run_worker``). The samples differ between the sides (different
+random streams), so losses are equal only where they do not depend on the samples;
+``tests/test_parity_trl_online.py`` shows the losses equal on the same batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import HH, Contestant, build_assets, fit_in_turns, run_in_turns, train_in_turns  # noqa: E402
+from assets import HH, build_assets
+from measure import peak_rss_mb, run_worker
+from turns import Contestant, fit_in_turns, run_in_turns, train_in_turns
 
 G, PROMPTS_PER_STEP, LR = 4, 8, 1e-6
 COMMON_WORDS = {"the", "a", "and", "to", "of", "i", "you", "is", "it", "that", "in", "be", "not", "for", "are"}
@@ -112,7 +110,8 @@ class Ours(Contestant):
                 "train": {"output_dir": str(args.work / "runs" / self.name), "max_steps": self.steps,
                           "batch_size": PROMPTS_PER_STEP, "learning_rate": LR, "lr_scheduler": "constant",
                           "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 0, "mixed_precision": "no",
-                          "progress": False, "save_model": False, "log_every": 100}}
+                          "progress": False, "save_model": False, "log_every": 100,
+                          "overwrite": True}}  # a rerun (the memory process) replaces the last
 
 
 class TRL(Contestant):
@@ -200,7 +199,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     run_in_turns(contestants)
     return {"contestants": [{"name": c.name, "times": c.times, "losses": c.losses, "tokens": c.tokens,
                              "parts": c.parts} for c in contestants],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def summarise(result: dict[str, Any], warmup: int, memory: dict[str, float]) -> list[dict[str, Any]]:
@@ -245,20 +244,18 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--only", nargs="*", default=[])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        print(json.dumps(worker(args)))
+        args.worker.write_text(json.dumps(worker(args)))
         return
     flags = ["--work", str(args.work), "--max-new-tokens", str(args.max_new_tokens), "--max-prompt",
              str(args.max_prompt), "--threads", str(args.threads), "--algorithms", *args.algorithms]
 
     def run(extra: list[str]) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, __file__, "--worker", *flags, *extra], check=True,
-                             capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_worker(__file__, args.work, [*flags, *extra], quiet=True)
 
     result = run(["--steps", str(args.steps), "--warmup", str(args.warmup), "--only", *args.only])
     memory = {}

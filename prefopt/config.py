@@ -230,9 +230,13 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = getattr(cls, "renamed_keys", {})  # old key -> its new name, for a clear error on an old recipe
     kwargs = {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
+        if key in renamed and key not in fields:
+            new = f"{where}.{renamed[key]}" if where else renamed[key]
+            raise ConfigError(f"{dotted} was renamed {new}: write {renamed[key]}: {value!r} instead")
         if key not in fields:
             hint = closest(str(key), list(fields))
             raise ConfigError(f"unknown config key {dotted!r}" + (f"; did you mean {hint!r}?" if hint else "")
@@ -346,7 +350,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, docstring) for each field of a config dataclass, read from the source."""
+    """(name, type, default, docstring) for each field of a config dataclass a recipe may set (``init`` fields: a
+    subclass pins an inherited field with ``field(init=False)``), read from the source."""
     import ast
     import inspect
 
@@ -362,7 +367,7 @@ def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
                 docs[node.target.id] = str(nxt.value.value).strip()  # type: ignore[union-attr]
     out = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in (f for f in dataclasses.fields(cls) if f.init):
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

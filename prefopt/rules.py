@@ -16,7 +16,6 @@ P(not violated) in {0, 1}. They can also label texts (``label_rows``) to train a
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefopt.data.readers import read_json_lines
 from prefopt.errors import DataError
 from prefopt.registry import Registry
 from prefopt.sparrow import SequenceHead, Top, TrunkOutput
@@ -77,16 +77,9 @@ def read_rule_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"rule data {str(path)!r} not found (expected .jsonl rows {{text, rule, violated}})")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON: {exc}") from exc
-            check_row(row, f"{path}:{number}")
-            rows.append(row)
+    for number, row in read_json_lines(path):
+        check_row(row, f"{path}:{number}")
+        rows.append(row)
     return rows
 
 

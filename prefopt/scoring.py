@@ -104,23 +104,24 @@ def group_lists(group: Tensor) -> list[list[int]]:
 
 
 def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
-                        group: Tensor | None, temperature: float = 1.0,
-                        with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                        group: Tensor | None, temperature: float = 1.0, with_entropy: bool = False,
+                        **kwargs) -> tuple[Tensor | None, ...]:
     """``scorer(input_ids, attention_mask, score_mask)`` (a ``TokenScorer``, maybe DDP-wrapped) with the rows of
     each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward; the same result.
 
     Rows may be left-padded (a rollout): each is rotated so its real tokens start at column 0, scored in a
-    ``share_prefixes`` layout, and rotated back. ``group`` None: the padded rows as they are.
+    ``share_prefixes`` layout, and rotated back. ``group`` None: the padded rows as they are, by any scorer taking
+    these arguments (``kwargs`` too; a ``PolicyAndValue`` also returns values).
     """
     if group is None:
-        return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy)
+        return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
     width = input_ids.shape[1]
     columns = torch.arange(width, device=input_ids.device)
     pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # leading padding of each row
     forward, back = (columns + pads) % width, (columns - pads) % width
     ids, mask, scored = (x.gather(1, forward) for x in (input_ids, attention_mask, score_mask))
     layout = share_prefixes(ids, mask, group_lists(group))
-    logps, entropy = scorer(ids, mask, scored, temperature, with_entropy, layout=layout)
+    logps, entropy = scorer(ids, mask, scored, temperature, with_entropy, layout=layout, **kwargs)
     return logps.gather(1, back), None if entropy is None else entropy.gather(1, back)
 
 
@@ -192,9 +193,10 @@ class PolicyAndValue(nn.Module):
 
     ``forward(input_ids, attention_mask, score_mask)`` -> (log-probs, entropies, values), each [B, T] and
     aligned with ``input_ids``: ``values[:, t]`` is V(tokens < t), the value of the state in which token t
-    is chosen. Critic: ``value_head`` (a Linear on the policy's hidden states) or ``critic`` (a
-    sequence-classification reward model whose score head is read at every position, InstructGPT sec. 3.5); neither
-    for a policy without a critic or a frozen reference (scored with ``with_values=False``).
+    is chosen. Called as a ``TokenScorer`` is (``temperature``, ``with_entropy``; no shared-prefix layout), it
+    returns the same log-probs and entropies, plus the values (None with ``with_values=False`` or without a critic).
+    Critic: ``value_head`` (a Linear on the policy's hidden states) or ``critic`` (a sequence-classification reward
+    model whose score head is read at every position, InstructGPT sec. 3.5); neither for a frozen reference.
     """
 
     def __init__(self, lm: nn.Module, value_head: nn.Module | None = None, critic: nn.Module | None = None):
@@ -206,12 +208,12 @@ class PolicyAndValue(nn.Module):
         self.critic = critic
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, temperature: float = 1.0,
-                with_values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+                with_entropy: bool = True, with_values: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
         positions = position_ids(attention_mask)
         hidden = decoder_hidden(self.lm, input_ids, attention_mask, positions)
         logps, entropy = logps_from_hidden(hidden, self.lm.get_output_embeddings(), input_ids, score_mask,
-                                           temperature, with_entropy=True)
-        if not with_values:
+                                           temperature, with_entropy)
+        if not with_values or (self.value_head is None and self.critic is None):
             return logps, entropy, None
         if self.critic is not None:
             critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic  # peft
@@ -225,14 +227,6 @@ class PolicyAndValue(nn.Module):
     def save_pretrained(self, out_dir, **kwargs) -> None:
         """Save the policy (what the next stage loads); the critic lives in the training checkpoints."""
         self.lm.save_pretrained(out_dir, **kwargs)
-
-
-def value_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
-    """A scalar value head; weights N(0, std^2) (std 0: zeros, so the first values are 0), bias 0."""
-    head = nn.Linear(hidden_size, 1)
-    nn.init.normal_(head.weight, std=std) if std > 0 else nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    return head
 
 
 def value_head(hidden_size: int, std: float = 0.0) -> nn.Linear:

@@ -6,10 +6,15 @@
 * ``NonFiniteError`` (exit 3): the loss, gradient or weights went NaN/inf with ``on_nonfinite=stop``, or too many
   updates in a row were skipped with ``on_nonfinite=skip``. ``last_finite_checkpoint`` names the checkpoint a
   resume would start from, after checking that its weights really are finite.
+* ``NonFiniteGuard``: what the Trainer does with a non-finite loss, gradient norm or weights, and its count of
+  skipped updates (part of the trainer state a checkpoint keeps). Every decision is agreed by all processes, so none
+  waits forever in a collective.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -17,8 +22,10 @@ from typing import Any
 import torch
 
 from prefopt.checkpoint import complete_checkpoints
-from prefopt.distributed import max_over_processes
+from prefopt.distributed import any_process, max_over_processes
 from prefopt.errors import PrefoptError
+
+log = logging.getLogger("prefopt.stopping")
 
 
 class NonFiniteError(PrefoptError):
@@ -98,3 +105,74 @@ def last_finite_checkpoint(output_dir: str | Path) -> str:
         except Exception:  # unreadable: not one to resume from
             continue
     return "no checkpoint with finite weights was written, so there is nothing to resume from"
+
+
+class NonFiniteGuard:
+    """A non-finite loss or gradient norm spoils its update: skipped (``train.on_nonfinite=skip``) or the run stops
+    (``stop``); ``train.max_skipped_updates`` skips in a row stop it too. Non-finite weights are never written."""
+
+    def __init__(self, accelerator: Any, train: Any, output_dir: Path):
+        self.accelerator, self.train, self.output_dir = accelerator, train, output_dir
+        self.skipped_updates = 0
+        self.skipped_in_a_row = 0
+
+    def state(self) -> dict[str, int]:
+        return {"skipped_updates": self.skipped_updates, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.skipped_updates = state.get("skipped_updates", 0)
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+
+    def loss_spoiled(self, loss: torch.Tensor, step: int) -> bool:
+        """Whether any process's ``loss`` is non-finite (then ``spoiled`` has decided what happens)."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if any_process(self.accelerator, not finite):
+            self.spoiled(step, "loss")
+            return True
+        return False
+
+    def clip(self, params: list[torch.Tensor], averager: Any, step: int) -> str | None:
+        """Clip the gradients (``max_grad_norm`` 0: only measure); "gradient norm" when it is not finite."""
+        acc, max_norm = self.accelerator, self.train.max_grad_norm
+        norm = acc.clip_grad_norm_(params, max_norm or float("inf"))
+        if norm is None:  # DeepSpeed clips inside its own step
+            return None
+        norm = float(norm)
+        if acc.scaler is not None:  # fp16: an overflow is the loss scaler's business (it skips the step)
+            finite = True
+        else:
+            finite = not any_process(acc, not math.isfinite(norm))
+        if not finite:
+            self.spoiled(step, "gradient norm")
+            return "gradient norm"
+        if math.isfinite(norm):
+            averager.add({"train/grad_norm": norm})
+        return None
+
+    def spoiled(self, step: int, what: str) -> None:
+        """A non-finite ``what``: stop (``on_nonfinite=stop``) or warn that its update is skipped."""
+        message = f"non-finite {what} at step {step + 1}"
+        if self.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"{message}; stopped, {last_finite_checkpoint(self.output_dir)}. "
+                                 "Set train.on_nonfinite=skip to skip such updates.")
+        log.warning("%s; update skipped", message)
+
+    def updated(self) -> None:
+        self.skipped_in_a_row = 0
+
+    def skipped(self, step: int, what: str) -> None:
+        """Count a skipped update; ``train.max_skipped_updates`` in a row stop the run."""
+        self.skipped_updates += 1
+        self.skipped_in_a_row += 1
+        limit = self.train.max_skipped_updates
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteError(f"{self.skipped_in_a_row} updates in a row skipped (non-finite {what}, last at step "
+                                 f"{step + 1}; train.max_skipped_updates={limit}); stopped, "
+                                 f"{last_finite_checkpoint(self.output_dir)}")
+
+    def check_weights(self, model: Any, step: int, what: str) -> None:
+        """Refuse to write ``what`` from non-finite weights (agreed by all processes): stop with exit code 3."""
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+        if any_process(self.accelerator, not finite):
+            raise NonFiniteError(f"the weights are non-finite at step {step}; {what} not written; stopped, "
+                                 f"{last_finite_checkpoint(self.output_dir)}")

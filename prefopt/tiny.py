@@ -12,7 +12,6 @@ The tokenizer is byte-level BPE (GPT-2's scheme): every string round-trips exact
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from prefopt.data.readers import read_json_lines
 from prefopt.errors import DataError, PrefoptError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -75,25 +75,17 @@ def corpus_texts(paths: list[str]) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON: {exc}") from exc
-            if "conversations" in row:
-                prompt = "\n".join(turn["value"] for turn in row["conversations"])
-                replies = [row[key] for key in ("chosen", "rejected") if key in row]
-                yield from ([prompt + "\n" + reply for reply in replies] if replies else [prompt])
-            elif "chosen" in row and "rejected" in row:
-                yield row["chosen"]
-                yield row["rejected"]
-            else:
-                raise DataError(f"{path}:{number}: expected 'chosen'/'rejected' (HH) or 'conversations' keys, "
-                                f"got {sorted(row)}")
+    for number, row in read_json_lines(path):
+        if "conversations" in row:
+            prompt = "\n".join(turn["value"] for turn in row["conversations"])
+            replies = [row[key] for key in ("chosen", "rejected") if key in row]
+            yield from ([prompt + "\n" + reply for reply in replies] if replies else [prompt])
+        elif "chosen" in row and "rejected" in row:
+            yield row["chosen"]
+            yield row["rejected"]
+        else:
+            raise DataError(f"{path}:{number}: expected 'chosen'/'rejected' (HH) or 'conversations' keys, "
+                            f"got {sorted(row)}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:

@@ -1,7 +1,7 @@
 """The one Trainer: every algorithm runs through ``Trainer(config).fit()``.
 
 It never names an algorithm. It asks the registry for the algorithm class, reads the algorithm's declared data
-``kind``, loads and splits rows of that kind, builds typed batches, and drives ``algorithm.step(batch)``: every
+``kind``, loads and splits rows of that kind into typed batches (``prefopt.data.run_loaders``), and drives ``algorithm.step(batch)``: every
 yielded loss is one micro-batch under ``accelerator.accumulate`` (accelerate owns devices, mixed precision,
 gradient accumulation, distribution and checkpoint state), and ``gradient_accumulation_steps`` micro-batches
 make one update. One training step consumes ``gradient_accumulation_steps`` batches of the loader, or one batch
@@ -19,11 +19,12 @@ Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
   a second signal stops at once without saving (``prefopt.stopping``);
 * a non-finite loss or gradient norm skips the update or stops (``train.on_nonfinite``), naming the step; the
   decision is agreed by all processes, so none waits forever in a collective; ``train.max_skipped_updates``
-  skips in a row stop the run; no checkpoint or model with non-finite weights is ever written (exit 3 instead);
+  skips in a row stop the run; no checkpoint or model with non-finite weights is ever written (exit 3 instead;
+  ``prefopt.stopping.NonFiniteGuard``);
 * every checkpoint holds ``model/``, loadable with plain ``from_pretrained``; online algorithms' sampled
   completions go to ``samples.jsonl`` at each evaluation (``prefopt.samples``); a console line every log step;
 * multi-process: logged train metrics are averaged over all processes' micro-batches, and evaluation counts
-  every held-out row exactly once (``prefopt.distributed.exact_eval_batches``).
+  every held-out row exactly once (``prefopt.evaluation``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,15 +45,15 @@ from transformers import get_scheduler
 from prefopt import console, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
-from prefopt.data import build_dataloader, load_rows
-from prefopt.distributed import (any_process, check_backend, end_training, exact_eval_batches, make_accelerator,
-                                 mean_over_processes, seed_epoch, sharded_weights, sum_over_processes)
-from prefopt.errors import ConfigError, DataError, PrefoptError
+from prefopt.data import run_loaders
+from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
+                                 sharded_weights)
+from prefopt.errors import ConfigError, PrefoptError
+from prefopt.evaluation import evaluate, evaluate_and_sample
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
 from prefopt.registry import ALGORITHMS
-from prefopt.samples import format_sample, recording, write_samples
-from prefopt.stopping import Interrupted, NonFiniteError, SignalCatcher, last_finite_checkpoint, signal_name
+from prefopt.stopping import Interrupted, NonFiniteError, NonFiniteGuard, SignalCatcher, signal_name
 
 log = logging.getLogger("prefopt.trainer")
 
@@ -75,8 +75,7 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.loaders: dict[str, Any] = {}
         self.data_report: dict[str, Any] = {}
-        self.skipped_updates = 0
-        self.skipped_in_a_row = 0
+        self.guard = NonFiniteGuard(self.accelerator, config.train, self.output_dir)
         self.data_position = (0, 0)  # (epoch, batches of it taken so far), per process
         self.signals = SignalCatcher()
         self.lock = rundir.RunLock(self.output_dir)
@@ -84,36 +83,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_data(self) -> None:
-        """Load, split and tokenize rows of the algorithm's kind; write the split manifest."""
-        cfg, kind = self.config, self.algorithm.kind
-        loaded = _read(cfg.data, kind)
-        eval_rows = loaded.eval
-        manifests = {"train": loaded.manifest}
-        if cfg.eval_data is not None:
-            eval_loaded = _read(cfg.eval_data, kind)
-            eval_rows = eval_loaded.eval or eval_loaded.train
-            manifests["eval_data"] = eval_loaded.manifest
-        t = cfg.train
-        train_loader, train_skipped = self._build_loader(loaded.train, cfg.data.path, "train", t.batch_size,
-                                                         shuffle=True, length_bucketing=cfg.data.length_bucketing)
-        self.loaders = {"train": train_loader}
-        skipped = {"train": {**loaded.skipped, **train_skipped}}
-        if eval_rows:
-            eval_path = cfg.eval_data.path if cfg.eval_data is not None else cfg.data.path
-            eval_loader, eval_skipped = self._build_loader(eval_rows, eval_path, "eval", t.eval_batch_size,
-                                                           shuffle=False, length_bucketing=False)
-            self.loaders["eval"] = eval_loader
-            skipped["eval"] = eval_skipped
-        self.data_report = {"manifests": manifests, "tokenization_skipped": skipped,
-                            "rows": {"train": len(loaded.train), "eval": len(eval_rows)}}
-        log.info("data: %s", loaded.report())
-
-    def _build_loader(self, rows, path: str, split: str, batch_size: int, shuffle: bool, length_bucketing: bool):
-        try:
-            return build_dataloader(rows, self.algorithm.kind, self.tokenizer, self.config.data, batch_size,
-                                    shuffle=shuffle, seed=self.config.train.seed, length_bucketing=length_bucketing)
-        except DataError as exc:  # name the file: the loader only sees records
-            raise DataError(f"{path} ({split} rows): {exc}") from None
+        """Load, split and tokenize rows of the algorithm's kind (prefopt.data.run_loaders)."""
+        self.loaders, self.data_report = run_loaders(self.config, self.algorithm.kind, self.tokenizer)
 
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
@@ -171,8 +142,7 @@ class Trainer:
         if state is not None:
             step, consumed = state["step"], state["batches_consumed"]
             self.data_position = self._restored_position(state)
-            self.skipped_updates = state.get("skipped_updates", 0)
-            self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+            self.guard.restore(state)
             averager.restore(state.get("averagers"), acc.process_index, acc.num_processes)
             writer.truncate_after(step)
         if signum := self.signals.agreed(acc):
@@ -194,7 +164,7 @@ class Trainer:
                 progress.update(1)
                 if step % t.log_every == 0 or step == t.max_steps:
                     row = mean_over_processes(acc, averager)
-                    row["train/skipped_updates"] = self.skipped_updates
+                    row["train/skipped_updates"] = self.guard.skipped_updates
                     row["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
                     writer.log(step, row)
                     console.say(console.format_line(step, t.max_steps, row, time.perf_counter() - train_start,
@@ -268,22 +238,18 @@ class Trainer:
                 tokens += out.num_tokens
                 micro_batches += 1
                 with acc.accumulate(model):
-                    finite = bool(torch.isfinite(out.loss.detach()))
-                    if spoiled is None and any_process(acc, not finite):
+                    if spoiled is None and self.guard.loss_spoiled(out.loss, step):
                         spoiled = "loss"
-                        self._nonfinite(step, spoiled)
                     if spoiled is None:
                         acc.backward(out.loss)
                     if acc.sync_gradients:
                         if spoiled is None:
-                            spoiled = self._clip(params, averager)
-                            if spoiled is not None:
-                                self._nonfinite(step, spoiled)
+                            spoiled = self.guard.clip(params, averager, step)
                         if spoiled is None:
                             optimizer.step()
-                            self.skipped_in_a_row = 0
+                            self.guard.updated()
                         else:
-                            self._skipped(step, spoiled)
+                            self.guard.skipped(step, spoiled)
                         optimizer.zero_grad(set_to_none=True)
                         spoiled = None
                 averager.add({"train/loss": float(out.loss.detach()), **out.metrics})
@@ -296,90 +262,20 @@ class Trainer:
         scheduler.step()
         return tokens
 
-    def _clip(self, params, averager: MetricAverager) -> str | None:
-        """Clip the gradients (``max_grad_norm`` 0: only measure); "gradient norm" when it is not finite."""
-        acc, max_norm = self.accelerator, self.config.train.max_grad_norm
-        norm = acc.clip_grad_norm_(params, max_norm or float("inf"))
-        if norm is None:  # DeepSpeed clips inside its own step
-            return None
-        norm = float(norm)
-        if acc.scaler is not None:  # fp16: an overflow is the loss scaler's business (it skips the step)
-            finite = True
-        else:
-            finite = not any_process(acc, not math.isfinite(norm))
-        if not finite:
-            return "gradient norm"
-        if math.isfinite(norm):
-            averager.add({"train/grad_norm": norm})
-        return None
-
-    def _nonfinite(self, step: int, what: str) -> None:
-        message = f"non-finite {what} at step {step + 1}"
-        if self.config.train.on_nonfinite == "stop":
-            raise NonFiniteError(f"{message}; stopped, {last_finite_checkpoint(self.output_dir)}. "
-                                 "Set train.on_nonfinite=skip to skip such updates.")
-        log.warning("%s; update skipped", message)
-
-    def _skipped(self, step: int, what: str) -> None:
-        """Count a skipped update; ``train.max_skipped_updates`` in a row stop the run."""
-        self.skipped_updates += 1
-        self.skipped_in_a_row += 1
-        limit = self.config.train.max_skipped_updates
-        if self.skipped_in_a_row >= limit:
-            raise NonFiniteError(f"{self.skipped_in_a_row} updates in a row skipped (non-finite {what}, last at step "
-                                 f"{step + 1}; train.max_skipped_updates={limit}); stopped, "
-                                 f"{last_finite_checkpoint(self.output_dir)}")
-
-    def _check_weights(self, step: int, what: str) -> None:
-        """Refuse to write ``what`` from non-finite weights (agreed by all processes): stop with exit code 3."""
-        finite = all(bool(torch.isfinite(p).all()) for p in self.algorithm.model.parameters() if p.is_floating_point())
-        if any_process(self.accelerator, not finite):
-            raise NonFiniteError(f"the weights are non-finite at step {step}; {what} not written; stopped, "
-                                 f"{last_finite_checkpoint(self.output_dir)}")
-
     # ------------------------------------------------------------------------------------------------ eval/save
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Average the algorithm's evaluation metrics over the held-out split, each row counted once."""
-        acc = self.accelerator
         loader = self.loaders.get("eval")
         if loader is None:
             return {}
-        model = self.algorithm.model
-        was_training = model.training
-        model.eval()
-        totals: dict[str, float] = {}
-        devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # evaluating must not change the training run
-            for batch, real in exact_eval_batches(acc, loader, self.config.train.max_eval_batches):
-                metrics = self.algorithm.evaluate(batch)
-                if real:
-                    for key, value in metrics.items():
-                        totals[key] = totals.get(key, 0.0) + float(value)
-        model.train(was_training)
-        totals = sum_over_processes(acc, totals)
-        if not totals:
-            return {}
-        count = max(totals.pop("count", 1.0), 1.0)
-        metrics = {f"eval/{key}": value / count for key, value in totals.items() if math.isfinite(value)}
-        return self.algorithm.finalize_eval(metrics)
+        return evaluate(self.accelerator, self.algorithm, loader, self.config.train.max_eval_batches)
 
     def _evaluate_and_sample(self, step: int) -> dict[str, float]:
-        """``evaluate``, recording the completions online algorithms sample: a few go to samples.jsonl and the
-        console (prefopt.samples)."""
-        with recording() as recorder:
-            metrics = self.evaluate()
-        rows = recorder.rows()
-        if self.main:
-            console.say(console.format_eval(step, metrics))
-            if rows:
-                write_samples(self.output_dir / "samples.jsonl", step, rows)
-                for row in rows[:2]:
-                    console.say(format_sample(row))
-        return metrics
+        """``evaluate``, recording the completions online algorithms sample (prefopt.evaluation)."""
+        return evaluate_and_sample(self.evaluate, step, self.output_dir, self.main)
 
     def save(self, out_dir: str | Path) -> None:
-        self._check_weights(self.config.train.max_steps, f"the model {out_dir}")
+        self.guard.check_weights(self.algorithm.model, self.config.train.max_steps, f"the model {out_dir}")
         self.accelerator.wait_for_everyone()
         if self.main:
             self.algorithm.save(out_dir)
@@ -387,10 +283,9 @@ class Trainer:
 
     def _checkpoint(self, step: int, consumed: int, averager: MetricAverager) -> None:
         t = self.config.train
-        self._check_weights(step, "checkpoint")
+        self.guard.check_weights(self.algorithm.model, step, "checkpoint")
         state = {"batches_consumed": consumed, "data_positions": gather_object([list(self.data_position)]),
-                 "skipped_updates": self.skipped_updates, "skipped_in_a_row": self.skipped_in_a_row,
-                 "averagers": gather_object([averager.state()]),
+                 **self.guard.state(), "averagers": gather_object([averager.state()]),
                  "seed": t.seed, "batch_size": t.batch_size,
                  "gradient_accumulation_steps": t.gradient_accumulation_steps,
                  "num_processes": self.accelerator.num_processes}
@@ -431,10 +326,3 @@ class Trainer:
         error.exit_code = 128 + signum
         return error
 
-
-def _read(data_config: Any, kind: str) -> Any:
-    """``load_rows``; a file the OS will not let us read is a DataError naming it (not an unexpected error)."""
-    try:
-        return load_rows(data_config, kind)
-    except OSError as exc:
-        raise DataError(f"{exc.filename or data_config.path}: cannot read it: {exc.strerror or exc}") from None

@@ -111,7 +111,7 @@ def test_plan_sweeps_the_knob_gives_online_algorithms_the_proxy_and_skips_unregi
                                    "frontier.knob_values={dpo: [0.1, 0.3], ppo: [0.02], plugin: [0.7]}"])
     part = tmp_path / "policy_train.jsonl"
     part.write_text(json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " a", "rejected": " b"}) + "\n")
-    from prefopt.bench.runner import Bench
+    from prefopt.bench.plan import Bench
 
     data = BenchData(parts={}, files={"policy_train": part, "eval": part}, manifest={})
     start = Start(stages=[], policy=tmp_path / "sft", proxy_rm=tmp_path / "proxy", gold_rm=tmp_path / "gold")

@@ -197,7 +197,7 @@ def test_ppo_rollouts_start_from_the_templated_prompts(qwen2_window_dir, tmp_pat
 
     tokenizer = AutoTokenizer.from_pretrained(qwen2_window_dir)
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": row["prompt"]} for row in PAIR_ROWS])
-    recipe = {"algorithm": {"name": "ppo", "generation": {"max_new_tokens": 4}, "ppo_epochs": 1, "num_minibatches": 1,
+    recipe = {"algorithm": {"name": "ppo", "generation": {"max_new_tokens": 4}, "epochs": 1, "num_minibatches": 1,
                             "rewards": [{"name": "callable", "params": {"fn": f"{__name__}:remember_prompts"}}]},
               "model": {"name_or_path": str(qwen2_window_dir)},
               "data": {"path": str(path), "eval_fraction": 0.0},

@@ -52,7 +52,7 @@ ACCUMULATION = (1, 2)
 ANALYTIC_TOLERANCE = {"fp32": 1e-6, "bf16": 1e-5}
 ONLINE_REWARD = [{"name": "length_penalty", "params": {"target": 2}}]
 SETTINGS: dict[str, dict[str, Any]] = {  # algorithm settings of a cell (beyond the defaults)
-    "ppo": {"rewards": ONLINE_REWARD, "generation": {"max_new_tokens": 4}, "ppo_epochs": 1, "num_minibatches": 1},
+    "ppo": {"rewards": ONLINE_REWARD, "generation": {"max_new_tokens": 4}, "epochs": 1, "num_minibatches": 1},
     "a2c": {"trainable_layers": 1, "preference_weight": 0.0, "rules": {}, "rewards": ONLINE_REWARD,
             "generation": {"max_new_tokens": 4}},
     # the 4-token samples all get the same reward, so the group advantages are 0: an entropy bonus moves the policy

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from prefopt.config import ModelConfig, build_run_config, load_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.models import load_tokenizer
-from prefopt.rl.rewards import CompositeReward
 from prefopt.rl.engine import generate
+from prefopt.rl.rewards import CompositeReward
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 

@@ -18,10 +18,10 @@ from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.functional import gae
 from prefopt.models import load_tokenizer
-from prefopt.rl.rewards import CompositeReward
 from prefopt.rl.advantages import explained_variance
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import KLController, kl_shaped_rewards
+from prefopt.rl.rewards import CompositeReward
 from prefopt.scoring import PolicyAndValue, RewardScorer, token_logps, value_head
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
@@ -106,8 +106,10 @@ def test_explained_variance():
 
 
 def test_config_ranges_name_the_key():
-    with pytest.raises(ConfigError, match="algorithm.cliprange"):
-        PPOConfig(cliprange=0.0)
+    with pytest.raises(ConfigError, match="algorithm.epsilon"):
+        PPOConfig(epsilon=0.0)
+    with pytest.raises(ConfigError, match="algorithm.cliprange_value"):
+        PPOConfig(cliprange_value=0.0)
     with pytest.raises(ConfigError, match="algorithm.lam"):
         PPOConfig(lam=1.5)
     with pytest.raises(ConfigError, match="kl_estimator"):
@@ -177,7 +179,7 @@ def test_reward_model_critic_starts_as_the_reward_model_on_each_prefix(tiny_mode
 def ppo_recipe(model_dir: Path, prompts: Path, out: Path, **algorithm) -> dict:
     return {
         "algorithm": {"name": "ppo", "rewards": [TASK_REWARD], "generation": {"max_new_tokens": 8},
-                      "kl_coef": 0.03, "ppo_epochs": 4, "num_minibatches": 4, **algorithm},
+                      "kl_coef": 0.03, "epochs": 4, "num_minibatches": 4, **algorithm},
         "model": {"name_or_path": str(model_dir)},
         "data": {"path": str(prompts), "format": "prompts", "eval_fraction": 0.25},
         "train": {"output_dir": str(out), "max_steps": 40, "batch_size": 64, "eval_batch_size": 64,
@@ -210,7 +212,7 @@ def test_ppo_runs_with_a_reward_model_critic_ptx_and_several_rewards(tiny_model_
                {"name": "length_penalty", "params": {"target": 4, "coef": 0.01}}, {"name": "format_validity"}]
     recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "run", rewards=rewards, critic="reward_model",
                         ptx_coef=0.5, ptx_path=str(text), adaptive_kl=True, kl_target=1.0, kl_horizon=100,
-                        num_minibatches=2, ppo_epochs=2, whiten_rewards=True, entropy_coef=0.01)
+                        num_minibatches=2, epochs=2, whiten_rewards=True, entropy_coef=0.01)
     final, rows = run_ppo(recipe, max_steps=3, batch_size=8, log_every=1, max_eval_batches=1)
     train = [row for row in rows if "reward/total" in row]
     assert len(train) == 3
@@ -302,7 +304,7 @@ def test_ppo_accumulation_splits_each_minibatch_not_merges_updates(gpt2_real_dir
     of 4-row minibatches per step), not 2 updates summed from different minibatches or rollouts. Measured: the
     weights agree to 3e-6 (Adam amplifies float rounding of near-zero gradients); before the fix they differed by
     7e-3 (the Trainer summed pairs of consecutive PPO updates, from two rollouts, into one optimizer step)."""
-    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path, num_minibatches=2, ppo_epochs=2)
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path, num_minibatches=2, epochs=2)
     plain = one_step_weights(recipe, tmp_path / "g1", accumulation=1)
     split = one_step_weights(recipe, tmp_path / "g2", accumulation=2)
     start = AutoModelForCausalLM.from_pretrained(gpt2_real_dir).state_dict()
@@ -316,7 +318,7 @@ def test_ppo_trains_a_reward_model_critic_with_lora(tiny_model_dir, task_prompts
     """With LoRA the separate critic gets its own adapter (its score head trains in full) and the policy's
     reference is the adapter-free base."""
     recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "run", critic="reward_model",
-                        critic_path=str(reward_model_dir), num_minibatches=2, ppo_epochs=1)
+                        critic_path=str(reward_model_dir), num_minibatches=2, epochs=1)
     recipe["model"]["lora"] = {"r": 4, "alpha": 8}
     trainer = Trainer(build_run_config({**recipe, "train": {**recipe["train"], "max_steps": 2, "batch_size": 8,
                                                              "log_every": 1, "save_model": False}}))
@@ -362,7 +364,7 @@ def test_resume_with_ptx_is_bit_exact(tiny_model_dir, task_prompts_path, tmp_pat
     text = tmp_path / "ptx.txt"
     text.write_text("".join(f"Human: question {i}? Assistant: answer number {i} is here.\n" for i in range(12)))
     recipe = ppo_recipe(tiny_model_dir, task_prompts_path, tmp_path / "unused", ptx_coef=0.5, ptx_path=str(text),
-                        num_minibatches=2, ppo_epochs=2, adaptive_kl=True, kl_horizon=100)
+                        num_minibatches=2, epochs=2, adaptive_kl=True, kl_horizon=100)
     recipe["data"].update(eval_fraction=0.0, max_length=32, max_prompt_length=24)
 
     def run(out: Path, max_steps: int) -> list[dict]:
@@ -405,7 +407,7 @@ def test_adaptive_kl_controller_counts_the_sequences_of_every_process(gpt2_real_
     """Ziegler's controller moves beta by e * n / horizon for n sequences: n is the whole batch over all processes
     (2 x 8 here), not one process's 8."""
     recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path, adaptive_kl=True, kl_target=1.0, kl_horizon=100,
-                        ppo_epochs=1, num_minibatches=1)
+                        epochs=1, num_minibatches=1)
     ppo = Trainer(build_run_config(recipe)).algorithm
     ppo.build()
     ppo.setup(Accelerator(cpu=True), {})

@@ -52,7 +52,7 @@ def test_kto_loss_is_one_half_under_bf16_autocast(llama_chat_dir, hh_path, tmp_p
 
 
 @pytest.mark.parametrize("algorithm", [
-    {"name": "ppo", "rewards": [TASK_REWARD], "ppo_epochs": 1},
+    {"name": "ppo", "rewards": [TASK_REWARD], "epochs": 1},
     {"name": "a2c", "trainable_layers": 1, "preference_weight": 0.0, "rules": {}, "rewards": [TASK_REWARD]},
     {"name": "grpo", "rewards": [TASK_REWARD], "num_samples": 2, "kl_coef": 0.05},
     {"name": "rloo", "rewards": [TASK_REWARD], "num_samples": 2},

@@ -15,8 +15,8 @@ from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.models import load_tokenizer
-from prefopt.rl.rewards import RewardModelReward
 from prefopt.rl.engine import GenerationConfig, generate, response_mask
+from prefopt.rl.rewards import RewardModelReward
 from prefopt.scoring import position_ids
 from prefopt.types import PromptBatch
 

@@ -137,7 +137,7 @@ def test_online_algorithm_writes_samples_with_reward_parts(tiny_model_dir, tmp_p
     recipe.write_text(json.dumps({
         "algorithm": {"name": "ppo", "rewards": [TASK_REWARD, {"name": "length_penalty", "weight": 0.5,
                                                                "params": {"target": 4, "coef": 0.1}}],
-                      "generation": {"max_new_tokens": 6}, "ppo_epochs": 1},
+                      "generation": {"max_new_tokens": 6}, "epochs": 1},
         "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"path": str(prompts), "format": "prompts", "eval_fraction": 0.25},
         "train": {"output_dir": str(out), "max_steps": 2, "batch_size": 4, "eval_batch_size": 4, "eval_every": 1,

@@ -1,63 +1,67 @@
 """RLHF with PPO: InstructGPT (Ouyang et al. 2022, arXiv 2203.02155, eq. 2), after Ziegler et al. 2019
 (arXiv 1909.08593) and Stiennon et al. 2020 (arXiv 2009.01325).
 
-One step of the Trainer = one batch of prompts:
+One step of the Trainer = one batch of prompts, through the stages of the online skeleton
+(prefopt.rl.algorithm.OnlineAlgorithm), of which PPO overrides the marked ones:
 
-1. sample responses y ~ pi(.|x) with the shared engine (prefopt.rl.engine, KV cache, stops at EOS);
-2. score them: s(x, y) = sum_i w_i * reward_i(x, y) (prefopt.rl.rewards), read at the last response token;
-3. per-token reward  r_t = -beta * KL_t + [t = last] * s,  KL_t = log pi(y_t|.) - log pi_ref(y_t|.) (k1, or k3);
-   pi_ref is the frozen SFT policy (with LoRA: the same weights with the adapter off);
-4. GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_l (gamma lam)^l delta_{t+l},
-   returns R_t = A_t + V_t; advantages whitened over the batch;
-5. ``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update of
+1. collect: sample responses y ~ pi(.|x) with the shared engine (prefopt.rl.engine, KV cache, stops at EOS);
+2. score*: s(x, y) = sum_i w_i * reward_i(x, y) (prefopt.rl.rewards), read at the last response token; the old
+   log-probs AND the critic's old values V_old(s_t) from one forward;
+   per-token reward  r_t = -beta * KL_t + [t = last] * s,  KL_t = log pi(y_t|.) - log pi_ref(y_t|.) (k1, or k3);
+   pi_ref is the frozen SFT policy (with LoRA: the same weights with the adapter off); beta fixed or Ziegler's
+   adaptive controller; rewards optionally scaled to unit variance (``whiten_rewards``);
+3. advantages*: GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_l (gamma lam)^l
+   delta_{t+l}, returns R_t = A_t + V_t (the value targets); advantages whitened over the batch;
+4. update: ``epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update of (loss*)
        L = E_t[max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))]                 (clipped surrogate)
          + vf_coef * 0.5 * E_t[max((V_t - R_t)^2, (clip(V_t, V_old -+ eps_v) - R_t)^2)]  (clipped value loss)
          - entropy_coef * E_t[H_t]  +  ptx_coef * E_{x~D_pretrain}[-log pi(x)]          (PPO-ptx)
-   with rho_t = pi(y_t|.) / pi_old(y_t|.); E_t is the mean over all response tokens of the minibatch.
+   with rho_t = pi(y_t|.) / pi_old(y_t|.); E_t is the mean over all response tokens of the minibatch. The
+   surrogate and entropy terms are the skeleton's ``policy_loss`` (``loss_type`` bnpo: that token mean; eps is
+   ``epsilon``, and ``epsilon_high`` gives DAPO's clip-higher).
 
-Choices: beta fixed or Ziegler's adaptive controller; the critic is a value head on the policy (``shared``) or a
-separate model initialised from the reward model (``reward_model``, as InstructGPT); dropout is off; every
-log-prob (old, new, reference) is taken at the sampling temperature.
+Choices: the critic is a value head on the policy (``shared``) or a separate model initialised from the reward
+model (``reward_model``, as InstructGPT); dropout is off; every log-prob (old, new, reference) is taken at the
+sampling temperature; one response per prompt by default (``num_samples``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from prefopt.algorithm import Algorithm
 from prefopt.algorithms.lm import lm_nll
-from prefopt.config import DataConfig, LoraConfig, check
+from prefopt.config import DataConfig, check
 from prefopt.data import build_dataloader, load_rows
 from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
 from prefopt.functional import kl_penalty, masked_mean, masked_whiten
-from prefopt.models import load_causal_lm, load_reward_model, needs_separate_reference
-from prefopt.registry import ADVANTAGES, register_algorithm
-from prefopt.rl.rewards import CompositeReward, RewardSpec
-from prefopt.rl.advantages import AdvantageInputs, explained_variance
-from prefopt.rl.algorithm import minibatches, require_dropout_off
-from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
-from prefopt.rl.kl import KLController, kl_over_processes, kl_shaped_rewards, sequence_mean
-from prefopt.rl.losses import ClipSettings, clipped_surrogate
+from prefopt.models import load_reward_model
+from prefopt.registry import POLICY_LOSSES, register_algorithm
+from prefopt.rl.advantages import explained_variance
+from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored
+from prefopt.rl.kl import KLController, kl_over_processes
+from prefopt.rl.losses import PolicyLossInputs
 from prefopt.scoring import PolicyAndValue, value_head
-from prefopt.types import LMBatch, LossOutput, PromptBatch
+from prefopt.types import LMBatch, Rollout
+
+
+def approx_kl(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(pi_old || pi): the token mean of rho - 1 - log rho (detached)."""
+    log_ratio = (logprobs - old_logprobs).detach()
+    return masked_mean((torch.exp(log_ratio) - 1) - log_ratio, mask)
 
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                 cliprange: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7; prefopt.rl.losses) as a token-mean loss
-    -> (loss, clip fraction, approx KL)."""
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    per_token, clipped = clipped_surrogate(ratio, advantages, ClipSettings(cliprange, cliprange))
-    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimate of KL(pi_old || pi)
-    return masked_mean(per_token, mask), masked_mean(clipped.float(), mask).detach(), approx_kl.detach()
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) over one whole minibatch, as the update computes it
+    (the ``bnpo`` loss of prefopt.rl.losses with eps = ``cliprange``) -> (loss, clip fraction, approx KL)."""
+    inputs = PolicyLossInputs(logprobs, old_logprobs, advantages, mask)
+    loss, metrics = POLICY_LOSSES.get("bnpo")(inputs, PPOConfig(epsilon=cliprange))
+    return loss, metrics["clip_fraction"].detach(), approx_kl(logprobs, old_logprobs, mask)
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
@@ -72,13 +76,31 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 
 @dataclass
-class PPOConfig:
-    rewards: list[RewardSpec] = field(default_factory=list)
-    """Reward components and weights, e.g. [{name: reward_model, params: {path: runs/rm/model}}] (prefopt.rl.rewards)."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rl.engine)."""
+class PPOConfig(OnlineConfig):
+    """The skeleton's knobs with PPO's defaults, PPO's own below; the fields ``init=False`` are fixed by PPO."""
+
+    renamed_keys: ClassVar[dict[str, str]] = {"ppo_epochs": "epochs", "cliprange": "epsilon"}
+
+    num_samples: int = 1
+    """Responses per prompt (PPO's baseline is its critic, not a group)."""
+    loss_type: str = "bnpo"
+    """Policy loss (prefopt.rl.losses); bnpo is PPO's E_t, the token mean over the minibatch."""
     kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty to the reference policy (the initial value when adaptive)."""
+    """beta of the per-token KL penalty to the reference (initial value when adaptive; 0: no reference in training)."""
+    epochs: int = 4
+    """Passes over each rollout batch (PPO epochs)."""
+    advantage: str = field(default="gae", init=False)
+    """GAE on the critic's values."""
+    scale_rewards: Literal["group", "batch", "none"] = field(default="none", init=False)
+    """Unused by GAE (whiten_rewards / whiten_advantages are PPO's scaling)."""
+    n_step: int = field(default=0, init=False)
+    """Unused by GAE."""
+    kl_in: Literal["loss", "reward"] = field(default="reward", init=False)
+    """The KL is a per-token reward term."""
+    kl_ratio_correction: bool = field(default=False, init=False)
+    """Unused: the KL is not a loss term."""
+    prefix_sharing: bool = field(default=False, init=False)
+    """The critic reads the padded rows (no shared-prefix layout)."""
     adaptive_kl: bool = False
     """Adapt beta towards kl_target with Ziegler et al.'s proportional controller."""
     kl_target: float = 6.0
@@ -87,22 +109,10 @@ class PPOConfig:
     """Horizon (in sequences) of the adaptive controller; larger adapts more slowly."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimator: k1 = log pi - log pi_ref (InstructGPT), k3 = exp(-k1) - 1 + k1 (>= 0)."""
-    gamma: float = 1.0
-    """Discount factor."""
-    lam: float = 0.95
-    """GAE lambda."""
-    cliprange: float = 0.2
-    """Clip range eps of the probability ratio."""
     cliprange_value: float = 0.2
     """Clip range of the value update around the old values."""
     vf_coef: float = 0.1
     """Weight of the value loss."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    num_minibatches: int = 1
-    """Minibatches per pass (each is one optimizer update); at most train.batch_size."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance over the batch (mean kept) before GAE."""
     whiten_advantages: bool = True
@@ -119,22 +129,14 @@ class PPOConfig:
     """Text stream for PPO-ptx (any file the data layer reads as text); default: data.text_path."""
     ptx_batch_size: int | None = None
     """Sequences of the text stream per update; default: the PPO minibatch size."""
-    reference: str | None = None
-    """Reference policy path; default: the starting model (model.name_or_path)."""
 
     def __post_init__(self):
-        check(self.kl_coef >= 0, "algorithm.kl_coef", self.kl_coef, "must be >= 0")
+        super().__post_init__()
         check(self.kl_target > 0, "algorithm.kl_target", self.kl_target, "must be > 0")
         check(self.kl_horizon > 0, "algorithm.kl_horizon", self.kl_horizon, "must be > 0")
-        check(0 <= self.gamma <= 1, "algorithm.gamma", self.gamma, "must be in [0, 1]")
-        check(0 <= self.lam <= 1, "algorithm.lam", self.lam, "must be in [0, 1]")
-        check(self.cliprange > 0, "algorithm.cliprange", self.cliprange, "must be > 0")
         check(self.cliprange_value > 0, "algorithm.cliprange_value", self.cliprange_value, "must be > 0")
-        check(self.vf_coef >= 0, "algorithm.vf_coef", self.vf_coef, "must be >= 0")
-        check(self.ppo_epochs > 0, "algorithm.ppo_epochs", self.ppo_epochs, "must be > 0")
-        check(self.num_minibatches > 0, "algorithm.num_minibatches", self.num_minibatches, "must be > 0")
-        check(self.ptx_coef >= 0, "algorithm.ptx_coef", self.ptx_coef, "must be >= 0")
-        check(self.value_head_std >= 0, "algorithm.value_head_std", self.value_head_std, "must be >= 0")
+        for key in ("vf_coef", "ptx_coef", "value_head_std"):
+            check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
 
 
 def ptx_micro_batches(batch: LMBatch, parts: int) -> list[tuple[LMBatch, Tensor] | None]:
@@ -151,36 +153,27 @@ def batch_rows(batch: LMBatch, rows: Tensor) -> LMBatch:
 
 
 @register_algorithm("ppo")
-class PPO(Algorithm):
+class PPO(OnlineAlgorithm):
     """RLHF-PPO (InstructGPT): KL-shaped reward, GAE, clipped surrogate and value loss, optional PPO-ptx."""
 
-    kind = "prompts"
-    kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = PPOConfig
-    accumulates_in_step = True
-
-    @classmethod
-    def check_run(cls, run: Any) -> None:
-        require_dropout_off(run, "ppo")
+    uses_critic = True
 
     def build(self) -> None:
         cfg = self.config
         if not cfg.rewards:
             raise ConfigError("algorithm.rewards is empty: give at least one reward component, e.g. "
                               "[{name: reward_model, params: {path: runs/rm/model}}]")
-        self.check_run(self.run)
-        lm = load_causal_lm(self.run.model)  # dropout off: check_run
+        super().build()
+        lm = self.model.lm
         if cfg.critic == "shared":
             self.model = PolicyAndValue(lm, value_head=value_head(lm.config.hidden_size, cfg.value_head_std))
         else:
             critic = load_reward_model(self.critic_path(), self.run.model, trainable=True)
             self.model = PolicyAndValue(lm, critic=critic)
-        self.reference = None
-        if needs_separate_reference(lm) or cfg.reference:
-            ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
-            self.reference = PolicyAndValue(load_causal_lm(ref_cfg, path=cfg.reference, trainable=False))
+        if self.reference is not None:  # scored as the policy is, without a critic
+            self.reference = PolicyAndValue(self.reference.lm)
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
-        self.pending: dict[str, float] = {}  # the previous update's timing, logged with the next step
 
     def critic_path(self) -> str:
         if self.config.critic_path:
@@ -192,14 +185,6 @@ class PPO(Algorithm):
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
-        batch_size = self.run.train.batch_size
-        check(self.config.num_minibatches <= batch_size, "algorithm.num_minibatches", self.config.num_minibatches,
-              f"must be <= train.batch_size ({batch_size})")
-        minibatch = batch_size // self.config.num_minibatches
-        check(self.accumulation <= minibatch, "train.gradient_accumulation_steps", self.accumulation,
-              f"must be <= the PPO minibatch size (train.batch_size // algorithm.num_minibatches = {minibatch}): "
-              "each minibatch is split into that many micro-batches")
-        self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
         accelerator.register_for_checkpointing(self.kl_ctl)
         self.ptx_batches = self.ptx_stream() if self.config.ptx_coef > 0 else None
         if self.ptx_batches is not None:  # its position is checkpoint state: a resumed run continues the stream
@@ -218,103 +203,64 @@ class PPO(Algorithm):
         return BatchStream(loader, self.run.train.seed)
 
     @property
-    def policy(self) -> torch.nn.Module:
-        """The plain transformers / peft policy (generation and the reference run on it, outside DDP)."""
-        return self.unwrapped.lm
+    def kl_coef(self) -> float:
+        return self.kl_ctl.value
 
-    def reference_logps(self, sequences: Tensor, attention_mask: Tensor, score_mask: Tensor) -> Tensor:
-        temperature = self.config.generation.logprob_temperature
-        return self.reference_forward(sequences, attention_mask, score_mask, temperature, with_values=False)[0]
+    # ------------------------------------------------------------------------------------------ stages
+    def reference_logps(self, rollout: Rollout) -> Tensor:
+        return self.response_logps(self.reference_forward, rollout, with_values=False)[0]
 
-    # ------------------------------------------------------------------------------------------ training
-    def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
-        cfg = self.config
-        temperature = cfg.generation.logprob_temperature
-        rollout = generate(self.policy, self.tokenizer, batch, cfg.generation)
-        sequences, attention_mask, score_mask = rollout_inputs(rollout)
-        mask = rollout.response_mask.float()
-        prompt_width = rollout.prompt_ids.shape[1]
+    def token_kl(self, logps: Tensor, ref_logps: Tensor) -> Tensor:
+        return kl_penalty(logps, ref_logps, self.config.kl_estimator)
 
-        with torch.no_grad():
-            old_logprobs, _, old_values = (out[:, prompt_width:] for out in self.model(
-                sequences, attention_mask, score_mask, temperature))
-            ref_logprobs = self.reference_logps(sequences, attention_mask, score_mask)[:, prompt_width:]
-            scores, components = self.reward(rollout)
-            kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
-            kl_coef = self.kl_ctl.value
-            rewards = kl_shaped_rewards(scores, kl, mask, kl_coef)
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = ADVANTAGES.get("gae")(AdvantageInputs(rewards, mask, rollout.group, old_values), cfg)
-            if cfg.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Scored:
+        """The skeleton's scoring (old log-probs and values, the KL-shaped rewards at the current beta), then the
+        reward whitening and the controller's update on this batch's KL (of every process)."""
+        scored = super().score(rollout)
+        if self.config.whiten_rewards:
+            scored.rewards = masked_whiten(scored.rewards, scored.mask, shift_mean=False)
+        self.kl_ctl.update(*kl_over_processes(self.accelerator, scored.kl, scored.mask))
+        return scored
 
-        mean_kl = sequence_mean(kl, mask)
-        self.kl_ctl.update(*kl_over_processes(self.accelerator, kl, mask))
-        rollout_metrics = {
-            **{f"reward/{name}": float(values.mean()) for name, values in components.items()},
-            "reward/score": float(scores.mean()),
-            "reward/kl_penalty": float(kl_coef * mean_kl),
-            "reward/total": float(scores.mean() - kl_coef * mean_kl),
-            "kl": float(mean_kl),
-            "kl_coef": kl_coef,
-            "explained_variance": explained_variance(old_values, returns, mask),
-            "logprob_gap": float(masked_mean((rollout.logprobs - old_logprobs).abs(), mask)),
-            "response_length": float(mask.sum(-1).mean()),
-            "perf/gen_s": rollout.seconds,
-            "perf/gen_tokens_per_s": rollout.tokens_per_s,
-            **self.pending,
-        }
+    def advantages(self, scored: Scored) -> Tensor:
+        advantages = super().advantages(scored)  # GAE; the returns are the value targets
+        return masked_whiten(advantages, scored.mask) if self.config.whiten_advantages else advantages
 
-        update_start, train_tokens = time.perf_counter(), 0
-        accumulation = self.accumulation
-        for minibatch in minibatches(len(rollout.responses), cfg.ppo_epochs, cfg.num_minibatches, sequences.device):
-            ptx = next(self.ptx_batches) if self.ptx_batches is not None else None
-            ptx_parts = ptx_micro_batches(ptx, accumulation) if ptx is not None else [None] * accumulation
-            minibatch_tokens = mask[minibatch].sum()
-            for idx, ptx_part in zip(minibatch.tensor_split(accumulation), ptx_parts):  # its micro-batches
-                logprobs, entropy, values = (out[:, prompt_width:] for out in self.model(
-                    sequences[idx], attention_mask[idx], score_mask[idx], temperature))
-                mb_mask = mask[idx]
-                pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask,
-                                                           cfg.cliprange)
-                vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask,
-                                                  cfg.cliprange_value)
-                mean_entropy = masked_mean(entropy, mb_mask)
-                # this micro-batch's share of the minibatch's token mean; accelerate divides each loss by G
-                share = accumulation * mb_mask.sum() / minibatch_tokens
-                loss = share * (pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy)
-                metrics = {"loss/policy": float(pg_loss.detach()), "loss/value": float(vf_loss.detach()),
-                           "clip_fraction": float(clipfrac), "value_clip_fraction": float(vf_clipfrac),
-                           "approx_kl": float(approx_kl), "entropy": float(mean_entropy.detach())}
-                if ptx_part is not None:
-                    ptx_loss = self.ptx_loss(*ptx_part)
-                    loss = loss + cfg.ptx_coef * accumulation * ptx_loss
-                    metrics["loss/ptx"] = float(ptx_loss.detach()) * accumulation
-                tokens = int(attention_mask[idx].sum())
-                train_tokens += tokens
-                yield LossOutput(loss, {**rollout_metrics, **metrics}, tokens)
-                rollout_metrics = {}
-        update_s = time.perf_counter() - update_start  # includes the Trainer's backward and optimizer steps
-        self.pending = {"perf/update_s": update_s, "perf/train_tokens_per_s": train_tokens / max(update_s, 1e-9)}
+    def loss(self, scored: Scored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        """The skeleton's policy loss + vf_coef * the clipped value loss (+ PPO-ptx), each this micro-batch's share
+        of the minibatch's token mean."""
+        cfg, rows = self.config, micro.rows
+        logps, entropy, values = self.response_logps(self.model, scored.rollout, rows, with_entropy=True)
+        loss, metrics = self.policy_loss(logps, entropy, scored, advantages, micro)
+        mask = scored.mask[rows]
+        vf_loss, vf_clipfrac = value_loss(values, scored.values[rows], scored.returns[rows], mask,
+                                          cfg.cliprange_value)
+        loss = loss + cfg.vf_coef * vf_loss * mask.sum() / max(micro.update_tokens, 1.0)
+        metrics.update({"loss/value": float(vf_loss.detach()), "value_clip_fraction": float(vf_clipfrac),
+                        "approx_kl": float(approx_kl(logps, self.old_logps(scored, logps, micro), mask))})
+        if self.ptx_batches is not None:
+            if micro.part == 0:  # one text batch per update, split as its minibatch is
+                self.ptx_parts = ptx_micro_batches(next(self.ptx_batches), self.accumulation)
+            if self.ptx_parts[micro.part] is not None:
+                ptx_loss = self.ptx_loss(*self.ptx_parts[micro.part])
+                loss = loss + cfg.ptx_coef * ptx_loss
+                metrics["loss/ptx"] = float(ptx_loss.detach()) * self.accumulation
+        return loss, metrics
 
     def ptx_loss(self, batch: LMBatch, tokens: Tensor) -> Tensor:
         """InstructGPT's PPO-ptx term on (part of) a batch of pretraining/SFT text: its summed NLL / ``tokens``,
         scored as the ``pt`` stage scores it (``lm_nll``)."""
-        nll, _ = lm_nll(lambda *inputs: self.model(*inputs, with_values=False)[0], batch.to(self.device))
+        nll, _ = lm_nll(lambda *inputs: self.model(*inputs, with_entropy=False, with_values=False)[0],
+                        batch.to(self.device))
         return nll / tokens.to(self.device)
 
-    # ------------------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, batch: PromptBatch) -> dict[str, float]:
-        """Sums over sampled responses (seeded draw) of each reward component, the total, KL to the reference
-        (sequence sum of log pi - log pi_ref on the sampled tokens) and the response length."""
-        rollout = generate(self.policy, self.tokenizer, batch, self.config.generation, seed=self.run.train.seed)
-        sequences, attention_mask, score_mask = rollout_inputs(rollout)
-        ref_logprobs = self.reference_logps(sequences, attention_mask, score_mask)[:, rollout.prompt_ids.shape[1]:]
-        mask = rollout.response_mask.float()
-        scores, components = self.reward(rollout)
-        kl = ((rollout.logprobs - ref_logprobs) * mask).sum(-1)
-        return {**{f"reward/{name}": float(values.sum()) for name, values in components.items()},
-                "reward/score": float(scores.sum()), "kl": float(kl.sum()),
-                "response_length": float(mask.sum()), "count": float(len(rollout.responses))}
+    def rollout_metrics(self, scored: Scored) -> dict[str, float]:
+        """The skeleton's, with the critic's fit, the beta of this rollout and the engine-vs-training gap of the
+        old log-probs (when they are computed: more than one update per rollout)."""
+        metrics = {**super().rollout_metrics(scored), "kl_coef": scored.kl_coef,
+                   "explained_variance": explained_variance(scored.values, scored.returns, scored.mask)}
+        if scored.old_logps is not None:
+            gap = (scored.rollout.logprobs - scored.old_logps).abs()
+            metrics["logprob_gap"] = float(masked_mean(gap, scored.mask))
+        return metrics

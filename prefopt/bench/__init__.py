@@ -9,7 +9,8 @@
    proxy RM and a gold RM on disjoint parts;
 3. a learning rate per algorithm from a sweep judged on the val prompts; then every algorithm over its KL knob
    (the Config field it declares as ``kl_knob``, prefopt.bench.execute) x seeds, trained in-process with
-   snapshots along training; online algorithms optimise the proxy (the gold never reaches training);
+   snapshots along training (planned by prefopt.bench.plan, run by prefopt.bench.runner); online algorithms
+   optimise the proxy (the gold never reaches training);
 4. every snapshot evaluated on the same eval prompts with the same sampling seeds (prefopt.bench.evaluate); the
    best-of-n baseline from the start;
 5. the report from the per-run logs alone (prefopt.bench.logs, .frontier, .tables, .diagnostics, .report):

@@ -41,8 +41,8 @@ from prefopt.bench.data import write_jsonl
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
 from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.rl.rewards import RewardSpec, build_component
 from prefopt.rl.engine import generate, rollout_inputs
+from prefopt.rl.rewards import RewardSpec, build_component
 from prefopt.scoring import sequence_logps, token_logps
 
 

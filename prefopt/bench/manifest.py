@@ -19,7 +19,7 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "t
 
 
 def manifest(bench: Any, total_s: float) -> dict[str, Any]:
-    """The manifest of a bench run (``bench``: prefopt.bench.runner.Bench)."""
+    """The manifest of a bench run (``bench``: prefopt.bench.plan.Bench)."""
     cfg = bench.cfg
     return {
         "bench": cfg.name,

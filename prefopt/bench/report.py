@@ -18,7 +18,7 @@ import pandas as pd
 
 
 def write_report(bench: Any, total_s: float) -> str:
-    """results.md / *.csv / plots / samples / manifest of a bench run (``bench``: prefopt.bench.runner.Bench);
+    """results.md / *.csv / plots / samples / manifest of a bench run (``bench``: prefopt.bench.plan.Bench);
     returns the verdict table as markdown."""
     from prefopt.bench.data import read_jsonl
     from prefopt.bench.diagnostics import flagged_samples

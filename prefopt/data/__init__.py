@@ -2,7 +2,7 @@
 
 ``load_rows(cfg, kind)`` gives the canonical train / eval records of a kind (see prefopt.data.formats) with
 the split manifest and the skipped-row counts; ``build_dataloader`` turns records into typed batches
-(see prefopt.data.kinds and prefopt.data.collate).
+(see prefopt.data.kinds and prefopt.data.collate); ``run_loaders`` does both for a run's train and eval data.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.config import DataConfig
+from prefopt.config import DataConfig, RunConfig
 from prefopt.data.collate import build_dataloader, pack
 from prefopt.data.formats import check_names, convert, detect_format, parse_row
 from prefopt.data.hh import split_hh
@@ -25,7 +25,7 @@ from prefopt.errors import DataError
 log = logging.getLogger("prefopt.data")
 
 __all__ = ["LoadedData", "SkipRow", "assign", "build_dataloader", "load_rows", "manifest", "pack", "record_id",
-           "split_hh", "write_manifest"]
+           "run_loaders", "split_hh", "write_manifest"]
 
 
 @dataclass
@@ -108,3 +108,50 @@ def _records(plan: list[tuple[Source, str]], kind: str, skips: SkipLog, formats:
             row_id = record_id(parsed)
             for record in records:
                 yield where, row_id, record
+
+
+def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``train`` loader of a run (shuffled, seeded) and its ``eval`` loader when it has eval rows, and the data
+    report: the split manifests, the rows skipped while tokenizing and the row counts per split.
+
+    Eval rows are ``run.eval_data``'s eval split (all its rows when it has none), else ``run.data``'s eval split.
+    """
+    loaded = _read(run.data, kind)
+    eval_rows = loaded.eval
+    manifests = {"train": loaded.manifest}
+    if run.eval_data is not None:
+        eval_loaded = _read(run.eval_data, kind)
+        eval_rows = eval_loaded.eval or eval_loaded.train
+        manifests["eval_data"] = eval_loaded.manifest
+    t = run.train
+    train_loader, train_skipped = _loader(run, loaded.train, kind, tokenizer, run.data.path, "train", t.batch_size,
+                                          shuffle=True, length_bucketing=run.data.length_bucketing)
+    loaders = {"train": train_loader}
+    skipped = {"train": {**loaded.skipped, **train_skipped}}
+    if eval_rows:
+        eval_path = run.eval_data.path if run.eval_data is not None else run.data.path
+        eval_loader, eval_skipped = _loader(run, eval_rows, kind, tokenizer, eval_path, "eval", t.eval_batch_size,
+                                            shuffle=False, length_bucketing=False)
+        loaders["eval"] = eval_loader
+        skipped["eval"] = eval_skipped
+    report = {"manifests": manifests, "tokenization_skipped": skipped,
+              "rows": {"train": len(loaded.train), "eval": len(eval_rows)}}
+    log.info("data: %s", loaded.report())
+    return loaders, report
+
+
+def _loader(run: RunConfig, rows: list[dict[str, Any]], kind: str, tokenizer: Any, path: str, split: str,
+            batch_size: int, shuffle: bool, length_bucketing: bool) -> tuple[Any, dict[str, int]]:
+    try:
+        return build_dataloader(rows, kind, tokenizer, run.data, batch_size, shuffle=shuffle, seed=run.train.seed,
+                                length_bucketing=length_bucketing)
+    except DataError as exc:  # name the file: the loader only sees records
+        raise DataError(f"{path} ({split} rows): {exc}") from None
+
+
+def _read(data_config: DataConfig, kind: str) -> LoadedData:
+    """``load_rows``; a file the OS will not let us read is a DataError naming it (not an unexpected error)."""
+    try:
+        return load_rows(data_config, kind)
+    except OSError as exc:
+        raise DataError(f"{exc.filename or data_config.path}: cannot read it: {exc.strerror or exc}") from None

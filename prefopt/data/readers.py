@@ -264,6 +264,18 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: truncated or corrupt gzip after line {line_no} ({exc})") from exc
 
 
+def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line_no, value)`` of every non-blank line of a JSON lines file (plain or gzip) that must be whole: a line
+    that is not JSON raises DataError naming ``path:line`` (user data files are read by ``read_file``, which skips)."""
+    for line_no, text in read_lines(path):
+        if not text.strip():
+            continue
+        try:
+            yield line_no, json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON: {exc}") from exc
+
+
 def _json_lines(path: Path, lines: Iterator[tuple[int, str]], skips: SkipLog) -> Iterator[Row]:
     kept = 0
     first_bad: tuple[int, str] | None = None

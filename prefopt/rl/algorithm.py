@@ -1,16 +1,23 @@
-"""``OnlineAlgorithm``: the skeleton of every critic-free online method, one batch of prompts per Trainer step:
+"""``OnlineAlgorithm``: the skeleton of the online methods (critic-free ones, and PPO with its critic), one batch of
+prompts per Trainer step:
 
     collect     G responses per prompt with the shared engine (prefopt.rl.engine), each row tagged with its prompt;
-    score       the sequence reward R (prefopt.rl.rewards components), the policy's log-probs at sampling time and the
-                reference's, the per-token KL and the per-token rewards r_t (KL shaping when ``kl_in="reward"``);
-    advantages  the estimator named by ``config.advantage`` (prefopt.rl.advantages);
-    update      ``epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update of the
-                policy loss named by ``config.loss_type`` (prefopt.rl.losses) - entropy_coef * mean entropy.
+    score       the sequence reward R (prefopt.rl.rewards components), the policy's log-probs at sampling time (and
+                its critic's values, ``uses_critic``) and the reference's, the per-token KL (``token_kl``) and the
+                per-token rewards r_t (KL shaping with beta = ``kl_coef`` when ``kl_in="reward"``);
+    advantages  the estimator named by ``config.advantage`` (prefopt.rl.advantages), fed the critic's values when
+                there are any; its returns (the value targets) are kept in ``Scored.returns``;
+    update      ``epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update, split into
+                ``train.gradient_accumulation_steps`` micro-batches; ``loss`` gives each micro-batch's share of the
+                update's loss: by default its forward and ``policy_loss``, the loss named by ``config.loss_type``
+                (prefopt.rl.losses) - entropy_coef * mean entropy.
 
-Each stage is a method a subclass may override; a new method is usually only a ``Config`` with other defaults
-(see README, "Add an online algorithm"). With one epoch of one minibatch the sampling policy IS the policy being
-updated, so its log-probs are the ones the update computes (detached) and no extra forward is run (as TRL does);
-otherwise they are computed once, before the first update.
+Each stage is a method a subclass may override; a new critic-free method is usually only a ``Config`` with other
+defaults (see README, "Add an online algorithm"). PPO (prefopt.algorithms.ppo) overrides ``build`` (its critic),
+``score`` (adaptive beta, KL estimator, reward whitening), ``advantages`` (whitening), ``loss`` (adds the clipped
+value loss and PPO-ptx to ``policy_loss``) and ``rollout_metrics``. With one epoch of one minibatch the sampling
+policy IS the policy being updated, so the update's own log-probs (detached) are the old ones and no extra forward is
+run for them (as TRL does); otherwise they are computed once, before the first update.
 
 Metrics (the same names for every online algorithm; ``eval/`` ones are per-response means on held-out prompts):
     reward/score       mean R(x, y) (the weighted sum of the reward components; each is also reward/<component>)
@@ -21,7 +28,8 @@ Metrics (the same names for every online algorithm; ``eval/`` ones are per-respo
     response_length    mean response tokens (EOS included)
     clip_fraction      share of tokens (rows for sequence losses) where the ratio clip binds
     loss/policy, loss/kl (the k3 loss term, when ``kl_in="loss"``), perf/gen_s, perf/gen_tokens_per_s, perf/score_s
-    (the scoring stage: rewards, old and reference log-probs; the update is the rest of perf/step_s)
+    (the scoring stage: rewards, old and reference log-probs), perf/update_s and perf/train_tokens_per_s (the update
+    phase of the PREVIOUS step, backward and optimizer steps included; logged with the next step)
 PPO and A2C log the same names, plus their critic's: loss/value, value_clip_fraction (PPO), explained_variance,
 kl_coef (PPO's adaptive beta), approx_kl, logprob_gap (behaviour vs recomputed log-probs), loss/ptx (PPO-ptx).
 """
@@ -38,15 +46,15 @@ from torch import Tensor
 
 from prefopt.algorithm import Algorithm
 from prefopt.config import LoraConfig, check
-from prefopt.functional import masked_mean
+from prefopt.functional import kl_penalty, masked_mean
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
-from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rl.losses import PolicyLossInputs
+from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.scoring import TokenScorer, grouped_token_logps
 from prefopt.types import LossOutput, PromptBatch, Rollout
 
@@ -120,8 +128,23 @@ class Scored:
     ref_logps: Tensor | None  # log pi_ref; None without a KL term
     scores: Tensor  # [B] R(x, y)
     components: dict[str, Tensor]  # each reward component's raw score [B]
-    kl: Tensor  # k1 per token (0 without a reference)
+    kl: Tensor  # per-token KL estimate (``token_kl``; 0 without a reference)
     rewards: Tensor  # per-token rewards r_t
+    kl_coef: float = 0.0  # beta of the KL shaping in ``rewards`` (0: the KL is not a reward term)
+    values: Tensor | None = None  # V(s_t) of the critic at scoring time (``uses_critic``)
+    returns: Tensor | None = None  # the estimator's returns (value targets), set by ``advantages``
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of an update: its rows of the rollout, its place among the update's micro-batches, and the
+    size of the update (the denominators that make the micro-batches' losses add up to the update's loss)."""
+
+    rows: Tensor  # row indices into the rollout
+    part: int  # 0 .. train.gradient_accumulation_steps - 1
+    update_rows: int  # rows of the update (its minibatch)
+    update_tokens: float  # response tokens of the update
+    tokens_per_update: float  # response tokens of the rollout / num_minibatches
 
 
 def require_dropout_off(run: Any, algorithm: str) -> None:
@@ -146,6 +169,7 @@ class OnlineAlgorithm(Algorithm):
     Config = OnlineConfig
     accumulates_in_step = True  # one rollout per step; each update's minibatch is split into G micro-batches
     kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
+    uses_critic = False  # True: self.model also returns values V(s_t) (a scoring.PolicyAndValue with a critic)
 
     @classmethod
     def check_run(cls, run: Any) -> None:
@@ -171,6 +195,7 @@ class OnlineAlgorithm(Algorithm):
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
         self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
+        self.pending: dict[str, float] = {}  # the previous update's timing, logged with the next step
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -181,78 +206,106 @@ class OnlineAlgorithm(Algorithm):
     def single_update(self) -> bool:
         return self.config.epochs == 1 and self.config.num_minibatches == 1
 
+    @property
+    def kl_coef(self) -> float:
+        """beta of the rollout being scored: ``config.kl_coef`` (PPO: its adaptive controller's value)."""
+        return self.config.kl_coef
+
     # ------------------------------------------------------------------------------------------ stages
     def collect(self, batch: PromptBatch) -> Rollout:
         return generate(self.policy, self.tokenizer, batch, self.config.generation, self.config.num_samples)
 
-    def response_logps(self, scorer: torch.nn.Module, rollout: Rollout, rows: Tensor | None = None,
-                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Log-probs (and entropies) [b, Tr] of the response tokens of ``rows`` (all: None) under ``scorer``; the
-        samples of one prompt share its forward when ``prefix_sharing`` is on and the model supports it."""
+    def response_logps(self, scorer: Any, rollout: Rollout, rows: Tensor | None = None, with_entropy: bool = False,
+                       **kwargs: Any) -> tuple[Tensor | None, ...]:
+        """Log-probs (and entropies) [b, Tr] of the response tokens of ``rows`` (all: None) under ``scorer``, and its
+        values when it has a critic (a ``PolicyAndValue``; ``kwargs`` go to the scorer); the samples of one prompt
+        share its forward when ``prefix_sharing`` is on and the model supports it."""
         sequences, attention_mask, score_mask = rollout_inputs(rollout)
         group = rollout.group
         if rows is not None:
             sequences, attention_mask, score_mask = sequences[rows], attention_mask[rows], score_mask[rows]
             group = None if group is None else group[rows]
         group = group if self.config.prefix_sharing and supports(self.policy) else None
-        logps, entropy = grouped_token_logps(scorer, sequences, attention_mask, score_mask, group,
-                                             self.config.generation.logprob_temperature, with_entropy)
+        outputs = grouped_token_logps(scorer, sequences, attention_mask, score_mask, group,
+                                      self.config.generation.logprob_temperature, with_entropy, **kwargs)
         width = rollout.prompt_ids.shape[1]
-        return logps[:, width:], None if entropy is None else entropy[:, width:]
+        return tuple(None if out is None else out[:, width:] for out in outputs)
 
     def reference_logps(self, rollout: Rollout) -> Tensor:
         """log pi_ref of the response tokens [B, Tr] (``reference_forward``: the policy's precision, no gradient)."""
         return self.response_logps(self.reference_forward, rollout)[0]
 
+    def token_kl(self, logps: Tensor, ref_logps: Tensor) -> Tensor:
+        """Per-token estimate of KL(pi || pi_ref) at the sampled tokens: k1 = log pi - log pi_ref."""
+        return kl_penalty(logps, ref_logps, "k1")
+
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Scored:
         cfg = self.config
         mask = rollout.response_mask.float()
-        old_logps = ref_logps = None
+        old_logps = ref_logps = values = None
         kl = torch.zeros_like(mask)
-        if not self.single_update or cfg.kl_coef > 0:
-            old_logps = self.response_logps(self.model, rollout)[0]
-        if cfg.kl_coef > 0:
+        kl_coef = self.kl_coef
+        if not self.single_update or kl_coef > 0 or self.uses_critic:
+            old_logps, _, *critic = self.response_logps(self.model, rollout)
+            values = critic[0] if critic else None
+        if kl_coef > 0:
             ref_logps = self.reference_logps(rollout)
-            kl = (old_logps - ref_logps) * mask
+            kl = self.token_kl(old_logps, ref_logps) * mask
         scores, components = self.reward(rollout)
-        rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_in == "reward" else 0.0)
+        shaping = kl_coef if cfg.kl_in == "reward" else 0.0
+        rewards = kl_shaped_rewards(scores, kl, mask, shaping)
         return Scored(rollout, mask, None if self.single_update else old_logps, ref_logps, scores, components, kl,
-                      rewards)
+                      rewards, shaping, values)
 
     def advantages(self, scored: Scored) -> Tensor:
-        inputs = AdvantageInputs(scored.rewards, scored.mask, scored.rollout.group)
-        advantages, _ = ADVANTAGES.get(self.config.advantage)(inputs, self.config)
+        inputs = AdvantageInputs(scored.rewards, scored.mask, scored.rollout.group, scored.values)
+        advantages, scored.returns = ADVANTAGES.get(self.config.advantage)(inputs, self.config)
         return advantages
 
     def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
         """``epochs`` x ``num_minibatches`` updates; each minibatch is split into G micro-batches whose losses
-        (each a share of the minibatch's loss, times G since accelerate divides by G) add up to its loss."""
+        (``loss``: each a share of the minibatch's loss, times G since accelerate divides by G) add up to its loss."""
         cfg, rollout, accumulation = self.config, scored.rollout, self.accumulation
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
-        loss_fn = POLICY_LOSSES.get(cfg.loss_type)
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
         for minibatch in minibatches(rows, cfg.epochs, cfg.num_minibatches, device, shuffle=cfg.num_minibatches > 1):
             update_tokens = float(scored.mask[minibatch].sum())
-            for idx in minibatch.tensor_split(accumulation):  # its micro-batches
-                logps, entropy = self.response_logps(self.model, rollout, idx, with_entropy=True)
-                mask = scored.mask[idx]
-                old = logps.detach() if scored.old_logps is None else scored.old_logps[idx]
-                ref = None if scored.ref_logps is None else scored.ref_logps[idx]
-                inputs = PolicyLossInputs(logps, old, advantages[idx], mask, ref, tokens_per_update,
-                                          cfg.generation.max_new_tokens, len(minibatch), update_tokens)
-                policy_loss, loss_metrics = loss_fn(inputs, cfg)
-                loss = policy_loss - cfg.entropy_coef * (entropy * mask).sum() / max(update_tokens, 1.0)
-                step_metrics = {"loss/policy": accumulation * float(policy_loss.detach()),
-                                "entropy": float(masked_mean(entropy.detach(), mask)),
-                                **{k: float(v) for k, v in loss_metrics.items()}}
+            for part, idx in enumerate(minibatch.tensor_split(accumulation)):  # its micro-batches
+                micro = MicroBatch(idx, part, len(minibatch), update_tokens, tokens_per_update)
+                loss, step_metrics = self.loss(scored, advantages, micro)
                 tokens = int(rollout.prompt_mask[idx].sum() + rollout.response_mask[idx].sum())
                 yield LossOutput(accumulation * loss, {**metrics, **step_metrics}, tokens)
                 metrics = {}
 
+    def loss(self, scored: Scored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's share of its update's loss, and its metrics: the policy's forward, ``policy_loss``."""
+        logps, entropy = self.response_logps(self.model, scored.rollout, micro.rows, with_entropy=True)[:2]
+        return self.policy_loss(logps, entropy, scored, advantages, micro)
+
+    def old_logps(self, scored: Scored, logps: Tensor, micro: MicroBatch) -> Tensor:
+        """log pi_old of the micro-batch: the update's own log-probs (detached) when it is the only update."""
+        return logps.detach() if scored.old_logps is None else scored.old_logps[micro.rows]
+
+    def policy_loss(self, logps: Tensor, entropy: Tensor, scored: Scored, advantages: Tensor,
+                    micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        """The loss named by ``config.loss_type`` - entropy_coef * the update's mean entropy, on the micro-batch's
+        log-probs and entropies [b, Tr] (each a share of the update's value)."""
+        cfg, rows = self.config, micro.rows
+        mask = scored.mask[rows]
+        ref = None if scored.ref_logps is None else scored.ref_logps[rows]
+        inputs = PolicyLossInputs(logps, self.old_logps(scored, logps, micro), advantages[rows], mask, ref,
+                                  micro.tokens_per_update, cfg.generation.max_new_tokens, micro.update_rows,
+                                  micro.update_tokens)
+        policy_loss, loss_metrics = POLICY_LOSSES.get(cfg.loss_type)(inputs, cfg)
+        loss = policy_loss - cfg.entropy_coef * (entropy * mask).sum() / max(micro.update_tokens, 1.0)
+        return loss, {"loss/policy": self.accumulation * float(policy_loss.detach()),
+                      "entropy": float(masked_mean(entropy.detach(), mask)),
+                      **{k: float(v) for k, v in loss_metrics.items()}}
+
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
         kl = scored.kl.sum(-1)
-        penalty = (self.config.kl_coef if self.config.kl_in == "reward" else 0.0) * kl
+        penalty = scored.kl_coef * kl
         rollout = scored.rollout
         return {**{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
                 "reward/score": float(scored.scores.mean()), "reward/kl_penalty": float(penalty.mean()),
@@ -266,8 +319,13 @@ class OnlineAlgorithm(Algorithm):
         start = time.perf_counter()
         scored = self.score(rollout)
         advantages = self.advantages(scored)
-        metrics = {**self.rollout_metrics(scored), "perf/score_s": time.perf_counter() - start}
-        yield from self.update(scored, advantages, metrics)
+        metrics = {**self.rollout_metrics(scored), "perf/score_s": time.perf_counter() - start, **self.pending}
+        start, tokens = time.perf_counter(), 0
+        for out in self.update(scored, advantages, metrics):
+            tokens += out.num_tokens
+            yield out
+        update_s = time.perf_counter() - start  # includes the Trainer's backward and optimizer steps
+        self.pending = {"perf/update_s": update_s, "perf/train_tokens_per_s": tokens / max(update_s, 1e-9)}
 
     @torch.no_grad()
     def evaluate(self, batch: PromptBatch) -> dict[str, float]:

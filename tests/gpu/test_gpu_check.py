@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = ROOT / "recipes" / "accelerate"
 ONLINE_REWARD = [{"name": "length_penalty", "params": {"target": 16}}]
 SETTINGS = {
-    "ppo": {"rewards": ONLINE_REWARD, "generation": {"max_new_tokens": 16}, "ppo_epochs": 2, "num_minibatches": 2},
+    "ppo": {"rewards": ONLINE_REWARD, "generation": {"max_new_tokens": 16}, "epochs": 2, "num_minibatches": 2},
     "a2c": {"trainable_layers": 2, "preference_weight": 0.0, "rules": {}, "rewards": ONLINE_REWARD,
             "generation": {"max_new_tokens": 16}},
 }

@@ -1,0 +1,96 @@
+"""The ablations of ``vs_trl.py``: prefopt's DPO, ORPO or reward model with one of its speed choices undone.
+
+Each switch undoes one thing prefopt does that TRL does not, so the ablation table can say what it is worth:
+
+- ``no_packing``: prefix-shared segments one per row instead of packed first-fit into rows (``prefopt.prefix``);
+- ``full_logits``: the LM head on every position, then the scored positions picked (as TRL does on CPU), instead
+  of logits on the scored positions only;
+- ``two_forwards`` (DPO): chosen and rejected rows in a forward each, each trimmed to its own longest row, instead
+  of one forward over both.
+
+``sharing`` (prefix sharing off) and ``precompute`` (cached reference log-probs) are recipe fields, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def variant_class(algorithm: str, options: dict[str, Any]) -> type:
+    """The algorithm class, or a subclass with one ablation switched on (ablations live in the benchmark)."""
+    from prefopt.algorithms.dpo import DPO
+    from prefopt.algorithms.orpo import ORPO
+    from prefopt.algorithms.reward import RewardModelling
+
+    base = {"dpo": DPO, "orpo": ORPO, "reward": RewardModelling}[algorithm]
+    if not any(options.get(k) for k in ("no_packing", "two_forwards", "full_logits")):
+        return base
+    from prefopt.scoring import sum_scored
+    from prefopt.scoring import TokenScorer
+    from prefopt.prefix import pair_groups, rank_groups, share_prefixes
+    from prefopt.types import PairBatch, PairLogps
+
+    class Variant(base):
+        def layout(self, batch):
+            if not options.get("no_packing"):
+                return super().layout(batch)
+            if isinstance(batch, PairBatch):
+                groups = pair_groups(batch.num_pairs)
+            else:
+                groups = rank_groups(batch.input_ids.shape[0], batch.pairs, batch.pair_group)
+            return share_prefixes(batch.input_ids, batch.attention_mask, groups, pack=False)
+
+        def build(self):
+            super().build()
+            if options.get("full_logits"):
+                self.model = FullLogitsScorer(self.model.lm)
+                if getattr(self, "reference", None) is not None:
+                    self.reference = FullLogitsScorer(self.reference.lm)
+
+        def pair_logps(self, batch, split):
+            if not options.get("two_forwards"):
+                return super().pair_logps(batch, split)
+            chosen, chosen_len = halves_logps(self.model, batch, 0)
+            rejected, rejected_len = halves_logps(self.model, batch, 1)
+            cached = self.cache.lookup(split, batch)
+            if cached is None:
+                ref_chosen, _ = halves_logps(self.reference_forward, batch, 0)
+                ref_rejected, _ = halves_logps(self.reference_forward, batch, 1)
+            else:
+                ref_chosen, ref_rejected = cached
+            return PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)
+
+    class FullLogitsScorer(TokenScorer):
+        """The LM head on every position (as TRL does on CPU), then the scored positions picked."""
+
+        def forward(self, input_ids, attention_mask, score_mask, temperature=1.0, with_entropy=False, layout=None):
+            import torch
+
+            from prefopt.scoring import decoder_hidden
+
+            if layout is None:
+                hidden = decoder_hidden(self.lm, input_ids, attention_mask)[:, :-1]
+                rows, cols = torch.meshgrid(torch.arange(input_ids.shape[0]), torch.arange(input_ids.shape[1] - 1),
+                                            indexing="ij")
+            else:
+                packed = decoder_hidden(self.lm, layout.input_ids, layout.mask_for(self.lm, self.lm.dtype),
+                                        layout.position_ids)
+                rows, cols = torch.meshgrid(torch.arange(input_ids.shape[0]), torch.arange(input_ids.shape[1] - 1),
+                                            indexing="ij")
+                hidden = layout.gather(packed, rows, cols)
+            logp = torch.log_softmax(self.lm.get_output_embeddings()(hidden).float(), -1)
+            picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * score_mask[:, 1:]
+            return torch.cat([torch.zeros_like(picked[:, :1]), picked], 1), None
+
+    def halves_logps(scorer, batch, half):
+        """Summed log-probs of the chosen (half 0) or rejected (half 1) rows, in a forward of their own."""
+        n = batch.num_pairs
+        rows = slice(half * n, (half + 1) * n)
+        width = int(batch.attention_mask[rows].sum(1).max())
+        ids, mask, completion = (x[rows, :width] for x in (batch.input_ids, batch.attention_mask,
+                                                           batch.completion_mask))
+        per_token, _ = scorer(ids, mask, completion)
+        return sum_scored(per_token, completion)
+
+    Variant.__name__ = f"{base.__name__}Variant"
+    return Variant
