@@ -26,10 +26,9 @@ rollout keeps (``logprob_gap`` logs the recomputed-vs-behaviour log-prob differe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -42,14 +41,14 @@ from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
 from prefopt.registry import ADVANTAGES, register_algorithm
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
-from prefopt.rl.algorithm import OnlineAlgorithm, Scored, require_dropout_off
+from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, Scored, require_dropout_off
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.rules import RuleHead, programmatic_ok
 from prefopt.samples import note_rewards
 from prefopt.sparrow import PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, split_model
-from prefopt.types import LossOutput, PromptBatch, Rollout
+from prefopt.types import PromptBatch, Rollout
 
 @dataclass
 class A2CConfig:
@@ -104,11 +103,8 @@ class A2CConfig:
     """Further reward components (prefopt.rl.rewards: length_penalty, format_validity, callable, target_token, ...)."""
     reward_heads: str | None = None
     """A sparrow_heads.pt saved by an earlier a2c run (or its directory): load the reward heads, do not train."""
-
-    @property
-    def kl_in(self) -> str:
-        """Where the KL goes, in the online family's name (``OnlineConfig.kl_in``) for its shared metrics."""
-        return self.kl_mode
+    epochs: ClassVar[int] = 1  # ONE update per rollout (OnlineAlgorithm.update): without a ratio, only on-policy
+    num_minibatches: ClassVar[int] = 1
 
     def reward_terms(self) -> dict[str, float]:
         """The weight of every term of R(x, y) (prefopt.preflight refuses a run whose weights are all zero)."""
@@ -184,8 +180,7 @@ class TrunkScored(Scored):
 
     features: TrunkOutput | None = None  # of the sampled sequences (captured while generating)
     forward: tuple[Tensor, Tensor, Tensor] | None = None  # (log-probs, entropies, values); with its graph when the
-    # update is one micro-batch (the update reuses it), else without (the targets; each micro-batch runs again)
-    returns: Tensor | None = None  # value targets G_t, set by the advantages stage
+    # update is one micro-batch (its loss reuses it), else without (the targets; each micro-batch runs again)
 
 
 @register_algorithm("a2c")
@@ -194,7 +189,8 @@ class A2C(OnlineAlgorithm):
 
     The stages of ``OnlineAlgorithm``: collect (generation, keeping the trunk features it computes), score (every
     top and head on those features: log-probs, values, reference log-probs, R(x, y), KL-shaped rewards),
-    advantages (gae or nstep, whitened) and update (ONE update, in train.gradient_accumulation_steps micro-batches).
+    advantages (gae or nstep, whitened) and the skeleton's update (ONE update: one epoch of one minibatch, in
+    train.gradient_accumulation_steps micro-batches) with A2C's ``loss``.
     """
 
     Config = A2CConfig
@@ -230,6 +226,7 @@ class A2C(OnlineAlgorithm):
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         """Move the frozen parts; load the reward heads, or train them on the trunk (``sparrow_heads``)."""
         Algorithm.setup(self, accelerator, loaders)  # the rewards are a2c's own: no CompositeReward is required
+        self.pending: dict[str, float] = {}  # the skeleton's timing of the previous update
         check(self.accumulation <= self.run.train.batch_size, "train.gradient_accumulation_steps", self.accumulation,
               f"must be <= train.batch_size ({self.run.train.batch_size}): each rollout is split into that many "
               "micro-batches")
@@ -317,43 +314,36 @@ class A2C(OnlineAlgorithm):
         ref_logps = ref_logps[:, rollout.prompt_ids.shape[1]:]
         scores, parts = self.score_terms(features, rollout)
         mask = rollout.response_mask.float()
-        kl = (forward[0].detach() - ref_logps) * mask
-        rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_mode == "reward" else 0.0)
+        kl = self.token_kl(forward[0].detach(), ref_logps) * mask
+        shaping = self.kl_coef if cfg.kl_mode == "reward" else 0.0
+        rewards = kl_shaped_rewards(scores, kl, mask, shaping)
         return TrunkScored(rollout=rollout, mask=mask, old_logps=None, ref_logps=ref_logps, scores=scores,
-                           components=parts, kl=kl, rewards=rewards, features=features, forward=forward)
+                           components=parts, kl=kl, rewards=rewards, kl_coef=shaping, values=forward[2].detach(),
+                           features=features, forward=forward)
 
     def advantages(self, scored: TrunkScored) -> Tensor:
         """A_t of ``cfg.advantage`` (whitened); the value targets G_t go to ``scored.returns``."""
-        advantages, scored.returns = a2c_advantages(scored.rewards, scored.mask, scored.forward[2].detach(),
-                                                    self.config)
+        advantages, scored.returns = a2c_advantages(scored.rewards, scored.mask, scored.values, self.config)
         return advantages
 
-    def update(self, scored: TrunkScored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
-        """The ONE update of a rollout, as G = train.gradient_accumulation_steps micro-batches of its rows.
-
-        G = 1: the loss on the score stage's forward (its graph kept). G > 1: each micro-batch of rows runs the
-        trained module again on its features, its loss weighted by its share of the response tokens, so that the
-        mean of the G losses is the loss of G = 1 (advantages whitened over the whole rollout).
-        """
-        cfg, rollout, accumulation, mask = self.config, scored.rollout, self.accumulation, scored.mask
+    def loss(self, scored: TrunkScored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        """The micro-batch's share of the ONE update's loss L (its share of the response tokens), and the rollout's
+        metrics. One micro-batch: L on the score stage's forward (its graph kept). G > 1: the trained module runs
+        again on the micro-batch's features (the advantages were whitened over the whole rollout)."""
+        cfg, rows, mask = self.config, micro.rows, scored.mask
         logps, entropy, values = scored.forward
         loss, terms = a2c_objective(logps, values, entropy, scored.ref_logps, advantages, scored.returns, mask, cfg)
-        values = values.detach()
-        logged = {**metrics, **{k: float(v) for k, v in terms.items()},
-                  "values/mean": float(masked_mean(values, mask)),
-                  "returns/mean": float(masked_mean(scored.returns, mask)),
-                  "explained_variance": explained_variance(values, scored.returns, mask),
-                  "logprob_gap": float(masked_mean((logps.detach() - rollout.logprobs).abs(), mask))}
-        if accumulation == 1:
-            yield LossOutput(loss, logged, int(rollout.attention_mask.sum()))
-            return
-        tokens = mask.sum()
-        for rows in torch.arange(len(rollout.responses), device=tokens.device).tensor_split(accumulation):
-            logps, entropy, values = self.policy_forward(scored.features, rollout, rows)
-            loss, _ = a2c_objective(logps, values, entropy, scored.ref_logps[rows], advantages[rows],
-                                    scored.returns[rows], mask[rows], cfg)
-            yield LossOutput(accumulation * mask[rows].sum() / tokens * loss, logged,
-                             int(rollout.attention_mask[rows].sum()))
+        metrics = {**{k: float(v) for k, v in terms.items()},
+                   "values/mean": float(masked_mean(scored.values, mask)),
+                   "returns/mean": float(masked_mean(scored.returns, mask)),
+                   "explained_variance": explained_variance(scored.values, scored.returns, mask),
+                   "logprob_gap": float(masked_mean((logps.detach() - scored.rollout.logprobs).abs(), mask))}
+        if len(rows) == mask.shape[0]:
+            return loss, metrics
+        logps, entropy, values = self.policy_forward(scored.features, scored.rollout, rows)
+        loss, _ = a2c_objective(logps, values, entropy, scored.ref_logps[rows], advantages[rows],
+                                scored.returns[rows], mask[rows], cfg)
+        return mask[rows].sum() / max(micro.update_tokens, 1.0) * loss, metrics
 
     @torch.no_grad()
     def evaluate(self, batch: PromptBatch) -> dict[str, float]:

@@ -15,9 +15,11 @@ prompts per Trainer step:
 Each stage is a method a subclass may override; a new critic-free method is usually only a ``Config`` with other
 defaults (see README, "Add an online algorithm"). PPO (prefopt.algorithms.ppo) overrides ``build`` (its critic),
 ``score`` (adaptive beta, KL estimator, reward whitening), ``advantages`` (whitening), ``loss`` (adds the clipped
-value loss and PPO-ptx to ``policy_loss``) and ``rollout_metrics``. With one epoch of one minibatch the sampling
-policy IS the policy being updated, so the update's own log-probs (detached) are the old ones and no extra forward is
-run for them (as TRL does); otherwise they are computed once, before the first update.
+value loss and PPO-ptx to ``policy_loss``) and ``rollout_metrics``; Sparrow's A2C (prefopt.algorithms.a2c) overrides
+``collect`` (generation keeps its shared trunk's features), ``score`` (every top and head on them), ``advantages``
+and ``loss``. With one epoch of one minibatch the sampling policy IS the policy being updated, so the update's own
+log-probs (detached) are the old ones and no extra forward is run for them (as TRL does); otherwise they are
+computed once, before the first update.
 
 Metrics (the same names for every online algorithm; ``eval/`` ones are per-response means on held-out prompts):
     reward/score       mean R(x, y) (the weighted sum of the reward components; each is also reward/<component>)
