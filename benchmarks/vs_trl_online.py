@@ -11,7 +11,9 @@ tokens, temperature 1, top-p 1, top-k 0. Neither side shuffles (TRL: ``shuffle_d
 sides answers the same 8 prompts. The reward is the same deterministic function of the completion text on both sides
 (the share of its words that are common English words, ``reward``). Learning rate 1e-6 (TRL's default), constant,
 clip 1.0, seed 0; TRL's default loss type (``dapo``) for GRPO on both sides; RLOO with beta = 0.05 (TRL's default).
-"trl-default" is TRL as it ships (gradient checkpointing on); "trl-best" turns it off.
+"trl-default" is TRL as it ships (gradient checkpointing on); "trl-best" turns it off; "prefopt-no-prefix" is
+prefopt with ``prefix_sharing: false`` (each of the G samples scored with its own copy of the prompt, as TRL does),
+the ablation that shows how much of the gap prefix sharing makes.
 
 Every contestant is a real training loop in its own thread (``Trainer.fit`` / ``trainer.train()``), one optimizer
 step each in turn (``turns.run_in_turns``). Reported: median s/step over the timed steps and its parts (generation;
@@ -104,6 +106,7 @@ class Ours(Contestant):
             algorithm.update(loss_type="dapo", kl_coef=0.0)
         else:
             algorithm.update(kl_coef=0.05)
+        algorithm["prefix_sharing"] = self.options.get("prefix_sharing", True)
         return {"algorithm": algorithm, "model": {"name_or_path": str(self.shared["assets"]["lm"])},
                 "data": {"path": str(self.shared["prompts_file"]), "format": "prompts", "eval_fraction": 0.0,
                          "max_prompt_length": args.max_prompt},
@@ -175,7 +178,8 @@ class TRL(Contestant):
 def lineup(args: argparse.Namespace) -> list[tuple[str, str, type, dict[str, Any]]]:
     out = []
     for algo in args.algorithms:
-        out += [(f"{algo}/prefopt", algo, Ours, {}), (f"{algo}/trl-default", algo, TRL, {}),
+        out += [(f"{algo}/prefopt", algo, Ours, {}), (f"{algo}/prefopt-no-prefix", algo, Ours, {"prefix_sharing": False}),
+                (f"{algo}/trl-default", algo, TRL, {}),
                 (f"{algo}/trl-best", algo, TRL, {"best": True})]
     return [c for c in out if not args.only or c[0] in args.only]
 
