@@ -20,6 +20,7 @@ from prefopt.errors import ConfigError
 from prefopt.functional import discounted_returns
 from prefopt.models import load_tokenizer
 from prefopt.rl.advantages import nstep_returns
+from prefopt.rl.algorithm import OnlineConfig
 from prefopt.rules import label_rows
 from prefopt.tasks import write_task_prompts
 from prefopt.trainer import Trainer
@@ -59,7 +60,7 @@ def test_a2c_loss_by_hand():
     entropy = 1.5; loss = 0.825 + 1 * 0.13625 - 0.1 * 1.5 = 0.81125. No ratio: dL/dlogp = -A / 2.
     """
     logps, values, entropy, ref_logps, scores, mask = loss_inputs()
-    cfg = A2CConfig(kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False, vf_coef=1.0, ent_coef=0.1)
+    cfg = A2CConfig(kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False, vf_coef=1.0, entropy_coef=0.1)
     loss, metrics = a2c_loss(logps, values, entropy, ref_logps, scores, mask, cfg)
     assert float(loss.detach()) == pytest.approx(0.81125)
     assert float(metrics["loss/policy"]) == pytest.approx(0.825)
@@ -71,13 +72,13 @@ def test_a2c_loss_by_hand():
     torch.testing.assert_close(values.grad, torch.tensor([[-0.175, -0.325, 0.0]]))  # (V - G) / 2
     # n-step with n = 0 (Monte-Carlo) gives the same targets as GAE with lambda = 1
     nstep, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.5, advantage="nstep", whiten_advantages=False,
-                                                  vf_coef=1.0, ent_coef=0.1))
+                                                  vf_coef=1.0, entropy_coef=0.1))
     assert float(nstep.detach()) == pytest.approx(0.81125)
 
 
 def test_kl_as_a_loss_term_adds_beta_k3():
     no_kl, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.0, whiten_advantages=False))
-    as_loss, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.5, kl_mode="loss", whiten_advantages=False))
+    as_loss, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.5, kl_in="loss", whiten_advantages=False))
     k3 = [math.exp(-x) - 1 + x for x in (0.1, 0.2)]
     assert float((as_loss - no_kl).detach()) == pytest.approx(0.5 * sum(k3) / 2, rel=1e-5)
 
@@ -330,3 +331,13 @@ def test_a2c_trains_a_bf16_model(llama_chat_dir, tmp_path):
     train = [row for row in rows if "loss/value" in row]
     assert len(train) == 2 and all(math.isfinite(row["loss/value"]) for row in train)
     assert 0 < train[0]["reward/rule/no_url"] < 1  # the learned rule head scored bf16 features
+
+
+@pytest.mark.parametrize("old, new, value", [("ent_coef", "entropy_coef", 0.1), ("kl_mode", "kl_in", "loss")])
+def test_a2c_knobs_have_the_online_core_names(old, new, value):
+    """One name per knob across the online algorithms: A2C's entropy weight and KL placement are called as in
+    OnlineConfig (entropy_coef, kl_in); an old recipe gets one line naming the new key."""
+    with pytest.raises(ConfigError, match=f"^algorithm.{old} was renamed algorithm.{new}: write {new}: "):
+        build_run_config({"algorithm": {"name": "a2c", old: value}})
+    assert getattr(build_run_config({"algorithm": {"name": "a2c", new: value}}).algorithm, new) == value
+    assert new in {f.name for f in dataclasses.fields(OnlineConfig)}

@@ -9,11 +9,11 @@ scoring and the update run no trunk pass at all. The stages are those of ``prefo
 Per response y = (y_1 .. y_n) of prompt x, with state s_t = (x, y_<t):
 
     R(x, y)  = w_pm r_pm(x, y) + sum_k w_k P(rule k not violated | x, y) + sum_j w_j c_j(x, y)
-    r_t      = -beta (log pi(y_t|s_t) - log pi_0(y_t|s_t)) + [t = n] R(x, y)    (kl_mode="reward", PPO-style)
+    r_t      = -beta (log pi(y_t|s_t) - log pi_0(y_t|s_t)) + [t = n] R(x, y)    (kl_in="reward", PPO-style)
     G_t      = GAE(gamma, lambda) targets  or  n-step returns sum_{l<n} gamma^l r_{t+l} + gamma^n V(s_{t+n})
     A_t      = G_t - V(s_t)          (whitened over the batch when whiten_advantages)
     L        = -mean_t A_t log pi(y_t|s_t)  +  c_v 0.5 mean_t (V(s_t) - G_t)^2  -  c_H mean_t H[pi(.|s_t)]
-               (+ beta mean_t k3(pi, pi_0) when kl_mode="loss", where the KL is a loss term instead of a reward)
+               (+ beta mean_t k3(pi, pi_0) when kl_in="loss", where the KL is a loss term instead of a reward)
 
 r_pm is the preference-model head (trained on the shared trunk with the reward stage's K-wise loss and its
 centering regulariser), rule terms come from the rule head (learned rules) or from programmatic rules, and c_j
@@ -52,6 +52,8 @@ from prefopt.types import PromptBatch, Rollout
 
 @dataclass
 class A2CConfig:
+    renamed_keys: ClassVar[dict[str, str]] = {"ent_coef": "entropy_coef", "kl_mode": "kl_in"}  # as the online core
+
     trainable_layers: int = 2
     """N: the top N transformer blocks (+ final norm, LM head) train; embeddings + the other blocks are the trunk."""
     train_lm_head: bool = True
@@ -74,11 +76,11 @@ class A2CConfig:
     """Normalise advantages to mean 0, std 1 over the response tokens of the batch."""
     vf_coef: float = 0.5
     """Weight c_v of the value loss 0.5 (V - G)^2."""
-    ent_coef: float = 0.0
+    entropy_coef: float = 0.0
     """Weight c_H of the entropy bonus."""
     kl_coef: float = 0.05
     """beta: KL(pi || pi_0) penalty to the initial policy."""
-    kl_mode: Literal["reward", "loss"] = "reward"
+    kl_in: Literal["reward", "loss"] = "reward"
     """reward: -beta * (log pi - log pi_0) per token in the reward (as PPO); loss: beta * k3 KL as a loss term."""
     preference_weight: float = 1.0
     """Weight of the preference-model head's score (0: no preference head)."""
@@ -117,7 +119,7 @@ class A2CConfig:
         check(0 <= self.gamma <= 1, "algorithm.gamma", self.gamma, "must be in [0, 1]")
         check(0 <= self.lam <= 1, "algorithm.lam", self.lam, "must be in [0, 1]")
         check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
-        for key in ("vf_coef", "ent_coef", "kl_coef", "preference_weight", "center_coef", "head_lr"):
+        for key in ("vf_coef", "entropy_coef", "kl_coef", "preference_weight", "center_coef", "head_lr"):
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
 
@@ -137,7 +139,7 @@ def a2c_targets(logps: Tensor, values: Tensor, ref_logps: Tensor, scores: Tensor
     """(advantages, returns, per-token k1 KL) [B, T] from detached log-probs, values and reference log-probs [B, T]
     and scores [B]; advantages are whitened over all rows given."""
     kl = (logps - ref_logps) * mask
-    rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_mode == "reward" else 0.0)
+    rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_in == "reward" else 0.0)
     return *a2c_advantages(rewards, mask, values, cfg), kl
 
 
@@ -147,8 +149,8 @@ def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Ten
     policy_loss = -masked_mean(advantages * logps, mask)
     value_loss = 0.5 * masked_mean((values - returns) ** 2, mask)
     mean_entropy = masked_mean(entropy, mask)
-    loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * mean_entropy
-    if cfg.kl_mode == "loss":
+    loss = policy_loss + cfg.vf_coef * value_loss - cfg.entropy_coef * mean_entropy
+    if cfg.kl_in == "loss":
         loss = loss + cfg.kl_coef * masked_mean(kl_penalty(logps, ref_logps, "k3"), mask)
     return loss, {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
                   "entropy": mean_entropy.detach()}
@@ -165,7 +167,7 @@ def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, 
     advantages, returns, kl = a2c_targets(logps.detach(), old_values, ref_logps, scores, mask, cfg)
     loss, metrics = a2c_objective(logps, values, entropy, ref_logps, advantages, returns, mask, cfg)
     kl_per_sequence = kl.sum(-1)
-    penalty = (cfg.kl_coef if cfg.kl_mode == "reward" else 0.0) * kl_per_sequence
+    penalty = (cfg.kl_coef if cfg.kl_in == "reward" else 0.0) * kl_per_sequence
     metrics.update({"kl": kl_per_sequence.mean(), "reward/score": scores.mean(), "reward/kl_penalty": penalty.mean(),
                     "reward/total": (scores - penalty).mean(),
                     "values/mean": masked_mean(old_values, mask), "returns/mean": masked_mean(returns, mask),
@@ -315,7 +317,7 @@ class A2C(OnlineAlgorithm):
         scores, parts = self.score_terms(features, rollout)
         mask = rollout.response_mask.float()
         kl = self.token_kl(forward[0].detach(), ref_logps) * mask
-        shaping = self.kl_coef if cfg.kl_mode == "reward" else 0.0
+        shaping = self.kl_coef if cfg.kl_in == "reward" else 0.0
         rewards = kl_shaped_rewards(scores, kl, mask, shaping)
         return TrunkScored(rollout=rollout, mask=mask, old_logps=None, ref_logps=ref_logps, scores=scores,
                            components=parts, kl=kl, rewards=rewards, kl_coef=shaping, values=forward[2].detach(),
