@@ -184,3 +184,23 @@ def test_online_config_names_are_checked():
         build_run_config({"algorithm": {"name": "rloo", "kl_in": "both"}})
     cfg = build_run_config({"algorithm": {"name": "rloo", "rewards": [TASK_REWARD], "num_samples": 2}}).algorithm
     assert (cfg.advantage, cfg.loss_type, cfg.kl_in, cfg.num_samples) == ("rloo", "sequence", "reward", 2)
+
+
+@pytest.mark.parametrize("algorithm, field, fixed", [
+    ({"name": "grpo", "num_samples": 1}, "algorithm.num_samples", {"num_samples": 2}),  # every advantage 0
+    ({"name": "rloo", "num_samples": 1}, "algorithm.num_samples", {"num_samples": 2}),  # no sample to compare with
+    ({"name": "grpo", "advantage": "rloo"}, "algorithm.scale_rewards", {"scale_rewards": "batch"}),  # was "none"
+    ({"name": "grpo", "n_step": -1}, "algorithm.n_step", {"n_step": 2}),
+    ({"name": "rloo", "kl_in": "loss", "kl_coef": 0.1}, "algorithm.kl_in", {"kl_coef": 0.0}),  # sequence: no k3 term
+])
+def test_online_config_refuses_settings_that_would_train_silently_wrong(algorithm, field, fixed):
+    with pytest.raises(ConfigError, match=field):
+        build_run_config({"algorithm": {"rewards": [TASK_REWARD], **algorithm}})
+    build_run_config({"algorithm": {"rewards": [TASK_REWARD], **algorithm, **fixed}})
+
+
+@pytest.mark.parametrize("advantage", ["gae", "nstep"])
+def test_a_critic_free_algorithm_refuses_a_critic_estimator(advantage):
+    with pytest.raises(ConfigError, match="algorithm.advantage='.*needs a critic"):  # step 1 failed before
+        build_run_config({"algorithm": {"name": "grpo", "rewards": [TASK_REWARD], "advantage": advantage}})
+    build_run_config({"algorithm": {"name": "grpo", "rewards": [TASK_REWARD], "advantage": "mc"}})

@@ -12,7 +12,8 @@ a row is sum_t r_t = R - beta * sum_t KL_t. Estimators (A_t for each response to
              ``scale_rewards``: "group" (as the paper), "batch" (std over the whole batch) or "none" (Dr. GRPO,
              Liu et al. 2025: no std division).
 * ``rloo``   Ahmadian et al. 2024, eq. 6: A_i = R_i - 1/(G-1) sum_{j != i in g} R_j (the leave-one-out baseline);
-             ``scale_rewards="batch"`` normalises them over the batch (TRL's ``normalize_advantages``).
+             ``scale_rewards="batch"`` normalises them over the batch (TRL 1.16 RLOOTrainer's ``normalize_advantages``),
+             "none" leaves them; "group" is refused at config time (TRL's RLOO has no per-group std).
 * ``reinforce_pp``  REINFORCE++ (Hu 2025, eq. 7-8): A_t = sum_{s >= t} gamma^{s-t} r_s (the reward minus the KL
              still to come), normalised to mean 0, std 1 over all response tokens of the batch.
 

@@ -61,6 +61,9 @@ from prefopt.scoring import TokenScorer, grouped_token_logps
 from prefopt.types import LossOutput, PromptBatch, Rollout
 
 
+GROUP_ADVANTAGES = ("grpo", "rloo")  # estimators whose baseline is the other samples of the prompt
+
+
 @dataclass
 class OnlineConfig:
     rewards: list[RewardSpec] = field(default_factory=list)
@@ -70,9 +73,10 @@ class OnlineConfig:
     num_samples: int = 4
     """G: responses sampled per prompt (a group); train.batch_size counts prompts."""
     advantage: str = "grpo"
-    """Advantage estimator by name (prefopt.rl.advantages): grpo, rloo, reinforce_pp, mc, gae."""
+    """Advantage estimator by name (prefopt.rl.advantages): grpo, rloo, reinforce_pp, mc; gae and nstep need a critic."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    """grpo: divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO); rloo: none or
+    batch (normalise over the batch, TRL's RLOOTrainer normalize_advantages; rloo has no group std)."""
     gamma: float = 1.0
     """Discount per token (reinforce_pp, mc, gae)."""
     lam: float = 0.95
@@ -118,6 +122,13 @@ class OnlineConfig:
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
         check(self.epochs >= 1, "algorithm.epochs", self.epochs, "must be >= 1")
         check(self.num_minibatches >= 1, "algorithm.num_minibatches", self.num_minibatches, "must be >= 1")
+        check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
+        check(self.advantage not in GROUP_ADVANTAGES or self.num_samples >= 2, "algorithm.num_samples",
+              self.num_samples, f"advantage={self.advantage} compares the samples of a prompt; needs >= 2")
+        check(self.advantage != "rloo" or self.scale_rewards != "group", "algorithm.scale_rewards",
+              self.scale_rewards, "advantage=rloo takes none or batch (TRL's RLOOTrainer normalize_advantages)")
+        check(self.loss_type != "sequence" or self.kl_in != "loss" or self.kl_coef == 0, "algorithm.kl_in",
+              self.kl_in, "loss_type=sequence has no k3 KL loss term; use kl_in=reward or a token-level loss_type")
 
 
 @dataclass
@@ -177,6 +188,8 @@ class OnlineAlgorithm(Algorithm):
     def check_run(cls, run: Any) -> None:
         require_dropout_off(run, cls.registry_name)
         cfg, rows = run.algorithm, run.train.batch_size * run.algorithm.num_samples
+        check(cls.uses_critic or cfg.advantage not in ("gae", "nstep"), "algorithm.advantage", cfg.advantage,
+              f"needs a critic's values; {cls.registry_name} has none (use grpo, rloo, reinforce_pp or mc)")
         check(cfg.num_minibatches <= rows, "algorithm.num_minibatches", cfg.num_minibatches,
               f"must be <= train.batch_size x num_samples ({rows})")
         minibatch, accumulation = rows // cfg.num_minibatches, run.train.gradient_accumulation_steps
