@@ -42,18 +42,19 @@ def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 
 def logps_from_hidden(hidden: Tensor, head: nn.Module, input_ids: Tensor, score_mask: Tensor,
-                      temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                      temperature: float = 1.0, with_entropy: bool | str = False) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs (and entropies) [N, T] of ``input_ids[:, t]`` where ``score_mask[:, t]`` is 1.
 
     ``hidden`` [N, T, H] are the decoder states in the layout of ``input_ids``; token t is predicted from position
-    t - 1 and the LM ``head`` runs only there. Both outputs keep their graph (an entropy bonus needs it).
+    t - 1 and the LM ``head`` runs only there. Both outputs keep their graph (an entropy bonus needs it), except
+    with ``with_entropy="detached"``: the entropies are then a metric without a graph (same values, less memory).
     """
     rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
     return _pick(head(hidden[:, :-1][rows, cols]), input_ids, rows, cols, temperature, with_entropy)
 
 
 def _pick(logits: Tensor, input_ids: Tensor, rows: Tensor, cols: Tensor, temperature: float,
-          with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+          with_entropy: bool | str) -> tuple[Tensor, Tensor | None]:
     """Scatter log softmax(logits / T)[target] of the selected positions back to [N, T] (and the entropies)."""
     logits = logits.float()
     if temperature != 1.0:
@@ -63,12 +64,14 @@ def _pick(logits: Tensor, input_ids: Tensor, rows: Tensor, cols: Tensor, tempera
     logps = logits.new_zeros(input_ids.shape).index_put((rows, cols + 1), picked)
     if not with_entropy:
         return logps, None
+    if with_entropy == "detached":  # a metric only: no [M, V] probabilities kept for the backward
+        logp_all = logp_all.detach()
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logps, logits.new_zeros(input_ids.shape).index_put((rows, cols + 1), entropy)
 
 
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
-                temperature: float = 1.0, with_entropy: bool = False,
+                temperature: float = 1.0, with_entropy: bool | str = False,
                 layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor | None]:
     """Log-probs [N, T] of ``input_ids[:, t]`` given tokens < t where ``score_mask[:, t]`` is 1 (0 elsewhere), and
     the entropies [N, T] when asked. Left, right or no padding; ``layout``: run the shared-prefix packed rows."""
@@ -104,7 +107,7 @@ def group_lists(group: Tensor) -> list[list[int]]:
 
 
 def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
-                        group: Tensor | None, temperature: float = 1.0, with_entropy: bool = False,
+                        group: Tensor | None, temperature: float = 1.0, with_entropy: bool | str = False,
                         **kwargs) -> tuple[Tensor | None, ...]:
     """``scorer(input_ids, attention_mask, score_mask)`` (a ``TokenScorer``, maybe DDP-wrapped) with the rows of
     each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward; the same result.
@@ -134,7 +137,8 @@ class TokenScorer(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, temperature: float = 1.0,
-                with_entropy: bool = False, layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor | None]:
+                with_entropy: bool | str = False,
+                layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor | None]:
         return token_logps(self.lm, input_ids, attention_mask, score_mask, temperature, with_entropy, layout)
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
@@ -208,7 +212,8 @@ class PolicyAndValue(nn.Module):
         self.critic = critic
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, temperature: float = 1.0,
-                with_entropy: bool = True, with_values: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                with_entropy: bool | str = True,
+                with_values: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
         positions = position_ids(attention_mask)
         hidden = decoder_hidden(self.lm, input_ids, attention_mask, positions)
         logps, entropy = logps_from_hidden(hidden, self.lm.get_output_embeddings(), input_ids, score_mask,

@@ -21,8 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefopt.algorithms.grpo import GRPO, GRPOConfig
 from prefopt.algorithms.rloo import RLOO, RLOOConfig
 from prefopt.config import build_run_config
+from prefopt.registry import POLICY_LOSSES
 from prefopt.rl.algorithm import Scored
 from prefopt.rl.engine import GenerationConfig
+from prefopt.rl.losses import PolicyLossInputs
 from prefopt.scoring import TokenScorer
 from prefopt.types import Rollout
 
@@ -167,7 +169,8 @@ def test_an_update_split_into_micro_batches_has_the_same_loss_and_gradient(batch
                                                                            loss_type):
     """train.gradient_accumulation_steps changes memory, not the update: G = 1, 2, 4 micro-batches of the same
     minibatch give the same loss (mean of the micro-batch losses) and the same gradient."""
-    config = config_cls(loss_type=loss_type, kl_coef=0.1, kl_in="loss", entropy_coef=0.01,
+    kl_in = "reward" if loss_type == "sequence" else "loss"  # the sequence loss has no k3 term (refused)
+    config = config_cls(loss_type=loss_type, kl_coef=0.1, kl_in=kl_in, entropy_coef=0.01,
                         generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
     weight = batch["policy"].get_output_embeddings().weight
     results = []
@@ -180,3 +183,41 @@ def test_an_update_split_into_micro_batches_has_the_same_loss_and_gradient(batch
     for total, grad in results[1:]:
         torch.testing.assert_close(total, results[0][0], atol=1e-6, rtol=0)
         torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_the_entropy_keeps_its_graph_only_when_its_bonus_is_on(batch, entropy_coef):
+    """The update's loss and gradient equal a hand-built policy loss - entropy_coef * mean entropy (bnpo, all rows
+    of the batch); at entropy_coef 0 the entropy is a metric only: no [tokens, vocab] tensor is saved for the
+    backward (the saved tensors are smaller than with the bonus on by at least that much)."""
+    rollout, mask = batch["rollout"], batch["mask"]
+    weight = batch["policy"].get_output_embeddings().weight
+    saved: dict[float, int] = {}
+
+    def update(coef: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        config = GRPOConfig(loss_type="bnpo", entropy_coef=coef,
+                            generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            run = build_run_config({"algorithm": "grpo"})
+            algorithm = GRPO(config, run=run, tokenizer=batch["tokenizer"])
+            algorithm.model = TokenScorer(batch["policy"])
+            scored = Scored(rollout, mask, batch["old_logps"], None, torch.zeros(len(mask)), {},
+                            torch.zeros_like(mask), torch.zeros_like(mask))
+            (out,) = algorithm.update(scored, batch["advantages"][:, None] * mask, {})
+        saved[coef] = sum(sizes)
+        return out.loss, torch.autograd.grad(out.loss, weight)[0], out.metrics
+
+    loss, grad, metrics = update(entropy_coef)
+    score_mask = torch.cat([0 * rollout.prompt_ids, rollout.response_mask], 1)
+    logps, entropy = TokenScorer(batch["policy"])(rollout.sequences, rollout.attention_mask, score_mask, 1.0, True)
+    logps, entropy = logps[:, PROMPT_LEN:], entropy[:, PROMPT_LEN:]
+    inputs = PolicyLossInputs(logps, batch["old_logps"], batch["advantages"][:, None] * mask, mask)
+    expected = POLICY_LOSSES.get("bnpo")(inputs, GRPOConfig())[0] - entropy_coef * (entropy * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, weight)[0], atol=1e-6, rtol=1e-4)
+    assert metrics["entropy"] == pytest.approx(float((entropy.detach() * mask).sum() / mask.sum()), rel=1e-5)
+    if entropy_coef == 0:
+        update(0.05)
+        tokens, vocab = int(mask.sum()), weight.shape[0]
+        assert saved[0.0] <= saved[0.05] - tokens * vocab

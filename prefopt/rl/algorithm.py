@@ -73,7 +73,7 @@ class OnlineConfig:
     num_samples: int = 4
     """G: responses sampled per prompt (a group); train.batch_size counts prompts."""
     advantage: str = "grpo"
-    """Advantage estimator by name (prefopt.rl.advantages): grpo, rloo, reinforce_pp, mc; gae and nstep need a critic."""
+    """Advantage estimator by name (prefopt.rl.advantages): grpo, rloo, reinforce_pp, mc; gae, nstep (critic)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """grpo: divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO); rloo: none or
     batch (normalise over the batch, TRL's RLOOTrainer normalize_advantages; rloo has no group std)."""
@@ -226,12 +226,18 @@ class OnlineAlgorithm(Algorithm):
         """beta of the rollout being scored: ``config.kl_coef`` (PPO: its adaptive controller's value)."""
         return self.config.kl_coef
 
+    @property
+    def entropy_mode(self) -> bool | str:
+        """``with_entropy`` of the update's forward: with its graph only when the entropy bonus is on (otherwise
+        the entropies are a metric, computed detached: no extra [tokens, vocab] tensor kept until the backward)."""
+        return True if self.config.entropy_coef > 0 else "detached"
+
     # ------------------------------------------------------------------------------------------ stages
     def collect(self, batch: PromptBatch) -> Rollout:
         return generate(self.policy, self.tokenizer, batch, self.config.generation, self.config.num_samples)
 
-    def response_logps(self, scorer: Any, rollout: Rollout, rows: Tensor | None = None, with_entropy: bool = False,
-                       **kwargs: Any) -> tuple[Tensor | None, ...]:
+    def response_logps(self, scorer: Any, rollout: Rollout, rows: Tensor | None = None,
+                       with_entropy: bool | str = False, **kwargs: Any) -> tuple[Tensor | None, ...]:
         """Log-probs (and entropies) [b, Tr] of the response tokens of ``rows`` (all: None) under ``scorer``, and its
         values when it has a critic (a ``PolicyAndValue``; ``kwargs`` go to the scorer); the samples of one prompt
         share its forward when ``prefix_sharing`` is on and the model supports it."""
@@ -295,7 +301,8 @@ class OnlineAlgorithm(Algorithm):
 
     def loss(self, scored: Scored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         """This micro-batch's share of its update's loss, and its metrics: the policy's forward, ``policy_loss``."""
-        logps, entropy = self.response_logps(self.model, scored.rollout, micro.rows, with_entropy=True)[:2]
+        logps, entropy = self.response_logps(self.model, scored.rollout, micro.rows,
+                                             with_entropy=self.entropy_mode)[:2]
         return self.policy_loss(logps, entropy, scored, advantages, micro)
 
     def old_logps(self, scored: Scored, logps: Tensor, micro: MicroBatch) -> Tensor:
