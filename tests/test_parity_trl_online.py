@@ -23,10 +23,9 @@ from prefopt.algorithms.rloo import RLOO, RLOOConfig
 from prefopt.config import build_run_config
 from prefopt.registry import POLICY_LOSSES
 from prefopt.rl.algorithm import Scored
-from prefopt.rl.engine import GenerationConfig
+from prefopt.rl.engine import GenerationConfig, SampledRollout
 from prefopt.rl.losses import PolicyLossInputs
 from prefopt.scoring import TokenScorer
-from prefopt.types import Rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,9 +52,9 @@ def batch(gpt2_real_dir):
     lengths = torch.tensor([7, 3, 5, 7, 4, 7, 6, 2])
     response_mask = (torch.arange(RESPONSE_LEN) < lengths[:, None]).long()
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    rollout = Rollout(prompt_ids, torch.ones_like(prompt_ids), response_ids, response_mask,
-                      torch.zeros(rows, RESPONSE_LEN), ended=lengths < RESPONSE_LEN,
-                      group=torch.arange(PROMPTS).repeat_interleave(G))
+    rollout = SampledRollout(prompt_ids, torch.ones_like(prompt_ids), response_ids, response_mask,
+                             torch.zeros(rows, RESPONSE_LEN), ended=lengths < RESPONSE_LEN,
+                             group=torch.arange(PROMPTS).repeat_interleave(G))
     mask = response_mask.float()
     with torch.no_grad():
         scorer = TokenScorer(policy.eval())
@@ -64,7 +63,7 @@ def batch(gpt2_real_dir):
                                      torch.cat([0 * prompt_ids, response_mask], 1))[0]
     old_logps = (logps[:, PROMPT_LEN:] + 0.3 * torch.randn(rows, RESPONSE_LEN)) * mask
     advantages = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.9, -0.2, 1.1, -0.8])
-    return dict(tokenizer=tokenizer, policy=policy, rollout=rollout, mask=mask, old_logps=old_logps,
+    return dict(tokenizer=tokenizer, policy=policy, reference=reference, rollout=rollout, mask=mask, old_logps=old_logps,
                 ref_logps=ref[:, PROMPT_LEN:] * mask, advantages=advantages)
 
 
@@ -221,3 +220,37 @@ def test_the_entropy_keeps_its_graph_only_when_its_bonus_is_on(batch, entropy_co
         update(0.05)
         tokens, vocab = int(mask.sum()), weight.shape[0]
         assert saved[0.0] <= saved[0.05] - tokens * vocab
+
+
+def scored_by_the_skeleton(batch, **config) -> tuple[GRPO, Scored, list[int]]:
+    """GRPO's own ``score`` of the batch (zero rewards), and the number of policy forwards it ran."""
+    algorithm = GRPO(GRPOConfig(generation=GenerationConfig(max_new_tokens=RESPONSE_LEN), **config),
+                     run=build_run_config({"algorithm": "grpo"}), tokenizer=batch["tokenizer"])
+    algorithm.model, algorithm.reference = TokenScorer(batch["policy"]), TokenScorer(batch["reference"])
+    algorithm.reward = lambda rollout: (torch.zeros(len(rollout.response_ids)), {})
+    forwards: list[int] = []
+    algorithm.model.register_forward_hook(lambda *args: forwards.append(1))
+    scored = algorithm.score(batch["rollout"])
+    return algorithm, scored, forwards
+
+
+def test_with_the_kl_a_loss_term_scoring_runs_no_policy_forward_and_the_update_logs_the_kl(batch):
+    """kl_in=loss, beta > 0, one update: ``score`` runs only the reference; the ``kl`` metric (the sampling policy's
+    KL per response) comes from the update's own log-probs and equals the one logged when score computes it."""
+    algorithm, scored, forwards = scored_by_the_skeleton(batch, kl_coef=0.1, kl_in="loss")
+    assert forwards == [] and scored.ref_logps is not None
+    assert "kl" not in algorithm.rollout_metrics(scored)
+    advantages = algorithm.advantages(scored)
+    (out,) = algorithm.update(scored, advantages, {})
+    shaped, scored_kl, forwards = scored_by_the_skeleton(batch, kl_coef=0.1, kl_in="reward")
+    assert forwards == [1]  # the KL is a reward: score needs the policy's log-probs
+    expected = shaped.rollout_metrics(scored_kl)["kl"]
+    assert out.metrics["kl"] == pytest.approx(expected, abs=1e-5) and abs(expected) > 1e-3
+
+
+def test_without_a_reference_no_kl_is_logged_in_training(batch):
+    """beta = 0 (GRPO's default): no reference forward, so no ``kl`` metric (it was logged as a constant 0)."""
+    algorithm, scored, forwards = scored_by_the_skeleton(batch)
+    assert forwards == [] and scored.ref_logps is None
+    (out,) = algorithm.update(scored, algorithm.advantages(scored), algorithm.rollout_metrics(scored))
+    assert "kl" not in out.metrics and "reward/score" in out.metrics

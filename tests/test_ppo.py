@@ -336,12 +336,14 @@ def test_ptx_scores_packed_text_as_the_pt_stage_does(gpt2_real_dir, task_prompts
     """One packed-LM path: PPO-ptx's loss on a packed batch of text is the pt stage's loss on that batch (positions
     and attention as run_clm: 0..T-1 over the chunk). Before the fix: 6.24077 vs 6.23905 (positions restarted per
     document in ptx while attention spanned the chunk)."""
-    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path / "ppo", ptx_coef=1.0, ptx_path=str(hh_path))
+    recipe = ppo_recipe(gpt2_real_dir, task_prompts_path, tmp_path / "ppo", ptx_coef=1.0, ptx_path=str(hh_path),
+                        num_samples=2)
     recipe["data"].update(max_length=96, max_prompt_length=64)
     ppo = Trainer(build_run_config(recipe)).algorithm
     ppo.build()
     ppo.setup(Accelerator(cpu=True), {})
     batch = next(ppo.ptx_batches)
+    assert batch.input_ids.shape[0] == 64 * 2 // 4  # a PPO minibatch: batch_size x num_samples / num_minibatches
     assert bool((batch.input_ids[:, 1:-1] == ppo.tokenizer.eos_token_id).any())  # documents packed together
     pt = Trainer(build_run_config({"algorithm": "pt", "model": {"name_or_path": str(gpt2_real_dir)},
                                    "train": {"output_dir": str(tmp_path / "pt")}})).algorithm

@@ -197,7 +197,8 @@ class PPO(OnlineAlgorithm):
             raise ConfigError("algorithm.ptx_coef > 0 needs algorithm.ptx_path or data.text_path (a text stream)")
         data = DataConfig(path=path, format="auto", eval_fraction=0.0, max_length=self.run.data.max_length,
                           max_prompt_length=min(self.run.data.max_prompt_length, self.run.data.max_length))
-        size = self.config.ptx_batch_size or max(1, self.run.train.batch_size // self.config.num_minibatches)
+        minibatch = self.run.train.batch_size * self.config.num_samples // self.config.num_minibatches
+        size = self.config.ptx_batch_size or max(1, minibatch)
         loader, _ = build_dataloader(load_rows(data, "text").train, "text", self.tokenizer, data, size,
                                      shuffle=True, seed=self.run.train.seed)
         return BatchStream(loader, self.run.train.seed)

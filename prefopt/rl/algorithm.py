@@ -25,7 +25,8 @@ Metrics (the same names for every online algorithm; ``eval/`` ones are per-respo
     reward/score       mean R(x, y) (the weighted sum of the reward components; each is also reward/<component>)
     reward/kl_penalty  mean beta * KL(x, y) per response (0 when the KL is a loss term or beta = 0)
     reward/total       reward/score - reward/kl_penalty (what the policy is optimised for when the KL is a reward)
-    kl                 mean sum_t (log pi - log pi_ref)(y_t) per response, at sampling time
+    kl                 mean sum_t (log pi - log pi_ref)(y_t) per response, at sampling time (only with a reference
+                       in training, i.e. beta > 0; from the update's own log-probs when ``kl_from_update``)
     entropy            mean per-token entropy of the policy on its samples
     response_length    mean response tokens (EOS included)
     clip_fraction      share of tokens (rows for sequence losses) where the ratio clip binds
@@ -141,7 +142,7 @@ class Scored:
     ref_logps: Tensor | None  # log pi_ref; None without a KL term
     scores: Tensor  # [B] R(x, y)
     components: dict[str, Tensor]  # each reward component's raw score [B]
-    kl: Tensor  # per-token KL estimate (``token_kl``; 0 without a reference)
+    kl: Tensor  # per-token KL estimate (``token_kl``; 0 without a reference or when ``kl_from_update``)
     rewards: Tensor  # per-token rewards r_t
     kl_coef: float = 0.0  # beta of the KL shaping in ``rewards`` (0: the KL is not a reward term)
     values: Tensor | None = None  # V(s_t) of the critic at scoring time (``uses_critic``)
@@ -222,6 +223,12 @@ class OnlineAlgorithm(Algorithm):
         return self.config.epochs == 1 and self.config.num_minibatches == 1
 
     @property
+    def kl_from_update(self) -> bool:
+        """The ``kl`` metric comes from the single update's own log-probs (the sampling policy's): with the KL a
+        loss term and no critic, ``score`` needs no policy forward of its own (TRL logs its KL the same way)."""
+        return self.single_update and not self.uses_critic and self.config.kl_in == "loss"
+
+    @property
     def kl_coef(self) -> float:
         """beta of the rollout being scored: ``config.kl_coef`` (PPO: its adaptive controller's value)."""
         return self.config.kl_coef
@@ -267,12 +274,13 @@ class OnlineAlgorithm(Algorithm):
         old_logps = ref_logps = values = None
         kl = torch.zeros_like(mask)
         kl_coef = self.kl_coef
-        if not self.single_update or kl_coef > 0 or self.uses_critic:
+        if not self.single_update or self.uses_critic or (kl_coef > 0 and not self.kl_from_update):
             old_logps, _, *critic = self.response_logps(self.model, rollout)
             values = critic[0] if critic else None
         if kl_coef > 0:
             ref_logps = self.reference_logps(rollout)
-            kl = self.token_kl(old_logps, ref_logps) * mask
+            if old_logps is not None:  # else the update logs the KL (``kl_from_update``)
+                kl = self.token_kl(old_logps, ref_logps) * mask
         scores, components = self.reward(rollout)
         shaping = kl_coef if cfg.kl_in == "reward" else 0.0
         rewards = kl_shaped_rewards(scores, kl, mask, shaping)
@@ -321,19 +329,25 @@ class OnlineAlgorithm(Algorithm):
                                   micro.update_tokens)
         policy_loss, loss_metrics = POLICY_LOSSES.get(cfg.loss_type)(inputs, cfg)
         loss = policy_loss - cfg.entropy_coef * (entropy * mask).sum() / max(micro.update_tokens, 1.0)
-        return loss, {"loss/policy": self.accumulation * float(policy_loss.detach()),
-                      "entropy": float(masked_mean(entropy.detach(), mask)),
-                      **{k: float(v) for k, v in loss_metrics.items()}}
+        metrics = {"loss/policy": self.accumulation * float(policy_loss.detach()),
+                   "entropy": float(masked_mean(entropy.detach(), mask)),
+                   **{k: float(v) for k, v in loss_metrics.items()}}
+        if ref is not None and self.kl_from_update:  # the sampling policy's KL, as ``rollout_metrics`` would log it
+            metrics["kl"] = float((self.token_kl(logps.detach(), ref) * mask).sum(-1).mean())
+        return loss, metrics
 
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
         kl = scored.kl.sum(-1)
         penalty = scored.kl_coef * kl
         rollout = scored.rollout
-        return {**{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
-                "reward/score": float(scored.scores.mean()), "reward/kl_penalty": float(penalty.mean()),
-                "reward/total": float((scored.scores - penalty).mean()), "kl": float(kl.mean()),
-                "response_length": float(scored.mask.sum(-1).mean()),
-                "perf/gen_s": rollout.seconds, "perf/gen_tokens_per_s": rollout.tokens_per_s}
+        metrics = {**{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
+                   "reward/score": float(scored.scores.mean()), "reward/kl_penalty": float(penalty.mean()),
+                   "reward/total": float((scored.scores - penalty).mean()),
+                   "response_length": float(scored.mask.sum(-1).mean()),
+                   "perf/gen_s": rollout.seconds, "perf/gen_tokens_per_s": rollout.tokens_per_s}
+        if scored.ref_logps is not None and not self.kl_from_update:  # no reference, no KL (not a logged 0)
+            metrics["kl"] = float(kl.mean())
+        return metrics
 
     # ------------------------------------------------------------------------------------------ training
     def step(self, batch: PromptBatch) -> Iterator[LossOutput]:
