@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers import GenerationConfig as TransformersGenerationConfig
 
@@ -218,3 +219,25 @@ def test_a_checkpoints_generation_config_does_not_reshape_the_samples(gpt2_real_
     assert torch.equal(rollout.response_ids, plain.response_ids)
     torch.testing.assert_close(rollout.logprobs, teacher_forced_logps(model, rollout, 0.9), atol=1e-4, rtol=0)
     assert model.generation_config.forced_eos_token_id == eos  # the model's own config is left as it was
+
+
+@pytest.mark.parametrize("repeatable", [True, False])
+def test_captured_features_stay_aligned_when_the_prompt_cache_cannot_be_shared(gpt2_real_dir, hh_path, repeatable,
+                                                                             monkeypatch):
+    """generate(capture=block, num_samples=2) records the block's output at every column; when the model's cache
+    cannot be repeated over the G samples (prefilled_cache gives up after its forward and generate prefills the
+    repeated prompts itself), the discarded prefill's output must not shift the recorded columns."""
+    tokenizer, model = load(gpt2_real_dir)
+    if not repeatable:
+        monkeypatch.delattr(transformers.cache_utils.Cache, "batch_repeat_interleave")  # a cache that cannot repeat
+    block = model.transformer.h[-1]
+    rollout = generate(model, tokenizer, hh_prompts(tokenizer, hh_path, rows=3), GenerationConfig(max_new_tokens=6),
+                       num_samples=2, seed=0, capture=block)
+    fresh: list[torch.Tensor] = []
+    handle = block.register_forward_hook(lambda _m, _a, out: fresh.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model.eval()(rollout.sequences, attention_mask=rollout.attention_mask,
+                     position_ids=position_ids(rollout.attention_mask))
+    handle.remove()
+    attended = rollout.attention_mask.bool()
+    torch.testing.assert_close(rollout.hidden[attended], fresh[0][attended], atol=1e-4, rtol=0)

@@ -34,12 +34,12 @@ forward reproduces these log-probs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import dataclasses
 
 import torch
 import transformers
@@ -147,8 +147,10 @@ def prefilled_cache(model: nn.Module, batch: PromptBatch, num_samples: int) -> d
     if num_samples == 1 or batch.input_ids.shape[1] < 2:
         return {}
     ids, mask = batch.input_ids[:, :-1], batch.attention_mask[:, :-1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes kwargs through
+    no_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **no_logits)
+    cache = getattr(out, "cache", None)  # only the cache is read: the logits of one position are kept
     if not hasattr(cache, "batch_repeat_interleave"):
         return {}
     cache.batch_repeat_interleave(num_samples)
@@ -219,8 +221,11 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
             if seed is not None:
                 torch.manual_seed(seed)
             with recording(capture) if capture is not None else contextlib.nullcontext([]) as outputs:
+                prefilled = prefilled_cache(model, batch, num_samples)
+                if not prefilled:  # generate prefills the repeated prompts itself: drop a discarded prefill's output
+                    outputs.clear()
                 out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
-                                     generation_config=config, **prefilled_cache(model, batch, num_samples))
+                                     generation_config=config, **prefilled)
             if capture is not None:
                 hidden = captured_hidden(model, capture, outputs, out.sequences, repeated.attention_mask, out.cache)
     finally:
