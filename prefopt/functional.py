@@ -7,12 +7,7 @@ the rest. Nothing here knows about models: turning token ids into log-probs is p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-
-def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -40,26 +35,6 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
     return whitened * mask
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over right-padded token sequences.
-
-    delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = sum_l (gamma * lam)^l delta_{t+l},   returns R_t = A_t + V_t.
-    V after the last valid token is 0. rewards, values, mask: [B, T]. Returns (advantages, returns), masked.
-    """
-    values = values * mask
-    rewards = rewards * mask
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    T = rewards.shape[1]
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0.0)
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     """Monte-Carlo returns G_t = sum_l gamma^l r_{t+l} (the n-step target with n = the episode)."""
     out = torch.zeros_like(rewards)
@@ -83,9 +58,3 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the categorical distribution given by ``logits`` [..., V] -> [...]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)

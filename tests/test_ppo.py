@@ -12,15 +12,16 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from prefopt.algorithms.ppo import PPOConfig, policy_loss, value_loss
+from prefopt.algorithms.ppo import PPOConfig, approx_kl, value_loss
 from prefopt.config import ModelConfig, build_run_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
-from prefopt.functional import gae
 from prefopt.models import load_tokenizer
-from prefopt.rl.advantages import explained_variance
+from prefopt.registry import POLICY_LOSSES
+from prefopt.rl.advantages import explained_variance, gae
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
 from prefopt.rl.kl import KLController, kl_shaped_rewards
+from prefopt.rl.losses import PolicyLossInputs
 from prefopt.rl.rewards import CompositeReward
 from prefopt.scoring import PolicyAndValue, RewardScorer, token_logps, value_head
 from prefopt.tasks import TASK_REWARD, write_task_prompts
@@ -59,15 +60,17 @@ def test_clipped_policy_loss_matches_hand_computed_values():
     advantages = torch.tensor([[1.0, 1.0, -2.0], [-1.0, 5.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     old_logprobs = torch.full_like(ratio, -2.0)
-    loss, clipfrac, approx_kl = policy_loss(old_logprobs + ratio.log(), old_logprobs, advantages, mask, 0.2)
+    logprobs = old_logprobs + ratio.log()  # PPO's surrogate is the bnpo loss (a token mean over the minibatch)
+    loss, metrics = POLICY_LOSSES.get("bnpo")(PolicyLossInputs(logprobs, old_logprobs, advantages, mask),
+                                              PPOConfig(epsilon=0.2))
     # per token max(-A * rho, -A * clip(rho, 0.8, 1.2)):
     #   rho 1.5, A +1: max(-1.5, -1.2) = -1.2 (clipped)      rho 0.5, A +1: max(-0.5, -0.8) = -0.5
     #   rho 1.1, A -2: max( 2.2,  2.2) =  2.2                rho 0.5, A -1: max( 0.5,  0.8) =  0.8 (clipped)
     # mean over the 4 unmasked tokens: (-1.2 - 0.5 + 2.2 + 0.8) / 4 = 0.325; clipped: 2 of 4
     torch.testing.assert_close(loss, torch.tensor(0.325))
-    torch.testing.assert_close(clipfrac, torch.tensor(0.5))
+    torch.testing.assert_close(metrics["clip_fraction"], torch.tensor(0.5))
     # approx KL = mean(rho - 1 - log rho) = (0.094535 + 0.193147 + 0.004690 + 0.193147) / 4
-    torch.testing.assert_close(approx_kl, torch.tensor(0.121380), atol=1e-6, rtol=0)
+    torch.testing.assert_close(approx_kl(logprobs, old_logprobs, mask), torch.tensor(0.121380), atol=1e-6, rtol=0)
 
 
 def test_clipped_value_loss_matches_hand_computed_values():

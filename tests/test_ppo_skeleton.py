@@ -11,11 +11,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from prefopt.algorithms.ppo import PPOConfig, policy_loss, value_loss
+from prefopt.algorithms.ppo import PPOConfig, value_loss
 from prefopt.config import build_run_config
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
+from prefopt.registry import POLICY_LOSSES
 from prefopt.rl.engine import rollout_inputs
+from prefopt.rl.losses import PolicyLossInputs
 from prefopt.tasks import TASK_REWARD, write_task_prompts
 from prefopt.trainer import Trainer
 
@@ -68,7 +70,9 @@ def test_ppo_update_is_the_clipped_losses_of_the_whole_minibatch(gpt2_real_dir, 
     width = rollout.prompt_ids.shape[1]
     logps, _, values = (out[:, width:] for out in ppo.model(sequences, attention_mask, score_mask,
                                                              ppo.config.generation.logprob_temperature))
-    surrogate, clip_fraction, _ = policy_loss(logps, scored.old_logps, advantages, mask, 0.2)
+    surrogate, metrics = POLICY_LOSSES.get("bnpo")(PolicyLossInputs(logps, scored.old_logps, advantages, mask),
+                                                   PPOConfig(epsilon=0.2))
+    clip_fraction = metrics["clip_fraction"]
     critic, value_clip_fraction = value_loss(values, scored.values, scored.returns, mask, 0.2)
     torch.testing.assert_close(total, surrogate + VF_COEF * critic, atol=1e-6, rtol=0)
     assert 0 < float(clip_fraction) < 1 and 0 < float(value_clip_fraction) < 1  # both clips bind on this batch

@@ -40,11 +40,10 @@ from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
 from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_reward_model
-from prefopt.registry import POLICY_LOSSES, register_algorithm
+from prefopt.registry import register_algorithm
 from prefopt.rl.advantages import explained_variance
 from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored
 from prefopt.rl.kl import KLController, kl_over_processes
-from prefopt.rl.losses import PolicyLossInputs
 from prefopt.scoring import PolicyAndValue, value_head
 from prefopt.types import LMBatch, Rollout
 
@@ -53,15 +52,6 @@ def approx_kl(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
     """k3 estimate of KL(pi_old || pi): the token mean of rho - 1 - log rho (detached)."""
     log_ratio = (logprobs - old_logprobs).detach()
     return masked_mean((torch.exp(log_ratio) - 1) - log_ratio, mask)
-
-
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                cliprange: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) over one whole minibatch, as the update computes it
-    (the ``bnpo`` loss of prefopt.rl.losses with eps = ``cliprange``) -> (loss, clip fraction, approx KL)."""
-    inputs = PolicyLossInputs(logprobs, old_logprobs, advantages, mask)
-    loss, metrics = POLICY_LOSSES.get("bnpo")(inputs, PPOConfig(epsilon=cliprange))
-    return loss, metrics["clip_fraction"].detach(), approx_kl(logprobs, old_logprobs, mask)
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefopt.functional import discounted_returns, gae, masked_var, masked_whiten
+from prefopt.functional import discounted_returns, masked_var, masked_whiten
 from prefopt.registry import ADVANTAGES
 
 STD_EPS = 1e-4
@@ -64,6 +64,26 @@ def unbiased_std(x: Tensor) -> Tensor:
 def per_token(sequence_advantages: Tensor, mask: Tensor) -> Tensor:
     """Broadcast one advantage per row [B] over its response tokens -> [B, T]."""
     return sequence_advantages[:, None] * mask
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over right-padded token sequences.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = sum_l (gamma * lam)^l delta_{t+l},   returns R_t = A_t + V_t.
+    V after the last valid token is 0. rewards, values, mask: [B, T]. Returns (advantages, returns), masked.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0.0)
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
 
 
 @ADVANTAGES.register("gae")

@@ -54,8 +54,3 @@ def kl_over_processes(accelerator: Any, kl: Tensor, mask: Tensor) -> tuple[float
     local = {"kl": float((kl * mask).sum()), "sequences": float(kl.shape[0])}
     totals = sum_over_processes(accelerator, local) if accelerator is not None else local
     return totals["kl"] / totals["sequences"], int(totals["sequences"])
-
-
-def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over rows of the per-row sums of ``values`` under ``mask`` (e.g. KL per sequence)."""
-    return (values * mask).sum(-1).mean()
