@@ -181,7 +181,7 @@ class OnlineAlgorithm(Algorithm):
 
     kind = "prompts"
     Config = OnlineConfig
-    accumulates_in_step = True  # one rollout per step; each update's minibatch is split into G micro-batches
+    accumulates_in_step = True  # one rollout per step; each update's minibatch is split into micro-batches
     kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     uses_critic = False  # True: self.model also returns values V(s_t) (a scoring.PolicyAndValue with a critic)
 
@@ -293,8 +293,9 @@ class OnlineAlgorithm(Algorithm):
         return advantages
 
     def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
-        """``epochs`` x ``num_minibatches`` updates; each minibatch is split into G micro-batches whose losses
-        (``loss``: each a share of the minibatch's loss, times G since accelerate divides by G) add up to its loss."""
+        """``epochs`` x ``num_minibatches`` updates; each minibatch is split into train.gradient_accumulation_steps
+        micro-batches whose losses (``loss``: each a share of the minibatch's loss, times gradient_accumulation_steps
+        since accelerate divides by it) add up to its loss."""
         cfg, rollout, accumulation = self.config, scored.rollout, self.accumulation
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
