@@ -254,3 +254,17 @@ def test_without_a_reference_no_kl_is_logged_in_training(batch):
     assert forwards == [] and scored.ref_logps is None
     (out,) = algorithm.update(scored, algorithm.advantages(scored), algorithm.rollout_metrics(scored))
     assert "kl" not in out.metrics and "reward/score" in out.metrics
+
+
+def test_the_minibatches_of_a_rollout_hold_whole_prompts(batch):
+    """num_minibatches = 2 over 2 prompts x G = 4: each update gets the 4 samples of one prompt (shuffled rows used
+    to mix the groups, so no minibatch could score a prompt once for its samples)."""
+    algorithm, scored, _ = scored_by_the_skeleton(batch, num_minibatches=2, epochs=3)
+    rows: list[torch.Tensor] = []
+    loss = algorithm.loss
+    algorithm.loss = lambda scored, advantages, micro: (rows.append(micro.rows), loss(scored, advantages, micro))[1]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        outputs = list(algorithm.update(scored, algorithm.advantages(scored), {}))
+    assert len(outputs) == 6 and all(len(r) == G for r in rows)
+    assert all(len(batch["rollout"].group[r].unique()) == 1 for r in rows)

@@ -204,3 +204,19 @@ def test_a_critic_free_algorithm_refuses_a_critic_estimator(advantage):
     with pytest.raises(ConfigError, match="algorithm.advantage='.*needs a critic"):  # step 1 failed before
         build_run_config({"algorithm": {"name": "grpo", "rewards": [TASK_REWARD], "advantage": advantage}})
     build_run_config({"algorithm": {"name": "grpo", "rewards": [TASK_REWARD], "advantage": "mc"}})
+
+
+def test_minibatches_keep_the_samples_of_a_prompt_together():
+    """num_minibatches > 1 with G = 4: whole groups are shuffled, so each minibatch holds whole prompts (and scores
+    each prompt once with prefix sharing); every row is used once per pass and the minibatch sizes are unchanged."""
+    from prefopt.rl.algorithm import minibatches
+
+    group = torch.arange(6).repeat_interleave(4)  # 6 prompts x G = 4
+    torch.manual_seed(0)
+    parts = list(minibatches(24, 3, 3, "cpu", group=group))
+    assert [len(p) for p in parts] == [8] * 9
+    for start in (0, 3, 6):
+        assert sorted(torch.cat(parts[start:start + 3]).tolist()) == list(range(24))
+    for part in parts:
+        assert all((group[part] == g).sum() == 4 for g in group[part].unique())
+    assert len({tuple(group[p].unique().tolist()) for p in parts}) > 3  # shuffled across passes

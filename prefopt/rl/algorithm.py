@@ -168,11 +168,22 @@ def require_dropout_off(run: Any, algorithm: str) -> None:
           f"{algorithm} compares the policy with its old self and its reference token by token; dropout must be off")
 
 
-def minibatches(rows: int, epochs: int, num_minibatches: int, device: Any, shuffle: bool = True) -> Iterator[Tensor]:
+def minibatches(rows: int, epochs: int, num_minibatches: int, device: Any, shuffle: bool = True,
+                group: Tensor | None = None) -> Iterator[Tensor]:
     """Row indices of each optimizer update of one rollout of ``rows`` rows: ``epochs`` passes over
-    ``num_minibatches`` minibatches, the rows shuffled at the start of each pass unless ``shuffle`` is False."""
+    ``num_minibatches`` minibatches, the rows shuffled at the start of each pass unless ``shuffle`` is False.
+    With ``group`` (the prompt of each row) whole groups are shuffled and a group's rows stay next to each other, so
+    the G samples of a prompt share a minibatch (and their prompt's forward) where the group count allows."""
+    positions = torch.arange(rows, device=device)
     for _ in range(epochs):
-        order = torch.randperm(rows, device=device) if shuffle else torch.arange(rows, device=device)
+        if not shuffle:
+            order = positions
+        elif group is None:
+            order = torch.randperm(rows, device=device)
+        else:
+            ids, inverse = torch.unique(group, return_inverse=True)
+            place = torch.randperm(len(ids), device=device)[inverse]  # each row's group's place in the pass
+            order = torch.argsort(place * rows + positions)
         yield from order.tensor_split(num_minibatches)
 
 
@@ -299,7 +310,8 @@ class OnlineAlgorithm(Algorithm):
         cfg, rollout, accumulation = self.config, scored.rollout, self.accumulation
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
-        for minibatch in minibatches(rows, cfg.epochs, cfg.num_minibatches, device, shuffle=cfg.num_minibatches > 1):
+        group = rollout.group if cfg.num_samples > 1 else None
+        for minibatch in minibatches(rows, cfg.epochs, cfg.num_minibatches, device, cfg.num_minibatches > 1, group):
             update_tokens = float(scored.mask[minibatch].sum())
             for part, idx in enumerate(minibatch.tensor_split(accumulation)):  # its micro-batches
                 micro = MicroBatch(idx, part, len(minibatch), update_tokens, tokens_per_update)
