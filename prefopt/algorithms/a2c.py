@@ -134,15 +134,6 @@ def a2c_advantages(rewards: Tensor, mask: Tensor, values: Tensor, cfg: A2CConfig
     return advantages, returns
 
 
-def a2c_targets(logps: Tensor, values: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
-                cfg: A2CConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(advantages, returns, per-token k1 KL) [B, T] from detached log-probs, values and reference log-probs [B, T]
-    and scores [B]; advantages are whitened over all rows given."""
-    kl = (logps - ref_logps) * mask
-    rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_in == "reward" else 0.0)
-    return *a2c_advantages(rewards, mask, values, cfg), kl
-
-
 def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, advantages: Tensor,
                   returns: Tensor, mask: Tensor, cfg: A2CConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """L of the module docstring (token means over ``mask``) given the targets; -> (loss, its terms)."""
@@ -154,26 +145,6 @@ def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Ten
         loss = loss + cfg.kl_coef * masked_mean(kl_penalty(logps, ref_logps, "k3"), mask)
     return loss, {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
                   "entropy": mean_entropy.detach()}
-
-
-def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
-             cfg: A2CConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """The A2C loss of the module docstring on response-aligned tensors [B, T] (``scores`` [B]).
-
-    ``logps``, ``values`` and ``entropy`` carry the graph; ``ref_logps`` and ``scores`` do not.
-    """
-    mask = mask.float()
-    old_values = values.detach()
-    advantages, returns, kl = a2c_targets(logps.detach(), old_values, ref_logps, scores, mask, cfg)
-    loss, metrics = a2c_objective(logps, values, entropy, ref_logps, advantages, returns, mask, cfg)
-    kl_per_sequence = kl.sum(-1)
-    penalty = (cfg.kl_coef if cfg.kl_in == "reward" else 0.0) * kl_per_sequence
-    metrics.update({"kl": kl_per_sequence.mean(), "reward/score": scores.mean(), "reward/kl_penalty": penalty.mean(),
-                    "reward/total": (scores - penalty).mean(),
-                    "values/mean": masked_mean(old_values, mask), "returns/mean": masked_mean(returns, mask),
-                    "explained_variance": torch.tensor(explained_variance(old_values, returns, mask)),
-                    "response_length": mask.sum(-1).mean()})
-    return loss, metrics
 
 
 @dataclass
