@@ -41,47 +41,59 @@ from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm
 from prefopt.registry import ADVANTAGES, register_algorithm
 from prefopt.rl.advantages import AdvantageInputs, explained_variance
-from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, Scored, require_dropout_off
-from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored, require_dropout_off
+from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
-from prefopt.rl.rewards import CompositeReward, RewardSpec
+from prefopt.rl.rewards import CompositeReward
 from prefopt.rules import RuleHead, programmatic_ok
 from prefopt.samples import note_rewards
 from prefopt.sparrow import PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, split_model
 from prefopt.types import PromptBatch, Rollout
 
 @dataclass
-class A2CConfig:
+class A2CConfig(OnlineConfig):
+    """The skeleton's knobs with A2C's defaults, A2C's own below; the fields ``init=False`` are fixed by A2C."""
+
     renamed_keys: ClassVar[dict[str, str]] = {"ent_coef": "entropy_coef", "kl_mode": "kl_in"}  # as the online core
 
-    trainable_layers: int = 2
-    """N: the top N transformer blocks (+ final norm, LM head) train; embeddings + the other blocks are the trunk."""
-    train_lm_head: bool = True
-    """Train the LM head (a tied head is untied: the policy gets its own copy); False keeps it frozen."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling of the rollouts (max_new_tokens, temperature, top_p, top_k, do_sample)."""
-    value_head: Literal["mlp", "blocks"] = "mlp"
-    """Value function: an MLP on the trunk features, or a copy of the top blocks + a scalar head."""
-    value_width: int = 0
-    """Hidden width of the value MLP (0: the model width)."""
+    num_samples: int = field(default=1, init=False)
+    """One response per prompt (A2C's baseline is its critic, not a group)."""
     advantage: Literal["gae", "nstep"] = "gae"
     """Return/advantage estimator: GAE(gamma, lam), or n-step returns bootstrapped from V (n_step)."""
-    gamma: float = 1.0
-    """Discount per token."""
-    lam: float = 0.95
-    """GAE lambda (advantage=gae)."""
-    n_step: int = 0
-    """n of the n-step returns (advantage=nstep); 0: Monte-Carlo returns to the end of the response."""
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the response tokens of the batch."""
-    vf_coef: float = 0.5
-    """Weight c_v of the value loss 0.5 (V - G)^2."""
-    entropy_coef: float = 0.0
-    """Weight c_H of the entropy bonus."""
+    scale_rewards: Literal["group", "batch", "none"] = field(default="none", init=False)
+    """Unused by gae and nstep."""
+    loss_type: str = field(default="bnpo", init=False)
+    """Unused: A2C's loss is its own (``a2c_objective``: no ratio, no clipping)."""
+    epsilon: float = field(default=0.2, init=False)
+    """Unused: no ratio to clip."""
+    epsilon_high: float | None = field(default=None, init=False)
+    """Unused: no ratio to clip."""
     kl_coef: float = 0.05
     """beta: KL(pi || pi_0) penalty to the initial policy."""
     kl_in: Literal["reward", "loss"] = "reward"
     """reward: -beta * (log pi - log pi_0) per token in the reward (as PPO); loss: beta * k3 KL as a loss term."""
+    kl_ratio_correction: bool = field(default=False, init=False)
+    """Unused: on-policy, the ratio is 1."""
+    epochs: int = field(default=1, init=False)
+    """ONE update per rollout: without a ratio the gradient is unbiased only on-policy."""
+    num_minibatches: int = field(default=1, init=False)
+    """The one update takes the whole rollout."""
+    reference: str | None = field(default=None, init=False)
+    """pi_0 is the starting model's top on the shared trunk (prefopt.sparrow)."""
+    prefix_sharing: bool = field(default=False, init=False)
+    """Scoring reads the trunk features captured in generation (no shared-prefix layout)."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the response tokens of the batch."""
+    trainable_layers: int = 2
+    """N: the top N transformer blocks (+ final norm, LM head) train; embeddings + the other blocks are the trunk."""
+    train_lm_head: bool = True
+    """Train the LM head (a tied head is untied: the policy gets its own copy); False keeps it frozen."""
+    value_head: Literal["mlp", "blocks"] = "mlp"
+    """Value function: an MLP on the trunk features, or a copy of the top blocks + a scalar head."""
+    value_width: int = 0
+    """Hidden width of the value MLP (0: the model width)."""
+    vf_coef: float = 0.5
+    """Weight c_v of the value loss 0.5 (V - G)^2."""
     preference_weight: float = 1.0
     """Weight of the preference-model head's score (0: no preference head)."""
     preference_data: str | None = None
@@ -101,12 +113,8 @@ class A2CConfig:
     """AdamW learning rate of the preference and rule heads."""
     head_batch_size: int = 8
     """Rows per batch when training the reward heads."""
-    rewards: list[RewardSpec] = field(default_factory=list)
-    """Further reward components (prefopt.rl.rewards: length_penalty, format_validity, callable, target_token, ...)."""
     reward_heads: str | None = None
     """A sparrow_heads.pt saved by an earlier a2c run (or its directory): load the reward heads, do not train."""
-    epochs: ClassVar[int] = 1  # ONE update per rollout (OnlineAlgorithm.update): without a ratio, only on-policy
-    num_minibatches: ClassVar[int] = 1
 
     def reward_terms(self) -> dict[str, float]:
         """The weight of every term of R(x, y) (prefopt.preflight refuses a run whose weights are all zero)."""
@@ -114,12 +122,11 @@ class A2CConfig:
                 **{spec.name: spec.weight for spec in self.rewards}}
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.trainable_layers >= 1, "algorithm.trainable_layers", self.trainable_layers, "must be >= 1")
         check(self.value_width >= 0, "algorithm.value_width", self.value_width, "must be >= 0")
-        check(0 <= self.gamma <= 1, "algorithm.gamma", self.gamma, "must be in [0, 1]")
-        check(0 <= self.lam <= 1, "algorithm.lam", self.lam, "must be in [0, 1]")
         check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
-        for key in ("vf_coef", "entropy_coef", "kl_coef", "preference_weight", "center_coef", "head_lr"):
+        for key in ("vf_coef", "preference_weight", "center_coef", "head_lr"):
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
 
