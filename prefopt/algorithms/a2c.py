@@ -37,10 +37,10 @@ from prefopt.algorithm import Algorithm
 from prefopt.algorithms.sparrow_heads import (HEADS_FILE, heads_state, load_heads, sort_rules,
                                               train_preference_head, train_rule_head)
 from prefopt.config import check
-from prefopt.functional import kl_penalty, masked_mean, masked_whiten
+from prefopt.functional import kl_penalty, masked_mean
 from prefopt.models import load_causal_lm
-from prefopt.registry import ADVANTAGES, register_algorithm
-from prefopt.rl.advantages import AdvantageInputs, explained_variance
+from prefopt.registry import register_algorithm
+from prefopt.rl.advantages import explained_variance
 from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored, require_dropout_off
 from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
@@ -131,16 +131,6 @@ class A2CConfig(OnlineConfig):
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
 
 
-def a2c_advantages(rewards: Tensor, mask: Tensor, values: Tensor, cfg: A2CConfig) -> tuple[Tensor, Tensor]:
-    """(advantages, returns) [B, T] of the estimator ``cfg.advantage`` (gae or nstep) from the per-token rewards
-    and the detached values; advantages are whitened over all rows given."""
-    group = torch.arange(rewards.shape[0], device=rewards.device)
-    advantages, returns = ADVANTAGES.get(cfg.advantage)(AdvantageInputs(rewards, mask, group, values), cfg)
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return advantages, returns
-
-
 def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, advantages: Tensor,
                   returns: Tensor, mask: Tensor, cfg: A2CConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """L of the module docstring (token means over ``mask``) given the targets; -> (loss, its terms)."""
@@ -169,7 +159,7 @@ class A2C(OnlineAlgorithm):
 
     The stages of ``OnlineAlgorithm``: collect (generation, keeping the trunk features it computes), score (every
     top and head on those features: log-probs, values, reference log-probs, R(x, y), KL-shaped rewards),
-    advantages (gae or nstep, whitened) and the skeleton's update (ONE update: one epoch of one minibatch, in
+    the skeleton's advantages (gae or nstep, whitened) and update (ONE update: one epoch of one minibatch, in
     train.gradient_accumulation_steps micro-batches) with A2C's ``loss``.
     """
 
@@ -300,11 +290,6 @@ class A2C(OnlineAlgorithm):
         return TrunkScored(rollout=rollout, mask=mask, old_logps=None, ref_logps=ref_logps, scores=scores,
                            components=parts, kl=kl, rewards=rewards, kl_coef=shaping, values=forward[2].detach(),
                            features=features, forward=forward)
-
-    def advantages(self, scored: TrunkScored) -> Tensor:
-        """A_t of ``cfg.advantage`` (whitened); the value targets G_t go to ``scored.returns``."""
-        advantages, scored.returns = a2c_advantages(scored.rewards, scored.mask, scored.values, self.config)
-        return advantages
 
     def loss(self, scored: TrunkScored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         """The micro-batch's share of the ONE update's loss L (its share of the response tokens), and the rollout's
