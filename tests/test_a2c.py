@@ -272,6 +272,33 @@ def test_trainer_end_to_end_saves_policy_and_heads(fixture, hh_path, tmp_path, r
                               trainable_layers=2))
 
 
+def test_accumulation_over_the_rollout_is_refused_when_the_recipe_is_read():
+    """The one update of a rollout is split into G micro-batches of its rows: G > train.batch_size is refused by
+    the config (check_run), not in setup after the models are loaded."""
+    with pytest.raises(ConfigError, match="train.gradient_accumulation_steps"):
+        build_run_config({"algorithm": {"name": "a2c"}, "train": {"batch_size": 2, "gradient_accumulation_steps": 4}})
+
+
+def test_rollout_metrics_once_per_rollout_and_seeded_evaluation(tiny_model_dir, hh_path, tmp_path):
+    """Without further reward components (self.reward None) A2C scores with its heads alone; with G = 2 the rollout's
+    metrics (critic fit, logprob gap, rewards) come once, with the first micro-batch; evaluation draws with
+    train.seed, so two evaluations of one policy agree whatever the training RNG did in between."""
+    run = sparrow_run(tiny_model_dir, hh_path, tmp_path, rewards=[])
+    run.train.gradient_accumulation_steps = 2
+    algorithm = built_a2c(run)
+    assert algorithm.reward is None
+    batch = prompts(algorithm.tokenizer)
+    first, second = list(algorithm.step(batch))
+    for key in ("explained_variance", "logprob_gap", "values/mean", "reward/score", "kl"):
+        assert key in first.metrics and key not in second.metrics, key
+    assert "reward/length_penalty" not in first.metrics and "reward/preference" in first.metrics
+    assert all(math.isfinite(out.metrics["loss/value"]) for out in (first, second))
+    evaluation = algorithm.evaluate(batch)
+    torch.rand(7)  # the training RNG moves on
+    list(algorithm.step(batch))
+    assert algorithm.evaluate(batch) == evaluation
+
+
 def test_lora_is_refused(tiny_model_dir, hh_path, tmp_path):
     run = sparrow_run(tiny_model_dir, hh_path, tmp_path)
     run.model.lora.r = 4

@@ -33,7 +33,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from prefopt.algorithm import Algorithm
 from prefopt.algorithms.sparrow_heads import (HEADS_FILE, heads_state, load_heads, sort_rules,
                                               train_preference_head, train_rule_head)
 from prefopt.config import check
@@ -41,10 +40,9 @@ from prefopt.functional import kl_penalty, masked_mean
 from prefopt.models import load_causal_lm
 from prefopt.registry import register_algorithm
 from prefopt.rl.advantages import explained_variance
-from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored, require_dropout_off
+from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored
 from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
-from prefopt.rl.rewards import CompositeReward
 from prefopt.rules import RuleHead, programmatic_ok
 from prefopt.samples import note_rewards
 from prefopt.sparrow import PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, split_model
@@ -169,7 +167,7 @@ class A2C(OnlineAlgorithm):
     def check_run(cls, run: Any) -> None:
         check(run.model.lora.r == 0, "model.lora.r", run.model.lora.r,
               "a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); set model.lora.r=0")
-        require_dropout_off(run, "a2c")
+        super().check_run(run)  # dropout off; accumulation <= the rows of the one update (its micro-batches)
 
     # ------------------------------------------------------------------ build, setup
     def build(self) -> None:
@@ -190,18 +188,11 @@ class A2C(OnlineAlgorithm):
         for head in (self.preference_head, self.rule_head):
             if head is not None:
                 head.requires_grad_(False).eval()
-        self.composite: CompositeReward | None = None
         self.head_report: dict[str, Any] = {}
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         """Move the frozen parts; load the reward heads, or train them on the trunk (``sparrow_heads``)."""
-        Algorithm.setup(self, accelerator, loaders)  # the rewards are a2c's own: no CompositeReward is required
-        self.pending: dict[str, float] = {}  # the skeleton's timing of the previous update
-        check(self.accumulation <= self.run.train.batch_size, "train.gradient_accumulation_steps", self.accumulation,
-              f"must be <= train.batch_size ({self.run.train.batch_size}): each rollout is split into that many "
-              "micro-batches")
-        if self.config.rewards:
-            self.composite = CompositeReward(self.config.rewards, self.tokenizer, self.device)
+        super().setup(accelerator, loaders)  # self.reward: the further components, None without any
         if self.saved_heads is not None:
             for name, head in (("preference", self.preference_head), ("rules", self.rule_head)):
                 if head is not None:
@@ -223,11 +214,11 @@ class A2C(OnlineAlgorithm):
         return self.lm
 
     # ------------------------------------------------------------------ stages
-    def collect(self, batch: PromptBatch) -> Rollout:
-        """One response per prompt from the full policy model (KV cache on); the trunk's output at every position,
-        computed on the way, is kept (``rollout.hidden``) for the tops and heads."""
+    def collect(self, batch: PromptBatch, seed: int | None = None) -> Rollout:
+        """One response per prompt from the full policy model (KV cache on; ``seed`` fixes the draw); the trunk's
+        output at every position, computed on the way, is kept (``rollout.hidden``) for the tops and heads."""
         capture = self.trunk.blocks[-1] if len(self.trunk.blocks) else None
-        return generate(self.lm, self.tokenizer, batch, self.config.generation, capture=capture)
+        return generate(self.lm, self.tokenizer, batch, self.config.generation, seed=seed, capture=capture)
 
     def features(self, rollout: Rollout) -> TrunkOutput:
         """The trunk features of the sampled sequences: those captured in generation (no trunk forward), else (a
@@ -264,8 +255,8 @@ class A2C(OnlineAlgorithm):
         parts.update({f"rule/{name}": value for name, value in ok.items()})
         for name, weight in self.config.rules.items():
             total = total + weight * parts[f"rule/{name}"]
-        if self.composite is not None:
-            extra, components = self.composite(rollout)
+        if self.reward is not None:
+            extra, components = self.reward(rollout)
             total = total + extra
             parts.update(components)
         note_rewards(rollout, total, parts)  # samples.jsonl: the heads' parts too
@@ -292,27 +283,33 @@ class A2C(OnlineAlgorithm):
                            features=features, forward=forward)
 
     def loss(self, scored: TrunkScored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
-        """The micro-batch's share of the ONE update's loss L (its share of the response tokens), and the rollout's
-        metrics. One micro-batch: L on the score stage's forward (its graph kept). G > 1: the trained module runs
-        again on the micro-batch's features (the advantages were whitened over the whole rollout)."""
-        cfg, rows, mask = self.config, micro.rows, scored.mask
-        logps, entropy, values = scored.forward
-        loss, terms = a2c_objective(logps, values, entropy, scored.ref_logps, advantages, scored.returns, mask, cfg)
-        metrics = {**{k: float(v) for k, v in terms.items()},
-                   "values/mean": float(masked_mean(scored.values, mask)),
-                   "returns/mean": float(masked_mean(scored.returns, mask)),
-                   "explained_variance": explained_variance(scored.values, scored.returns, mask),
-                   "logprob_gap": float(masked_mean((logps.detach() - scored.rollout.logprobs).abs(), mask))}
-        if len(rows) == mask.shape[0]:
-            return loss, metrics
-        logps, entropy, values = self.policy_forward(scored.features, scored.rollout, rows)
-        loss, _ = a2c_objective(logps, values, entropy, scored.ref_logps[rows], advantages[rows],
-                                scored.returns[rows], mask[rows], cfg)
-        return mask[rows].sum() / max(micro.update_tokens, 1.0) * loss, metrics
+        """The micro-batch's share of the ONE update's loss L (its share of the response tokens) and of its terms.
+        One micro-batch: L on the score stage's forward (its graph kept). G > 1: the trained module runs again on
+        the micro-batch's features (the advantages were whitened over the whole rollout)."""
+        rows, mask = micro.rows, scored.mask[micro.rows]
+        if len(rows) == scored.mask.shape[0]:
+            logps, entropy, values = scored.forward
+        else:
+            logps, entropy, values = self.policy_forward(scored.features, scored.rollout, rows)
+        loss, terms = a2c_objective(logps, values, entropy, scored.ref_logps[rows], advantages[rows],
+                                    scored.returns[rows], mask, self.config)
+        share = mask.sum() / max(micro.update_tokens, 1.0)
+        # the Trainer averages over the G micro-batches: G x each share of a term adds up to the update's term
+        return share * loss, {k: self.accumulation * float(share * v) for k, v in terms.items()}
+
+    def rollout_metrics(self, scored: TrunkScored) -> dict[str, float]:
+        """The skeleton's, with the critic's fit and the behaviour-vs-recomputed log-prob gap (once per rollout)."""
+        mask = scored.mask
+        gap = (scored.forward[0].detach() - scored.rollout.logprobs).abs()
+        return {**super().rollout_metrics(scored), "values/mean": float(masked_mean(scored.values, mask)),
+                "returns/mean": float(masked_mean(scored.returns, mask)),
+                "explained_variance": explained_variance(scored.values, scored.returns, mask),
+                "logprob_gap": float(masked_mean(gap, mask))}
 
     @torch.no_grad()
     def evaluate(self, batch: PromptBatch) -> dict[str, float]:
-        scored = self.score(self.collect(batch))
+        """Sums over one response per prompt, drawn with train.seed as the skeleton's evaluation draws it."""
+        scored = self.score(self.collect(batch, seed=self.run.train.seed))
         sums = {"reward/score": scored.scores.sum(), "kl": scored.kl.sum(), "response_length": scored.mask.sum(),
                 **{f"reward/{k}": v.sum() for k, v in scored.components.items()}}
         return {**{k: float(v) for k, v in sums.items()}, "count": float(len(scored.rollout.responses))}

@@ -199,7 +199,8 @@ class OnlineAlgorithm(Algorithm):
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
-        self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
+        rewards = self.config.rewards  # none: a subclass scores with its own terms (A2C's reward heads)
+        self.reward = CompositeReward(rewards, self.tokenizer, accelerator.device) if rewards else None
         self.pending: dict[str, float] = {}  # the previous update's timing, logged with the next step
 
     @property
