@@ -189,6 +189,7 @@ class A2C(OnlineAlgorithm):
             if head is not None:
                 head.requires_grad_(False).eval()
         self.head_report: dict[str, Any] = {}
+        self.reward = None  # the further reward components (setup: the skeleton's CompositeReward, if any)
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         """Move the frozen parts; load the reward heads, or train them on the trunk (``sparrow_heads``)."""
