@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from prefopt.algorithms.a2c import A2C, HEADS_FILE, A2CConfig, TrunkScored
-from prefopt.config import build_run_config, load_config
+from prefopt.config import build_run_config, describe_fields, load_config
 from prefopt.data.collate import prompt_batch
 from prefopt.errors import ConfigError
 from prefopt.functional import discounted_returns
@@ -117,6 +117,18 @@ def test_config_checks():
         A2CConfig(trainable_layers=0)
     with pytest.raises(ConfigError, match="algorithm.lam"):
         A2CConfig(lam=1.5)
+
+
+@pytest.mark.parametrize("key, value", [("num_samples", 4), ("epochs", 2), ("num_minibatches", 2),
+                                        ("loss_type", "grpo"), ("epsilon", 0.1), ("prefix_sharing", True)])
+def test_knobs_a2c_fixes_are_refused_and_unlisted(key, value):
+    """A2CConfig is an OnlineConfig whose on-policy, one-update knobs are pinned: a recipe cannot set them, and
+    ``prefopt list`` shows only the knobs a recipe may set, each with its docstring."""
+    with pytest.raises(ConfigError, match=f"algorithm.{key}"):
+        build_run_config({"algorithm": {"name": "a2c", key: value}})
+    listed = {name: doc for name, _, _, doc in describe_fields(A2CConfig)}
+    assert key not in listed and all(listed.values())
+    assert {"gamma", "lam", "n_step", "entropy_coef", "kl_coef", "kl_in", "whiten_advantages", "vf_coef"} <= set(listed)
 
 
 @pytest.mark.parametrize("name", ["a2c_hh_tiny.yaml", "a2c_known_reward.yaml"])
