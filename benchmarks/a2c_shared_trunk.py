@@ -46,11 +46,15 @@ import transformers
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from prefopt.algorithms.a2c import A2C, a2c_loss
+from prefopt.algorithms.a2c import A2C, a2c_objective
 from prefopt.config import DataConfig, build_run_config
 from prefopt.data import build_dataloader, load_rows
+from prefopt.functional import kl_penalty, masked_whiten
 from prefopt.models import load_tokenizer
+from prefopt.registry import ADVANTAGES
+from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.engine import generate, rollout_inputs
+from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rules import label_rows
 from prefopt.scoring import logps_from_hidden, position_ids
 from prefopt.sparrow import last_token, layout_of
@@ -134,6 +138,20 @@ def unfreeze_top(decoder: nn.Module, trainable_layers: int) -> None:
     getattr(decoder, layout.norm).requires_grad_(True)
 
 
+def a2c_update_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, scores: Tensor, rollout,
+                    cfg) -> Tensor:
+    """A2C's loss from response-aligned tensors, through the functions A2C's stages use: the k1 KL and its
+    shaping of the rewards (score), the estimator and the whitening (advantages), ``a2c_objective`` (loss)."""
+    mask = rollout.response_mask.float()
+    kl = kl_penalty(logps.detach(), ref_logps, "k1") * mask
+    rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_in == "reward" else 0.0)
+    inputs = AdvantageInputs(rewards, mask, rollout.group, values.detach())
+    advantages, returns = ADVANTAGES.get(cfg.advantage)(inputs, cfg)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return a2c_objective(logps, values, entropy, ref_logps, advantages, returns, mask, cfg)[0]
+
+
 class Separate:
     """The same A2C with a full model each for the policy, reference, value, preference and rule models."""
 
@@ -175,8 +193,8 @@ class Separate:
             preference = last_token(self.preference(sequences, attention_mask), attention_mask).squeeze(-1)
             rules_ok = torch.sigmoid(-last_token(self.rules(sequences, attention_mask), attention_mask))
             scores = preference + rules_ok.sum(-1)
-        loss, _ = a2c_loss(logps[:, width:], values[:, width:], entropy[:, width:], ref_logps[:, width:], scores,
-                           rollout.response_mask.float(), self.cfg)
+        loss = a2c_update_loss(*(x[:, width:] for x in (logps, values, entropy, ref_logps)), scores, rollout,
+                               self.cfg)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

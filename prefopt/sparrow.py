@@ -23,7 +23,7 @@ columns before enter it as keys and values only (``block_from``).
 Supported layouts: GPT-2 (``transformer.wte/wpe/h/ln_f``) and Llama-like decoders
 (``model.embed_tokens/layers/norm/rotary_emb``: Llama, Mistral, Qwen2, ...). Each block gets the mask of its
 layer type (``config.layer_types``: full causal or sliding window), built by transformers' masking utils as the
-model's own forward builds it.
+model's own forward builds it (``prefopt.decoder_layout``).
 """
 
 from __future__ import annotations
@@ -38,40 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from prefopt.decoder_layout import LAYOUTS, layer_mask, layer_types, layout_of
 from prefopt.errors import PrefoptError
 from prefopt.models import disable_dropout
 from prefopt.scoring import logps_from_hidden, position_ids
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Attribute names of an architecture's parts on its decoder (``lm.base_model``)."""
-
-    embed: str
-    blocks: str
-    norm: str
-    attention_norm: str  # a block's norm before its self-attention
-    attention: str  # a block's self-attention module (called with the block's arguments)
-    positions: str | None = None  # learned absolute position embeddings (GPT-2)
-    rotary: str | None = None  # rotary position embedding module (Llama)
-
-
-GPT2 = Layout(embed="wte", blocks="h", norm="ln_f", attention_norm="ln_1", attention="attn", positions="wpe")
-LLAMA = Layout(embed="embed_tokens", blocks="layers", norm="norm", attention_norm="input_layernorm",
-               attention="self_attn", rotary="rotary_emb")
-LAYOUTS = (GPT2, LLAMA)
-
-
-def layout_of(decoder: nn.Module) -> Layout:
-    """The layout of a decoder, recognised by its attributes."""
-    for layout in LAYOUTS:
-        names = [layout.embed, layout.blocks, layout.norm, layout.positions, layout.rotary]
-        if all(hasattr(decoder, name) for name in names if name):
-            return layout
-    raise PrefoptError(f"cannot split {type(decoder).__name__} into trunk and top: supported layouts are GPT-2 "
-                       "(wte/wpe/h/ln_f) and Llama-like (embed_tokens/layers/norm/rotary_emb)")
 
 
 def num_blocks(lm: nn.Module) -> int:
@@ -104,15 +75,6 @@ class TrunkOutput:
         return TrunkOutput(self.hidden[rows], self.attention_mask[rows], pick(self.masks), pick(self.block_kwargs))
 
 
-def layer_types(config: Any) -> list[str]:
-    """The attention type of each block ("full_attention" or "sliding_attention"), as the model's forward reads it."""
-    types = getattr(config, "layer_types", None)
-    return list(types) if types else ["full_attention"] * config.num_hidden_layers
-
-
-MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-
-
 def run_blocks(blocks: Iterable[nn.Module], types: list[str], hidden: Tensor, features: TrunkOutput,
                start: int = 0) -> Tensor:
     """Hidden states through ``blocks``, each with the mask of its layer type; with ``start`` > 0 the last block
@@ -130,11 +92,14 @@ def block_from(block: nn.Module, kind: str, hidden: Tensor, features: TrunkOutpu
 
     The columns before ``start`` enter those outputs only as keys and values: the block's own self-attention
     (after its norm) runs on them first and leaves them in a cache, and the block then runs on the columns start..
-    with that cache. Their MLP and the rest of the block are not computed. Without a materialised [B, 1, T, T] mask
-    (transformers may leave it to the kernel when nothing is padded) the whole block runs.
+    with that cache. Their MLP and the rest of the block are not computed. Where transformers left the mask to the
+    kernel (no padding) it is materialised here; where none can be (flash or flex attention) the whole block runs.
     """
     mask = features.masks[kind]
     layout = next((layout for layout in LAYOUTS if hasattr(block, layout.attention)), None)
+    if layout is not None and not (isinstance(mask, Tensor) and mask.dim() == 4):
+        mask = layer_mask(getattr(block, layout.attention).config, kind, hidden, features.attention_mask,
+                          features.block_kwargs["position_ids"], materialise=True)
     if layout is None or not (isinstance(mask, Tensor) and mask.dim() == 4):
         return block(hidden, attention_mask=mask, **features.block_kwargs)[:, start:]
     width = hidden.shape[1]
@@ -192,8 +157,7 @@ class Trunk(nn.Module):
         builds for it (positions from the mask): trunk outputs computed elsewhere (during generation,
         ``prefopt.rl.engine.generate(capture=...)``) become features the tops read."""
         positions = position_ids(attention_mask)
-        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                   cache=None, position_ids=positions) for kind in set(self.types)}
+        masks = {kind: layer_mask(self.config, kind, hidden, attention_mask, positions) for kind in set(self.types)}
         kwargs: dict[str, Any] = {"position_ids": positions, "use_cache": False}
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids=positions)

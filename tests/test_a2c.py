@@ -7,20 +7,22 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from prefopt.algorithms.a2c import A2C, HEADS_FILE, A2CConfig, a2c_loss
-from prefopt.config import build_run_config, load_config
+from prefopt.algorithms.a2c import A2C, HEADS_FILE, A2CConfig, TrunkScored
+from prefopt.config import build_run_config, describe_fields, load_config
 from prefopt.data.collate import prompt_batch
 from prefopt.errors import ConfigError
 from prefopt.functional import discounted_returns
 from prefopt.models import load_tokenizer
 from prefopt.rl.advantages import nstep_returns
-from prefopt.rl.algorithm import OnlineConfig
+from prefopt.rl.algorithm import MicroBatch, OnlineConfig
+from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rules import label_rows
 from prefopt.tasks import write_task_prompts
 from prefopt.trainer import Trainer
@@ -45,12 +47,32 @@ def test_nstep_returns_by_hand():
     assert torch.equal(nstep_returns(rewards, values, mask, 0.5, 9), discounted_returns(rewards, mask, 0.5))
 
 
-def loss_inputs():
+def hand_scored(**algorithm) -> tuple[A2C, TrunkScored, torch.Tensor, torch.Tensor]:
+    """An A2C (not built: its stages below need no model) and a scored rollout of one response of two tokens (and
+    one pad), written by hand as A2C's score stage leaves it: k1 KL 0.1, 0.2; R = 1; per-token rewards with the
+    KL shaping of kl_in/kl_coef computed here, not by prefopt."""
+    run = build_run_config({"algorithm": {"name": "a2c", "whiten_advantages": False, **algorithm}})
+    a2c = A2C(run.algorithm, run, None)
     logps = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
     values = torch.tensor([[0.5, 0.25, 0.0]], requires_grad=True)
     entropy = torch.tensor([[1.0, 2.0, 0.0]])
-    ref_logps = logps.detach() - torch.tensor([[0.1, 0.2, 0.0]])  # per-token KL (k1) 0.1, 0.2
-    return logps, values, entropy, ref_logps, torch.tensor([1.0]), torch.tensor([[1.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.0]])
+    beta = run.algorithm.kl_coef if run.algorithm.kl_in == "reward" else 0.0
+    rewards = torch.tensor([[-beta * 0.1, -beta * 0.2 + 1.0, 0.0]])
+    rollout = SimpleNamespace(group=torch.tensor([0]), logprobs=logps.detach().clone(), seconds=0.0,
+                              tokens_per_s=0.0)
+    scored = TrunkScored(rollout=rollout, mask=mask, old_logps=None, ref_logps=logps.detach() - kl,
+                         scores=torch.tensor([1.0]), components={}, kl=kl, rewards=rewards, kl_coef=beta,
+                         values=values.detach(), forward=(logps, entropy, values))
+    return a2c, scored, logps, values
+
+
+def a2c_update_loss(a2c: A2C, scored: TrunkScored) -> tuple[torch.Tensor, dict[str, float]]:
+    """A2C's own advantages and loss stages on the whole rollout (one micro-batch, as training runs it)."""
+    advantages = a2c.advantages(scored)
+    return a2c.loss(scored, advantages, MicroBatch(torch.arange(1), 0, 1, float(scored.mask.sum()),
+                                                   float(scored.mask.sum())))
 
 
 def test_a2c_loss_by_hand():
@@ -59,26 +81,33 @@ def test_a2c_loss_by_hand():
     policy = -(0.35 * -1 + 0.65 * -2) / 2 = 0.825; value = 0.5 * (0.35^2 + 0.65^2) / 2 = 0.13625;
     entropy = 1.5; loss = 0.825 + 1 * 0.13625 - 0.1 * 1.5 = 0.81125. No ratio: dL/dlogp = -A / 2.
     """
-    logps, values, entropy, ref_logps, scores, mask = loss_inputs()
-    cfg = A2CConfig(kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False, vf_coef=1.0, entropy_coef=0.1)
-    loss, metrics = a2c_loss(logps, values, entropy, ref_logps, scores, mask, cfg)
+    knobs = {"kl_coef": 0.5, "gamma": 1.0, "lam": 1.0, "vf_coef": 1.0, "entropy_coef": 0.1}
+    a2c, scored, logps, values = hand_scored(**knobs)
+    # the score stage's KL shaping gives the rewards written by hand
+    torch.testing.assert_close(kl_shaped_rewards(scored.scores, scored.kl, scored.mask, 0.5), scored.rewards)
+    loss, metrics = a2c_update_loss(a2c, scored)
+    torch.testing.assert_close(scored.returns, torch.tensor([[0.85, 0.9, 0.0]]))
     assert float(loss.detach()) == pytest.approx(0.81125)
-    assert float(metrics["loss/policy"]) == pytest.approx(0.825)
-    assert float(metrics["loss/value"]) == pytest.approx(0.13625)
-    assert float(metrics["kl"]) == pytest.approx(0.3)
-    assert float(metrics["reward/total"]) == pytest.approx(1.0 - 0.5 * 0.3)
+    assert metrics["loss/policy"] == pytest.approx(0.825)
+    assert metrics["loss/value"] == pytest.approx(0.13625)
+    assert metrics["entropy"] == pytest.approx(1.5)
+    rollout_metrics = a2c.rollout_metrics(scored)
+    assert rollout_metrics["kl"] == pytest.approx(0.3)
+    assert rollout_metrics["reward/total"] == pytest.approx(1.0 - 0.5 * 0.3)
     loss.backward()
     torch.testing.assert_close(logps.grad, torch.tensor([[-0.175, -0.325, 0.0]]))
     torch.testing.assert_close(values.grad, torch.tensor([[-0.175, -0.325, 0.0]]))  # (V - G) / 2
     # n-step with n = 0 (Monte-Carlo) gives the same targets as GAE with lambda = 1
-    nstep, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.5, advantage="nstep", whiten_advantages=False,
-                                                  vf_coef=1.0, entropy_coef=0.1))
+    nstep, _ = a2c_update_loss(*hand_scored(**{**knobs, "advantage": "nstep", "lam": 0.5})[:2])
     assert float(nstep.detach()) == pytest.approx(0.81125)
+    # whitened over the response tokens: A = [0.35, 0.65], mean 0.5, unbiased std sqrt(2 * 0.15^2) -> -+ 1/sqrt(2)
+    a2c, scored, _, _ = hand_scored(**knobs, whiten_advantages=True)
+    torch.testing.assert_close(a2c.advantages(scored), torch.tensor([[-0.70710678, 0.70710678, 0.0]]))
 
 
 def test_kl_as_a_loss_term_adds_beta_k3():
-    no_kl, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.0, whiten_advantages=False))
-    as_loss, _ = a2c_loss(*loss_inputs(), A2CConfig(kl_coef=0.5, kl_in="loss", whiten_advantages=False))
+    no_kl, _ = a2c_update_loss(*hand_scored(kl_coef=0.0)[:2])
+    as_loss, _ = a2c_update_loss(*hand_scored(kl_coef=0.5, kl_in="loss")[:2])
     k3 = [math.exp(-x) - 1 + x for x in (0.1, 0.2)]
     assert float((as_loss - no_kl).detach()) == pytest.approx(0.5 * sum(k3) / 2, rel=1e-5)
 
@@ -88,6 +117,18 @@ def test_config_checks():
         A2CConfig(trainable_layers=0)
     with pytest.raises(ConfigError, match="algorithm.lam"):
         A2CConfig(lam=1.5)
+
+
+@pytest.mark.parametrize("key, value", [("num_samples", 4), ("epochs", 2), ("num_minibatches", 2),
+                                        ("loss_type", "grpo"), ("epsilon", 0.1), ("prefix_sharing", True)])
+def test_knobs_a2c_fixes_are_refused_and_unlisted(key, value):
+    """A2CConfig is an OnlineConfig whose on-policy, one-update knobs are pinned: a recipe cannot set them, and
+    ``prefopt list`` shows only the knobs a recipe may set, each with its docstring."""
+    with pytest.raises(ConfigError, match=f"algorithm.{key}"):
+        build_run_config({"algorithm": {"name": "a2c", key: value}})
+    listed = {name: doc for name, _, _, doc in describe_fields(A2CConfig)}
+    assert key not in listed and all(listed.values())
+    assert {"gamma", "lam", "n_step", "entropy_coef", "kl_coef", "kl_in", "whiten_advantages", "vf_coef"} <= set(listed)
 
 
 @pytest.mark.parametrize("name", ["a2c_hh_tiny.yaml", "a2c_known_reward.yaml"])
@@ -241,6 +282,33 @@ def test_trainer_end_to_end_saves_policy_and_heads(fixture, hh_path, tmp_path, r
     with pytest.raises(ConfigError, match="trainable_layers=1, not 2"):
         built_a2c(sparrow_run(model_dir, hh_path, tmp_path / "x", reward_heads=str(out / "model"),
                               trainable_layers=2))
+
+
+def test_accumulation_over_the_rollout_is_refused_when_the_recipe_is_read():
+    """The one update of a rollout is split into G micro-batches of its rows: G > train.batch_size is refused by
+    the config (check_run), not in setup after the models are loaded."""
+    with pytest.raises(ConfigError, match="train.gradient_accumulation_steps"):
+        build_run_config({"algorithm": {"name": "a2c"}, "train": {"batch_size": 2, "gradient_accumulation_steps": 4}})
+
+
+def test_rollout_metrics_once_per_rollout_and_seeded_evaluation(tiny_model_dir, hh_path, tmp_path):
+    """Without further reward components (self.reward None) A2C scores with its heads alone; with G = 2 the rollout's
+    metrics (critic fit, logprob gap, rewards) come once, with the first micro-batch; evaluation draws with
+    train.seed, so two evaluations of one policy agree whatever the training RNG did in between."""
+    run = sparrow_run(tiny_model_dir, hh_path, tmp_path, rewards=[])
+    run.train.gradient_accumulation_steps = 2
+    algorithm = built_a2c(run)
+    assert algorithm.reward is None
+    batch = prompts(algorithm.tokenizer)
+    first, second = list(algorithm.step(batch))
+    for key in ("explained_variance", "logprob_gap", "values/mean", "reward/score", "kl"):
+        assert key in first.metrics and key not in second.metrics, key
+    assert "reward/length_penalty" not in first.metrics and "reward/preference" in first.metrics
+    assert all(math.isfinite(out.metrics["loss/value"]) for out in (first, second))
+    evaluation = algorithm.evaluate(batch)
+    torch.rand(7)  # the training RNG moves on
+    list(algorithm.step(batch))
+    assert algorithm.evaluate(batch) == evaluation
 
 
 def test_lora_is_refused(tiny_model_dir, hh_path, tmp_path):

@@ -158,41 +158,61 @@ def test_capturing_a_module_outside_the_model_is_refused(tiny_model_dir):
         generate(lm, tokenizer, batch, GenerationConfig(max_new_tokens=2), capture=nn.Linear(2, 2))
 
 
+def mlp_widths(*tops) -> list[int]:
+    """A list that records the number of columns entering the MLP of each top's last block, call by call."""
+    widths: list[int] = []
+    for top in tops:
+        top.blocks[-1].mlp.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))
+    return widths
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("fixture", ["gpt2_real_dir", "llama_chat_dir", "qwen2_window_dir"])
-def test_tops_compute_only_the_columns_they_need(fixture, request):
+def test_tops_compute_only_the_columns_they_need(fixture, padded, request):
     """A top's last block run from column ``start`` (the columns before it only as keys and values) gives the full
-    top's outputs there and the same gradients; the policy log-probs, values and reward heads use it."""
+    top's outputs there and the same gradients; the policy log-probs, values and reward heads use it. Its MLP sees
+    only the columns start.., with left/right padding and without (where transformers builds no mask for SDPA,
+    the whole block used to run); qwen2-window's 40 columns are past its 16-token window."""
     model_dir = request.getfixturevalue(fixture)
     split = split_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 2)
     torch.manual_seed(0)
     ids = torch.randint(5, 500, (3, 40))
     mask = torch.ones_like(ids)
-    mask[0, :7] = 0  # left padding, as in rollouts; row 2 ends early (right padding)
-    mask[2, 33:] = 0
+    if padded:
+        mask[0, :7] = 0  # left padding, as in rollouts; row 2 ends early (right padding)
+        mask[2, 33:] = 0
     score_mask = mask.clone()
     score_mask[:, :22] = 0
     features = split.trunk(ids, mask)
+    assert (features.masks[split.policy.top.types[-1]] is None) == (not padded and "qwen2" not in fixture)
     top = split.policy.top
+    value = ValueTop(split.copy_top(True), split.hidden_size)
+    head = PreferenceHead(split.copy_top(), split.hidden_size)  # from column 32 (row 2's last token) or 39
+    widths = mlp_widths(top, value.top, head.top)
     full = top(features)
     for start in (1, 21, 39):
         torch.testing.assert_close(top(features, start), full[:, start:], atol=1e-5, rtol=0)
+    assert widths == [40, 39, 19, 1]
     logps, _ = split.policy(features, ids, score_mask)  # from column 21
+    assert widths[-1] == 19
     expected, _ = logps_from_hidden(top(features), split.policy.head, ids, score_mask, with_entropy=False)
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
     grads = [torch.autograd.grad(x.sum(), list(top.parameters())) for x in (logps, expected)]
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    value = ValueTop(split.copy_top(True), split.hidden_size)
     torch.nn.init.normal_(value.head.weight)
+    del widths[:]
     _, _, values = SparrowActorCritic(split.policy, value)(features, ids, score_mask)
+    assert widths == [19, 19]  # the policy's top, then the value's
     state_values = value.head(value.top(features)).squeeze(-1)
     torch.testing.assert_close(values[:, 22:], (state_values[:, 21:-1] * score_mask[:, 22:]).detach(), atol=1e-5,
                                rtol=0)
-    head = PreferenceHead(split.copy_top(), split.hidden_size)  # from column 32 (row 2's last token)
     torch.nn.init.normal_(head.score.weight)
-    rows = torch.arange(3)
-    expected = head.score(head.top(features)[rows, torch.tensor([39, 39, 32])]).squeeze(-1)
+    last = torch.tensor([39, 39, 32] if padded else [39, 39, 39])
+    expected = head.score(head.top(features)[torch.arange(3), last]).squeeze(-1)
+    del widths[:]
     torch.testing.assert_close(head(features), expected, atol=1e-5, rtol=0)
+    assert widths == [40 - int(last.min())]
 
 
 def test_only_the_top_trains_and_the_tied_head_is_untied(tiny_model_dir):

@@ -33,55 +33,65 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from prefopt.algorithm import Algorithm
 from prefopt.algorithms.sparrow_heads import (HEADS_FILE, heads_state, load_heads, sort_rules,
                                               train_preference_head, train_rule_head)
 from prefopt.config import check
-from prefopt.functional import kl_penalty, masked_mean, masked_whiten
+from prefopt.functional import kl_penalty, masked_mean
 from prefopt.models import load_causal_lm
-from prefopt.registry import ADVANTAGES, register_algorithm
-from prefopt.rl.advantages import AdvantageInputs, explained_variance
-from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, Scored, require_dropout_off
-from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.registry import register_algorithm
+from prefopt.rl.advantages import explained_variance
+from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored
+from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rl.kl import kl_shaped_rewards
-from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.rules import RuleHead, programmatic_ok
 from prefopt.samples import note_rewards
 from prefopt.sparrow import PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, split_model
 from prefopt.types import PromptBatch, Rollout
 
 @dataclass
-class A2CConfig:
+class A2CConfig(OnlineConfig):
+    """The skeleton's knobs with A2C's defaults, A2C's own below; the fields ``init=False`` are fixed by A2C."""
+
     renamed_keys: ClassVar[dict[str, str]] = {"ent_coef": "entropy_coef", "kl_mode": "kl_in"}  # as the online core
 
-    trainable_layers: int = 2
-    """N: the top N transformer blocks (+ final norm, LM head) train; embeddings + the other blocks are the trunk."""
-    train_lm_head: bool = True
-    """Train the LM head (a tied head is untied: the policy gets its own copy); False keeps it frozen."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling of the rollouts (max_new_tokens, temperature, top_p, top_k, do_sample)."""
-    value_head: Literal["mlp", "blocks"] = "mlp"
-    """Value function: an MLP on the trunk features, or a copy of the top blocks + a scalar head."""
-    value_width: int = 0
-    """Hidden width of the value MLP (0: the model width)."""
+    num_samples: int = field(default=1, init=False)
+    """One response per prompt (A2C's baseline is its critic, not a group)."""
     advantage: Literal["gae", "nstep"] = "gae"
     """Return/advantage estimator: GAE(gamma, lam), or n-step returns bootstrapped from V (n_step)."""
-    gamma: float = 1.0
-    """Discount per token."""
-    lam: float = 0.95
-    """GAE lambda (advantage=gae)."""
-    n_step: int = 0
-    """n of the n-step returns (advantage=nstep); 0: Monte-Carlo returns to the end of the response."""
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the response tokens of the batch."""
-    vf_coef: float = 0.5
-    """Weight c_v of the value loss 0.5 (V - G)^2."""
-    entropy_coef: float = 0.0
-    """Weight c_H of the entropy bonus."""
+    scale_rewards: Literal["group", "batch", "none"] = field(default="none", init=False)
+    """Unused by gae and nstep."""
+    loss_type: str = field(default="bnpo", init=False)
+    """Unused: A2C's loss is its own (``a2c_objective``: no ratio, no clipping)."""
+    epsilon: float = field(default=0.2, init=False)
+    """Unused: no ratio to clip."""
+    epsilon_high: float | None = field(default=None, init=False)
+    """Unused: no ratio to clip."""
     kl_coef: float = 0.05
     """beta: KL(pi || pi_0) penalty to the initial policy."""
     kl_in: Literal["reward", "loss"] = "reward"
     """reward: -beta * (log pi - log pi_0) per token in the reward (as PPO); loss: beta * k3 KL as a loss term."""
+    kl_ratio_correction: bool = field(default=False, init=False)
+    """Unused: on-policy, the ratio is 1."""
+    epochs: int = field(default=1, init=False)
+    """ONE update per rollout: without a ratio the gradient is unbiased only on-policy."""
+    num_minibatches: int = field(default=1, init=False)
+    """The one update takes the whole rollout."""
+    reference: str | None = field(default=None, init=False)
+    """pi_0 is the starting model's top on the shared trunk (prefopt.sparrow)."""
+    prefix_sharing: bool = field(default=False, init=False)
+    """Scoring reads the trunk features captured in generation (no shared-prefix layout)."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the response tokens of the batch."""
+    trainable_layers: int = 2
+    """N: the top N transformer blocks (+ final norm, LM head) train; embeddings + the other blocks are the trunk."""
+    train_lm_head: bool = True
+    """Train the LM head (a tied head is untied: the policy gets its own copy); False keeps it frozen."""
+    value_head: Literal["mlp", "blocks"] = "mlp"
+    """Value function: an MLP on the trunk features, or a copy of the top blocks + a scalar head."""
+    value_width: int = 0
+    """Hidden width of the value MLP (0: the model width)."""
+    vf_coef: float = 0.5
+    """Weight c_v of the value loss 0.5 (V - G)^2."""
     preference_weight: float = 1.0
     """Weight of the preference-model head's score (0: no preference head)."""
     preference_data: str | None = None
@@ -101,12 +111,8 @@ class A2CConfig:
     """AdamW learning rate of the preference and rule heads."""
     head_batch_size: int = 8
     """Rows per batch when training the reward heads."""
-    rewards: list[RewardSpec] = field(default_factory=list)
-    """Further reward components (prefopt.rl.rewards: length_penalty, format_validity, callable, target_token, ...)."""
     reward_heads: str | None = None
     """A sparrow_heads.pt saved by an earlier a2c run (or its directory): load the reward heads, do not train."""
-    epochs: ClassVar[int] = 1  # ONE update per rollout (OnlineAlgorithm.update): without a ratio, only on-policy
-    num_minibatches: ClassVar[int] = 1
 
     def reward_terms(self) -> dict[str, float]:
         """The weight of every term of R(x, y) (prefopt.preflight refuses a run whose weights are all zero)."""
@@ -114,33 +120,13 @@ class A2CConfig:
                 **{spec.name: spec.weight for spec in self.rewards}}
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.trainable_layers >= 1, "algorithm.trainable_layers", self.trainable_layers, "must be >= 1")
         check(self.value_width >= 0, "algorithm.value_width", self.value_width, "must be >= 0")
-        check(0 <= self.gamma <= 1, "algorithm.gamma", self.gamma, "must be in [0, 1]")
-        check(0 <= self.lam <= 1, "algorithm.lam", self.lam, "must be in [0, 1]")
         check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
-        for key in ("vf_coef", "entropy_coef", "kl_coef", "preference_weight", "center_coef", "head_lr"):
+        for key in ("vf_coef", "preference_weight", "center_coef", "head_lr"):
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
-
-
-def a2c_advantages(rewards: Tensor, mask: Tensor, values: Tensor, cfg: A2CConfig) -> tuple[Tensor, Tensor]:
-    """(advantages, returns) [B, T] of the estimator ``cfg.advantage`` (gae or nstep) from the per-token rewards
-    and the detached values; advantages are whitened over all rows given."""
-    group = torch.arange(rewards.shape[0], device=rewards.device)
-    advantages, returns = ADVANTAGES.get(cfg.advantage)(AdvantageInputs(rewards, mask, group, values), cfg)
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return advantages, returns
-
-
-def a2c_targets(logps: Tensor, values: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
-                cfg: A2CConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(advantages, returns, per-token k1 KL) [B, T] from detached log-probs, values and reference log-probs [B, T]
-    and scores [B]; advantages are whitened over all rows given."""
-    kl = (logps - ref_logps) * mask
-    rewards = kl_shaped_rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_in == "reward" else 0.0)
-    return *a2c_advantages(rewards, mask, values, cfg), kl
 
 
 def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, advantages: Tensor,
@@ -154,26 +140,6 @@ def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Ten
         loss = loss + cfg.kl_coef * masked_mean(kl_penalty(logps, ref_logps, "k3"), mask)
     return loss, {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
                   "entropy": mean_entropy.detach()}
-
-
-def a2c_loss(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, scores: Tensor, mask: Tensor,
-             cfg: A2CConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """The A2C loss of the module docstring on response-aligned tensors [B, T] (``scores`` [B]).
-
-    ``logps``, ``values`` and ``entropy`` carry the graph; ``ref_logps`` and ``scores`` do not.
-    """
-    mask = mask.float()
-    old_values = values.detach()
-    advantages, returns, kl = a2c_targets(logps.detach(), old_values, ref_logps, scores, mask, cfg)
-    loss, metrics = a2c_objective(logps, values, entropy, ref_logps, advantages, returns, mask, cfg)
-    kl_per_sequence = kl.sum(-1)
-    penalty = (cfg.kl_coef if cfg.kl_in == "reward" else 0.0) * kl_per_sequence
-    metrics.update({"kl": kl_per_sequence.mean(), "reward/score": scores.mean(), "reward/kl_penalty": penalty.mean(),
-                    "reward/total": (scores - penalty).mean(),
-                    "values/mean": masked_mean(old_values, mask), "returns/mean": masked_mean(returns, mask),
-                    "explained_variance": torch.tensor(explained_variance(old_values, returns, mask)),
-                    "response_length": mask.sum(-1).mean()})
-    return loss, metrics
 
 
 @dataclass
@@ -191,7 +157,7 @@ class A2C(OnlineAlgorithm):
 
     The stages of ``OnlineAlgorithm``: collect (generation, keeping the trunk features it computes), score (every
     top and head on those features: log-probs, values, reference log-probs, R(x, y), KL-shaped rewards),
-    advantages (gae or nstep, whitened) and the skeleton's update (ONE update: one epoch of one minibatch, in
+    the skeleton's advantages (gae or nstep, whitened) and update (ONE update: one epoch of one minibatch, in
     train.gradient_accumulation_steps micro-batches) with A2C's ``loss``.
     """
 
@@ -201,7 +167,7 @@ class A2C(OnlineAlgorithm):
     def check_run(cls, run: Any) -> None:
         check(run.model.lora.r == 0, "model.lora.r", run.model.lora.r,
               "a2c trains the top blocks in full on a frozen shared trunk (no LoRA or 4-bit); set model.lora.r=0")
-        require_dropout_off(run, "a2c")
+        super().check_run(run)  # dropout off; accumulation <= the rows of the one update (its micro-batches)
 
     # ------------------------------------------------------------------ build, setup
     def build(self) -> None:
@@ -222,18 +188,12 @@ class A2C(OnlineAlgorithm):
         for head in (self.preference_head, self.rule_head):
             if head is not None:
                 head.requires_grad_(False).eval()
-        self.composite: CompositeReward | None = None
         self.head_report: dict[str, Any] = {}
+        self.reward = None  # the further reward components (setup: the skeleton's CompositeReward, if any)
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         """Move the frozen parts; load the reward heads, or train them on the trunk (``sparrow_heads``)."""
-        Algorithm.setup(self, accelerator, loaders)  # the rewards are a2c's own: no CompositeReward is required
-        self.pending: dict[str, float] = {}  # the skeleton's timing of the previous update
-        check(self.accumulation <= self.run.train.batch_size, "train.gradient_accumulation_steps", self.accumulation,
-              f"must be <= train.batch_size ({self.run.train.batch_size}): each rollout is split into that many "
-              "micro-batches")
-        if self.config.rewards:
-            self.composite = CompositeReward(self.config.rewards, self.tokenizer, self.device)
+        super().setup(accelerator, loaders)  # self.reward: the further components, None without any
         if self.saved_heads is not None:
             for name, head in (("preference", self.preference_head), ("rules", self.rule_head)):
                 if head is not None:
@@ -255,11 +215,11 @@ class A2C(OnlineAlgorithm):
         return self.lm
 
     # ------------------------------------------------------------------ stages
-    def collect(self, batch: PromptBatch) -> Rollout:
-        """One response per prompt from the full policy model (KV cache on); the trunk's output at every position,
-        computed on the way, is kept (``rollout.hidden``) for the tops and heads."""
+    def collect(self, batch: PromptBatch, seed: int | None = None) -> Rollout:
+        """One response per prompt from the full policy model (KV cache on; ``seed`` fixes the draw); the trunk's
+        output at every position, computed on the way, is kept (``rollout.hidden``) for the tops and heads."""
         capture = self.trunk.blocks[-1] if len(self.trunk.blocks) else None
-        return generate(self.lm, self.tokenizer, batch, self.config.generation, capture=capture)
+        return generate(self.lm, self.tokenizer, batch, self.config.generation, seed=seed, capture=capture)
 
     def features(self, rollout: Rollout) -> TrunkOutput:
         """The trunk features of the sampled sequences: those captured in generation (no trunk forward), else (a
@@ -296,8 +256,8 @@ class A2C(OnlineAlgorithm):
         parts.update({f"rule/{name}": value for name, value in ok.items()})
         for name, weight in self.config.rules.items():
             total = total + weight * parts[f"rule/{name}"]
-        if self.composite is not None:
-            extra, components = self.composite(rollout)
+        if self.reward is not None:
+            extra, components = self.reward(rollout)
             total = total + extra
             parts.update(components)
         note_rewards(rollout, total, parts)  # samples.jsonl: the heads' parts too
@@ -323,33 +283,34 @@ class A2C(OnlineAlgorithm):
                            components=parts, kl=kl, rewards=rewards, kl_coef=shaping, values=forward[2].detach(),
                            features=features, forward=forward)
 
-    def advantages(self, scored: TrunkScored) -> Tensor:
-        """A_t of ``cfg.advantage`` (whitened); the value targets G_t go to ``scored.returns``."""
-        advantages, scored.returns = a2c_advantages(scored.rewards, scored.mask, scored.values, self.config)
-        return advantages
-
     def loss(self, scored: TrunkScored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
-        """The micro-batch's share of the ONE update's loss L (its share of the response tokens), and the rollout's
-        metrics. One micro-batch: L on the score stage's forward (its graph kept). G > 1: the trained module runs
-        again on the micro-batch's features (the advantages were whitened over the whole rollout)."""
-        cfg, rows, mask = self.config, micro.rows, scored.mask
-        logps, entropy, values = scored.forward
-        loss, terms = a2c_objective(logps, values, entropy, scored.ref_logps, advantages, scored.returns, mask, cfg)
-        metrics = {**{k: float(v) for k, v in terms.items()},
-                   "values/mean": float(masked_mean(scored.values, mask)),
-                   "returns/mean": float(masked_mean(scored.returns, mask)),
-                   "explained_variance": explained_variance(scored.values, scored.returns, mask),
-                   "logprob_gap": float(masked_mean((logps.detach() - scored.rollout.logprobs).abs(), mask))}
-        if len(rows) == mask.shape[0]:
-            return loss, metrics
-        logps, entropy, values = self.policy_forward(scored.features, scored.rollout, rows)
-        loss, _ = a2c_objective(logps, values, entropy, scored.ref_logps[rows], advantages[rows],
-                                scored.returns[rows], mask[rows], cfg)
-        return mask[rows].sum() / max(micro.update_tokens, 1.0) * loss, metrics
+        """The micro-batch's share of the ONE update's loss L (its share of the response tokens) and of its terms.
+        One micro-batch: L on the score stage's forward (its graph kept). G > 1: the trained module runs again on
+        the micro-batch's features (the advantages were whitened over the whole rollout)."""
+        rows, mask = micro.rows, scored.mask[micro.rows]
+        if len(rows) == scored.mask.shape[0]:
+            logps, entropy, values = scored.forward
+        else:
+            logps, entropy, values = self.policy_forward(scored.features, scored.rollout, rows)
+        loss, terms = a2c_objective(logps, values, entropy, scored.ref_logps[rows], advantages[rows],
+                                    scored.returns[rows], mask, self.config)
+        share = mask.sum() / max(micro.update_tokens, 1.0)
+        # the Trainer averages over the G micro-batches: G x each share of a term adds up to the update's term
+        return share * loss, {k: self.accumulation * float(share * v) for k, v in terms.items()}
+
+    def rollout_metrics(self, scored: TrunkScored) -> dict[str, float]:
+        """The skeleton's, with the critic's fit and the behaviour-vs-recomputed log-prob gap (once per rollout)."""
+        mask = scored.mask
+        gap = (scored.forward[0].detach() - scored.rollout.logprobs).abs()
+        return {**super().rollout_metrics(scored), "values/mean": float(masked_mean(scored.values, mask)),
+                "returns/mean": float(masked_mean(scored.returns, mask)),
+                "explained_variance": explained_variance(scored.values, scored.returns, mask),
+                "logprob_gap": float(masked_mean(gap, mask))}
 
     @torch.no_grad()
     def evaluate(self, batch: PromptBatch) -> dict[str, float]:
-        scored = self.score(self.collect(batch))
+        """Sums over one response per prompt, drawn with train.seed as the skeleton's evaluation draws it."""
+        scored = self.score(self.collect(batch, seed=self.run.train.seed))
         sums = {"reward/score": scored.scores.sum(), "kl": scored.kl.sum(), "response_length": scored.mask.sum(),
                 **{f"reward/{k}": v.sum() for k, v in scored.components.items()}}
         return {**{k: float(v) for k, v in sums.items()}, "count": float(len(scored.rollout.responses))}

@@ -10,7 +10,7 @@ One step of the Trainer = one batch of prompts, through the stages of the online
    per-token reward  r_t = -beta * KL_t + [t = last] * s,  KL_t = log pi(y_t|.) - log pi_ref(y_t|.) (k1, or k3);
    pi_ref is the frozen SFT policy (with LoRA: the same weights with the adapter off); beta fixed or Ziegler's
    adaptive controller; rewards optionally scaled to unit variance (``whiten_rewards``);
-3. advantages*: GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_l (gamma lam)^l
+3. advantages: GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_l (gamma lam)^l
    delta_{t+l}, returns R_t = A_t + V_t (the value targets); advantages whitened over the batch;
 4. update: ``epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update of (loss*)
        L = E_t[max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))]                 (clipped surrogate)
@@ -106,7 +106,7 @@ class PPOConfig(OnlineConfig):
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance over the batch (mean kept) before GAE."""
     whiten_advantages: bool = True
-    """Normalise advantages to mean 0, variance 1 over the batch."""
+    """Normalise advantages to mean 0, variance 1 over the batch (the skeleton's ``advantages``)."""
     critic: Literal["shared", "reward_model"] = "shared"
     """shared: a value head on the policy; reward_model: a separate critic initialised from a reward model."""
     critic_path: str | None = None
@@ -213,10 +213,6 @@ class PPO(OnlineAlgorithm):
             scored.rewards = masked_whiten(scored.rewards, scored.mask, shift_mean=False)
         self.kl_ctl.update(*kl_over_processes(self.accelerator, scored.kl, scored.mask))
         return scored
-
-    def advantages(self, scored: Scored) -> Tensor:
-        advantages = super().advantages(scored)  # GAE; the returns are the value targets
-        return masked_whiten(advantages, scored.mask) if self.config.whiten_advantages else advantages
 
     def loss(self, scored: Scored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         """The skeleton's policy loss + vf_coef * the clipped value loss (+ PPO-ptx), each this micro-batch's share

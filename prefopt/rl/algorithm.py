@@ -6,7 +6,8 @@ prompts per Trainer step:
                 its critic's values, ``uses_critic``) and the reference's, the per-token KL (``token_kl``) and the
                 per-token rewards r_t (KL shaping with beta = ``kl_coef`` when ``kl_in="reward"``);
     advantages  the estimator named by ``config.advantage`` (prefopt.rl.advantages), fed the critic's values when
-                there are any; its returns (the value targets) are kept in ``Scored.returns``;
+                there are any, whitened over the rollout's response tokens when ``whiten_advantages``; its returns
+                (the value targets) are kept in ``Scored.returns``;
     update      ``epochs`` passes over ``num_minibatches`` shuffled minibatches, each ONE optimizer update, split into
                 ``train.gradient_accumulation_steps`` micro-batches; ``loss`` gives each micro-batch's share of the
                 update's loss: by default its forward and ``policy_loss``, the loss named by ``config.loss_type``
@@ -14,10 +15,10 @@ prompts per Trainer step:
 
 Each stage is a method a subclass may override; a new critic-free method is usually only a ``Config`` with other
 defaults (see README, "Add an online algorithm"). PPO (prefopt.algorithms.ppo) overrides ``build`` (its critic),
-``score`` (adaptive beta, KL estimator, reward whitening), ``advantages`` (whitening), ``loss`` (adds the clipped
+``score`` (adaptive beta, KL estimator, reward whitening), ``loss`` (adds the clipped
 value loss and PPO-ptx to ``policy_loss``) and ``rollout_metrics``; Sparrow's A2C (prefopt.algorithms.a2c) overrides
-``collect`` (generation keeps its shared trunk's features), ``score`` (every top and head on them), ``advantages``
-and ``loss``. With one epoch of one minibatch the sampling policy IS the policy being updated, so the update's own
+``collect`` (generation keeps its shared trunk's features), ``score`` (every top and head on them), ``loss`` and
+``rollout_metrics``. With one epoch of one minibatch the sampling policy IS the policy being updated, so the update's own
 log-probs (detached) are the old ones and no extra forward is run for them (as TRL does); otherwise they are
 computed once, before the first update.
 
@@ -49,7 +50,7 @@ from torch import Tensor
 
 from prefopt.algorithm import Algorithm
 from prefopt.config import LoraConfig, check
-from prefopt.functional import kl_penalty, masked_mean
+from prefopt.functional import kl_penalty, masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
@@ -84,6 +85,8 @@ class OnlineConfig:
     """GAE lambda."""
     n_step: int = 0
     """n of the n-step returns (advantage=nstep); 0: Monte-Carlo returns to the end of the response."""
+    whiten_advantages: bool = False
+    """Normalise the estimator's advantages to mean 0, std 1 over the response tokens of the rollout (PPO, A2C)."""
     loss_type: str = "grpo"
     """Policy loss by name (prefopt.rl.losses): grpo, bnpo, dapo, dr_grpo, sequence."""
     epsilon: float = 0.2
@@ -221,7 +224,8 @@ class OnlineAlgorithm(Algorithm):
 
     def setup(self, accelerator: Any, loaders: dict[str, Any]) -> None:
         super().setup(accelerator, loaders)
-        self.reward = CompositeReward(self.config.rewards, self.tokenizer, accelerator.device)
+        rewards = self.config.rewards  # none: a subclass scores with its own terms (A2C's reward heads)
+        self.reward = CompositeReward(rewards, self.tokenizer, accelerator.device) if rewards else None
         self.pending: dict[str, float] = {}  # the previous update's timing, logged with the next step
 
     @property
@@ -301,7 +305,7 @@ class OnlineAlgorithm(Algorithm):
     def advantages(self, scored: Scored) -> Tensor:
         inputs = AdvantageInputs(scored.rewards, scored.mask, scored.rollout.group, scored.values)
         advantages, scored.returns = ADVANTAGES.get(self.config.advantage)(inputs, self.config)
-        return advantages
+        return masked_whiten(advantages, scored.mask) if self.config.whiten_advantages else advantages
 
     def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
         """``epochs`` x ``num_minibatches`` updates; each minibatch is split into train.gradient_accumulation_steps
