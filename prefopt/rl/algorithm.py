@@ -203,7 +203,8 @@ class OnlineAlgorithm(Algorithm):
     def check_run(cls, run: Any) -> None:
         require_dropout_off(run, cls.registry_name)
         cfg, rows = run.algorithm, run.train.batch_size * run.algorithm.num_samples
-        check(cls.uses_critic or cfg.advantage not in ("gae", "nstep"), "algorithm.advantage", cfg.advantage,
+        critic = cls.uses_critic or cls.score is not OnlineAlgorithm.score  # an own ``score`` brings its values
+        check(critic or cfg.advantage not in ("gae", "nstep"), "algorithm.advantage", cfg.advantage,
               f"needs a critic's values; {cls.registry_name} has none (use grpo, rloo, reinforce_pp or mc)")
         check(cfg.num_minibatches <= rows, "algorithm.num_minibatches", cfg.num_minibatches,
               f"must be <= train.batch_size x num_samples ({rows})")
