@@ -218,7 +218,7 @@ class PPO(OnlineAlgorithm):
         """The skeleton's policy loss + vf_coef * the clipped value loss (+ PPO-ptx), each this micro-batch's share
         of the minibatch's token mean."""
         cfg, rows = self.config, micro.rows
-        logps, entropy, values = self.response_logps(self.model, scored.rollout, rows, with_entropy=True)
+        logps, entropy, values = self.response_logps(self.model, scored.rollout, rows, with_entropy=self.entropy_mode)
         loss, metrics = self.policy_loss(logps, entropy, scored, advantages, micro)
         mask = scored.mask[rows]
         vf_loss, vf_clipfrac = value_loss(values, scored.values[rows], scored.returns[rows], mask,
