@@ -49,12 +49,12 @@ from transformers import AutoModelForCausalLM
 from prefopt.algorithms.a2c import A2C, a2c_objective
 from prefopt.config import DataConfig, build_run_config
 from prefopt.data import build_dataloader, load_rows
-from prefopt.functional import kl_penalty, masked_whiten
+from prefopt.functional import masked_whiten
 from prefopt.models import load_tokenizer
 from prefopt.registry import ADVANTAGES
 from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.engine import generate, rollout_inputs
-from prefopt.rl.kl import kl_shaped_rewards
+from prefopt.rl.kl import kl_penalty, kl_shaped_rewards
 from prefopt.rules import label_rows
 from prefopt.scoring import logps_from_hidden, position_ids
 from prefopt.sparrow import last_token, layout_of

@@ -18,9 +18,8 @@ from prefopt.algorithms.a2c import A2C, HEADS_FILE, A2CConfig, TrunkScored
 from prefopt.config import build_run_config, describe_fields, load_config
 from prefopt.data.collate import prompt_batch
 from prefopt.errors import ConfigError
-from prefopt.functional import discounted_returns
 from prefopt.models import load_tokenizer
-from prefopt.rl.advantages import nstep_returns
+from prefopt.rl.advantages import discounted_returns, nstep_returns
 from prefopt.rl.algorithm import MicroBatch, OnlineConfig
 from prefopt.rl.kl import kl_shaped_rewards
 from prefopt.rules import label_rows

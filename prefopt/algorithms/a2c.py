@@ -36,13 +36,13 @@ from torch import Tensor
 from prefopt.algorithms.sparrow_heads import (HEADS_FILE, heads_state, load_heads, sort_rules,
                                               train_preference_head, train_rule_head)
 from prefopt.config import check
-from prefopt.functional import kl_penalty, masked_mean
+from prefopt.functional import masked_mean
 from prefopt.models import load_causal_lm
 from prefopt.registry import register_algorithm
 from prefopt.rl.advantages import explained_variance
 from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored
 from prefopt.rl.engine import generate, rollout_inputs
-from prefopt.rl.kl import kl_shaped_rewards
+from prefopt.rl.kl import kl_penalty, kl_shaped_rewards
 from prefopt.rules import RuleHead, programmatic_ok
 from prefopt.samples import note_rewards
 from prefopt.sparrow import PreferenceHead, SparrowActorCritic, TrunkOutput, ValueMLP, ValueTop, split_model

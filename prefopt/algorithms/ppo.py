@@ -38,12 +38,12 @@ from prefopt.config import DataConfig, check
 from prefopt.data import build_dataloader, load_rows
 from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
-from prefopt.functional import kl_penalty, masked_mean, masked_whiten
+from prefopt.functional import masked_mean, masked_whiten
 from prefopt.models import load_reward_model
 from prefopt.registry import register_algorithm
 from prefopt.rl.advantages import explained_variance
 from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored
-from prefopt.rl.kl import KLController, kl_over_processes
+from prefopt.rl.kl import KLController, kl_over_processes, kl_penalty
 from prefopt.scoring import PolicyAndValue, value_head
 from prefopt.types import LMBatch, Rollout
 

@@ -28,10 +28,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefopt.functional import discounted_returns, masked_var, masked_whiten
+from prefopt.functional import masked_var, masked_whiten
 from prefopt.registry import ADVANTAGES
 
 STD_EPS = 1e-4
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Monte-Carlo returns G_t = sum_l gamma^l r_{t+l} (the n-step target with n = the episode)."""
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] * mask[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
 
 
 @dataclass

@@ -50,13 +50,13 @@ from torch import Tensor
 
 from prefopt.algorithm import Algorithm
 from prefopt.config import LoraConfig, check
-from prefopt.functional import kl_penalty, masked_mean, masked_whiten
+from prefopt.functional import masked_mean, masked_whiten
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
 from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
-from prefopt.rl.kl import kl_shaped_rewards
+from prefopt.rl.kl import kl_penalty, kl_shaped_rewards
 from prefopt.rl.losses import PolicyLossInputs
 from prefopt.rl.rewards import CompositeReward, RewardSpec
 from prefopt.scoring import TokenScorer, grouped_token_logps

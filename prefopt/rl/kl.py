@@ -17,6 +17,22 @@ from torch import Tensor
 from prefopt.distributed import sum_over_processes
 
 
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs (Schulman's k1/k2/k3).
+
+    k1 = log pi - log pi_ref (unbiased, can be negative), k2 = 0.5 * k1^2, k3 = exp(-k1) - 1 + k1 (>= 0).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
+
 def kl_shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """Per-token rewards [B, Tr]: ``-kl_coef * kl_t`` on every response token, plus ``scores`` [B] at the last."""
     rewards = -kl_coef * kl * mask

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefopt.functional import kl_penalty, masked_mean
+from prefopt.functional import masked_mean
 from prefopt.registry import POLICY_LOSSES
+from prefopt.rl.kl import kl_penalty
 
 
 @dataclass
