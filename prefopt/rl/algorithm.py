@@ -315,8 +315,7 @@ class OnlineAlgorithm(Algorithm):
         cfg, rollout, accumulation = self.config, scored.rollout, self.accumulation
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
         tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
-        grouped = rollout.group is not None and len(rollout.group.unique()) < rows  # several samples per prompt
-        group = rollout.group if grouped else None
+        group = rollout.group if cfg.num_samples > 1 else None  # several samples per prompt: keep them together
         for minibatch in minibatches(rows, cfg.epochs, cfg.num_minibatches, device, cfg.num_minibatches > 1, group):
             update_tokens = float(scored.mask[minibatch].sum())
             for part, idx in enumerate(minibatch.tensor_split(accumulation)):  # its micro-batches
