@@ -49,6 +49,7 @@ from prefopt.data import run_loaders
 from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
                                  sharded_weights)
 from prefopt.errors import ConfigError, PrefoptError
+from prefopt.lm_head import chunking
 from prefopt.evaluation import evaluate, evaluate_and_sample
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
@@ -93,7 +94,8 @@ class Trainer:
         try:
             self._claim_output_dir()
             self.signals.install()
-            return self._fit()
+            with chunking(self.config.model.logits):  # the LM head's log-probs, chunk by chunk (prefopt.lm_head)
+                return self._fit()
         finally:
             self.signals.restore()
             self.lock.release()
