@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefopt.lm_head import head_logps
-from prefopt.prefix import SharedPrefixLayout, share_prefixes
+from prefopt.prefix import SharedPrefixLayout, share_prefixes, sharing_pays
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -108,7 +108,8 @@ def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Te
                         group: Tensor | None, temperature: float = 1.0, with_entropy: bool | str = False,
                         **kwargs) -> tuple[Tensor | None, ...]:
     """``scorer(input_ids, attention_mask, score_mask)`` (a ``TokenScorer``, maybe DDP-wrapped) with the rows of
-    each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward; the same result.
+    each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward where that costs less
+    (``prefopt.prefix.sharing_pays``: not for G long responses to a short prompt); the same result either way.
 
     Rows may be left-padded (a rollout): each is rotated so its real tokens start at column 0, scored in a
     ``share_prefixes`` layout, and rotated back. ``group`` None: the padded rows as they are, by any scorer taking
@@ -121,9 +122,18 @@ def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Te
     pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # leading padding of each row
     forward, back = (columns + pads) % width, (columns - pads) % width
     ids, mask, scored = (x.gather(1, forward) for x in (input_ids, attention_mask, score_mask))
-    layout = share_prefixes(ids, mask, group_lists(group))
+    groups = group_lists(group)
+    if not sharing_pays(ids, mask, groups, _hidden_size(scorer)):  # G long responses to a short prompt
+        return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
+    layout = share_prefixes(ids, mask, groups)
     logps, entropy = scorer(ids, mask, scored, temperature, with_entropy, layout=layout, **kwargs)
     return logps.gather(1, back), None if entropy is None else entropy.gather(1, back)
+
+
+def _hidden_size(scorer: nn.Module) -> int:
+    """The width of the causal LM a (maybe DDP-wrapped) scorer runs."""
+    config = getattr(scorer, "module", scorer).lm.config
+    return config.get_text_config().hidden_size
 
 
 class TokenScorer(nn.Module):
