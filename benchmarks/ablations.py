@@ -5,6 +5,8 @@ Each switch undoes one thing prefopt does that TRL does not, so the ablation tab
 - ``no_packing``: prefix-shared segments one per row instead of packed first-fit into rows (``prefopt.prefix``);
 - ``full_logits``: the LM head on every position, then the scored positions picked (as TRL does on CPU), instead
   of logits on the scored positions only;
+- ``unchunked``: the LM head on the scored positions in one piece, one log_softmax over their [tokens, vocab]
+  logits (prefopt before ``prefopt.lm_head``), instead of chunk by chunk;
 - ``two_forwards`` (DPO): chosen and rejected rows in a forward each, each trimmed to its own longest row, instead
   of one forward over both.
 
@@ -22,8 +24,10 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
     from prefopt.algorithms.orpo import ORPO
     from prefopt.algorithms.reward import RewardModelling
 
-    base = {"dpo": DPO, "orpo": ORPO, "reward": RewardModelling}[algorithm]
-    if not any(options.get(k) for k in ("no_packing", "two_forwards", "full_logits")):
+    from prefopt.algorithms.lm import SFT
+
+    base = {"dpo": DPO, "orpo": ORPO, "reward": RewardModelling, "sft": SFT}[algorithm]
+    if not any(options.get(k) for k in ("no_packing", "two_forwards", "full_logits", "unchunked")):
         return base
     from prefopt.scoring import sum_scored
     from prefopt.scoring import TokenScorer
@@ -42,10 +46,11 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
 
         def build(self):
             super().build()
-            if options.get("full_logits"):
-                self.model = FullLogitsScorer(self.model.lm)
+            scorer = FullLogitsScorer if options.get("full_logits") else UnchunkedScorer
+            if options.get("full_logits") or options.get("unchunked"):
+                self.model = scorer(self.model.lm)
                 if getattr(self, "reference", None) is not None:
-                    self.reference = FullLogitsScorer(self.reference.lm)
+                    self.reference = scorer(self.reference.lm)
 
         def pair_logps(self, batch, split):
             if not options.get("two_forwards"):
@@ -81,6 +86,29 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
             logp = torch.log_softmax(self.lm.get_output_embeddings()(hidden).float(), -1)
             picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * score_mask[:, 1:]
             return torch.cat([torch.zeros_like(picked[:, :1]), picked], 1), None
+
+    class UnchunkedScorer(TokenScorer):
+        """The LM head on the scored positions in one piece: one log_softmax over [scored tokens, vocab]."""
+
+        def forward(self, input_ids, attention_mask, score_mask, temperature=1.0, with_entropy=False, layout=None):
+            import torch
+
+            from prefopt.scoring import decoder_hidden
+
+            rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
+            if layout is None:
+                hidden = decoder_hidden(self.lm, input_ids, attention_mask)[:, :-1][rows, cols]
+            else:
+                packed = decoder_hidden(self.lm, layout.input_ids, layout.mask_for(self.lm, self.lm.dtype),
+                                        layout.position_ids)
+                hidden = layout.gather(packed, rows, cols)
+            logp = torch.log_softmax(self.lm.get_output_embeddings()(hidden).float() / temperature, -1)
+            picked = logp.gather(-1, input_ids[:, 1:][rows, cols, None])[:, 0]
+            logps = picked.new_zeros(input_ids.shape).index_put((rows, cols + 1), picked)
+            if not with_entropy:
+                return logps, None
+            entropy = -(logp.exp() * logp).sum(-1)
+            return logps, logps.new_zeros(input_ids.shape).index_put((rows, cols + 1), entropy)
 
     def halves_logps(scorer, batch, half):
         """Summed log-probs of the chosen (half 0) or rejected (half 1) rows, in a forward of their own."""

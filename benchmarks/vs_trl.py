@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from ablations import variant_class
-from assets import HH, ROOT, build_assets
+from assets import HH, ROOT, add_shape_arguments, build_assets, shape_flags, shape_of
 from measure import matmul_ceiling, parameters_per_token, peak_rss_mb, rss_mb, run_worker
 from report import markdown, summarise
 from turns import Contestant, fit_in_turns, run_in_turns, train_in_turns
 
 BATCH = 8
-TRL_LR = {"dpo": 1e-6, "orpo": 1e-6, "reward": 1e-4}  # TRL's default learning rates; ours uses the same
+TRL_LR = {"dpo": 1e-6, "orpo": 1e-6, "reward": 1e-4, "sft": 2e-5}  # TRL's default learning rates; ours uses the same
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -64,11 +64,21 @@ def load_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def data_config(args: argparse.Namespace):
     from prefopt.config import DataConfig
 
-    return DataConfig(path=str(HH), eval_fraction=0.0, max_length=args.max_length, max_prompt_length=256)
+    return DataConfig(path=str(HH), eval_fraction=0.0, max_length=args.max_length,
+                      max_prompt_length=args.max_prompt_length)
 
 
 def as_ranks(record: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": record["prompt"], "responses": [record["chosen"], record["rejected"]], "scores": [1.0, 0.0]}
+
+
+def as_sft(record: dict[str, Any]) -> dict[str, Any]:
+    """SFT on the chosen response (InstructGPT step 1 on HH): the same prompt and response tokens as the pair's."""
+    return {"prompt": record["prompt"], "completion": record["chosen"]}
+
+
+KINDS = {"dpo": "pairs", "orpo": "pairs", "reward": "ranks", "sft": "sft"}
+RECORDS = {"pairs": lambda r: r, "ranks": as_ranks, "sft": as_sft}
 
 
 # ----------------------------------------------------------------------------------------------------- contestants
@@ -83,8 +93,8 @@ class Ours(Contestant):
         args = self.args
         config = build_run_config(self.recipe())
         trainer = Trainer(config)
-        kind = "ranks" if self.algorithm == "reward" else "pairs"
-        records = self.shared["pairs"] if kind == "pairs" else [as_ranks(r) for r in self.shared["pairs"]]
+        kind = KINDS[self.algorithm]
+        records = [RECORDS[kind](r) for r in self.shared["pairs"]]
         bucketing = self.options.get("bucketing", False)  # other batches of the same rows, in shuffled order
         loader, _ = build_dataloader(records, kind, trainer.tokenizer, config.data, BATCH, shuffle=bucketing,
                                      seed=args.seed, length_bucketing=bucketing)
@@ -105,7 +115,9 @@ class Ours(Contestant):
     def recipe(self) -> dict[str, Any]:
         """The recipe this contestant trains with (as a YAML recipe would give it)."""
         args, assets = self.args, self.shared["assets"]
-        algorithm: dict[str, Any] = {"name": self.algorithm, "prefix_sharing": self.options.get("sharing", True)}
+        algorithm: dict[str, Any] = {"name": self.algorithm}
+        if self.algorithm != "sft":
+            algorithm["prefix_sharing"] = self.options.get("sharing", True)
         if self.algorithm == "dpo":
             algorithm.update(beta=0.1, precompute_reference=self.options.get("precompute", False))
         elif self.algorithm == "orpo":
@@ -156,6 +168,13 @@ class TRL(Contestant):
                                   processing_class=self.shared["tokenizer"],
                                   data_collator=SameTokens(features, orpo_tensors(self.shared["pad_id"])),
                                   args=ORPOConfig(**common, beta=0.1))
+        elif self.algorithm == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            ids = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in self.shared["features_sft"]]
+            trainer = SFTTrainer(model=str(assets["lm"]), train_dataset=Dataset.from_list(ids),
+                                 processing_class=self.shared["tokenizer"],
+                                 args=SFTConfig(**common, max_length=args.max_length))
         else:
             from trl import RewardConfig, RewardTrainer
 
@@ -172,7 +191,7 @@ class TRL(Contestant):
             return out
 
         trainer.compute_loss = recorded_loss
-        self.tokens = self.shared["tokens"][:self.steps]  # the same batches as prefopt's, in the same order
+        self.tokens = self.shared[f"tokens_{KINDS[self.algorithm]}"][:self.steps]  # prefopt's batches, in order
         self.trainer = trainer
         train_in_turns(self, trainer)
 
@@ -213,11 +232,13 @@ def lineup(args: argparse.Namespace) -> list[tuple[str, str, type, dict[str, Any
         out.append((f"{algo}/trl-default", algo, TRL, {}))
         out.append((f"{algo}/trl-best", algo, TRL, {"best": True}))
         if args.ablations and args.dtype == "fp32":
-            out.append((f"{algo}/prefopt-no-prefix-sharing", algo, Ours, {"sharing": False}))
-            out.append((f"{algo}/prefopt-no-packing", algo, Ours, {"no_packing": True}))
+            if algo != "sft":
+                out.append((f"{algo}/prefopt-no-prefix-sharing", algo, Ours, {"sharing": False}))
+                out.append((f"{algo}/prefopt-no-packing", algo, Ours, {"no_packing": True}))
             out.append((f"{algo}/prefopt+length-bucketing", algo, Ours, {"bucketing": True}))
             if algo != "reward":
                 out.append((f"{algo}/prefopt+full-logits", algo, Ours, {"full_logits": True}))
+                out.append((f"{algo}/prefopt+unchunked-head", algo, Ours, {"unchunked": True}))
             if algo == "dpo":
                 out.append((f"{algo}/prefopt-no-sharing+two-forwards", algo, Ours,
                             {"sharing": False, "two_forwards": True}))
@@ -232,25 +253,27 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from prefopt.data import build_dataloader
-    from prefopt.data.collate import pair_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    assets = build_assets(args.work)
+    assets = build_assets(args.work, shape_of(args, args.max_length))
     tokenizer = AutoTokenizer.from_pretrained(assets["lm"])
     pairs = load_pairs(args)
-    loader, _ = build_dataloader(pairs, "pairs", tokenizer, data_config(args), BATCH, shuffle=False, seed=args.seed,
-                                 length_bucketing=False)
-    features = list(loader.dataset)
-    batches = [pair_batch(features[i:i + BATCH], tokenizer.pad_token_id) for i in range(0, len(features), BATCH)]
-    shared = {"assets": assets, "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "pairs": pairs,
-              "features": features, "tokens": [int(b.attention_mask.sum()) for b in batches]}
+    shared = {"assets": assets, "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "pairs": pairs}
+    for kind in ("pairs", "ranks", "sft"):  # every contestant of a kind trains on these batches, in this order
+        loader, _ = build_dataloader([RECORDS[kind](r) for r in pairs], kind, tokenizer, data_config(args), BATCH,
+                                     shuffle=False, seed=args.seed, length_bucketing=False)
+        shared[f"features_{kind}"] = list(loader.dataset)
+        shared[f"batches_{kind}"] = list(loader)
+        shared[f"tokens_{kind}"] = [int(b.attention_mask.sum()) for b in shared[f"batches_{kind}"]]
+    features, batches = shared["features_pairs"], shared["batches_pairs"]
+    shared["features"] = features
     baseline_rss = rss_mb()
     ceiling_before = matmul_ceiling(args.dtype) if not args.only else float("nan")
 
     contestants = [cls(name, algo, args, shared, **options) for name, algo, cls, options in lineup(args)]
-    run_in_turns(contestants, check=lambda: check_same_batches(contestants, batches))
+    run_in_turns(contestants, check=lambda: check_same_batches(contestants, shared))
     ceiling_after = matmul_ceiling(args.dtype) if not args.only else float("nan")
 
     tokens = [int(b.attention_mask.sum()) for b in batches]
@@ -284,14 +307,15 @@ def token_slots(batches: list[Any], pairs: list[dict[str, Any]], tokenizer: Any,
             "shared prefix, packed, length-bucketed batches": mean(pair_layout(b).num_tokens for b in bucketed)}
 
 
-def check_same_batches(contestants: list[Contestant], batches: list[Any]) -> None:
-    """TRL's first DPO / reward batches hold exactly prefopt's tensors (ORPO's collator is built from them)."""
+def check_same_batches(contestants: list[Contestant], shared: dict[str, Any]) -> None:
+    """TRL's first DPO / SFT / reward batches hold exactly prefopt's tensors (ORPO's collator is built from them)."""
     import torch
 
     for c in contestants:
         if not isinstance(c, TRL):
             continue
-        for k, ours in enumerate(batches[:2]):
+        kind = "pairs" if c.algorithm == "reward" else KINDS[c.algorithm]  # TRL's RM collator: chosen, then rejected
+        for k, ours in enumerate(shared[f"batches_{kind}"][:2]):
             got = c.trainer.data_collator([c.trainer.train_dataset[i] for i in range(k * BATCH, (k + 1) * BATCH)])
             if c.algorithm == "orpo":
                 n = ours.num_pairs
@@ -303,18 +327,21 @@ def check_same_batches(contestants: list[Contestant], batches: list[Any]) -> Non
             assert torch.equal(got["attention_mask"], ours.attention_mask), c.name
             if "completion_mask" in got:
                 assert torch.equal(got["completion_mask"].long(), ours.completion_mask), c.name
+            if "labels" in got:  # SFT: -100 on the prompt and the padding
+                assert torch.equal(got["labels"], ours.labels), c.name
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--algorithms", ",".join(args.algorithms), "--warmup", str(args.warmup), "--seed", str(args.seed),
-             "--max-length", str(args.max_length), "--work", str(args.work)]
+             "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
+             "--work", str(args.work), *shape_flags(args)]
     flags += ["--ablations" if args.ablations else "--no-ablations"]
     return flags + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algorithms", default="dpo,orpo,reward", type=lambda s: s.split(","))
+    parser.add_argument("--algorithms", default="dpo,orpo,reward,sft", type=lambda s: s.split(","))
     parser.add_argument("--dtypes", default="fp32,bf16", type=lambda s: s.split(","))
     parser.add_argument("--steps", type=int, default=12, help="timed steps per contestant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -322,7 +349,9 @@ def main() -> None:
     parser.add_argument("--no-memory", dest="memory_steps", action="store_const", const=0)
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--max-length", type=int, default=384, help="prompt + response tokens, at most")
+    parser.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens (cut from the left)")
+    add_shape_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "vs_trl")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -336,8 +365,8 @@ def main() -> None:
         args.worker.write_text(json.dumps(result))
         return
 
-    build_assets(args.work)
-    n_params = parameters_per_token(args.work)
+    assets = build_assets(args.work, shape_of(args, args.max_length))
+    n_params = parameters_per_token(assets["lm"])
     results, rows = {}, []
     for dtype in args.dtypes:
         flags = common_flags(args) + ["--dtype", dtype]
