@@ -106,14 +106,15 @@ def group_lists(group: Tensor) -> list[list[int]]:
 
 def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
                         group: Tensor | None, temperature: float = 1.0, with_entropy: bool | str = False,
-                        **kwargs) -> tuple[Tensor | None, ...]:
+                        hidden_size: int | None = None, **kwargs) -> tuple[Tensor | None, ...]:
     """``scorer(input_ids, attention_mask, score_mask)`` (a ``TokenScorer``, maybe DDP-wrapped) with the rows of
     each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward where that costs less
     (``prefopt.prefix.sharing_pays``: not for G long responses to a short prompt); the same result either way.
 
     Rows may be left-padded (a rollout): each is rotated so its real tokens start at column 0, scored in a
     ``share_prefixes`` layout, and rotated back. ``group`` None: the padded rows as they are, by any scorer taking
-    these arguments (``kwargs`` too; a ``PolicyAndValue`` also returns values).
+    these arguments (``kwargs`` too; a ``PolicyAndValue`` also returns values). ``hidden_size``: the model's width,
+    for the cost rule (None: read from the scorer's ``lm``).
     """
     if group is None:
         return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
@@ -123,7 +124,7 @@ def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Te
     forward, back = (columns + pads) % width, (columns - pads) % width
     ids, mask, scored = (x.gather(1, forward) for x in (input_ids, attention_mask, score_mask))
     groups = group_lists(group)
-    if not sharing_pays(ids, mask, groups, _hidden_size(scorer)):  # G long responses to a short prompt
+    if not sharing_pays(ids, mask, groups, hidden_size or _hidden_size(scorer)):  # G long responses, short prompt
         return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
     layout = share_prefixes(ids, mask, groups)
     logps, entropy = scorer(ids, mask, scored, temperature, with_entropy, layout=layout, **kwargs)
