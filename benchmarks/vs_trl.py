@@ -43,7 +43,7 @@ from typing import Any
 from ablations import variant_class
 from assets import HH, ROOT, add_shape_arguments, build_assets, shape_flags, shape_of
 from measure import matmul_ceiling, parameters_per_token, peak_rss_mb, rss_mb, run_worker
-from report import markdown, summarise
+from report import MAIN, markdown, summarise
 from turns import Contestant, fit_in_turns, run_in_turns, train_in_turns
 
 BATCH = 8
@@ -270,11 +270,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     features, batches = shared["features_pairs"], shared["batches_pairs"]
     shared["features"] = features
     baseline_rss = rss_mb()
-    ceiling_before = matmul_ceiling(args.dtype) if not args.only else float("nan")
+    ceiling_before = matmul_ceiling(args.dtype) if not args.memory_run else float("nan")
 
     contestants = [cls(name, algo, args, shared, **options) for name, algo, cls, options in lineup(args)]
     run_in_turns(contestants, check=lambda: check_same_batches(contestants, shared))
-    ceiling_after = matmul_ceiling(args.dtype) if not args.only else float("nan")
+    ceiling_after = matmul_ceiling(args.dtype) if not args.memory_run else float("nan")
 
     tokens = [int(b.attention_mask.sum()) for b in batches]
     return {
@@ -356,7 +356,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "vs_trl")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="", type=lambda s: [x for x in s.split(",") if x], help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="", type=lambda s: [x for x in s.split(",") if x],
+                        help="contestants to run, e.g. dpo/prefopt+precompute,dpo/trl-best (default: all)")
+    parser.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -370,14 +372,15 @@ def main() -> None:
     results, rows = {}, []
     for dtype in args.dtypes:
         flags = common_flags(args) + ["--dtype", dtype]
-        results[dtype] = run_worker(__file__, args.work, flags + ["--steps", str(args.steps)])
+        results[dtype] = run_worker(__file__, args.work, flags + ["--steps", str(args.steps),
+                                                                  "--only", ",".join(args.only)])
         memory = {}
         if args.memory_steps:
             warm = max(args.memory_steps - args.warmup, 0)
             for name in results[dtype]["contestants"]:
-                if "prefopt-" in name or "prefopt+length" in name or "+full" in name:
+                if name.split("/")[1] not in MAIN:
                     continue  # ablations: timing only
-                one = run_worker(__file__, args.work, [*flags, "--steps", str(warm), "--only", name])
+                one = run_worker(__file__, args.work, [*flags, "--steps", str(warm), "--only", name, "--memory-run"])
                 memory[name] = {"peak_rss_mb": one["peak_rss_mb"], "baseline_rss_mb": one["baseline_rss_mb"]}
         rows += summarise(results[dtype], args.warmup, n_params, memory)
     table = markdown(rows, results, args, BATCH)
