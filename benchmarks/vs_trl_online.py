@@ -356,6 +356,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-ablations", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure prefopt-no-prefix's peak memory")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--only", nargs="*", default=[])
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -378,6 +380,8 @@ def main() -> None:
     memory = {}
     if not args.no_memory:
         for name, *_ in lineup(args):
+            if name.endswith("-no-prefix") and not args.memory_ablations:
+                continue  # the ablations' memory only when asked (each memory run is a process of its own)
             one = run(["--steps", str(args.memory_steps), "--warmup", "0", "--only", name])
             memory[name] = {"peak_rss_mb": one["peak_rss_mb"], "baseline_rss_mb": one["baseline_rss_mb"]}
     rows = summarise(result, args.warmup, memory)
