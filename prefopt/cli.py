@@ -37,13 +37,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from prefopt.config import load_config
+    from prefopt.data import run_tokenizer
     from prefopt.data.preview import preview
-    from prefopt.models import load_tokenizer
     from prefopt.registry import ALGORITHMS
 
     config = load_config(args.recipe, args.overrides)
     kind = ALGORITHMS.get(config.algorithm_name).kind
-    print(preview(config.data, kind, load_tokenizer(config.model), config.eval_data))
+    print(preview(config.data, kind, run_tokenizer(config), config.eval_data))
     return 0
 
 

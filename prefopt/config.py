@@ -88,8 +88,11 @@ class DataConfig:
     split: str = "train"
     """Split to read: the file / hub split name (HH: train or test; UltraFeedback-binarized: train_prefs, ...)."""
     chat_template: str = "auto"
-    """Conversational rows: "auto" (the tokenizer's chat template, HH text if it has none), "none" (HH text),
-    or a Jinja template file."""
+    """Conversational rows: "auto" (the tokenizer's chat template; an error if it has none), "none" (HH text on
+    purpose), "chatml" or "llama3" (built in), or a Jinja template file; a named or file template is saved with the
+    model."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """SFT on conversations: every assistant turn carries loss (all: TRL's assistant_only_loss) or only the last."""
     eval_fraction: float = 0.1
     """Fraction of rows held out for evaluation, chosen by a stable content hash."""
     split_salt: str = "prefopt"
@@ -111,8 +114,11 @@ class DataConfig:
         check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,
               "must be in (0, data.max_length]")
         check(self.max_examples is None or self.max_examples > 0, "data.max_examples", self.max_examples, "must be > 0")
-        check(self.chat_template in ("auto", "none") or Path(self.chat_template).expanduser().is_file(),
-              "data.chat_template", self.chat_template, "must be auto, none or an existing template file")
+        from prefopt.data.templates import TEMPLATES
+
+        names = ("auto", "none", *TEMPLATES)
+        check(self.chat_template in names or Path(self.chat_template).expanduser().is_file(),
+              "data.chat_template", self.chat_template, f"must be {', '.join(names)} or an existing template file")
 
 
 @dataclass

@@ -45,13 +45,12 @@ from transformers import get_scheduler
 from prefopt import console, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
-from prefopt.data import run_loaders
+from prefopt.data import run_loaders, run_tokenizer
 from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
                                  sharded_weights)
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.evaluation import evaluate, evaluate_and_sample
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
-from prefopt.models import load_tokenizer
 from prefopt.registry import ALGORITHMS
 from prefopt.stopping import Interrupted, NonFiniteError, NonFiniteGuard, SignalCatcher, signal_name
 
@@ -70,7 +69,7 @@ class Trainer:
         set_seed(config.train.seed)
         algorithm_cls = ALGORITHMS.get(config.algorithm_name)
         preflight.check_run(config, algorithm_cls.kind)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = run_tokenizer(config)
         self.algorithm = algorithm_cls(config.algorithm, config, self.tokenizer)
         self.output_dir = Path(config.train.output_dir)
         self.loaders: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefopt.config import DataConfig, RunConfig
+from prefopt.data.chat import install_template
 from prefopt.data.collate import build_dataloader, pack
 from prefopt.data.formats import check_names, convert, detect_format, parse_row
 from prefopt.data.hh import split_hh
@@ -25,7 +26,7 @@ from prefopt.errors import DataError
 log = logging.getLogger("prefopt.data")
 
 __all__ = ["LoadedData", "SkipRow", "assign", "build_dataloader", "load_rows", "manifest", "pack", "record_id",
-           "run_loaders", "split_hh", "write_manifest"]
+           "run_loaders", "run_tokenizer", "split_hh", "write_manifest"]
 
 
 @dataclass
@@ -108,6 +109,16 @@ def _records(plan: list[tuple[Source, str]], kind: str, skips: SkipLog, formats:
             row_id = record_id(parsed)
             for record in records:
                 yield where, row_id, record
+
+
+def run_tokenizer(run: RunConfig) -> Any:
+    """The tokenizer of a run (prefopt.models.load_tokenizer) with the chat template ``data.chat_template`` names
+    installed, so that what the run saves renders chat as the run trained on it."""
+    from prefopt.models import load_tokenizer
+
+    tokenizer = load_tokenizer(run.model)
+    install_template(tokenizer, run.data.chat_template)
+    return tokenizer
 
 
 def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefopt.config import DataConfig
-from prefopt.data.chat import document_ids, prompt_and_response_ids, prompt_text_and_ids
+from prefopt.data.chat import document_ids, prompt_and_response_ids, prompt_text_and_ids, sft_ids
 from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pad_token_id, pair_batch, prompt_batch,
                                   rank_batch, unpaired_batch)
 from prefopt.data.readers import SkipRow
@@ -73,11 +73,25 @@ class PairsKind(Kind):
 
 
 class SFTKind(Kind):
-    """{prompt, completion} -> LMBatch with labels -100 on the prompt tokens and the padding."""
+    """{prompt, completion} -> LMBatch with labels -100 on the prompt tokens and the padding, except the prompt's own
+    assistant turns of a conversation under ``data.assistant_turns: all`` (prefopt.data.chat.sft_ids).
+
+    A feature's ``turns`` is ``[assistant turns carrying loss, assistant turns]`` of its row and ``prompt_length``
+    where its last turn starts (``prefopt data`` shows both)."""
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
-        prompt_ids, (completion,) = prompt_and_responses(tokenizer, record["prompt"], [record["completion"]], cfg)
-        return {"input_ids": prompt_ids + completion, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion}
+        prompt_ids, spans, completion, earlier = sft_ids(tokenizer, record["prompt"], record["completion"],
+                                                         cfg.chat_template, cfg.assistant_turns == "all")
+        cut = max(len(prompt_ids) - cfg.max_prompt_length, 0)  # from the left, as every kind cuts its prompts
+        completion = completion[:cfg.max_length - len(prompt_ids) + cut]
+        if not completion:
+            raise SkipRow("prompt longer than max_length")
+        labels = [IGNORE_INDEX] * len(prompt_ids)
+        kept = [(max(start, cut), end) for start, end in spans if end > cut]
+        for start, end in kept:
+            labels[start:end] = prompt_ids[start:end]
+        return {"input_ids": prompt_ids[cut:] + completion, "labels": labels[cut:] + completion,
+                "prompt_length": len(prompt_ids) - cut, "turns": [len(kept) + 1, earlier + 1]}
 
     def collate(self, features: list[Feature], tokenizer: Any) -> LMBatch:
         return lm_batch(features, pad_token_id(tokenizer))
