@@ -82,6 +82,7 @@ class PromptBatch(_Batch):
     attention_mask: Tensor  # [B, Tp]
     prompts: list[str] = field(default_factory=list)  # the prompt texts
     meta: list[dict[str, Any]] = field(default_factory=list)  # per-row extras (e.g. a reference answer)
+    raw_prompts: list[Any] = field(default_factory=list)  # each prompt as the data gave it: a string or chat messages
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Rollout(_Batch):
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
+    raw_prompts: list[Any] = field(default_factory=list)  # as PromptBatch.raw_prompts (reward models and functions)
     group: Tensor | None = None  # [B] long: which prompt each row answers (the G samples of a prompt share it)
 
     @property

@@ -129,7 +129,8 @@ class PromptsKind(Kind):
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
         text, prompt_ids = prompt_text_and_ids(tokenizer, record["prompt"], cfg.chat_template)
-        return {"prompt_ids": prompt_ids[-cfg.max_prompt_length:], "prompt": text, "meta": dict(record.get("meta", {}))}
+        return {"prompt_ids": prompt_ids[-cfg.max_prompt_length:], "prompt": text, "raw_prompt": record["prompt"],
+                "meta": dict(record.get("meta", {}))}
 
     def collate(self, features: list[Feature], tokenizer: Any) -> PromptBatch:
         return prompt_batch(features, pad_token_id(tokenizer))

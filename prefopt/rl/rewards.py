@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from prefopt.config import ModelConfig
+from prefopt.data.chat import is_chat, prompt_and_response_ids
+from prefopt.data.collate import pad
 from prefopt.errors import ConfigError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
@@ -49,41 +51,48 @@ def response_lengths(rollout: Rollout) -> Tensor:
 
 @REWARDS.register("reward_model")
 class RewardModelReward:
-    """Score of a scalar reward model from the reward stage (InstructGPT's r_theta(x, y)).
+    """Score of a scalar reward model from the reward stage (InstructGPT's r_theta(x, y)), read exactly where the reward
+    stage trained it.
 
-    The prompt and response texts are re-tokenized with the RM's own tokenizer exactly as the reward stage
-    tokenized its training rows (separately, no special tokens, concatenated) with EOS appended when the
-    response ended with EOS; the score is read at the last non-pad token (``RewardScorer``). Sequences longer
-    than ``max_length`` keep their end.
+    The hand-off is by text, as TRL's GRPO/RLOO hand a completion to a reward model: each prompt, as the data gave it,
+    and the decoded response are tokenized with the RM's OWN tokenizer by the reward stage's code
+    (prefopt.data.chat.prompt_and_response_ids, the ``ranks`` kind's path): chat messages with the RM's chat template
+    (the turn closed as the template closes it: ChatML's ``<|im_end|>\\n``; an RM of another family gets its own
+    template, not the policy's), strings as prompt + response + EOS. A string response that did not end (cut at
+    max_new_tokens) gets no EOS; a chat turn is always closed, as TRL does. The score is read at the last non-pad
+    token (``RewardScorer``); sequences longer than ``max_length`` keep their end. ``chat_template`` is the RM's
+    ``data.chat_template`` at the reward stage: "auto" reads the template saved with the RM (a named or file template
+    is saved there), "none" for an RM trained on chat rows as HH text.
     """
 
     def __init__(self, tokenizer, device, path: str, batch_size: int = 32, max_length: int = 512,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", chat_template: str = "auto"):
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.tokenizer = load_tokenizer(cfg)
         self.scorer = RewardScorer(load_reward_model(path, cfg)).to(device)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.chat_template = chat_template
 
-    def encode(self, prompt: str, response: str, ended: bool) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-        ids = ids + self.tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
-        if ended:
-            ids = ids + [self.tokenizer.eos_token_id]
-        return ids[-self.max_length:]
+    def encode(self, prompt: Any, response: str, ended: bool) -> list[int]:
+        """The RM's token ids of a prompt (a string or chat messages) and a response text, as the reward stage has them."""
+        if is_chat(prompt):
+            reply = [{"role": "assistant", "content": response}]
+            prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, prompt, [reply], self.chat_template)
+        else:
+            prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, prompt, [response], "none")
+            response_ids = response_ids if ended else response_ids[:-1]  # the EOS the reward stage appends
+        return (prompt_ids + response_ids)[-self.max_length:]
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> Tensor:
         ended = rollout.ended.tolist()
-        rows = [self.encode(p, r, e) for p, r, e in zip(rollout.prompts, rollout.responses, ended)]
+        prompts = rollout.raw_prompts or rollout.prompts
+        rows = [self.encode(p, r, e) for p, r, e in zip(prompts, rollout.responses, ended)]
         scores = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(chunk):
-                ids[i, :len(row)] = torch.tensor(row)
-                mask[i, :len(row)] = 1
+            ids = pad(chunk, self.tokenizer.pad_token_id)
+            mask = pad([[1] * len(row) for row in chunk], 0)
             scores.append(self.scorer(ids.to(self.device), mask.to(self.device)))
         return torch.cat(scores).float()
 
