@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -347,7 +348,13 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate."""
+    """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate.
+
+    The recipe's directory and the working directory become importable first (as ``python script.py`` makes the
+    script's), so a reward module beside the recipe or where the command runs is found by ``"module:function"``."""
+    for folder in ([Path(path).resolve().parent] if path else []) + [Path.cwd()]:
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     data = read_yaml(path) if path else {}
     if isinstance(data.get("algorithm"), str):
         data["algorithm"] = {"name": data["algorithm"]}

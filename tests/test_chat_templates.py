@@ -232,18 +232,20 @@ def test_hh_strings_stay_hh_text_and_none_or_a_file_choose_the_rendering(qwen2_w
     assert tokenizer.decode(feature["chosen_ids"]) == " Paris is the capital.\n"
 
 
-SEEN_PROMPTS: list[str] = []
+SEEN: list[tuple] = []
 
 
-def remember_prompts(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]:
-    """A ``callable`` reward that records the prompt texts the rollouts were generated from."""
-    SEEN_PROMPTS.extend(prompts)
-    return [float(len(response)) for response in responses]
+def remember_prompts(prompts, completions, **kwargs) -> list[float]:
+    """A TRL-style reward function that records what the rollouts hand it."""
+    SEEN.extend(zip(prompts, completions))
+    return [float(len(completion[0]["content"])) for completion in completions]
 
 
 def test_ppo_rollouts_start_from_the_templated_prompts(qwen2_window_dir, tmp_path):
-    """Online prompts go through the same rendering: PPO generates after TRL's templated prompt text."""
+    """Online prompts go through the same rendering: PPO generates after TRL's templated prompt text, and a reward
+    function gets the prompts as the data gave them (messages) and assistant-message completions, as in TRL."""
     from prefopt.config import build_run_config
+    from prefopt.rl.engine import repeat_prompts
     from prefopt.trainer import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen2_window_dir)
@@ -254,7 +256,12 @@ def test_ppo_rollouts_start_from_the_templated_prompts(qwen2_window_dir, tmp_pat
               "data": {"path": str(path), "eval_fraction": 0.0},
               "train": {"output_dir": str(tmp_path / "ppo"), "max_steps": 1, "batch_size": 3, "progress": False,
                         "mixed_precision": "no", "save_model": False}}
-    SEEN_PROMPTS.clear()
-    Trainer(build_run_config(recipe)).fit()
+    SEEN.clear()
+    trainer = Trainer(build_run_config(recipe))
+    trainer.prepare_data()
+    batch = repeat_prompts(next(iter(trainer.loaders["train"])), 1)
     expected = {maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer)["prompt"] for row in PAIR_ROWS}
-    assert set(SEEN_PROMPTS) == expected and all(p.endswith("<|im_start|>assistant\n") for p in SEEN_PROMPTS)
+    assert set(batch.prompts) == expected and all(p.endswith("<|im_start|>assistant\n") for p in batch.prompts)
+    trainer.fit()
+    assert sorted(json.dumps(p) for p, _ in SEEN) == sorted(json.dumps(row["prompt"]) for row in PAIR_ROWS)
+    assert all(c[0]["role"] == "assistant" and len(c) == 1 for _, c in SEEN)

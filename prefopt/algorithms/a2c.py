@@ -312,7 +312,7 @@ class A2C(OnlineAlgorithm):
         """Sums over one response per prompt, drawn with train.seed as the skeleton's evaluation draws it."""
         scored = self.score(self.collect(batch, seed=self.run.train.seed))
         sums = {"reward/score": scored.scores.sum(), "kl": scored.kl.sum(), "response_length": scored.mask.sum(),
-                **{f"reward/{k}": v.sum() for k, v in scored.components.items()}}
+                **{f"reward/{k}": v.nansum() for k, v in scored.components.items()}}
         return {**{k: float(v) for k, v in sums.items()}, "count": float(len(scored.rollout.responses))}
 
     # ------------------------------------------------------------------ save

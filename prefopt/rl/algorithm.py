@@ -358,7 +358,7 @@ class OnlineAlgorithm(Algorithm):
         kl = scored.kl.sum(-1)
         penalty = scored.kl_coef * kl
         rollout = scored.rollout
-        metrics = {**{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
+        metrics = {**{f"reward/{name}": float(v.nanmean()) for name, v in scored.components.items()},  # None: NaN
                    "reward/score": float(scored.scores.mean()), "reward/kl_penalty": float(penalty.mean()),
                    "reward/total": float((scored.scores - penalty).mean()),
                    "response_length": float(scored.mask.sum(-1).mean()),
@@ -387,7 +387,7 @@ class OnlineAlgorithm(Algorithm):
         rollout = generate(self.policy, self.tokenizer, batch, self.config.generation, seed=self.run.train.seed)
         scores, components = self.reward(rollout)
         mask = rollout.response_mask.float()
-        out = {**{f"reward/{name}": float(v.sum()) for name, v in components.items()},
+        out = {**{f"reward/{name}": float(v.nansum()) for name, v in components.items()},
                "reward/score": float(scores.sum()), "response_length": float(mask.sum()),
                "count": float(len(rollout.responses))}
         out["kl"] = float(((rollout.logprobs - self.reference_logps(rollout)) * mask).sum())

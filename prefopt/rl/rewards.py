@@ -8,13 +8,13 @@ so that every component is logged on its own (``reward/<name>``). This is Sparro
 (Glaese et al. 2022): preference RM + rule terms + length penalty + format validity, each a pluggable term.
 
 Built-ins: ``reward_model`` (a scalar RM from the reward stage), ``length_penalty``, ``format_validity``,
-``callable`` (a user function), and ``target_token`` (the known-reward task, prefopt.tasks).
+``callable`` (a reward function written for TRL's reward_funcs: prefopt.rl.callables), and ``target_token`` (the
+known-reward task, prefopt.tasks).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from prefopt.data.collate import pad
 from prefopt.errors import ConfigError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
+from prefopt.rl.callables import check_reward_function, import_function, recorded
 from prefopt.samples import note_rewards
 from prefopt.scoring import RewardScorer
 from prefopt.types import Rollout
@@ -42,6 +43,21 @@ class RewardSpec:
     """Multiplier of this component in the total reward."""
     params: dict[str, Any] = field(default_factory=dict)
     """Keyword parameters of the component, e.g. {path: runs/hh-tiny/reward/model} for reward_model."""
+    label: str | None = None
+    """Name of this term in the logs (reward/<label>); default: the component's name (a callable: its function's)."""
+
+    def __post_init__(self):
+        """Checked when the recipe is read: a known component, parameters its constructor takes, and a callable's
+        function importable and callable as TRL calls reward functions (recorded by its import path)."""
+        cls = REWARDS.get(self.name)
+        try:
+            inspect.signature(cls).bind(tokenizer=None, device=None, **self.params)
+        except TypeError as exc:
+            raise ConfigError(f"reward component {self.name!r}: {exc}") from None
+        fn = self.params.get("fn") if self.name == "callable" else None
+        if fn is not None:
+            check_reward_function(import_function(fn) if isinstance(fn, str) else fn, f"reward {self.name!r}")
+            self.params = {**self.params, "fn": recorded(fn)}
 
 
 def response_lengths(rollout: Rollout) -> Tensor:
@@ -131,42 +147,14 @@ class FormatValidity:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
 
-@REWARDS.register("callable")
-class CallableReward:
-    """A user function ``fn(prompts, responses, meta) -> list[float]``, given as ``"module:function"``."""
-
-    def __init__(self, tokenizer, device, fn: str | Callable[..., Any]):
-        self.fn = import_function(fn) if isinstance(fn, str) else fn
-        self.device = device
-
-    def __call__(self, rollout: Rollout) -> Tensor:
-        values = self.fn(list(rollout.prompts), list(rollout.responses), list(rollout.meta))
-        out = torch.as_tensor(list(values), dtype=torch.float32, device=self.device)
-        if out.shape != (len(rollout.responses),):
-            raise ValueError(f"reward function {self.fn!r} returned {tuple(out.shape)} values for "
-                             f"{len(rollout.responses)} responses (expected one float per response)")
-        return out
-
-
-def import_function(spec: str) -> Callable[..., Any]:
-    """``"package.module:function"`` -> the function; ConfigError saying what is missing."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"reward function {spec!r}: expected 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"reward function {spec!r}: cannot import module {module_name!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"reward function {spec!r}: module {module_name!r} has no function {attr!r}")
-    return fn
-
-
 class CompositeReward:
-    """The weighted sum of reward components: ``__call__(rollout) -> (total [B], {name: raw [B]})``.
+    """The weighted sum of reward components: ``__call__(rollout) -> (total [B], {label: raw [B]})``.
 
-    A name used twice gets a suffix (``callable``, ``callable_2``) so both are logged.
+    A component may leave a response unscored (NaN: a reward function's None), as in TRL: the total is the sum of the
+    weighted components that scored it (``nansum``); a response that NO component scored gets the mean total of the
+    scored responses of its prompt's group (of the rollout when it has no groups; 0 when none is scored), so its
+    advantage is 0 under grpo and rloo and it does not move its group's mean (TRL excludes it from its nan-aware
+    baseline and zeroes its advantage). A label used twice gets a suffix (``count_cats``, ``count_cats_2``).
     """
 
     def __init__(self, specs: list[RewardSpec | dict[str, Any]], tokenizer, device):
@@ -177,18 +165,33 @@ class CompositeReward:
         self.names: list[str] = []
         self.components = []
         for spec in self.specs:
-            self.names.append(_unique(spec.name, self.names))
-            self.components.append(build_component(spec, tokenizer, device))
+            component = build_component(spec, tokenizer, device)
+            label = spec.label or getattr(component, "name", spec.name)
+            self.names.append(_unique("callable" if label == "<lambda>" else label, self.names))
+            self.components.append(component)
         self.device = device
 
     def __call__(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {name: component(rollout).float().to(self.device)
                  for name, component in zip(self.names, self.components)}
-        total = torch.zeros(len(rollout.responses), device=self.device)
-        for name, spec in zip(self.names, self.specs):
-            total = total + spec.weight * parts[name]
+        weighted = torch.stack([spec.weight * parts[name] for name, spec in zip(self.names, self.specs)], dim=1)
+        total = weighted.nansum(dim=1)
+        unscored = weighted.isnan().all(dim=1)
+        if unscored.any():
+            total = _fill_unscored(total, unscored, rollout.group)
         note_rewards(rollout, total, parts)  # samples.jsonl, while the Trainer records
         return total, parts
+
+
+def _fill_unscored(total: Tensor, unscored: Tensor, group: Tensor | None) -> Tensor:
+    """``total`` with each unscored row set to the mean of the scored rows of its group (0 when there is none)."""
+    group = torch.zeros_like(unscored, dtype=torch.long) if group is None else group.to(total.device)
+    total = total.clone()
+    for g in group[unscored].unique():
+        members = group == g
+        scored = members & ~unscored
+        total[members & unscored] = total[scored].mean() if scored.any() else 0.0
+    return total
 
 
 def build_component(spec: RewardSpec, tokenizer, device):
