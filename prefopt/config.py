@@ -131,7 +131,9 @@ class TrainConfig:
     seed: int = 0
     """Seed for torch, numpy, python and data order."""
     max_steps: int = 100
-    """Optimizer-update rounds (one batch of the algorithm's kind each)."""
+    """Optimizer-update rounds (one batch of the algorithm's kind each); ignored when train.epochs is set."""
+    epochs: float | None = None
+    """Passes over the training data (may be fractional); sets max_steps = ceil(epochs x steps per epoch)."""
     batch_size: int = 8
     """Rows per batch per process (pairs, prompts, sequences)."""
     eval_batch_size: int = 16
@@ -139,9 +141,13 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Batches whose gradients are summed before one optimizer step."""
     learning_rate: float = 5e-5
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate."""
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "adafactor"] = "adamw"
+    """torch AdamW, its fused kernel, bitsandbytes' 8-bit AdamW, or transformers' Adafactor (prefopt.optim)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (>= 0)."""
+    """Decoupled weight decay (>= 0)."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
     lr_scheduler: str = "constant_with_warmup"
@@ -174,6 +180,10 @@ class TrainConfig:
     """Show a tqdm progress bar (a console line is printed every log_every steps either way)."""
     save_model: bool = True
     """Save the final model to output_dir/model."""
+    push_to_hub: str | None = None
+    """Hub repo id ("owner/name") to upload output_dir/model to at the end (huggingface_hub; needs a token)."""
+    hub_private: bool = True
+    """Create that hub repo private."""
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
@@ -184,6 +194,11 @@ class TrainConfig:
         check(self.max_skipped_updates > 0, "train.max_skipped_updates", self.max_skipped_updates, "must be > 0")
         for key in ("eval_every", "save_every", "warmup_steps", "weight_decay"):
             check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be > 0 (or null: max_steps)")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+              self.adam_betas, "must be two numbers in [0, 1)")
+        check(self.push_to_hub is None or self.save_model, "train.push_to_hub", self.push_to_hub,
+              "uploads output_dir/model: needs train.save_model=true")
         check(self.max_eval_batches is None or self.max_eval_batches > 0, "train.max_eval_batches",
               self.max_eval_batches, "must be > 0 (or null: the whole eval split)")
         from transformers import SchedulerType

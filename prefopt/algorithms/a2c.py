@@ -316,6 +316,10 @@ class A2C(OnlineAlgorithm):
         return {**{k: float(v) for k, v in sums.items()}, "count": float(len(scored.rollout.responses))}
 
     # ------------------------------------------------------------------ save
+    @property
+    def exported_model(self) -> torch.nn.Module:
+        return self.lm  # the policy as a plain transformers model; the heads' file is beside it
+
     def save(self, out_dir: str | Path) -> None:
         """The policy as a plain transformers model (trunk + trained top), plus the value and reward heads."""
         out_dir = Path(out_dir)
