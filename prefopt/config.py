@@ -75,6 +75,28 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One of several data sources of a run (``data.sources``), mixed by weight."""
+
+    path: str = ""
+    """A file, a directory or a hub dataset name, as data.path."""
+    weight: float = 1.0
+    """How many times its training rows are taken: 2 (each twice), 0.5 (half of them, in hash order), 1 (as they are)."""
+    format: str = "auto"
+    """Row format, as data.format."""
+    split: str = "train"
+    """Split to read, as data.split."""
+    subsets: list[str] | None = None
+    """Sub-directories to read, as data.subsets."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column map {name in this source: name prefopt reads}, e.g. {question: prompt, answer: completion}."""
+
+    def __post_init__(self):
+        check(bool(self.path), "data.sources[].path", self.path, "must name a file, a directory or a hub dataset")
+        check(self.weight > 0, "data.sources[].weight", self.weight, "must be > 0")
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how it is split and truncated."""
 
@@ -88,12 +110,20 @@ class DataConfig:
     """Sub-directories to read (hub data_dir); None: ["harmless-base"] for HH-RLHF, none for other data."""
     split: str = "train"
     """Split to read: the file / hub split name (HH: train or test; UltraFeedback-binarized: train_prefs, ...)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column map of data.path {name in the file: name prefopt reads}, e.g. {question: prompt, answer: completion}."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several sources instead of data.path, each with its weight, format, split and column map (mixed after the
+    split: the held-out rows of every source are evaluated as they are)."""
     chat_template: str = "auto"
     """Conversational rows: "auto" (the tokenizer's chat template; an error if it has none), "none" (HH text on
     purpose), "chatml" or "llama3" (built in), or a Jinja template file; a named or file template is saved with the
     model."""
     assistant_turns: Literal["all", "last"] = "all"
     """SFT on conversations: every assistant turn carries loss (all: TRL's assistant_only_loss) or only the last."""
+    packing: bool = False
+    """SFT: pack examples into max_length sequences (best fit, TRL's bfd); each keeps its positions and attends
+    only to itself. train.batch_size then counts packed sequences."""
     eval_fraction: float = 0.1
     """Fraction of rows held out for evaluation, chosen by a stable content hash."""
     split_salt: str = "prefopt"
@@ -110,6 +140,7 @@ class DataConfig:
     """Batch rows of similar length together (less padding); the batch order is still shuffled."""
 
     def __post_init__(self):
+        check(not (self.sources and self.path), "data.sources", "[...]", "give data.path or data.sources, not both")
         check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         check(self.max_length > 0, "data.max_length", self.max_length, "must be > 0")
         check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,

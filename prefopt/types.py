@@ -38,6 +38,7 @@ class LMBatch(_Batch):
     input_ids: Tensor  # [B, T]
     attention_mask: Tensor  # [B, T]
     labels: Tensor  # [B, T], -100 where no loss (prompt tokens, padding)
+    position_ids: Tensor | None = None  # [B, T] packed SFT rows: each packed example counts from 0 (data.packing)
 
 
 @dataclass

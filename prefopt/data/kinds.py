@@ -25,8 +25,8 @@ from typing import Any
 
 from prefopt.config import DataConfig
 from prefopt.data.chat import document_ids, prompt_and_response_ids, prompt_text_and_ids, sft_ids
-from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pad_token_id, pair_batch, prompt_batch,
-                                  rank_batch, unpaired_batch)
+from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pack_examples, pad_token_id, pair_batch,
+                                  prompt_batch, rank_batch, unpaired_batch)
 from prefopt.data.readers import SkipRow
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
@@ -92,6 +92,10 @@ class SFTKind(Kind):
             labels[start:end] = prompt_ids[start:end]
         return {"input_ids": prompt_ids[cut:] + completion, "labels": labels[cut:] + completion,
                 "prompt_length": len(prompt_ids) - cut, "turns": [len(kept) + 1, earlier + 1]}
+
+    def prepare(self, features: list[Feature], cfg: DataConfig) -> list[Feature]:
+        """``data.packing``: examples packed into data.max_length sequences, each with its own positions and mask."""
+        return pack_examples(features, cfg.max_length) if cfg.packing else features
 
     def collate(self, features: list[Feature], tokenizer: Any) -> LMBatch:
         return lm_batch(features, pad_token_id(tokenizer))
