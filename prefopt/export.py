@@ -25,6 +25,8 @@ import prefopt
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "prefopt_recipe.yaml"
+PEFT_LOADER = "from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(path)"
+PLAIN_LOADER = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(path)"
 
 
 def data_fingerprint(manifests: dict[str, Any]) -> str:
@@ -71,6 +73,7 @@ def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[s
                          tags=["prefopt", run.algorithm_name])
     settings = {**changed_settings(run.algorithm),
                 **{f"model.{k}": v for k, v in changed_settings(run.model).items() if k != "name_or_path"},
+                **{f"data.{k}": v for k, v in changed_settings(run.data).items() if k not in ("path", "sources")},
                 **{f"train.{k}": v for k, v in changed_settings(run.train).items()
                    if k not in ("output_dir", "resume", "overwrite", "progress")}}
     rows = manifests.get("train", {}).get("parts", {})
@@ -90,9 +93,7 @@ def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[s
     shown = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("perf/")}
     lines += (["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in shown.items()] if shown
               else ["(none logged)"])
-    loader = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(path)"
-              if adapter else "from transformers import AutoModelForCausalLM\n"
-              "model = AutoModelForCausalLM.from_pretrained(path)")
+    loader = PEFT_LOADER if adapter else PLAIN_LOADER
     lines += ["", "## Use", "", "```python", loader, "from transformers import AutoTokenizer",
               "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
               f"`{RECIPE_FILE}` is the recipe that made it: `prefopt train {RECIPE_FILE}`."]
@@ -113,6 +114,17 @@ def write_provenance(model_dir: str | Path, run: Any, step: int, metrics: dict[s
     adapter = (model_dir / "adapter_config.json").is_file()
     (model_dir / CARD_FILE).write_text(model_card(run, step, metrics, manifests, adapter), encoding="utf-8")
     (model_dir / RECIPE_FILE).write_text(recipe_text(run), encoding="utf-8")
+
+
+def copy_provenance(adapter_dir: Path, merged_dir: Path, base: str) -> None:
+    """The card and recipe of an adapter folder, beside the weights ``prefopt merge-adapter`` merged into ``base``."""
+    if (adapter_dir / RECIPE_FILE).is_file():
+        (merged_dir / RECIPE_FILE).write_text((adapter_dir / RECIPE_FILE).read_text(encoding="utf-8"), encoding="utf-8")
+    if (adapter_dir / CARD_FILE).is_file():
+        card = (adapter_dir / CARD_FILE).read_text(encoding="utf-8")
+        card = card.replace("library_name: peft", "library_name: transformers", 1).replace(PEFT_LOADER, PLAIN_LOADER)
+        (merged_dir / CARD_FILE).write_text(card + f"\nThe LoRA adapter merged into `{base}` by `prefopt merge-adapter`.\n",
+                                            encoding="utf-8")
 
 
 def push_to_hub(model_dir: str | Path, repo_id: str, private: bool, message: str) -> str:

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,14 +185,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    for name in ("README.md", "prefopt_recipe.yaml"):  # the provenance goes with the weights
-        if (adapter_dir / name).is_file():
-            shutil.copyfile(adapter_dir / name, out_dir / name)
-    if (out_dir / "README.md").is_file():
-        card = (out_dir / "README.md").read_text(encoding="utf-8")
-        (out_dir / "README.md").write_text(card.replace("library_name: peft", "library_name: transformers", 1)
-                                           + f"\nMerged by `prefopt merge-adapter` into `{base_path}`.\n",
-                                           encoding="utf-8")
+    from prefopt.export import copy_provenance
+
+    copy_provenance(adapter_dir, out_dir, base_path)  # the model card and recipe go with the weights
     return out_dir
 
 

@@ -145,7 +145,7 @@ class Trainer:
         averager = MetricAverager()
         step, consumed = 0, 0
         state = self._resume()
-        console.say(console.banner(self.config, self.algorithm.model, self.data_report["rows"], steps_per_epoch,
+        console.say(console.banner(self.config, self.algorithm.model, self.data_report, steps_per_epoch,
                                    acc.num_processes, self.batches_per_step, acc.mixed_precision), self.main)
         if state is not None:
             step, consumed = state["step"], state["batches_consumed"]

@@ -174,7 +174,8 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, An
         loaders["eval"] = eval_loader
         skipped["eval"] = eval_skipped
     report = {"manifests": manifests, "tokenization_skipped": skipped,
-              "rows": {"train": len(loaded.train), "eval": len(eval_rows)}}
+              "rows": {"train": len(loaded.train), "eval": len(eval_rows)},
+              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()}}
     log.info("data: %s", loaded.report())
     return loaders, report
 
