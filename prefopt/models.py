@@ -246,7 +246,8 @@ def model_source(source: str, what: str = "model.name_or_path") -> str:
         close = closest(path.name, names)
         hint = (f"; did you mean {str(parent / close)!r}?" if close
                 else f" ({parent} holds the folders: {', '.join(names[:8]) or 'none'})")
-    raise PrefoptError(f"{what} {source!r}: no such folder{hint} (a hub id is 'name' or 'owner/name')")
+    raise PrefoptError(f"{what} {source!r}: the folder does not exist{hint} (not tried on the hub: a hub id is "
+                       "'name' or 'owner/name' whose first part is not a local folder)")
 
 
 def _from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> Any:
