@@ -79,7 +79,9 @@ def train(args: list[str]) -> int:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The weights of a model/ folder, or of a checkpoint (its model/ holds them: stored once)."""
+    inner = path / "model" / "model.safetensors"
+    return load_file(str(inner if inner.is_file() else path / "model.safetensors"))
 
 
 def logged(out: Path) -> list[dict]:

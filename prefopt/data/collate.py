@@ -158,7 +158,7 @@ def prompt_batch(features: list[Feature], pad_id: int) -> PromptBatch:
     rows = [f["prompt_ids"] for f in features]
     return PromptBatch(input_ids=pad(rows, pad_id, left=True), attention_mask=pad(_ones(rows), 0, left=True),
                        prompts=[f["prompt"] for f in features], meta=[f["meta"] for f in features],
-                       raw_prompts=[f["raw_prompt"] for f in features])
+                       raw_prompts=[f.get("raw_prompt", f["prompt"]) for f in features])
 
 
 def unpaired_batch(features: list[Feature], pad_id: int) -> UnpairedBatch:
