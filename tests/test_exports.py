@@ -144,3 +144,34 @@ def test_every_optimizer_choice_trains(name):
     assert float(loss) < 0.8 * first
     if name == "adamw_8bit":
         assert optimizer.state[layer.weight]["state1"].dtype == torch.uint8
+
+
+@pytest.mark.slow
+def test_checkpoints_that_store_their_weights_once_resume_bit_for_bit(tiny_model_dir, tmp_path):
+    """A2C trains its top blocks (held by model/) and a value head (not exported: trainable_rest.safetensors); 2 steps,
+    checkpoint, 2 more equal 4 steps in one go, weights and every logged number."""
+    from prefopt.config import build_run_config
+    from prefopt.tasks import TASK_REWARD, write_task_prompts
+    from prefopt.trainer import Trainer
+
+    prompts = write_task_prompts(tmp_path / "prompts.jsonl", 32, seed=0)
+
+    def run(out: Path, steps: int) -> list[dict]:
+        Trainer(build_run_config({
+            "algorithm": {"name": "a2c", "trainable_layers": 1, "preference_weight": 0.0, "rules": {},
+                          "generation": {"max_new_tokens": 6}, "rewards": [TASK_REWARD]},
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"path": str(prompts), "eval_fraction": 0.0, "max_length": 64, "max_prompt_length": 48},
+            "train": {"output_dir": str(out), "max_steps": steps, "batch_size": 4, "progress": False, "log_every": 1,
+                      "save_every": 2, "resume": "auto", "learning_rate": 3e-3, "mixed_precision": "no"}})).fit()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows if "train/loss" in row]
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-00000002"
+    assert (checkpoint / "trainable_rest.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert run(tmp_path / "resumed", 4) == straight
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model").state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
