@@ -90,7 +90,8 @@ def _example(batch: Any, feature: dict[str, Any], tokenizer: Any) -> list[str]:
         rows = [("sequence", batch.input_ids[0], batch.attention_mask[0], batch.labels[0] != IGNORE_INDEX)]
         prompt_len = feature.get("prompt_length", int((batch.labels[0] == IGNORE_INDEX).long().cumprod(0).sum()))
         if "examples" in feature:  # packed SFT examples (data.packing): no one prompt boundary
-            rows_note, prompt_len = [f"  {feature['examples']} examples packed into this sequence"], 0
+            count = feature['examples']
+            rows_note, prompt_len = [f"  {count} example{'s' if count > 1 else ''} packed into this sequence"], 0
     elif isinstance(batch, PairBatch):
         rows = [(name, batch.input_ids[i], batch.attention_mask[i], batch.completion_mask[i].bool())
                 for i, name in enumerate(("chosen", "rejected"))]
