@@ -8,6 +8,7 @@ in prefopt too (``prefopt.scoring.score_positions``). On ``llama-chat`` (pad != 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,7 @@ def chat_reward_models(realistic_model_dirs, tmp_path_factory) -> dict[str, Path
     return out
 
 
-def reward_stage_scores(rm_dir: Path, tmp_path: Path) -> torch.Tensor:
+def reward_stage_scores(rm_dir: Path, tmp_path: Path, **limits) -> torch.Tensor:
     """Scores of prompt + chosen and prompt + rejected of ``CHAT_ROWS``, as the reward stage reads them: the rows
     through the ``ranks`` kind with the RM's tokenizer, the batch through the RM's scorer."""
     from prefopt.config import DataConfig
@@ -129,8 +130,8 @@ def reward_stage_scores(rm_dir: Path, tmp_path: Path) -> torch.Tensor:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     records = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "scores": [1.0, 0.0]} for r in rows]
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(rm_dir)))
-    loader, _ = build_dataloader(records, "ranks", tokenizer, DataConfig(path=str(path)), batch_size=len(records),
-                                 shuffle=False, seed=0)
+    loader, _ = build_dataloader(records, "ranks", tokenizer, DataConfig(path=str(path), **limits),
+                                 batch_size=len(records), shuffle=False, seed=0)
     batch = next(iter(loader))
     assert RANKS is not None and batch.input_ids.shape[0] == 2 * len(CHAT_ROWS)
     scorer = RewardScorer(load_reward_model(str(rm_dir), ModelConfig(name_or_path=str(rm_dir))))
@@ -162,3 +163,26 @@ def test_online_reward_model_scores_what_the_reward_stage_scored(policy, rm, rea
     expected = reward_stage_scores(chat_reward_models[rm], tmp_path)
     torch.testing.assert_close(online, expected, atol=1e-5, rtol=0)
     assert expected.std() > 1e-3  # different texts, different scores: the comparison is not between constants
+
+
+def test_online_reward_model_cuts_rows_as_its_reward_stage_did(realistic_model_dirs, chat_reward_models, tmp_path):
+    """The reward stage's data.max_length / max_prompt_length, read from the recipe saved with the RM, cut the online
+    rows as they cut the training rows (here short enough to cut every prompt and response)."""
+    from prefopt.rl.rewards import RewardModelReward
+    from prefopt.types import Rollout
+
+    rm = tmp_path / "rm"
+    shutil.copytree(chat_reward_models["llama-chat"], rm)
+    (rm / "prefopt_recipe.yaml").write_text("data: {max_length: 20, max_prompt_length: 12, chat_template: auto}\n")
+    prompts = [row["prompt"] for row in CHAT_ROWS for _ in range(2)]
+    responses = [row[key] for row in CHAT_ROWS for key in ("chosen", "rejected")]
+    n = len(responses)
+    rollout = Rollout(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
+                      response_ids=torch.zeros(n, 1, dtype=torch.long),
+                      response_mask=torch.ones(n, 1, dtype=torch.long), logprobs=torch.zeros(n, 1),
+                      ended=torch.ones(n, dtype=torch.bool), responses=responses, raw_prompts=prompts, prompts=[""] * n)
+    reader = RewardModelReward(None, "cpu", path=str(rm))
+    assert (reader.data.max_length, reader.data.max_prompt_length) == (20, 12)
+    expected = reward_stage_scores(rm, tmp_path, max_length=20, max_prompt_length=12)
+    torch.testing.assert_close(reader(rollout), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(expected, reward_stage_scores(rm, tmp_path))  # uncut rows score otherwise

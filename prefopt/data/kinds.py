@@ -35,7 +35,12 @@ from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBa
 def prompt_and_responses(tokenizer: Any, prompt: Any, responses: list[Any],
                          cfg: DataConfig) -> tuple[list[int], list[list[int]]]:
     """Prompt ids (left-truncated) and each response's ids (right-truncated to fit ``max_length``)."""
-    prompt_ids, response_ids = prompt_and_response_ids(tokenizer, prompt, responses, cfg.chat_template)
+    return fit(*prompt_and_response_ids(tokenizer, prompt, responses, cfg.chat_template), cfg)
+
+
+def fit(prompt_ids: list[int], response_ids: list[list[int]], cfg: DataConfig) -> tuple[list[int], list[list[int]]]:
+    """The prompt cut from the left to ``max_prompt_length``, then each response from the right to ``max_length``;
+    SkipRow when a response keeps no token."""
     prompt_ids = prompt_ids[-cfg.max_prompt_length:]
     room = cfg.max_length - len(prompt_ids)
     out = []

@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
-from prefopt.config import ModelConfig
+from prefopt.config import DataConfig, ModelConfig
 from prefopt.data.chat import is_chat, prompt_and_response_ids
 from prefopt.data.collate import pad
+from prefopt.data.kinds import fit
+from prefopt.data.readers import SkipRow
 from prefopt.errors import ConfigError
+from prefopt.export import RECIPE_FILE
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
 from prefopt.rl.callables import check_reward_function, import_function, recorded
@@ -76,28 +81,34 @@ class RewardModelReward:
     (the turn closed as the template closes it: ChatML's ``<|im_end|>\\n``; an RM of another family gets its own
     template, not the policy's), strings as prompt + response + EOS. A string response that did not end (cut at
     max_new_tokens) gets no EOS; a chat turn is always closed, as TRL does. The score is read at the last non-pad
-    token (``RewardScorer``); sequences longer than ``max_length`` keep their end. ``chat_template`` is the RM's
-    ``data.chat_template`` at the reward stage: "auto" reads the template saved with the RM (a named or file template
-    is saved there), "none" for an RM trained on chat rows as HH text.
+    token (``RewardScorer``). The prompt and response are cut as the reward stage cut its rows, and chat is rendered
+    as it was: ``max_length``, ``max_prompt_length`` and ``chat_template`` default to the reward stage's ``data``
+    settings, read from the recipe saved with the RM (``prefopt_recipe.yaml``; DataConfig's defaults without one).
     """
 
-    def __init__(self, tokenizer, device, path: str, batch_size: int = 32, max_length: int = 512,
-                 dtype: str = "float32", chat_template: str = "auto"):
+    def __init__(self, tokenizer, device, path: str, batch_size: int = 32, max_length: int | None = None,
+                 max_prompt_length: int | None = None, dtype: str = "float32", chat_template: str | None = None):
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.tokenizer = load_tokenizer(cfg)
         self.scorer = RewardScorer(load_reward_model(path, cfg)).to(device)
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
-        self.chat_template = chat_template
+        self.device, self.batch_size = device, batch_size
+        trained = trained_data(path)
+        given = {"max_length": max_length, "max_prompt_length": max_prompt_length, "chat_template": chat_template}
+        self.data = DataConfig(**{**trained, **{k: v for k, v in given.items() if v is not None}})
 
     def encode(self, prompt: Any, response: str, ended: bool) -> list[int]:
-        """The RM's token ids of a prompt (a string or chat messages) and a response text, as the reward stage has them."""
-        if is_chat(prompt):
-            reply = [{"role": "assistant", "content": response}]
-            prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, prompt, [reply], self.chat_template)
-        else:
-            prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, prompt, [response], "none")
-            response_ids = response_ids if ended else response_ids[:-1]  # the EOS the reward stage appends
-        return (prompt_ids + response_ids)[-self.max_length:]
+        """The RM's token ids of a prompt (a string or chat messages) and a response text, as the reward stage has
+        them: rendered and then cut as the ``ranks`` kind cuts its rows (``data.max_prompt_length`` and
+        ``data.max_length`` of the reward stage are this component's ``max_prompt_length`` and ``max_length``)."""
+        reply = [{"role": "assistant", "content": response}] if is_chat(prompt) else response
+        prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, prompt, [reply], self.data.chat_template)
+        if not (ended or is_chat(prompt)):
+            response_ids = response_ids[:-1]  # the EOS the reward stage appends to a finished string response
+        try:
+            prompt_ids, (response_ids,) = fit(prompt_ids, [response_ids], self.data)
+        except SkipRow:  # an empty response: the prompt's end alone
+            return prompt_ids[-self.data.max_length:]
+        return prompt_ids + response_ids
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> Tensor:
@@ -111,6 +122,17 @@ class RewardModelReward:
             mask = pad([[1] * len(row) for row in chunk], 0)
             scores.append(self.scorer(ids.to(self.device), mask.to(self.device)))
         return torch.cat(scores).float()
+
+
+def trained_data(path: str) -> dict[str, Any]:
+    """How the reward stage tokenized the rows of the RM at ``path``: ``max_length``, ``max_prompt_length`` and
+    ``chat_template`` of the recipe saved with it (prefopt.export), or {} for an RM without one."""
+    recipe = Path(path) / RECIPE_FILE
+    try:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8")).get("data") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        return {}
+    return {key: data[key] for key in ("max_length", "max_prompt_length", "chat_template") if key in data}
 
 
 @REWARDS.register("length_penalty")
