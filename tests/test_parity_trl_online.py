@@ -162,7 +162,7 @@ def test_rloo_loss_equals_trl(batch, tmp_path, epsilon_high):
 
 
 @pytest.mark.parametrize("algorithm_cls, config_cls, loss_type", [
-    (GRPO, GRPOConfig, "grpo"), (GRPO, GRPOConfig, "bnpo"), (GRPO, GRPOConfig, "dapo"),
+    (GRPO, GRPOConfig, "grpo"), (GRPO, GRPOConfig, "token_mean"), (GRPO, GRPOConfig, "dapo"),
     (GRPO, GRPOConfig, "dr_grpo"), (RLOO, RLOOConfig, "sequence")])
 def test_an_update_split_into_micro_batches_has_the_same_loss_and_gradient(batch, algorithm_cls, config_cls,
                                                                            loss_type):
