@@ -117,6 +117,19 @@ def test_no_reference_copy_is_loaded_when_nothing_reads_it(gpt2_real_dir, tmp_pa
     assert built[0.05].reference is not None
 
 
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp", "ppo"])
+def test_lora_dropout_is_refused_for_online_algorithms(name):
+    """The model's dropout was turned off before the adapter was added, so ``model.lora.dropout: 0.05`` (the
+    repository's LoRA recipes) stayed on: the first update's ratio was 0.883-1.170 instead of exactly 1."""
+    data = {"algorithm": {"name": name}, "model": {"lora": {"r": 4, "dropout": 0.05}}}
+    with pytest.raises(ConfigError) as error:
+        build_run_config(data)
+    assert str(error.value) == (f"model.lora.dropout=0.05: {name} compares the policy with its old self and its "
+                                "reference token by token; dropout must be off")
+    data["model"]["lora"]["dropout"] = 0.0
+    build_run_config(data)
+
+
 def test_greedy_sampling_of_a_group_is_refused():
     """do_sample: false with G > 1 gives every sample of a prompt the same response: all group advantages are 0."""
     for name in ("grpo", "rloo"):
@@ -220,3 +233,20 @@ def test_the_critic_learns_at_its_own_rate(algorithm_cls, name, gpt2_real_dir):
         assert critic["lr"] == critic_lr and "lr" not in policy
         assert {id(p) for p in critic["params"]} == {id(p) for p in built.critic.parameters()}
         assert policy["params"] and critic["params"]
+
+
+def test_every_online_knob_is_documented_and_listed(capsys):
+    """Every field an online algorithm's recipe may set has a docstring, and ``prefopt list`` shows the new ones."""
+    from prefopt.cli import main
+    from prefopt.config import describe_fields
+    from prefopt.registry import ALGORITHMS
+
+    online = [cls for _, cls in ALGORITHMS.items() if cls.kind == "prompts"]
+    assert {cls.registry_name for cls in online} >= {"grpo", "rloo", "reinforce_pp", "ppo", "a2c"}
+    for cls in online:
+        assert all(doc for _, _, _, doc in describe_fields(cls.Config)), cls.registry_name
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for knob in ("importance_sampling", "top_entropy_quantile", "mask_truncated_completions", "eval_num_samples",
+                 "eval_pass_threshold", "critic_learning_rate", "reinforce_pp_baseline", "token_mean"):
+        assert knob in listed, knob

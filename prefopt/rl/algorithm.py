@@ -1,5 +1,6 @@
-"""``OnlineAlgorithm``: the skeleton of the online methods (critic-free ones, and PPO with its critic), one batch of
-prompts per Trainer step:
+"""``OnlineAlgorithm``: the skeleton of the online methods (critic-free ones, and PPO with its critic), one FULL batch
+of train.batch_size prompts per Trainer step (``full_batches``: an epoch's short last batch is left out, so no
+minibatch or micro-batch is ever empty):
 
     collect     G responses per prompt with the shared engine (prefopt.rl.engine), each row tagged with its prompt;
     score       the sequence reward R (prefopt.rl.rewards components), the policy's log-probs at sampling time (and
@@ -13,6 +14,10 @@ prompts per Trainer step:
                 update's loss: by default its forward and ``policy_loss``, the loss named by ``config.loss_type``
                 (prefopt.rl.losses) - entropy_coef * mean entropy.
 
+Every batch-level statistic is the global batch's, over all processes (``total``: a sum over processes): the
+estimators' batch means and stds, advantage (and PPO's reward) whitening, the token counts of an update (each
+process divides by its share, since DDP averages the processes' gradients) and the top-entropy quantile.
+
 Each stage is a method a subclass may override; a new critic-free method is usually only a ``Config`` with other
 defaults (see README, "Add an online algorithm"). PPO (prefopt.algorithms.ppo) overrides ``build`` (its critic),
 ``score`` (adaptive beta, KL estimator, reward whitening), ``loss`` (adds the clipped
@@ -22,7 +27,8 @@ value loss and PPO-ptx to ``policy_loss``) and ``rollout_metrics``; Sparrow's A2
 log-probs (detached) are the old ones and no extra forward is run for them (as TRL does); otherwise they are
 computed once, before the first update.
 
-Metrics (the same names for every online algorithm; ``eval/`` ones are per-response means on held-out prompts):
+Metrics (the same names for every online algorithm; ``eval/`` ones are per-prompt means over its
+``eval_num_samples`` responses on held-out prompts, plus reward/mean@k and reward/pass@k when k > 1):
     reward/score       mean R(x, y) (the weighted sum of the reward components; each is also reward/<component>)
     reward/kl_penalty  mean beta * KL(x, y) per response (0 when the KL is a loss term or beta = 0)
     reward/total       reward/score - reward/kl_penalty (what the policy is optimised for when the KL is a reward)
@@ -30,6 +36,8 @@ Metrics (the same names for every online algorithm; ``eval/`` ones are per-respo
                        in training, i.e. beta > 0; from the update's own log-probs when ``kl_from_update``)
     entropy            mean per-token entropy of the policy on its samples
     response_length    mean response tokens (EOS included)
+    truncated_fraction share of responses cut at max_new_tokens (no EOS)
+    frac_reward_zero_std  share of prompts whose G samples all scored the same (no group signal; G > 1)
     clip_fraction      share of tokens (rows for sequence losses) where the ratio clip binds
     loss/policy, loss/kl (the k3 loss term, when ``kl_in="loss"``), perf/gen_s, perf/gen_tokens_per_s, perf/score_s
     (the scoring stage: rewards, old and reference log-probs), perf/update_s and perf/train_tokens_per_s (the update
@@ -42,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -56,6 +64,7 @@ from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
 from prefopt.rl.advantages import AdvantageInputs, batch_whiten, group_mean
+from prefopt.rl.batches import MicroBatch, Scored, minibatches
 from prefopt.rl.config import GROUP_ADVANTAGES, OnlineConfig
 from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rl.kl import kl_penalty, kl_shaped_rewards
@@ -67,41 +76,6 @@ from prefopt.types import LossOutput, PromptBatch, Rollout
 __all__ = ["GROUP_ADVANTAGES", "MicroBatch", "OnlineAlgorithm", "OnlineConfig", "Scored", "minibatches"]
 
 
-@dataclass
-class Scored:
-    """A rollout with everything the advantages and the update need; per-token tensors are [B, Tr]."""
-
-    rollout: Rollout
-    mask: Tensor  # 1 on response tokens
-    old_logps: Tensor | None  # log pi_old; None: the single update's own log-probs are used (detached)
-    ref_logps: Tensor | None  # log pi_ref; None without a KL term
-    scores: Tensor  # [B] R(x, y)
-    components: dict[str, Tensor]  # each reward component's raw score [B]
-    kl: Tensor  # per-token KL estimate (``token_kl``; 0 without a reference or when ``kl_from_update``)
-    rewards: Tensor  # per-token rewards r_t
-    kl_coef: float = 0.0  # beta of the KL shaping in ``rewards`` (0: the KL is not a reward term)
-    values: Tensor | None = None  # V(s_t) of the critic at scoring time (``uses_critic``)
-    returns: Tensor | None = None  # the estimator's returns (value targets), set by ``advantages``
-    loss_mask: Tensor | None = None  # the tokens the update trains on (default ``mask``; ``mask_truncated_completions``)
-
-    def __post_init__(self):
-        if self.loss_mask is None:
-            self.loss_mask = self.mask
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of an update: its rows of the rollout, its place among the update's micro-batches, and the
-    size of the update (the denominators that make the micro-batches' losses add up to the update's loss)."""
-
-    rows: Tensor  # row indices into the rollout
-    part: int  # 0 .. train.gradient_accumulation_steps - 1
-    update_rows: int  # rows of the update (its minibatch)
-    update_tokens: float  # response tokens of the update
-    tokens_per_update: float  # response tokens of the rollout / num_minibatches
-    micro_batches: int = 1  # micro-batches of the update (train.gradient_accumulation_steps)
-
-
 def require_dropout_off(run: Any, algorithm: str) -> None:
     """Refuse ``model.disable_dropout: false`` and a LoRA adapter with dropout: an online update compares the policy
     with its old self and its reference token by token (the ratio is 1 and the KL 0 at the start only without
@@ -109,25 +83,6 @@ def require_dropout_off(run: Any, algorithm: str) -> None:
     why = f"{algorithm} compares the policy with its old self and its reference token by token; dropout must be off"
     check(run.model.disable_dropout, "model.disable_dropout", run.model.disable_dropout, why)
     check(run.model.lora.r == 0 or run.model.lora.dropout == 0, "model.lora.dropout", run.model.lora.dropout, why)
-
-
-def minibatches(rows: int, epochs: int, num_minibatches: int, device: Any, shuffle: bool = True,
-                group: Tensor | None = None) -> Iterator[Tensor]:
-    """Row indices of each optimizer update of one rollout of ``rows`` rows: ``epochs`` passes over
-    ``num_minibatches`` minibatches, the rows shuffled at the start of each pass unless ``shuffle`` is False.
-    With ``group`` (the prompt of each row) whole groups are shuffled and a group's rows stay next to each other, so
-    the G samples of a prompt share a minibatch (and their prompt's forward) where the group count allows."""
-    positions = torch.arange(rows, device=device)
-    for _ in range(epochs):
-        if not shuffle:
-            order = positions
-        elif group is None:
-            order = torch.randperm(rows, device=device)
-        else:
-            ids, inverse = torch.unique(group, return_inverse=True)
-            place = torch.randperm(len(ids), device=device)[inverse]  # each row's group's place in the pass
-            order = torch.argsort(place * rows + positions)
-        yield from order.tensor_split(num_minibatches)
 
 
 class OnlineAlgorithm(Algorithm):
