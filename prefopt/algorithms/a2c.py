@@ -60,7 +60,7 @@ class A2CConfig(OnlineConfig):
     """Return/advantage estimator: GAE(gamma, lam), or n-step returns bootstrapped from V (n_step)."""
     scale_rewards: Literal["group", "batch", "none"] = field(default="none", init=False)
     """Unused by gae and nstep."""
-    loss_type: str = field(default="bnpo", init=False)
+    loss_type: str = field(default="token_mean", init=False)
     """Unused: A2C's loss is its own (``a2c_objective``: no ratio, no clipping)."""
     epsilon: float = field(default=0.2, init=False)
     """Unused: no ratio to clip."""

@@ -20,6 +20,8 @@ GROUP_ADVANTAGES = ("grpo", "rloo", "reinforce_pp_baseline")  # baselines from t
 
 @dataclass
 class OnlineConfig:
+    """The online skeleton's knobs: sampling, the estimator and loss by name, the update's shape, evaluation."""
+
     rewards: list[RewardSpec] = field(default_factory=list)
     """Reward components and weights (prefopt.rl.rewards), e.g. [{name: target_token}] or a reward_model."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
