@@ -129,6 +129,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens of a pair (--pairs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows of --prompts / --pairs the data layer cannot use (counted, with their places, "
+                        "in the manifest / summary) instead of stopping at the first")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results at --out")
 
 

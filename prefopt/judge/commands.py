@@ -27,12 +27,11 @@ import prefopt
 from prefopt.config import DataConfig, check
 from prefopt.errors import ConfigError
 from prefopt.judge.inputs import (ModelSpec, batches_of, build_judges, judge_names, judge_specs, load_policy,
-                                  model_config, model_specs, read_set)
+                                  load_policy_tokenizer, model_specs, read_set, vocabulary)
 from prefopt.judge.pairs import pair_logps, preference_rows
 from prefopt.judge.replies import jsonl, prompt_records, read_replies, rebuilt_draws, write_replies, write_text
 from prefopt.judge.sampling import draws, measure
 from prefopt.judge.summary import preference_summary, prompt_frame, summarise, table
-from prefopt.models import load_tokenizer
 from prefopt.rl.engine import GenerationConfig
 
 OUTPUTS = ("summary.json", "prompts.jsonl", "replies.jsonl", "pairs.jsonl")
@@ -82,16 +81,18 @@ def run_generate(args: Any) -> int:
     claim(out, args.overwrite, "file")
     gen, device = generation_config(args), device_of(args)
     data = data_config(args, args.prompts)
-    records, places, sources = read_set(data, "prompts", "prompts file")
+    prompts = read_set(data, "prompts", "prompts file", args.skip_bad_rows)
+    records, places = prompts.records, prompts.places
     rows = []
-    for spec in model_specs(args.models):
-        model, tokenizer = load_policy(spec.path, args.dtype, device)
+    for spec in model_specs(args.models):  # the models in the order given, each in prompt then sample order
+        model, tokenizer = load_policy(spec.path, args.dtype, device), load_policy_tokenizer(spec.path)
         batches = batches_of(records, places, "prompts", tokenizer, data, args.batch_size, "prompts file")
-        for draw in draws(model, tokenizer, batches, gen, args.seed, args.samples):
-            rows += [reply_row(spec.name, row, records) for row in measure(draw)]
+        replies = [reply_row(spec.name, row, records) for draw in draws(model, tokenizer, batches, gen, args.seed,
+                                                                         args.samples) for row in measure(draw)]
+        rows += sorted(replies, key=lambda r: (r["prompt_index"], r["sample"]))
         del model
-    rows.sort(key=lambda r: (r["model"], r["prompt_index"], r["sample"]))
-    manifest = {"models": {s.name: s.path for s in model_specs(args.models)}, "prompts": sources,
+    manifest = {"models": {s.name: s.path for s in model_specs(args.models)}, "prompts": prompts.sources,
+                "skipped": prompts.skipped,
                 "generation": dataclasses.asdict(gen), "seed": args.seed, "samples": args.samples,
                 "batch_size": args.batch_size, "data": dataclasses.asdict(data), "dtype": args.dtype,
                 "replies": len(rows), "versions": versions()}
@@ -125,15 +126,20 @@ class Plan:
     samples: int
     replies: dict[str, list[dict[str, Any]]] | None
     """Per model, the replies read from a generate file; None: draw them."""
+    skipped: dict[str, Any]
+    """Bad rows skipped (--skip-bad-rows) per set, by reason with example places."""
+    sources: list[dict[str, Any]]
+    """The files the prompts were read from (path, sha256, size)."""
 
 
 def plan_from_prompts(args: Any) -> Plan:
     if not args.models or not args.prompts:
         raise ConfigError("give --models and --prompts (to sample replies), or --replies (a generate file)")
     data = data_config(args, args.prompts)
-    records, places, _ = read_set(data, "prompts", "prompts file")
-    return Plan({s.name: s for s in model_specs(args.models)}, records, places, data, generation_config(args),
-                args.seed, args.samples, None)
+    prompts = read_set(data, "prompts", "prompts file", args.skip_bad_rows)
+    return Plan({s.name: s for s in model_specs(args.models)}, prompts.records, prompts.places, data,
+                generation_config(args), args.seed, args.samples, None, {"prompts": prompts.skipped},
+                prompts.sources)
 
 
 def plan_from_replies(args: Any) -> Plan:
@@ -148,7 +154,7 @@ def plan_from_replies(args: Any) -> Plan:
     data = DataConfig(**{**manifest["data"], "chat_template": args.chat_template or manifest["data"]["chat_template"]})
     return Plan({name: paths[name] for name in replies}, records, [f"{args.replies} prompt {i}" for i in
                 range(len(records))], data, GenerationConfig(**manifest["generation"]), manifest["seed"],
-                manifest["samples"], replies)
+                manifest["samples"], replies, {"prompts": manifest.get("skipped", {})}, manifest["prompts"])
 
 
 def run_eval(args: Any) -> int:
@@ -166,23 +172,31 @@ def run_eval(args: Any) -> int:
     if args.pairs:
         if not args.reference:
             raise ConfigError("--pairs needs --reference (the implicit reward is log pi / pi_ref)")
-        pairs = read_set(dataclasses.replace(plan.data, path=args.pairs, format="auto"), "pairs", "pairs file")[:2]
+        pair_set = read_set(dataclasses.replace(plan.data, path=args.pairs, format="auto"), "pairs", "pairs file",
+                            args.skip_bad_rows)
+        pairs, plan.skipped["pairs"] = (pair_set.records, pair_set.places), pair_set.skipped
     device = device_of(args)
-    reference_path = plan.models[args.reference].path if args.reference in plan.models else args.reference
-    reference = load_policy(reference_path, args.dtype, device)[0] if args.reference else None
-    judges_by_vocab: dict[Any, dict[str, Any]] = {}
+    tokenizers = {name: load_policy_tokenizer(spec.path) for name, spec in plan.models.items()}
+    reference = None
+    if args.reference:
+        path = plan.models[args.reference].path if args.reference in plan.models else args.reference
+        theirs = vocabulary(load_policy_tokenizer(path))
+        for name, tokenizer in tokenizers.items():
+            if vocabulary(tokenizer) != theirs:
+                raise ConfigError(f"--reference {args.reference!r} has another vocabulary than model {name!r}: KL "
+                                  "and the implicit reward compare log-probs of the same tokens")
+        reference = load_policy(path, args.dtype, device)
+    judges: dict[Any, dict[str, Any]] = {}  # per distinct vocabulary: a reward model is loaded once
     samples, pair_rows = {}, {}
     for name, spec in plan.models.items():
-        if plan.replies is None or reference is not None:  # draws, KL and pairs need the policy itself
-            model, tokenizer = load_policy(spec.path, args.dtype, device)
-            if args.reference in (name, spec.path):
-                model = reference  # the same weights: one copy, and its KL is 0 by construction
-        else:
-            model, tokenizer = None, load_tokenizer(model_config(spec.path))
-        vocab = tuple(sorted(tokenizer.get_vocab().items()))  # one reward model load per distinct tokenizer
-        if vocab not in judges_by_vocab:
-            judges_by_vocab[vocab] = build_judges(specs, tokenizer, device)
-        judges = judges_by_vocab[vocab]
+        tokenizer, model = tokenizers[name], None
+        if args.reference in (name, spec.path):
+            model = reference  # the same weights: one copy, and its KL is 0 by construction
+        elif plan.replies is None or reference is not None:  # draws, KL and pairs need the policy itself
+            model = load_policy(spec.path, args.dtype, device)
+        vocab = vocabulary(tokenizer)
+        if vocab not in judges:
+            judges[vocab] = build_judges(specs, tokenizer, device)
         batches = batches_of(plan.records, plan.places, "prompts", tokenizer, plan.data, args.batch_size, "prompts")
         source = draws(model, tokenizer, batches, plan.gen, plan.seed, plan.samples) if plan.replies is None \
             else rebuilt_draws(plan.replies[name], batches, tokenizer.pad_token_id)
@@ -190,15 +204,15 @@ def run_eval(args: Any) -> int:
         for draw in source:
             draw.rollout = draw.rollout.to(device)
             rows += [reply_row(name, row, plan.records) for row in measure(
-                draw, judges, model, reference, plan.gen.logprob_temperature, entropy=model is not None)]
-        samples[name] = rows
+                draw, judges[vocab], model, reference, plan.gen.logprob_temperature, entropy=model is not None)]
+        samples[name] = sorted(rows, key=lambda r: (r["prompt_index"], r["sample"]))
         if pairs:
             pair_batches = batches_of(*pairs, "pairs", tokenizer, plan.data, args.batch_size, "pairs file")
             policy, ref = pair_logps(model, pair_batches), pair_logps(reference, pair_batches)
             pair_rows[name] = [{"model": name, **row} for row in preference_rows(policy, ref)]
         del model
     settings = {"seed": plan.seed, "samples": plan.samples, "generation": dataclasses.asdict(plan.gen),
-                "data": dataclasses.asdict(plan.data)}
+                "data": dataclasses.asdict(plan.data), "sources": plan.sources, "skipped": plan.skipped}
     return write_eval(args, out, names, samples, pair_rows, settings)
 
 

@@ -8,6 +8,7 @@ since a judged set with rows silently missing is not the set that was asked for.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,19 @@ def model_specs(values: list[str]) -> list[ModelSpec]:
     return specs
 
 
-def load_policy(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """A causal LM (full weights, or a peft adapter on its base) frozen for evaluation, and its tokenizer (an
-    adapter folder without tokenizer files takes its base's)."""
-    return load_causal_lm(model_config(path, dtype), trainable=False).to(device), load_tokenizer(model_config(path))
+def load_policy(path: str, dtype: str, device: torch.device) -> nn.Module:
+    """A causal LM (full weights, or a peft adapter on its base) frozen for evaluation."""
+    return load_causal_lm(model_config(path, dtype), trainable=False).to(device)
+
+
+def load_policy_tokenizer(path: str) -> Any:
+    """A model's tokenizer (an adapter folder without tokenizer files: its base's)."""
+    return load_tokenizer(model_config(path))
+
+
+def vocabulary(tokenizer: Any) -> tuple[tuple[str, int], ...]:
+    """What must be equal for two models' log-probs of the same token ids to be comparable."""
+    return tuple(sorted(tokenizer.get_vocab().items()))
 
 
 def model_config(path: str, dtype: str = "float32") -> ModelConfig:
@@ -66,13 +76,31 @@ def model_config(path: str, dtype: str = "float32") -> ModelConfig:
     return ModelConfig(name_or_path=path, tokenizer=tokenizer, dtype=dtype)
 
 
-def read_set(data: DataConfig, kind: str, what: str) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
-    """Every ``kind`` record of ``data.path`` in file order, their places, and the sources' info (path, sha256)."""
+@dataclass
+class EvalSet:
+    """The rows of an evaluation set in file order, where each came from, and what it was read from."""
+
+    records: list[dict[str, Any]]
+    places: list[str]
+    """"file:line" of each record."""
+    sources: list[dict[str, Any]]
+    """Path, sha256 and size of each file read (prefopt.data.readers.Source.info)."""
+    skipped: dict[str, Any]
+    """Rows skipped with ``skip_bad`` per reason, with example places (empty: none)."""
+
+
+def read_set(data: DataConfig, kind: str, what: str, skip_bad: bool = False) -> EvalSet:
+    """Every ``kind`` record of ``data.path`` in file order. A bad row is an error naming it, unless ``skip_bad``:
+    then it is counted (``skipped``) and said on stderr."""
     items, skips = read_records(data, kind)
-    _refuse_skips(skips, what)
+    if not skip_bad:
+        refuse_skips(skips, what)
+    elif skips.total:
+        print(f"prefopt: skipped {skips.total} bad rows of the {what}: {skips.summary()}", file=sys.stderr)
     if not items:
-        raise DataError(f"{what} {data.path}: no rows in it")
-    return [r for _, r in items], [w for w, _ in items], [source.info for source in open_sources(data)]
+        raise DataError(f"{what} {data.path}: no usable rows in it")
+    return EvalSet([r for _, r in items], [w for w, _ in items], [source.info for source in open_sources(data)],
+                   skips.as_dict())
 
 
 def batches_of(records: list[dict[str, Any]], places: list[str], kind: str, tokenizer: Any, data: DataConfig,
@@ -82,15 +110,17 @@ def batches_of(records: list[dict[str, Any]], places: list[str], kind: str, toke
     skips = SkipLog()
     loader, _ = build_dataloader(records, kind, tokenizer, data, batch_size, shuffle=False, seed=0, skips=skips,
                                  places=places)
-    _refuse_skips(skips, what)
+    refuse_skips(skips, what, hint=False)
     return list(loader)
 
 
-def _refuse_skips(skips: SkipLog, what: str) -> None:
+def refuse_skips(skips: SkipLog, what: str, hint: bool = True) -> None:
+    """DataError naming the first bad row (rows are read in order: the first reason counted is the earliest)."""
     if skips.total:
-        reason, entry = next(iter(skips.as_dict().items()))
-        more = f" ({skips.total - 1} more bad rows: {skips.summary()})" if skips.total > 1 else ""
-        raise DataError(f"{entry['examples'][0]}: {reason}: every row of the {what} must be usable{more}")
+        reason = next(iter(skips.counts))
+        more = f"; {skips.total} bad rows in all: {skips.summary()}" if skips.total > 1 else ""
+        skip = "; --skip-bad-rows judges the others" if hint else ""
+        raise DataError(f"{skips.examples[reason][0]}: {reason} (every row of the {what} must be usable{more}{skip})")
 
 
 def judge_specs(values: list[str]) -> list[RewardSpec]:
