@@ -55,6 +55,16 @@ def test_mean_interval_by_hand():
     assert mean_interval([1, 1, 0.5, 0, 1], level=0.5)[1] == pytest.approx(0.7 - 0.6744897501960817 * 0.2)
     one = mean_interval([0.3])
     assert one[0] == 0.3 and math.isnan(one[1]) and math.isnan(one[2])
+    assert mean_interval([1.0, math.nan, 0.0]) == mean_interval([1.0, 0.0])  # unscorable units left out
+
+
+def test_a_share_that_is_one_on_every_prompt_gets_the_exact_interval_not_zero_width():
+    # Clopper-Pearson for 64 of 64: the low end solves P(64 of 64 | p) = p^64 = 0.025
+    assert mean_interval([1.0] * 64, bounds=(0.0, 1.0)) == pytest.approx((1.0, 0.025 ** (1 / 64), 1.0))
+    assert mean_interval([0.0] * 64, bounds=(0.0, 1.0)) == pytest.approx((0.0, 0.0, 1 - 0.025 ** (1 / 64)))
+    assert 0.025 ** (1 / 64) == pytest.approx(0.9440, abs=1e-4)
+    assert mean_interval([0.5] * 8, bounds=(0.0, 1.0)) == (0.5, 0.5, 0.5)  # all ties: no spread, not a boundary
+    assert mean_interval([1.0] * 8) == (1.0, 1.0, 1.0)  # an unbounded measure keeps the normal interval
 
 
 def replies(scores: list[list[float]], **extra) -> list[dict]:

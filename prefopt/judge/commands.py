@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,11 @@ def versions() -> dict[str, str]:
     return {"prefopt": prefopt.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def arguments(args: Any) -> dict[str, Any]:
+    """The command's arguments as given (recorded next to its results)."""
+    return {key: value for key, value in vars(args).items() if key != "func"}
+
+
 def quiet_loading() -> None:
     """No weight-loading bars: the commands print their own table."""
     transformers.utils.logging.disable_progress_bar()
@@ -92,10 +96,9 @@ def run_generate(args: Any) -> int:
         rows += sorted(replies, key=lambda r: (r["prompt_index"], r["sample"]))
         del model
     manifest = {"models": {s.name: s.path for s in model_specs(args.models)}, "prompts": prompts.sources,
-                "skipped": prompts.skipped,
-                "generation": dataclasses.asdict(gen), "seed": args.seed, "samples": args.samples,
+                "skipped": prompts.skipped, "generation": dataclasses.asdict(gen), "seed": args.seed, "samples": args.samples,
                 "batch_size": args.batch_size, "data": dataclasses.asdict(data), "dtype": args.dtype,
-                "replies": len(rows), "versions": versions()}
+                "replies": len(rows), "versions": versions(), "arguments": arguments(args)}
     write_replies(out, rows, manifest)
     print(f"{len(rows)} replies ({len(records)} prompts x {args.samples} samples x {len(args.models)} models) -> {out}")
     return 0
@@ -230,7 +233,7 @@ def write_eval(args: Any, out: Path, names: list[str], samples: dict[str, list[d
     summary = {"models": summaries, "judges": names, "baseline": args.baseline, "reference": args.reference,
                "replies": args.replies, "prompts": args.prompts, "pairs": args.pairs, "batch_size": args.batch_size,
                "level": args.level, "pass_threshold": args.pass_threshold, **settings, "versions": versions(),
-               "command": " ".join(sys.argv[1:])}
+               "arguments": arguments(args)}
     write_text(out / "replies.jsonl", jsonl([r for rows in samples.values() for r in rows]))
     write_text(out / "prompts.jsonl", jsonl(prompt_rows))
     if pair_rows:

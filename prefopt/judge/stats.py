@@ -10,7 +10,10 @@
   (the product form is theirs too: no large binomials);
 * ``mean_interval(values)``: the mean over the units (prompts) and its normal-approximation interval
   mean +- z_{(1 + level) / 2} * sd / sqrt(n), sd with n - 1 in the denominator, clipped to ``bounds``. The units
-  are prompts: the samples of one prompt are averaged first, so they are not counted as independent.
+  are prompts: the samples of one prompt are averaged first, so they are not counted as independent. NaN values
+  (unscorable) are left out. For a share in [0, 1] that is 1 (or 0) on every unit the normal interval has no
+  width; there the exact (Clopper-Pearson) interval of n successes in n trials is given: [(a / 2)^(1/n), 1] for
+  a = 1 - level (and its mirror at 0).
 """
 
 from __future__ import annotations
@@ -47,12 +50,16 @@ def ks_for(n: int) -> list[int]:
 def mean_interval(values: Sequence[float], level: float = 0.95,
                   bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float, float]:
     """``(mean, low, high)`` over ``values`` (one per unit); low and high are NaN for one value (no spread known)."""
+    values = [v for v in values if not math.isnan(v)]
     n = len(values)
     if n == 0:
         return math.nan, math.nan, math.nan
     mean = sum(values) / n
     if n == 1:
         return mean, math.nan, math.nan
+    if bounds == (0.0, 1.0) and all(v == values[0] for v in values) and mean in (0.0, 1.0):
+        edge = ((1 - level) / 2) ** (1 / n)  # Clopper-Pearson for n of n (or 0 of n)
+        return (mean, edge, 1.0) if mean == 1.0 else (mean, 0.0, 1.0 - edge)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = NormalDist().inv_cdf((1 + level) / 2) * sd / math.sqrt(n)
     return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
