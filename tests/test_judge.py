@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 
@@ -125,3 +126,19 @@ def test_implicit_reward_accuracy_is_one_half_for_the_reference(llama, llama_cha
     assert preference_summary(rows)["implicit_acc"] == 0.5
     moved = preference_rows(pair_logps(perturbed(model), pair_batches), pair_logps(reference, pair_batches))
     assert all(r["implicit_acc"] in (0.0, 1.0) for r in moved)  # no tie once the policy moved
+
+
+def test_a_lora_adapter_without_tokenizer_files_is_judged_as_peft_loads_it(llama, llama_chat_dir, tmp_path):
+    model, tokenizer = llama
+    base = load_policy(str(llama_chat_dir), "float32", torch.device("cpu"))
+    lora = peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")  # adapter weights only, no tokenizer
+    adapted = load_policy(str(tmp_path / "adapter"), "float32", torch.device("cpu"))
+    assert load_policy_tokenizer(str(tmp_path / "adapter")).get_vocab() == tokenizer.get_vocab()  # its base's
+    rows = sample_and_measure(adapted, tokenizer, prompt_batches(tokenizer), GEN, seed=0, reference=model)
+    assert any(r["kl"] != 0.0 for r in rows)  # the adapter is on
+    plain = peft.PeftModel.from_pretrained(load_policy(str(llama_chat_dir), "float32", torch.device("cpu")),
+                                           str(tmp_path / "adapter"))
+    again = sample_and_measure(plain, tokenizer, prompt_batches(tokenizer), GEN, seed=0, reference=model)
+    assert [r["response_ids"] for r in again] == [r["response_ids"] for r in rows]
+    assert [r["kl"] for r in again] == pytest.approx([r["kl"] for r in rows], abs=1e-4)

@@ -62,8 +62,11 @@ def arguments(args: Any) -> dict[str, Any]:
 
 
 def quiet_loading() -> None:
-    """No weight-loading bars: the commands print their own table."""
+    """No weight-loading or table-building bars: the commands print their own lines."""
+    import datasets
+
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def claim(path: Path, overwrite: bool, what: str) -> None:
