@@ -2,7 +2,8 @@
 
 Evaluation sets are read strictly: a row the data layer would skip in training (a line that is not JSON, a prompt
 that is not a string or a message list, a chat template that fails on it) is an error naming its file and line,
-since a judged set with rows silently missing is not the set that was asked for.
+since a judged set with rows silently missing is not the set that was asked for (``--skip-bad-rows``: counted,
+said on stderr and recorded with their places instead).
 """
 
 from __future__ import annotations
