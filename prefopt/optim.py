@@ -23,8 +23,8 @@ from prefopt.errors import ConfigError
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "adafactor")
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
-    """The optimizer ``train.optimizer`` names over ``params`` (module docstring)."""
+def make_optimizer(params: Iterable[Any], train: Any) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names over ``params`` (parameters or param groups; module docstring)."""
     params = list(params)
     lr, decay, betas = train.learning_rate, train.weight_decay, tuple(train.adam_betas)
     name = train.optimizer

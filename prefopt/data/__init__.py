@@ -25,8 +25,8 @@ from prefopt.errors import DataError
 
 log = logging.getLogger("prefopt.data")
 
-__all__ = ["LoadedData", "SkipRow", "assign", "build_dataloader", "load_rows", "manifest", "pack", "record_id",
-           "run_loaders", "run_tokenizer", "split_hh", "write_manifest"]
+__all__ = ["LoadedData", "SkipRow", "assign", "build_dataloader", "load_rows", "manifest", "pack", "read_records",
+           "record_id", "run_loaders", "run_tokenizer", "split_hh", "write_manifest"]
 
 
 @dataclass
@@ -60,13 +60,7 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
     """
     skips = SkipLog()
     formats: Counter[str] = Counter()
-    plan: list[tuple[Source, DataSource]] = []
-    for spec in cfg.sources or [DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)]:
-        check_names(spec.format, kind)
-        one = dataclasses.replace(cfg, path=spec.path, split=spec.split, subsets=spec.subsets, sources=[])
-        for source in open_sources(one):
-            source.info.update({"weight": spec.weight, "columns": spec.columns} if cfg.sources else {})
-            plan.append((source, spec))
+    plan = _plan(cfg, kind)
     if kind == "text" and cfg.text_path:  # plain text, one document per line, after the data
         text = dataclasses.replace(cfg, path=cfg.text_path, sources=[])
         plan += [(source, DataSource(cfg.text_path)) for source in open_sources(text)]
@@ -95,6 +89,26 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
     if skips.total:
         log.warning("%s: %s", cfg.path, loaded.report())
     return loaded
+
+
+def read_records(cfg: DataConfig, kind: str) -> tuple[list[tuple[str, dict[str, Any]]], SkipLog]:
+    """Every usable ``kind`` record of ``cfg.path`` (or ``cfg.sources``) with its place ("file:line"), in file order:
+    no split, no dedupe and no weights (an evaluation set is read as it is written). Bad rows are counted in the
+    returned SkipLog."""
+    skips = SkipLog()
+    return [(where, record) for where, _, record in _records(_plan(cfg, kind), kind, skips, Counter(), {})], skips
+
+
+def _plan(cfg: DataConfig, kind: str) -> list[tuple[Source, DataSource]]:
+    """The sources ``cfg`` reads, each with its spec (``data.sources``, or ``data.path`` as one source of weight 1)."""
+    plan: list[tuple[Source, DataSource]] = []
+    for spec in cfg.sources or [DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)]:
+        check_names(spec.format, kind)
+        one = dataclasses.replace(cfg, path=spec.path, split=spec.split, subsets=spec.subsets, sources=[])
+        for source in open_sources(one):
+            source.info.update({"weight": spec.weight, "columns": spec.columns} if cfg.sources else {})
+            plan.append((source, spec))
+    return plan
 
 
 def weighted(members: list[tuple[str, tuple[str, Any]]], origin: dict[str, tuple[int, float]]
@@ -149,9 +163,11 @@ def run_tokenizer(run: RunConfig) -> Any:
     return tokenizer
 
 
-def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
+                drop_last: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``train`` loader of a run (shuffled, seeded) and its ``eval`` loader when it has eval rows, and the data
-    report: the split manifests, the rows skipped while tokenizing and the row counts per split.
+    report: the split manifests, the rows skipped while tokenizing and the row counts per split. ``drop_last``: every
+    training batch is full, the rows left over leave each epoch (a different draw each epoch; the report counts them).
 
     Eval rows are ``run.eval_data``'s eval split (all its rows when it has none), else ``run.data``'s eval split.
     """
@@ -164,7 +180,8 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, An
         manifests["eval_data"] = eval_loaded.manifest
     t = run.train
     train_loader, train_skipped = _loader(run, loaded.train, kind, tokenizer, run.data.path, "train", t.batch_size,
-                                          shuffle=True, length_bucketing=run.data.length_bucketing)
+                                          shuffle=True, length_bucketing=run.data.length_bucketing,
+                                          drop_last=drop_last)
     loaders = {"train": train_loader}
     skipped = {"train": {**loaded.skipped, **train_skipped}}
     if eval_rows:
@@ -176,15 +193,21 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, An
     report = {"manifests": manifests, "tokenization_skipped": skipped,
               "rows": {"train": len(loaded.train), "eval": len(eval_rows)},
               "sequences": {name: len(loader.dataset) for name, loader in loaders.items()}}
+    if drop_last:
+        left_out = len(train_loader.dataset) % t.batch_size
+        report["rows_left_out_per_epoch"] = left_out
+        if left_out:
+            log.info("data: %d training rows do not fill a batch of %d; each epoch leaves out %d (a different draw "
+                     "each epoch)", len(train_loader.dataset), t.batch_size, left_out)
     log.info("data: %s", loaded.report())
     return loaders, report
 
 
 def _loader(run: RunConfig, rows: list[dict[str, Any]], kind: str, tokenizer: Any, path: str, split: str,
-            batch_size: int, shuffle: bool, length_bucketing: bool) -> tuple[Any, dict[str, int]]:
+            batch_size: int, shuffle: bool, length_bucketing: bool, drop_last: bool = False) -> tuple[Any, dict[str, int]]:
     try:
         return build_dataloader(rows, kind, tokenizer, run.data, batch_size, shuffle=shuffle, seed=run.train.seed,
-                                length_bucketing=length_bucketing)
+                                length_bucketing=length_bucketing, drop_last=drop_last)
     except DataError as exc:  # name the file: the loader only sees records
         raise DataError(f"{path} ({split} rows): {exc}") from None
 

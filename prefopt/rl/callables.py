@@ -6,8 +6,8 @@ A function that works as one of TRL's ``GRPOTrainer(reward_funcs=[...])`` works 
     fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]
 
 * ``prompts``: each prompt as the data gave it, a string or chat messages ``[{role, content}]``;
-* ``completions``: the decoded responses, strings for string prompts and ``[{"role": "assistant", "content": text}]``
-  for chat prompts (TRL's conversational completions);
+* ``completions``: the decoded responses, a string for a string prompt and ``[{"role": "assistant", "content":
+  text}]`` for a chat prompt (TRL's conversational completions; decided row by row);
 * ``completion_ids``: each response's token ids (EOS included when it ended);
 * ``columns``: every other column of the prompt rows (``answer``, ``solution``, ...), one list entry per response;
 * the result: one float per response, or ``None`` where the function cannot score it (TRL: NaN). A response that
@@ -121,9 +121,8 @@ class CallableReward:
     def arguments(self, rollout: Rollout) -> dict[str, Any]:
         """The keyword arguments of one call (module docstring)."""
         prompts = list(rollout.raw_prompts or rollout.prompts)
-        chat = bool(prompts) and isinstance(prompts[0], list)
-        completions = ([[{"role": "assistant", "content": text}] for text in rollout.responses] if chat
-                       else list(rollout.responses))
+        completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+                       for prompt, text in zip(prompts, rollout.responses)]
         ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.response_ids, rollout.response_mask)]
         keys = list(dict.fromkeys(key for meta in rollout.meta for key in meta if key not in GIVEN))
         columns = {key: [meta.get(key) for meta in rollout.meta] for key in keys}
