@@ -139,6 +139,22 @@ def reward_stage_scores(rm_dir: Path, tmp_path: Path, **limits) -> torch.Tensor:
         return scorer(batch.input_ids, batch.attention_mask)  # [prompt 0 chosen, prompt 0 rejected, prompt 1 ...]
 
 
+def chat_rollout(policy_tokenizer) -> "Rollout":
+    """The chosen and rejected responses of ``CHAT_ROWS`` as a finished rollout: the prompts as the data gave them and
+    as the policy's template renders them (token tensors are placeholders: the RM reads the texts)."""
+    from prefopt.types import Rollout
+
+    prompts = [row["prompt"] for row in CHAT_ROWS for _ in range(2)]
+    responses = [row[key] for row in CHAT_ROWS for key in ("chosen", "rejected")]
+    n = len(responses)
+    return Rollout(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
+                   response_ids=torch.zeros(n, 1, dtype=torch.long), response_mask=torch.ones(n, 1, dtype=torch.long),
+                   logprobs=torch.zeros(n, 1), ended=torch.ones(n, dtype=torch.bool), responses=responses,
+                   raw_prompts=prompts, prompts=[policy_tokenizer.apply_chat_template(p, tokenize=False,
+                                                                                     add_generation_prompt=True)
+                                                 for p in prompts])
+
+
 @pytest.mark.parametrize("policy, rm", [("qwen2-window", "qwen2-window"), ("llama-chat", "llama-chat"),
                                         ("qwen2-window", "llama-chat"), ("llama-chat", "qwen2-window")])
 def test_online_reward_model_scores_what_the_reward_stage_scored(policy, rm, realistic_model_dirs,
@@ -147,18 +163,9 @@ def test_online_reward_model_scores_what_the_reward_stage_scored(policy, rm, rea
     score online (the policy's templated prompt, its decoded response) as in the reward stage, for ChatML and
     Llama-3 templates, for an RM of the policy's family and of the other one (rendered with ITS template)."""
     from prefopt.rl.rewards import RewardModelReward
-    from prefopt.types import Rollout
 
     policy_tokenizer = load_tokenizer(ModelConfig(name_or_path=str(realistic_model_dirs[policy])))
-    prompts = [row["prompt"] for row in CHAT_ROWS for _ in range(2)]
-    responses = [row[key] for row in CHAT_ROWS for key in ("chosen", "rejected")]
-    n = len(responses)
-    rollout = Rollout(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
-                      response_ids=torch.zeros(n, 1, dtype=torch.long),
-                      response_mask=torch.ones(n, 1, dtype=torch.long), logprobs=torch.zeros(n, 1),
-                      ended=torch.ones(n, dtype=torch.bool), responses=responses, raw_prompts=prompts,
-                      prompts=[policy_tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                               for p in prompts])
+    rollout = chat_rollout(policy_tokenizer)
     online = RewardModelReward(policy_tokenizer, "cpu", path=str(chat_reward_models[rm]))(rollout)
     expected = reward_stage_scores(chat_reward_models[rm], tmp_path)
     torch.testing.assert_close(online, expected, atol=1e-5, rtol=0)
@@ -169,18 +176,11 @@ def test_online_reward_model_cuts_rows_as_its_reward_stage_did(realistic_model_d
     """The reward stage's data.max_length / max_prompt_length, read from the recipe saved with the RM, cut the online
     rows as they cut the training rows (here short enough to cut every prompt and response)."""
     from prefopt.rl.rewards import RewardModelReward
-    from prefopt.types import Rollout
 
     rm = tmp_path / "rm"
     shutil.copytree(chat_reward_models["llama-chat"], rm)
     (rm / "prefopt_recipe.yaml").write_text("data: {max_length: 20, max_prompt_length: 12, chat_template: auto}\n")
-    prompts = [row["prompt"] for row in CHAT_ROWS for _ in range(2)]
-    responses = [row[key] for row in CHAT_ROWS for key in ("chosen", "rejected")]
-    n = len(responses)
-    rollout = Rollout(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
-                      response_ids=torch.zeros(n, 1, dtype=torch.long),
-                      response_mask=torch.ones(n, 1, dtype=torch.long), logprobs=torch.zeros(n, 1),
-                      ended=torch.ones(n, dtype=torch.bool), responses=responses, raw_prompts=prompts, prompts=[""] * n)
+    rollout = chat_rollout(load_tokenizer(ModelConfig(name_or_path=str(realistic_model_dirs["qwen2-window"]))))
     reader = RewardModelReward(None, "cpu", path=str(rm))
     assert (reader.data.max_length, reader.data.max_prompt_length) == (20, 12)
     expected = reward_stage_scores(rm, tmp_path, max_length=20, max_prompt_length=12)
