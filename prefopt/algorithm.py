@@ -18,6 +18,11 @@ An algorithm declares:
     Trainer passes ONE batch per training step, and ``step`` splits every update's minibatch into G
     micro-batches whose losses are weighted so that their mean is the minibatch's loss -- accumulation then
     changes memory, not the update;
+  * ``full_batches``: every training batch holds exactly ``train.batch_size`` rows (the short last batch of an
+    epoch is left out, a different one each epoch; online algorithms, whose updates split a batch into minibatches
+    and micro-batches that must not be empty, as TRL does);
+  * ``updates_per_step``: optimizer updates per training step (the learning-rate schedule advances once per update);
+  * ``parameter_groups()``: the optimizer's parameter groups (a critic may have its own learning rate);
   * ``evaluate(batch)``: metric sums for a held-out batch (the Trainer averages them over rows).
 
 An algorithm with a reference policy scores it with ``reference_forward`` (the one way, for every algorithm):
@@ -46,6 +51,7 @@ class Algorithm:
     Config: ClassVar[type]
     registry_name: ClassVar[str]
     accumulates_in_step: ClassVar[bool] = False
+    full_batches: ClassVar[bool] = False
 
     def __init__(self, config: Any, run: Any, tokenizer: Any):
         self.config = config  # this algorithm's Config
@@ -79,6 +85,15 @@ class Algorithm:
         raise NotImplementedError
 
     @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates one ``step`` makes (each ``train.gradient_accumulation_steps`` micro-batches)."""
+        return 1
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: every trainable parameter of ``self.model`` at ``train.learning_rate``."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    @property
     def accumulation(self) -> int:
         """G: micro-batches per optimizer update (``train.gradient_accumulation_steps``)."""
         return self.run.train.gradient_accumulation_steps
@@ -97,6 +112,17 @@ class Algorithm:
         model = self.unwrapped
         model.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
+
+    @property
+    def exported_model(self) -> nn.Module:
+        """The transformers / peft model ``save`` writes (its weights are what a checkpoint's ``model/`` holds):
+        the trained module's ``lm`` or ``rm`` when it wraps one (TokenScorer, RewardScorer, PolicyAndValue)."""
+        unwrapped = self.unwrapped
+        for name in ("lm", "rm"):
+            inner = getattr(unwrapped, name, None)
+            if isinstance(inner, nn.Module):
+                return inner
+        return unwrapped
 
     # ------------------------------------------------------------------ helpers
     @torch.no_grad()

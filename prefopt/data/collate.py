@@ -8,6 +8,7 @@ length buckets (rows of similar length together, so less padding) with a seeded,
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections import Counter
@@ -76,15 +77,48 @@ def pack(docs: list[list[int]], max_length: int) -> list[Feature]:
     return chunks
 
 
+def pack_examples(features: list[Feature], max_length: int) -> list[Feature]:
+    """SFT examples packed into sequences of at most ``max_length`` tokens, best-fit decreasing (TRL's
+    ``packing_strategy="bfd"``): longest first, each into the fullest sequence it still fits.
+
+    A packed feature keeps every example whole, with ``position_ids`` counting from 0 in each (where the next example
+    starts) and the label of each example's first token -100 (it would be predicted from the example before it);
+    the SFT forward gives each example a causal mask of its own (prefopt.algorithms.lm), so every token sees only
+    its example, as unpacked."""
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"])):
+        size = len(features[i]["input_ids"])
+        at = bisect.bisect_left(rooms, (size, -1))
+        if at == len(rooms):
+            bins.append([])
+            room, where = max_length, len(bins) - 1
+        else:
+            room, where = rooms.pop(at)
+        bins[where].append(i)
+        bisect.insort(rooms, (room - size, where))
+    packed = []
+    for members in bins:
+        parts = [features[i] for i in sorted(members)]
+        packed.append({"input_ids": [t for f in parts for t in f["input_ids"]],
+                       "labels": [t for f in parts for t in [IGNORE_INDEX] + f["labels"][1:]],
+                       "position_ids": [t for f in parts for t in range(len(f["input_ids"]))],
+                       "turns": [sum(f["turns"][k] for f in parts) for k in (0, 1)], "examples": len(parts)})
+    return packed
+
+
 def _ones(rows: list[list[int]]) -> list[list[int]]:
     return [[1] * len(row) for row in rows]
 
 
 def lm_batch(features: list[Feature], pad_id: int) -> LMBatch:
-    """Causal-LM rows; ``labels`` from the feature (sft) or the input ids (packed text)."""
+    """Causal-LM rows; ``labels`` from the feature (sft) or the input ids (packed text); the position ids of packed
+    SFT examples (``pack_examples``)."""
     rows = [f["input_ids"] for f in features]
+    positions = pad([f["position_ids"] for f in features], 0) if "position_ids" in features[0] else None
     return LMBatch(input_ids=pad(rows, pad_id), attention_mask=pad(_ones(rows), 0),
-                   labels=pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX))
+                   labels=pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX),
+                   position_ids=positions)
 
 
 def pair_batch(features: list[Feature], pad_id: int) -> PairBatch:
@@ -123,7 +157,8 @@ def prompt_batch(features: list[Feature], pad_id: int) -> PromptBatch:
     """Prompts LEFT-padded for generation, with their texts and meta."""
     rows = [f["prompt_ids"] for f in features]
     return PromptBatch(input_ids=pad(rows, pad_id, left=True), attention_mask=pad(_ones(rows), 0, left=True),
-                       prompts=[f["prompt"] for f in features], meta=[f["meta"] for f in features])
+                       prompts=[f["prompt"] for f in features], meta=[f["meta"] for f in features],
+                       raw_prompts=[f.get("raw_prompt", f["prompt"]) for f in features])
 
 
 def unpaired_batch(features: list[Feature], pad_id: int) -> UnpairedBatch:
@@ -137,13 +172,16 @@ def unpaired_batch(features: list[Feature], pad_id: int) -> UnpairedBatch:
 
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of rows of similar length: rows are shuffled, cut into mega-batches of ``MEGA_BATCHES`` batches,
-    sorted by length inside each, cut into batches, and the batch order is shuffled (all with ``generator``)."""
+    sorted by length inside each, cut into batches, and the batch order is shuffled (all with ``generator``).
+    ``drop_last``: the one short batch (of the last mega-batch) is left out."""
 
-    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, generator: torch.Generator):
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, generator: torch.Generator,
+                 drop_last: bool = False):
         self.lengths = lengths
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.drop_last = drop_last
 
     def __iter__(self) -> Iterator[list[int]]:
         n = len(self.lengths)
@@ -153,23 +191,27 @@ class LengthBucketSampler(Sampler[list[int]]):
         for start in range(0, n, size):
             mega = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
             batches += [mega[i:i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+        if self.drop_last:
+            batches = [batch for batch in batches if len(batch) == self.batch_size]
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
         return iter(batches)
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.lengths) // self.batch_size
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
 def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, cfg: DataConfig, batch_size: int,
                      shuffle: bool, seed: int, length_bucketing: bool = False, skips: SkipLog | None = None,
-                     places: list[str] | None = None) -> tuple[DataLoader, dict[str, int]]:
+                     places: list[str] | None = None, drop_last: bool = False) -> tuple[DataLoader, dict[str, int]]:
     """Tokenize ``records`` as ``kind`` and batch them into that kind's typed container.
 
     Returns the DataLoader and the counts of rows skipped at tokenization per reason; with ``skips``, each
     skipped row is also added there with its place (``places[i]`` of record i, else "record i"). Each feature
     keeps its record's position in ``records`` as ``"index"``. The order is drawn from a ``torch.Generator``
-    seeded with ``seed``, so two runs with the same seed see the same batches.
+    seeded with ``seed``, so two runs with the same seed see the same batches. ``drop_last``: no short batch.
     """
     handler = KINDS.get(kind)
     pad_token_id(tokenizer)
@@ -193,9 +235,10 @@ def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, c
                         f"(skipped: {dict(skipped)})")
     generator = torch.Generator().manual_seed(seed)
     if length_bucketing:
-        batches: Sampler = LengthBucketSampler([handler.length(f) for f in features], batch_size, shuffle, generator)
+        batches: Sampler = LengthBucketSampler([handler.length(f) for f in features], batch_size, shuffle, generator,
+                                               drop_last)
     else:
         order = RandomSampler(features, generator=generator) if shuffle else SequentialSampler(features)
-        batches = BatchSampler(order, batch_size, drop_last=False)
+        batches = BatchSampler(order, batch_size, drop_last=drop_last)
     loader = DataLoader(features, batch_sampler=batches, collate_fn=partial(handler.collate, tokenizer=tokenizer))
     return loader, dict(skipped)
