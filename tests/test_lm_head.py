@@ -138,9 +138,9 @@ def first_update(monkeypatch, data: dict, out: Path) -> tuple[float, dict[str, t
     return first["train/loss"], grads
 
 
-def characters(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]:
+def characters(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     """A reward that differs between the samples of a prompt (so group advantages are not 0): characters / 10."""
-    return [len(response) / 10 for response in responses]
+    return [len(completion) / 10 for completion in completions]
 
 
 CAUSAL = [name for name in ALGORITHMS.available() if ALGORITHMS.get(name).kind != "ranks"]
