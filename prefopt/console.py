@@ -75,7 +75,7 @@ def banner(run: Any, model: Any, report: dict[str, Any], steps_per_epoch: int, p
     the global batch, steps per epoch and the steps it will run."""
     from prefopt.models import count_parameters
 
-    t, rows = run.train, report["rows"]
+    t, rows = run.train, report.get("rows", {})  # {} when the caller set the Trainer's loaders itself
     packed = report.get("sequences", {}).get("train", rows.get("train", 0))
     packed = f" ({packed:,} packed sequences)" if packed != rows.get("train", 0) else ""
     trainable, total = count_parameters(model)
