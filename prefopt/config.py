@@ -156,7 +156,9 @@ class TrainConfig:
     resume: str | bool = "no"
     """"auto": continue the same run from its newest usable checkpoint in output_dir; "no"; or a checkpoint path."""
     overwrite: bool = False
-    """Clear an output_dir that holds an earlier run before starting (else such a directory is refused)."""
+    """Clear an output_dir that holds an earlier run before starting: exactly the files its ledger lists."""
+    accept_changed_data: bool = False
+    """Resume although a data file changed since the checkpoint (its saved position then points into other rows)."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """What to do when the loss or gradient is NaN/inf: skip the update, or stop (exit code 3)."""
     max_skipped_updates: int = 10
@@ -169,6 +171,10 @@ class TrainConfig:
     """Save the final model to output_dir/model."""
 
     def __post_init__(self):
+        from prefopt.rundir import check_output_dir
+
+        check_output_dir(self.output_dir)
+        check(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
         for key in ("max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
             check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
         check(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "must be >= 0")

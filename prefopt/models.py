@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import peft
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from prefopt.config import ModelConfig
 from prefopt.errors import PrefoptError
+from prefopt.registry import closest
 
 logger = logging.getLogger("prefopt.models")
 
@@ -204,13 +207,39 @@ def _quantization_kwargs(dtype: torch.dtype | str) -> dict[str, Any]:
     return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def model_source(source: str, key: str) -> str:
+    """Decide at once whether ``source`` is a local folder ("local") or a hub id ("hub"); PrefoptError naming
+    ``key`` (the recipe key, or what is loaded) when it is neither: a path that does not exist (absolute, relative with ./ ../ ~, two slashes, or whose
+    first folder exists here, like ``models/chat-bse`` beside ``models/chat-base``), a name no hub id can have, or
+    a hub id not cached while the hub is off (HF_HUB_OFFLINE=1)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return "local"
+    first = Path(source).parts[0] if Path(source).parts else ""
+    looks_local = (source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") > 1
+                   or ("/" in source and Path(first).expanduser().is_dir()))
+    if looks_local or not HUB_ID.fullmatch(source) or "--" in source or ".." in source:
+        parent = next((p for p in path.parents if p.is_dir()), None)
+        near = closest(path.name, [p.name for p in parent.iterdir() if p.is_dir()]) if parent else None
+        hint = f"; did you mean {str(Path(source).with_name(near))!r}?" if near else ""
+        what = "no such folder" if looks_local else "no such folder, and no hub id looks like that"
+        raise PrefoptError(f"{key} {source!r} does not exist ({what}{hint})")
+    if huggingface_hub.constants.HF_HUB_OFFLINE and not any(
+            isinstance(huggingface_hub.try_to_load_from_cache(source, name), str)
+            for name in ("config.json", "tokenizer_config.json", "adapter_config.json")):
+        raise PrefoptError(f"{key} {source!r} is not a local folder, and the hub is off (HF_HUB_OFFLINE=1) with "
+                           "no cached copy of it")
+    return "hub"
+
+
 def _from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(source)`` with user-facing errors for empty, missing or unloadable sources."""
     if not source:
         raise PrefoptError(f"no {what} given: set model.name_or_path to a hub id or a local directory")
-    looks_local = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().exists():
-        raise PrefoptError(f"{what} path {source!r} does not exist")
+    model_source(source, f"{what} path")
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:  # missing files, unknown hub id, unrecognised config

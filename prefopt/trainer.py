@@ -13,8 +13,13 @@ Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
 * exact resume: a checkpoint holds weights, optimizer, scheduler, RNG states and the data position; the batch
   order of epoch ``e`` is a function of ``(train.seed, e)`` only (``prefopt.distributed.seed_epoch``), and neither
   opening a data iterator nor evaluating draws from the training RNG, so a resumed run continues bit for bit on CPU;
-* the output directory belongs to one run (``prefopt.rundir``: refused unless resumed or overwritten; a lock);
-  resume=auto verifies the newest checkpoint and falls back to the previous one, setting the bad one aside;
+* the output directory belongs to one run (``prefopt.rundir``: refused unless resumed or overwritten, a lock, a
+  ledger of the files the run wrote); everything checkable without training (preflight, names, the data) is
+  checked before it is claimed, and a start that fails before its first step leaves nothing behind;
+* a resume knows what it resumes: the checkpoint's identity (algorithm, config, data, models:
+  ``prefopt.identity``) and every file's checksum are verified first; resume=auto falls back from a damaged newest
+  checkpoint to the previous one, setting the bad one aside; the logs are cut back to the checkpoint, so every
+  row appears once (``prefopt.history``);
 * SIGTERM / SIGINT: the step in flight finishes, a checkpoint is saved, ``Interrupted`` (exit 128 + signal);
   a second signal stops at once without saving (``prefopt.stopping``);
 * a non-finite loss or gradient norm skips the update or stops (``train.on_nonfinite``), naming the step; the
@@ -42,13 +47,13 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from prefopt import console, preflight, rundir
+from prefopt import console, history, identity, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import run_loaders
 from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
                                  sharded_weights)
-from prefopt.errors import ConfigError, PrefoptError
+from prefopt.errors import CheckpointError, ConfigError, PrefoptError
 from prefopt.evaluation import evaluate, evaluate_and_sample
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
@@ -80,6 +85,9 @@ class Trainer:
         self.signals = SignalCatcher()
         self.lock = rundir.RunLock(self.output_dir)
         self.main = self.accelerator.is_main_process
+        self.identity: dict[str, Any] = {}
+        self.stepped = False  # a training step completed in this process (then a failure keeps the run's files)
+        self.fresh = False  # this attempt starts the run (no checkpoint resumed)
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_data(self) -> None:
@@ -88,37 +96,71 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
-        """Train for ``train.max_steps`` steps; returns the final evaluation metrics."""
+        """Train for ``train.max_steps`` steps; returns the final evaluation metrics.
+
+        The data is read before the output directory is claimed (a data error never blocks a fixed re-run); a
+        fresh start that fails before its first step removes what it wrote (``rundir.undo_start``).
+        """
         check_backend(self.accelerator, self.config.train)
         try:
-            self._claim_output_dir()
+            if not self.loaders:
+                self.prepare_data()
+            self._on_main(self._claim_output_dir)
             self.signals.install()
             return self._fit()
+        except BaseException:
+            if self.main and self.lock.held and self.fresh and not self.stepped:
+                rundir.undo_start(self.output_dir)
+            raise
         finally:
             self.signals.restore()
             self.lock.release()
 
-    def _claim_output_dir(self) -> None:
-        """The output-directory policy and lock (prefopt.rundir), on the main process; all processes agree."""
-        t, error = self.config.train, [None]
+    def _on_main(self, work: Any, *args: Any) -> None:
+        """Run ``work`` on the main process; a PrefoptError it raises is raised on every process."""
+        error: list[Any] = [None]
         if self.main:
             try:
-                rundir.check_writable(self.output_dir)
-                self.lock.acquire()
-                rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite)
-            except ConfigError as exc:
-                error = [str(exc)]
+                work(*args)
+            except PrefoptError as exc:
+                error = [exc]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(error)
         if error[0] is not None:
-            raise ConfigError(error[0])
+            raise error[0]
+
+    def _claim_output_dir(self) -> None:
+        """The output-directory policy under the lock (prefopt.rundir); nothing is written yet."""
+        t = self.config.train
+        rundir.check_output_dir(self.output_dir)
+        rundir.check_writable(self.output_dir)
+        self.lock.acquire()
+        rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite, writes=self._writes())
+
+    def _writes(self) -> tuple[str, ...]:
+        """The entries of the output directory this run writes (its ledger, prefopt.rundir)."""
+        t = self.config.train
+        return rundir.run_entries(self.output_dir, save_model=t.save_model, samples=self.algorithm.kind == "prompts",
+                                  trackers=bool(t.report_to))
+
+    def _begin(self, state: dict[str, Any] | None) -> None:
+        """Main process, once the resume is decided: record the run's files, write its config and data manifest,
+        and cut the logs back to the checkpoint (or start them over when there is none: prefopt.history)."""
+        files = rundir.RunFiles(self.output_dir)
+        files.add(*self._writes())
+        if state is None:
+            history.start_over(self.output_dir)
+        else:
+            history.rewind(self.output_dir, state.get("logs") or {}, finished=self._finished(state))
+        rundir.write_config(self.output_dir, self.config.to_dict())
+        (self.output_dir / "manifest.json").write_text(json.dumps(self.data_report, indent=2, default=str))
+
+    def _finished(self, state: dict[str, Any] | None) -> bool:
+        """The checkpoint was written after the final evaluation of a run of this length."""
+        return state is not None and "final" in state and state["step"] == self.config.train.max_steps
 
     def _fit(self) -> dict[str, float]:
         t, acc = self.config.train, self.accelerator
-        if not self.loaders:
-            self.prepare_data()
-        if self.main:
-            (self.output_dir / "manifest.json").write_text(json.dumps(self.data_report, indent=2, default=str))
         self.algorithm.build()
         params = [p for p in self.algorithm.model.parameters() if p.requires_grad]
         if not params:
@@ -132,19 +174,27 @@ class Trainer:
         self.loaders = dict(zip(names, prepared[3:]))
         params = [p for p in self.algorithm.model.parameters() if p.requires_grad]  # FSDP replaces them
         self.algorithm.setup(acc, self.loaders)
-        if t.report_to:
-            acc.init_trackers(self.output_dir.name, config=tracker_config(self.config.to_dict()))
 
-        writer = MetricsWriter(self.output_dir, acc, enabled=self.main)
-        averager = MetricAverager()
+        identities = [identity.run_identity(self.config.algorithm_name, self.config.to_dict(), self.data_report)
+                      if self.main else None]
+        if acc.num_processes > 1:
+            broadcast_object_list(identities)
+        self.identity = identities[0]
         step, consumed = 0, 0
         state = self._resume()
+        self.fresh = state is None
+        self._on_main(self._begin, state)
+        acc.wait_for_everyone()
+        if t.report_to:
+            acc.init_trackers(self.output_dir.name, config=tracker_config(self.config.to_dict()),
+                              init_kwargs=history.tracker_kwargs(t.report_to, state["step"] if state else 0))
+        writer = MetricsWriter(self.output_dir, acc, enabled=self.main)
+        averager = MetricAverager()
         if state is not None:
             step, consumed = state["step"], state["batches_consumed"]
             self.data_position = self._restored_position(state)
             self.guard.restore(state)
             averager.restore(state.get("averagers"), acc.process_index, acc.num_processes)
-            writer.truncate_after(step)
         if signum := self.signals.agreed(acc):
             raise self._interrupted(signum, step, saved=False)
 
@@ -158,6 +208,7 @@ class Trainer:
                 tokens = self._train_step(batches, step, params, optimizer, scheduler, averager)
                 consumed += self.batches_per_step
                 step += 1
+                self.stepped = True
                 elapsed = time.perf_counter() - step_start
                 averager.add({"perf/step_s": elapsed, "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
                               "train/lr": scheduler.get_last_lr()[0]})
@@ -179,12 +230,15 @@ class Trainer:
         finally:
             progress.close()
             writer.to_csv()
-        final = self._evaluate_and_sample(step) if "eval" in self.loaders else {}
-        final["perf/train_s"] = time.perf_counter() - train_start
-        final["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
-        writer.log(step, final)
-        writer.to_csv()
-        self._checkpoint(step, consumed, averager)
+        if self._finished(state):  # resumed from the final checkpoint: the end is logged already
+            final = state["final"]
+        else:
+            final = self._evaluate_and_sample(step) if "eval" in self.loaders else {}
+            final["perf/train_s"] = time.perf_counter() - train_start
+            final["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
+            writer.log(step, final)
+            writer.to_csv()
+            self._checkpoint(step, consumed, averager, final=final)
         if t.save_model:
             self.save(self.output_dir / "model")
         if self.main:
@@ -278,13 +332,15 @@ class Trainer:
         self.guard.check_weights(self.algorithm.model, self.config.train.max_steps, f"the model {out_dir}")
         self.accelerator.wait_for_everyone()
         if self.main:
-            self.algorithm.save(out_dir)
+            rundir.replace_dir(Path(out_dir), self.algorithm.save)  # never a half-written model/
         self.accelerator.wait_for_everyone()
 
-    def _checkpoint(self, step: int, consumed: int, averager: MetricAverager) -> None:
+    def _checkpoint(self, step: int, consumed: int, averager: MetricAverager, final: dict | None = None) -> None:
         t = self.config.train
         self.guard.check_weights(self.algorithm.model, step, "checkpoint")
+        ends = {"final": final} if final is not None else {}
         state = {"batches_consumed": consumed, "data_positions": gather_object([list(self.data_position)]),
+                 "identity": self.identity, "logs": history.log_sizes(self.output_dir), **ends,
                  **self.guard.state(), "averagers": gather_object([averager.state()]),
                  "seed": t.seed, "batch_size": t.batch_size,
                  "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -294,7 +350,7 @@ class Trainer:
 
     def _resume(self) -> dict[str, Any] | None:
         """The trainer state of the checkpoint ``train.resume`` names (None: a fresh start); see load_resume."""
-        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume)
+        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume, check=self._check_checkpoint)
         if found is None:
             return None
         path, state = found
@@ -308,6 +364,28 @@ class Trainer:
         if positions and len(positions) == acc.num_processes:
             return tuple(positions[acc.process_index])
         return divmod(state["batches_consumed"], len(self.loaders["train"]))
+
+    def _check_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint that is not this run's (prefopt.identity) or lies beyond ``train.max_steps``."""
+        t, saved = self.config.train, state.get("identity")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path} records no identity (written by an older prefopt), so it "
+                                  "cannot be checked to be this run's; set train.overwrite=true to start over")
+        changed, data_changed = identity.differences(saved, self.identity)
+        if changed:
+            more = f" (and {len(changed) - 1} more difference(s))" if len(changed) > 1 else ""
+            raise ConfigError(f"train.resume: checkpoint {path} is not this run's: {changed[0]}{more}; choose "
+                              "its own run's settings, or train.overwrite=true / another output_dir to start anew")
+        if data_changed and not t.accept_changed_data:
+            raise ConfigError(f"train.resume: {data_changed[0]}, so the saved data position would point into other "
+                              f"rows than checkpoint {path} trained on; restore the data, or set "
+                              "train.accept_changed_data=true to continue on the changed data knowingly")
+        if data_changed:
+            log.warning("resuming from %s on changed data (train.accept_changed_data=true): %s", path,
+                        "; ".join(data_changed))
+        if state["step"] > t.max_steps:
+            raise ConfigError(f"train.max_steps={t.max_steps}: below the step of checkpoint {path} "
+                              f"({state['step']}); set train.max_steps >= {state['step']} to resume it")
 
     def _check_resume_state(self, state: dict[str, Any], path: Path) -> None:
         current = {"num_processes": self.accelerator.num_processes,

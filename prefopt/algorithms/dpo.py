@@ -24,6 +24,7 @@ from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, pol
                                         resolve_loss, sums)
 from prefopt.config import LoraConfig, check
 from prefopt.distributed import seed_epoch
+from prefopt.errors import ConfigError, UnknownNameError
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
@@ -57,6 +58,13 @@ class DPO(Algorithm):
     kind = "pairs"
     kl_knob = "beta"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = DPOConfig
+
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        try:  # a misspelled loss or parameter: refused when the recipe is read
+            resolve_loss(run.algorithm.loss, run.algorithm.loss_params)
+        except UnknownNameError as exc:
+            raise ConfigError(f"algorithm.loss={run.algorithm.loss!r}: {exc}") from None
 
     def build(self) -> None:
         self.loss_fn = resolve_loss(self.config.loss, self.config.loss_params)
