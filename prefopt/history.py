@@ -43,11 +43,13 @@ def rewind(output_dir: Path, sizes: dict[str, int], finished: bool) -> None:
         if have > size:
             with path.open("r+b") as handle:
                 handle.seek(size)
-                dropped = handle.read().count(b"\n")
+                tail = handle.read()
                 handle.truncate(size)
                 handle.flush()
                 os.fsync(handle.fileno())
-            log.info("%s: dropped %d row(s) written after the checkpoint", path, dropped)
+            torn = not tail.endswith(b"\n")
+            log.info("%s: dropped %d row(s) written after the checkpoint%s", path, tail.count(b"\n") + torn,
+                     " (1 torn)" if torn else "")
         if size and not _ends_with_newline(path):
             raise CheckpointError(f"{path}: the row before byte {size} is not complete; restore the file, or set "
                                   "train.overwrite=true to start the run over")

@@ -16,7 +16,6 @@ on the realistic GPT-2 fixture (dropout 0.1, pad = eos) and 48 HH pairs, 2-4 ste
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -245,10 +244,10 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(gpt2_real_dir, hh_small, 
     assert train(capsys, *run)[0] == 0
     with (out / "metrics.jsonl").open("a") as handle:
         handle.write('{"step": 3, "train/lo')  # the process died mid-write
-    with caplog.at_level("WARNING", logger="prefopt.metrics"):
+    with caplog.at_level("INFO", logger="prefopt.history"):
         code, stderr = train(capsys, *run, "train.resume=auto", "train.max_steps=3")
     assert code == 0, stderr
-    assert f"{out / 'metrics.jsonl'}:4: dropped an unreadable line" in caplog.text
+    assert f"{out / 'metrics.jsonl'}: dropped 1 row(s) written after the checkpoint (1 torn)" in caplog.text
     assert steps(out) == [1, 2, 2, 3, 3]
 
 
@@ -261,6 +260,11 @@ def test_resume_with_every_checkpoint_damaged_names_them(gpt2_real_dir, hh_small
     code, stderr = train(capsys, *run, "train.resume=auto")
     assert code == 2
     line = last_line(stderr)
-    assert line.startswith(f"prefopt: error: no usable checkpoint in {out / 'checkpoints'}: "
-                           f"{only / 'model.safetensors'}: ")
-    shutil.rmtree(out)
+    assert line.startswith(f"prefopt: error: no usable checkpoint in {out / 'checkpoints'} "
+                           f"({only / 'model.safetensors'}: 1000 bytes, written with ")
+    assert line.endswith("this run cannot be continued: set train.overwrite=true to start it over")
+    code, stderr = train(capsys, *run, "train.resume=auto")  # it stays refused (once it silently started over)
+    assert code == 2
+    assert last_line(stderr).startswith(f"prefopt: error: no usable checkpoint in {out / 'checkpoints'} "
+                                        f"(set aside earlier: {only.name}.corrupt)")
+    assert train(capsys, *run, "train.overwrite=true")[0] == 0
