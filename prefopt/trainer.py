@@ -205,7 +205,8 @@ class Trainer:
         try:
             while step < t.max_steps:
                 step_start = time.perf_counter()
-                tokens = self._train_step(batches, step, params, optimizer, scheduler, averager)
+                with self.guard.sampling(step + 1, "training"):
+                    tokens = self._train_step(batches, step, params, optimizer, scheduler, averager)
                 consumed += self.batches_per_step
                 step += 1
                 self.stepped = True
@@ -326,7 +327,8 @@ class Trainer:
 
     def _evaluate_and_sample(self, step: int) -> dict[str, float]:
         """``evaluate``, recording the completions online algorithms sample (prefopt.evaluation)."""
-        return evaluate_and_sample(self.evaluate, step, self.output_dir, self.main)
+        with self.guard.sampling(step, "evaluation"):
+            return evaluate_and_sample(self.evaluate, step, self.output_dir, self.main)
 
     def save(self, out_dir: str | Path) -> None:
         self.guard.check_weights(self.algorithm.model, self.config.train.max_steps, f"the model {out_dir}")
