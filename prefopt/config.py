@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefopt.errors import ConfigError
-from prefopt.recipe_file import merge, parse_overrides, read_yaml
+from prefopt.recipe_file import explain_env, merge, parse_overrides, read_yaml
 from prefopt.registry import closest
+from prefopt.rundir import check_output_dir, flatten
 
 
 @dataclass
@@ -171,8 +172,6 @@ class TrainConfig:
     """Save the final model to output_dir/model."""
 
     def __post_init__(self):
-        from prefopt.rundir import check_output_dir
-
         check_output_dir(self.output_dir)
         check(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
         for key in ("max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
@@ -348,11 +347,17 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate."""
-    data = read_yaml(path) if path else {}
+    sources: dict[str, str] = {}  # keys whose value a ${VAR} gave, for the error messages
+    data = read_yaml(path, sources) if path else {}
     if isinstance(data.get("algorithm"), str):
         data["algorithm"] = {"name": data["algorithm"]}
-    data = merge(data, parse_overrides(list(overrides)))
-    return build_run_config(data, where=str(path or "overrides"))
+    given = parse_overrides(list(overrides))
+    data = merge(data, given)
+    sources = {key: source for key, source in sources.items() if key not in flatten(given)}
+    try:
+        return build_run_config(data, where=str(path or "overrides"))
+    except ConfigError as exc:
+        raise ConfigError(explain_env(str(exc), sources)) from None
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
