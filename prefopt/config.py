@@ -220,6 +220,11 @@ class RunConfig:
         return out
 
 
+MAX_COEF = 1e3  # the largest KL / preference strength (beta) a recipe may set
+TOO_STRONG = (f"must be <= {MAX_COEF:g}: it multiplies log-ratios, so a larger one only makes the loss overflow "
+              "(typical values are 0.01 to 1)")
+
+
 def check(ok: bool, key: str, value: Any, why: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``ok``."""
     if not ok:

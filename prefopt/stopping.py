@@ -129,16 +129,16 @@ def last_finite_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def advice(output_dir: str | Path, skipping: bool) -> str:
-    """What to do after a non-finite stop; ``skipping``: the run skipped such updates already."""
+    """What to do after a non-finite stop; ``skipping``: skipping updates did not help (or would not)."""
     path = last_finite_checkpoint(output_dir)
     if path is None:
-        return ("no checkpoint with finite weights and optimizer state was written, so there is nothing to resume "
+        return ("No checkpoint with finite weights and optimizer state was written, so there is nothing to resume "
                 "from: start over with a lower train.learning_rate")
     model = path / "model"
     restart = f"start a new run from {model if model.is_dir() else path} with a lower train.learning_rate"
     how = restart if skipping else (f"resume with train.resume={path} train.on_nonfinite=skip to skip such "
                                     f"updates, or {restart}")
-    return (f"the newest checkpoint with finite weights and optimizer state is {path}; resumed as it is, it repeats "
+    return (f"The newest checkpoint with finite weights and optimizer state is {path}; resumed as it is, it repeats "
             f"the same steps exactly (and meets the same NaN): {how}")
 
 
@@ -220,4 +220,4 @@ class NonFiniteGuard:
             if not sampling_diverged(exc):
                 raise
             raise NonFiniteError(f"the policy's sampling probabilities are NaN/inf at step {step} ({where}): it "
-                                 f"diverged; stopped. {advice(self.output_dir, skipping=False)}") from None
+                                 f"diverged; stopped. {advice(self.output_dir, skipping=True)}") from None

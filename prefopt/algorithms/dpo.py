@@ -22,7 +22,7 @@ import torch
 from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, policy_logps, preference_metrics,
                                         resolve_loss, sums)
-from prefopt.config import LoraConfig, check
+from prefopt.config import MAX_COEF, TOO_STRONG, LoraConfig, check
 from prefopt.distributed import seed_epoch
 from prefopt.errors import ConfigError, UnknownNameError
 from prefopt.models import load_causal_lm, needs_separate_reference
@@ -49,6 +49,7 @@ class DPOConfig:
 
     def __post_init__(self):
         check(self.beta > 0, "algorithm.beta", self.beta, "must be > 0")
+        check(self.beta <= MAX_COEF, "algorithm.beta", self.beta, TOO_STRONG)
 
 
 @register_algorithm("dpo")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from prefopt.config import ModelConfig
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, PrefoptError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
 from prefopt.samples import note_rewards
@@ -131,12 +131,27 @@ class CallableReward:
         self.device = device
 
     def __call__(self, rollout: Rollout) -> Tensor:
-        values = self.fn(list(rollout.prompts), list(rollout.responses), list(rollout.meta))
-        out = torch.as_tensor(list(values), dtype=torch.float32, device=self.device)
-        if out.shape != (len(rollout.responses),):
-            raise ValueError(f"reward function {self.fn!r} returned {tuple(out.shape)} values for "
-                             f"{len(rollout.responses)} responses (expected one float per response)")
-        return out
+        name = f"reward function {getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', self.fn)}"
+        try:
+            values = list(self.fn(list(rollout.prompts), list(rollout.responses), list(rollout.meta)))
+        except Exception as exc:  # the user's function failed: their error, one line (-v shows the traceback)
+            raise PrefoptError(f"{name} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+        if len(values) != len(rollout.responses):
+            raise PrefoptError(f"{name} returned {len(values)} values for {len(rollout.responses)} responses "
+                               "(expected one number per response)")
+        wrong = [v for v in values if isinstance(v, (str, bytes, bool)) or not _is_number(v)]
+        if wrong:
+            raise PrefoptError(f"{name} returned {wrong[0]!r} ({type(wrong[0]).__name__}) among its values "
+                               "(expected one number per response)")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, torch.Tensor) or value.numel() == 1
 
 
 def import_function(spec: str) -> Callable[..., Any]:
