@@ -17,6 +17,8 @@ HH pairs, 2 steps, from a working directory that holds a user's file:
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,16 +109,28 @@ def test_a_run_without_a_ledger_is_never_cleared(gpt2_real_dir, hh_small, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------- start checks
-def test_start_errors_come_before_the_output_dir_is_claimed(gpt2_real_dir, hh_small, tmp_path, capsys):
+def test_start_errors_come_before_the_output_dir_is_claimed(gpt2_real_dir, hh_small, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    cases = {  # override -> what the one line says
-        f"data.path={tmp_path / 'missing.jsonl'}": "missing.jsonl' not found",
-        "algorithm.loss=sigmod": "algorithm.loss='sigmod': unknown pairwise loss 'sigmod'. Did you mean 'sigmoid'?",
-        f"model.name_or_path={tmp_path / 'models' / 'chat-bse'}": "does not exist",
-    }
+    grpo = ["algorithm.name=grpo", "algorithm.generation.max_new_tokens=4"]
+    cases = [  # (overrides, what the one line says)
+        ([f"data.path={tmp_path / 'missing.jsonl'}"], "missing.jsonl' not found"),
+        (["algorithm.loss=sigmod"], "algorithm.loss='sigmod': unknown pairwise loss 'sigmod'. Did you mean 'sigmoid'?"),
+        ([f"model.name_or_path={tmp_path / 'models' / 'chat-bse'}"],
+         f"model.name_or_path '{tmp_path / 'models' / 'chat-bse'}' does not exist (no such folder; did you mean "
+         f"'{tmp_path / 'models' / 'chat-base'}'?)"),
+        (["model.name_or_path=models/chat-bse"], "model.name_or_path 'models/chat-bse' does not exist (no such "
+                                                 "folder; did you mean 'models/chat-base'?)"),
+        ([*grpo, "algorithm.rewards=[{name: length_penalty, params: {targt: 3}}]"],
+         "algorithm.rewards[0].params.targt: reward component 'length_penalty' has no parameter 'targt'; did you "
+         "mean 'target'?"),
+        ([*grpo, "algorithm.rewards=[{name: callable, params: {fn: 'no_such_module:score'}}]"],
+         "algorithm.rewards[0].params.fn: reward function 'no_such_module:score': cannot import module "
+         "'no_such_module'"),
+    ]
     (tmp_path / "models" / "chat-base").mkdir(parents=True)
-    for override, said in cases.items():
-        code, stderr = train(capsys, *short_dpo(gpt2_real_dir, hh_small, out, override))
+    monkeypatch.chdir(tmp_path)  # models/chat-bse is relative: one slash, so a hub id by its looks
+    for override, said in cases:
+        code, stderr = train(capsys, *short_dpo(gpt2_real_dir, hh_small, out, *override))
         assert code == 2, override
         assert said in one_line(stderr), (override, stderr)
         assert not out.exists() or listing(out) == [], (override, listing(out))
@@ -136,3 +150,29 @@ def test_a_start_failing_before_its_first_step_leaves_nothing(gpt2_real_dir, hh_
     assert code == 1 and "boom before the first update" in stderr
     assert listing(out) == []
     assert train(capsys, *short_dpo(gpt2_real_dir, hh_small, out))[0] == 0
+
+
+HOLDER = """
+import sys, time
+from prefopt.rundir import RunLock
+RunLock(sys.argv[1]).acquire()
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["train.overwrite=true", "train.resume=auto"])
+def test_a_directory_whose_run_is_still_writing_is_refused(how, gpt2_real_dir, hh_small, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(capsys, *short_dpo(gpt2_real_dir, hh_small, out))[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        code, stderr = train(capsys, *short_dpo(gpt2_real_dir, hh_small, out, how, "train.max_steps=3"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2
+    assert f"is in use by another run (pid {holder.pid} on " in one_line(stderr)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
