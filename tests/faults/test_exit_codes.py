@@ -176,3 +176,13 @@ def test_a_defect_of_prefopt_itself_stays_exit_1(gpt2_real_dir, hh_small, tmp_pa
     code, line = run(capsys, *short_dpo(gpt2_real_dir, hh_small, tmp_path / "run"))
     assert code == 1
     assert line.startswith("prefopt: unexpected error: AttributeError: 'NoneType' object has no attribute 'logits'")
+
+
+def test_a_short_last_batch_makes_no_empty_minibatch():
+    """Found by the fault matrix: PPO with num_minibatches=2 met a 1-row rollout (the last batch of an epoch) and
+    crashed in the forward of an empty minibatch (exit 1)."""
+    from prefopt.rl.algorithm import minibatches
+
+    for group in (None, torch.tensor([0])):
+        got = [m.tolist() for m in minibatches(1, 2, 2, "cpu", shuffle=True, group=group)]
+        assert got == [[0], [0]]  # one update per epoch, none empty
