@@ -6,22 +6,25 @@ source file's sha256 or a hub dataset's fingerprint, and each split's row count 
 manifest); and a content fingerprint of every other local file or folder the config names (the start model, a
 reference or reward model, a tokenizer, a chat template, a PPO-ptx text, Sparrow's heads file ...).
 
-``differences`` compares a checkpoint's identity with the current run's and says, one line each, what changed.
+``differences`` compares a checkpoint's identity with the current run's and says, one line each, what changed;
+``check_resumable`` refuses a resume on it (``train.accept_changed_data`` lets changed data through, knowingly).
 A hub id is identified by its name (and the config hash): its files cannot be read offline.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
+from prefopt.errors import CheckpointError, ConfigError
 from prefopt.rundir import changed_keys, config_hash
 
 # Covered otherwise: the data paths by the data manifest (the files actually read), the run's own directory.
 NOT_INPUTS = frozenset({"train.output_dir", "train.resume", "data.path", "eval_data.path"})
 SKIPPED_NAMES = frozenset({".git", "__pycache__", ".cache"})
-DATA_KEYS = ("data",)
+log = logging.getLogger("prefopt.identity")
 
 
 def file_sha256(path: Path) -> str:
@@ -129,3 +132,27 @@ def _source_name(source: dict[str, Any]) -> str:
 
 def _content(source: dict[str, Any]) -> str:
     return str(source.get("sha256") or source.get("fingerprint") or "")
+
+
+def check_resumable(path: Path, state: dict[str, Any], current: dict[str, Any], train: Any) -> None:
+    """Refuse (one line) resuming checkpoint ``path`` (its trainer ``state``) in the run of identity ``current``:
+    not this run's, on changed data (unless ``train.accept_changed_data``), or past ``train.max_steps``."""
+    saved = state.get("identity")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path} records no identity (written by an older prefopt), so it cannot "
+                              "be checked to be this run's; set train.overwrite=true to start over")
+    changed, data_changed = differences(saved, current)
+    if changed:
+        more = f" (and {len(changed) - 1} more difference(s))" if len(changed) > 1 else ""
+        raise ConfigError(f"train.resume: checkpoint {path} is not this run's: {changed[0]}{more}; choose its own "
+                          "run's settings, or train.overwrite=true / another output_dir to start anew")
+    if data_changed and not train.accept_changed_data:
+        raise ConfigError(f"train.resume: {data_changed[0]}, so the saved data position would point into other rows "
+                          f"than checkpoint {path} trained on; restore the data, or set "
+                          "train.accept_changed_data=true to continue on the changed data knowingly")
+    if data_changed:
+        log.warning("resuming from %s on changed data (train.accept_changed_data=true): %s", path,
+                    "; ".join(data_changed))
+    if state["step"] > train.max_steps:
+        raise ConfigError(f"train.max_steps={train.max_steps}: below the step of checkpoint {path} "
+                          f"({state['step']}); set train.max_steps >= {state['step']} to resume it")

@@ -8,7 +8,7 @@ make one update. One training step consumes ``gradient_accumulation_steps`` batc
 when the algorithm ``accumulates_in_step`` (it splits each of its updates into micro-batches itself; see
 ``prefopt.algorithm``).
 
-Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
+Reliability contract (tests/test_reliability.py, tests/test_distributed.py, tests/faults/):
 
 * exact resume: a checkpoint holds weights, optimizer, scheduler, RNG states and the data position; the batch
   order of epoch ``e`` is a function of ``(train.seed, e)`` only (``prefopt.distributed.seed_epoch``), and neither
@@ -53,7 +53,7 @@ from prefopt.config import RunConfig
 from prefopt.data import run_loaders
 from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
                                  sharded_weights)
-from prefopt.errors import CheckpointError, ConfigError, PrefoptError
+from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate, evaluate_and_sample
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
 from prefopt.models import load_tokenizer
@@ -368,26 +368,8 @@ class Trainer:
         return divmod(state["batches_consumed"], len(self.loaders["train"]))
 
     def _check_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint that is not this run's (prefopt.identity) or lies beyond ``train.max_steps``."""
-        t, saved = self.config.train, state.get("identity")
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"checkpoint {path} records no identity (written by an older prefopt), so it "
-                                  "cannot be checked to be this run's; set train.overwrite=true to start over")
-        changed, data_changed = identity.differences(saved, self.identity)
-        if changed:
-            more = f" (and {len(changed) - 1} more difference(s))" if len(changed) > 1 else ""
-            raise ConfigError(f"train.resume: checkpoint {path} is not this run's: {changed[0]}{more}; choose "
-                              "its own run's settings, or train.overwrite=true / another output_dir to start anew")
-        if data_changed and not t.accept_changed_data:
-            raise ConfigError(f"train.resume: {data_changed[0]}, so the saved data position would point into other "
-                              f"rows than checkpoint {path} trained on; restore the data, or set "
-                              "train.accept_changed_data=true to continue on the changed data knowingly")
-        if data_changed:
-            log.warning("resuming from %s on changed data (train.accept_changed_data=true): %s", path,
-                        "; ".join(data_changed))
-        if state["step"] > t.max_steps:
-            raise ConfigError(f"train.max_steps={t.max_steps}: below the step of checkpoint {path} "
-                              f"({state['step']}); set train.max_steps >= {state['step']} to resume it")
+        """Refuse a checkpoint that is not this run's or lies beyond ``train.max_steps`` (prefopt.identity)."""
+        identity.check_resumable(path, state, self.identity, self.config.train)
 
     def _check_resume_state(self, state: dict[str, Any], path: Path) -> None:
         current = {"num_processes": self.accelerator.num_processes,
