@@ -23,21 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_runs import short_dpo
-from prefopt.cli import main
+from cli_runs import one_line, short_dpo, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def train(capsys, *argv: str) -> tuple[int, str]:
-    code = main(["train", "", *argv])
-    return code, capsys.readouterr().err
-
-
-def one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def listing(root: Path) -> list[str]:
