@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from prefopt.errors import CheckpointError, ConfigError
-from prefopt.identity import file_sha256
+from prefopt.identity import sha256_files
 
 STATE_FILE = "trainer_state.json"
 MODEL_DIR = "model"  # a copy of the model that plain ``from_pretrained`` loads (with the tokenizer)
@@ -93,8 +93,9 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             torch.save(obj.state_dict(), tmp / CUSTOM_FILE.format(index))
         if export is not None:
             export(tmp / MODEL_DIR)
-        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
+                 for p, digest in zip(written, sha256_files(written))}
         (tmp / STATE_FILE).write_text(json.dumps(sealed({"step": step, **state, FILES_KEY: files}), indent=2))
         _fsync_tree(tmp)
         aside = root / f"step-{step:08d}.old.tmp"
@@ -174,8 +175,10 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{file}: missing"
         if file.stat().st_size != written["bytes"]:
             return f"{file}: {file.stat().st_size} bytes, written with {written['bytes']} (truncated?)"
-        if file_sha256(file) != written["sha256"]:
-            return f"{file}: its content differs from what was written (sha256 mismatch: damaged or altered)"
+    names = list(files)
+    for name, digest in zip(names, sha256_files([path / name for name in names])):
+        if digest != files[name]["sha256"]:
+            return f"{path / name}: its content differs from what was written (sha256 mismatch: damaged or altered)"
     extra = [p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in files
              and p.name != STATE_FILE and p.suffix in (".safetensors", ".bin", ".pt", ".pkl")]
     if extra:

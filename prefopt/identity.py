@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +34,21 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def sha256_files(paths: list[Path]) -> list[str]:
+    """``file_sha256`` of each path, several files at once (hashlib releases the GIL: a sharded checkpoint of a big
+    model is hashed on several cores)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(file_sha256, paths))
+
+
 def fingerprint(path: Path) -> dict[str, Any]:
     """A file: its sha256. A folder: the sha256 of every file under it (hidden ones and caches skipped)."""
     path = path.expanduser()
     if path.is_file():
         return {"path": str(path.resolve()), "sha256": file_sha256(path)}
-    files = {}
-    for file in sorted(path.rglob("*")):
-        parts = file.relative_to(path).parts
-        if file.is_file() and not any(p.startswith(".") or p in SKIPPED_NAMES for p in parts):
-            files[file.relative_to(path).as_posix()] = file_sha256(file)
+    found = [file for file in sorted(path.rglob("*")) if file.is_file()
+             and not any(p.startswith(".") or p in SKIPPED_NAMES for p in file.relative_to(path).parts)]
+    files = dict(zip((file.relative_to(path).as_posix() for file in found), sha256_files(found)))
     return {"path": str(path.resolve()), "files": files}
 
 
