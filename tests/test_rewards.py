@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from prefopt.config import ModelConfig
-from prefopt.errors import ConfigError, UnknownNameError
+from prefopt.errors import ConfigError, PrefoptError, UnknownNameError
 from prefopt.models import load_tokenizer
 from prefopt.registry import REWARDS
 from prefopt.rl.rewards import CompositeReward, RewardSpec, build_component
@@ -124,7 +124,7 @@ def test_callable_errors_say_what_is_missing(tokenizer, spec, message):
 
 def test_callable_must_return_one_value_per_response(tokenizer):
     reward = component("callable", tokenizer, fn=lambda p, r, m: [1.0])
-    with pytest.raises(ValueError, match="one float per response"):
+    with pytest.raises(PrefoptError, match="returned 1 values for 3 responses \\(expected one number per response\\)"):
         reward(make_rollout(tokenizer))
 
 

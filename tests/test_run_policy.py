@@ -145,11 +145,13 @@ def test_skip_stops_after_max_skipped_updates_in_a_row(gpt2_real_dir, hh_small, 
     code, stderr = train(capsys, *args(gpt2_real_dir, hh_small, out, "algorithm.loss=nan_after", "train.max_steps=8",
                                        "train.on_nonfinite=skip", "train.max_skipped_updates=3",
                                        "train.save_every=2"))
+    checkpoint = out / "checkpoints" / "step-00000004"
     assert code == 3
     assert last_line(stderr) == (
         "prefopt: error: 3 updates in a row skipped (non-finite loss, last at step 5; train.max_skipped_updates=3); "
-        f"stopped, the newest checkpoint with finite weights is {out / 'checkpoints' / 'step-00000004'} "
-        "(resume with train.resume=auto)")
+        f"stopped. The newest checkpoint with finite weights and optimizer state is {checkpoint}; resumed as it is, "
+        f"it repeats the same steps exactly (and meets the same NaN): start a new run from {checkpoint / 'model'} "
+        "with a lower train.learning_rate")
     assert not (out / "model").exists() and not (out / "summary.json").exists()
 
 
@@ -158,8 +160,8 @@ def test_skip_with_no_checkpoint_says_there_is_none(gpt2_real_dir, hh_small, tmp
     code, stderr = train(capsys, *args(gpt2_real_dir, hh_small, out, "algorithm.loss=nan_after", "train.max_steps=20",
                                        "train.on_nonfinite=skip"))
     assert code == 3
-    assert last_line(stderr).endswith("stopped, no checkpoint with finite weights was written, so there is nothing "
-                                      "to resume from")
+    assert last_line(stderr).endswith("stopped. No checkpoint with finite weights and optimizer state was written, so "
+                                      "there is nothing to resume from: start over with a lower train.learning_rate")
     assert "train.max_skipped_updates=10" in stderr and not (out / "checkpoints").exists()
 
 
@@ -181,9 +183,11 @@ def test_non_finite_weights_are_never_written(gpt2_real_dir, hh_small, tmp_path,
     code, stderr = train(capsys, *args(gpt2_real_dir, hh_small, out, "train.max_steps=3", "train.save_every=1",
                                        "train.on_nonfinite=skip"))
     assert code == 3
+    checkpoint = out / "checkpoints" / "step-00000001"
     assert last_line(stderr) == (
-        "prefopt: error: the weights are non-finite at step 2; checkpoint not written; stopped, the newest "
-        f"checkpoint with finite weights is {out / 'checkpoints' / 'step-00000001'} (resume with train.resume=auto)")
+        "prefopt: error: the weights are non-finite at step 2; checkpoint not written; stopped. The newest checkpoint "
+        f"with finite weights and optimizer state is {checkpoint}; resumed as it is, it repeats the same steps exactly "
+        f"(and meets the same NaN): start a new run from {checkpoint / 'model'} with a lower train.learning_rate")
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000001"] and not (out / "model").exists()
     assert all(torch.isfinite(t).all() for t in weights(complete_checkpoints(out)[0]).values())
 
