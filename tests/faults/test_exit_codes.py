@@ -88,13 +88,16 @@ def raises(prompts, responses, meta):
 ])
 def test_a_faulty_reward_function_is_exit_2_naming_it(function, said, gpt2_real_dir, prompts, tmp_path, capsys,
                                                        monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    (tmp_path / "faulty_rewards.py").write_text(REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("my_rewards", None)
-    code, line = run(capsys, *online(gpt2_real_dir, prompts, tmp_path / "run", "grpo",
-                                     f"algorithm.rewards=[{{name: callable, params: {{fn: 'my_rewards:{function}'}}}}]"))
+    sys.modules.pop("faulty_rewards", None)
+    try:
+        code, line = run(capsys, *online(gpt2_real_dir, prompts, tmp_path / "run", "grpo", "algorithm.rewards=[{name: "
+                                         f"callable, params: {{fn: 'faulty_rewards:{function}'}}}}]"))
+    finally:
+        sys.modules.pop("faulty_rewards", None)
     assert code == 2
-    assert line == f"prefopt: error: reward function my_rewards:{function} {said}"
+    assert line == f"prefopt: error: reward function faulty_rewards:{function} {said}"
 
 
 class Exploit:
