@@ -44,7 +44,8 @@ CONTROL_KEYS = frozenset({"train.resume", "train.overwrite", "train.progress", "
                           "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.max_eval_batches",
                           "train.max_steps", "train.save_model", "train.max_skipped_updates", "train.num_workers",
                           "train.output_dir", "train.seed", "train.batch_size", "train.gradient_accumulation_steps",
-                          "train.on_nonfinite", "train.accept_changed_data"})
+                          "train.on_nonfinite", "train.accept_changed_data", "train.epochs", "train.push_to_hub",
+                          "train.hub_private"})
 log = logging.getLogger("prefopt.rundir")
 __all__ = ["CONFIG_FILE", "LEDGER_FILE", "LOCK_FILE", "RunLock", "RunFiles", "check_output_dir", "claim",
            "clear_run", "config_hash", "changed_keys", "flatten", "holds_run"]
