@@ -12,13 +12,14 @@ Other trackers (wandb, mlflow) keep their own history: a resumed run logs its st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from prefopt.errors import CheckpointError
-from prefopt.rundir import CONFIG_FILE, LEDGER_FILE, read_ledger, remove_entry
+from prefopt.rundir import CONFIG_FILE, LEDGER_FILE, RunFiles, read_ledger, remove_entry, write_config
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
 ENDS = ("metrics.csv", "summary.json", "model")  # written from the logs, or at the end of the run
@@ -68,6 +69,19 @@ def start_over(output_dir: Path) -> list[str]:
     for name in present:
         remove_entry(output_dir / name)
     return present
+
+
+def begin(output_dir: Path, writes: tuple[str, ...], state: dict[str, Any] | None, finished: bool,
+          config: dict[str, Any], data_report: dict[str, Any]) -> None:
+    """Once a run's resume is decided: record what it writes in its ledger, cut its logs back to the checkpoint
+    ``state`` (or start them over without one), then write its config and data manifest."""
+    RunFiles(output_dir).add(*writes)
+    if state is None:
+        start_over(output_dir)
+    else:
+        rewind(output_dir, state.get("logs") or {}, finished=finished)
+    write_config(output_dir, config)
+    (output_dir / "manifest.json").write_text(json.dumps(data_report, indent=2, default=str))
 
 
 def tracker_kwargs(report_to: list[str], step: int) -> dict[str, Any]:

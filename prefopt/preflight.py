@@ -6,7 +6,6 @@
   score head, not a causal LM (which would train against a randomly initialised head);
 * every model and tokenizer it names is a local folder that exists or a hub id (decided at once, so a mistyped
   folder is not tried on the hub: ``prefopt.models.model_source``);
-* its reward components are registered, their parameters are theirs, a reward function imports (``check_rewards``);
 * an online algorithm (kind ``prompts``) has a reward: some term with a non-zero weight (its Config's
   ``reward_terms()``, else its ``rewards`` list).
 
@@ -15,12 +14,10 @@ Only the model's config.json is read (``AutoConfig``); a model that cannot be fo
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from prefopt.errors import ConfigError, UnknownNameError
+from prefopt.errors import ConfigError
 from prefopt.models import model_source
-from prefopt.registry import closest
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -64,43 +61,10 @@ def check_run(run: Any, kind: str) -> None:
             raise ConfigError(f"data.max_prompt_length={run.data.max_prompt_length} + algorithm.generation."
                               f"max_new_tokens={new_tokens} exceeds the context of {model.name_or_path} "
                               f"({context} positions)")
-    check_rewards(getattr(run.algorithm, "rewards", None) or [])
     for key, path in reward_model_paths(run.algorithm):
         check_score_head(key, path, model.trust_remote_code)
     if kind == "prompts":
         check_has_reward(run)
-
-
-def check_rewards(specs: list[Any]) -> None:
-    """Every reward component is registered, takes the parameters given (and has those it needs), and a
-    ``callable``'s function imports: without building any of them (a reward model is not loaded here)."""
-    from prefopt.registry import REWARDS
-    from prefopt.rl.rewards import import_function
-
-    for index, spec in enumerate(specs):
-        key = f"algorithm.rewards[{index}]"
-        try:
-            cls = REWARDS.get(spec.name)
-        except UnknownNameError as exc:
-            raise ConfigError(f"{key}.name={spec.name!r}: {exc}") from None
-        signature = inspect.signature(cls)
-        accepted = [name for name in signature.parameters if name not in ("tokenizer", "device")]
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-        unknown = [name for name in spec.params if name not in accepted and not takes_any]
-        if unknown:
-            hint = closest(unknown[0], accepted)
-            raise ConfigError(f"{key}.params.{unknown[0]}: reward component {spec.name!r} has no parameter "
-                              f"{unknown[0]!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                              + f" (its parameters: {', '.join(accepted) or 'none'})")
-        missing = [name for name, p in signature.parameters.items() if name in accepted and name not in spec.params
-                   and p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD]
-        if missing:
-            raise ConfigError(f"{key}.params: reward component {spec.name!r} needs {', '.join(missing)}")
-        if spec.name == "callable" and isinstance(spec.params.get("fn"), str):
-            try:
-                import_function(spec.params["fn"])
-            except ConfigError as exc:
-                raise ConfigError(f"{key}.params.fn: {exc}") from None
 
 
 def model_sources(run: Any) -> list[tuple[str, str]]:

@@ -148,14 +148,16 @@ def read_ledger(output_dir: Path) -> set[str] | None:
 
 
 def claim(output_dir: str | Path, config: dict[str, Any], resume: str, overwrite: bool,
-          writes: tuple[str, ...] = ()) -> None:
-    """Apply the output-directory policy (module docstring) under the caller's lock; raise ConfigError.
+          writes: tuple[str, ...] = (), lock: RunLock | None = None) -> None:
+    """Apply the output-directory policy (module docstring) under ``lock`` (taken here); raise ConfigError.
 
     ``writes``: the entries this run will write; one that exists but no run of this directory wrote is refused.
     Nothing is written here: the run config is written by the caller once the resume is decided.
     """
     output_dir = check_output_dir(output_dir)
     check_writable(output_dir)
+    if lock is not None:
+        lock.acquire()
     key = f"train.output_dir={str(output_dir)!r}"
     if holds_run(output_dir) and read_ledger(output_dir) is None:
         raise _without_ledger(output_dir)

@@ -120,26 +120,24 @@ class Trainer:
             self.signals.restore()
             self.lock.release()
 
-    def _on_main(self, work: Any, *args: Any) -> None:
-        """Run ``work`` on the main process; a PrefoptError it raises is raised on every process."""
-        error: list[Any] = [None]
+    def _on_main(self, work: Any, *args: Any) -> Any:
+        """Run ``work`` on the main process; its result, or the PrefoptError it raised, on every process."""
+        box: list[Any] = [None, None]
         if self.main:
             try:
-                work(*args)
+                box = [work(*args), None]
             except PrefoptError as exc:
-                error = [exc]
+                box = [None, exc]
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(error)
-        if error[0] is not None:
-            raise error[0]
+            broadcast_object_list(box)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
 
     def _claim_output_dir(self) -> None:
         """The output-directory policy under the lock (prefopt.rundir); nothing is written yet."""
         t = self.config.train
-        rundir.check_output_dir(self.output_dir)
-        rundir.check_writable(self.output_dir)
-        self.lock.acquire()
-        rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite, writes=self._writes())
+        rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite, self._writes(), self.lock)
 
     def _writes(self) -> tuple[str, ...]:
         """The entries of the output directory this run writes (its ledger, prefopt.rundir)."""
@@ -148,16 +146,9 @@ class Trainer:
                                   trackers=bool(t.report_to))
 
     def _begin(self, state: dict[str, Any] | None) -> None:
-        """Main process, once the resume is decided: record the run's files, write its config and data manifest,
-        and cut the logs back to the checkpoint (or start them over when there is none: prefopt.history)."""
-        files = rundir.RunFiles(self.output_dir)
-        files.add(*self._writes())
-        if state is None:
-            history.start_over(self.output_dir)
-        else:
-            history.rewind(self.output_dir, state.get("logs") or {}, finished=self._finished(state))
-        rundir.write_config(self.output_dir, self.config.to_dict())
-        (self.output_dir / "manifest.json").write_text(json.dumps(self.data_report, indent=2, default=str))
+        """Main process, once the resume is decided: the run's ledger, config, data manifest and logs (history)."""
+        history.begin(self.output_dir, self._writes(), state, self._finished(state), self.config.to_dict(),
+                      self.data_report)
 
     def _finished(self, state: dict[str, Any] | None) -> bool:
         """The checkpoint was written after the final evaluation of a run of this length."""
@@ -183,16 +174,12 @@ class Trainer:
         params = [p for p in self.algorithm.model.parameters() if p.requires_grad]  # FSDP replaces them
         self.algorithm.setup(acc, self.loaders)
 
-        identities = [identity.run_identity(self.config.algorithm_name, self.config.to_dict(), self.data_report)
-                      if self.main else None]
-        if acc.num_processes > 1:
-            broadcast_object_list(identities)
-        self.identity = identities[0]
+        self.identity = self._on_main(identity.run_identity, self.config.algorithm_name, self.config.to_dict(),
+                                      self.data_report)
         step, consumed = 0, 0
         state = self._resume()
         self.fresh = state is None
         self._on_main(self._begin, state)
-        acc.wait_for_everyone()
         if t.report_to:
             acc.init_trackers(self.output_dir.name, config=tracker_config(self.config.to_dict()),
                               init_kwargs=history.tracker_kwargs(t.report_to, state["step"] if state else 0))
@@ -385,7 +372,8 @@ class Trainer:
     def _resume(self) -> dict[str, Any] | None:
         """The trainer state of the checkpoint ``train.resume`` names (None: a fresh start); see load_resume."""
         found = load_resume(self.accelerator, self.output_dir, self.config.train.resume, self._weights_once(),
-                            check=self._check_checkpoint)
+                            check=lambda path, state: identity.check_resumable(path, state, self.identity,
+                                                                               self.config.train))
         if found is None:
             return None
         path, state = found
@@ -398,10 +386,6 @@ class Trainer:
         if positions and len(positions) == acc.num_processes:
             return tuple(positions[acc.process_index])
         return divmod(state["batches_consumed"], len(self.loaders["train"]))
-
-    def _check_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint that is not this run's or lies beyond ``train.max_steps`` (prefopt.identity)."""
-        identity.check_resumable(path, state, self.identity, self.config.train)
 
     def _check_resume_state(self, state: dict[str, Any], path: Path) -> None:
         current = {"num_processes": self.accelerator.num_processes,

@@ -70,20 +70,20 @@ def test_bad_settings_are_exit_2_when_read(override, said, gpt2_real_dir, hh_sma
 
 
 REWARDS = '''
-def wrong_count(prompts, responses, meta):
+def wrong_count(completions, **kwargs):
     return [1.0]
 
-def strings(prompts, responses, meta):
-    return ["0.5"] * len(responses)
+def strings(completions, **kwargs):
+    return ["0.5"] * len(completions)
 
-def raises(prompts, responses, meta):
+def raises(completions, **kwargs):
     return {}["missing"]
 '''
 
 
 @pytest.mark.parametrize("function, said", [
-    ("wrong_count", "returned 1 values for 16 responses (expected one number per response)"),
-    ("strings", "returned '0.5' (str) among its values (expected one number per response)"),
+    ("wrong_count", "returned (1,) values for 16 responses (expected one float or None per response)"),
+    ("strings", "returned '0.5' (str) among its values (expected one float or None per response)"),
     ("raises", "raised KeyError: 'missing'"),
 ])
 def test_a_faulty_reward_function_is_exit_2_naming_it(function, said, gpt2_real_dir, prompts, tmp_path, capsys,
