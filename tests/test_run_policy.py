@@ -27,25 +27,14 @@ from safetensors.torch import load_file
 
 from prefopt.algorithms.losses.sigmoid import sigmoid
 from prefopt.checkpoint import complete_checkpoints
-from cli_runs import short_dpo
-from prefopt.cli import main
+from cli_runs import one_line as last_line
+from cli_runs import short_dpo, train
 from prefopt.registry import LOSSES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 args = short_dpo
-
-
-def train(capsys, *argv: str) -> tuple[int, str]:
-    code = main(["train", "", *argv])
-    return code, capsys.readouterr().err
-
-
-def last_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def steps(out: Path) -> list[int]:
