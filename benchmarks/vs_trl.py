@@ -2,11 +2,14 @@
 
     python benchmarks/vs_trl.py                      # fp32 and bf16 runs, ablations, memory: the full table
     python benchmarks/vs_trl.py --dtypes fp32 --algorithms dpo --steps 6 --no-memory    # a quick look
+    python benchmarks/vs_trl.py --arch qwen2 --vocab 151936 --long-pairs --max-length 1024 --max-prompt-length 512 \\
+        --batch 2 --dtypes fp32 --no-ablations --threads 1       # a Qwen2.5-like vocabulary, 1,024-token pairs
 
 Protocol. The model is the tiny GPT-2 of ``prefopt.tiny`` (4 layers, width 256, byte-level BPE 4096 trained on the
 HH text; built into ``--work`` on first use, ``assets.py``). Pairs are the HH-RLHF harmless-base rows of
 ../shared/data, tokenized once by prefopt (prompt cut from the left to 256 tokens, prompt + response <=
-``--max-length`` 384), shuffled with a fixed seed and cut into batches of 8 pairs. Both libraries get exactly these
+``--max-length`` 384), shuffled with a fixed seed and cut into batches of ``--batch`` 8 pairs (``--long-pairs``: each
+lengthened to fill ``--max-length``, see ``lengthened``). Both libraries get exactly these
 token ids in exactly this batch order: TRL's train set is the same rows, read sequentially, and a collator hands TRL
 the same ids (TRL's own DataCollatorForPreference for DPO and RewardTrainer, the ORPO tensors for ORPOTrainer); the
 first batches are checked to be equal tensors.
@@ -46,7 +49,6 @@ from measure import matmul_ceiling, parameters_per_token, peak_rss_mb, rss_mb, r
 from report import MAIN, markdown, summarise
 from turns import Contestant, fit_in_turns, run_in_turns, train_in_turns
 
-BATCH = 8
 TRL_LR = {"dpo": 1e-6, "orpo": 1e-6, "reward": 1e-4, "sft": 2e-5}  # TRL's default learning rates; ours uses the same
 
 
@@ -58,7 +60,30 @@ def load_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = load_rows(DataConfig(path=str(HH), eval_fraction=0.0), "pairs").train
     random.Random(args.seed).shuffle(rows)
-    return rows[:(args.warmup + args.steps) * BATCH]
+    if args.long_pairs:
+        rows = [lengthened(rows, i, args) for i in range(len(rows))]
+    return rows[:(args.warmup + args.steps) * args.batch]
+
+
+def lengthened(rows: list[dict[str, Any]], i: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Pair ``i`` as long as ``--max-prompt-length`` / ``--max-length`` allow (``--long-pairs``): its prompt after
+    the conversations before it (a long multi-turn history, cut from the left by the tokenization), each response
+    followed by the same side's responses of the rows after it (cut from the right), so that prompt + response
+    fill ``--max-length`` tokens, as a 1,024-token pair of a long-context preference set would (TRL's historical
+    defaults: 512 prompt tokens, 1,024 in all). The HH file's own pairs are short (median 142 tokens)."""
+    room = 6 * args.max_prompt_length, 6 * (args.max_length - args.max_prompt_length)  # characters, >= the tokens
+    history, j = [rows[i]["prompt"]], i
+    while sum(map(len, history)) < room[0]:
+        j = (j - 1) % len(rows)
+        history.insert(0, rows[j]["prompt"] + rows[j]["chosen"])
+    out = {**rows[i], "prompt": "".join(history)}
+    for side in ("chosen", "rejected"):
+        text, j = [rows[i][side]], i
+        while sum(map(len, text)) < room[1]:
+            j = (j + 1) % len(rows)
+            text.append(rows[j][side])
+        out[side] = "".join(text)
+    return out
 
 
 def data_config(args: argparse.Namespace):
@@ -96,7 +121,7 @@ class Ours(Contestant):
         kind = KINDS[self.algorithm]
         records = [RECORDS[kind](r) for r in self.shared["pairs"]]
         bucketing = self.options.get("bucketing", False)  # other batches of the same rows, in shuffled order
-        loader, _ = build_dataloader(records, kind, trainer.tokenizer, config.data, BATCH, shuffle=bucketing,
+        loader, _ = build_dataloader(records, kind, trainer.tokenizer, config.data, args.batch, shuffle=bucketing,
                                      seed=args.seed, length_bucketing=bucketing)
         trainer.loaders = {"train": loader}
         trainer.algorithm = variant_class(self.algorithm, self.options)(config.algorithm, config, trainer.tokenizer)
@@ -127,7 +152,7 @@ class Ours(Contestant):
             "model": {"name_or_path": str(assets["rm" if self.algorithm == "reward" else "lm"])},
             "data": dataclasses.asdict(data_config(args)),
             "train": {"output_dir": str(args.work / "runs" / self.dtype / self.name), "max_steps": self.steps,
-                      "batch_size": BATCH, "learning_rate": TRL_LR[self.algorithm], "lr_scheduler": "constant",
+                      "batch_size": args.batch, "learning_rate": TRL_LR[self.algorithm], "lr_scheduler": "constant",
                       "warmup_steps": 0, "max_grad_norm": 1.0, "seed": args.seed,
                       "mixed_precision": "bf16" if self.dtype == "bf16" else "no", "progress": False,
                       "save_model": False, "log_every": 10, "overwrite": True},  # a rerun replaces the last
@@ -141,7 +166,7 @@ class TRL(Contestant):
         from datasets import Dataset
 
         args, assets, best = self.args, self.shared["assets"], self.options.get("best", False)
-        common = dict(output_dir=str(args.work / "runs" / self.dtype / self.name), per_device_train_batch_size=BATCH,
+        common = dict(output_dir=str(args.work / "runs" / self.dtype / self.name), per_device_train_batch_size=args.batch,
                       max_steps=self.steps, learning_rate=TRL_LR[self.algorithm], lr_scheduler_type="constant",
                       warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=args.seed, report_to="none",
                       save_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential", use_cpu=True,
@@ -262,7 +287,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     pairs = load_pairs(args)
     shared = {"assets": assets, "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "pairs": pairs}
     for kind in ("pairs", "ranks", "sft"):  # every contestant of a kind trains on these batches, in this order
-        loader, _ = build_dataloader([RECORDS[kind](r) for r in pairs], kind, tokenizer, data_config(args), BATCH,
+        loader, _ = build_dataloader([RECORDS[kind](r) for r in pairs], kind, tokenizer, data_config(args), args.batch,
                                      shuffle=False, seed=args.seed, length_bucketing=False)
         shared[f"features_{kind}"] = list(loader.dataset)
         shared[f"batches_{kind}"] = list(loader)
@@ -296,7 +321,7 @@ def token_slots(batches: list[Any], pairs: list[dict[str, Any]], tokenizer: Any,
     from prefopt.algorithms.pairwise import pair_layout
     from prefopt.data import build_dataloader
 
-    bucketed, _ = build_dataloader(pairs, "pairs", tokenizer, data_config(args), BATCH, shuffle=True,
+    bucketed, _ = build_dataloader(pairs, "pairs", tokenizer, data_config(args), args.batch, shuffle=True,
                                    seed=args.seed, length_bucketing=True)
     mean = statistics.mean
     return {"real tokens": mean(int(b.attention_mask.sum()) for b in batches),
@@ -316,13 +341,13 @@ def check_same_batches(contestants: list[Contestant], shared: dict[str, Any]) ->
             continue
         kind = "pairs" if c.algorithm == "reward" else KINDS[c.algorithm]  # TRL's RM collator: chosen, then rejected
         for k, ours in enumerate(shared[f"batches_{kind}"][:2]):
-            got = c.trainer.data_collator([c.trainer.train_dataset[i] for i in range(k * BATCH, (k + 1) * BATCH)])
+            got = c.trainer.data_collator([c.trainer.train_dataset[i] for i in range(k * c.args.batch, (k + 1) * c.args.batch)])
             if c.algorithm == "orpo":
                 n = ours.num_pairs
                 got = {"input_ids": torch.cat([got["chosen_input_ids"], got["rejected_input_ids"]]),
                        "attention_mask": torch.cat([got["chosen_attention_mask"], got["rejected_attention_mask"]]),
                        "completion_mask": torch.cat([got["chosen_labels"], got["rejected_labels"]]) != -100}
-                assert n == BATCH
+                assert n == c.args.batch
             assert torch.equal(got["input_ids"], ours.input_ids), c.name
             assert torch.equal(got["attention_mask"], ours.attention_mask), c.name
             if "completion_mask" in got:
@@ -334,7 +359,8 @@ def check_same_batches(contestants: list[Contestant], shared: dict[str, Any]) ->
 def common_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--algorithms", ",".join(args.algorithms), "--warmup", str(args.warmup), "--seed", str(args.seed),
              "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
-             "--work", str(args.work), *shape_flags(args)]
+             "--work", str(args.work), "--batch", str(args.batch), *shape_flags(args)]
+    flags += ["--long-pairs"] if args.long_pairs else []
     flags += ["--ablations" if args.ablations else "--no-ablations"]
     return flags + (["--threads", str(args.threads)] if args.threads else [])
 
@@ -351,6 +377,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--max-length", type=int, default=384, help="prompt + response tokens, at most")
     parser.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens (cut from the left)")
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step (the same batches for every contestant)")
+    parser.add_argument("--long-pairs", action="store_true",
+                        help="pairs lengthened to fill --max-length (see lengthened): the HH pairs are short")
     add_shape_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "vs_trl")
@@ -383,7 +412,7 @@ def main() -> None:
                 one = run_worker(__file__, args.work, [*flags, "--steps", str(warm), "--only", name, "--memory-run"])
                 memory[name] = {"peak_rss_mb": one["peak_rss_mb"], "baseline_rss_mb": one["baseline_rss_mb"]}
         rows += summarise(results[dtype], args.warmup, n_params, memory)
-    table = markdown(rows, results, args, BATCH)
+    table = markdown(rows, results, args, args.batch)
     (args.work / "results.json").write_text(json.dumps({"results": results, "rows": rows}, indent=1))
     (args.work / "results.md").write_text(table)
     print(table)
