@@ -8,6 +8,7 @@ Qwen2.5-like shape) adds output rows no text ever uses as a target, but every so
 does in the real model: the LM head's cost and the [tokens, vocab] logits are those of the real vocabulary. Sampled
 ids beyond the tokenizer decode to nothing (both libraries decode alike). Each shape is built once into its own
 folder of the benchmark's work folder, with a copy holding a seeded one-label score head for reward modelling.
+``lengthened`` makes a long pair of an HH row (the file's own pairs are short), for rows at 1,024 tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -110,3 +112,24 @@ def build_shaped(out_dir: Path, shape: Shape) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def lengthened(rows: list[dict[str, Any]], i: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Pair ``i`` as long as ``--max-prompt-length`` / ``--max-length`` allow (``--long-pairs``): its prompt after
+    the conversations before it (a long multi-turn history, cut from the left by the tokenization), each response
+    followed by the same side's responses of the rows after it (cut from the right), so that prompt + response
+    fill ``--max-length`` tokens, as a 1,024-token pair of a long-context preference set would (TRL's historical
+    defaults: 512 prompt tokens, 1,024 in all). The HH file's own pairs are short (median 142 tokens)."""
+    room = 6 * args.max_prompt_length, 6 * (args.max_length - args.max_prompt_length)  # characters, >= the tokens
+    history, j = [rows[i]["prompt"]], i
+    while sum(map(len, history)) < room[0]:
+        j = (j - 1) % len(rows)
+        history.insert(0, rows[j]["prompt"] + rows[j]["chosen"])
+    out = {**rows[i], "prompt": "".join(history)}
+    for side in ("chosen", "rejected"):
+        text, j = [rows[i][side]], i
+        while sum(map(len, text)) < room[1]:
+            j = (j + 1) % len(rows)
+            text.append(rows[j][side])
+        out[side] = "".join(text)
+    return out

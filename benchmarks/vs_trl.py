@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ablations import variant_class
-from assets import HH, ROOT, add_shape_arguments, build_assets, shape_flags, shape_of
+from assets import HH, ROOT, add_shape_arguments, build_assets, lengthened, shape_flags, shape_of
 from measure import matmul_ceiling, parameters_per_token, peak_rss_mb, rss_mb, run_worker
 from report import MAIN, markdown, summarise
 from turns import Contestant, fit_in_turns, run_in_turns, train_in_turns
@@ -63,27 +63,6 @@ def load_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.long_pairs:
         rows = [lengthened(rows, i, args) for i in range(len(rows))]
     return rows[:(args.warmup + args.steps) * args.batch]
-
-
-def lengthened(rows: list[dict[str, Any]], i: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Pair ``i`` as long as ``--max-prompt-length`` / ``--max-length`` allow (``--long-pairs``): its prompt after
-    the conversations before it (a long multi-turn history, cut from the left by the tokenization), each response
-    followed by the same side's responses of the rows after it (cut from the right), so that prompt + response
-    fill ``--max-length`` tokens, as a 1,024-token pair of a long-context preference set would (TRL's historical
-    defaults: 512 prompt tokens, 1,024 in all). The HH file's own pairs are short (median 142 tokens)."""
-    room = 6 * args.max_prompt_length, 6 * (args.max_length - args.max_prompt_length)  # characters, >= the tokens
-    history, j = [rows[i]["prompt"]], i
-    while sum(map(len, history)) < room[0]:
-        j = (j - 1) % len(rows)
-        history.insert(0, rows[j]["prompt"] + rows[j]["chosen"])
-    out = {**rows[i], "prompt": "".join(history)}
-    for side in ("chosen", "rejected"):
-        text, j = [rows[i][side]], i
-        while sum(map(len, text)) < room[1]:
-            j = (j + 1) % len(rows)
-            text.append(rows[j][side])
-        out[side] = "".join(text)
-    return out
 
 
 def data_config(args: argparse.Namespace):

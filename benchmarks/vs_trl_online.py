@@ -309,6 +309,11 @@ def summarise(result: dict[str, Any], warmup: int, memory: dict[str, dict[str, f
     return rows
 
 
+def speedup(other: dict[str, Any] | None, row: dict[str, Any]) -> str:
+    """``other``'s s/step over ``row``'s ("-" when ``other`` did not run)."""
+    return f"{other['s_per_step'] / row['s_per_step']:.2f}x" if other else "-"
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, result: dict[str, Any]) -> str:
     by_name = {r["name"]: r for r in rows}
     lines = [f"`python benchmarks/vs_trl_online.py {' '.join(args.argv)}`", "",
@@ -329,14 +334,16 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, result: dict[
         lines.append(f"| {row['name']} | {row['s_per_step']:.3f} | {row['generation_s']:.3f} | {row['scoring_s']:.3f} "
                      f"| {row['update_s']:.3f} | {row['gen_tokens_per_s']:.0f} | {row['loss_step0']:.6f} "
                      f"| {row['peak_rss_mb']:.0f} | {row['added_mb']:.0f} | {share(default)} / {share(best)} "
-                     f"| {default['s_per_step'] / row['s_per_step']:.2f}x | {best['s_per_step'] / row['s_per_step']:.2f}x |")
+                     f"| {speedup(default, row)} | {speedup(best, row)} |")
     failed = []
     for r in rows:
-        default = by_name[r["name"].split("/")[0] + "/trl-default"]
-        for key in ("loss_step0", "reward_step0"):
+        default = by_name.get(r["name"].split("/")[0] + "/trl-default")
+        for key in ("loss_step0", "reward_step0") if default else ():  # no TRL contestant (--only): no gate
             if not abs(r[key] - default[key]) <= PARITY:
                 failed.append(f"{r['name']} {key} {r[key]:.6f} vs {default[key]:.6f}")
-    lines += ["", f"**Parity check FAILED** (step 0 vs TRL default): {'; '.join(failed)}" if failed else
+    gated = any(r["name"].endswith("/trl-default") for r in rows)
+    lines += ["", "No TRL contestant ran (--only): no parity gate." if not gated else
+              f"**Parity check FAILED** (step 0 vs TRL default): {'; '.join(failed)}" if failed else
               f"Parity check passed: every contestant trains on the same completions; the step-0 loss and mean reward "
               f"are within {PARITY:g} of TRL default's (RLOO's step-0 loss is 0 by construction: the leave-one-out "
               "advantages of a prompt sum to 0 and the ratio is 1)."]
