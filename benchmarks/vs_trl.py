@@ -128,7 +128,8 @@ class Ours(Contestant):
             algorithm.update(beta=0.1, nll_on="full")  # TRL's ORPO also scores the chosen prompt tokens
         return {
             "algorithm": algorithm,
-            "model": {"name_or_path": str(assets["rm" if self.algorithm == "reward" else "lm"])},
+            "model": {"name_or_path": str(assets["rm" if self.algorithm == "reward" else "lm"]),
+                      **({"logits": {"keep_mb": args.keep_mb}} if args.keep_mb is not None else {})},
             "data": dataclasses.asdict(data_config(args)),
             "train": {"output_dir": str(args.work / "runs" / self.dtype / self.name), "max_steps": self.steps,
                       "batch_size": args.batch, "learning_rate": TRL_LR[self.algorithm], "lr_scheduler": "constant",
@@ -339,7 +340,7 @@ def common_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--algorithms", ",".join(args.algorithms), "--warmup", str(args.warmup), "--seed", str(args.seed),
              "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
              "--work", str(args.work), "--batch", str(args.batch), *shape_flags(args)]
-    flags += ["--long-pairs"] if args.long_pairs else []
+    flags += (["--long-pairs"] if args.long_pairs else []) + (["--keep-mb", str(args.keep_mb)] if args.keep_mb is not None else [])
     flags += ["--ablations" if args.ablations else "--no-ablations"]
     return flags + (["--threads", str(args.threads)] if args.threads else [])
 
@@ -359,6 +360,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="pairs per step (the same batches for every contestant)")
     parser.add_argument("--long-pairs", action="store_true",
                         help="pairs lengthened to fill --max-length (see lengthened): the HH pairs are short")
+    parser.add_argument("--keep-mb", type=float, help="prefopt's model.logits.keep_mb (default: the recipe default)")
     add_shape_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "vs_trl")
