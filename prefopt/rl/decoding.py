@@ -107,6 +107,9 @@ def sample(logits: Tensor, temperature: float, warpers: list[Any]) -> Tensor:
     for warper in warpers:
         scores = warper(None, scores)
     cdf = scores.softmax(-1).cumsum_(-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # a diverged policy: torch.multinomial's own error (stopping.py)
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0 (the policy's logits are "
+                           "not finite)")
     draw = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, draw, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
 
