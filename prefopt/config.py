@@ -396,11 +396,11 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate.
 
-    The recipe's directory and the working directory become importable first (as ``python script.py`` makes the
-    script's), so a reward module beside the recipe or where the command runs is found by ``"module:function"``."""
-    for folder in ([Path(path).resolve().parent] if path else []) + [Path.cwd()]:
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
+    The recipe's directory becomes importable first (as ``python script.py`` makes the script's), so a reward module
+    beside the recipe is found by ``"module:function"`` (one in the working directory is too:
+    prefopt.rl.callables.import_function)."""
+    if path and str(Path(path).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(path).resolve().parent))
     data = read_yaml(path) if path else {}
     if isinstance(data.get("algorithm"), str):
         data["algorithm"] = {"name": data["algorithm"]}
