@@ -286,3 +286,11 @@ def test_a_reward_module_in_the_working_directory_is_importable_from_the_prefopt
     err = capsys.readouterr().err
     assert code == 2 and "replies file 'missing.jsonl' not found" in err, err  # the judge was imported
     monkeypatch.delitem(sys.modules, "cwd_reward_22", raising=False)
+
+
+def test_a_judge_is_named_by_its_label_as_the_training_logs_name_it():
+    """``label`` names a component in the training logs (reward/<label>) and its column in ``prefopt eval``."""
+    from prefopt.judge.inputs import judge_names, judge_specs
+
+    specs = judge_specs(["{name: length_penalty, label: brevity}", "length_penalty", "format_validity"])
+    assert judge_names(specs) == ["brevity", "length_penalty", "format_validity"]
