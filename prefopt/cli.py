@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="train a byte-level BPE tokenizer on a corpus and build a tiny causal LM")
     p.add_argument("out")
-    p.add_argument("--corpus", nargs="+", required=True, help="HH .jsonl.gz files/dirs, .jsonl, .txt")
+    p.add_argument("--corpus", nargs="+", required=True,
+                   help="texts to train the tokenizer on: .txt, HH files/dirs, or any data file data.path takes")
     p.add_argument("--arch", choices=["gpt2", "llama", "qwen2"], default="gpt2")
     p.add_argument("--size", default="tiny", help="nano (~0.4M parameters), micro (~1.3M), tiny (~4.3M), small, base")
     p.add_argument("--chat-template", choices=["chatml", "llama3"], default=None,

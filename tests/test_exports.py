@@ -123,6 +123,26 @@ def test_init_model_with_a_chat_template(hh_path, tmp_path):
         assert model.config.model_type == "qwen2" and model.get_input_embeddings().num_embeddings == len(tokenizer)
 
 
+def test_init_model_reads_the_users_own_data_as_training_does(tmp_path, capsys):
+    """``init-model --corpus`` takes what ``data.path`` takes (here an UltraFeedback-style parquet): every string field
+    and every chat message's content is a document for the tokenizer."""
+    import pandas as pd
+
+    from prefopt.tiny import corpus_texts
+
+    rows = [{"prompt": f"What is {i} plus {i}?", "prompt_id": f"id-{i}", "score_chosen": 8.0, "score_rejected": 2.0,
+             "chosen": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": "Four."}],
+             "rejected": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": "No."}]}
+            for i in range(12)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "prefs.parquet")
+    texts = list(corpus_texts([str(tmp_path / "prefs.parquet")]))
+    assert texts[:3] == ["What is 0 plus 0?", "What is 0 plus 0?\nFour.", "What is 0 plus 0?\nNo."] and len(texts) == 36
+    out = tmp_path / "model"
+    assert main(["init-model", str(out), "--corpus", str(tmp_path / "prefs.parquet"), "--arch", "qwen2", "--size",
+                 "nano", "--vocab-size", "300", "--chat-template", "chatml"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "prefopt_init.json").read_text())["n_texts"] == 36
+
+
 @pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adamw_8bit", "adafactor"])
 def test_every_optimizer_choice_trains(name):
     """Each train.optimizer fits a least-squares problem (its library's own update; 8-bit moments on a 64x64
