@@ -11,7 +11,7 @@ A function that works as one of TRL's ``GRPOTrainer(reward_funcs=[...])`` works 
 * ``completion_ids``: each response's token ids (EOS included when it ended);
 * ``columns``: every other column of the prompt rows (``answer``, ``solution``, ...), one list entry per response;
 * the result: one float per response, or ``None`` where the function cannot score it (TRL: NaN). A response that
-  every component leaves unscored is handled as TRL does, nan-aware (see ``CompositeReward``).
+  every component leaves unscored gets an advantage of 0 (see ``CompositeReward``, and how it differs from TRL).
 TRL's ``trainer_state``, ``log_extra`` and ``log_metric`` keyword arguments are not passed; ``async def``
 functions are awaited.
 

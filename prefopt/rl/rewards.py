@@ -175,8 +175,10 @@ class CompositeReward:
     A component may leave a response unscored (NaN: a reward function's None), as in TRL: the total is the sum of the
     weighted components that scored it (``nansum``); a response that NO component scored gets the mean total of the
     scored responses of its prompt's group (of the rollout when it has no groups; 0 when none is scored), so its
-    advantage is 0 under grpo and rloo and it does not move its group's mean (TRL excludes it from its nan-aware
-    baseline and zeroes its advantage). A label used twice gets a suffix (``count_cats``, ``count_cats_2``).
+    advantage is 0 under grpo and rloo and it does not move its group's mean. TRL instead leaves such a response out
+    of every statistic (nanmean, nanstd, a leave-one-out over the scored responses): with unscored responses in a
+    group, prefopt's group std (k scored of n: n - 1 in its denominator, not k - 1) and RLOO baseline differ from TRL's.
+    A label used twice gets a suffix (``count_cats``, ``count_cats_2``).
     """
 
     def __init__(self, specs: list[RewardSpec | dict[str, Any]], tokenizer, device):
