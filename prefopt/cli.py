@@ -19,15 +19,23 @@ from typing import Any
 from prefopt.errors import PrefoptError
 
 
+def quiet_loading() -> None:
+    """No weight-loading, shard-writing or table-building bars (transformers, datasets): commands print their own
+    lines."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.config import load_config
     from prefopt.trainer import Trainer
 
     config = load_config(args.recipe, args.overrides)
-    if not config.train.progress:  # no bars at all: also transformers' weight loading / saving ones
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    if not config.train.progress:  # no bars at all: also the weight loading / saving and table building ones
+        quiet_loading()
     trainer = Trainer(config)
     final = trainer.fit()
     if trainer.accelerator.is_main_process:  # under `accelerate launch`, one JSON
@@ -41,6 +49,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from prefopt.data.preview import preview
     from prefopt.registry import ALGORITHMS
 
+    quiet_loading()
     config = load_config(args.recipe, args.overrides)
     kind = ALGORITHMS.get(config.algorithm_name).kind
     print(preview(config.data, kind, run_tokenizer(config), config.eval_data))
@@ -83,6 +92,7 @@ def _first_doc_line(obj: Any) -> str:
 def cmd_init_model(args: argparse.Namespace) -> int:
     from prefopt.tiny import init_model
 
+    quiet_loading()
     path = init_model(args.out, corpus=args.corpus, arch=args.arch, size=args.size, vocab_size=args.vocab_size,
                       seed=args.seed, max_texts=args.max_texts, chat_template=args.chat_template)
     print(path)
@@ -92,6 +102,7 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from prefopt.models import merge_adapter
 
+    quiet_loading()
     merge_adapter(args.adapter, args.out, base=args.base)
     print(args.out)
     return 0
@@ -100,12 +111,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from prefopt.judge.commands import run_generate
 
+    quiet_loading()
     return run_generate(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prefopt.judge.commands import run_eval
 
+    quiet_loading()
     return run_eval(args)
 
 

@@ -143,6 +143,28 @@ def test_init_model_reads_the_users_own_data_as_training_does(tmp_path, capsys):
     assert json.loads((out / "prefopt_init.json").read_text())["n_texts"] == 36
 
 
+def test_commands_print_their_own_lines_not_loading_bars(tmp_path, capsys):
+    """``init-model`` and ``merge-adapter`` (like generate / eval, and train with progress: false) print no weight
+    loading, shard writing or table building bars."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # another test's command may have turned them off for the session
+    datasets.enable_progress_bars()
+    try:
+        (tmp_path / "corpus.txt").write_text("".join(f"line {i} of a tiny corpus\n" for i in range(40)))
+        code = main(["init-model", str(tmp_path / "m"), "--corpus", str(tmp_path / "corpus.txt"), "--size", "nano",
+                     "--vocab-size", "300"])
+        err = capsys.readouterr().err
+        assert code == 0 and "shards" not in err and "it/s" not in err, err
+    finally:
+        if not was[0]:
+            hf_logging.disable_progress_bar()
+        if not was[1]:
+            datasets.disable_progress_bars()
+
+
 @pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adamw_8bit", "adafactor"])
 def test_every_optimizer_choice_trains(name):
     """Each train.optimizer fits a least-squares problem (its library's own update; 8-bit moments on a 64x64
