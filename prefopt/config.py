@@ -387,7 +387,8 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
             hint = closest(key, list(known) + ["algorithm"])
             raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else ".")
                               + " Sections: algorithm, model, data, eval_data, train")
-        sections[key] = from_dict(known[key], value or {}, key)
+        # an empty section is its defaults; no eval_data (null, as a saved recipe writes it) is none
+        sections[key] = None if key == "eval_data" and value is None else from_dict(known[key], value or {}, key)
     run = RunConfig(algorithm=algorithm, **sections)
     algo_cls.check_run(run)  # combinations the algorithm cannot run are refused here, not mid-run
     return run

@@ -217,3 +217,17 @@ def test_checkpoints_that_store_their_weights_once_resume_bit_for_bit(tiny_model
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model").state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_recipe_saved_with_a_model_reads_back_as_the_run_that_made_it(tmp_path):
+    """``prefopt_recipe.yaml`` (every model/) is the run: read back, it is the same config (no eval data stays none,
+    it does not become an empty data section)."""
+    from prefopt.config import build_run_config, load_config
+    from prefopt.export import recipe_text
+
+    run = build_run_config({"algorithm": {"name": "dpo", "beta": 0.2}, "model": {"name_or_path": "models/base"},
+                            "data": {"path": "prefs.parquet", "max_length": 384},
+                            "train": {"output_dir": "runs/dpo", "epochs": 1}})
+    (tmp_path / "prefopt_recipe.yaml").write_text(recipe_text(run))
+    again = load_config(tmp_path / "prefopt_recipe.yaml")
+    assert again.eval_data is None and again.to_dict() == run.to_dict()

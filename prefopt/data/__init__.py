@@ -102,10 +102,13 @@ def read_records(cfg: DataConfig, kind: str) -> tuple[list[tuple[str, dict[str, 
 def _plan(cfg: DataConfig, kind: str) -> list[tuple[Source, DataSource]]:
     """The sources ``cfg`` reads, each with its spec (``data.sources``, or ``data.path`` as one source of weight 1)."""
     plan: list[tuple[Source, DataSource]] = []
-    for spec in cfg.sources or [DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)]:
-        check_names(spec.format, kind)
-        one = dataclasses.replace(cfg, path=spec.path, split=spec.split, subsets=spec.subsets, sources=[])
-        for source in open_sources(one):
+    for given in cfg.sources or [None]:
+        check_names(cfg.format if given is None else given.format, kind)
+        one = cfg if given is None else dataclasses.replace(cfg, path=given.path, split=given.split,
+                                                            subsets=given.subsets, sources=[])
+        sources = open_sources(one)  # an empty data.path is an error naming data.path
+        spec = given or DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)
+        for source in sources:
             source.info.update({"weight": spec.weight, "columns": spec.columns} if cfg.sources else {})
             plan.append((source, spec))
     return plan
