@@ -100,7 +100,7 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from prefopt.models import merge_adapter
+    from prefopt.export import merge_adapter
 
     quiet_loading()
     merge_adapter(args.adapter, args.out, base=args.base)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from prefopt.chat_templates import TEMPLATES
 from prefopt.errors import ConfigError
 from prefopt.recipe_file import merge, parse_overrides, read_yaml
 from prefopt.registry import closest
@@ -146,8 +147,6 @@ class DataConfig:
         check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,
               "must be in (0, data.max_length]")
         check(self.max_examples is None or self.max_examples > 0, "data.max_examples", self.max_examples, "must be > 0")
-        from prefopt.data.templates import TEMPLATES
-
         names = ("auto", "none", *TEMPLATES)
         check(self.chat_template in names or Path(self.chat_template).expanduser().is_file(),
               "data.chat_template", self.chat_template, f"must be {', '.join(names)} or an existing template file")

@@ -8,7 +8,9 @@ Every ``model/`` and ``checkpoints/step-N/model/`` gets (``write_provenance``):
   the prefopt version, and how to load it with plain transformers (or peft for an adapter);
 * ``prefopt_recipe.yaml``: the run's recipe as prefopt read it, every default filled in (``prefopt train`` takes it).
 
-``push_to_hub`` uploads a ``model/`` folder through ``huggingface_hub`` when ``train.push_to_hub`` names a repo.
+``merge_adapter`` folds a saved LoRA adapter into its base and carries the card and recipe over (``prefopt
+merge-adapter``); ``push_to_hub`` uploads a ``model/`` folder through ``huggingface_hub`` when ``train.push_to_hub``
+names a repo.
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import prefopt
+from prefopt.config import ModelConfig
+from prefopt.errors import PrefoptError
+from prefopt.models import from_pretrained, is_hub_id, load_tokenizer, model_source
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "prefopt_recipe.yaml"
@@ -62,8 +70,6 @@ def recipe_text(run: Any) -> str:
 def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[str, Any], adapter: bool) -> str:
     """The text of ``README.md`` (module docstring)."""
     from huggingface_hub import ModelCardData
-
-    from prefopt.models import is_hub_id, model_source
 
     base = model_source(run.model.name_or_path)
     sources = [s for m in manifests.values() for s in m.get("sources", [])]
@@ -125,6 +131,39 @@ def copy_provenance(adapter_dir: Path, merged_dir: Path, base: str) -> None:
         card = card.replace("library_name: peft", "library_name: transformers", 1).replace(PEFT_LOADER, PLAIN_LOADER)
         (merged_dir / CARD_FILE).write_text(card + f"\nThe LoRA adapter merged into `{base}` by `prefopt merge-adapter`.\n",
                                             encoding="utf-8")
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+    """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
+
+    The base is ``base`` when given, else the one the adapter names (prefopt records it as an absolute path or a hub
+    id; an adapter saved elsewhere with a relative path gets an error asking for ``--base``). An adapter trained on a
+    4-bit base is merged into the unquantized base it was loaded from; a reward-model adapter (peft task type SEQ_CLS)
+    is merged into a sequence-classification base with its score head. The adapter folder's model card and recipe
+    are copied beside the merged weights.
+    """
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
+    adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
+    named = adapter_config.base_model_name_or_path
+    if base is None and named and not Path(named).is_absolute() and not is_hub_id(named):
+        raise PrefoptError(f"the adapter in {str(adapter_dir)!r} names its base by the relative path {named!r} (relative "
+                           "to where it was trained); give the base model with --base")
+    base_path = model_source(base or named, "--base" if base else "the base model the adapter names")
+    is_reward = str(adapter_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS")
+    auto_class = AutoModelForSequenceClassification if is_reward else AutoModelForCausalLM
+    extra = {"num_labels": 1} if is_reward else {}
+    base_model = from_pretrained(auto_class, base_path, "adapter base model", dtype=torch.float32,
+                                  use_safetensors=True, **extra)
+    merged = peft.PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    copy_provenance(adapter_dir, out_dir, base_path)  # the model card and recipe go with the weights
+    return out_dir
 
 
 def push_to_hub(model_dir: str | Path, repo_id: str, private: bool, message: str) -> str:

@@ -52,7 +52,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
         raise PrefoptError(f"{key} {source!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
                            "save the tokenizer there (tokenizer.save_pretrained) or set model.tokenizer")
-    tokenizer = _from_pretrained(AutoTokenizer, source, what, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, source, what, trust_remote_code=cfg.trust_remote_code)
     if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
         raise PrefoptError(f"tokenizer of {source!r} encodes {TOKENIZER_PROBE!r} to no tokens (an empty vocabulary: "
                            f"are its files incomplete?); {len(tokenizer)} tokens in it")
@@ -81,7 +81,7 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
     kwargs = _weights_kwargs(cfg)
     if cfg.load_in_4bit:
         kwargs.update(_quantization_kwargs(kwargs["dtype"]))
-    model = _from_pretrained(AutoModelForCausalLM, source, "model", **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, source, "model", **kwargs)
     if cfg.disable_dropout:
         disable_dropout(model)
     if not trainable:
@@ -129,7 +129,7 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
     while the score head trains in full (peft's SEQ_CLS ``modules_to_save``); 4-bit loading is not applied.
     Dropout is off unless ``cfg.disable_dropout`` is false.
     """
-    model = _from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
+    model = from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
                              **_weights_kwargs(cfg))
     if cfg.disable_dropout:
         disable_dropout(model)
@@ -154,41 +154,6 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
     return model
-
-
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
-    """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
-
-    The base is ``base`` when given, else the one the adapter names (prefopt records it as an absolute path or a hub
-    id; an adapter saved elsewhere with a relative path gets an error asking for ``--base``). An adapter trained on a
-    4-bit base is merged into the unquantized base it was loaded from; a reward-model adapter (peft task type SEQ_CLS)
-    is merged into a sequence-classification base with its score head. The adapter folder's model card and recipe
-    are copied beside the merged weights.
-    """
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
-    adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
-    named = adapter_config.base_model_name_or_path
-    if base is None and named and not Path(named).is_absolute() and not is_hub_id(named):
-        raise PrefoptError(f"the adapter in {str(adapter_dir)!r} names its base by the relative path {named!r} (relative "
-                           "to where it was trained); give the base model with --base")
-    base_path = model_source(base or named, "--base" if base else "the base model the adapter names")
-    is_reward = str(adapter_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS")
-    auto_class = AutoModelForSequenceClassification if is_reward else AutoModelForCausalLM
-    extra = {"num_labels": 1} if is_reward else {}
-    base_model = _from_pretrained(auto_class, base_path, "adapter base model", dtype=torch.float32,
-                                  use_safetensors=True, **extra)
-    merged = peft.PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    from prefopt.export import copy_provenance
-
-    copy_provenance(adapter_dir, out_dir, base_path)  # the model card and recipe go with the weights
-    return out_dir
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -250,7 +215,7 @@ def model_source(source: str, what: str = "model.name_or_path") -> str:
                        "'name' or 'owner/name' whose first part is not a local folder)")
 
 
-def _from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> Any:
+def from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(source)`` with user-facing errors for empty, missing or unloadable sources."""
     if not source:
         raise PrefoptError(f"no {what} given: set model.name_or_path to a hub id or a local directory")

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast,
                           Qwen2Config)
 
+from prefopt.chat_templates import END_OF_TURN, SPECIAL_TOKENS, TEMPLATES
 from prefopt.config import DataConfig
 from prefopt.data.readers import SkipLog, is_hub_name, read_json_lines, read_rows
 from prefopt.errors import DataError, PrefoptError
@@ -160,13 +161,11 @@ def _llama_mlp_width(dim: int) -> int:
 
 
 def add_chat_template(tokenizer: PreTrainedTokenizerFast, name: str) -> None:
-    """Give ``tokenizer`` the built-in chat template ``name`` (prefopt.data.templates) and its markers as special tokens.
+    """Give ``tokenizer`` the built-in chat template ``name`` (prefopt.chat_templates) and its markers as special tokens.
 
     ChatML ends the assistant turn (and so generation) with ``<|im_end|>``: it becomes the EOS token, as in
     Qwen2-Instruct. Llama 3 keeps ``<|endoftext|>`` as EOS and stops at ``<|eot_id|>`` too (the generation config
     lists both, as Llama-3-Instruct's does)."""
-    from prefopt.data.templates import END_OF_TURN, SPECIAL_TOKENS, TEMPLATES
-
     if name not in TEMPLATES:
         raise PrefoptError(f"unknown chat template {name!r}; built in: {', '.join(TEMPLATES)}")
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[name]})
@@ -193,8 +192,6 @@ def init_model(out_dir: str | Path, corpus: list[str], arch: Literal["gpt2", "ll
         add_chat_template(tokenizer, chat_template)
     model = build_model(arch, size, tokenizer, seed)
     if chat_template is not None:
-        from prefopt.data.templates import END_OF_TURN
-
         stops = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN[chat_template])})
         model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stops,
                                                    pad_token_id=tokenizer.pad_token_id)

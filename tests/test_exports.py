@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefopt.cli import main
-from prefopt.data.templates import CHATML, TEMPLATES
+from prefopt.chat_templates import CHATML, TEMPLATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

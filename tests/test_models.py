@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from prefopt.config import LoraConfig, ModelConfig
 from prefopt.errors import PrefoptError
+from prefopt.export import merge_adapter
 from prefopt.scoring import sequence_logps
-from prefopt.models import (count_parameters, load_causal_lm, load_reward_model, load_tokenizer, merge_adapter,
+from prefopt.models import (count_parameters, load_causal_lm, load_reward_model, load_tokenizer,
                             needs_separate_reference, reference_context)
 from prefopt.tiny import EOS_TOKEN, PAD_TOKEN, build_model, corpus_texts, init_model, train_tokenizer
 
