@@ -102,7 +102,8 @@ def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[s
     loader = PEFT_LOADER if adapter else PLAIN_LOADER
     lines += ["", "## Use", "", "```python", loader, "from transformers import AutoTokenizer",
               "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
-              f"`{RECIPE_FILE}` is the recipe that made it: `prefopt train {RECIPE_FILE}`."]
+              f"`{RECIPE_FILE}` is the recipe that made it: `prefopt train {RECIPE_FILE}`, run in `{Path.cwd()}` "
+              "(its relative paths start there)."]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 

@@ -231,3 +231,21 @@ def test_the_recipe_saved_with_a_model_reads_back_as_the_run_that_made_it(tmp_pa
     (tmp_path / "prefopt_recipe.yaml").write_text(recipe_text(run))
     again = load_config(tmp_path / "prefopt_recipe.yaml")
     assert again.eval_data is None and again.to_dict() == run.to_dict()
+
+
+def test_the_banner_counts_packed_sequences_and_the_card_says_where_the_recipe_runs(tmp_path, monkeypatch):
+    """With data.packing a batch is packed sequences, not rows; the recipe's relative paths are relative to the
+    directory the run started in, which the card names."""
+    from prefopt.config import build_run_config
+    from prefopt.console import banner
+    from prefopt.export import model_card
+
+    run = build_run_config({"algorithm": "sft", "model": {"name_or_path": "gpt2"},
+                            "data": {"path": "chat.jsonl", "packing": True},
+                            "train": {"output_dir": "runs/sft", "batch_size": 8, "max_steps": 10}})
+    report = {"rows": {"train": 100, "eval": 10}, "sequences": {"train": 40, "eval": 4}, "packed": True}
+    text = banner(run, torch.nn.Linear(2, 2), report, 5, 1, 1, "no")
+    assert "100 train rows (40 packed sequences)" in text and "global batch 8 packed sequences (1 process x 8" in text
+    monkeypatch.chdir(tmp_path)
+    card = model_card(run, 10, {}, {}, adapter=False)
+    assert f"`prefopt train prefopt_recipe.yaml`, run in `{tmp_path}`" in card

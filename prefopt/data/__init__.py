@@ -195,7 +195,8 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
         skipped["eval"] = eval_skipped
     report = {"manifests": manifests, "tokenization_skipped": skipped,
               "rows": {"train": len(loaded.train), "eval": len(eval_rows)},
-              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()}}
+              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()},
+              "packed": kind == "text" or (kind == "sft" and run.data.packing)}  # a batch is packed sequences
     if drop_last:
         left_out = len(train_loader.dataset) % t.batch_size
         report["rows_left_out_per_epoch"] = left_out
