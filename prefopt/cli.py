@@ -129,7 +129,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", help="row format of the prompts file (data.format)")
     p.add_argument("--split", default="train", help="split to read (data.split)")
     p.add_argument("--chat-template", default=None,
-                   help="auto (the tokenizer's), none (HH text) or a template file (data.chat_template)")
+                   help="auto (the tokenizer's), none (HH text), chatml, llama3 or a template file (data.chat_template)")
     p.add_argument("--samples", type=int, default=1, help="replies per prompt and model")
     p.add_argument("--seed", type=int, default=0, help="sample j of prompt batch b uses seed + 104729 j + b")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
