@@ -186,3 +186,19 @@ def test_online_reward_model_cuts_rows_as_its_reward_stage_did(realistic_model_d
     expected = reward_stage_scores(rm, tmp_path, max_length=20, max_prompt_length=12)
     torch.testing.assert_close(reader(rollout), expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected, reward_stage_scores(rm, tmp_path))  # uncut rows score otherwise
+
+
+def test_an_rm_trained_with_a_template_file_is_read_from_any_directory(realistic_model_dirs, chat_reward_models,
+                                                                       tmp_path, monkeypatch):
+    """A reward stage run with ``data.chat_template: <a file>`` saved that template with the RM (its tokenizer), and
+    its recipe names the file relative to where it ran: the online reader renders with the RM's saved template, from
+    any working directory, as it was trained."""
+    from prefopt.rl.rewards import RewardModelReward
+
+    rm = tmp_path / "rm"
+    shutil.copytree(chat_reward_models["qwen2-window"], rm)
+    (rm / "prefopt_recipe.yaml").write_text("data: {chat_template: templates/chat.jinja}\n")  # not there from here
+    monkeypatch.chdir(tmp_path)
+    rollout = chat_rollout(load_tokenizer(ModelConfig(name_or_path=str(realistic_model_dirs["llama-chat"]))))
+    reader = RewardModelReward(None, "cpu", path=str(rm))
+    torch.testing.assert_close(reader(rollout), reward_stage_scores(rm, tmp_path), atol=1e-5, rtol=0)

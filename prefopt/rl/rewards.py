@@ -126,13 +126,18 @@ class RewardModelReward:
 
 def trained_data(path: str) -> dict[str, Any]:
     """How the reward stage tokenized the rows of the RM at ``path``: ``max_length``, ``max_prompt_length`` and
-    ``chat_template`` of the recipe saved with it (prefopt.export), or {} for an RM without one."""
+    ``chat_template`` of the recipe saved with it (prefopt.export), or {} for an RM without one. A named or file
+    template was saved with the RM's tokenizer (prefopt.data.run_tokenizer): it is read from there ("auto"), so a
+    file named relative to where the reward stage ran is not looked for."""
     recipe = Path(path) / RECIPE_FILE
     try:
         data = yaml.safe_load(recipe.read_text(encoding="utf-8")).get("data") or {}
     except (OSError, AttributeError, yaml.YAMLError):
         return {}
-    return {key: data[key] for key in ("max_length", "max_prompt_length", "chat_template") if key in data}
+    out = {key: data[key] for key in ("max_length", "max_prompt_length", "chat_template") if key in data}
+    if out.get("chat_template") not in (None, "auto", "none"):
+        out["chat_template"] = "auto"
+    return out
 
 
 @REWARDS.register("length_penalty")
