@@ -225,7 +225,9 @@ def from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> A
     except (OSError, ValueError) as exc:  # missing files, unknown hub id, unrecognised config
         where = "the local directory" if Path(source).expanduser().exists() else "the hub (or the hub is unreachable)"
         hint = " (prefopt loads safetensors weights only)" if auto_class is not AutoTokenizer else ""
-        raise PrefoptError(f"cannot load {what} {source!r} from {where}{hint}: {exc}") from exc
+        if not Path(source).expanduser().exists() and "/" in source:  # a hub id that could have been a folder
+            hint += f"; there is no folder {source!r} in {Path.cwd()} either"
+        raise PrefoptError(f"cannot load {what} {source!r} from {where}{hint}: {' '.join(str(exc).split())}") from exc
 
 
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -141,6 +141,21 @@ def test_missing_or_empty_paths_are_user_errors(tmp_path):
         load_tokenizer(ModelConfig())
 
 
+def test_a_name_tried_on_the_hub_says_no_local_folder_holds_it(tmp_path, monkeypatch):
+    """``models/base`` before ``models/`` exists can only be a hub id; when the hub cannot give it, the message says
+    that no local folder of that name exists here either (a new user's first run from the wrong directory)."""
+    from transformers import AutoTokenizer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(PrefoptError, match=f"cannot load model 'models/base' from the hub .* no folder "
+                                           f"'models/base' in {tmp_path} either"):
+        load_tokenizer(ModelConfig(name_or_path="models/base"))
+
+
 def test_frozen_reference_and_full_policy(tiny_model_dir):
     policy = load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)))
     reference = load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)), trainable=False)
