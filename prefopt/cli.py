@@ -31,9 +31,10 @@ def quiet_loading() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.config import load_config
+
+    config = load_config(args.recipe, args.overrides)  # before the heavy imports: a bad recipe is refused at once
     from prefopt.trainer import Trainer
 
-    config = load_config(args.recipe, args.overrides)
     if not config.train.progress:  # no bars at all: also the weight loading / saving and table building ones
         quiet_loading()
     trainer = Trainer(config)
