@@ -129,8 +129,14 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
     while the score head trains in full (peft's SEQ_CLS ``modules_to_save``); 4-bit loading is not applied.
     Dropout is off unless ``cfg.disable_dropout`` is false.
     """
-    model = from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
-                             **_weights_kwargs(cfg))
+    hf_logger = logging.getLogger("transformers.modeling_utils")  # its table of missing keys, said here instead
+    hf_logger.addFilter(_no_load_report)  # (not its level: transformers checks TP plans when that is >= WARNING)
+    try:
+        model, info = from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
+                                      output_loading_info=True, **_weights_kwargs(cfg))
+    finally:
+        hf_logger.removeFilter(_no_load_report)
+    new_head = _new_head(model, info.get("missing_keys", ()), path, trainable)
     if cfg.disable_dropout:
         disable_dropout(model)
     if model.config.pad_token_id is None:
@@ -139,7 +145,33 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
         lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                target_modules=cfg.lora.target_modules, task_type="SEQ_CLS")
         model = peft.get_peft_model(model, lora)
+    if new_head:
+        logger.info("reward model %s: the score head (%s) starts from a random init (the checkpoint has none)",
+                    path, new_head)
     return model.train() if trainable else _freeze(model)
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def _new_head(model: PreTrainedModel, missing: Any, path: str, trainable: bool) -> str:
+    """The score head's weights the checkpoint lacked (expected when a reward stage or critic starts from a causal
+    LM); PrefoptError when a frozen reward model lacks them (its scores would be a random projection) or when the
+    backbone itself is incomplete."""
+    prefix = f"{model.base_model_prefix}."
+    missing = sorted(missing)
+    body = [key for key in missing if key.startswith(prefix)]
+    if body:
+        raise PrefoptError(f"reward model {path!r}: the checkpoint lacks {len(body)} backbone weights "
+                           f"({', '.join(body[:3])}{', ...' if len(body) > 3 else ''}): not a model of this "
+                           f"architecture, or saved incompletely")
+    head = ", ".join(missing)
+    if head and not trainable:
+        raise PrefoptError(f"reward model {path!r} has no trained score head ({head} missing from its checkpoint: "
+                           "a causal LM, not a reward model; its scores would come from a random projection); "
+                           "train one with algorithm: reward and give its model/ directory")
+    return head
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

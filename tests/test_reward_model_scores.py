@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from prefopt.config import ModelConfig, build_run_config
 from prefopt.data.collate import pad
+from prefopt.errors import PrefoptError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.scoring import RewardScorer
 from prefopt.trainer import Trainer
@@ -202,3 +203,21 @@ def test_an_rm_trained_with_a_template_file_is_read_from_any_directory(realistic
     rollout = chat_rollout(load_tokenizer(ModelConfig(name_or_path=str(realistic_model_dirs["llama-chat"]))))
     reader = RewardModelReward(None, "cpu", path=str(rm))
     torch.testing.assert_close(reader(rollout), reward_stage_scores(rm, tmp_path), atol=1e-5, rtol=0)
+
+
+def test_a_causal_lm_given_as_reward_model_is_refused_and_a_new_head_is_said_once(realistic_model_dirs, trained,
+                                                                                 capfd):
+    """A frozen reward model whose checkpoint has no score head (an SFT model given by mistake) would score with a
+    random projection: refused, naming the path and the missing weights. The reward stage (trainable) starting
+    from the same causal LM is expected to lack it: no transformers LOAD REPORT table on stderr."""
+    policy, rm = str(realistic_model_dirs["qwen2-window"]), trained[1]
+    with pytest.raises(PrefoptError, match=r"has no trained score head \(score\.weight missing"):
+        load_reward_model(policy, ModelConfig(name_or_path=policy))
+    capfd.readouterr()
+    model = load_reward_model(policy, ModelConfig(name_or_path=policy), trainable=True)
+    said = "".join(capfd.readouterr())
+    assert model.training and "LOAD REPORT" not in said and "not sharded" not in said, said
+    for trainable in (False, True):  # a trained RM loads without a word from transformers either way
+        load_reward_model(str(rm), ModelConfig(name_or_path=str(rm)), trainable=trainable)
+        said = "".join(capfd.readouterr())
+        assert "[transformers]" not in said and "not sharded" not in said, said
