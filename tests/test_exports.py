@@ -249,3 +249,24 @@ def test_the_banner_counts_packed_sequences_and_the_card_says_where_the_recipe_r
     monkeypatch.chdir(tmp_path)
     card = model_card(run, 10, {}, {}, adapter=False)
     assert f"`prefopt train prefopt_recipe.yaml`, run in `{tmp_path}`" in card
+
+
+@pytest.mark.slow
+def test_rows_skipped_for_long_prompts_are_counted_in_the_banner_with_the_keys_to_change(qwen2_window_dir, tmp_path,
+                                                                                        capsys, caplog, monkeypatch):
+    """A multi-turn SFT row whose prompt fills data.max_length is skipped: the banner counts the rows that train
+    (it counted the rows read) and the warning names the split and the two settings that decide it."""
+    rows = conversations(12) + [{"messages": [{"role": "user", "content": f"Tell me long story {i}. " * 60},
+                                              {"role": "assistant", "content": "Once."}]} for i in range(4)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "algorithm": "sft", "model": {"name_or_path": str(qwen2_window_dir)},
+        "data": {"path": "chat.jsonl", "eval_fraction": 0.0, "max_length": 160, "max_prompt_length": 160},
+        "train": {"output_dir": "runs/sft", "max_steps": 1, "batch_size": 4, "progress": False}}))
+    monkeypatch.chdir(tmp_path)
+    code, err = train(capsys, recipe)
+    assert code == 0, err
+    assert "data: 12 train rows (of 16: 4 skipped at tokenization), 0 eval rows;" in err, err
+    assert ("sft train rows skipped at tokenization: 4 prompt longer than max_length of 16 (a prompt keeps up to "
+            "data.max_prompt_length=160 of data.max_length=160 tokens" in caplog.text), caplog.text

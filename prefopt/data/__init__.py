@@ -211,7 +211,7 @@ def _loader(run: RunConfig, rows: list[dict[str, Any]], kind: str, tokenizer: An
             batch_size: int, shuffle: bool, length_bucketing: bool, drop_last: bool = False) -> tuple[Any, dict[str, int]]:
     try:
         return build_dataloader(rows, kind, tokenizer, run.data, batch_size, shuffle=shuffle, seed=run.train.seed,
-                                length_bucketing=length_bucketing, drop_last=drop_last)
+                                length_bucketing=length_bucketing, drop_last=drop_last, split=split)
     except DataError as exc:  # name the file: the loader only sees records
         raise DataError(f"{path} ({split} rows): {exc}") from None
 
