@@ -104,7 +104,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from prefopt.export import merge_adapter
 
     quiet_loading()
-    merge_adapter(args.adapter, args.out, base=args.base)
+    merge_adapter(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
     print(args.out)
     return 0
 
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("out")
     p.add_argument("--base", default=None, help="the base model (hub id or folder); default: the one the adapter names")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing OUT folder")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="sample replies from one or more models on a prompts file (JSON lines)")

@@ -134,24 +134,34 @@ def copy_provenance(adapter_dir: Path, merged_dir: Path, base: str) -> None:
                                             encoding="utf-8")
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
+                  overwrite: bool = False) -> Path:
     """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
 
     The base is ``base`` when given, else the one the adapter names (prefopt records it as an absolute path or a hub
     id; an adapter saved elsewhere with a relative path gets an error asking for ``--base``). An adapter trained on a
     4-bit base is merged into the unquantized base it was loaded from; a reward-model adapter (peft task type SEQ_CLS)
     is merged into a sequence-classification base with its score head. The adapter folder's model card and recipe
-    are copied beside the merged weights.
+    are copied beside the merged weights. A folder that already holds files (another model, the adapter, its base)
+    is refused before anything is loaded, unless ``overwrite`` (never the adapter's or base's own folder).
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not overwrite:
+        raise PrefoptError(f"{str(out_dir)!r} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
+                           "); give a new folder for the merged model, or --overwrite to replace them (nothing was "
+                           "written)")
     adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     named = adapter_config.base_model_name_or_path
     if base is None and named and not Path(named).is_absolute() and not is_hub_id(named):
         raise PrefoptError(f"the adapter in {str(adapter_dir)!r} names its base by the relative path {named!r} (relative "
                            "to where it was trained); give the base model with --base")
     base_path = model_source(base or named, "--base" if base else "the base model the adapter names")
+    for what, folder in (("the adapter", adapter_dir), ("its base model", Path(base_path))):
+        if folder.is_dir() and out_dir.resolve() == folder.resolve():
+            raise PrefoptError(f"{str(out_dir)!r} is {what}'s own folder: the merged model goes to a new folder")
     is_reward = str(adapter_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS")
     auto_class = AutoModelForSequenceClassification if is_reward else AutoModelForCausalLM
     extra = {"num_labels": 1} if is_reward else {}

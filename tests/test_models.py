@@ -240,6 +240,34 @@ def test_merge_adapter_matches_the_adapter_model(tiny_llama_dir, hh_path, tmp_pa
         merge_adapter(tmp_path / "merged", tmp_path / "again")
 
 
+def test_merge_adapter_never_writes_over_a_model(qwen2_window_dir, tmp_path, capsys):
+    """`prefopt merge-adapter ADAPTER runs/sft/model` wrote the merged weights over the SFT model without a word: a
+    folder holding files is refused before anything is loaded (--overwrite replaces it), the adapter's own folder
+    and its base's always."""
+    from prefopt.cli import main
+
+    policy = load_causal_lm(ModelConfig(name_or_path=str(qwen2_window_dir), lora=LoraConfig(r=4, alpha=8)))
+    perturb_lora_b(policy, seed=1)
+    policy.save_pretrained(tmp_path / "adapter")
+    other = tmp_path / "sft-model"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"the user's model")
+    before = {p.name: p.read_bytes() for p in Path(qwen2_window_dir).iterdir() if p.is_file()}
+    capsys.readouterr()  # the loading bar of the policy above
+    for out, message in ((other, "already holds files (model.safetensors); give a new folder"),
+                         (tmp_path / "adapter", "already holds files")):
+        assert main(["merge-adapter", str(tmp_path / "adapter"), str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert (other / "model.safetensors").read_bytes() == b"the user's model"
+    for out in (tmp_path / "adapter", qwen2_window_dir):
+        assert main(["merge-adapter", str(tmp_path / "adapter"), str(out), "--overwrite"]) == 2
+        assert "own folder: the merged model goes to a new folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in Path(qwen2_window_dir).iterdir() if p.is_file()} == before
+    assert main(["merge-adapter", str(tmp_path / "adapter"), str(other), "--overwrite"]) == 0
+    assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(other).named_parameters())
+
+
 def test_load_reward_model_scores_each_sequence(tiny_model_dir, hh_path):
     reward_model = load_reward_model(str(tiny_model_dir), ModelConfig())
     assert reward_model.config.num_labels == 1 and reward_model.config.pad_token_id == 1
