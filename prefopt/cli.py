@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import pathlib
 import sys
 import traceback
 from typing import Any
@@ -91,8 +92,10 @@ def _first_doc_line(obj: Any) -> str:
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
+    from prefopt.export import new_model_folder
     from prefopt.tiny import init_model
 
+    new_model_folder(pathlib.Path(args.out), args.overwrite, "the new model")
     quiet_loading()
     path = init_model(args.out, corpus=args.corpus, arch=args.arch, size=args.size, vocab_size=args.vocab_size,
                       seed=args.seed, max_texts=args.max_texts, chat_template=args.chat_template)
@@ -189,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--max-texts", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing OUT folder")
     p.set_defaults(func=cmd_init_model)
 
     p = sub.add_parser("merge-adapter", help="merge a saved LoRA adapter into its base model")

@@ -134,6 +134,15 @@ def copy_provenance(adapter_dir: Path, merged_dir: Path, base: str) -> None:
                                             encoding="utf-8")
 
 
+def new_model_folder(out_dir: Path, overwrite: bool, what: str) -> None:
+    """PrefoptError when ``out_dir`` already holds files and ``overwrite`` is not given (``init-model``,
+    ``merge-adapter``: a model is never written over another one by mistake)."""
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not overwrite:
+        raise PrefoptError(f"{str(out_dir)!r} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
+                           f"); give a new folder for {what}, or --overwrite to replace them (nothing was written)")
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
                   overwrite: bool = False) -> Path:
     """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
@@ -148,11 +157,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
-    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if held and not overwrite:
-        raise PrefoptError(f"{str(out_dir)!r} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
-                           "); give a new folder for the merged model, or --overwrite to replace them (nothing was "
-                           "written)")
+    new_model_folder(out_dir, overwrite, "the merged model")
     adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     named = adapter_config.base_model_name_or_path
     if base is None and named and not Path(named).is_absolute() and not is_hub_id(named):

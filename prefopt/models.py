@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -78,6 +79,9 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
     ``cfg.disable_dropout`` is false (``disable_dropout``).
     """
     source = path or cfg.name_or_path
+    reason = not_a_policy(source, adapter_ok=True)
+    if reason:
+        raise PrefoptError(f"model {source!r} is {reason}")
     kwargs = _weights_kwargs(cfg)
     if cfg.load_in_4bit:
         kwargs.update(_quantization_kwargs(kwargs["dtype"]))
@@ -99,6 +103,24 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
         model = peft.get_peft_model(model, lora)
     model.train()
     return model
+
+
+def not_a_policy(source: str, adapter_ok: bool = False) -> str | None:
+    """Why the local folder ``source`` cannot be loaded as a policy (a causal LM), else None: a reward model's
+    weights (a sequence-classification head: its LM head would be random), or, unless ``adapter_ok``, a LoRA
+    adapter (training starts from full weights)."""
+    folder = Path(source).expanduser()
+    if not adapter_ok and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return (f"a LoRA adapter (adapter_config.json, no weights of its own): merge it into its base first "
+                f"(prefopt merge-adapter {source} OUT) and start from OUT")
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    if architectures and all(name.endswith("ForSequenceClassification") for name in architectures):
+        return (f"a reward model ({', '.join(architectures)}), not a causal LM: give a policy's model/ folder "
+                "(an SFT, DPO or GRPO run's)")
+    return None
 
 
 def needs_separate_reference(model: nn.Module) -> bool:

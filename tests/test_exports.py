@@ -270,3 +270,43 @@ def test_rows_skipped_for_long_prompts_are_counted_in_the_banner_with_the_keys_t
     assert "data: 12 train rows (of 16: 4 skipped at tokenization), 0 eval rows;" in err, err
     assert ("sft train rows skipped at tokenization: 4 prompt longer than max_length of 16 (a prompt keeps up to "
             "data.max_prompt_length=160 of data.max_length=160 tokens" in caplog.text), caplog.text
+
+
+@pytest.mark.slow
+def test_a_folder_of_the_wrong_kind_is_refused_before_anything_is_written(qwen2_window_dir, hh_path, tmp_path,
+                                                                          capsys, monkeypatch):
+    """A reward model given as the policy (generate, train) sampled from a random LM head and a LoRA adapter given
+    as model.name_or_path said "no trainable parameters"; `init-model` into an existing model's folder wrote a new
+    model over it. Each is one line, exit 2, and nothing is written."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefopt.config import LoraConfig, ModelConfig
+    from prefopt.models import load_causal_lm
+
+    monkeypatch.chdir(tmp_path)
+    rm = AutoModelForSequenceClassification.from_pretrained(qwen2_window_dir, num_labels=1)
+    rm.save_pretrained("rm")
+    AutoTokenizer.from_pretrained(qwen2_window_dir).save_pretrained("rm")
+    load_causal_lm(ModelConfig(name_or_path=str(qwen2_window_dir), lora=LoraConfig(r=4))).save_pretrained("adapter")
+    shutil.copytree(qwen2_window_dir, "sft")
+    before = {p.name: p.read_bytes() for p in Path("sft").iterdir()}
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
+    capsys.readouterr()
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({"algorithm": "dpo", "data": {"path": str(hh_path)},
+                                                        "train": {"max_steps": 1}}))
+    recipe = ["train", "dpo.yaml"]
+    cases = [(["generate", "--models", "rm", "--prompts", "prompts.jsonl", "--out", "r.jsonl"],
+              "model 'rm' is a reward model (Qwen2ForSequenceClassification), not a causal LM"),
+             ([*recipe, "model.name_or_path=rm", "train.output_dir=runs/a"],
+              "model.name_or_path='rm': a reward model (Qwen2ForSequenceClassification), not a causal LM"),
+             ([*recipe, "model.name_or_path=adapter", "train.output_dir=runs/b"],
+              "model.name_or_path='adapter': a LoRA adapter (adapter_config.json, no weights of its own): merge it"),
+             (["init-model", "sft", "--corpus", str(hh_path), "--size", "nano"],
+              "'sft' already holds files (chat_template.jinja, config.json, generation_config.json, "
+              "model.safetensors, ...); give a new folder for the new model, or --overwrite")]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not Path("r.jsonl").exists() and not Path("runs").exists()
+    assert {p.name: p.read_bytes() for p in Path("sft").iterdir()} == before
