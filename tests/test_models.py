@@ -268,8 +268,13 @@ def test_merge_adapter_never_writes_over_a_model(qwen2_window_dir, tmp_path, cap
     assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(other).named_parameters())
 
 
-def test_load_reward_model_scores_each_sequence(tiny_model_dir, hh_path):
-    reward_model = load_reward_model(str(tiny_model_dir), ModelConfig())
+def test_load_reward_model_scores_each_sequence(tiny_model_dir, hh_path, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)  # no pad_token_id
+    saved.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "rm")
+    reward_model = load_reward_model(str(tmp_path / "rm"), ModelConfig())
     assert reward_model.config.num_labels == 1 and reward_model.config.pad_token_id == 1
     assert not reward_model.training and not any(p.requires_grad for p in reward_model.parameters())
     batch = hh_batch(tiny_model_dir, hh_path)
