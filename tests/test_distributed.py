@@ -153,8 +153,8 @@ def test_online_batch_statistics_on_two_processes_equal_one_process(gpt2_real_di
     mean, so 2 processes equal 1 with twice the micro-batches). Then a REINFORCE++ run over 2 steps of 2 updates:
     2 processes x 2 prompts, and 1 process x 4 prompts in 2 micro-batches of 2 (each a process's rows). Both make
     the SAME float operations: each micro-batch's forward and backward has the shapes of a process's, and DDP's
-    average of two gradients (each scaled by 2 / 2, exact) is the sum accelerate accumulates. So the weights are
-    bit-equal and the metrics equal to float64 rounding: a tolerance would hide a small statistic computed per
+    average of two gradients (each scaled by 2 / 2, exact) is the sum accelerate accumulates. So the weights and
+    gradient norms are bit-equal, the logged means equal to float32 rounding: a tolerance would hide a small statistic computed per
     process (Adam turns any gradient difference, even 1e-7 relative, into weight differences of the learning rate's
     order on the elements whose gradient is near 0; with 1 process x 1 micro-batch of 4 the weights differ by
     1.8e-4, the float noise of summing a gradient over 4 rows at once instead of 2 + 2)."""
