@@ -162,14 +162,17 @@ def test_online_batch_statistics_on_two_processes_equal_one_process(gpt2_real_di
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: question {i}?\n\nAssistant:"}) + "\n"
-                               for i in range(16)))
+                               for i in range(18)))
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir()
     (tmp_path / "two.json").write_text(json.dumps(online_recipe(gpt2_real_dir, prompts, two, 2, accumulation=1)))
     process = launch_two(script.__file__, str(tmp_path / "two.json"), str(two), tmp_path=tmp_path)
     expected = in_one_thread(script.statistics, None)  # meanwhile, in this process
     in_one_thread(lambda: Trainer(build_run_config(online_recipe(gpt2_real_dir, prompts, one, 4, 2))).fit())
-    finish(process)
+    _, stderr = finish(process)
+    # 18 prompts = 9 batches of 2: accelerate gives each process 4 (the odd batch leaves the epoch with drop_last)
+    assert json.loads((two / "manifest.json").read_text())["rows_left_out_per_epoch"] == 2
+    assert "; 4 steps per epoch;" in stderr
 
     halves = [json.loads((two / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
     assert halves[0]["rows"] + halves[1]["rows"] == expected["rows"]
