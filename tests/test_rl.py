@@ -206,6 +206,34 @@ def test_a_critic_free_algorithm_refuses_a_critic_estimator(advantage):
     build_run_config({"algorithm": {"name": "grpo", "rewards": [TASK_REWARD], "advantage": "mc"}})
 
 
+def test_an_estimator_declares_what_the_config_must_give_it():
+    """A new estimator says it compares the samples of a prompt, or reads a critic, or takes some scale_rewards; the
+    online config refuses what would make it silently wrong, with no estimator named in the skeleton (it knew three
+    built-in names: a plugin group estimator ran at num_samples 1 with every advantage 0)."""
+    from prefopt.rl.advantages import estimator
+
+    @estimator("test_group_mean", needs_groups=True, scale_rewards=("none",))
+    def group_mean_baseline(inputs, cfg):
+        return inputs.rewards, None
+
+    @estimator("test_critic_baseline", needs_critic=True)
+    def critic_baseline(inputs, cfg):
+        return inputs.rewards, None
+
+    base = {"name": "grpo", "rewards": [TASK_REWARD], "scale_rewards": "none"}
+    try:
+        with pytest.raises(ConfigError, match="algorithm.num_samples=1: advantage=test_group_mean compares"):
+            build_run_config({"algorithm": {**base, "advantage": "test_group_mean", "num_samples": 1}})
+        with pytest.raises(ConfigError, match="algorithm.scale_rewards='group': advantage=test_group_mean takes none"):
+            build_run_config({"algorithm": {**base, "advantage": "test_group_mean", "scale_rewards": "group"}})
+        build_run_config({"algorithm": {**base, "advantage": "test_group_mean", "num_samples": 2}})
+        with pytest.raises(ConfigError, match="algorithm.advantage='test_critic_baseline': needs a critic"):
+            build_run_config({"algorithm": {**base, "advantage": "test_critic_baseline"}})
+    finally:
+        for name in ("test_group_mean", "test_critic_baseline"):
+            ADVANTAGES._entries.pop(name)
+
+
 def test_minibatches_keep_the_samples_of_a_prompt_together():
     """num_minibatches > 1 with G = 4: whole groups are shuffled, so each minibatch holds whole prompts (and scores
     each prompt once with prefix sharing); every row is used once per pass and the minibatch sizes are unchanged."""

@@ -12,10 +12,9 @@ from typing import Literal
 
 from prefopt.config import check
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
+from prefopt.rl.advantages import requirements
 from prefopt.rl.engine import GenerationConfig
 from prefopt.rl.rewards import RewardSpec
-
-GROUP_ADVANTAGES = ("grpo", "rloo", "reinforce_pp_baseline")  # baselines from the other samples of the prompt
 
 
 @dataclass
@@ -95,10 +94,11 @@ class OnlineConfig:
         check(self.epochs >= 1, "algorithm.epochs", self.epochs, "must be >= 1")
         check(self.num_minibatches >= 1, "algorithm.num_minibatches", self.num_minibatches, "must be >= 1")
         check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
-        check(self.advantage not in GROUP_ADVANTAGES or self.num_samples >= 2, "algorithm.num_samples",
-              self.num_samples, f"advantage={self.advantage} compares the samples of a prompt; needs >= 2")
-        check(self.advantage != "rloo" or self.scale_rewards != "group", "algorithm.scale_rewards",
-              self.scale_rewards, "advantage=rloo takes none or batch (TRL's RLOOTrainer normalize_advantages)")
+        needs_groups, _, scales = requirements(self.advantage)
+        check(not needs_groups or self.num_samples >= 2, "algorithm.num_samples", self.num_samples,
+              f"advantage={self.advantage} compares the samples of a prompt; needs >= 2")
+        check(self.scale_rewards in scales, "algorithm.scale_rewards", self.scale_rewards,
+              f"advantage={self.advantage} takes {' or '.join(scales)}")
         check(self.loss_type != "sequence" or self.kl_in != "loss" or self.kl_coef == 0, "algorithm.kl_in",
               self.kl_in, "loss_type=sequence has no k3 KL loss term; use kl_in=reward or a token-level loss_type")
         check(self.loss_type != "sequence" or self.importance_sampling == "token", "algorithm.importance_sampling",
