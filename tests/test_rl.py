@@ -192,6 +192,8 @@ def test_online_config_names_are_checked():
     ({"name": "grpo", "advantage": "rloo"}, "algorithm.scale_rewards", {"scale_rewards": "batch"}),  # was "none"
     ({"name": "grpo", "n_step": -1}, "algorithm.n_step", {"n_step": 2}),
     ({"name": "rloo", "kl_in": "loss", "kl_coef": 0.1}, "algorithm.kl_in", {"kl_coef": 0.0}),  # sequence: no k3 term
+    ({"name": "rloo", "top_entropy_quantile": 0.2}, "algorithm.top_entropy_quantile",  # sequence: no token mask
+     {"top_entropy_quantile": 1.0}),
 ])
 def test_online_config_refuses_settings_that_would_train_silently_wrong(algorithm, field, fixed):
     with pytest.raises(ConfigError, match=field):

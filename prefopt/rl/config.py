@@ -44,7 +44,9 @@ class OnlineConfig:
     loss_type: str = "grpo"
     """Policy loss by name (prefopt.rl.losses): grpo, bnpo, token_mean, dapo, dr_grpo, sequence."""
     importance_sampling: Literal["token", "sequence"] = "token"
-    """token: one ratio per token; sequence: GSPO's one ratio per response, exp(mean_t log pi/pi_old) on its tokens."""
+    """token: one ratio per token; sequence: GSPO's one ratio per response, exp(mean_t log pi/pi_old) on its tokens
+    (GSPO's objective with loss_type grpo; a token-sum loss, bnpo / dapo / dr_grpo / token_mean, weights each response
+    by its length, as TRL warns)."""
     top_entropy_quantile: float = 1.0
     """Train the policy term on the tokens whose entropy is in the top q of the micro-batch's (all processes; Wang
     et al. 2025, "Beyond the 80/20 rule"; TRL's top_entropy_quantile); 1.0: every token."""
@@ -105,6 +107,9 @@ class OnlineConfig:
               self.importance_sampling, "loss_type=sequence has one (summed) ratio per row already")
         check(0 < self.top_entropy_quantile <= 1, "algorithm.top_entropy_quantile", self.top_entropy_quantile,
               "must be in (0, 1]")
+        check(self.loss_type != "sequence" or self.top_entropy_quantile == 1, "algorithm.top_entropy_quantile",
+              self.top_entropy_quantile, "loss_type=sequence has one term per response, no token to mask; use a "
+              "token-level loss_type")
         check(self.eval_num_samples >= 1, "algorithm.eval_num_samples", self.eval_num_samples, "must be >= 1")
         check(self.generation.do_sample or self.num_samples == 1, "algorithm.generation.do_sample", False,
               f"greedy decoding gives the {self.num_samples} samples of a prompt one response (every group "
