@@ -270,6 +270,11 @@ def test_rows_skipped_for_long_prompts_are_counted_in_the_banner_with_the_keys_t
     assert "data: 12 train rows (of 16: 4 skipped at tokenization), 0 eval rows;" in err, err
     assert ("sft train rows skipped at tokenization: 4 prompt longer than max_length of 16 (a prompt keeps up to "
             "data.max_prompt_length=160 of data.max_length=160 tokens" in caplog.text), caplog.text
+    caplog.clear()
+    assert main(["data", str(recipe), "data.packing=true"]) == 0  # `prefopt data` says the same, packed
+    out = capsys.readouterr().out
+    assert "[train] 16 records -> " in out and " packed sequences of tokens; skipped at tokenization 4: " in out, out
+    assert "sft train rows skipped at tokenization: 4 prompt longer than max_length of 16" in caplog.text
 
 
 @pytest.mark.slow
