@@ -110,7 +110,14 @@ def not_a_policy(source: str, adapter_ok: bool = False) -> str | None:
     weights (a sequence-classification head: its LM head would be random), or, unless ``adapter_ok``, a LoRA
     adapter (training starts from full weights)."""
     folder = Path(source).expanduser()
-    if not adapter_ok and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    try:
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        adapter = None
+    if isinstance(adapter, dict) and adapter.get("task_type") == "SEQ_CLS":
+        return ("a reward model's LoRA adapter (task_type SEQ_CLS), not a causal LM: give a policy's model/ folder "
+                "(an SFT, DPO or GRPO run's)")
+    if not adapter_ok and adapter is not None and not (folder / "config.json").is_file():
         return (f"a LoRA adapter (adapter_config.json, no weights of its own): merge it into its base first "
                 f"(prefopt merge-adapter {source} OUT) and start from OUT")
     try:

@@ -286,13 +286,15 @@ def test_a_folder_of_the_wrong_kind_is_refused_before_anything_is_written(qwen2_
     from transformers import AutoModelForSequenceClassification
 
     from prefopt.config import LoraConfig, ModelConfig
-    from prefopt.models import load_causal_lm
+    from prefopt.models import load_causal_lm, load_reward_model
 
     monkeypatch.chdir(tmp_path)
     rm = AutoModelForSequenceClassification.from_pretrained(qwen2_window_dir, num_labels=1)
     rm.save_pretrained("rm")
     AutoTokenizer.from_pretrained(qwen2_window_dir).save_pretrained("rm")
     load_causal_lm(ModelConfig(name_or_path=str(qwen2_window_dir), lora=LoraConfig(r=4))).save_pretrained("adapter")
+    load_reward_model(str(qwen2_window_dir), ModelConfig(name_or_path=str(qwen2_window_dir), lora=LoraConfig(r=4)),
+                      trainable=True).save_pretrained("rm-adapter")
     shutil.copytree(qwen2_window_dir, "sft")
     before = {p.name: p.read_bytes() for p in Path("sft").iterdir()}
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
@@ -302,6 +304,8 @@ def test_a_folder_of_the_wrong_kind_is_refused_before_anything_is_written(qwen2_
     recipe = ["train", "dpo.yaml"]
     cases = [(["generate", "--models", "rm", "--prompts", "prompts.jsonl", "--out", "r.jsonl"],
               "model 'rm' is a reward model (Qwen2ForSequenceClassification), not a causal LM"),
+             (["generate", "--models", "rm-adapter", "--prompts", "prompts.jsonl", "--out", "r.jsonl"],
+              "model 'rm-adapter' is a reward model's LoRA adapter (task_type SEQ_CLS), not a causal LM"),
              ([*recipe, "model.name_or_path=rm", "train.output_dir=runs/a"],
               "model.name_or_path='rm': a reward model (Qwen2ForSequenceClassification), not a causal LM"),
              ([*recipe, "model.name_or_path=adapter", "train.output_dir=runs/b"],
