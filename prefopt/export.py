@@ -5,7 +5,8 @@ Every ``model/`` and ``checkpoints/step-N/model/`` gets (``write_provenance``):
 * ``README.md``, a Hugging Face model card (``huggingface_hub.ModelCard``): the base model (a hub id, or the absolute
   path of a local folder), the data (each source's path or hub name and sha256, the rows, a fingerprint of the
   pinned split), the algorithm and the settings that differ from its defaults, the step, the metrics at that step,
-  the prefopt version, and how to load it with plain transformers (or peft for an adapter);
+  the prefopt version, and how to load it with plain transformers (or peft for an adapter), with the auto class
+  of its head (a reward model: ``AutoModelForSequenceClassification``);
 * ``prefopt_recipe.yaml``: the run's recipe as prefopt read it, every default filled in (``prefopt train`` takes it).
 
 ``merge_adapter`` folds a saved LoRA adapter into its base and carries the card and recipe over (``prefopt
@@ -33,8 +34,27 @@ from prefopt.models import from_pretrained, is_hub_id, load_tokenizer, model_sou
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "prefopt_recipe.yaml"
-PEFT_LOADER = "from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(path)"
-PLAIN_LOADER = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(path)"
+HEADS = ("CausalLM", "SequenceClassification")  # a policy, a reward model
+
+
+def loader(adapter: bool, head: str) -> str:
+    """The card's two lines that load the model: transformers' or peft's auto class for its head."""
+    package, cls = ("peft", f"AutoPeftModelFor{head}") if adapter else ("transformers", f"AutoModelFor{head}")
+    labels = ", num_labels=1" if head == "SequenceClassification" else ""  # a LoRA RM's base config says 2
+    return f"from {package} import {cls}\nmodel = {cls}.from_pretrained(path{labels})"
+
+
+def saved_head(model_dir: Path) -> str:
+    """``SequenceClassification`` for a saved reward model (its config's architectures, or a SEQ_CLS adapter),
+    else ``CausalLM``."""
+    for name, key in (("config.json", "architectures"), ("adapter_config.json", "task_type")):
+        try:
+            value = json.loads((model_dir / name).read_text()).get(key) or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value == "SEQ_CLS" or (isinstance(value, list) and any("ForSequenceClassification" in v for v in value)):
+            return "SequenceClassification"
+    return "CausalLM"
 
 
 def data_fingerprint(manifests: dict[str, Any]) -> str:
@@ -67,7 +87,8 @@ def recipe_text(run: Any) -> str:
     return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
 
 
-def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[str, Any], adapter: bool) -> str:
+def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[str, Any], adapter: bool,
+               head: str = "CausalLM") -> str:
     """The text of ``README.md`` (module docstring)."""
     from huggingface_hub import ModelCardData
 
@@ -99,8 +120,7 @@ def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[s
     shown = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("perf/")}
     lines += (["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in shown.items()] if shown
               else ["(none logged)"])
-    loader = PEFT_LOADER if adapter else PLAIN_LOADER
-    lines += ["", "## Use", "", "```python", loader, "from transformers import AutoTokenizer",
+    lines += ["", "## Use", "", "```python", loader(adapter, head), "from transformers import AutoTokenizer",
               "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
               f"`{RECIPE_FILE}` is the recipe that made it: `prefopt train {RECIPE_FILE}`, run in `{Path.cwd()}` "
               "(its relative paths start there)."]
@@ -119,7 +139,8 @@ def write_provenance(model_dir: str | Path, run: Any, step: int, metrics: dict[s
     """Write the model card and the recipe into ``model_dir`` (module docstring)."""
     model_dir = Path(model_dir)
     adapter = (model_dir / "adapter_config.json").is_file()
-    (model_dir / CARD_FILE).write_text(model_card(run, step, metrics, manifests, adapter), encoding="utf-8")
+    (model_dir / CARD_FILE).write_text(model_card(run, step, metrics, manifests, adapter, saved_head(model_dir)),
+                                       encoding="utf-8")
     (model_dir / RECIPE_FILE).write_text(recipe_text(run), encoding="utf-8")
 
 
@@ -129,7 +150,9 @@ def copy_provenance(adapter_dir: Path, merged_dir: Path, base: str) -> None:
         (merged_dir / RECIPE_FILE).write_text((adapter_dir / RECIPE_FILE).read_text(encoding="utf-8"), encoding="utf-8")
     if (adapter_dir / CARD_FILE).is_file():
         card = (adapter_dir / CARD_FILE).read_text(encoding="utf-8")
-        card = card.replace("library_name: peft", "library_name: transformers", 1).replace(PEFT_LOADER, PLAIN_LOADER)
+        card = card.replace("library_name: peft", "library_name: transformers", 1)
+        for head in HEADS:
+            card = card.replace(loader(True, head), loader(False, head))
         (merged_dir / CARD_FILE).write_text(card + f"\nThe LoRA adapter merged into `{base}` by `prefopt merge-adapter`.\n",
                                             encoding="utf-8")
 

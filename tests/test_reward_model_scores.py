@@ -221,3 +221,38 @@ def test_a_causal_lm_given_as_reward_model_is_refused_and_a_new_head_is_said_onc
         load_reward_model(str(rm), ModelConfig(name_or_path=str(rm)), trainable=trainable)
         said = "".join(capfd.readouterr())
         assert "[transformers]" not in said and "not sharded" not in said, said
+
+
+def card_loads(model_dir: Path):
+    """What the ``## Use`` block of the model's card loads, run as a user would paste it."""
+    card = (model_dir / "README.md").read_text()
+    code = card.split("## Use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope = {"path": str(model_dir)}
+    exec(code, scope)
+    return scope["model"]
+
+
+def test_a_reward_models_card_loads_it_with_its_score_head(trained, hh_path, tmp_path):
+    """The card of a reward model said ``AutoModelForCausalLM`` (a random LM head, the score head dropped) and of a
+    LoRA reward model ``AutoPeftModelForCausalLM``: it names the sequence-classification classes, and what it loads
+    scores as prefopt does."""
+    name, model_dir, _ = trained
+    model = card_loads(model_dir)
+    assert type(model).__name__.endswith("ForSequenceClassification")
+    ids = [[5, 6, 7, 8, 9]]
+    with torch.no_grad():
+        loaded = model.eval()(input_ids=torch.tensor(ids)).logits[0, 0]
+    torch.testing.assert_close(loaded, plain_scores(model_dir, ids)[0])
+    config = build_run_config({
+        "algorithm": {"name": "reward"}, "model": {"name_or_path": trained[2].config.model.name_or_path,
+                                                   "lora": {"r": 4}},
+        "data": {"path": str(hh_path), "eval_fraction": 0.0, "max_examples": 4, "max_length": 96,
+                 "max_prompt_length": 48},
+        "train": {"output_dir": str(tmp_path / "rm-lora"), "max_steps": 1, "batch_size": 4, "progress": False}})
+    Trainer(config).fit()
+    adapter = card_loads(tmp_path / "rm-lora" / "model")
+    assert type(adapter).__name__ == "PeftModelForSequenceClassification"
+    ours = load_reward_model(str(tmp_path / "rm-lora" / "model"), ModelConfig(dtype="auto"))  # as the card loads it
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.eval()(input_ids=torch.tensor(ids)).logits,
+                                   ours(input_ids=torch.tensor(ids)).logits)
