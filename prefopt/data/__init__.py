@@ -102,10 +102,13 @@ def read_records(cfg: DataConfig, kind: str) -> tuple[list[tuple[str, dict[str, 
 def _plan(cfg: DataConfig, kind: str) -> list[tuple[Source, DataSource]]:
     """The sources ``cfg`` reads, each with its spec (``data.sources``, or ``data.path`` as one source of weight 1)."""
     plan: list[tuple[Source, DataSource]] = []
-    for spec in cfg.sources or [DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)]:
-        check_names(spec.format, kind)
-        one = dataclasses.replace(cfg, path=spec.path, split=spec.split, subsets=spec.subsets, sources=[])
-        for source in open_sources(one):
+    for given in cfg.sources or [None]:
+        check_names(cfg.format if given is None else given.format, kind)
+        one = cfg if given is None else dataclasses.replace(cfg, path=given.path, split=given.split,
+                                                            subsets=given.subsets, sources=[])
+        sources = open_sources(one)  # an empty data.path is an error naming data.path
+        spec = given or DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)
+        for source in sources:
             source.info.update({"weight": spec.weight, "columns": spec.columns} if cfg.sources else {})
             plan.append((source, spec))
     return plan
@@ -163,11 +166,12 @@ def run_tokenizer(run: RunConfig) -> Any:
     return tokenizer
 
 
-def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
-                drop_last: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_loaders(run: RunConfig, kind: str, tokenizer: Any, drop_last: bool = False,
+                processes: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``train`` loader of a run (shuffled, seeded) and its ``eval`` loader when it has eval rows, and the data
     report: the split manifests, the rows skipped while tokenizing and the row counts per split. ``drop_last``: every
-    training batch is full, the rows left over leave each epoch (a different draw each epoch; the report counts them).
+    training batch is full, the rows left over leave each epoch (a different draw each epoch; the report counts them,
+    with the last round of fewer batches than ``processes`` that accelerate then leaves out too).
 
     Eval rows are ``run.eval_data``'s eval split (all its rows when it has none), else ``run.data``'s eval split.
     """
@@ -192,13 +196,14 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
         skipped["eval"] = eval_skipped
     report = {"manifests": manifests, "tokenization_skipped": skipped,
               "rows": {"train": len(loaded.train), "eval": len(eval_rows)},
-              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()}}
+              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()},
+              "packed": kind == "text" or (kind == "sft" and run.data.packing)}  # a batch is packed sequences
     if drop_last:
-        left_out = len(train_loader.dataset) % t.batch_size
+        left_out = len(train_loader.dataset) - len(train_loader) // processes * processes * t.batch_size
         report["rows_left_out_per_epoch"] = left_out
         if left_out:
-            log.info("data: %d training rows do not fill a batch of %d; each epoch leaves out %d (a different draw "
-                     "each epoch)", len(train_loader.dataset), t.batch_size, left_out)
+            log.info("data: %d training rows do not fill batches of %d on %d process(es); each epoch leaves out %d "
+                     "(a different draw each epoch)", len(train_loader.dataset), t.batch_size, processes, left_out)
     log.info("data: %s", loaded.report())
     return loaders, report
 
@@ -207,7 +212,7 @@ def _loader(run: RunConfig, rows: list[dict[str, Any]], kind: str, tokenizer: An
             batch_size: int, shuffle: bool, length_bucketing: bool, drop_last: bool = False) -> tuple[Any, dict[str, int]]:
     try:
         return build_dataloader(rows, kind, tokenizer, run.data, batch_size, shuffle=shuffle, seed=run.train.seed,
-                                length_bucketing=length_bucketing, drop_last=drop_last)
+                                length_bucketing=length_bucketing, drop_last=drop_last, split=split)
     except DataError as exc:  # name the file: the loader only sees records
         raise DataError(f"{path} ({split} rows): {exc}") from None
 
