@@ -375,3 +375,15 @@ def test_tiny_hh_bench_keeps_its_gold_and_proxy_rms(tmp_path, hh_path, monkeypat
         rows = pd.DataFrame(read_jsonl(out / "runs" / row.label / "beta=0.1" / f"seed{row.seed}" / "eval.jsonl"))
         assert row.gold == pytest.approx(rows["gold"].mean()) and row.proxy == pytest.approx(rows["proxy"].mean())
     assert "| dpo | orpo | last step (one knob value)" in (out / "results.md").read_text()
+
+
+def test_jsonl_rows_keep_unicode_line_separators(tmp_path):
+    """A sampled response may hold U+2028 or U+0085 (ensure_ascii=False writes them raw); the readers split rows on
+    "\\n" only, so such a row reads back whole (it broke read_logs mid-row before)."""
+    from prefopt.bench.data import write_jsonl
+    from prefopt.bench.logs import _jsonl
+
+    rows = [{"response": "a\u2028b\x85c\u2029d"}, {"response": "plain"}]
+    path = write_jsonl(tmp_path / "eval.jsonl", rows)
+    assert read_jsonl(path) == rows
+    assert _jsonl(path) == rows

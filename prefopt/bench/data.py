@@ -54,7 +54,9 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a JSON-lines file. Split on "\n" only: a text written with ensure_ascii=False may hold U+2028 or
+    U+0085, which ``str.splitlines`` also breaks at."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def prepare_data(cfg: BenchConfig, run_dir: Path) -> BenchData:

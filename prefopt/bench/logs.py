@@ -33,7 +33,9 @@ class Logs:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():  # split on "\n" only: a sampled text may hold U+2028 or U+0085 (str.splitlines breaks there)
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def read_logs(run_dir: Path, best_of_n: list[int]) -> Logs:
