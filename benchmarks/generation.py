@@ -8,7 +8,7 @@ The three run in turn, ``--repeats`` times each, on the same model (``assets.py`
 ``--max-new-tokens`` (the EOS id is one no draw can give, so all three do the same work):
 
 * ``prefopt engine``: ``prefopt.rl.engine.generate`` (prompts prefilled once, KV cache written in place, one model
-  call and one inverse-CDF draw per token, behaviour log-probs);
+  call and one Gumbel-max draw per token, behaviour log-probs);
 * ``transformers generate``: the engine as it was before (``ablations.hf_decode`` through the same ``generate``:
   ``model.generate`` with ``output_logits``, its cache and its ``torch.multinomial`` sampler);
 * ``one forward``: a plain forward (no grad) over the same prompt + response tokens, the rate a batched pass reaches
