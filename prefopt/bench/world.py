@@ -14,17 +14,22 @@ nano proxy RM stays near chance on held-out pairs (0.55 accuracy; 0.62 with lamb
 Labels: for each labelled prompt, K responses are sampled from the start and ranked by Plackett-Luce on
 r / tau (Gumbel-max: sort by r / tau + Gumbel noise), so any two of them are ordered by Bradley-Terry,
 P(a > b) = sigmoid((r(a) - r(b)) / tau); tau is the stated label noise. The proxy RM trains on the K-wise
-rankings; offline algorithms train on the C(K, 2) pairs the same rankings imply (ties in text dropped). Online
+rankings; offline algorithms train on the C(K, 2) pairs the same rankings imply (pairs of equal text or equal true
+reward dropped), KTO on one label per response (the top ranked desirable, the bottom ranked undesirable). Online
 algorithms optimise the proxy RM; every algorithm is judged by r.
+
+Everything here is pure maths on texts, token ids and numbers (no files, no models): prefopt.bench.stages samples
+the responses and writes the labels. The reward component ``world_gold`` is registered when the registry loads its
+built-in modules (prefopt.registry.BUILTIN_MODULES), so ``prefopt list`` shows it and a ``prefopt train`` recipe
+can optimise it.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
+import math
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,14 +75,26 @@ class WorldGoldReward:
         self.penalty = float(penalty)
         self.device = device
 
-    def __call__(self, rollout: Rollout) -> Tensor:
+    def counts(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+        """Per response: tokens of the prompt's own group, of the other groups, and all tokens (EOS included)."""
         ids, mask = rollout.response_ids, rollout.response_mask.float()
         own = torch.tensor([prompt_group(p) for p in rollout.prompts], device=ids.device)
         hits = torch.stack([torch.isin(ids, g.to(ids.device)).float() * mask for g in self.groups])  # [G, B, T]
         counts = hits.sum(-1)  # [G, B]
         mine = counts.gather(0, own[None]).squeeze(0)
-        others = counts.sum(0) - mine
-        return ((mine - self.penalty * others) / mask.sum(-1).clamp(min=1)).to(self.device)
+        return mine, counts.sum(0) - mine, mask.sum(-1)
+
+    def __call__(self, rollout: Rollout) -> Tensor:
+        mine, others, length = self.counts(rollout)
+        return ((mine - self.penalty * others) / length.clamp(min=1)).to(self.device)
+
+    def details(self, rollout: Rollout) -> dict[str, Tensor]:
+        """``cond_acc`` = own / (own + other) target words (NaN for a response with none) and ``rule``, the
+        prompt-blind rule's score (all target words / |y|)."""
+        mine, others, length = self.counts(rollout)
+        hits = mine + others
+        cond_acc = torch.where(hits > 0, mine / hits.clamp(min=1), torch.full_like(hits, math.nan))
+        return {"cond_acc": cond_acc.to(self.device), "rule": (hits / length.clamp(min=1)).to(self.device)}
 
 
 def gold_spec(penalty: float) -> dict[str, Any]:
@@ -97,58 +114,33 @@ def _log_neg_log(u: float) -> float:
     return math.log(-math.log(u))
 
 
-def implied_pairs(prompt: str, responses: list[str], ranking: list[int]) -> list[dict[str, str]]:
-    """The C(K, 2) pairs a ranking implies (responses with the same text are not paired)."""
-    out = []
-    for a, b in itertools.combinations(ranking, 2):  # a ranked above b
-        if responses[a] != responses[b] and responses[a].strip() and responses[b].strip():
-            out.append({"prompt": prompt, "chosen": responses[a], "rejected": responses[b]})
-    return out
-
-
-def build_labels(directory: Path, start: str, prompt_files: dict[str, str], world: Any, generation: Any,
-                 data_lengths: tuple[int, int], batch_size: int) -> dict[str, Any]:
-    """Sample K responses per prompt of each part from the start, rank them (module docstring), write
-    ``<part>.ranks.jsonl`` and ``<part>.pairs.jsonl``; return counts and the label agreement with r."""
-    from prefopt.bench.data import read_jsonl, write_jsonl
-    from prefopt.config import DataConfig, ModelConfig
-    from prefopt.data import build_dataloader
-    from prefopt.models import load_causal_lm, load_tokenizer
-    from prefopt.rl.rewards import RewardSpec, build_component
-    from prefopt.rl.engine import generate
-
-    model_cfg = ModelConfig(name_or_path=start)
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_causal_lm(model_cfg, trainable=False)
-    gold = build_component(RewardSpec(**gold_spec(world.penalty)), tokenizer, torch.device("cpu"))
-    k = world.responses_per_prompt
-    data_cfg = DataConfig(path="<prompts>", max_length=data_lengths[0], max_prompt_length=data_lengths[1],
-                          eval_fraction=0.0)
-    rng = random.Random(world.seed)
-    report: dict[str, Any] = {}
-    for part, path in prompt_files.items():
-        records = [{"prompt": r["prompt"], "meta": {}} for r in read_jsonl(Path(path))]
-        repeated = [r for r in records for _ in range(k)]
-        loader, _ = build_dataloader(repeated, "prompts", tokenizer, data_cfg, batch_size * k, shuffle=False, seed=0)
-        responses, scores = [], []
-        for i, batch in enumerate(loader):
-            rollout = generate(model, tokenizer, batch, generation, seed=world.seed + 7919 * (i + 1))
-            responses += rollout.responses
-            scores += gold(rollout).tolist()
-        ranks, pairs, agree, ordered = [], [], 0, 0
-        for j, record in enumerate(records):
-            texts, values = responses[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]
-            ranking = plackett_luce(values, world.label_temperature, rng)
-            ranks.append({"prompt": record["prompt"], "responses": texts, "ranking": ranking})
-            for a, b in itertools.combinations(ranking, 2):
-                if values[a] != values[b]:
-                    ordered += 1
-                    agree += values[a] > values[b]
-            pairs += implied_pairs(record["prompt"], texts, ranking)
-        write_jsonl(directory / f"{part}.ranks.jsonl", ranks)
-        write_jsonl(directory / f"{part}.pairs.jsonl", pairs)
-        report[part] = {"prompts": len(records), "responses": len(responses), "pairs": len(pairs),
-                        "label_agreement_with_true_reward": agree / max(ordered, 1),
-                        "pairs_with_distinct_true_reward": ordered, "start_true_reward": sum(scores) / len(scores)}
-    (directory / "summary.json").write_text(json.dumps(report, indent=2))
-    return report
+def label_prompts(prompts: list[str], responses: list[list[str]], rewards: list[list[float]], temperature: float,
+                  rng: random.Random) -> dict[str, Any]:
+    """The labels of K responses per prompt (module docstring): a Plackett-Luce ranking per prompt, the pairs it
+    implies (pairs of equal true reward dropped: their label is a coin flip), one KTO label per response (the top
+    ranked desirable, the bottom ranked undesirable) and the summary: label agreement with the true reward over the
+    pairs used."""
+    ranks, pairs, kto = [], [], []
+    used = ties = agree = 0
+    for prompt, texts, values in zip(prompts, responses, rewards):
+        ranking = plackett_luce(values, temperature, rng)
+        ranks.append({"prompt": prompt, "responses": texts, "ranking": ranking})
+        for a, b in itertools.combinations(ranking, 2):  # a ranked above b
+            if texts[a] == texts[b] or not texts[a].strip() or not texts[b].strip():
+                continue
+            if values[a] == values[b]:
+                ties += 1
+                continue
+            used += 1
+            agree += values[a] > values[b]
+            pairs.append({"prompt": prompt, "chosen": texts[a], "rejected": texts[b]})
+        top, bottom = ranking[0], ranking[-1]
+        if texts[top].strip() and texts[bottom].strip() and texts[top] != texts[bottom]:
+            kto += [{"prompt": prompt, "completion": texts[top], "label": True},
+                    {"prompt": prompt, "completion": texts[bottom], "label": False}]
+    flat = [r for values in rewards for r in values]
+    summary = {"prompts": len(prompts), "responses": len(flat), "pairs_used": used, "ties_dropped": ties,
+               "label_agreement_over_pairs_used": agree / max(used, 1),
+               "kto_rows": {"desirable": len(kto) // 2, "undesirable": len(kto) // 2},
+               "start_true_reward": sum(flat) / max(len(flat), 1)}
+    return {"ranks": ranks, "pairs": pairs, "kto": kto, "summary": summary}

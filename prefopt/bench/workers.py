@@ -1,0 +1,242 @@
+"""The bench's worker processes and the tasks they run: a chain of stages, a draw's evaluation, one run.
+
+``Workers(context)`` spawns ``cfg.workers`` processes (one torch thread each by default; for 1 it runs the tasks in
+this process) that each receive the ``Context`` once and keep one ``Judge`` per world draw (tokenizer, start,
+scorers, tokenized prompt sets: loaded once per process, not per run). A task's numbers depend only on its inputs
+(recipes, seeds, the context), never on the process that ran it or the order, so 1 and 2 workers write
+bit-identical files.
+
+Tasks write their part of the run directory (prefopt/bench/runner.py lists the layout) and return what the runner
+needs: ``task_stages`` (build stages in order), ``task_draw`` (``draws/draw<d>/``), ``task_gold`` (hh's
+``gold.json``), ``task_run`` (train, evaluate every checkpoint, ``runs/<id>/``; ``run.json`` last, so a run without
+it, or whose key differs, is unfinished and trained again from scratch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from prefopt.bench.config import BenchConfig
+from prefopt.bench.evaluate import Judge, evaluate_policy, evaluate_start, pair_accuracy, scores, text_rollout
+from prefopt.bench.files import content_key, read_json, read_jsonl, write_json, write_jsonl
+from prefopt.bench.launch import train
+from prefopt.bench.plan import Run
+from prefopt.bench.stages import Start, build_stage
+from prefopt.bench.world import gold_spec
+from prefopt.errors import PrefoptError
+from prefopt.stopping import Interrupted
+
+
+@dataclass
+class Context:
+    """What every worker needs: picklable, sent once when the worker starts."""
+
+    cfg: BenchConfig
+    run_dir: Path
+    start: Start
+    prompts: dict[str, list[dict[str, Any]]]
+
+
+_CONTEXT: Context | None = None
+_JUDGES: dict[int, Judge] = {}
+
+
+def _init_worker(context: Context) -> None:
+    global _CONTEXT
+    _CONTEXT = context
+    _JUDGES.clear()
+    if context.cfg.threads:
+        import torch
+
+        torch.set_num_threads(context.cfg.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+class Workers:
+    """``workers`` spawned processes (or this one, for 1) running module-level tasks; results in order."""
+
+    def __init__(self, context: Context):
+        self.context, self.pool = context, None
+        if context.cfg.workers > 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self.pool = ProcessPoolExecutor(context.cfg.workers, mp_context=get_context("spawn"),
+                                            initializer=_init_worker, initargs=(context,))
+        else:
+            _init_worker(context)
+
+    def map(self, name: str, calls: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
+        """Run ``fn(*args)`` for every call; a bar named ``name``."""
+        bar = tqdm(total=len(calls), desc=f"bench {name}", unit="task", dynamic_ncols=True, leave=False)
+        try:
+            if self.pool is None:
+                results = []
+                for fn, args in calls:
+                    results.append(fn(*args))
+                    bar.update(1)
+                return results
+            futures = [self.pool.submit(fn, *args) for fn, args in calls]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update(1))
+            return [future.result() for future in futures]
+        finally:
+            bar.close()
+
+    def close(self, interrupted: bool = False) -> None:
+        if self.pool is None:
+            return
+        if interrupted:  # the processes this bench started, by id
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+def task_stages(stages: list[Any]) -> list[dict[str, float]]:
+    """Build stages in order (a draw's labels, then its proxy RM)."""
+    return [build_stage(stage) for stage in stages]
+
+
+def judge(draw: int) -> Judge:
+    """This worker's evaluation context of a draw (built once)."""
+    if draw not in _JUDGES:
+        ctx = _CONTEXT
+        cfg, the_draw = ctx.cfg, ctx.start.draws[draw]
+        lengths = (cfg.data.max_length, cfg.data.max_prompt_length)
+        proxy = {"name": "reward_model", "params": {"path": str(the_draw.proxy_rm), "max_length": lengths[0]}}
+        gold = gold_spec(cfg.world.penalty) if cfg.task == "world" else \
+            {"name": "reward_model", "params": {"path": str(ctx.start.gold_rm), "max_length": lengths[0]}}
+        pairs = read_jsonl(the_draw.held_out_pairs)[:cfg.eval.num_pairs]
+        _JUDGES[draw] = Judge(str(ctx.start.policy), gold, proxy, cfg.eval.generation, ctx.prompts, pairs, lengths,
+                              cfg.eval.batch_size, cfg.eval.seed)
+    return _JUDGES[draw]
+
+
+def draw_key(ctx: Context, draw: int) -> str:
+    the_draw = ctx.start.draws[draw]
+    return content_key("draw", {"stages": [s.key for s in ctx.start.shared + the_draw.stages], "seed": the_draw.seed,
+                                "eval": asdict(ctx.cfg.eval), "best_of_n": max(ctx.cfg.frontier.best_of_n, default=0),
+                                "prompts": str(ctx.run_dir / "prompts.jsonl")}, ctx.start.known)
+
+
+def task_draw(draw: int) -> dict[str, float]:
+    """``draws/draw<d>/``: the start's rows, best-of-n, held-out pairs, labels.json, proxy.json, draw.json."""
+    ctx, wall, cpu = _CONTEXT, time.perf_counter(), time.process_time()
+    cfg, the_draw = ctx.cfg, ctx.start.draws[draw]
+    directory, key = ctx.run_dir / "draws" / f"draw{draw}", draw_key(ctx, draw)
+    if (directory / "draw.json").is_file() and read_json(directory / "draw.json").get("key") == key:
+        return {"wall_s": 0.0, "cpu_s": 0.0}
+    judged = judge(draw)
+    out = evaluate_start(judged, max(cfg.frontier.best_of_n, default=0), the_draw.seed)
+    for name in ("start", "best_of_n", "pairs"):
+        write_jsonl(directory / f"{name}.jsonl", out[name])
+    stages = {stage.name: stage for stage in the_draw.stages}
+    if cfg.task == "world":
+        labels = read_json(stages["labels"].directory / "stage.json")["summary"]
+        write_json(directory / "labels.json", {"label_temperature": cfg.world.label_temperature,
+                                               "responses_per_prompt": cfg.world.responses_per_prompt,
+                                               "parts": labels})
+        val = read_jsonl(the_draw.val_pairs)
+        ceiling = pair_accuracy(judged.gold, judged.tokenizer, val)
+        proxy = pair_accuracy(judged.proxy, judged.tokenizer, val)
+        true_order = [pair if g else {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+                      for pair, g in zip(val, _gold_prefers_chosen(judged, val))]
+        report = {"n_pairs": len(val), "val_accuracy": proxy["accuracy"], "val_accuracy_ci95": proxy["ci95"],
+                  "val_accuracy_true": pair_accuracy(judged.proxy, judged.tokenizer, true_order)["accuracy"],
+                  "rule_val_accuracy": ceiling.get("rule_accuracy"), "ceiling_val_accuracy": ceiling["accuracy"]}
+    else:
+        report = pair_accuracy(judged.proxy, judged.tokenizer, read_jsonl(ctx.run_dir / "data" / "eval.jsonl"))
+    proxy_stage = stages["proxy_rm"]
+    write_json(directory / "proxy.json", {**report, "seed": the_draw.seed,
+                                          "steps": proxy_stage.spec["train"].get("max_steps")})
+    write_json(directory / "draw.json", {"draw": draw, "seed": the_draw.seed, "key": key,
+                                         "start_key": ctx.start.shared[-1].key if ctx.start.shared else None,
+                                         "labels_key": stages["labels"].key if "labels" in stages else None,
+                                         "proxy_key": proxy_stage.key})
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def _gold_prefers_chosen(judged: Judge, pairs: list[dict[str, Any]]) -> list[bool]:
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scores(judged.gold, text_rollout(judged.tokenizer, prompts, [p["chosen"] for p in pairs]))["score"]
+    rejected = scores(judged.gold, text_rollout(judged.tokenizer, prompts, [p["rejected"] for p in pairs]))["score"]
+    return [c >= r for c, r in zip(chosen, rejected)]
+
+
+def task_gold() -> dict[str, float]:
+    """hh: the gold RM's accuracy on every held-out human pair of the eval part (``gold.json``)."""
+    ctx, wall, cpu = _CONTEXT, time.perf_counter(), time.process_time()
+    pairs = read_jsonl(ctx.run_dir / "data" / "eval.jsonl")
+    judged = judge(0)
+    write_json(ctx.run_dir / "gold.json", {**pair_accuracy(judged.gold, judged.tokenizer, pairs), "method": "wilson",
+                                          "part": "eval"})
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def finished(directory: Path, key: str) -> dict[str, Any] | None:
+    path = directory / "run.json"
+    if path.is_file():
+        info = read_json(path)
+        if info.get("key") == key and info.get("status") == "done":
+            return info
+    return None
+
+
+def task_run(run: Run, flops_per_token: float | None = None) -> dict[str, Any]:
+    """Train ``run`` (unless finished), evaluate its checkpoints, write its files; run.json last."""
+    ctx = _CONTEXT
+    directory = ctx.run_dir / run.dir
+    done = finished(directory, run.key)
+    if done is not None:
+        return done
+    shutil.rmtree(directory, ignore_errors=True)
+    snapshots = [step for step in run.checkpoints if step < run.max_steps]
+    try:
+        out = train(run.recipe, directory, snapshots, count_flops=run.phase == "probe")
+    except Interrupted as exc:
+        raise KeyboardInterrupt(str(exc)) from None
+    except PrefoptError as exc:
+        info = {**run.row(), "key": run.key, "status": "failed", "error": str(exc)}
+        write_json(directory / "run.json", info)
+        return info
+    wall, cpu = time.perf_counter(), time.process_time()
+    rows, pairs = [], []
+    for step in run.checkpoints:
+        path = out["snapshots"].get(step, directory / "model")
+        got = evaluate_policy(judge(run.draw), path, step, run.eval_set, run.eval_set == "eval")
+        rows += got[0]
+        pairs += got[1]
+    write_jsonl(directory / "eval.jsonl", rows)
+    write_jsonl(directory / "pref.jsonl", pairs)
+    if not ctx.cfg.keep_checkpoints:
+        for name in ("snapshots", "checkpoints", "model"):
+            shutil.rmtree(directory / name, ignore_errors=True)
+    flops, method = out.get("flops"), "counted"
+    if flops is None:
+        flops = out["tokens"] * flops_per_token if flops_per_token is not None else None
+        method = "probe-per-token" if flops is not None else None
+    offline = run.train_rows is not None
+    cost = {"wall_s": out["wall_s"], "cpu_s": out["cpu_s"], "eval_wall_s": time.perf_counter() - wall,
+            "eval_cpu_s": time.process_time() - cpu, "peak_rss_mb": out["peak_rss_mb"], "updates": out["updates"],
+            "rows": out["rows"], "samples": out["samples"], "tokens": out["tokens"], "flops": flops,
+            "flops_method": method, "labels_consumed": min(out["rows"], run.labels) if offline else run.labels,
+            "epochs_over_pairs": out["rows"] / run.train_rows if offline and run.train_rows else 0.0}
+    info = {**run.row(), "key": run.key, "status": "done", "error": None, "final_step": out["final_step"],
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cost": cost}
+    write_json(directory / "run.json", info)
+    return info
