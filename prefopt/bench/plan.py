@@ -170,8 +170,10 @@ class Planner:
         """One run's row, recipe and key (module docstring)."""
         the_draw = self.start.draws[draw]
         knob_part = f"{label.knob}={value:g}" if value is not None else "default"
-        run_id = {"select": f"select/{label.label}/lr={learning_rate:g}/{knob_part}/seed{seed}",
-                  "probe": f"probe/{label.label}"}.get(phase, f"{label.label}/{knob_part}/draw{draw}/seed{seed % 1000}")
+        if phase == "select":
+            run_id = f"select/{label.label}/lr={learning_rate:g}/{knob_part}/seed{seed}"
+        else:
+            run_id = f"probe/{label.label}" if phase == "probe" else f"{label.label}/{knob_part}/draw{draw}/seed{seed % 1000}"
         data_path = the_draw.train_files[label.kind] if label.kind in the_draw.train_files \
             else the_draw.train_files["pairs"]
         train: dict[str, Any] = {} if learning_rate is None else {"learning_rate": learning_rate}

@@ -153,7 +153,7 @@ def validate(cfg: BenchConfig) -> None:
     for stage in ("pt", "sft"):
         partial = getattr(cfg.start, stage)
         if partial is not None:
-            if cfg.task == "world" and "path" not in (partial.get("data") or {}):
+            if cfg.task == "world" and not (partial.get("data") or {}).get("path"):
                 raise ConfigError(f"start.{stage}.data.path: task world has no demonstrations; give the text the "
                                   "start learns from (e.g. the HH dialogues)")
             checks.append((f"start.{stage}", lambda s=stage, p=partial: train_recipe(

@@ -208,6 +208,7 @@ def select(workers: Workers, planner: Planner, labels: list[Label], plan: list[R
         left = {label.label: cfg.select.extend for label in choosing}
         while any(pending.values()):
             runs = [run for label in choosing for point in pending[label.label]
+                    if setting(label, point) not in table[label.label]
                     for run in planner.select_runs(label, [setting(label, point)])]
             plan.extend(runs)
             infos = workers.map(f"select {axis}", [(task_run, (run,)) for run in runs])

@@ -218,7 +218,7 @@ def task_run(run: Run, flops_per_token: float | None = None) -> dict[str, Any]:
     rows, pairs = [], []
     for step in run.checkpoints:
         path = out["snapshots"].get(step, directory / "model")
-        got = evaluate_policy(judge(run.draw), path, step, run.eval_set, run.eval_set == "eval")
+        got = evaluate_policy(judge(run.draw), path, step, run.eval_set, run.eval_set == "eval" and step == run.max_steps)
         rows += got[0]
         pairs += got[1]
     write_jsonl(directory / "eval.jsonl", rows)
