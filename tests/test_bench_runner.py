@@ -114,7 +114,7 @@ def test_one_worker_is_bit_identical_and_a_finished_bench_is_not_trained_again(w
         if relative.name != "metrics.jsonl" and relative.parts[0] != "data":  # metrics.jsonl holds timings
             assert path.read_bytes() == (world_bench / relative).read_bytes(), relative
             compared += 1
-    assert compared >= 30
+    assert compared >= 15
     # a second bench over a finished directory trains nothing; an unfinished run is trained again
     logs = {p: p.stat().st_mtime_ns for p in (world_bench / "runs").rglob("train.log")}
     unfinished = world_bench / read_json(world_bench / "plan.json")["runs"][-1]["dir"]

@@ -96,9 +96,10 @@ class Judge:
         return load_causal_lm(ModelConfig(name_or_path=str(path)), trainable=False).to(self.device)
 
     def score(self, rollout: Rollout) -> list[dict[str, Any]]:
-        """Per response: gold (+ its details) and proxy."""
+        """Per response: gold (+ its details; ``cond_acc`` None when the gold has none) and proxy."""
         gold = scores(self.gold, rollout)
-        rows = [{"gold": g, **{k: v[i] for k, v in gold.items() if k != "score"}} for i, g in enumerate(gold["score"])]
+        rows = [{"gold": g, "cond_acc": None, **{k: v[i] for k, v in gold.items() if k != "score"}}
+                for i, g in enumerate(gold["score"])]
         if self.proxy is not None:
             for row, p in zip(rows, self.proxy(rollout).float().tolist()):
                 row["proxy"] = p
