@@ -66,35 +66,53 @@ def _init_worker(context: Context) -> None:
 
 
 class Workers:
-    """``workers`` spawned processes (or this one, for 1) running module-level tasks; results in order."""
+    """``workers`` spawned processes (or this one, for 1) running module-level tasks; results in order. A task
+    found done in this process (``already_done``) is not sent; the processes start at the first task that is not."""
 
     def __init__(self, context: Context):
-        self.context, self.pool = context, None
-        if context.cfg.workers > 1:
+        self.context, self.pool, self.threads = context, None, None
+
+    def _start(self) -> None:
+        if self.pool is not None or self.threads is not None:
+            return
+        import torch
+
+        self.threads = torch.get_num_threads()
+        if self.context.cfg.workers > 1:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self.pool = ProcessPoolExecutor(context.cfg.workers, mp_context=get_context("spawn"),
-                                            initializer=_init_worker, initargs=(context,))
+            self.pool = ProcessPoolExecutor(self.context.cfg.workers, mp_context=get_context("spawn"),
+                                            initializer=_init_worker, initargs=(self.context,))
         else:
-            _init_worker(context)
+            _init_worker(self.context)
 
     def map(self, name: str, calls: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
-        """Run ``fn(*args)`` for every call; a bar named ``name``."""
-        bar = tqdm(total=len(calls), desc=f"bench {name}", unit="task", dynamic_ncols=True, leave=False)
+        """Run ``fn(*args)`` for every call not already done; a bar named ``name``."""
+        results = [already_done(self.context, fn, args) for fn, args in calls]
+        todo = [k for k, result in enumerate(results) if result is None]
+        if todo:
+            self._start()
+        bar = tqdm(total=len(todo), desc=f"bench {name}", unit="task", dynamic_ncols=True, leave=False)
         try:
             if self.pool is None:
-                results = []
-                for fn, args in calls:
-                    results.append(fn(*args))
+                for k in todo:
+                    fn, args = calls[k]
+                    results[k] = fn(*args)
                     bar.update(1)
                 return results
-            futures = [self.pool.submit(fn, *args) for fn, args in calls]
-            for future in futures:
+            futures = {k: self.pool.submit(calls[k][0], *calls[k][1]) for k in todo}
+            for future in futures.values():
                 future.add_done_callback(lambda _: bar.update(1))
-            return [future.result() for future in futures]
+            for k, future in futures.items():
+                results[k] = future.result()
+            return results
         finally:
             bar.close()
 
     def close(self, interrupted: bool = False) -> None:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         if self.pool is None:
             return
         if interrupted:  # the processes this bench started, by id
@@ -102,6 +120,23 @@ class Workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def already_done(ctx: Context, fn: Callable[..., Any], args: tuple) -> Any:
+    """What a task returns when its outputs are already there (None: it has work to do)."""
+    if fn is task_stages and all(stage.done for stage in args[0]):
+        return [build_stage(stage) for stage in args[0]]
+    if fn is task_draw:
+        path = ctx.run_dir / "draws" / f"draw{args[0]}" / "draw.json"
+        if path.is_file() and read_json(path).get("key") == draw_key(ctx, args[0]):
+            return {"wall_s": 0.0, "cpu_s": 0.0}
+    if fn is task_gold:
+        path = ctx.run_dir / "gold.json"
+        if path.is_file() and read_json(path).get("key") == gold_key(ctx):
+            return {"wall_s": 0.0, "cpu_s": 0.0}
+    if fn is task_run:
+        return finished(ctx.run_dir / args[0].dir, args[0].key)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -178,13 +213,18 @@ def _gold_prefers_chosen(judged: Judge, pairs: list[dict[str, Any]]) -> list[boo
     return [c >= r for c, r in zip(chosen, rejected)]
 
 
+def gold_key(ctx: Context) -> str:
+    return content_key("gold", {"gold": str(ctx.start.gold_rm), "pairs": str(ctx.run_dir / "data" / "eval.jsonl")},
+                       ctx.start.known)
+
+
 def task_gold() -> dict[str, float]:
     """hh: the gold RM's accuracy on every held-out human pair of the eval part (``gold.json``)."""
     ctx, wall, cpu = _CONTEXT, time.perf_counter(), time.process_time()
     pairs = read_jsonl(ctx.run_dir / "data" / "eval.jsonl")
     judged = judge(0)
     write_json(ctx.run_dir / "gold.json", {**pair_accuracy(judged.gold, judged.tokenizer, pairs), "method": "wilson",
-                                          "part": "eval"})
+                                          "part": "eval", "key": gold_key(ctx)})
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
