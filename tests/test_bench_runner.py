@@ -133,7 +133,7 @@ def test_tiny_hh_bench_records_the_gold_rm_accuracy(tmp_path, hh_path, monkeypat
     gold, proxy = read_json(out / "gold.json"), read_json(out / "draws" / "draw0" / "proxy.json")
     eval_pairs = len(read_jsonl(out / "data" / "eval.jsonl"))
     assert gold["n_pairs"] == proxy["n_pairs"] == eval_pairs >= 500
-    assert gold["ci95"][0] < gold["accuracy"] < gold["ci95"][1] and gold["method"] == "wilson"
+    assert gold["ci95"][0] < gold["accuracy"] < gold["ci95"][1] and gold["method"] == "normal"
     stages = [(s["stage"], s["draw"]) for s in read_json(out / "manifest.json")["stages"]]
     assert stages == [("init", None), ("sft", None), ("gold_rm", None), ("proxy_rm", 0)]
     info = read_json(out / "runs" / "dpo" / "beta=0.1" / "draw0" / "seed0" / "run.json")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from prefopt.bench.config import BenchConfig
-from prefopt.bench.evaluate import Judge, evaluate_policy, evaluate_start, pair_accuracy, scores, text_rollout
+from prefopt.bench.evaluate import Evaluation, evaluate_policy, evaluate_start, pair_accuracy, text_rollout
 from prefopt.bench.files import content_key, read_json, read_jsonl, write_json, write_jsonl
 from prefopt.bench.launch import train
 from prefopt.bench.plan import Run
@@ -49,13 +49,13 @@ class Context:
 
 
 _CONTEXT: Context | None = None
-_JUDGES: dict[int, Judge] = {}
+_EVALUATIONS: dict[int, Evaluation] = {}
 
 
 def _init_worker(context: Context) -> None:
     global _CONTEXT
     _CONTEXT = context
-    _JUDGES.clear()
+    _EVALUATIONS.clear()
     if context.cfg.threads:
         import torch
 
@@ -147,9 +147,9 @@ def task_stages(stages: list[Any]) -> list[dict[str, float]]:
     return [build_stage(stage) for stage in stages]
 
 
-def judge(draw: int) -> Judge:
+def evaluation(draw: int) -> Evaluation:
     """This worker's evaluation context of a draw (built once)."""
-    if draw not in _JUDGES:
+    if draw not in _EVALUATIONS:
         ctx = _CONTEXT
         cfg, the_draw = ctx.cfg, ctx.start.draws[draw]
         lengths = (cfg.data.max_length, cfg.data.max_prompt_length)
@@ -157,9 +157,9 @@ def judge(draw: int) -> Judge:
         gold = gold_spec(cfg.world.penalty) if cfg.task == "world" else \
             {"name": "reward_model", "params": {"path": str(ctx.start.gold_rm), "max_length": lengths[0]}}
         pairs = read_jsonl(the_draw.held_out_pairs)[:cfg.eval.num_pairs]
-        _JUDGES[draw] = Judge(str(ctx.start.policy), gold, proxy, cfg.eval.generation, ctx.prompts, pairs, lengths,
-                              cfg.eval.batch_size, cfg.eval.seed)
-    return _JUDGES[draw]
+        _EVALUATIONS[draw] = Evaluation(str(ctx.start.policy), gold, proxy, cfg.eval.generation, ctx.prompts, pairs,
+                                        lengths, cfg.eval.batch_size, cfg.eval.seed)
+    return _EVALUATIONS[draw]
 
 
 def draw_key(ctx: Context, draw: int) -> str:
@@ -174,10 +174,8 @@ def task_draw(draw: int) -> dict[str, float]:
     ctx, wall, cpu = _CONTEXT, time.perf_counter(), time.process_time()
     cfg, the_draw = ctx.cfg, ctx.start.draws[draw]
     directory, key = ctx.run_dir / "draws" / f"draw{draw}", draw_key(ctx, draw)
-    if (directory / "draw.json").is_file() and read_json(directory / "draw.json").get("key") == key:
-        return {"wall_s": 0.0, "cpu_s": 0.0}
-    judged = judge(draw)
-    out = evaluate_start(judged, max(cfg.frontier.best_of_n, default=0), the_draw.seed)
+    evals = evaluation(draw)
+    out = evaluate_start(evals, max(cfg.frontier.best_of_n, default=0), the_draw.seed)
     for name in ("start", "best_of_n", "pairs"):
         write_jsonl(directory / f"{name}.jsonl", out[name])
     stages = {stage.name: stage for stage in the_draw.stages}
@@ -187,30 +185,31 @@ def task_draw(draw: int) -> dict[str, float]:
                                                "responses_per_prompt": cfg.world.responses_per_prompt,
                                                "parts": labels})
         val = read_jsonl(the_draw.val_pairs)
-        ceiling = pair_accuracy(judged.gold, judged.tokenizer, val)
-        proxy = pair_accuracy(judged.proxy, judged.tokenizer, val)
-        true_order = [pair if g else {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
-                      for pair, g in zip(val, _gold_prefers_chosen(judged, val))]
+        proxy = pair_accuracy(evals.proxy, evals.tokenizer, val)
         report = {"n_pairs": len(val), "val_accuracy": proxy["accuracy"], "val_accuracy_ci95": proxy["ci95"],
-                  "val_accuracy_true": pair_accuracy(judged.proxy, judged.tokenizer, true_order)["accuracy"],
-                  "rule_val_accuracy": ceiling.get("rule_accuracy"), "ceiling_val_accuracy": ceiling["accuracy"]}
+                  "val_accuracy_true": pair_accuracy(evals.proxy, evals.tokenizer, true_order(evals, val))["accuracy"],
+                  "rule_val_accuracy": pair_accuracy(evals.judges["rule"], evals.tokenizer, val)["accuracy"],
+                  "ceiling_val_accuracy": pair_accuracy(evals.gold, evals.tokenizer, val)["accuracy"]}
     else:
-        report = pair_accuracy(judged.proxy, judged.tokenizer, read_jsonl(ctx.run_dir / "data" / "eval.jsonl"))
+        report = pair_accuracy(evals.proxy, evals.tokenizer, read_jsonl(ctx.run_dir / "data" / "eval.jsonl"))
     proxy_stage = stages["proxy_rm"]
     write_json(directory / "proxy.json", {**report, "seed": the_draw.seed,
                                           "steps": proxy_stage.spec["train"].get("max_steps")})
     write_json(directory / "draw.json", {"draw": draw, "seed": the_draw.seed, "key": key,
-                                         "start_key": ctx.start.shared[-1].key if ctx.start.shared else None,
+                                         "start_key": next((s.key for s in ctx.start.shared
+                                                            if s.model == ctx.start.policy), None),
                                          "labels_key": stages["labels"].key if "labels" in stages else None,
                                          "proxy_key": proxy_stage.key})
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
-def _gold_prefers_chosen(judged: Judge, pairs: list[dict[str, Any]]) -> list[bool]:
+def true_order(evals: Evaluation, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pairs with chosen and rejected swapped where the true reward prefers the rejected reply."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = scores(judged.gold, text_rollout(judged.tokenizer, prompts, [p["chosen"] for p in pairs]))["score"]
-    rejected = scores(judged.gold, text_rollout(judged.tokenizer, prompts, [p["rejected"] for p in pairs]))["score"]
-    return [c >= r for c, r in zip(chosen, rejected)]
+    chosen, rejected = (evals.gold(text_rollout(evals.tokenizer, prompts, [p[side] for p in pairs])).tolist()
+                        for side in ("chosen", "rejected"))
+    return [pair if c >= r else {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+            for pair, c, r in zip(pairs, chosen, rejected)]
 
 
 def gold_key(ctx: Context) -> str:
@@ -222,8 +221,8 @@ def task_gold() -> dict[str, float]:
     """hh: the gold RM's accuracy on every held-out human pair of the eval part (``gold.json``)."""
     ctx, wall, cpu = _CONTEXT, time.perf_counter(), time.process_time()
     pairs = read_jsonl(ctx.run_dir / "data" / "eval.jsonl")
-    judged = judge(0)
-    write_json(ctx.run_dir / "gold.json", {**pair_accuracy(judged.gold, judged.tokenizer, pairs), "method": "wilson",
+    evals = evaluation(0)
+    write_json(ctx.run_dir / "gold.json", {**pair_accuracy(evals.gold, evals.tokenizer, pairs), "method": "normal",
                                           "part": "eval", "key": gold_key(ctx)})
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
@@ -258,7 +257,7 @@ def task_run(run: Run, flops_per_token: float | None = None) -> dict[str, Any]:
     rows, pairs = [], []
     for step in run.checkpoints:
         path = out["snapshots"].get(step, directory / "model")
-        got = evaluate_policy(judge(run.draw), path, step, run.eval_set, run.eval_set == "eval" and step == run.max_steps)
+        got = evaluate_policy(evaluation(run.draw), path, step, run.eval_set, run.eval_set == "eval" and step == run.max_steps)
         rows += got[0]
         pairs += got[1]
     write_jsonl(directory / "eval.jsonl", rows)
