@@ -63,6 +63,7 @@ def _init_worker(context: Context) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # a reward model built from the start says its new head is new, every load
 
 
 class Workers:
@@ -70,14 +71,15 @@ class Workers:
     found done in this process (``already_done``) is not sent; the processes start at the first task that is not."""
 
     def __init__(self, context: Context):
-        self.context, self.pool, self.threads = context, None, None
+        self.context, self.pool, self.threads, self.verbosity = context, None, None, None
 
     def _start(self) -> None:
         if self.pool is not None or self.threads is not None:
             return
         import torch
+        from transformers.utils import logging as hf_logging
 
-        self.threads = torch.get_num_threads()
+        self.threads, self.verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
         if self.context.cfg.workers > 1:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             self.pool = ProcessPoolExecutor(self.context.cfg.workers, mp_context=get_context("spawn"),
@@ -109,10 +111,12 @@ class Workers:
             bar.close()
 
     def close(self, interrupted: bool = False) -> None:
-        if self.threads is not None:
+        if self.threads is not None:  # this process's settings as they were (1 worker: the tasks ran here)
             import torch
+            from transformers.utils import logging as hf_logging
 
             torch.set_num_threads(self.threads)
+            hf_logging.set_verbosity(self.verbosity)
         if self.pool is None:
             return
         if interrupted:  # the processes this bench started, by id
