@@ -17,10 +17,13 @@ reference of every KL and implicit reward), the judges (``gold``: the true rewar
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
@@ -56,6 +59,11 @@ def text_rollout(tokenizer, prompts: list[str], responses: list[str]) -> Rollout
                    prompts=list(prompts), responses=list(responses))
 
 
+def _number(value: Any) -> Any:
+    """NaN (a judge's "no score", e.g. cond_acc of a reply without target words) as None, like the files."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def judges(gold: Any, proxy: Any | None) -> dict[str, Any]:
     """The judges of a draw: gold (and the columns of its ``details``, e.g. the world's cond_acc), proxy."""
     out = {"gold": gold}
@@ -89,6 +97,7 @@ class Evaluation:
                  batch_size: int, seed: int):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(ModelConfig(name_or_path=start))
+        self.start, self.shell, self.shell_config = start, None, None
         self.reference = self.load(start)
         self.gold = build_component(RewardSpec(**gold), self.tokenizer, self.device)
         self.proxy = build_component(RewardSpec(**proxy), self.tokenizer, self.device) if proxy else None
@@ -107,12 +116,33 @@ class Evaluation:
     def load(self, path: str | Path) -> torch.nn.Module:
         return load_causal_lm(ModelConfig(name_or_path=str(path)), trainable=False).to(self.device)
 
+    def checkpoint(self, path: str | Path) -> torch.nn.Module:
+        """A checkpoint of a run as a policy: its weights loaded into one model kept for this draw (a saved model of
+        the start's architecture, its tied weights left out), else ``load`` (a different config, an adapter)."""
+        path = Path(path)
+        if self.shell is None:
+            self.shell = self.load(self.start)
+            self.shell_config = json.loads((Path(self.start) / "config.json").read_text())
+        weights = path / "model.safetensors"
+        if weights.is_file() and json.loads((path / "config.json").read_text()) == self.shell_config:
+            state = load_file(weights, device=str(self.device))
+            current = self.shell.state_dict(keep_vars=True)
+            storage = {}
+            for name, tensor in current.items():
+                storage.setdefault(tensor.data_ptr(), []).append(name)
+            missing = set(current) - set(state)
+            tied = all(any(other in state for other in storage[current[name].data_ptr()]) for name in missing)
+            if tied and set(state) <= set(current):
+                self.shell.load_state_dict(state, strict=False)
+                return self.shell
+        return self.load(path)
+
     def samples(self, model: torch.nn.Module, prompt_set: str) -> list[dict[str, Any]]:
         """One seeded reply per prompt of a set, judged and measured; row i answers prompt i."""
         rows = sample_and_measure(model, self.tokenizer, self.sets[prompt_set], self.generation,
                                   self.seed + SET_OFFSET[prompt_set], judges=self.judges, reference=self.reference,
                                   entropy=True)
-        return [{"i": row["prompt_index"], **{k: row.get(k) for k in COLUMNS}} for row in rows]
+        return [{"i": row["prompt_index"], **{k: _number(row.get(k)) for k in COLUMNS}} for row in rows]
 
     def preference(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         """Per held-out pair k: the policy's summed log-probs of chosen and rejected, the implicit-reward margin and
@@ -128,7 +158,7 @@ class Evaluation:
         rows = sample_and_measure(self.reference, self.tokenizer, self.sets["eval"], self.generation,
                                   self.seed + 7919 * draw_seed, num_samples=n, judges=self.judges, policy=False)
         return [{"i": row["prompt_index"], "j": row["sample"], "length": row["length"],
-                 **{k: row.get(k) for k in ("gold", "proxy", "cond_acc")}} for row in rows]
+                 **{k: _number(row.get(k)) for k in ("gold", "proxy", "cond_acc")}} for row in rows]
 
     def start_pairs(self) -> list[dict[str, Any]]:
         """The held-out pairs with the start's summed log-probs and the gold judge's score of each reply."""
@@ -146,7 +176,7 @@ class Evaluation:
 def evaluate_policy(evaluation: Evaluation, path: str | Path, step: int, prompt_set: str | None,
                     with_pairs: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One checkpoint: its sample rows on ``prompt_set`` and its pair rows (eval.jsonl, pref.jsonl)."""
-    model = evaluation.load(path)
+    model = evaluation.checkpoint(path)
     rows = [{"step": step, "set": prompt_set, **row} for row in evaluation.samples(model, prompt_set)] \
         if prompt_set else []
     pairs = [{"step": step, **row} for row in evaluation.preference(model)] if with_pairs and evaluation.pairs else []
