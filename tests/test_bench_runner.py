@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from bench_rundir import check_run_dir, make_run_dir
 from prefopt.bench.files import read_json, read_jsonl
-from prefopt.bench.runner import _best, _extension, run_bench
 from prefopt.bench.plan import checkpoint_steps
+from prefopt.bench.runner import _best, _extension, run_bench
 
 BENCH = Path(__file__).resolve().parents[1] / "recipes" / "bench"
 WORLD_TINY = BENCH / "world_tiny_test.yaml"
@@ -33,6 +34,13 @@ def test_selection_takes_the_best_within_the_kl_budget_and_extends_an_edge():
     assert _extension([0.0, 0.05], 0.0) is None and _extension([0.1], 0.1) is None  # no step from 0 or one value
 
 
+def test_the_fixture_run_directory_follows_the_layout(tmp_path):
+    out = make_run_dir(tmp_path / "fixture", draws=2, seeds=(0, 1), n_eval=4, n_val=3, n_pairs=2, bon_n=4)
+    check_run_dir(out)
+    rows = read_jsonl(out / "runs" / "dpo" / "beta=0.05" / "draw1" / "seed1" / "eval.jsonl")
+    assert {r["step"] for r in rows} == set(checkpoint_steps(24, 8)) and len(rows) == 4 * 8
+
+
 @pytest.fixture(scope="module")
 def world_bench(tmp_path_factory, hh_path):
     """The tiny world bench with 2 workers (its start cached for the other tests of this module)."""
@@ -49,6 +57,7 @@ def world_bench(tmp_path_factory, hh_path):
 @pytest.mark.slow
 def test_tiny_world_bench_writes_the_run_directory(world_bench):
     out = world_bench
+    check_run_dir(out)
     bench, manifest, plan = (read_json(out / f"{name}.json") for name in ("bench", "manifest", "plan"))
     cfg = bench["config"]
     assert bench["task"] == "world" and manifest["host"]["workers"] == 2
@@ -130,6 +139,7 @@ def test_one_worker_is_bit_identical_and_a_finished_bench_is_not_trained_again(w
 def test_tiny_hh_bench_records_the_gold_rm_accuracy(tmp_path, hh_path, monkeypatch):
     monkeypatch.setenv("PREFOPT_HH_DIR", str(hh_path.parents[1]))
     out = Path(run_bench(BENCH / "hh_tiny_test.yaml", [f"output_dir={tmp_path / 'a'}", f"cache_dir={tmp_path / 'c'}"]))
+    check_run_dir(out)
     gold, proxy = read_json(out / "gold.json"), read_json(out / "draws" / "draw0" / "proxy.json")
     eval_pairs = len(read_jsonl(out / "data" / "eval.jsonl"))
     assert gold["n_pairs"] == proxy["n_pairs"] == eval_pairs >= 500
