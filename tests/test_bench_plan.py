@@ -57,7 +57,7 @@ def test_runs_get_the_draws_files_the_right_reward_and_the_offline_budget(tmp_pa
     cfg = load_bench(WORLD_TINY, ["algorithms.nope={}", "algorithms.a2c={algorithm: {trainable_layers: 2}}",
                                   "algorithms.plugin={algorithm: {name: bench_plugin_test}}",
                                   "algorithms.kto={train: {batch_size: 16}}", "budget.epochs=1.5",
-                                  "frontier.knob_values={plugin: [0.7]}"])
+                                  "frontier.knob_values={plugin: [0.7]}", "seeds=[0, 1]"])
     labels, skipped = plan_labels(cfg, start.policy)
     assert "unknown algorithm 'nope'" in skipped["nope"]
     by_name = {label.label: label for label in labels}

@@ -46,7 +46,7 @@ def test_every_bench_recipe_validates_and_the_default_is_the_whole_zoo():
     ("oracles=[dpo]", "oracles: 'dpo' is not an online algorithm"),
     ("colour=red", "unknown config key 'colour'"),
     ("frontier.knob_values={nope: [0.1]}", "frontier.knob_values"),
-    ("select.seeds=[1001]", "select.seeds=[1001]: [1001] also train main runs"),
+    ("select.seeds=[1000]", "select.seeds=[1000]: [1000] also train main runs"),
     ("select.draw=5", "select.draw=5: must be < draws"),
     ("budget.epochs=0.5", "budget.epochs=0.5: offline algorithms see every labelled pair"),
     ("start.sft.data.path=null", "start.sft.data.path: task world has no demonstrations"),

@@ -27,9 +27,9 @@ from typing import Any
 
 from prefopt.bench.config import BenchConfig
 from prefopt.bench.files import content_key
-from prefopt.bench.recipes import OFFLINE, algorithm_class, knob_values, partial_recipe, train_recipe
+from prefopt.bench.recipes import (OFFLINE, algorithm_class, gold_judge, knob_values, partial_recipe, proxy_reward,
+                                   train_recipe)
 from prefopt.bench.stages import Draw, Start
-from prefopt.bench.world import gold_spec
 from prefopt.errors import ConfigError, UnknownNameError
 
 PROBE_STEPS = 4
@@ -155,14 +155,13 @@ class Planner:
         self.eval_settings = json.loads(json.dumps({
             "eval": dataclasses.asdict(cfg.eval), "lengths": [cfg.data.max_length, cfg.data.max_prompt_length],
             "prompts": str(self.run_dir / "prompts.jsonl"), "task": cfg.task,
-            "gold": gold_spec(cfg.world.penalty) if cfg.task == "world" else str(start.gold_rm)}))
+            "gold": gold_judge(cfg, start.gold_rm)}))
 
     def rewards(self, label: Label, draw: Draw) -> list[dict[str, Any]] | None:
         if label.reward == "true":
-            return [gold_spec(self.cfg.world.penalty)]
+            return [gold_judge(self.cfg)]
         if label.reward == "proxy":
-            return [{"name": "reward_model", "weight": 1.0,
-                     "params": {"path": str(draw.proxy_rm), "max_length": self.cfg.data.max_length}}]
+            return [proxy_reward(self.cfg, draw.proxy_rm)]
         return None
 
     def run(self, label: Label, phase: str, draw: int, seed: int, value: float | None,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.bench.config import BenchConfig
+from prefopt.bench.world import gold_spec
 from prefopt.config import build_run_config, from_dict
 from prefopt.errors import ConfigError, UnknownNameError
 from prefopt.recipe_file import merge, parse_overrides, read_yaml
@@ -33,6 +34,19 @@ RUN_DATA = ("path", "format", "subsets", "split")
 """The training data of a run is the bench's (a stage's partial recipe may name its own text)."""
 OFFLINE = ("pairs", "unpaired", "ranks")
 """Data kinds trained on labelled rows: their steps come from ``budget.epochs`` (prefopt.bench.plan)."""
+
+
+def gold_judge(cfg: BenchConfig, gold_rm: str | None = None) -> dict[str, Any]:
+    """What judges every policy, as a RewardSpec mapping: the world's true reward, or (hh) the gold RM at
+    ``gold_rm``; an oracle run optimises the same true reward."""
+    if cfg.task == "world":
+        return gold_spec(cfg.world.penalty)
+    return {"name": "reward_model", "weight": 1.0, "params": {"path": str(gold_rm), "max_length": cfg.data.max_length}}
+
+
+def proxy_reward(cfg: BenchConfig, proxy_rm: str) -> dict[str, Any]:
+    """A draw's proxy RM as a RewardSpec mapping (the online algorithms' reward and the ``proxy`` judge)."""
+    return {"name": "reward_model", "weight": 1.0, "params": {"path": str(proxy_rm), "max_length": cfg.data.max_length}}
 
 
 def load_bench(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:

@@ -24,8 +24,8 @@ from typing import Any
 from prefopt.bench.config import BenchConfig
 from prefopt.bench.data import BenchData
 from prefopt.bench.files import content_key, read_json, read_jsonl, write_json, write_jsonl
-from prefopt.bench.recipes import train_recipe
-from prefopt.bench.world import gold_spec, label_prompts
+from prefopt.bench.recipes import gold_judge, train_recipe
+from prefopt.bench.world import label_prompts
 
 STAGE_FILE = "stage.json"
 LABELLED_PARTS = ("policy_train", "val", "eval")
@@ -135,6 +135,7 @@ def plan_start(cfg: BenchConfig, data: BenchData) -> Start:
         draw = Draw(d, draw_seed(cfg, d))
         if cfg.task == "world":
             labels = stage("labels", "labels", {"start": model, "seed": draw.seed, "world": asdict(cfg.world),
+                                                "gold": gold_judge(cfg),
                                                 "prompts": {p: str(data.files[p].resolve()) for p in LABELLED_PARTS},
                                                 "generation": asdict(cfg.eval.generation),
                                                 "lengths": [cfg.data.max_length, cfg.data.max_prompt_length],
@@ -212,7 +213,7 @@ def _build_labels(stage: Stage) -> dict[str, Any]:
     model_cfg = ModelConfig(name_or_path=spec["start"])
     tokenizer = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, trainable=False)
-    gold = build_component(RewardSpec(**gold_spec(world["penalty"])), tokenizer, torch.device("cpu"))
+    gold = build_component(RewardSpec(**spec["gold"]), tokenizer, torch.device("cpu"))
     generation = replace(GenerationConfig(**spec["generation"]), max_new_tokens=world["max_new_tokens"])
     k = world["responses_per_prompt"]
     data_cfg = DataConfig(path="<prompts>", max_length=spec["lengths"][0], max_prompt_length=spec["lengths"][1],

@@ -33,7 +33,7 @@ from prefopt.bench.files import content_key, read_json, read_jsonl, write_json, 
 from prefopt.bench.launch import train
 from prefopt.bench.plan import Run
 from prefopt.bench.stages import Start, build_stage
-from prefopt.bench.world import gold_spec
+from prefopt.bench.recipes import gold_judge, proxy_reward
 from prefopt.errors import PrefoptError
 from prefopt.stopping import Interrupted
 
@@ -157,9 +157,7 @@ def evaluation(draw: int) -> Evaluation:
         ctx = _CONTEXT
         cfg, the_draw = ctx.cfg, ctx.start.draws[draw]
         lengths = (cfg.data.max_length, cfg.data.max_prompt_length)
-        proxy = {"name": "reward_model", "params": {"path": str(the_draw.proxy_rm), "max_length": lengths[0]}}
-        gold = gold_spec(cfg.world.penalty) if cfg.task == "world" else \
-            {"name": "reward_model", "params": {"path": str(ctx.start.gold_rm), "max_length": lengths[0]}}
+        proxy, gold = proxy_reward(cfg, the_draw.proxy_rm), gold_judge(cfg, ctx.start.gold_rm)
         pairs = read_jsonl(the_draw.held_out_pairs)[:cfg.eval.num_pairs]
         _EVALUATIONS[draw] = Evaluation(str(ctx.start.policy), gold, proxy, cfg.eval.generation, ctx.prompts, pairs,
                                         lengths, cfg.eval.batch_size, cfg.eval.seed)
