@@ -1,6 +1,6 @@
 """A complete bench run directory with KNOWN numbers, written without any model (for the report's tests).
 
-``make_run_dir(path)`` writes every file of the run-directory layout (prefopt/bench/runner.py's docstring lists
+``make_run_dir(path)`` writes every file of the run-directory layout (prefopt/bench/files.py's docstring lists
 them) for a small world bench whose numbers are planted, so a test can check what the report computes against the
 truth it was built from:
 
@@ -212,7 +212,7 @@ SELECTION = {"knob", "learning_rates", "knob_values", "chosen_learning_rate", "c
 
 
 def check_run_dir(path: Path) -> None:
-    """Assert that ``path`` holds the run-directory layout of prefopt/bench/runner.py, file by file and key by key
+    """Assert that ``path`` holds the run-directory layout of prefopt/bench/files.py, file by file and key by key
     (the same check for this fixture and for a real bench, so the two cannot drift apart)."""
     from prefopt.bench.files import read_json, read_jsonl
 

@@ -1,4 +1,32 @@
-"""The bench's files: JSON and JSON-lines in and out, and content keys.
+"""The bench's files: the run-directory layout, JSON and JSON-lines in and out, and content keys.
+
+The run directory is everything a result depends on and all the report reads (prefopt.bench.report):
+
+    bench.json            {profile, task, config}: the resolved bench config
+    manifest.json         versions, git commit, host (cpus, threads, workers, load), splits (counts, id hashes), seeds
+                          (main, train, select), draws, selection (per label: grids as run, chosen learning rate and knob
+                          value, on_edge, extended, the val table), skipped labels, stages (key, cached, cost), times
+                          per phase
+    plan.json             {labels: {label: {algorithm, kind, knob, policy_class, reward, oracle_of}}, runs: [row]}
+                          row: id, label, algorithm, kind, phase (select | main | oracle | probe), draw, seed, knob, value,
+                          learning_rate, dir, reward (proxy | true | labels), policy_class, max_steps, checkpoints,
+                          eval_set, oracle_of, key
+    prompts.jsonl         {set (val | eval), i, prompt, group}: the prompt sets every policy is sampled on
+    gold.json             hh: the gold RM's accuracy on every held-out pair of the eval part, with its 95% interval
+    data/<part>.jsonl     the pinned parts
+    draws/draw<d>/        draw.json (seed, keys); labels.json (world: counts, ties dropped, label agreement per part);
+                          proxy.json (the proxy RM's held-out accuracy beside the prompt-blind rule and the true reward);
+                          start.jsonl (the start's sample rows, step 0); best_of_n.jsonl {i, j, gold, proxy, length,
+                          cond_acc}; pairs.jsonl (held-out pairs: the start's log-probs, the gold of each reply)
+    runs/<id>/            run.json (plan row + status, final_step, cost: wall / CPU s, eval s, peak RSS, updates, rows,
+                          samples, tokens, FLOPs, labels consumed, epochs over the pairs; written last);
+                          eval.jsonl {step, set, i, gold, proxy, cond_acc, rule, kl, logp, length, entropy, response}
+                          per checkpoint; pref.jsonl {step, k, chosen, rejected, implicit_margin, implicit_acc,
+                          logprob_acc} at the last step; metrics.jsonl, train.log, recipe.yaml of the training run
+    results.md, *.csv, *.png    the report's
+
+(tests/bench_rundir.py: ``check_run_dir`` checks this layout key by key; ``make_run_dir`` writes one with known
+numbers.)
 
 * JSON is written with sorted keys, NaN / inf as null, and atomically (a temporary file renamed over the target),
   so an interrupted bench never leaves half a file; a JSON-lines file is rewritten only when its text changes

@@ -6,7 +6,7 @@ scorers, tokenized prompt sets: loaded once per process, not per run). A task's 
 (recipes, seeds, the context), never on the process that ran it or the order, so 1 and 2 workers write
 bit-identical files.
 
-Tasks write their part of the run directory (prefopt/bench/runner.py lists the layout) and return what the runner
+Tasks write their part of the run directory (prefopt/bench/files.py lists the layout) and return what the runner
 needs: ``task_stages`` (build stages in order), ``task_draw`` (``draws/draw<d>/``), ``task_gold`` (hh's
 ``gold.json``), ``task_run`` (train, evaluate every checkpoint, ``runs/<id>/``; ``run.json`` last, so a run without
 it, or whose key differs, is unfinished and trained again from scratch).
