@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from prefopt.bench.config import BenchConfig
 from prefopt.bench.data import PROMPT_SETS, prepare_data
-from prefopt.bench.files import read_jsonl, write_json
+from prefopt.bench.files import read_json, read_jsonl, write_json
 from prefopt.bench.manifest import load_average, manifest
 from prefopt.bench.plan import Label, Planner, Run, plan_labels
 from prefopt.bench.recipes import load_bench
@@ -70,9 +70,20 @@ def _interrupt(signum, frame):
 
 
 def _run(cfg: BenchConfig) -> Path:
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    if cfg.threads:  # the shared stages build here, with the workers' threads
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _phases(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _phases(cfg: BenchConfig) -> Path:
     load_at_start = load_average()
     run_dir = Path(cfg.output_dir).resolve()
     times: dict[str, dict[str, float]] = {}
@@ -113,8 +124,8 @@ def _run(cfg: BenchConfig) -> Path:
             mains = [run for label in labels for run in runs[label.label]]
             plan += mains
             _write_plan(run_dir, labels, plan)
-            infos = workers.map("main", [(task_run, (run, per_token.get(run.label))) for run in mains])
-            clock.add([info.get("cost", {}) for info in infos])
+            clock.add([info.get("cost", {}) for info in workers.map(
+                "main", [(task_run, (run, per_token.get(run.label))) for run in mains])])
     except KeyboardInterrupt:
         if workers is not None:
             workers.close(interrupted=True)
@@ -133,7 +144,7 @@ def _run(cfg: BenchConfig) -> Path:
     write_json(run_dir / "manifest.json", manifest(cfg, data.manifest, draws, selection, stages, times, skipped,
                                                    load_at_start))
     print(summary)
-    failed = [info["id"] for info in infos if info.get("status") == "failed"]
+    failed = [run.id for run in plan if read_json(run_dir / run.dir / "run.json").get("status") == "failed"]
     if failed:
         raise RunsFailed(f"{len(failed)} run(s) failed: {', '.join(failed)}; their run.json says why (logs: "
                          f"<run>/train.log); the report in {run_dir} lists the others")
