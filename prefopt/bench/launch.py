@@ -3,8 +3,9 @@
 The run is ``Trainer(build_run_config(recipe)).fit()`` (the same code as ``prefopt train``; the bench's worker
 processes call it, so a run never pays a subprocess's imports) with the algorithm's ``step`` observed through its
 public contract (prefopt.algorithm): every yielded loss is one micro-batch (``gradient_accumulation_steps`` of them
-one optimizer update), its ``num_tokens`` the tokens it processed; before the batch that starts step s (s in
-``snapshot_steps``) the policy is written with ``algorithm.save`` to ``snapshots/step-<s>``: the policy after s
+one optimizer update), its ``num_tokens`` the tokens it processed; a step takes ``Trainer.batches_per_step`` loader
+batches (one for an algorithm that splits its update into micro-batches itself); before the batch that starts step s
+(s in ``snapshot_steps``) the policy is written with ``algorithm.save`` to ``snapshots/step-<s>``: the policy after s
 steps, which the bench evaluates as a point along training.
 
 Cost: wall time, this process's CPU time (``time.process_time``: user + system of every thread), the process's
@@ -30,9 +31,10 @@ import yaml
 class Observer:
     """Wraps ``algorithm.step``: counts updates, tokens, rows and saves snapshots at step boundaries."""
 
-    def __init__(self, algorithm: Any, accumulation: int, snapshot_steps: list[int], directory: Path):
+    def __init__(self, algorithm: Any, accumulation: int, batches_per_step: int, snapshot_steps: list[int],
+                 directory: Path):
         self.algorithm = algorithm
-        self.accumulation = accumulation
+        self.accumulation, self.batches_per_step = accumulation, batches_per_step
         self.snapshot_steps = set(snapshot_steps)
         self.directory = directory
         self.batches = self.losses = self.tokens = self.rows = 0
@@ -42,8 +44,8 @@ class Observer:
         algorithm.step = self.step
 
     def step(self, batch: Any):
-        if self.batches % self.accumulation == 0:
-            done = self.batches // self.accumulation
+        if self.batches % self.batches_per_step == 0:
+            done = self.batches // self.batches_per_step
             if done in self.snapshot_steps:
                 path = self.directory / f"step-{done}"
                 self.algorithm.save(path)
@@ -94,8 +96,8 @@ def train(recipe: dict[str, Any], directory: Path, snapshot_steps: list[int] = (
         stack.enter_context(contextlib.redirect_stdout(log))
         trainer = Trainer(config)
         trainer.prepare_data()
-        observer = Observer(trainer.algorithm, config.train.gradient_accumulation_steps, list(snapshot_steps),
-                            directory / "snapshots")
+        observer = Observer(trainer.algorithm, config.train.gradient_accumulation_steps, trainer.batches_per_step,
+                            list(snapshot_steps), directory / "snapshots")
         counter = _flop_counter() if count_flops else contextlib.nullcontext()
         with counter:
             final = trainer.fit()
