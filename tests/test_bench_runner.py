@@ -129,7 +129,7 @@ def test_one_worker_is_bit_identical_and_a_finished_bench_is_not_trained_again(w
     unfinished = world_bench / read_json(world_bench / "plan.json")["runs"][-1]["dir"]
     (unfinished / "run.json").unlink()
     eval_rows = (unfinished / "eval.jsonl").read_bytes()
-    run_bench(WORLD_TINY, [f"output_dir={world_bench}", f"cache_dir={cache}"])
+    run_bench(WORLD_TINY, [f"output_dir={world_bench}", f"cache_dir={cache}", "workers=1"])
     again = {p: p.stat().st_mtime_ns for p in logs}
     assert [p for p in logs if again[p] != logs[p]] == [unfinished / "train.log"]
     assert (unfinished / "eval.jsonl").read_bytes() == eval_rows and read_json(unfinished / "run.json")["status"] == "done"
@@ -142,7 +142,7 @@ def test_tiny_hh_bench_records_the_gold_rm_accuracy(tmp_path, hh_path, monkeypat
     check_run_dir(out)
     gold, proxy = read_json(out / "gold.json"), read_json(out / "draws" / "draw0" / "proxy.json")
     eval_pairs = len(read_jsonl(out / "data" / "eval.jsonl"))
-    assert gold["n_pairs"] == proxy["n_pairs"] == eval_pairs >= 500
+    assert gold["n_pairs"] == proxy["n_pairs"] == eval_pairs > 200  # every held-out pair (bench-hh: >= 500)
     assert gold["ci95"][0] < gold["accuracy"] < gold["ci95"][1] and gold["method"] == "normal"
     stages = [(s["stage"], s["draw"]) for s in read_json(out / "manifest.json")["stages"]]
     assert stages == [("init", None), ("sft", None), ("gold_rm", None), ("proxy_rm", 0)]
