@@ -1,7 +1,9 @@
 """Atomic checkpoints: write into ``<name>.tmp``, then rename; only renamed directories count as complete.
 
-A checkpoint holds what ``accelerator.save_state`` writes (model weights as safetensors, optimizer, scheduler,
-the RNG states of every process: python, numpy, torch, cuda) plus ``trainer_state.json``, written last: the step,
+A checkpoint holds what ``accelerator.save_state`` writes (optimizer, scheduler, the RNG states of every process:
+python, numpy, torch, cuda; the model weights only when they are sharded, FSDP / DeepSpeed) and its ``model/``, which
+holds the weights ONCE, loadable with plain ``from_pretrained`` (the trainable rest, a critic or heads, beside it:
+prefopt.export.ExportedWeights), plus ``trainer_state.json``, written last: the step,
 each process's data position (epoch, batches of it taken) and its metrics averager's partial sums. A directory without
 ``trainer_state.json``, or still named ``*.tmp``, is an interrupted write and is never resumed from.
 
@@ -39,6 +41,7 @@ FILES_KEY = "files"  # in trainer_state.json: every other file of the checkpoint
 STEP_NAME = re.compile(r"step-\d+")
 RNG_FILE = "random_states_{}.pkl"  # accelerate's name, one per process
 CUSTOM_FILE = "custom_state_{}.pt"  # objects registered with accelerator.register_for_checkpointing
+ACCELERATE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # accelerate's model file, when it wrote one
 log = logging.getLogger("prefopt.checkpoint")
 
 
@@ -60,12 +63,13 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep: int,
-                    export: Any = None) -> Path:
+                    export: Any = None, weights: Any = None) -> Path:
     """Save accelerate state + trainer state atomically; prune to the ``keep`` newest complete checkpoints.
 
     Every process must call this (``save_state`` and the barriers are collective); the main process writes
     ``state`` (JSON-serialisable) and does the renames. ``export(directory)``, when given, writes the loadable
-    ``model/`` copy (main process only).
+    ``model/`` copy (main process only). With ``weights`` (a ``prefopt.export.ExportedWeights``) the model's weights
+    are stored once: accelerate writes none, ``model/`` holds them, and the trainable rest goes beside it.
     """
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:08d}"
@@ -75,7 +79,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    with _own_custom_objects(accelerator) as custom:
+    with _own_custom_objects(accelerator) as custom, _weights_skipped(accelerator, weights is not None):
         accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -83,6 +87,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             torch.save(obj.state_dict(), tmp / CUSTOM_FILE.format(index))
         if export is not None:
             export(tmp / MODEL_DIR)
+            if weights is not None:
+                weights.save_rest(tmp, MODEL_DIR)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, FILES_KEY: files}, indent=2))
         _fsync_tree(tmp)
@@ -157,7 +163,8 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def load_resume(accelerator: Any, output_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
+def load_resume(accelerator: Any, output_dir: str | Path, resume: str, weights: Any = None
+                ) -> tuple[Path, dict[str, Any]] | None:
     """Load the checkpoint ``resume`` names: (its path, its trainer state), or None for a fresh start.
 
     With ``auto``, a newest checkpoint that fails ``verify_checkpoint`` or ``load_checkpoint`` is set aside as
@@ -168,7 +175,7 @@ def load_resume(accelerator: Any, output_dir: str | Path, resume: str) -> tuple[
         problem = verify_checkpoint(path)
         if problem is None:
             try:
-                return path, load_checkpoint(accelerator, path)
+                return path, load_checkpoint(accelerator, path, weights)
             except CheckpointError as exc:
                 problem = str(exc)
         problems.append(problem)
@@ -193,16 +200,24 @@ def set_aside(path: Path) -> Path:
     return target
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this process's RNG states; return the trainer state."""
+def load_checkpoint(accelerator: Any, path: Path, weights: Any = None) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this process's RNG states; return the trainer state.
+
+    A checkpoint without accelerate's model file stored its weights once (``save_checkpoint``): they are read from
+    its ``model/`` and the trainable rest by ``weights`` (a ``prefopt.export.ExportedWeights``)."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {exc}") from exc
     state.pop(FILES_KEY, None)
+    once = weights is not None and not any((path / name).is_file() for name in ACCELERATE_WEIGHTS)
     try:
-        with _own_custom_objects(accelerator) as custom:
+        with _own_custom_objects(accelerator) as custom, _weights_skipped(accelerator, once):
             accelerator.load_state(str(path))
+        if once:
+            weights.restore(path, MODEL_DIR)
+    except CheckpointError:
+        raise
     except Exception as exc:  # accelerate and torch raise many types; the user needs the file and the reason
         raise CheckpointError(f"checkpoint {path} cannot be loaded into this run: {type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:300]}") from exc
@@ -210,6 +225,21 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
         obj.load_state_dict(_safe_load(path / CUSTOM_FILE.format(index), "the state of a registered object"))
     restore_rng(path / RNG_FILE.format(accelerator.process_index))
     return state
+
+
+@contextlib.contextmanager
+def _weights_skipped(accelerator: Any, skip: bool) -> Iterator[None]:
+    """While on, ``save_state`` writes no model weights and ``load_state`` reads none (accelerate's state hooks)."""
+    if not skip:
+        yield
+        return
+    handles = [accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear()),
+               accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -19,10 +19,14 @@ from prefopt.errors import ConfigError
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def model_config(path: str, trust_remote_code: bool = False) -> Any | None:
-    """The transformers config at ``path`` (no weights), or None when it cannot be read here."""
+def model_config(path: str, trust_remote_code: bool = False, what: str = "model.name_or_path") -> Any | None:
+    """The transformers config at ``path`` (no weights), or None when it cannot be read here. A local path that does
+    not exist is an error at once (prefopt.models.model_source), not a hub lookup."""
     from transformers import AutoConfig
 
+    from prefopt.models import model_source
+
+    path = model_source(path, what)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception:  # missing, offline hub id, adapter-only folder: the model loader reports it properly
@@ -71,7 +75,7 @@ def reward_model_paths(algorithm: Any) -> list[tuple[str, str]]:
 
 
 def check_score_head(key: str, path: str, trust_remote_code: bool = False) -> None:
-    config = model_config(path, trust_remote_code)
+    config = model_config(path, trust_remote_code, key)
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ConfigError(f"{key}={path!r}: not a reward model ({', '.join(architectures)} has no score head); "

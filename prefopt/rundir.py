@@ -40,7 +40,8 @@ RUN_OUTPUTS = (CONFIG_FILE, "manifest.json", "metrics.jsonl", "metrics.csv", "sa
 CONTROL_KEYS = frozenset({"train.resume", "train.overwrite", "train.progress", "train.report_to", "train.log_every",
                           "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.max_eval_batches",
                           "train.max_steps", "train.save_model", "train.max_skipped_updates", "train.num_workers",
-                          "train.output_dir", "train.seed", "train.batch_size", "train.gradient_accumulation_steps"})
+                          "train.output_dir", "train.seed", "train.batch_size", "train.gradient_accumulation_steps",
+                          "train.epochs", "train.push_to_hub", "train.hub_private"})
 log = logging.getLogger("prefopt.rundir")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import logging
 import time
 from collections.abc import Iterator
@@ -38,20 +39,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefopt import console, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
-from prefopt.data import run_loaders
+from prefopt.data import run_loaders, run_tokenizer
 from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
                                  sharded_weights)
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.evaluation import evaluate, evaluate_and_sample
+from prefopt.export import ExportedWeights, push_to_hub, write_provenance
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
-from prefopt.models import load_tokenizer
+from prefopt.optim import make_optimizer
 from prefopt.registry import ALGORITHMS
 from prefopt.stopping import Interrupted, NonFiniteError, NonFiniteGuard, SignalCatcher, signal_name
 
@@ -70,7 +72,7 @@ class Trainer:
         set_seed(config.train.seed)
         algorithm_cls = ALGORITHMS.get(config.algorithm_name)
         preflight.check_run(config, algorithm_cls.kind)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = run_tokenizer(config)
         self.algorithm = algorithm_cls(config.algorithm, config, self.tokenizer)
         self.output_dir = Path(config.train.output_dir)
         self.loaders: dict[str, Any] = {}
@@ -80,6 +82,7 @@ class Trainer:
         self.signals = SignalCatcher()
         self.lock = rundir.RunLock(self.output_dir)
         self.main = self.accelerator.is_main_process
+        self.latest_metrics: dict[str, float] = {}  # the last logged row (and evaluation), for the model cards
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_data(self) -> None:
@@ -124,7 +127,10 @@ class Trainer:
         groups = self.algorithm.parameter_groups()
         if not any(group["params"] for group in groups):
             raise PrefoptError(f"algorithm {self.config.algorithm_name!r} has no trainable parameters")
-        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = make_optimizer(groups, t)
+        steps_per_epoch = math.ceil(len(self.loaders["train"]) / (acc.num_processes * self.batches_per_step))
+        if t.epochs is not None:  # a control key (prefopt.rundir): the run config keeps train.epochs
+            t.max_steps = max(math.ceil(t.epochs * steps_per_epoch), 1)
         updates = self.algorithm.updates_per_step  # the schedule advances once per optimizer update
         scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * updates,
                                   num_training_steps=t.max_steps * updates)
@@ -141,12 +147,15 @@ class Trainer:
         averager = MetricAverager()
         step, consumed = 0, 0
         state = self._resume()
+        console.say(console.banner(self.config, self.algorithm.model, self.data_report, steps_per_epoch,
+                                   acc.num_processes, self.batches_per_step, acc.mixed_precision), self.main)
         if state is not None:
             step, consumed = state["step"], state["batches_consumed"]
             self.data_position = self._restored_position(state)
             self.guard.restore(state)
             averager.restore(state.get("averagers"), acc.process_index, acc.num_processes)
             writer.truncate_after(step)
+            console.say(f"resuming from step {step} of {t.max_steps} ({state['path']})", self.main)
         if signum := self.signals.agreed(acc):
             raise self._interrupted(signum, step, saved=False)
 
@@ -169,10 +178,13 @@ class Trainer:
                     row["train/skipped_updates"] = self.guard.skipped_updates
                     row["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
                     writer.log(step, row)
+                    self.latest_metrics = row
                     console.say(console.format_line(step, t.max_steps, row, time.perf_counter() - train_start,
                                                     step - first_step), self.main)
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and "eval" in self.loaders:
-                    writer.log(step, self._evaluate_and_sample(step))
+                    evaluated = self._evaluate_and_sample(step)
+                    writer.log(step, evaluated)
+                    self.latest_metrics = {**self.latest_metrics, **evaluated}
                 if signum := self.signals.agreed(acc):
                     self._checkpoint(step, consumed, averager)
                     raise self._interrupted(signum, step, saved=True)
@@ -186,9 +198,14 @@ class Trainer:
         final["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
         writer.log(step, final)
         writer.to_csv()
+        self.latest_metrics = {**self.latest_metrics, **final}
         self._checkpoint(step, consumed, averager)
         if t.save_model:
-            self.save(self.output_dir / "model")
+            self.save(self.output_dir / "model", step)
+            if t.push_to_hub and self.main:
+                url = push_to_hub(self.output_dir / "model", t.push_to_hub, t.hub_private,
+                                  f"prefopt {self.config.algorithm_name}: step {step}")
+                console.say(f"uploaded {self.output_dir / 'model'} to {url}")
         if self.main:
             (self.output_dir / "summary.json").write_text(json.dumps({"step": step, **final}, indent=2))
         signum = self.signals.agreed(acc)  # before end_training, which destroys the process group
@@ -274,12 +291,24 @@ class Trainer:
         """``evaluate``, recording the completions online algorithms sample (prefopt.evaluation)."""
         return evaluate_and_sample(self.evaluate, step, self.output_dir, self.main)
 
-    def save(self, out_dir: str | Path) -> None:
+    def save(self, out_dir: str | Path, step: int | None = None) -> None:
         self.guard.check_weights(self.algorithm.model, self.config.train.max_steps, f"the model {out_dir}")
         self.accelerator.wait_for_everyone()
         if self.main:
-            self.algorithm.save(out_dir)
+            self._export(out_dir, self.config.train.max_steps if step is None else step)
         self.accelerator.wait_for_everyone()
+
+    def _export(self, out_dir: str | Path, step: int) -> None:
+        """The model as plain transformers / peft load it, with its card and recipe (prefopt.export)."""
+        self.algorithm.save(out_dir)
+        write_provenance(out_dir, self.config, step, self.latest_metrics, self.data_report.get("manifests", {}))
+
+    def _weights_once(self) -> ExportedWeights | None:
+        """How a checkpoint stores its weights once (in its model/), or None where accelerate must store them: sharded
+        or DeepSpeed-held weights."""
+        if sharded_weights(self.accelerator) or self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return None
+        return ExportedWeights(self.accelerator.unwrap_model(self.algorithm.model), self.algorithm.exported_model)
 
     def _checkpoint(self, step: int, consumed: int, averager: MetricAverager) -> None:
         t = self.config.train
@@ -289,18 +318,19 @@ class Trainer:
                  "seed": t.seed, "batch_size": t.batch_size,
                  "gradient_accumulation_steps": t.gradient_accumulation_steps,
                  "num_processes": self.accelerator.num_processes}
-        export = None if sharded_weights(self.accelerator) else self.algorithm.save  # model/: plain from_pretrained
-        save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints, export=export)
+        weights = self._weights_once()
+        export = None if sharded_weights(self.accelerator) else lambda out: self._export(out, step)  # from_pretrained
+        save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints, export=export,
+                        weights=weights)
 
     def _resume(self) -> dict[str, Any] | None:
         """The trainer state of the checkpoint ``train.resume`` names (None: a fresh start); see load_resume."""
-        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume)
+        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume, self._weights_once())
         if found is None:
             return None
         path, state = found
         self._check_resume_state(state, path)
-        log.info("resumed from %s at step %d", path, state["step"])
-        return state
+        return {**state, "path": str(path)}
 
     def _restored_position(self, state: dict[str, Any]) -> tuple[int, int]:
         """This process's (epoch, batches taken) from the checkpoint; derived from the step with another count."""

@@ -171,7 +171,7 @@ def test_bad_recipe_files(tmp_path, capsys):
 
 def test_bad_model_and_tokenizer(files, tokenizers, tmp_path, capsys):
     line = error_line(*run(capsys, *base(tmp_path / "no-model", tmp_path, files["good"])))
-    assert f"model path '{tmp_path / 'no-model'}' does not exist" in line
+    assert f"model.name_or_path '{tmp_path / 'no-model'}': the folder does not exist" in line
     line = error_line(*run(capsys, *base(tokenizers["no_pad_no_eos"], tmp_path, files["good"])))
     assert "has no pad or eos token" in line
 

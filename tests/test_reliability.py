@@ -79,7 +79,9 @@ def train(args: list[str]) -> int:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The weights of a model/ folder, or of a checkpoint (its model/ holds them: stored once)."""
+    inner = path / "model" / "model.safetensors"
+    return load_file(str(inner if inner.is_file() else path / "model.safetensors"))
 
 
 def logged(out: Path) -> list[dict]:
@@ -133,7 +135,8 @@ def test_sigterm_then_resume_is_bit_exact(dropout_model, hh_small, tmp_path, one
     # everything in a checkpoint loads without unpickling code
     checkpoint = complete_checkpoints(resumed)[-1]
     names = sorted(p.name for p in checkpoint.iterdir())
-    assert "model.safetensors" in names and not any(n.startswith("pytorch_model") for n in names)
+    assert "model" in names and not any(n.startswith(("model.safetensors", "pytorch_model")) for n in names)
+    assert (checkpoint / "model" / "model.safetensors").is_file()  # the weights, once: in model/
     for name in names:
         if name.endswith((".bin", ".pkl", ".pt")):
             with torch.serialization.safe_globals(SAFE_RNG_GLOBALS):

@@ -54,7 +54,9 @@ def steps(out: Path) -> list[int]:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The weights of a model/ folder, or of a checkpoint (its model/ holds them: stored once)."""
+    inner = path / "model" / "model.safetensors"
+    return load_file(str(inner if inner.is_file() else path / "model.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------- output directory
@@ -191,7 +193,7 @@ def test_non_finite_weights_are_never_written(gpt2_real_dir, hh_small, tmp_path,
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def truncate_weights(path: Path) -> Path:
-    file = path / "model.safetensors"
+    file = path / "model" / "model.safetensors"  # a checkpoint's weights: in its model/
     file.write_bytes(file.read_bytes()[:1000])
     return file
 
@@ -262,5 +264,5 @@ def test_resume_with_every_checkpoint_damaged_names_them(gpt2_real_dir, hh_small
     assert code == 2
     line = last_line(stderr)
     assert line.startswith(f"prefopt: error: no usable checkpoint in {out / 'checkpoints'}: "
-                           f"{only / 'model.safetensors'}: ")
+                           f"{only / 'model' / 'model.safetensors'}: ")
     shutil.rmtree(out)

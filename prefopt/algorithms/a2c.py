@@ -328,10 +328,14 @@ class A2C(OnlineAlgorithm):
         """Sums over one response per prompt, drawn with train.seed as the skeleton's evaluation draws it."""
         scored = self.score(self.collect(batch, seed=self.run.train.seed))
         sums = {"reward/score": scored.scores.sum(), "kl": scored.kl.sum(), "response_length": scored.mask.sum(),
-                **{f"reward/{k}": v.sum() for k, v in scored.components.items()}}
+                **{f"reward/{k}": v.nansum() for k, v in scored.components.items()}}
         return {**{k: float(v) for k, v in sums.items()}, "count": float(len(scored.rollout.responses))}
 
     # ------------------------------------------------------------------ save
+    @property
+    def exported_model(self) -> torch.nn.Module:
+        return self.lm  # the policy as a plain transformers model; the heads' file is beside it
+
     def save(self, out_dir: str | Path) -> None:
         """The policy as a plain transformers model (trunk + trained top), plus the value and reward heads."""
         out_dir = Path(out_dir)

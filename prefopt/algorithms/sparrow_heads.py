@@ -100,7 +100,7 @@ def train_preference_head(trunk: Trunk, head: PreferenceHead, run: Any, tokenize
 
     cfg, data_cfg = run.algorithm, run.data
     if cfg.preference_data:
-        data_cfg = dataclasses.replace(data_cfg, path=cfg.preference_data, format="auto")
+        data_cfg = dataclasses.replace(data_cfg, path=cfg.preference_data, format="auto", sources=[])
     try:
         loaded = load_rows(data_cfg, "ranks")
     except PrefoptError as exc:
