@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from prefopt.bench.config import load_bench_config
@@ -23,7 +22,6 @@ from prefopt.bench.execute import knob_field
 from prefopt.bench.frontier import bon_kl, gao_fit, gold_matrix_at_kl, paired, verdict
 from prefopt.bench.report import markdown_table
 from prefopt.bench.start import Start
-from prefopt.bench.world import GROUPS, WorldGoldReward, implied_pairs, plackett_luce, prompt_group, world_prompts
 from prefopt.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,53 +128,6 @@ def test_plan_sweeps_the_knob_gives_online_algorithms_the_proxy_and_skips_unregi
             assert run.recipe["algorithm"]["rewards"][0]["params"]["path"] == str(tmp_path / "proxy")
     assert len({r.key for r in bench.runs}) == len(bench.runs)
     assert bench.snapshot_steps(bench.runs[0]) == [1, 2]  # max_steps 3, 4 checkpoints: 1, 2 and the end
-
-
-# ------------------------------------------------------------------------------------------------ the world
-
-
-@dataclass
-class FakeRollout:
-    prompts: list[str]
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-
-
-def test_world_gold_reward_by_hand(tiny_model_dir):
-    from prefopt.models import load_tokenizer
-    from prefopt.config import ModelConfig
-
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
-    prompts = world_prompts(40, seed=3)
-    groups = [prompt_group(p) for p in prompts]
-    assert set(groups) == {0, 1} and all(f"Words:" in p for p in prompts)
-    with pytest.raises(ValueError, match="not a prompt of the known-gold world"):
-        prompt_group("\n\nHuman: hi\n\nAssistant:")
-    own = {g: [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in GROUPS[g]] for g in (0, 1)}
-    p0 = next(p for p, g in zip(prompts, groups) if g == 0)
-    p1 = next(p for p, g in zip(prompts, groups) if g == 1)
-    eos = tokenizer.eos_token_id
-    # p0: 2 own + 1 other + 1 neutral + EOS = 5 tokens -> (2 - 0.5 * 1) / 5; p1: 1 own + EOS, pad after -> 1 / 2
-    ids = torch.tensor([[own[0][0], own[0][1], own[1][0], 300, eos], [own[1][2], eos, 0, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    reward = WorldGoldReward(tokenizer, torch.device("cpu"), penalty=0.5)
-    got = reward(FakeRollout([p0, p1], ids, mask))
-    assert got.tolist() == pytest.approx([1.5 / 5, 1 / 2])
-    swapped = reward(FakeRollout([p1, p0], ids, mask))  # the same responses under the other group's prompts
-    assert swapped.tolist() == pytest.approx([(1 - 0.5 * 2) / 5, -0.5 / 2])
-
-
-def test_plackett_luce_labels_follow_bradley_terry():
-    import random
-
-    rng = random.Random(0)
-    tau, gap = 0.05, 0.05
-    wins = sum(plackett_luce([gap, 0.0], tau, rng)[0] == 0 for _ in range(20000)) / 20000
-    assert wins == pytest.approx(1 / (1 + math.exp(-gap / tau)), abs=0.01)  # sigmoid(1) = 0.731
-    ranking = plackett_luce([0.0, 5.0, 1.0, 3.0], 1e-3, rng)
-    assert ranking == [1, 3, 2, 0]
-    pairs = implied_pairs("x", ["a", "b", "c", "b"], [1, 3, 2, 0])  # "b" twice: that pair is dropped
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "c"), ("b", "a"), ("b", "c"), ("b", "a"), ("c", "a")]
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -91,7 +91,7 @@ class Bench:
         if self.cfg.task == "world":
             from prefopt.bench.world import gold_spec
 
-            return gold_spec(self.cfg.world.penalty)
+            return gold_spec(self.cfg.world.max_new_tokens, self.cfg.world.penalty)
         return {"name": "reward_model", "params": {"path": str(self.start.gold_rm), "max_length": self.cfg.data.max_length}}
 
     @property
@@ -105,13 +105,14 @@ class Bench:
         paths = {"prompts": prompts, "pairs": pairs}
         if "policy_train" in self.start.ranks:  # world: the K-wise rankings for algorithms of kind ranks
             paths["ranks"] = str(self.start.ranks["policy_train"])
+            paths["unpaired"] = paths["ranks"].replace(".ranks.jsonl", ".kto.jsonl")  # KTO: one label per response
         return paths
 
     def known_paths(self) -> dict[str, str]:
         known = {str(stage.model): f"stage:{stage.key}" for stage in self.start.stages}
         for stage in self.start.stages:
             for part in self.start.pairs:
-                for suffix in (f"{part}.jsonl", f"{part}.pairs.jsonl", f"{part}.ranks.jsonl"):
+                for suffix in (f"{part}.jsonl", f"{part}.pairs.jsonl", f"{part}.ranks.jsonl", f"{part}.kto.jsonl"):
                     known[str(stage.directory / suffix)] = f"stage:{stage.key}:{suffix}"
         return known
 
