@@ -1,6 +1,7 @@
 """The known-gold preference world: Gao et al. 2022's gold/proxy protocol (arXiv 2210.10760) with an EXACT gold.
 
-Prompts are short HH-style questions that show the words of one group: ``"... Words: it is I and.\\n\\nAssistant:"``.
+Prompts are short HH-style questions that show the words of one group: ``"\\n\\nHuman: What is chess? Words: it is I
+and.\\n\\nAssistant:"``.
 The 16 target words of prefopt.tasks form ``len(GROUPS)`` = 4 groups of 4 (``GROUPS``); a prompt's group G(x) is
 drawn uniformly and its words are shown in a random order. For a response y of at most T tokens (T, the
 ``budget``, is the world's fixed response length, ``max_new_tokens``) let
@@ -41,6 +42,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Collection
 from itertools import combinations
 from typing import Any
 
@@ -48,26 +50,42 @@ import torch
 from torch import Tensor
 
 from prefopt.registry import REWARDS
-from prefopt.tasks import TARGET_WORDS, _MOODS, _QUESTIONS, _TOPICS, token_ids
+from prefopt.tasks import TARGET_WORDS, _TOPICS, token_ids
 from prefopt.types import Rollout
 
 GROUPS: tuple[tuple[str, ...], ...] = tuple(tuple(TARGET_WORDS[g::4]) for g in range(4))
 """The word groups (each word one token of the tiny HH tokenizers)."""
+_QUESTIONS = ("{}?", "What is {}?", "Tell me about {}.", "Help with {}.")  # short: ~26 prompt tokens in all
 _HINT = re.compile(r"Words:((?: \w+)+)\.\n\nAssistant:$")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
 
 
-def world_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` prompts, each a question and the words of one group in a random order (the group drawn uniformly)."""
+PROMPT_SPACE = len(_QUESTIONS) * len(_TOPICS) * len(GROUPS) * math.factorial(len(GROUPS[0]))
+"""How many distinct prompts there are (templates x topics x groups x orders of the shown words)."""
+
+
+def world_prompts(n: int, seed: int = 0, exclude: Collection[str] = (), distinct: bool = True) -> list[str]:
+    """``n`` prompts, each a question and the words of one group in a random order (the group drawn uniformly),
+    none of them in ``exclude``; ``distinct``: no prompt twice (the labelled and evaluated sets), else repeats
+    allowed (the start's demonstrations). ValueError when fewer than ``n`` distinct prompts are left."""
+    excluded = set(exclude)
+    if n > 0 and (PROMPT_SPACE <= len(excluded) or distinct and n > PROMPT_SPACE - len(excluded)):
+        raise ValueError(f"world_prompts: {n} distinct prompts asked, {PROMPT_SPACE - len(excluded)} left "
+                         f"({PROMPT_SPACE} in the world, {len(excluded)} excluded)")
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
         group = list(GROUPS[rng.randrange(len(GROUPS))])
         rng.shuffle(group)
-        question = rng.choice(_MOODS) + rng.choice(_QUESTIONS).format(rng.choice(_TOPICS))
-        out.append(f"\n\nHuman: {question} Words:{''.join(group)}.\n\nAssistant:")
+        question = rng.choice(_QUESTIONS).format(rng.choice(_TOPICS))
+        prompt = f"\n\nHuman: {question} Words:{''.join(group)}.\n\nAssistant:"
+        if prompt in excluded or (distinct and prompt in seen):
+            continue
+        seen.add(prompt)
+        out.append(prompt)
     return out
 
 
