@@ -13,7 +13,7 @@ from prefopt.rl.engine import GenerationConfig
 
 def _evaluation(model_dir, pairs=()):
     prompts = {"eval": [{"prompt": p, "meta": {}} for p in world_prompts(6, seed=1)]}
-    gold = {"name": "world_gold", "params": {}}
+    gold = {"name": "world_gold", "params": {"budget": 6}}
     return Evaluation(str(model_dir), gold, None, GenerationConfig(max_new_tokens=6), prompts, list(pairs), (64, 40),
                       4, 1234)
 

@@ -49,7 +49,9 @@ def test_every_bench_recipe_validates_and_the_default_is_the_whole_zoo():
     ("select.seeds=[1000]", "select.seeds=[1000]: [1000] also train main runs"),
     ("select.draw=5", "select.draw=5: must be < draws"),
     ("budget.epochs=0.5", "budget.epochs=0.5: offline algorithms see every labelled pair"),
-    ("start.sft.data.path=null", "start.sft.data.path: task world has no demonstrations"),
+    ("start.pt.data.path=", "start.pt.data.path: the world's parts are prompts"),
+    ("world.demonstrations=0", "start.sft.data.path: the world's parts are prompts"),
+    ("eval.generation.max_new_tokens=6", "eval.generation.max_new_tokens=6: the world's true reward is per budget T"),
 ])
 def test_bench_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.").replace("'", ".")):

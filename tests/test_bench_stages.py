@@ -15,7 +15,7 @@ WORLD_TINY = Path(__file__).resolve().parents[1] / "recipes" / "bench" / "world_
 
 
 def test_stages_are_keyed_by_content_and_built_once(tiny_model_dir, tmp_path):
-    overrides = [f"start.model={tiny_model_dir}", "start.sft=null", f"cache_dir={tmp_path / 'cache'}",
+    overrides = [f"start.model={tiny_model_dir}", "start.pt=null", "start.sft=null", f"cache_dir={tmp_path / 'cache'}",
                  "world.num_prompts=30", "eval.batch_size=16"]
     cfg = load_bench(WORLD_TINY, overrides)
     data = prepare_data(cfg, tmp_path / "run")
@@ -47,3 +47,14 @@ def test_stages_are_keyed_by_content_and_built_once(tiny_model_dir, tmp_path):
         assert summary[part]["prompts"] == len(prompts) and summary[part]["responses"] == k * len(prompts)
         assert summary[part]["pairs_used"] == len(pairs) and len(kto) == 2 * summary[part]["kto_rows"]["desirable"]
         assert {r["prompt"] for r in ranks} <= set(prompts) and all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_the_world_start_learns_hh_text_then_the_demonstrations(tmp_path, hh_path, monkeypatch):
+    monkeypatch.setenv("PREFOPT_HH_DIR", str(hh_path.parents[1]))
+    cfg = load_bench(WORLD_TINY, [f"cache_dir={tmp_path / 'cache'}"])
+    data = prepare_data(cfg, tmp_path / "run")
+    start = plan_start(cfg, data)
+    init, pt, sft = start.shared
+    assert (init.name, pt.name, sft.name) == ("init", "pt", "sft") and start.policy == sft.model
+    assert pt.spec["data"]["path"] == cfg.start.pt["data"]["path"] and pt.spec["model"]["name_or_path"] == str(init.model)
+    assert sft.spec["data"]["path"] == str(data.files["demonstrations"]) and sft.spec["model"]["name_or_path"] == str(pt.model)

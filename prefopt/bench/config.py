@@ -83,25 +83,34 @@ class SplitsConfig:
 class WorldConfig:
     """The known-gold preference world (prefopt.bench.world; used when ``task: world``)."""
 
-    num_prompts: int = 1200
-    """Prompts drawn (repeats are dropped before the split)."""
+    num_prompts: int = 1500
+    """Distinct prompts drawn (then split into policy_train / val / eval)."""
     seed: int = 0
     """Seed of the prompt draw; world draw d labels with seed ``seed + 1 + d``."""
     penalty: float = 0.0
-    """lambda of the true reward r(x, y) = (#tokens in G(x) - lambda #tokens in the other group) / |y|."""
-    responses_per_prompt: int = 4
+    """lambda of the true reward r(x, y) = (min(own, T) - lambda * other) / T (0: the other groups' words are worth
+    nothing; > 0 they cost)."""
+    responses_per_prompt: int = 3
     """K: responses sampled from the start per labelled prompt, ranked by Plackett-Luce on r / label_temperature
-    (the proxy RM trains on the K-wise rankings, offline algorithms on the pairs they imply)."""
+    (equal r tied; the proxy RM trains on the K-wise rankings, offline algorithms on the pairs they imply)."""
     label_temperature: float = 0.05
     """tau: Bradley-Terry / Plackett-Luce label noise, P(a > b) = sigmoid((r(a) - r(b)) / tau)."""
-    max_new_tokens: int = 16
-    """Length of the labelled responses."""
+    max_new_tokens: int = 12
+    """T: the world's fixed response length, the true reward's denominator (the eval samples this many tokens)."""
+    demonstrations: int = 6400
+    """Rows of the start's world demonstrations (prefopt.bench.world.demonstrations: an HH reply with words of the
+    prompt's group inserted), on prompts disjoint from the labelled and evaluated ones (0: none)."""
+    demonstration_words: int = 4
+    """Words of the prompt's group inserted into each demonstration."""
 
     def __post_init__(self):
         check(self.num_prompts > 0, "world.num_prompts", self.num_prompts, "must be > 0")
         check(self.penalty >= 0, "world.penalty", self.penalty, "must be >= 0")
         check(self.responses_per_prompt >= 2, "world.responses_per_prompt", self.responses_per_prompt, "must be >= 2")
         check(self.label_temperature > 0, "world.label_temperature", self.label_temperature, "must be > 0")
+        check(self.max_new_tokens > 0, "world.max_new_tokens", self.max_new_tokens, "must be > 0")
+        check(self.demonstrations >= 0, "world.demonstrations", self.demonstrations, "must be >= 0")
+        check(self.demonstration_words >= 0, "world.demonstration_words", self.demonstration_words, "must be >= 0")
 
 
 @dataclass
@@ -321,6 +330,10 @@ class BenchConfig:
             check(not unknown, key, labels, f"unknown labels {unknown}; labels: {', '.join(self.algorithms)}")
         check(not (self.oracles and self.task != "world"), "oracles", self.oracles,
               "an oracle optimises the true reward, which only task world has")
+        check(self.task != "world" or self.eval.generation.max_new_tokens == self.world.max_new_tokens,
+              "eval.generation.max_new_tokens", self.eval.generation.max_new_tokens,
+              f"the world's true reward is per budget T = world.max_new_tokens ({self.world.max_new_tokens}): "
+              "sample that many tokens")
         missing = [part for part in PARTS[self.task] if not self.splits.fractions.get(part)]
         check(not missing, "splits.fractions", self.splits.fractions,
               f"task {self.task} needs parts {', '.join(PARTS[self.task])} with a fraction > 0 (missing: {missing})")

@@ -2,7 +2,9 @@
 
 Every source row goes to a part by ``sha256(salt + row id)`` (prefopt.data.splits.assign), so the same source and
 salt always give the same parts, whatever the row order. Task ``world``: the known-gold world's prompts
-(prefopt.bench.world.world_prompts) into ``policy_train`` / ``val`` / ``eval``. Task ``hh``: the source pairs
+(prefopt.bench.world.world_prompts) into ``policy_train`` / ``val`` / ``eval``, and the start's demonstrations
+(``world.demonstrations`` rows of prefopt.bench.world.demonstrations: the source's assistant replies with words of
+the prompt's group inserted, on prompts no part holds), the SFT stage's default data. Task ``hh``: the source pairs
 into ``policy_train`` / ``proxy_rm_train`` / ``gold_rm_train`` / ``val`` / ``eval``, each written as canonical
 ``{prompt, chosen, rejected}`` lines, the policy_train dialogues as the tokenizer corpus, and its pairs as KTO rows
 (chosen desirable, rejected undesirable: one label per response).
@@ -14,18 +16,21 @@ eval part. The manifest records every part's count and the sha256 of its sorted 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefopt.bench.config import BenchConfig
 from prefopt.bench.files import write_jsonl
-from prefopt.bench.world import prompt_group, world_prompts
+from prefopt.bench.world import demonstrations, prompt_group, world_prompts
 from prefopt.config import DataConfig
 from prefopt.data import load_rows, record_id
 from prefopt.data.splits import assign, ids_digest
 
 PROMPT_SETS = ("val", "eval")
+DEMONSTRATION_SEED = 99991
+"""The world demonstrations' prompts are drawn with ``world.seed + DEMONSTRATION_SEED`` (and never a bench prompt)."""
 
 
 @dataclass
@@ -90,13 +95,30 @@ def _hh(cfg: BenchConfig, run_dir: Path) -> BenchData:
 
 def _world(cfg: BenchConfig, run_dir: Path) -> BenchData:
     world = cfg.world
-    prompts = list(dict.fromkeys(world_prompts(world.num_prompts, world.seed)))
+    prompts = world_prompts(world.num_prompts, world.seed)
     parts, manifest = _split([{"prompt": p} for p in prompts], cfg)
-    repeats = world.num_prompts - len(prompts)
     manifest.update(sources=[{"task": "prefopt.bench.world.world_prompts", "num_prompts": world.num_prompts,
                               "seed": world.seed, "distinct": len(prompts)}],
-                    skipped={"total": repeats, "reasons": {"duplicate prompt": {"count": repeats}}})
-    return BenchData(parts=parts, files=_write(parts, run_dir), manifest=manifest)
+                    skipped={"total": 0, "reasons": {}})
+    files = _write(parts, run_dir)
+    if world.demonstrations:
+        rows = _demonstrations(cfg, set(prompts))
+        files["demonstrations"] = write_jsonl(run_dir / "data" / "demonstrations.jsonl", rows)
+        manifest["demonstrations"] = {"rows": len(rows), "seed": world.seed + DEMONSTRATION_SEED,
+                                      "words": world.demonstration_words, "replies": cfg.data.path}
+    return BenchData(parts=parts, files=files, manifest=manifest)
+
+
+def _demonstrations(cfg: BenchConfig, bench_prompts: set[str]) -> list[dict[str, str]]:
+    """The start's world demonstrations (prefopt.bench.world.demonstrations): prompts no bench part holds, replies
+    the assistant turns of the source dialogues (data.path: the HH chosen replies)."""
+    world = cfg.world
+    source = DataConfig(path=cfg.data.path, format=cfg.data.format, subsets=list(cfg.data.subsets),
+                        split=cfg.data.split, eval_fraction=0.0)
+    replies = [row["chosen"] for row in load_rows(source, "pairs").train]
+    prompts = world_prompts(world.demonstrations, world.seed + DEMONSTRATION_SEED, exclude=bench_prompts,
+                            distinct=False)
+    return demonstrations(prompts, replies, random.Random(world.seed), words=world.demonstration_words)
 
 
 def _distinct_prompts(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

@@ -89,7 +89,8 @@ class Run:
 
     def row(self) -> dict[str, Any]:
         """The plan row (plan.json and run.json)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("recipe", "train_rows", "labels")}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("recipe", "train_rows", "labels")}
         return {**out, "dir": self.dir}
 
 
@@ -172,7 +173,8 @@ class Planner:
         if phase == "select":
             run_id = f"select/{label.label}/lr={learning_rate:g}/{knob_part}/seed{seed}"
         else:
-            run_id = f"probe/{label.label}" if phase == "probe" else f"{label.label}/{knob_part}/draw{draw}/seed{seed % 1000}"
+            run_id = (f"probe/{label.label}" if phase == "probe"
+                      else f"{label.label}/{knob_part}/draw{draw}/seed{seed % 1000}")
         data_path = the_draw.train_files[label.kind] if label.kind in the_draw.train_files \
             else the_draw.train_files["pairs"]
         train: dict[str, Any] = {} if learning_rate is None else {"learning_rate": learning_rate}

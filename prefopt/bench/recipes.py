@@ -40,7 +40,7 @@ def gold_judge(cfg: BenchConfig, gold_rm: str | None = None) -> dict[str, Any]:
     """What judges every policy, as a RewardSpec mapping: the world's true reward, or (hh) the gold RM at
     ``gold_rm``; an oracle run optimises the same true reward."""
     if cfg.task == "world":
-        return gold_spec(cfg.world.penalty)
+        return gold_spec(cfg.world.max_new_tokens, cfg.world.penalty)
     return {"name": "reward_model", "weight": 1.0, "params": {"path": str(gold_rm), "max_length": cfg.data.max_length}}
 
 
@@ -167,9 +167,11 @@ def validate(cfg: BenchConfig) -> None:
     for stage in ("pt", "sft"):
         partial = getattr(cfg.start, stage)
         if partial is not None:
-            if cfg.task == "world" and not (partial.get("data") or {}).get("path"):
-                raise ConfigError(f"start.{stage}.data.path: task world has no demonstrations; give the text the "
-                                  "start learns from (e.g. the HH dialogues)")
+            demonstrated = stage == "sft" and cfg.world.demonstrations > 0
+            if cfg.task == "world" and not demonstrated and not (partial.get("data") or {}).get("path"):
+                raise ConfigError(f"start.{stage}.data.path: the world's parts are prompts; give the text this stage "
+                                  "learns from (e.g. the HH dialogues)" + ("" if stage == "pt" else
+                                                                             ", or set world.demonstrations > 0"))
             checks.append((f"start.{stage}", lambda s=stage, p=partial: train_recipe(
                 cfg, p, f"start.{s}", algorithm=s, model="<start>", data_path="<policy_train>", output_dir="<out>",
                 seed=0, run=False)))

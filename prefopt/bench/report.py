@@ -174,8 +174,9 @@ def _notes(bench: Any) -> list[str]:
         if stage.name == "labels" and "policy_train" in summary:
             part = summary["policy_train"]
             notes.append(f"- world labels (policy_train): {part['prompts']} prompts x {cfg.world.responses_per_prompt}"
-                         f" responses, {part['pairs']} implied pairs; agreement of the noisy labels with the true order"
-                         f" {part['label_agreement_with_true_reward']:.3f} (tau {cfg.world.label_temperature}); the"
+                         f" responses, {part['pairs_used']} implied pairs used ({part['ties_dropped']} tied dropped);"
+                         f" label agreement with the true order over the pairs used"
+                         f" {part['label_agreement_over_pairs_used']:.3f} (tau {cfg.world.label_temperature}); the"
                          f" start's mean true reward {part['start_true_reward']:.3f}; lambda {cfg.world.penalty}.")
         if stage.name == "proxy_rm" and "eval/accuracy" in summary:
             notes.append(f"- proxy RM: accuracy {summary['eval/accuracy']:.3f} on the val pairs' noisy labels.")

@@ -116,10 +116,12 @@ def plan_start(cfg: BenchConfig, data: BenchData) -> Start:
         model = str(shared[-1].model)
     policy_file = str(data.files["policy_train"].resolve())
     eval_file = str(data.files["eval"].resolve())
+    default_data = {"pt": policy_file, "sft": str(data.files.get("demonstrations", policy_file))}
     for name in ("pt", "sft"):
         partial = getattr(cfg.start, name)
         if partial is not None:
-            recipe = train_recipe(cfg, partial, f"start.{name}", algorithm=name, model=model, data_path=policy_file,
+            recipe = train_recipe(cfg, partial, f"start.{name}", algorithm=name, model=model,
+                                  data_path=default_data[name],
                                   eval_path=eval_file if cfg.task == "hh" else None, output_dir="<stage>",
                                   seed=cfg.start.init.seed, run=False)
             shared.append(stage(name, "train", recipe))

@@ -259,7 +259,8 @@ def task_run(run: Run, flops_per_token: float | None = None) -> dict[str, Any]:
     rows, pairs = [], []
     for step in run.checkpoints:
         path = out["snapshots"].get(step, directory / "model")
-        got = evaluate_policy(evaluation(run.draw), path, step, run.eval_set, run.eval_set == "eval" and step == run.max_steps)
+        last = run.eval_set == "eval" and step == run.max_steps  # pair margins at the last step of a main run
+        got = evaluate_policy(evaluation(run.draw), path, step, run.eval_set, last)
         rows += got[0]
         pairs += got[1]
     write_jsonl(directory / "eval.jsonl", rows)
