@@ -248,8 +248,9 @@ class EvalConfig:
     """Prompts / pairs per forward."""
     seed: int = 1234
     """Sampling seed: batch b of a set is drawn with seed + b (val: + 100000) for every policy."""
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32))
-    """Sampling settings (also the online algorithms' training sampler unless their recipe sets one)."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=12))
+    """Sampling settings (also the online algorithms' training sampler unless their recipe sets one); world: its
+    max_new_tokens is the world's T."""
     samples_shown: int = 4
     """Prompts shown with every algorithm's response in the report's samples."""
 
