@@ -104,7 +104,7 @@ def test_tiny_world_bench_writes_the_run_directory(world_bench):
             assert cost["epochs_over_pairs"] >= 1.0 and cost["labels_consumed"] > 0 and cost["samples"] == 0
         else:
             assert cost["samples"] == row["max_steps"] * 8 and cost["labels_consumed"] == (row["reward"] == "proxy") * \
-                read_json(out / "draws" / f"draw{row['draw']}" / "labels.json")["parts"]["policy_train"]["prompts"]
+                read_json(out / "draws" / f"draw{row['draw']}" / "labels.json")["parts"]["policy_train"]["prompts_labelled"]
     values = {row["value"] for row in plan["runs"] if row["label"] == "dpo" and row["phase"] == "main"}
     assert values == set(cfg["frontier"]["knob_values"]["dpo"]) | {selection["dpo"]["chosen_value"]}
     assert (out / "results.md").is_file()
