@@ -70,12 +70,14 @@ def make_run_dir(path: Path, labels: dict[str, dict[str, Any]] | None = None, dr
         "select": {"learning_rates": list(LEARNING_RATES), "seeds": [select_seed]},
         "frontier": {"knob_values": {label: sorted(spec["values"]) for label, spec in labels.items()
                                      if label in algorithms}, "checkpoints": n_checkpoints,
-                     "best_of_n": [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= bon_n], "kl_levels": [1.0, 2.0]},
+                     "best_of_n": [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= bon_n],
+                     "kl_levels": [1.0, 2.0]},
         "eval": {"num_prompts": n_eval, "num_pairs": n_pairs}})
     write_json(path / "bench.json", {"profile": cfg.name, "task": cfg.task, "config": dataclasses.asdict(cfg)})
     sets = {"val": n_val, "eval": n_eval}
-    write_jsonl(path / "prompts.jsonl", [{"set": name, "i": i, "prompt": f"\n\nHuman: q{name}{i} Words: w{i % 4}."
-                                          "\n\nAssistant:", "group": i % 4} for name, n in sets.items() for i in range(n)])
+    write_jsonl(path / "prompts.jsonl", [
+        {"set": name, "i": i, "prompt": f"\n\nHuman: q{name}{i} Words: w{i % 4}.\n\nAssistant:", "group": i % 4}
+        for name, n in sets.items() for i in range(n)])
     start_gold = {name: 0.25 + 0.1 * np.sin(np.arange(n)) for name, n in sets.items()}
     steps_at = checkpoints(steps, n_checkpoints)
 
@@ -186,7 +188,8 @@ def _write_run(path: Path, row: dict[str, Any], rows: list[dict[str, Any]], n_pa
     directory = path / row["dir"]
     online = row["kind"] == "prompts"
     tokens = steps * 16 * 20
-    cost = {"wall_s": 2.0, "cpu_s": 2.0, "eval_wall_s": 1.0, "eval_cpu_s": 1.0, "peak_rss_mb": 500.0, "updates": steps, "rows": steps * 16,
+    cost = {"wall_s": 2.0, "cpu_s": 2.0, "eval_wall_s": 1.0, "eval_cpu_s": 1.0, "peak_rss_mb": 500.0, "updates": steps,
+            "rows": steps * 16,
             "samples": steps * 16 if online else 0, "tokens": tokens,
             "flops": flops if flops is not None else tokens * 1e9 / (4 * 16 * 20),
             "flops_method": "counted" if flops is not None else "probe-per-token",
@@ -196,7 +199,8 @@ def _write_run(path: Path, row: dict[str, Any], rows: list[dict[str, Any]], n_pa
     write_jsonl(directory / "eval.jsonl", rows)
     last = [steps] if row["phase"] in ("main", "oracle") else []  # pref rows: the last step of main and oracle runs
     write_jsonl(directory / "pref.jsonl", [{"step": t, "k": k, "chosen": -10.0 + margin * t / steps / 2,
-                                            "rejected": -11.0 - margin * t / steps / 2, "implicit_margin": margin * t / steps,
+                                            "rejected": -11.0 - margin * t / steps / 2,
+                                            "implicit_margin": margin * t / steps,
                                             "implicit_acc": 1.0 if margin > 0 else 0.5, "logprob_acc": 1.0}
                                            for t in last for k in range(n_pairs)])
     write_jsonl(directory / "metrics.jsonl", [{"step": t, "train/loss": 1.0 / t} for t in range(1, steps + 1)])
@@ -222,7 +226,8 @@ def check_run_dir(path: Path) -> None:
     manifest = read_json(path / "manifest.json")
     assert {"written_at", "command", "versions", "git", "host", "splits", "seeds", "draws", "selection",
             "skipped_labels", "stages", "times"} <= set(manifest)
-    assert {"cpu_count", "threads", "workers", "device", "load_average_start", "load_average_end"} <= set(manifest["host"])
+    assert {"cpu_count", "threads", "workers", "device", "load_average_start", "load_average_end"} <= set(
+        manifest["host"])
     assert set(manifest["seeds"]) == {"main", "train", "select"} and not set(manifest["seeds"]["train"]) & set(
         manifest["seeds"]["select"])
     assert all(set(entry) == SELECTION for entry in manifest["selection"].values())

@@ -35,7 +35,8 @@ def test_world_parts_are_disjoint_pinned_and_the_prompt_sets_written(tmp_path, h
     for demo in demos:
         group = GROUPS[prompt_group(demo["prompt"])]
         assert sum(f" {word}" in group for word in demo["completion"].split()) >= cfg.world.demonstration_words
-    assert (tmp_path / "again" / "data" / "demonstrations.jsonl").read_bytes() == data.files["demonstrations"].read_bytes()
+    assert (tmp_path / "again" / "data" / "demonstrations.jsonl").read_bytes() == \
+        data.files["demonstrations"].read_bytes()
 
 
 def test_hh_parts_are_disjoint_and_kto_rows_label_each_response_once(tmp_path, hh_path, monkeypatch):
@@ -48,5 +49,6 @@ def test_hh_parts_are_disjoint_and_kto_rows_label_each_response_once(tmp_path, h
     assert len(keys["eval"]) > 200 and data.held_out_pairs == data.parts["eval"][:cfg.eval.num_pairs]
     kto = read_jsonl(data.files["policy_train.kto"])
     assert len(kto) == 2 * len(data.parts["policy_train"])
-    assert [row["label"] for row in kto[:2]] == [True, False] and kto[0]["completion"] == data.parts["policy_train"][0]["chosen"]
+    assert [row["label"] for row in kto[:2]] == [True, False]
+    assert kto[0]["completion"] == data.parts["policy_train"][0]["chosen"]
     assert all(r["group"] is None for r in read_jsonl(tmp_path / "prompts.jsonl"))

@@ -42,8 +42,8 @@ def test_a_checkpoint_in_the_kept_model_gives_the_same_numbers_as_from_pretraine
     margin = (row["chosen"] - start["ref_chosen"]) - (row["rejected"] - start["ref_rejected"])
     assert abs(row["implicit_margin"] - margin) < 1e-4 and row["implicit_acc"] == float(margin > 0)
     assert evaluation.preference(evaluation.reference)[0]["implicit_acc"] == 0.5  # the start: margin 0, a tie
-    config = (tmp_path / "step-3" / "config.json").read_text().replace('"n_positions"', '"n_ctx_unused": 1, "n_positions"')
-    (tmp_path / "step-3" / "config.json").write_text(config)
+    config = tmp_path / "step-3" / "config.json"
+    config.write_text(config.read_text().replace('"n_positions"', '"n_ctx_unused": 1, "n_positions"'))
     assert evaluation.checkpoint(tmp_path / "step-3") is not evaluation.shell  # another config: from_pretrained
 
 

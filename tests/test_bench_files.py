@@ -42,5 +42,6 @@ def test_content_keys_follow_contents_and_stage_keys_not_paths(tmp_path):
     b.write_text("other\n")
     assert content_key("run", spec, {}) != content_key("run", moved, {})
     known = {str(tmp_path / "stage" / "model"): "stage:abc"}  # a stage's output by its key (not built yet)
-    assert content_key("run", {"m": str(tmp_path / "stage" / "model")}, known) == content_key("run", {"m": "stage:abc"}, {})
+    by_key = content_key("run", {"m": "stage:abc"}, {})
+    assert content_key("run", {"m": str(tmp_path / "stage" / "model")}, known) == by_key
     assert content_key("run", spec, {}) != content_key("stage", spec, {})

@@ -57,4 +57,5 @@ def test_a_failed_run_says_why(tiny_model_dir, tmp_path):
     from prefopt.errors import PrefoptError
 
     with pytest.raises(PrefoptError, match="algorithm.bta"):
-        train(_recipe(tiny_model_dir, tmp_path / "none.jsonl", tmp_path / "x", {"name": "dpo", "bta": 1}, 1), tmp_path / "x")
+        train(_recipe(tiny_model_dir, tmp_path / "none.jsonl", tmp_path / "x", {"name": "dpo", "bta": 1}, 1),
+              tmp_path / "x")

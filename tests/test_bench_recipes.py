@@ -105,7 +105,8 @@ def test_a_run_recipe_gets_the_bench_keys_last_and_an_online_one_the_bench_rewar
     assert recipe["algorithm"]["generation"]["max_new_tokens"] == cfg.eval.generation.max_new_tokens
     assert recipe["model"] == {"name_or_path": "/start"} and recipe["data"]["path"] == "/prompts.jsonl"
     assert recipe["data"]["eval_fraction"] == 0.0 and not recipe["data"]["length_bucketing"]
-    assert (recipe["train"]["output_dir"], recipe["train"]["seed"], recipe["train"]["learning_rate"]) == ("/out", 7, 0.01)
+    train = recipe["train"]
+    assert (train["output_dir"], train["seed"], train["learning_rate"]) == ("/out", 7, 0.01)
     with pytest.raises(ConfigError, match="start.sft.algorithm.name: this stage runs 'sft', not 'dpo'"):
         train_recipe(cfg, {"algorithm": "dpo"}, "start.sft", algorithm="sft", model="/m", data_path="/d",
                      output_dir="/o", seed=0, run=False)

@@ -103,8 +103,9 @@ def test_tiny_world_bench_writes_the_run_directory(world_bench):
         if row["kind"] == "pairs":
             assert cost["epochs_over_pairs"] >= 1.0 and cost["labels_consumed"] > 0 and cost["samples"] == 0
         else:
-            assert cost["samples"] == row["max_steps"] * 8 and cost["labels_consumed"] == (row["reward"] == "proxy") * \
-                read_json(out / "draws" / f"draw{row['draw']}" / "labels.json")["parts"]["policy_train"]["prompts_labelled"]
+            labels = read_json(out / "draws" / f"draw{row['draw']}" / "labels.json")["parts"]["policy_train"]
+            assert cost["samples"] == row["max_steps"] * 8
+            assert cost["labels_consumed"] == (row["reward"] == "proxy") * labels["prompts_labelled"]
     values = {row["value"] for row in plan["runs"] if row["label"] == "dpo" and row["phase"] == "main"}
     assert values == set(cfg["frontier"]["knob_values"]["dpo"]) | {selection["dpo"]["chosen_value"]}
     assert (out / "results.md").is_file()
@@ -132,7 +133,8 @@ def test_one_worker_is_bit_identical_and_a_finished_bench_is_not_trained_again(w
     run_bench(WORLD_TINY, [f"output_dir={world_bench}", f"cache_dir={cache}", "workers=1"])
     again = {p: p.stat().st_mtime_ns for p in logs}
     assert [p for p in logs if again[p] != logs[p]] == [unfinished / "train.log"]
-    assert (unfinished / "eval.jsonl").read_bytes() == eval_rows and read_json(unfinished / "run.json")["status"] == "done"
+    assert (unfinished / "eval.jsonl").read_bytes() == eval_rows
+    assert read_json(unfinished / "run.json")["status"] == "done"
 
 
 @pytest.mark.slow

@@ -56,5 +56,6 @@ def test_the_world_start_learns_hh_text_then_the_demonstrations(tmp_path, hh_pat
     start = plan_start(cfg, data)
     init, pt, sft = start.shared
     assert (init.name, pt.name, sft.name) == ("init", "pt", "sft") and start.policy == sft.model
-    assert pt.spec["data"]["path"] == cfg.start.pt["data"]["path"] and pt.spec["model"]["name_or_path"] == str(init.model)
-    assert sft.spec["data"]["path"] == str(data.files["demonstrations"]) and sft.spec["model"]["name_or_path"] == str(pt.model)
+    assert pt.spec["data"]["path"] == cfg.start.pt["data"]["path"]
+    assert sft.spec["data"]["path"] == str(data.files["demonstrations"])
+    assert (pt.spec["model"]["name_or_path"], sft.spec["model"]["name_or_path"]) == (str(init.model), str(pt.model))

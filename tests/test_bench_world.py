@@ -246,7 +246,8 @@ def test_the_world_reward_is_listed_without_importing_the_bench():
     import sys
 
     code = ("import json, sys; from prefopt.registry import REWARDS; names = REWARDS.available(); "
-            "print(json.dumps(['world_gold' in names, sorted(m for m in sys.modules if m.startswith('prefopt.bench'))]))")
+            "bench = sorted(m for m in sys.modules if m.startswith('prefopt.bench')); "
+            "print(json.dumps(['world_gold' in names, bench]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     listed, bench_modules = json.loads(out.splitlines()[-1])
     assert listed and bench_modules == ["prefopt.bench", "prefopt.bench.world"]

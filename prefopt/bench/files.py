@@ -3,19 +3,20 @@
 The run directory is everything a result depends on and all the report reads (prefopt.bench.report):
 
     bench.json            {profile, task, config}: the resolved bench config
-    manifest.json         versions, git commit, host (cpus, threads, workers, load), splits (counts, id hashes), seeds
-                          (main, train, select), draws, selection (per label: grids as run, chosen learning rate and knob
-                          value, on_edge, extended, the val table), skipped labels, stages (key, cached, cost), times
-                          per phase
+    manifest.json         versions, git commit, host (cpus, threads, workers, load), splits (counts, id hashes),
+                          seeds (main, train, select), draws, selection (per label: grids as run, chosen learning
+                          rate and knob value, on_edge, extended, the val table), skipped labels, stages (key,
+                          cached, cost), times per phase
     plan.json             {labels: {label: {algorithm, kind, knob, policy_class, reward, oracle_of}}, runs: [row]}
-                          row: id, label, algorithm, kind, phase (select | main | oracle | probe), draw, seed, knob, value,
-                          learning_rate, dir, reward (proxy | true | labels), policy_class, max_steps, checkpoints,
-                          eval_set, oracle_of, key
+                          row: id, label, algorithm, kind, phase (select | main | oracle | probe), draw, seed,
+                          knob, value, learning_rate, dir, reward (proxy | true | labels), policy_class, max_steps,
+                          checkpoints, eval_set, oracle_of, key
     prompts.jsonl         {set (val | eval), i, prompt, group}: the prompt sets every policy is sampled on
     gold.json             hh: the gold RM's accuracy on every held-out pair of the eval part, with its 95% interval
     data/<part>.jsonl     the pinned parts
     draws/draw<d>/        draw.json (seed, keys); labels.json (world: counts, ties dropped, label agreement per part);
-                          proxy.json (the proxy RM's held-out accuracy beside the prompt-blind rule and the true reward);
+                          proxy.json (the proxy RM's held-out accuracy beside the prompt-blind rule and the true
+                          reward);
                           start.jsonl (the start's sample rows, step 0); best_of_n.jsonl {i, j, gold, proxy, length,
                           cond_acc}; pairs.jsonl (held-out pairs: the start's log-probs, the gold of each reply)
     runs/<id>/            run.json (plan row + status, final_step, cost: wall / CPU s, eval s, peak RSS, updates, rows,
