@@ -21,9 +21,10 @@ from prefopt.errors import PrefoptError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.config import load_config
+
+    config = load_config(args.recipe, args.overrides)  # before the heavy imports: a bad recipe is refused at once
     from prefopt.trainer import Trainer
 
-    config = load_config(args.recipe, args.overrides)
     if not config.train.progress:  # no bars at all: also transformers' weight loading / saving ones
         from transformers.utils import logging as hf_logging
 

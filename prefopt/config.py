@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefopt.errors import ConfigError
-from prefopt.recipe_file import merge, parse_overrides, read_yaml
+from prefopt.recipe_file import explain_env, merge, parse_overrides, read_yaml
 from prefopt.registry import closest
+from prefopt.rundir import check_output_dir, flatten
 
 
 @dataclass
@@ -200,7 +201,9 @@ class TrainConfig:
     resume: str | bool = "no"
     """"auto": continue the same run from its newest usable checkpoint in output_dir; "no"; or a checkpoint path."""
     overwrite: bool = False
-    """Clear an output_dir that holds an earlier run before starting (else such a directory is refused)."""
+    """Clear an output_dir that holds an earlier run before starting: exactly the files its ledger lists."""
+    accept_changed_data: bool = False
+    """Resume although a data file changed since the checkpoint (its saved position then points into other rows)."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """What to do when the loss or gradient is NaN/inf: skip the update, or stop (exit code 3)."""
     max_skipped_updates: int = 10
@@ -217,6 +220,8 @@ class TrainConfig:
     """Create that hub repo private."""
 
     def __post_init__(self):
+        check_output_dir(self.output_dir)
+        check(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
         for key in ("max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
             check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
         check(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "must be >= 0")
@@ -266,6 +271,11 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["algorithm"] = {"name": self.algorithm_name, **dataclasses.asdict(self.algorithm)}
         return out
+
+
+MAX_COEF = 1e3  # the largest KL / preference strength (beta) a recipe may set
+TOO_STRONG = (f"must be <= {MAX_COEF:g}: it multiplies log-ratios, so a larger one only makes the loss overflow "
+              "(typical values are 0.01 to 1)")
 
 
 def check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -401,11 +411,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for folder in ([Path(path).resolve().parent] if path else []) + [Path.cwd()]:
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
-    data = read_yaml(path) if path else {}
+    sources: dict[str, str] = {}  # keys whose value a ${VAR} gave, for the error messages
+    data = read_yaml(path, sources) if path else {}
     if isinstance(data.get("algorithm"), str):
         data["algorithm"] = {"name": data["algorithm"]}
-    data = merge(data, parse_overrides(list(overrides)))
-    return build_run_config(data, where=str(path or "overrides"))
+    given = parse_overrides(list(overrides))
+    data = merge(data, given)
+    sources = {key: source for key, source in sources.items() if key not in flatten(given)}
+    try:
+        return build_run_config(data, where=str(path or "overrides"))
+    except ConfigError as exc:
+        raise ConfigError(explain_env(str(exc), sources)) from None
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:

@@ -4,6 +4,8 @@
   starting model's context (``max_position_embeddings`` / ``n_positions`` of its config.json);
 * a reward model (a ``reward_model`` reward component, a ``critic_path``) is a sequence-classification model with a
   score head, not a causal LM (which would train against a randomly initialised head);
+* every model and tokenizer it names is a local folder that exists or a hub id (decided at once, so a mistyped
+  folder is not tried on the hub: ``prefopt.models.model_source``);
 * an online algorithm (kind ``prompts``) has a reward: some term with a non-zero weight (its Config's
   ``reward_terms()``, else its ``rewards`` list).
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefopt.errors import ConfigError
+from prefopt.models import model_source
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -44,6 +47,8 @@ def context_length(config: Any) -> int | None:
 def check_run(run: Any, kind: str) -> None:
     """Raise ConfigError for the first problem found (module docstring)."""
     model = run.model
+    for key, source in model_sources(run):
+        model_source(source, key)
     config = model_config(model.name_or_path, model.trust_remote_code) if model.name_or_path else None
     context = context_length(config) if config is not None else None
     if context is not None:
@@ -60,6 +65,17 @@ def check_run(run: Any, kind: str) -> None:
         check_score_head(key, path, model.trust_remote_code)
     if kind == "prompts":
         check_has_reward(run)
+
+
+def model_sources(run: Any) -> list[tuple[str, str]]:
+    """(key, path or hub id) of every model and tokenizer the run loads."""
+    found = [("model.name_or_path", run.model.name_or_path)]
+    if run.model.tokenizer:
+        found.append(("model.tokenizer", run.model.tokenizer))
+    reference = getattr(run.algorithm, "reference", None)
+    if isinstance(reference, str) and reference:
+        found.append(("algorithm.reference", reference))
+    return found + reward_model_paths(run.algorithm)
 
 
 def reward_model_paths(algorithm: Any) -> list[tuple[str, str]]:

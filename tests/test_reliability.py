@@ -231,10 +231,12 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(tiny_model_dir
                      "train.max_steps=6", "train.eval_every=0", "algorithm.precompute_reference=false")
     assert train(args) == 3
     stderr = capsys.readouterr().err
+    checkpoint = out / "checkpoints" / "step-00000004"
     assert stderr.strip().splitlines()[-1] == (
-        "prefopt: error: non-finite loss at step 5; stopped, the newest checkpoint with finite weights is "
-        f"{out / 'checkpoints' / 'step-00000004'} (resume with train.resume=auto). "
-        "Set train.on_nonfinite=skip to skip such updates.")
+        "prefopt: error: non-finite loss at step 5; stopped. The newest checkpoint with finite weights and optimizer "
+        f"state is {checkpoint}; resumed as it is, it repeats the same steps exactly (and meets the same NaN): resume "
+        f"with train.resume={checkpoint} train.on_nonfinite=skip to skip such updates, or start a new run from "
+        f"{checkpoint / 'model'} with a lower train.learning_rate")
     assert "Traceback" not in stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] and not list((out / "checkpoints").glob("*.tmp"))
     last = complete_checkpoints(out)[-1]

@@ -139,6 +139,11 @@ class A2CConfig(OnlineConfig):
         check(self.critic_learning_rate is None or self.critic_learning_rate >= 0, "algorithm.critic_learning_rate",
               self.critic_learning_rate, "must be >= 0")
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
+        for key in ("preference_steps", "rule_steps"):
+            check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
+        check(self.preference_steps > 0 or self.preference_weight == 0 or self.reward_heads is not None,
+              "algorithm.preference_steps", self.preference_steps,
+              "must be > 0 while the preference head is used (preference_weight > 0) and not loaded (reward_heads)")
 
 
 def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, advantages: Tensor,

@@ -138,16 +138,35 @@ class CallableReward:
                                f"completion_ids and the columns of the prompt rows ({columns})") from None
         except ValueError:  # no signature to bind against
             pass
-        values = self.fn(**arguments)
-        if inspect.isawaitable(values):
-            values = asyncio.run(_awaited(values))
-        values = [float("nan") if value is None else value for value in values]
+        try:
+            values = self.fn(**arguments)
+            if inspect.isawaitable(values):
+                values = asyncio.run(_awaited(values))
+            values = list(values)
+        except Exception as exc:  # the user's function failed: their error, in one line (-v shows the traceback)
+            raise PrefoptError(f"reward function {_name(self.fn)} raised {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:300]}") from exc
+        wrong = [v for v in values if v is not None and not _is_number(v)]
+        if wrong:
+            raise PrefoptError(f"reward function {_name(self.fn)} returned {wrong[0]!r} ({type(wrong[0]).__name__}) "
+                               "among its values (expected one float or None per response)")
+        values = [float("nan") if value is None else float(value) for value in values]
         out = torch.as_tensor(values, dtype=torch.float32, device=self.device)
         if out.shape != (len(rollout.responses),):
             raise PrefoptError(f"reward function {_name(self.fn)} returned {tuple(out.shape)} values for "
                                f"{len(rollout.responses)} responses (expected one float or None per response)")
         return out
 
+
+def _is_number(value: Any) -> bool:
+    """A float, an int or a one-element tensor / array; not a string or a bool (a wrong type, not a reward)."""
+    if isinstance(value, (str, bytes, bool)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 async def _awaited(values: Any) -> Any:
     return await values
