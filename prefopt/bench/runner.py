@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from prefopt.bench.config import BenchConfig, load_bench_config
 from prefopt.bench.data import prepare_data, read_jsonl
 from prefopt.bench.plan import Bench, Run
-from prefopt.bench.report import write_report
+from prefopt.bench.report.v1 import write_report
 from prefopt.bench.start import Stage, StageFailed, plan_start
 from prefopt.errors import PrefoptError, UnknownNameError
 

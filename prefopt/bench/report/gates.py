@@ -1,0 +1,181 @@
+"""The sanity gates a result must pass before results.md prints a verdict (DESIGN.md, "The benchmark protocol").
+
+Blocking gates (a status other than ``pass`` replaces the verdicts with the failure and its numbers):
+
+* ``proxy beats the prompt-blind rule`` (world): in every draw the proxy RM's accuracy on the val labels exceeds that
+  of the rule that ignores the prompt (proxy.json);
+* ``oracle reaches the proxy``: for every oracle label (an algorithm trained on the true reward, phase ``oracle``),
+  its best point under the KL budget has a mean true reward >= that of the same algorithm trained on the proxy (the
+  point estimates; the difference's interval is printed). Best-of-n by the true reward is not gated: it cannot lose;
+* ``gold RM is credible`` (hh): in every draw the gold RM's held-out pair accuracy is >= 0.6 on >= 500 pairs and
+  the lower end of its 95% Wilson interval is above the proxy's accuracy on the same pairs (gold.json). Without it
+  the HH report is a smoke test.
+
+Flags (printed, and named on every verdict row of the label; they do not withhold the verdicts):
+
+* ``choices interior to their grids``: the chosen learning rate and KL knob value of every label lie strictly inside
+  their grids (manifest.json ``selection``): an edge pick says the grid should be extended;
+* ``checkpoints``: every setting has >= 8 checkpoints, log-spaced (each step >= 1.5 x the one before, most of them);
+* ``runs finished``: every planned run finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from prefopt.bench.report.curves import Arrays
+from prefopt.bench.report.reading import RunDir
+from prefopt.bench.report.stats import wilson
+from prefopt.bench.report.verdicts import compare
+from prefopt.bench.report.views import best_point
+
+PASS, FAIL, FLAG, UNCHECKED, NOT_APPLICABLE = "pass", "FAIL", "flag", "not checked", "n/a"
+MIN_CHECKPOINTS = 8
+
+
+@dataclass
+class Gate:
+    name: str
+    status: str
+    numbers: str
+    blocking: bool
+    labels: tuple[str, ...] = ()  # the labels a flag names
+
+    @property
+    def withholds(self) -> bool:
+        return self.blocking and self.status not in (PASS, NOT_APPLICABLE)
+
+
+def proxy_gate(data: RunDir, task: str) -> Gate:
+    name = "proxy beats the prompt-blind rule (val labels)"
+    if task == "hh":
+        return Gate(name, NOT_APPLICABLE, "HH has no prompt-blind rule of the true reward", False)
+    parts, ok = [], []
+    for draw, files in sorted(data.draws.items()):
+        proxy = files.get("proxy", {})
+        accuracy, rule = proxy.get("val_accuracy"), proxy.get("prompt_blind_rule_val_accuracy")
+        if accuracy is None or rule is None:
+            parts.append(f"draw {draw}: proxy.json lacks val_accuracy / prompt_blind_rule_val_accuracy")
+            ok.append(None)
+            continue
+        ok.append(accuracy > rule)
+        parts.append(f"draw {draw}: proxy {accuracy:.3f} vs rule {rule:.3f} on {proxy.get('val_pairs', '?')} pairs")
+    if not ok:
+        return Gate(name, UNCHECKED, "no draws/draw<d>/proxy.json", True)
+    status = UNCHECKED if None in ok else PASS if all(ok) else FAIL
+    return Gate(name, status, "; ".join(parts), True)
+
+
+def oracle_gate(arrays: Arrays, budget: float, slope: float) -> Gate:
+    name = "oracle reaches the proxy (true reward >= proxy-trained, best under the KL budget)"
+    oracles = [label for label in arrays.labels.values() if label.phase == "oracle" and not
+               label.name.startswith("best_of_n")]
+    if not oracles:
+        return Gate(name, UNCHECKED, "no oracle runs (phase oracle, reward true) in this run directory", True)
+    parts, ok = [], []
+    for oracle in oracles:
+        twins = [label for label in arrays.labels.values() if label.algorithm == oracle.algorithm
+                 and label.reward == "proxy" and label.phase == "main"]
+        if not twins:
+            parts.append(f"{oracle.name}: no {oracle.algorithm} run on the proxy to compare with")
+            ok.append(None)
+            continue
+        best_oracle, note = best_point(oracle, budget)
+        for twin in twins:
+            best_twin, twin_note = best_point(twin, budget)
+            if not (best_oracle.complete and best_twin.complete):
+                parts.append(f"{oracle.name} vs {twin.name}: no complete best point under KL {budget:g} "
+                             f"({note}; {twin_note})")
+                ok.append(None)
+                continue
+            row = compare(arrays, best_oracle, best_twin, slope)
+            ok.append(row["gold A"] >= row["gold B"])
+            parts.append(f"{oracle.name} {row['gold A']:.4f} (KL {row['A KL']}) vs {twin.name} {row['gold B']:.4f} "
+                         f"(KL {row['B KL']}): diff {row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]")
+    status = UNCHECKED if None in ok else PASS if all(ok) else FAIL
+    return Gate(name, status, "; ".join(parts), True)
+
+
+def gold_gate(data: RunDir, task: str) -> Gate:
+    name = "gold RM is credible (>= 0.6 on >= 500 held-out pairs, 95% lower bound above the proxy)"
+    if task != "hh":
+        return Gate(name, NOT_APPLICABLE, "the world's true reward is known", False)
+    parts, ok = [], []
+    for draw, files in sorted(data.draws.items()):
+        gold = files.get("gold", {})
+        accuracy, pairs, proxy = (gold.get(k) for k in ("held_out_accuracy", "held_out_pairs",
+                                                        "proxy_held_out_accuracy"))
+        if accuracy is None or pairs is None or proxy is None:
+            parts.append(f"draw {draw}: gold.json lacks held_out_accuracy / held_out_pairs / proxy_held_out_accuracy")
+            ok.append(False)
+            continue
+        lo, hi = wilson(accuracy * pairs, int(pairs))
+        ok.append(accuracy >= 0.6 and pairs >= 500 and lo > proxy)
+        parts.append(f"draw {draw}: gold {accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {pairs} pairs vs proxy {proxy:.3f}")
+    status = PASS if ok and all(ok) else FAIL
+    return Gate(name, status, "; ".join(parts) or "no draws/draw<d>/gold.json", True)
+
+
+def interior_gate(data: RunDir) -> Gate:
+    name = "learning rate and KL knob interior to their grids"
+    selection = data.manifest.get("selection")
+    if not isinstance(selection, dict) or not selection:
+        return Gate(name, UNCHECKED, "manifest.json has no `selection` (grids and chosen values)", False)
+    edges, parts = [], []
+    for label, choices in sorted(selection.items()):
+        for kind in ("learning_rate", "knob"):
+            choice = (choices or {}).get(kind) or {}
+            grid, chosen = sorted(choice.get("grid") or []), choice.get("chosen")
+            if chosen is None or len(grid) == 0:
+                continue
+            what = choice.get("name", kind)
+            if len(grid) < 3:
+                edges.append(label)
+                parts.append(f"{label} {what} {chosen:g}: a grid of {len(grid)} cannot have an interior")
+            elif not grid[0] < chosen < grid[-1]:
+                edges.append(label)
+                parts.append(f"{label} {what} {chosen:g} at the edge of {grid}")
+    return Gate(name, FLAG if edges else PASS, "; ".join(parts) or "every choice interior", False, tuple(edges))
+
+
+def checkpoint_gate(arrays: Arrays) -> Gate:
+    name = f"checkpoints: >= {MIN_CHECKPOINTS} per setting, log-spaced"
+    short = []
+    for label in arrays.labels.values():
+        if label.name.startswith("best_of_n"):
+            continue
+        for curve in label.curves:
+            steps = np.asarray(curve.steps, dtype=float)
+            ratios = steps[1:] / np.maximum(steps[:-1], 1)
+            if len(steps) < MIN_CHECKPOINTS or np.mean(ratios >= 1.5) < 0.5:
+                short.append((label.name, len(steps)))
+                break
+    parts = [f"{name_}: {count} checkpoints" for name_, count in short]
+    return Gate(name, FLAG if short else PASS, "; ".join(parts) or "every setting", False,
+                tuple(name_ for name_, _ in short))
+
+
+def runs_gate(data: RunDir) -> Gate:
+    name = "runs finished"
+    if data.runs.empty:
+        return Gate(name, FAIL, "no runs", True)
+    unfinished = data.runs[data.runs["status"] != "done"]
+    if unfinished.empty:
+        return Gate(name, PASS, f"{len(data.runs)} of {len(data.runs)}", False)
+    first = unfinished.iloc[0]
+    error = str(first.get("error") or first["status"]).splitlines()[0][:160]
+    return Gate(name, FLAG, f"{len(unfinished)} of {len(data.runs)} not finished, e.g. {first['id']}: {error}", False,
+                tuple(sorted(set(unfinished["label"].dropna()))) if "label" in unfinished else ())
+
+
+def all_gates(data: RunDir, arrays: Arrays, task: str, budget: float, slope: float) -> list[Gate]:
+    return [proxy_gate(data, task), oracle_gate(arrays, budget, slope), gold_gate(data, task), interior_gate(data),
+            checkpoint_gate(arrays), runs_gate(data)]
+
+
+def gate_table(gates: list[Gate]) -> pd.DataFrame:
+    return pd.DataFrame([{"gate": g.name, "status": g.status, "blocks verdicts": "yes" if g.blocking else "no",
+                          "numbers": g.numbers} for g in gates])

@@ -1,0 +1,162 @@
+"""Read a bench run directory (the files of /work/team/bench_schema.md) into frames; nothing else is read.
+
+Every file is optional: a missing or unreadable one becomes a line in ``problems`` (file, line, what is wrong) and
+the report says what it could not compute, never a traceback. Frames:
+
+* ``runs``: one row per planned run (plan.json; else every runs/**/run.json): the plan row, ``status``
+  ("done" | "failed" | ... | "missing" when run.json is absent), ``error``, and the cost fields (``cost.*`` flattened);
+* ``evals``: one row per (run, step, set, prompt i) of the runs' eval.jsonl, with the run's id, label, value, draw,
+  seed, phase and reward; numeric columns only (responses are read on demand by ``responses``);
+* ``start``: the start's rows per (draw, set, i) (draws/draw<d>/start.jsonl), KL 0;
+* ``best_of_n``: per (draw, i, j) (draws/draw<d>/best_of_n.jsonl);
+* ``pref``: per (run, step): implicit-reward preference accuracy and its pair count (runs/<id>/pref.json);
+* ``draws``: per draw, the dicts of labels.json, proxy.json and gold.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+KEYS = ["id", "label", "value", "draw", "seed", "phase", "reward"]
+TEXT = ("response", "prompt", "logp_tokens")
+
+
+@dataclass
+class RunDir:
+    path: Path
+    bench: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    evals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    start: pd.DataFrame = field(default_factory=pd.DataFrame)
+    best_of_n: pd.DataFrame = field(default_factory=pd.DataFrame)
+    pref: pd.DataFrame = field(default_factory=pd.DataFrame)
+    draws: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.path))
+        except ValueError:
+            return str(path)
+
+    def json(self, path: Path, required: bool = True) -> Any:
+        """The parsed file, or None with a problem noted (missing only when ``required``)."""
+        if not path.is_file():
+            if required:
+                self.problems.append(f"{self.relative(path)}: missing")
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.problems.append(f"{self.relative(path)}: not JSON ({exc})")
+            return None
+
+    def jsonl(self, path: Path, required: bool = True) -> list[dict[str, Any]]:
+        """The file's rows; a bad line is skipped and noted with its line number."""
+        if not path.is_file():
+            if required:
+                self.problems.append(f"{self.relative(path)}: missing")
+            return []
+        rows, bad = [], []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(number)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad.append(number)
+        if bad:
+            self.problems.append(f"{self.relative(path)}: {len(bad)} unreadable line(s) skipped (first: line {bad[0]})")
+        return rows
+
+    def responses(self, run_id: str, step: int, set_name: str = "eval") -> dict[int, str]:
+        """Prompt i -> response text of one run's checkpoint (read on demand: samples in the report)."""
+        row = self.runs[self.runs["id"] == run_id]
+        if row.empty:
+            return {}
+        rows = self.jsonl(self.path / str(row.iloc[0]["dir"]) / "eval.jsonl", required=False)
+        return {int(r["i"]): str(r.get("response", "")) for r in rows
+                if r.get("step") == step and r.get("set", "eval") == set_name and "i" in r}
+
+
+def read_run_dir(path: str | Path) -> RunDir:
+    """Everything the report needs from ``path`` (module docstring)."""
+    data = RunDir(Path(path))
+    if not data.path.is_dir():
+        data.problems.append(f"{data.path}: not a directory")
+        return data
+    data.bench = data.json(data.path / "bench.json") or {}
+    data.manifest = data.json(data.path / "manifest.json") or {}
+    plan = data.json(data.path / "plan.json")
+    if not isinstance(plan, list):
+        plan = [] if plan is None else plan.get("runs", [])
+    _read_draws(data)
+    _read_runs(data, plan)
+    return data
+
+
+def _read_draws(data: RunDir) -> None:
+    starts, bons = [], []
+    for folder in sorted((data.path / "draws").glob("draw*"), key=lambda p: _number(p.name)):
+        draw = _number(folder.name)
+        if draw is None:
+            continue
+        data.draws[draw] = {name: data.json(folder / f"{name}.json", required=name != "gold") or {}
+                            for name in ("labels", "proxy", "gold")}
+        starts += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "start.jsonl")]
+        bons += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "best_of_n.jsonl", required=False)]
+    if not data.draws:
+        data.problems.append("draws/: no draw<d> folders (no start, labels or proxy to read)")
+    data.start = pd.DataFrame(starts)
+    if not data.start.empty and "set" not in data.start:
+        data.start["set"] = "eval"
+    data.best_of_n = pd.DataFrame(bons)
+
+
+def _read_runs(data: RunDir, plan: list[dict[str, Any]]) -> None:
+    rows = [dict(row) for row in plan if isinstance(row, dict)]
+    if not rows:  # no plan: every run.json found
+        rows = [{"dir": str(p.parent.relative_to(data.path))} for p in sorted((data.path / "runs").rglob("run.json"))]
+        if not rows:
+            data.problems.append("plan.json lists no runs and runs/ holds no run.json")
+    infos, evals, prefs = [], [], []
+    for row in rows:
+        folder = data.path / str(row.get("dir") or Path("runs") / str(row.get("id", "")))
+        info = data.json(folder / "run.json", required=False)
+        info = {**row, **(info or {"status": "missing", "error": "run.json not written"})}
+        info["dir"] = data.relative(folder)
+        info.setdefault("id", info["dir"])
+        info.update({f"cost.{k}": v for k, v in (info.pop("cost", None) or {}).items()})
+        infos.append(info)
+        if info.get("status") != "done":
+            continue
+        ident = {key: info.get(key) for key in KEYS}
+        evals += [{**_numeric(r), **ident} for r in data.jsonl(folder / "eval.jsonl")]
+        pref = data.json(folder / "pref.json", required=False) or []
+        prefs += [{**_numeric(r), **ident} for r in (pref if isinstance(pref, list) else pref.get("steps", []))]
+    data.runs = pd.DataFrame(infos)
+    data.evals = pd.DataFrame(evals)
+    if not data.evals.empty and "set" not in data.evals:
+        data.evals["set"] = "eval"
+    data.pref = pd.DataFrame(prefs)
+
+
+def _numeric(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in TEXT and not isinstance(v, (list, dict))}
+
+
+def _number(name: str) -> int | None:
+    match = re.search(r"(\d+)$", name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,111 @@
+"""The verdict table: A vs B on the true reward at matched KL and at each one's best point under the KL budget.
+
+The declared family (fixed by the bench config, before any gold is read): every pair of the main labels (every
+algorithm run on the proxy, and best-of-n ranked by the proxy), at each KL level of ``frontier.kl_levels`` and at
+"best under the KL budget". A pair at a KL level is compared only where BOTH labels have measured checkpoints
+bracketing that KL in every (draw, seed) cell (prefopt.bench.report.views.at_matched_kl); otherwise the row says
+which label does not reach it and is not tested. Holm's correction runs over the tested rows; a row is ``better`` /
+``worse`` when its Holm-adjusted p < 0.05, else ``inconclusive``.
+
+Each row also carries what papers report beside it: the head-to-head win rate P(gold A > gold B) on the same
+prompt (ties 1/2; every seed of A against every seed of B in a draw), the mean lengths and the length-adjusted
+difference ``diff - slope (length A - length B)`` (slope: gold on length within prompts among the start's
+best-of-n samples, so it measures how much length alone buys under the start's distribution), conditional accuracy
+own/(own+other) where the world has it, and the variance decomposition of the difference (draw / seed / prompt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from prefopt.bench.report.curves import Arrays, column
+from prefopt.bench.report.stats import holm, nested_interval, variance_shares
+from prefopt.bench.report.views import Point, at_matched_kl, best_point, seeds_of
+
+ALPHA = 0.05
+
+
+def difference_cells(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[draws, seeds, prompts] of A - B: paired seed by seed when both have the same seeds, B broadcast when it has
+    one (best-of-n), else each draw's seed-mean difference ([draws, 1, prompts])."""
+    if a.shape[1] == b.shape[1] or b.shape[1] == 1:
+        return a - b
+    if a.shape[1] == 1:
+        return a - b if a.shape[1] == b.shape[1] else np.broadcast_to(a, b.shape) - b
+    return (np.nanmean(a, 1) - np.nanmean(b, 1))[:, None]
+
+
+def win_cells(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[draws, seeds of A, prompts]: P(A's gold > B's) against every seed of B in the same draw (ties 1/2)."""
+    wins = (a[:, :, None] > b[:, None, :]) + 0.5 * (a[:, :, None] == b[:, None, :])
+    wins = np.where(np.isnan(a[:, :, None]) | np.isnan(b[:, None, :]), np.nan, wins)
+    return np.nanmean(wins, axis=2)
+
+
+def compare(arrays: Arrays, a: Point, b: Point, slope: float) -> dict[str, object]:
+    """Every number of one row (module docstring) for two complete points."""
+    draws = arrays.draws
+    ga = a.array(draws, sorted({s for _, s in a.cells}))
+    gb = b.array(draws, sorted({s for _, s in b.cells}))
+    gold = column("gold")
+    diff = difference_cells(ga[..., gold], gb[..., gold])
+    result = nested_interval(diff)
+    win = nested_interval(win_cells(ga[..., gold], gb[..., gold]))
+    row = {"A KL": a.bracket_text(), "B KL": b.bracket_text(), "gold A": a.mean(), "gold B": b.mean(),
+           "diff": result.mean, "lo": result.lo, "hi": result.hi, "p": result.p, "unit": result.unit,
+           "win A over B": win.mean, "win lo": win.lo, "win hi": win.hi,
+           "length A": a.mean("length"), "length B": b.mean("length"),
+           "cond_acc A": a.mean("cond_acc"), "cond_acc B": b.mean("cond_acc")}
+    row["diff length-adjusted"] = result.mean - slope * (row["length A"] - row["length B"]) \
+        if np.isfinite(slope) else float("nan")
+    if not np.isnan(diff).any() and diff.shape[1] > 1:
+        row.update({f"share {k}": v for k, v in variance_shares(diff).items()})
+    return row
+
+
+def verdict_table(arrays: Arrays, labels: list[str], kl_levels: list[float], budget: float,
+                  slope: float) -> pd.DataFrame:
+    """The family's rows (module docstring), Holm-adjusted, in the declared order."""
+    present = [label for label in labels if label in arrays.labels]
+    best = {label: best_point(arrays.labels[label], budget)[0] for label in present}
+    rows = []
+    for index, a in enumerate(present):
+        for b in present[index + 1:]:
+            targets = [(f"KL {k:g}", at_matched_kl(arrays.labels[a], k), at_matched_kl(arrays.labels[b], k))
+                       for k in kl_levels]
+            targets.append((f"best, KL <= {budget:g}", best[a], best[b]))
+            for at, pa, pb in targets:
+                row = {"A": a, "B": b, "at": at}
+                missing = [f"{p.label} ({len(p.missing)}/{len(p.missing) + len(p.cells)} cells)"
+                           for p in (pa, pb) if not p.complete]
+                if missing:
+                    reach = "not reached by" if at.startswith("KL") else "no point under the budget for"
+                    rows.append({**row, "verdict": f"n/a: {reach} {' and '.join(missing)}"})
+                    continue
+                rows.append({**row, **compare(arrays, pa, pb, slope)})
+    table = pd.DataFrame(rows)
+    if table.empty or "p" not in table:
+        return table
+    table["p holm"] = holm(table["p"].tolist())
+    tested = table["p holm"].notna()
+    table.loc[tested, "verdict"] = np.where(table.loc[tested, "p holm"] >= ALPHA, "inconclusive",
+                                            np.where(table.loc[tested, "diff"] > 0, "better", "worse"))
+    return table
+
+
+def length_slope(arrays: Arrays, data_best_of_n: pd.DataFrame) -> float:
+    """Gold on length within prompts (and draws) among the start's best-of-n samples; NaN without them."""
+    from prefopt.bench.report.stats import within_slope
+
+    samples = data_best_of_n
+    if samples.empty or not {"gold", "length"} <= set(samples):
+        return float("nan")
+    return within_slope(samples["length"].to_numpy(), samples["gold"].to_numpy(),
+                        (samples["draw"].astype(str) + "/" + samples["i"].astype(str)).to_numpy())
+
+
+def seeds_note(arrays: Arrays, labels: list[str]) -> str:
+    """"3 draws x 4 seeds" of the family's labels (the units the intervals rest on)."""
+    seeds = sorted({len(seeds_of(arrays.labels[label])) for label in labels if label in arrays.labels})
+    return f"{len(arrays.draws)} draw(s) x {'/'.join(map(str, seeds)) or '0'} seed(s) x {len(arrays.prompts)} prompts"
