@@ -33,7 +33,6 @@ class Curve:
     steps: np.ndarray  # [T]
     kl: np.ndarray  # [T] mean KL over the eval prompts
     values: np.ndarray  # [T, prompts, len(COLUMNS)]
-    val_gold: np.ndarray  # [T] mean gold over val prompts (NaN without val rows)
 
 
 @dataclass
@@ -42,6 +41,7 @@ class Label:
     phase: str
     reward: str
     algorithm: str
+    oracle_of: str | None = None  # the label trained on the proxy that this oracle (true reward) shadows
     curves: list[Curve] = field(default_factory=list)
 
     @property
@@ -82,8 +82,10 @@ def build(data: RunDir, bon_ns: list[int] | None = None) -> Arrays:
         for run_id, rows in evals.groupby("id", sort=True):
             first = rows.iloc[0]
             algorithm = algorithms.get(run_id) or first["label"]
+            meta = data.labels.get(first["label"]) or {}
             label = arrays.labels.setdefault(first["label"], Label(str(first["label"]), str(first.get("phase", "main")),
-                                                                   str(first.get("reward", "proxy")), str(algorithm)))
+                                                                   str(first.get("reward", "proxy")), str(algorithm),
+                                                                   meta.get("oracle_of")))
             label.curves.append(_curve(rows, prompts, start.get(int(first["draw"]))))
     _best_of_n(data, arrays, bon_ns)
     return arrays
@@ -103,7 +105,7 @@ def _table(rows: pd.DataFrame, prompts: np.ndarray) -> np.ndarray:
 
 def _curve(rows: pd.DataFrame, prompts: np.ndarray, start: np.ndarray | None) -> Curve:
     first = rows.iloc[0]
-    evals, val = rows[rows["set"] == "eval"], rows[rows["set"] == "val"]
+    evals = rows[rows["set"] == "eval"]
     steps = np.array(sorted(set(evals["step"])), dtype=int)
     values = np.full((len(steps), len(prompts), len(COLUMNS)), np.nan)
     t = np.searchsorted(steps, evals["step"].to_numpy())
@@ -117,11 +119,9 @@ def _curve(rows: pd.DataFrame, prompts: np.ndarray, start: np.ndarray | None) ->
         gold, start_gold = values[..., column("gold")], start[None, :, column("gold")]
         values[..., column("win")] = np.where(np.isnan(gold) | np.isnan(start_gold), np.nan,
                                               (gold > start_gold) + 0.5 * (gold == start_gold))
-    val_gold = val.groupby("step")["gold"].mean().reindex(steps).to_numpy(dtype=float) if not val.empty \
-        else np.full(len(steps), np.nan)
     value = first.get("value")
     return Curve(str(first["id"]), None if pd.isna(value) else value, int(first["draw"]), int(first["seed"]), steps,
-                 kl, values, val_gold)
+                 kl, values)
 
 
 def _best_of_n(data: RunDir, arrays: Arrays, bon_ns: list[int] | None) -> None:
@@ -135,7 +135,8 @@ def _best_of_n(data: RunDir, arrays: Arrays, bon_ns: list[int] | None) -> None:
         if key not in samples:
             continue
         label = arrays.labels[name] = Label(name, "main" if name == BON else "oracle",
-                                            "proxy" if name == BON else "true", name)
+                                            "proxy" if name == BON else "true", "best_of_n",
+                                            None if name == BON else BON)
         for draw, rows in samples.groupby("draw", sort=True):
             by_prompt = {i: g.sort_values("j").head(n_max) for i, g in rows.groupby("i")}
             start = arrays.start.get(int(draw))
@@ -151,4 +152,4 @@ def _best_of_n(data: RunDir, arrays: Arrays, bon_ns: list[int] | None) -> None:
                     table[:, column("win")] = (gold > start_gold) + 0.5 * (gold == start_gold)
                 values[:, p] = best_of_n_expected(group[key].to_numpy(dtype=float), table, ns)
             label.curves.append(Curve(f"{name}/draw{draw}", None, int(draw), 0, np.array(ns),
-                                      np.array([bon_kl(n) for n in ns]), values, np.full(len(ns), np.nan)))
+                                      np.array([bon_kl(n) for n in ns]), values))

@@ -7,9 +7,9 @@ Blocking gates (a status other than ``pass`` replaces the verdicts with the fail
 * ``oracle reaches the proxy``: for every oracle label (an algorithm trained on the true reward, phase ``oracle``),
   its best point under the KL budget has a mean true reward >= that of the same algorithm trained on the proxy (the
   point estimates; the difference's interval is printed). Best-of-n by the true reward is not gated: it cannot lose;
-* ``gold RM is credible`` (hh): in every draw the gold RM's held-out pair accuracy is >= 0.6 on >= 500 pairs and
-  the lower end of its 95% Wilson interval is above the proxy's accuracy on the same pairs (gold.json). Without it
-  the HH report is a smoke test.
+* ``gold RM is credible`` (hh): the gold RM's held-out pair accuracy (gold.json) is >= 0.6 on >= 500 pairs and the
+  lower end of its 95% interval (its ``ci95``, else Wilson's) is above every draw's proxy accuracy (proxy.json).
+  Without it the HH report is a smoke test.
 
 Flags (printed, and named on every verdict row of the label; they do not withhold the verdicts):
 
@@ -56,45 +56,42 @@ def proxy_gate(data: RunDir, task: str) -> Gate:
     parts, ok = [], []
     for draw, files in sorted(data.draws.items()):
         proxy = files.get("proxy", {})
-        accuracy, rule = proxy.get("val_accuracy"), proxy.get("prompt_blind_rule_val_accuracy")
+        accuracy, rule = proxy.get("val_accuracy"), proxy.get("rule_val_accuracy")
         if accuracy is None or rule is None:
-            parts.append(f"draw {draw}: proxy.json lacks val_accuracy / prompt_blind_rule_val_accuracy")
+            parts.append(f"draw {draw}: proxy.json lacks val_accuracy / rule_val_accuracy")
             ok.append(None)
             continue
         ok.append(accuracy > rule)
-        parts.append(f"draw {draw}: proxy {accuracy:.3f} vs rule {rule:.3f} on {proxy.get('val_pairs', '?')} pairs")
+        parts.append(f"draw {draw}: proxy {accuracy:.3f} vs rule {rule:.3f} on {proxy.get('n_pairs', '?')} pairs")
     if not ok:
         return Gate(name, UNCHECKED, "no draws/draw<d>/proxy.json", True)
     status = UNCHECKED if None in ok else PASS if all(ok) else FAIL
     return Gate(name, status, "; ".join(parts), True)
 
 
-def oracle_gate(arrays: Arrays, budget: float, slope: float) -> Gate:
+def oracle_gate(arrays: Arrays, budget: float, slope: float, chosen: dict[str, object]) -> Gate:
     name = "oracle reaches the proxy (true reward >= proxy-trained, best under the KL budget)"
-    oracles = [label for label in arrays.labels.values() if label.phase == "oracle" and not
-               label.name.startswith("best_of_n")]
+    oracles = [label for label in arrays.labels.values() if label.oracle_of and label.algorithm != "best_of_n"]
     if not oracles:
         return Gate(name, UNCHECKED, "no oracle runs (phase oracle, reward true) in this run directory", True)
     parts, ok = [], []
     for oracle in oracles:
-        twins = [label for label in arrays.labels.values() if label.algorithm == oracle.algorithm
-                 and label.reward == "proxy" and label.phase == "main"]
-        if not twins:
-            parts.append(f"{oracle.name}: no {oracle.algorithm} run on the proxy to compare with")
+        twin = arrays.labels.get(oracle.oracle_of)
+        if twin is None:
+            parts.append(f"{oracle.name}: no finished run of {oracle.oracle_of} to compare with")
             ok.append(None)
             continue
-        best_oracle, note = best_point(oracle, budget)
-        for twin in twins:
-            best_twin, twin_note = best_point(twin, budget)
-            if not (best_oracle.complete and best_twin.complete):
-                parts.append(f"{oracle.name} vs {twin.name}: no complete best point under KL {budget:g} "
-                             f"({note}; {twin_note})")
-                ok.append(None)
-                continue
-            row = compare(arrays, best_oracle, best_twin, slope)
-            ok.append(row["gold A"] >= row["gold B"])
-            parts.append(f"{oracle.name} {row['gold A']:.4f} (KL {row['A KL']}) vs {twin.name} {row['gold B']:.4f} "
-                         f"(KL {row['B KL']}): diff {row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]")
+        best_oracle, note = best_point(oracle, budget, chosen.get(oracle.name))
+        best_twin, twin_note = best_point(twin, budget, chosen.get(twin.name))
+        if not (best_oracle.complete and best_twin.complete):
+            parts.append(f"{oracle.name} vs {twin.name}: no complete best point under KL {budget:g} "
+                         f"({note}; {twin_note})")
+            ok.append(None)
+            continue
+        row = compare(arrays, best_oracle, best_twin, slope)
+        ok.append(row["gold A"] >= row["gold B"])
+        parts.append(f"{oracle.name} {row['gold A']:.4f} (KL {row['A KL']}) vs {twin.name} {row['gold B']:.4f} "
+                     f"(KL {row['B KL']}): diff {row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]")
     status = UNCHECKED if None in ok else PASS if all(ok) else FAIL
     return Gate(name, status, "; ".join(parts), True)
 
@@ -103,20 +100,16 @@ def gold_gate(data: RunDir, task: str) -> Gate:
     name = "gold RM is credible (>= 0.6 on >= 500 held-out pairs, 95% lower bound above the proxy)"
     if task != "hh":
         return Gate(name, NOT_APPLICABLE, "the world's true reward is known", False)
-    parts, ok = [], []
-    for draw, files in sorted(data.draws.items()):
-        gold = files.get("gold", {})
-        accuracy, pairs, proxy = (gold.get(k) for k in ("held_out_accuracy", "held_out_pairs",
-                                                        "proxy_held_out_accuracy"))
-        if accuracy is None or pairs is None or proxy is None:
-            parts.append(f"draw {draw}: gold.json lacks held_out_accuracy / held_out_pairs / proxy_held_out_accuracy")
-            ok.append(False)
-            continue
-        lo, hi = wilson(accuracy * pairs, int(pairs))
-        ok.append(accuracy >= 0.6 and pairs >= 500 and lo > proxy)
-        parts.append(f"draw {draw}: gold {accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {pairs} pairs vs proxy {proxy:.3f}")
-    status = PASS if ok and all(ok) else FAIL
-    return Gate(name, status, "; ".join(parts) or "no draws/draw<d>/gold.json", True)
+    gold = data.gold
+    accuracy, pairs = gold.get("accuracy"), gold.get("n_pairs")
+    if accuracy is None or pairs is None:
+        return Gate(name, FAIL, "gold.json lacks accuracy / n_pairs: the HH report is a smoke test", True)
+    lo, hi = gold.get("ci95") or wilson(accuracy * pairs, int(pairs))
+    proxies = {draw: files.get("proxy", {}).get("accuracy") for draw, files in sorted(data.draws.items())}
+    ok = accuracy >= 0.6 and pairs >= 500 and bool(proxies) and all(p is not None and lo > p for p in proxies.values())
+    text = ", ".join(f"draw {d} {p:.3f}" if p is not None else f"draw {d} ?" for d, p in proxies.items())
+    return Gate(name, PASS if ok else FAIL, f"gold {accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {pairs} pairs; proxy: "
+                f"{text or 'no proxy.json'}", True)
 
 
 def interior_gate(data: RunDir) -> Gate:
@@ -125,28 +118,30 @@ def interior_gate(data: RunDir) -> Gate:
     if not isinstance(selection, dict) or not selection:
         return Gate(name, UNCHECKED, "manifest.json has no `selection` (grids and chosen values)", False)
     edges, parts = [], []
-    for label, choices in sorted(selection.items()):
-        for kind in ("learning_rate", "knob"):
-            choice = (choices or {}).get(kind) or {}
-            grid, chosen = sorted(choice.get("grid") or []), choice.get("chosen")
+    for label, entry in sorted(selection.items()):
+        entry = entry or {}
+        for what, grid, chosen in (("learning rate", entry.get("learning_rates"), entry.get("chosen_learning_rate")),
+                                   (entry.get("knob") or "knob", entry.get("knob_values"), entry.get("chosen_value"))):
+            grid = sorted(grid or [])
             if chosen is None or len(grid) == 0:
                 continue
-            what = choice.get("name", kind)
             if len(grid) < 3:
                 edges.append(label)
-                parts.append(f"{label} {what} {chosen:g}: a grid of {len(grid)} cannot have an interior")
+                parts.append(f"{label} {what} {chosen:g}: a grid of {len(grid)} has no interior")
             elif not grid[0] < chosen < grid[-1]:
                 edges.append(label)
-                parts.append(f"{label} {what} {chosen:g} at the edge of {grid}")
-    return Gate(name, FLAG if edges else PASS, "; ".join(parts) or "every choice interior", False, tuple(edges))
+                parts.append(f"{label} {what} {chosen:g} at the edge of {[float(f'{g:.3g}') for g in grid]}")
+    return Gate(name, FLAG if edges else PASS, "; ".join(parts) or "every choice interior", False,
+                tuple(dict.fromkeys(edges)))
 
 
 def checkpoint_gate(arrays: Arrays) -> Gate:
     name = f"checkpoints: >= {MIN_CHECKPOINTS} per setting, log-spaced"
+    trained = [label for label in arrays.labels.values() if label.algorithm != "best_of_n"]
+    if not trained:
+        return Gate(name, UNCHECKED, "no evaluated runs", False)
     short = []
-    for label in arrays.labels.values():
-        if label.name.startswith("best_of_n"):
-            continue
+    for label in trained:
         for curve in label.curves:
             steps = np.asarray(curve.steps, dtype=float)
             ratios = steps[1:] / np.maximum(steps[:-1], 1)
@@ -171,9 +166,10 @@ def runs_gate(data: RunDir) -> Gate:
                 tuple(sorted(set(unfinished["label"].dropna()))) if "label" in unfinished else ())
 
 
-def all_gates(data: RunDir, arrays: Arrays, task: str, budget: float, slope: float) -> list[Gate]:
-    return [proxy_gate(data, task), oracle_gate(arrays, budget, slope), gold_gate(data, task), interior_gate(data),
-            checkpoint_gate(arrays), runs_gate(data)]
+def all_gates(data: RunDir, arrays: Arrays, task: str, budget: float, slope: float,
+              chosen: dict[str, object]) -> list[Gate]:
+    return [proxy_gate(data, task), oracle_gate(arrays, budget, slope, chosen), gold_gate(data, task),
+            interior_gate(data), checkpoint_gate(arrays), runs_gate(data)]
 
 
 def gate_table(gates: list[Gate]) -> pd.DataFrame:

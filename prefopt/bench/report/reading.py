@@ -3,14 +3,17 @@
 Every file is optional: a missing or unreadable one becomes a line in ``problems`` (file, line, what is wrong) and
 the report says what it could not compute, never a traceback. Frames:
 
-* ``runs``: one row per planned run (plan.json; else every runs/**/run.json): the plan row, ``status``
-  ("done" | "failed" | ... | "missing" when run.json is absent), ``error``, and the cost fields (``cost.*`` flattened);
-* ``evals``: one row per (run, step, set, prompt i) of the runs' eval.jsonl, with the run's id, label, value, draw,
-  seed, phase and reward; numeric columns only (responses are read on demand by ``responses``);
+* ``labels``: plan.json's ``labels`` (label -> algorithm, kind, knob, policy_class, reward, oracle_of);
+* ``runs``: one row per planned run (plan.json ``runs``; else every runs/**/run.json): the plan row, ``status``
+  ("done" | "failed" | "missing" when run.json is absent), ``error``, and the cost fields (``cost.*`` flattened);
+* ``evals``: one row per (run, step, set, prompt i) of the main and oracle runs' eval.jsonl, with the run's id,
+  label, value, draw, seed, phase and reward; numeric columns only (responses: ``responses``, on demand);
 * ``start``: the start's rows per (draw, set, i) (draws/draw<d>/start.jsonl), KL 0;
 * ``best_of_n``: per (draw, i, j) (draws/draw<d>/best_of_n.jsonl);
-* ``pref``: per (run, step): implicit-reward preference accuracy and its pair count (runs/<id>/pref.json);
-* ``draws``: per draw, the dicts of labels.json, proxy.json and gold.json.
+* ``pref``: per (run, step, pair k) the implicit reward margin (chosen - ref_chosen) - (rejected - ref_rejected)
+  (runs/<id>/pref.jsonl against draws/draw<d>/pairs.jsonl) and the pair's label and true order (``true_sign``:
+  sign of gold_chosen - gold_rejected);
+* ``draws``: per draw, the dicts of draw.json, labels.json and proxy.json; ``gold``: gold.json (hh).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 KEYS = ["id", "label", "value", "draw", "seed", "phase", "reward"]
+JUDGED = ("main", "oracle")  # the phases whose eval.jsonl the report reads (select: val only; probe: costs only)
 TEXT = ("response", "prompt", "logp_tokens")
 
 
@@ -32,6 +37,8 @@ class RunDir:
     path: Path
     bench: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gold: dict[str, Any] = field(default_factory=dict)
     runs: pd.DataFrame = field(default_factory=pd.DataFrame)
     evals: pd.DataFrame = field(default_factory=pd.DataFrame)
     start: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -99,22 +106,41 @@ def read_run_dir(path: str | Path) -> RunDir:
         return data
     data.bench = data.json(data.path / "bench.json") or {}
     data.manifest = data.json(data.path / "manifest.json") or {}
-    plan = data.json(data.path / "plan.json")
-    if not isinstance(plan, list):
-        plan = [] if plan is None else plan.get("runs", [])
-    _read_draws(data)
-    _read_runs(data, plan)
+    plan = data.json(data.path / "plan.json") or {}
+    data.labels = plan.get("labels", {}) if isinstance(plan, dict) else {}
+    if data.bench.get("task") == "hh":
+        data.gold = data.json(data.path / "gold.json") or {}
+    pairs = _read_draws(data)
+    _read_runs(data, plan.get("runs", []) if isinstance(plan, dict) else plan, pairs)
     return data
 
 
-def _read_draws(data: RunDir) -> None:
-    starts, bons = [], []
-    for folder in sorted((data.path / "draws").glob("draw*"), key=lambda p: _number(p.name)):
+def config(data: RunDir, section: str, key: str, default: Any = None) -> Any:
+    """bench.json's resolved config value ``section.key`` (``default`` when absent or null)."""
+    value = ((data.bench.get("config") or {}).get(section) or {}).get(key)
+    return default if value is None else value
+
+
+def chosen_settings(data: RunDir) -> dict[str, object]:
+    """Label -> the knob value chosen on val by the selection runs (manifest ``selection``); an oracle label takes
+    the choice of the label it is the oracle of (plan.json ``labels``)."""
+    selection = data.manifest.get("selection") or {}
+    chosen = {label: entry.get("chosen_value") for label, entry in selection.items() if isinstance(entry, dict)}
+    for label, meta in data.labels.items():
+        if isinstance(meta, dict) and meta.get("oracle_of") in chosen and label not in chosen:
+            chosen[label] = chosen[meta["oracle_of"]]
+    return chosen
+
+
+def _read_draws(data: RunDir) -> dict[int, pd.DataFrame]:
+    """Fills start, best_of_n and draws; returns each draw's held-out pairs (pairs.jsonl, numeric columns)."""
+    starts, bons, pairs = [], [], {}
+    folders = [p for p in (data.path / "draws").glob("draw*") if _number(p.name) is not None]
+    for folder in sorted(folders, key=lambda p: _number(p.name)):
         draw = _number(folder.name)
-        if draw is None:
-            continue
-        data.draws[draw] = {name: data.json(folder / f"{name}.json", required=name != "gold") or {}
-                            for name in ("labels", "proxy", "gold")}
+        data.draws[draw] = {name: data.json(folder / f"{name}.json", required=name != "labels") or {}
+                            for name in ("draw", "labels", "proxy")}
+        pairs[draw] = pd.DataFrame([_numeric(r) for r in data.jsonl(folder / "pairs.jsonl", required=False)])
         starts += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "start.jsonl")]
         bons += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "best_of_n.jsonl", required=False)]
     if not data.draws:
@@ -123,9 +149,10 @@ def _read_draws(data: RunDir) -> None:
     if not data.start.empty and "set" not in data.start:
         data.start["set"] = "eval"
     data.best_of_n = pd.DataFrame(bons)
+    return pairs
 
 
-def _read_runs(data: RunDir, plan: list[dict[str, Any]]) -> None:
+def _read_runs(data: RunDir, plan: list[dict[str, Any]], pairs: dict[int, pd.DataFrame]) -> None:
     rows = [dict(row) for row in plan if isinstance(row, dict)]
     if not rows:  # no plan: every run.json found
         rows = [{"dir": str(p.parent.relative_to(data.path))} for p in sorted((data.path / "runs").rglob("run.json"))]
@@ -140,17 +167,29 @@ def _read_runs(data: RunDir, plan: list[dict[str, Any]]) -> None:
         info.setdefault("id", info["dir"])
         info.update({f"cost.{k}": v for k, v in (info.pop("cost", None) or {}).items()})
         infos.append(info)
-        if info.get("status") != "done":
+        if info.get("status") != "done" or info.get("phase", "main") not in JUDGED:
             continue
         ident = {key: info.get(key) for key in KEYS}
         evals += [{**_numeric(r), **ident} for r in data.jsonl(folder / "eval.jsonl")]
-        pref = data.json(folder / "pref.json", required=False) or []
-        prefs += [{**_numeric(r), **ident} for r in (pref if isinstance(pref, list) else pref.get("steps", []))]
+        pref = pd.DataFrame([_numeric(r) for r in data.jsonl(folder / "pref.jsonl", required=False)])
+        held_out = pairs.get(info.get("draw"), pd.DataFrame())
+        if not pref.empty and not held_out.empty and {"k", "chosen", "rejected"} <= set(pref):
+            prefs.append(_margins(pref, held_out).assign(**ident))
     data.runs = pd.DataFrame(infos)
     data.evals = pd.DataFrame(evals)
     if not data.evals.empty and "set" not in data.evals:
         data.evals["set"] = "eval"
-    data.pref = pd.DataFrame(prefs)
+    data.pref = pd.concat(prefs, ignore_index=True) if prefs else pd.DataFrame()
+
+
+def _margins(pref: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per (step, k): the implicit reward margin under the run's policy and the pair's true order."""
+    merged = pref.merge(pairs, on="k", suffixes=("", "_pair"))
+    out = merged[["step", "k"]].copy()
+    out["margin"] = (merged["chosen"] - merged["ref_chosen"]) - (merged["rejected"] - merged["ref_rejected"])
+    if {"gold_chosen", "gold_rejected"} <= set(merged):
+        out["true_sign"] = np.sign(merged["gold_chosen"] - merged["gold_rejected"])
+    return out
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from prefopt.bench.report.curves import Arrays, column
 from prefopt.bench.report.stats import holm, nested_interval, variance_shares
-from prefopt.bench.report.views import Point, at_matched_kl, best_point, seeds_of
+from prefopt.bench.report.views import Point, at_matched_kl, best_point
 
 ALPHA = 0.05
 
@@ -46,15 +46,14 @@ def win_cells(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def compare(arrays: Arrays, a: Point, b: Point, slope: float) -> dict[str, object]:
     """Every number of one row (module docstring) for two complete points."""
     draws = arrays.draws
-    ga = a.array(draws, sorted({s for _, s in a.cells}))
-    gb = b.array(draws, sorted({s for _, s in b.cells}))
+    ga, gb = a.array(draws), b.array(draws)
     gold = column("gold")
     diff = difference_cells(ga[..., gold], gb[..., gold])
     result = nested_interval(diff)
     win = nested_interval(win_cells(ga[..., gold], gb[..., gold]))
     row = {"A KL": a.bracket_text(), "B KL": b.bracket_text(), "gold A": a.mean(), "gold B": b.mean(),
            "diff": result.mean, "lo": result.lo, "hi": result.hi, "p": result.p, "unit": result.unit,
-           "win A over B": win.mean, "win lo": win.lo, "win hi": win.hi,
+           "win A over B": win.mean, "win lo": max(win.lo, 0.0), "win hi": min(win.hi, 1.0),
            "length A": a.mean("length"), "length B": b.mean("length"),
            "cond_acc A": a.mean("cond_acc"), "cond_acc B": b.mean("cond_acc")}
     row["diff length-adjusted"] = result.mean - slope * (row["length A"] - row["length B"]) \
@@ -64,11 +63,12 @@ def compare(arrays: Arrays, a: Point, b: Point, slope: float) -> dict[str, objec
     return row
 
 
-def verdict_table(arrays: Arrays, labels: list[str], kl_levels: list[float], budget: float,
-                  slope: float) -> pd.DataFrame:
-    """The family's rows (module docstring), Holm-adjusted, in the declared order."""
+def verdict_table(arrays: Arrays, labels: list[str], kl_levels: list[float], budget: float, slope: float,
+                  chosen: dict[str, object]) -> pd.DataFrame:
+    """The family's rows (module docstring), Holm-adjusted, in the declared order; best points per
+    prefopt.bench.report.views.best_point with the settings ``chosen`` on val."""
     present = [label for label in labels if label in arrays.labels]
-    best = {label: best_point(arrays.labels[label], budget)[0] for label in present}
+    best = {label: best_point(arrays.labels[label], budget, chosen.get(label))[0] for label in present}
     rows = []
     for index, a in enumerate(present):
         for b in present[index + 1:]:
@@ -107,5 +107,6 @@ def length_slope(arrays: Arrays, data_best_of_n: pd.DataFrame) -> float:
 
 def seeds_note(arrays: Arrays, labels: list[str]) -> str:
     """"3 draws x 4 seeds" of the family's labels (the units the intervals rest on)."""
-    seeds = sorted({len(seeds_of(arrays.labels[label])) for label in labels if label in arrays.labels})
+    seeds = sorted({len({(d, s) for d, s in arrays.labels[label].cells}) // max(1, len(arrays.draws))
+                    for label in labels if label in arrays.labels})
     return f"{len(arrays.draws)} draw(s) x {'/'.join(map(str, seeds)) or '0'} seed(s) x {len(arrays.prompts)} prompts"

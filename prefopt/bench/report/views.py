@@ -31,18 +31,21 @@ class Point:
     def complete(self) -> bool:
         return bool(self.cells) and not self.missing
 
-    def array(self, draws: list[int], seeds: list[int]) -> np.ndarray:
-        """[draws, seeds, prompts, columns], NaN where a cell has no value."""
+    def array(self, draws: list[int]) -> np.ndarray:
+        """[draws, seeds, prompts, columns]: a draw's seeds in sorted order (seed ids may differ between draws),
+        NaN where a draw has fewer seeds."""
         some = next(iter(self.cells.values()))
-        out = np.full((len(draws), len(seeds)) + some.shape, np.nan)
+        seeds = {d: sorted(s for dd, s in self.cells if dd == d) for d in draws}
+        out = np.full((len(draws), max(1, max(map(len, seeds.values())))) + some.shape, np.nan)
         for (d, s), values in self.cells.items():
-            if d in draws and s in seeds:
-                out[draws.index(d), seeds.index(s)] = values
+            if d in seeds:
+                out[draws.index(d), seeds[d].index(s)] = values
         return out
 
     def mean(self, name: str = "gold") -> float:
-        return float(np.nanmean([np.nanmean(v[:, column(name)]) for v in self.cells.values()])) if self.cells \
-            else float("nan")
+        """Mean of a column over every cell and prompt (NaN where no cell has it)."""
+        values = np.array([v[:, column(name)] for v in self.cells.values()], dtype=float)
+        return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
 
     def bracket_text(self) -> str:
         """The cells' mean KLs of the two bracketing checkpoints, e.g. "1.8-2.6" (best points: the mean KL)."""
@@ -50,10 +53,6 @@ class Point:
             return ""
         low, high = (float(np.mean([b[i] for b in self.brackets.values()])) for i in (0, 1))
         return f"{low:.2f}-{high:.2f}" if high > low else f"{low:.2f}"
-
-
-def seeds_of(label: Label) -> list[int]:
-    return sorted({c.seed for c in label.curves})
 
 
 def at_matched_kl(label: Label, k: float) -> Point:
@@ -73,12 +72,12 @@ def at_matched_kl(label: Label, k: float) -> Point:
 
 
 def setting_steps(label: Label) -> pd.DataFrame:
-    """One row per (setting, step): mean KL over the cells, mean eval gold, mean val gold (NaN without val rows)."""
+    """One row per (setting, step): mean KL and mean eval gold over the cells."""
     rows = []
     for curve in label.curves:
         for t, step in enumerate(curve.steps):
             rows.append({"value": curve.value, "step": int(step), "kl": curve.kl[t],
-                         "gold": float(np.nanmean(curve.values[t, :, column("gold")])), "val_gold": curve.val_gold[t]})
+                         "gold": float(np.nanmean(curve.values[t, :, column("gold")]))})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -86,37 +85,55 @@ def setting_steps(label: Label) -> pd.DataFrame:
     return frame.groupby(["value", "step"], dropna=False, sort=True).mean().reset_index()
 
 
-def best_point(label: Label, budget: float) -> tuple[Point, str]:
-    """The (setting, checkpoint) of highest mean gold among those with mean KL <= ``budget``, scored on val prompts
-    when every candidate has val rows (else on eval prompts, said in the returned note)."""
+def best_point(label: Label, budget: float, chosen: object = None) -> tuple[Point, str]:
+    """A label's best point under the KL budget: the setting ``chosen`` on val prompts by the selection runs
+    (manifest ``selection``; no eval prompt is looked at) at its last checkpoint with mean KL <= ``budget``; best-of-n:
+    the largest n within the budget; with no choice given, the (setting, checkpoint) of highest mean eval gold within
+    the budget (said in the note: optimistic)."""
     table = setting_steps(label)
     point = Point(label.name)
     if table.empty:
         return point, "no checkpoints"
-    on_val = table["val_gold"].notna().all()
-    index = best_under_budget(table["kl"].to_numpy(), table["val_gold" if on_val else "gold"].to_numpy(), budget)
-    if index is None:
+    within = table[table["kl"] <= budget]
+    if within.empty:
         return point, f"no checkpoint at mean KL <= {budget:g} (lowest {table['kl'].min():.2f})"
-    chosen = table.iloc[index]
-    point.setting, point.step = chosen["value"], int(chosen["step"])
+    if label.name.startswith("best_of_n"):
+        chosen_row, note = within.iloc[within["step"].argmax()], "the largest n within the budget"
+    elif chosen is not None:
+        mine = within[[_same(v, chosen) for v in within["value"]]]
+        if mine.empty:
+            return point, f"the chosen setting {chosen} has no checkpoint at mean KL <= {budget:g}"
+        chosen_row, note = mine.iloc[mine["step"].argmax()], f"setting {chosen} chosen on val; last step within budget"
+    else:
+        index = best_under_budget(within["kl"].to_numpy(), within["gold"].to_numpy(), budget)
+        chosen_row, note = within.iloc[index], "highest eval gold within the budget (no val choice: optimistic)"
+    point.setting, point.step = chosen_row["value"], int(chosen_row["step"])
     for curve in label.curves:
-        same = curve.value == point.setting or (curve.value is None and pd.isna(point.setting))
         where = np.flatnonzero(curve.steps == point.step)
-        if same and len(where):
+        if _same(curve.value, point.setting) and len(where):
             cell = (curve.draw, curve.seed)
             point.cells[cell] = curve.values[where[0]]
             point.kl[cell] = float(curve.kl[where[0]])
             point.brackets[cell] = (point.kl[cell], point.kl[cell])
     point.missing = [cell for cell in label.cells if cell not in point.cells]
-    return point, "chosen on val prompts" if on_val else "chosen on eval prompts (no val rows: optimistic)"
+    return point, note
+
+
+def _same(a: object, b: object) -> bool:
+    """Knob values compare equal as numbers when both are (0.1 == 0.1000), else as they are; None / NaN alike."""
+    if a is None or (isinstance(a, float) and np.isnan(a)):
+        return b is None or (isinstance(b, float) and np.isnan(b))
+    try:
+        return bool(np.isclose(float(a), float(b), rtol=1e-9, atol=0))
+    except (TypeError, ValueError):
+        return a == b
 
 
 def frontier_rows(arrays: Arrays, label: Label) -> list[dict[str, object]]:
     """Every (setting, checkpoint) of a label: cells, mean KL and every column's mean, gold's 95% interval."""
     rows = []
-    seeds = seeds_of(label)
     for value in label.settings:
-        curves = [c for c in label.curves if c.value == value]
+        curves = [c for c in label.curves if _same(c.value, value)]
         for step in sorted({int(s) for c in curves for s in c.steps}):
             point = Point(label.name)
             for curve in curves:
@@ -124,7 +141,7 @@ def frontier_rows(arrays: Arrays, label: Label) -> list[dict[str, object]]:
                 if len(where):
                     point.cells[(curve.draw, curve.seed)] = curve.values[where[0]]
                     point.kl[(curve.draw, curve.seed)] = float(curve.kl[where[0]])
-            gold = nested_interval(point.array(arrays.draws, seeds)[..., column("gold")])
+            gold = nested_interval(point.array(arrays.draws)[..., column("gold")])
             row = {"label": label.name, "value": value, "step": step, "cells": len(point.cells),
                    "kl": float(np.mean(list(point.kl.values())))}
             row.update({name: point.mean(name) for name in COLUMNS})

@@ -1,0 +1,210 @@
+"""results.md, the CSVs and the figures of a bench run, from its run directory alone (``write_report(run_dir)``).
+
+results.md opens with the gates; a blocking gate that does not pass replaces the verdicts with its failure and
+numbers (HH without a credible gold RM is titled a smoke test). Then the verdict table (every row of the declared
+family with its measured KL brackets), the frontier figure, the best points under the KL budget, the frontier table
+(length and conditional accuracy beside every point), Gao et al.'s fits, preference accuracy, the equal-footing
+table, the training curves, every run, the manifest, and whatever could not be read. Every table is also a CSV.
+A section that cannot be computed says so in place (and in ``problems``); the report is always written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from prefopt.bench.report import tables as t
+from prefopt.bench.report.curves import BON, Arrays, build
+from prefopt.bench.report.gates import all_gates, gate_table
+from prefopt.bench.report.reading import RunDir, chosen_settings, config, read_run_dir
+from prefopt.bench.report.verdicts import length_slope, seeds_note, verdict_table
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write results.md, *.csv and *.png into ``run_dir``; returns the markdown of the gates and the verdicts."""
+    data = read_run_dir(run_dir)
+    if not data.path.is_dir():
+        return f"# prefopt bench report\n\n{data.path} is not a directory.\n"
+    task = str(data.bench.get("task", "world"))
+    kl_levels = [float(k) for k in config(data, "frontier", "kl_levels", [])]
+    budget = float(config(data, "select", "kl_budget", max(kl_levels, default=math.inf)))
+    arrays = build(data, config(data, "frontier", "best_of_n", None))
+    slope = length_slope(arrays, data.best_of_n)
+    chosen = chosen_settings(data)
+    gates = all_gates(data, arrays, task, budget, slope, chosen)
+    withheld = [g for g in gates if g.withholds]
+    smoke = task == "hh" and any(g.name.startswith("gold RM") and g.status != "pass" for g in gates)
+    family = [label for label, meta in data.labels.items() if not (meta or {}).get("oracle_of")] or \
+        [label for label, entry in arrays.labels.items() if entry.phase == "main" and label != BON]
+    family += [BON] if BON in arrays.labels else []
+    out: dict[str, pd.DataFrame] = {"gates": gate_table(gates)}
+    sections = {}
+
+    def section(name: str, make: Callable[[], list[str]]) -> None:
+        try:
+            sections[name] = make()
+        except Exception as exc:  # one section's failure must not lose the rest of the report
+            message = f"{name}: could not be computed ({type(exc).__name__}: {exc})"
+            data.problems.append(message)
+            sections[name] = [message, ""]
+
+    def verdicts() -> list[str]:
+        table = verdict_table(arrays, family, kl_levels, budget, slope, chosen)
+        flags = {label: g.name for g in gates if g.status == "flag" for label in g.labels}
+        if not table.empty:
+            table["flags"] = [", ".join(sorted({flags[x] for x in (a, b) if x in flags}))
+                              for a, b in zip(table["A"], table["B"])]
+            if withheld:
+                table.loc[table["verdict"].isin(["better", "worse", "inconclusive"]), "verdict"] = "withheld"
+        out["verdicts"] = table
+        head = _verdict_note(family, kl_levels, budget, arrays, slope)
+        if withheld:
+            return ["**Verdicts withheld**: " + "; ".join(f"gate `{g.name}`: {g.status} ({g.numbers})"
+                                                        for g in withheld), "",
+                    "The measured differences are in verdicts.csv (verdict `withheld`); they are not verdicts.", ""]
+        return [head, "", t.markdown_table(_verdict_view(table)), ""]
+
+    def frontier() -> list[str]:
+        out["frontier"] = t.frontier_table(arrays, slope)
+        out["fits"] = t.fits_table(out["frontier"], arrays) if not out["frontier"].empty else pd.DataFrame()
+        out["best"] = t.best_table(arrays, budget, slope, chosen)
+        if not out["frontier"].empty:
+            from prefopt.bench.report.plots import plot_frontier
+
+            plot_frontier(data.path / "reward_vs_kl.png", out["frontier"], out["fits"], t.start_means(arrays)["gold"],
+                          "true reward" if task == "world" else "gold RM score", kl_levels, budget)
+        best = t.with_interval(t.with_interval(out["best"], "gold", "gold_lo", "gold_hi"), "win vs start", "win_lo",
+                               "win_hi")
+        view = t.with_interval(out["frontier"], "gold", "gold_lo", "gold_hi")
+        return ["![true reward vs KL](reward_vs_kl.png)", "",
+                f"### Best points under the KL budget ({budget:g} nats)", "", t.markdown_table(best), "",
+                "### Every setting and checkpoint (means over draws x seeds; win: vs the start's sample)", "",
+                t.markdown_table(view), "",
+                "### Gao et al. 2022 forms per curve (R = gold - gold(start), d = sqrt(KL))", "",
+                t.markdown_table(out["fits"]), ""]
+
+    def pref() -> list[str]:
+        out["pref"] = t.pref_table(data)
+        view = t.with_interval(t.with_interval(out["pref"], "vs labels", "vs labels lo", "vs labels hi"), "vs true",
+                               "vs true lo", "vs true hi")
+        return ["Share of held-out pairs whose implicit reward margin (log pi/pi_start of chosen minus rejected) "
+                "agrees with the draw's label / with the true order.", "", t.markdown_table(view), ""]
+
+    def footing() -> list[str]:
+        out["footing"] = t.footing_table(data)
+        return [t.markdown_table(out["footing"]), ""]
+
+    def curves() -> list[str]:
+        runs = _training_curves(data, arrays, chosen)
+        if not runs:
+            return ["(no metrics.jsonl to plot)", ""]
+        from prefopt.bench.report.plots import plot_training_curves
+
+        plot_training_curves(data.path / "training_curves.png", runs)
+        return ["![training curves](training_curves.png)", ""]
+
+    def runs() -> list[str]:
+        out["runs"] = t.runs_table(data, arrays)
+        view = out["runs"]
+        if "status" in view:
+            view = view.sort_values("status", key=lambda s: s != "done", ascending=False, kind="stable")
+        return [t.markdown_table(view), ""]
+
+    section("Verdicts", verdicts)
+    section("Frontiers: true reward vs KL", frontier)
+    section("Implicit-reward preference accuracy on held-out pairs (last step)", pref)
+    section("Equal footing: the budget each label spent (means over its finished runs)", footing)
+    section("Training curves (the chosen setting's runs)", curves)
+    section("Runs", runs)
+    for name, frame in out.items():
+        if isinstance(frame, pd.DataFrame) and not frame.empty:
+            frame.to_csv(data.path / f"{name}.csv", index=False)
+    title = f"# prefopt bench: {data.bench.get('profile', data.path.name)}" + (
+        " (SMOKE TEST: no credible gold RM)" if smoke else "")
+    gates_md = ["## Gates", "", t.markdown_table(out["gates"]), ""]
+    verdicts_md = ["## Verdicts", "", *sections["Verdicts"]]
+    text = [title, "", *gates_md, *verdicts_md]
+    for name, lines in sections.items():
+        if name != "Verdicts":
+            text += [f"## {name}", "", *lines]
+    text += ["## Manifest", "", *_manifest(data), "", "## Problems reading the run directory", "",
+             *([f"- {p}" for p in data.problems] or ["(none)"]), ""]
+    (data.path / "results.md").write_text("\n".join(text))
+    return "\n".join([title, "", *gates_md, *verdicts_md])
+
+
+def _verdict_note(family: list[str], kl_levels: list[float], budget: float, arrays: Arrays, slope: float) -> str:
+    return (f"Family (declared by the config, Holm-corrected over its tested rows): every pair of {', '.join(family)} "
+            f"at matched KL {', '.join(f'{k:g}' for k in kl_levels) or '(none)'} and at each one's best point under "
+            f"KL {budget:g} (its setting chosen on val by the selection runs, its last checkpoint within the budget). "
+            "A matched-KL row exists only where both labels have measured checkpoints bracketing the KL in every "
+            "(draw, seed) cell (`A KL`, `B KL`: the mean KLs of the bracketing checkpoints; no chord from the start). "
+            f"Units: {seeds_note(arrays, family)}; 95% intervals with draws as the unit and the prompt component "
+            "added (prefopt/bench/report/stats.py; measured coverage: prefopt/bench/report/coverage.py). "
+            f"`win`: P(gold A > gold B) on the same prompt; `adj`: the difference less {slope:.4f} x the length "
+            "difference (gold per token within prompts among the start's best-of-n samples); `shares`: the variance "
+            "of the difference carried by draws / seeds / prompts.")
+
+
+def _verdict_view(table: pd.DataFrame) -> pd.DataFrame:
+    if table.empty:
+        return table
+    rows = []
+    for row in table.to_dict("records"):
+        measured = "diff" in row and not pd.isna(row.get("diff"))
+        view = {"A": row["A"], "B": row["B"], "at": row["at"], "A KL": row.get("A KL", "") if measured else "",
+                "B KL": row.get("B KL", "") if measured else ""}
+        if measured:
+            view.update({"gold A": row["gold A"], "gold B": row["gold B"],
+                         "A - B [95% CI]": f"{row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]",
+                         "p (Holm)": f"{row['p']:.3g} ({row['p holm']:.3g})",
+                         "win A>B [95% CI]": f"{row['win A over B']:.3f} [{row['win lo']:.3f}, {row['win hi']:.3f}]",
+                         "length A / B": f"{row['length A']:.1f} / {row['length B']:.1f}",
+                         "adj A - B": row["diff length-adjusted"],
+                         "cond_acc A / B": f"{t.fmt(row['cond_acc A'])} / {t.fmt(row['cond_acc B'])}",
+                         "shares d/s/p": "/".join(t.fmt(row.get(f"share {k}"), 2) for k in ("draw", "seed", "prompt"))})
+        view.update({"verdict": row["verdict"], "flags": row.get("flags", "")})
+        rows.append(view)
+    return pd.DataFrame(rows)
+
+
+def _training_curves(data: RunDir, arrays: Arrays, chosen: dict[str, object]) -> dict[str, list]:
+    from prefopt.bench.report.views import _same
+
+    out: dict[str, list] = {}
+    if data.runs.empty or "label" not in data.runs:
+        return out
+    done = data.runs[(data.runs["status"] == "done") & data.runs.get("phase", "main").isin(["main", "oracle"])]
+    for label, group in done.groupby("label", sort=False):
+        value = chosen.get(label)
+        rows = group[[_same(v, value) for v in group["value"]]] if value is not None else group
+        for run in rows.head(6).to_dict("records"):
+            path = data.path / str(run["dir"]) / "metrics.jsonl"
+            frame = pd.DataFrame(data.jsonl(path, required=False))
+            if not frame.empty and "step" in frame:
+                out.setdefault(str(label), []).append((str(run["id"]), frame))
+    return out
+
+
+def _manifest(data: RunDir) -> list[str]:
+    manifest = data.manifest
+    if not manifest:
+        return ["(no manifest.json)"]
+    lines = []
+    for key in ("command", "versions", "git", "host", "seeds", "draws", "times"):
+        if key in manifest:
+            lines.append(f"- **{key}**: `{json.dumps(manifest[key], default=str)}`")
+    for label, entry in sorted((manifest.get("selection") or {}).items()):
+        entry = entry or {}
+        lines.append(f"- **selection {label}**: learning rate {entry.get('chosen_learning_rate')} of "
+                      f"{entry.get('learning_rates')}, {entry.get('knob')} {entry.get('chosen_value')} of "
+                      f"{entry.get('knob_values')}; {entry.get('criterion', '')}"
+                      + (f"; on edge: {entry['on_edge']}" if entry.get("on_edge") else ""))
+    for stage in manifest.get("stages") or []:
+        lines.append(f"- stage {stage.get('stage')} draw {stage.get('draw')}: "
+                     f"{'cached' if stage.get('cached') else 'built'}, wall {stage.get('wall_s')} s")
+    return lines or ["(empty manifest.json)"]
