@@ -161,7 +161,8 @@ def runs_gate(data: RunDir) -> Gate:
     if unfinished.empty:
         return Gate(name, PASS, f"{len(data.runs)} of {len(data.runs)}", False)
     first = unfinished.iloc[0]
-    error = str(first.get("error") or first["status"]).splitlines()[0][:160]
+    error = first.get("error")
+    error = (error if isinstance(error, str) and error else str(first["status"])).splitlines()[0][:160]
     return Gate(name, FLAG, f"{len(unfinished)} of {len(data.runs)} not finished, e.g. {first['id']}: {error}", False,
                 tuple(sorted(set(unfinished["label"].dropna()))) if "label" in unfinished else ())
 

@@ -138,7 +138,7 @@ def _read_draws(data: RunDir) -> dict[int, pd.DataFrame]:
     folders = [p for p in (data.path / "draws").glob("draw*") if _number(p.name) is not None]
     for folder in sorted(folders, key=lambda p: _number(p.name)):
         draw = _number(folder.name)
-        data.draws[draw] = {name: data.json(folder / f"{name}.json", required=name != "labels") or {}
+        data.draws[draw] = {name: data.json(folder / f"{name}.json", required=name == "proxy") or {}
                             for name in ("draw", "labels", "proxy")}
         pairs[draw] = pd.DataFrame([_numeric(r) for r in data.jsonl(folder / "pairs.jsonl", required=False)])
         starts += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "start.jsonl")]

@@ -137,13 +137,15 @@ def runs_table(data: RunDir, arrays: Arrays) -> pd.DataFrame:
     rows = []
     for run in data.runs.to_dict("records"):
         row = {key: run.get(key) for key in keep}
-        row["error"] = str(run.get("error") or "").splitlines()[0][:120] if run.get("error") else ""
+        error = run.get("error")
+        row["error"] = str(error).splitlines()[0][:120] if isinstance(error, str) and error else ""
         rows.append({**row, **last.get(str(run.get("id")), {})})
     return pd.DataFrame(rows)
 
 
 def fmt(value: Any, digits: int = 3) -> str:
-    """A number for markdown: 3 decimals, thousands as integers, large as 3 significant digits."""
+    """A number for markdown: 3 decimals; whole numbers and thousands as integers; very large or small ones with 3
+    significant digits."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return ""
     if isinstance(value, (bool, np.bool_)):
@@ -151,7 +153,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, (float, np.floating)):
         if math.isinf(value):
             return str(value)
-        return f"{value:.3g}" if abs(value) >= 1e6 else f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+        if float(value).is_integer() and abs(value) < 1e6:
+            return f"{value:.0f}"
+        if abs(value) >= 1e6 or 0 < abs(value) < 10 ** -digits:
+            return f"{value:.3g}"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
     return str(value)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from prefopt.bench.report.curves import Arrays, column
-from prefopt.bench.report.stats import holm, nested_interval, variance_shares
+from prefopt.bench.report.stats import holm, nanmean, nested_interval, variance_shares
 from prefopt.bench.report.views import Point, at_matched_kl, best_point
 
 ALPHA = 0.05
@@ -33,14 +33,14 @@ def difference_cells(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a - b
     if a.shape[1] == 1:
         return a - b if a.shape[1] == b.shape[1] else np.broadcast_to(a, b.shape) - b
-    return (np.nanmean(a, 1) - np.nanmean(b, 1))[:, None]
+    return (nanmean(a, 1) - nanmean(b, 1))[:, None]
 
 
 def win_cells(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """[draws, seeds of A, prompts]: P(A's gold > B's) against every seed of B in the same draw (ties 1/2)."""
     wins = (a[:, :, None] > b[:, None, :]) + 0.5 * (a[:, :, None] == b[:, None, :])
     wins = np.where(np.isnan(a[:, :, None]) | np.isnan(b[:, None, :]), np.nan, wins)
-    return np.nanmean(wins, axis=2)
+    return nanmean(wins, axis=2)
 
 
 def compare(arrays: Arrays, a: Point, b: Point, slope: float) -> dict[str, object]:
@@ -106,7 +106,9 @@ def length_slope(arrays: Arrays, data_best_of_n: pd.DataFrame) -> float:
 
 
 def seeds_note(arrays: Arrays, labels: list[str]) -> str:
-    """"3 draws x 4 seeds" of the family's labels (the units the intervals rest on)."""
-    seeds = sorted({len({(d, s) for d, s in arrays.labels[label].cells}) // max(1, len(arrays.draws))
-                    for label in labels if label in arrays.labels})
-    return f"{len(arrays.draws)} draw(s) x {'/'.join(map(str, seeds)) or '0'} seed(s) x {len(arrays.prompts)} prompts"
+    """"3 draws x 4 seeds x 128 prompts" of the family's trained labels (the units the intervals rest on)."""
+    per_draw = sorted({len(arrays.labels[label].cells) / max(1, len(arrays.draws)) for label in labels
+                       if label in arrays.labels and arrays.labels[label].algorithm != "best_of_n"})
+    seeds = " to ".join(f"{s:g}" for s in (per_draw[0], per_draw[-1])) if len(per_draw) > 1 else \
+        f"{per_draw[0]:g}" if per_draw else "0"
+    return f"{len(arrays.draws)} draws x {seeds} seeds per draw x {len(arrays.prompts)} eval prompts"

@@ -24,8 +24,9 @@ from prefopt.bench.report.reading import RunDir, chosen_settings, config, read_r
 from prefopt.bench.report.verdicts import length_slope, seeds_note, verdict_table
 
 
-def write_report(run_dir: str | Path) -> str:
-    """Write results.md, *.csv and *.png into ``run_dir``; returns the markdown of the gates and the verdicts."""
+def write_report(run_dir: str | Path, figures: bool = True) -> str:
+    """Write results.md, *.csv and (``figures``) *.png into ``run_dir``; returns the markdown of the gates and the
+    verdicts."""
     data = read_run_dir(run_dir)
     if not data.path.is_dir():
         return f"# prefopt bench report\n\n{data.path} is not a directory.\n"
@@ -72,7 +73,7 @@ def write_report(run_dir: str | Path) -> str:
         out["frontier"] = t.frontier_table(arrays, slope)
         out["fits"] = t.fits_table(out["frontier"], arrays) if not out["frontier"].empty else pd.DataFrame()
         out["best"] = t.best_table(arrays, budget, slope, chosen)
-        if not out["frontier"].empty:
+        if figures and not out["frontier"].empty:
             from prefopt.bench.report.plots import plot_frontier
 
             plot_frontier(data.path / "reward_vs_kl.png", out["frontier"], out["fits"], t.start_means(arrays)["gold"],
@@ -99,9 +100,9 @@ def write_report(run_dir: str | Path) -> str:
         return [t.markdown_table(out["footing"]), ""]
 
     def curves() -> list[str]:
-        runs = _training_curves(data, arrays, chosen)
+        runs = _training_curves(data, arrays, chosen) if figures else {}
         if not runs:
-            return ["(no metrics.jsonl to plot)", ""]
+            return ["(no metrics.jsonl to plot)" if figures else "(figures not drawn)", ""]
         from prefopt.bench.report.plots import plot_training_curves
 
         plot_training_curves(data.path / "training_curves.png", runs)
@@ -143,8 +144,10 @@ def _verdict_note(family: list[str], kl_levels: list[float], budget: float, arra
             f"KL {budget:g} (its setting chosen on val by the selection runs, its last checkpoint within the budget). "
             "A matched-KL row exists only where both labels have measured checkpoints bracketing the KL in every "
             "(draw, seed) cell (`A KL`, `B KL`: the mean KLs of the bracketing checkpoints; no chord from the start). "
-            f"Units: {seeds_note(arrays, family)}; 95% intervals with draws as the unit and the prompt component "
-            "added (prefopt/bench/report/stats.py; measured coverage: prefopt/bench/report/coverage.py). "
+            f"Units: {seeds_note(arrays, family)}; 95% intervals: Student's t on the world draws' means (each the mean "
+            "over its seeds and the pinned eval prompts; one draw: over seeds), for the expectation over draws and "
+            "seeds on these prompts (prefopt/bench/report/stats.py; coverage measured on simulated bench-shaped data: "
+            "prefopt/bench/report/coverage.py). "
             f"`win`: P(gold A > gold B) on the same prompt; `adj`: the difference less {slope:.4f} x the length "
             "difference (gold per token within prompts among the start's best-of-n samples); `shares`: the variance "
             "of the difference carried by draws / seeds / prompts.")
