@@ -43,6 +43,7 @@ class Gate:
     numbers: str
     blocking: bool
     labels: tuple[str, ...] = ()  # the labels a flag names
+    short: str = ""  # the flag's word on a verdict row
 
     @property
     def withholds(self) -> bool:
@@ -132,7 +133,7 @@ def interior_gate(data: RunDir) -> Gate:
                 edges.append(label)
                 parts.append(f"{label} {what} {chosen:g} at the edge of {[float(f'{g:.3g}') for g in grid]}")
     return Gate(name, FLAG if edges else PASS, "; ".join(parts) or "every choice interior", False,
-                tuple(dict.fromkeys(edges)))
+                tuple(dict.fromkeys(edges)), "choice on a grid edge")
 
 
 def checkpoint_gate(arrays: Arrays) -> Gate:
@@ -150,7 +151,7 @@ def checkpoint_gate(arrays: Arrays) -> Gate:
                 break
     parts = [f"{name_}: {count} checkpoints" for name_, count in short]
     return Gate(name, FLAG if short else PASS, "; ".join(parts) or "every setting", False,
-                tuple(name_ for name_, _ in short))
+                tuple(name_ for name_, _ in short), "few checkpoints")
 
 
 def runs_gate(data: RunDir) -> Gate:
@@ -164,7 +165,7 @@ def runs_gate(data: RunDir) -> Gate:
     error = first.get("error")
     error = (error if isinstance(error, str) and error else str(first["status"])).splitlines()[0][:160]
     return Gate(name, FLAG, f"{len(unfinished)} of {len(data.runs)} not finished, e.g. {first['id']}: {error}", False,
-                tuple(sorted(set(unfinished["label"].dropna()))) if "label" in unfinished else ())
+                tuple(sorted(set(unfinished["label"].dropna()))) if "label" in unfinished else (), "unfinished runs")
 
 
 def all_gates(data: RunDir, arrays: Arrays, task: str, budget: float, slope: float,

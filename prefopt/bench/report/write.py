@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from prefopt.bench.report import tables as t
-from prefopt.bench.report.curves import BON, Arrays, build
+from prefopt.bench.report.curves import BON, Arrays, build, column
 from prefopt.bench.report.gates import all_gates, gate_table
 from prefopt.bench.report.reading import RunDir, chosen_settings, config, read_run_dir
 from prefopt.bench.report.verdicts import length_slope, seeds_note, verdict_table
@@ -55,10 +55,10 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
 
     def verdicts() -> list[str]:
         table = verdict_table(arrays, family, kl_levels, budget, slope, chosen)
-        flags = {label: g.name for g in gates if g.status == "flag" for label in g.labels}
+        flags = [(g.short or g.name, set(g.labels)) for g in gates if g.status == "flag"]
         if not table.empty:
-            table["flags"] = [", ".join(sorted({flags[x] for x in (a, b) if x in flags}))
-                              for a, b in zip(table["A"], table["B"])]
+            table["flags"] = ["; ".join(f"{word}: {', '.join(sorted(names & {a, b}))}" for word, names in flags
+                                        if names & {a, b}) for a, b in zip(table["A"], table["B"])]
             if withheld:
                 table.loc[table["verdict"].isin(["better", "worse", "inconclusive"]), "verdict"] = "withheld"
         out["verdicts"] = table
@@ -80,10 +80,12 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
                           "true reward" if task == "world" else "gold RM score", kl_levels, budget)
         best = t.with_interval(t.with_interval(out["best"], "gold", "gold_lo", "gold_hi"), "win vs start", "win_lo",
                                "win_hi")
-        view = t.with_interval(out["frontier"], "gold", "gold_lo", "gold_hi")
+        view = t.with_interval(out["frontier"], "gold", "gold_lo", "gold_hi").drop(columns=["proxy", "entropy"],
+                                                                                 errors="ignore")
         return ["![true reward vs KL](reward_vs_kl.png)", "",
                 f"### Best points under the KL budget ({budget:g} nats)", "", t.markdown_table(best), "",
-                "### Every setting and checkpoint (means over draws x seeds; win: vs the start's sample)", "",
+                "### Every setting and checkpoint (means over draws x seeds; win: vs the start's sample; proxy and "
+                "entropy in frontier.csv)", "",
                 t.markdown_table(view), "",
                 "### Gao et al. 2022 forms per curve (R = gold - gold(start), d = sqrt(KL))", "",
                 t.markdown_table(out["fits"]), ""]
@@ -121,6 +123,8 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
     section("Equal footing: the budget each label spent (means over its finished runs)", footing)
     section("Training curves (the chosen setting's runs)", curves)
     section("Runs", runs)
+    section("Samples (draw 0, first seed: the start and each label's best point)", lambda: _samples(data, arrays,
+                                                                                                   budget, chosen))
     for name, frame in out.items():
         if isinstance(frame, pd.DataFrame) and not frame.empty:
             frame.to_csv(data.path / f"{name}.csv", index=False)
@@ -193,6 +197,42 @@ def _training_curves(data: RunDir, arrays: Arrays, chosen: dict[str, object]) ->
     return out
 
 
+def _samples(data: RunDir, arrays: Arrays, budget: float, chosen: dict[str, object], count: int = 3) -> list[str]:
+    """The first eval prompts with the start's response and each trained label's at its best point (draw 0)."""
+    from prefopt.bench.report.views import best_point
+
+    prompts = {int(r["i"]): str(r.get("prompt", "")) for r in data.jsonl(data.path / "prompts.jsonl", required=False)
+               if r.get("set") == "eval" and "i" in r}
+    draw = arrays.draws[0] if arrays.draws else 0
+    start = {int(r["i"]): r for r in data.jsonl(data.path / "draws" / f"draw{draw}" / "start.jsonl", required=False)
+             if r.get("set", "eval") == "eval" and "i" in r}
+    shown = {}
+    for label in arrays.labels.values():
+        point, _ = best_point(label, budget, chosen.get(label.name))
+        cells = sorted(cell for cell in point.cells if cell[0] == draw)
+        if not cells:
+            continue
+        gold = dict(zip(arrays.prompts.tolist(), point.cells[cells[0]][:, column("gold")]))
+        run = next((c.run_id for c in label.curves if (c.draw, c.seed) == cells[0] and c.value == point.setting), None)
+        responses = data.responses(run, point.step) if run is not None and label.algorithm != "best_of_n" else {}
+        shown[label.name] = (responses, gold)
+    lines = []
+    for i in list(arrays.prompts)[:count]:
+        text = prompts.get(int(i), "").strip().replace("\n", " ")[-300:]
+        lines += [f"**prompt {i}**: `{text}`", ""]
+        if int(i) in start:
+            lines.append(f"- start [{t.fmt(start[int(i)].get('gold'))}]: `{_one_line(start[int(i)].get('response'))}`")
+        lines += [f"- {label} [{t.fmt(gold.get(i))}]: " + (f"`{_one_line(responses.get(int(i)))}`" if responses
+                  else "(expected gold over the n_max samples)") for label, (responses, gold) in shown.items()]
+        lines.append("")
+    return lines or ["(no eval prompts)"]
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    text = str(text or "").replace("\n", " ⏎ ").replace("`", "'").strip()
+    return (text[:limit] + " …") if len(text) > limit else text or "(empty)"
+
+
 def _manifest(data: RunDir) -> list[str]:
     manifest = data.manifest
     if not manifest:
@@ -203,10 +243,15 @@ def _manifest(data: RunDir) -> list[str]:
             lines.append(f"- **{key}**: `{json.dumps(manifest[key], default=str)}`")
     for label, entry in sorted((manifest.get("selection") or {}).items()):
         entry = entry or {}
+        extended = any((entry.get("extended") or {}).values())
         lines.append(f"- **selection {label}**: learning rate {entry.get('chosen_learning_rate')} of "
-                      f"{entry.get('learning_rates')}, {entry.get('knob')} {entry.get('chosen_value')} of "
-                      f"{entry.get('knob_values')}; {entry.get('criterion', '')}"
-                      + (f"; on edge: {entry['on_edge']}" if entry.get("on_edge") else ""))
+                     f"{entry.get('learning_rates')}, {entry.get('knob')} {entry.get('chosen_value')} of "
+                     f"{entry.get('knob_values')}; {entry.get('criterion', '')}"
+                     + (f"; on edge: {entry['on_edge']}" if entry.get("on_edge") else "")
+                     + (f"; grid extended by {entry['extended']}" if extended else ""))
+        table = pd.DataFrame(entry.get("table") or [])
+        if not table.empty:
+            lines += ["", t.markdown_table(table.drop(columns=["seeds"], errors="ignore")), ""]
     for stage in manifest.get("stages") or []:
         lines.append(f"- stage {stage.get('stage')} draw {stage.get('draw')}: "
                      f"{'cached' if stage.get('cached') else 'built'}, wall {stage.get('wall_s')} s")
