@@ -118,7 +118,7 @@ def pref_table(data: RunDir) -> pd.DataFrame:
             for index, d in enumerate(draws):
                 table[index, :len(cells[d]), 0] = cells[d]
             result = nested_interval(table)
-            row.update({name: result.mean, f"{name} lo": result.lo, f"{name} hi": result.hi})
+            row.update({name: result.mean, f"{name} lo": max(result.lo, 0.0), f"{name} hi": min(result.hi, 1.0)})
         rows.append(row)
     return pd.DataFrame(rows)
 

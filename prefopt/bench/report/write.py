@@ -229,7 +229,8 @@ def _samples(data: RunDir, arrays: Arrays, budget: float, chosen: dict[str, obje
 
 
 def _one_line(text: object, limit: int = 200) -> str:
-    text = str(text or "").replace("\n", " ⏎ ").replace("`", "'").strip()
+    text = "".join(ch if ch.isprintable() else " " for ch in str(text or "").replace("\n", " ⏎ ")).replace("`", "'")
+    text = text.strip()
     return (text[:limit] + " …") if len(text) > limit else text or "(empty)"
 
 
