@@ -50,15 +50,20 @@ def interval_coverage(data: np.ndarray, truth: np.ndarray) -> tuple[float, float
     return float((np.abs(mean - truth) <= width).mean()), float(np.median(2 * width))
 
 
-def hierarchical_bootstrap(cells: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+def hierarchical_bootstrap(cells: np.ndarray, resamples: int, rng: np.random.Generator,
+                           chunk: int = 2000) -> np.ndarray:
     """Replicate grand means of a [draws, seeds, prompts] array: draws with replacement, seeds with replacement
-    within each drawn draw, prompts with replacement within each drawn seed."""
+    within each drawn draw, prompts with replacement within each drawn seed (in chunks of replicates)."""
     draws, seeds, prompts = cells.shape
-    weights = rng.multinomial(prompts, np.full(prompts, 1.0 / prompts), size=(draws * seeds, resamples)) / prompts
-    cell_means = np.einsum("cp,cbp->cb", cells.reshape(draws * seeds, prompts), weights).reshape(draws, seeds, -1)
-    d = rng.integers(0, draws, (resamples, draws))
-    s = rng.integers(0, seeds, (resamples, draws, seeds))
-    return cell_means[d[:, :, None], s, np.arange(resamples)[:, None, None]].mean((1, 2))
+    flat = cells.reshape(draws * seeds, prompts)
+    out = []
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        d = rng.integers(0, draws, (count, draws, 1))
+        cell = d * seeds + rng.integers(0, seeds, (count, draws, seeds))  # [count, draws, seeds] cell indices
+        picks = rng.integers(0, prompts, (count, draws, seeds, prompts), dtype=np.int32)
+        out.append(flat[cell[..., None], picks].mean((1, 2, 3)))
+    return np.concatenate(out)
 
 
 def bootstrap_coverage(data: np.ndarray, truth: np.ndarray, resamples: int,
