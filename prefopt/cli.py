@@ -1,4 +1,4 @@
-"""``prefopt`` command line: train, data, list, init-model, merge-adapter, bench.
+"""``prefopt`` command line: train, data, list, init-model, merge-adapter, generate, eval, bench.
 
 Every user error prints one line ``prefopt: error: ...`` and exits 2 (no traceback); a non-finite stop exits 3;
 an interrupted run (SIGTERM/SIGINT) saves a checkpoint, prints ``prefopt: stopped: ...`` and exits 128 + the
@@ -97,6 +97,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from prefopt.judge.commands import run_generate
+
+    return run_generate(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from prefopt.judge.commands import run_eval
+
+    return run_eval(args)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The prompt set and sampling options shared by ``generate`` and ``eval``."""
+    p.add_argument("--prompts", help="prompts file, directory or hub dataset (any format the data layer reads: "
+                                     "prompts, chat messages, HH pairs, ...)")
+    p.add_argument("--format", default="auto", help="row format of the prompts file (data.format)")
+    p.add_argument("--split", default="train", help="split to read (data.split)")
+    p.add_argument("--chat-template", default=None,
+                   help="auto (the tokenizer's), none (HH text) or a template file (data.chat_template)")
+    p.add_argument("--samples", type=int, default=1, help="replies per prompt and model")
+    p.add_argument("--seed", type=int, default=0, help="sample j of prompt batch b uses seed + 104729 j + b")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="decode greedily instead of sampling")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (from the end)")
+    p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens of a pair (--pairs)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows of --prompts / --pairs the data layer cannot use (counted, with their places, "
+                        "in the manifest / summary) instead of stopping at the first")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results at --out")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.recipe == "report":  # prefopt bench report RUN_DIR: results.md from the run directory alone
         return cmd_bench_report(args.overrides)
@@ -157,6 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("out")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="sample replies from one or more models on a prompts file (JSON lines)")
+    p.add_argument("--models", nargs="+", required=True, metavar="[NAME=]PATH",
+                   help="models (full weights or LoRA adapters; local folders or hub ids)")
+    p.add_argument("--out", required=True, help="the replies file to write (.jsonl; a .manifest.json beside it)")
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="judge models' replies: scores, win rate with a CI, KL, length, pass@k, "
+                                    "preference accuracy")
+    p.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="models to sample from (with --prompts), or "
+                                                                      "paths of the models of --replies")
+    p.add_argument("--replies", help="judge the replies of a `prefopt generate` file instead of sampling")
+    p.add_argument("--judge", action="append", metavar="SPEC",
+                   help="a reward component (format_validity), a function module:function, or a YAML mapping "
+                        "{name: reward_model, params: {path: ...}}; repeatable, the first is the score")
+    p.add_argument("--baseline", help="the model (by name) every model's win rate is against")
+    p.add_argument("--reference", help="model name or path: KL(pi || reference) and the implicit reward's pi_ref")
+    p.add_argument("--pairs", help="held-out preference pairs: implicit-reward preference accuracy")
+    p.add_argument("--pass-threshold", type=float, default=None,
+                   help="a reply is correct when its score >= this (pass@k); default: 1 when scores are all 0/1")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--out", required=True, help="directory for summary.json, prompts.jsonl, replies.jsonl")
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="run a benchmark recipe: several algorithms, same start, same splits; "
                                       "`prefopt bench report RUN_DIR` rebuilds results.md from a run directory")

@@ -24,8 +24,8 @@ from prefopt.errors import DataError
 
 log = logging.getLogger("prefopt.data")
 
-__all__ = ["LoadedData", "SkipRow", "assign", "build_dataloader", "load_rows", "manifest", "pack", "record_id",
-           "run_loaders", "split_hh", "write_manifest"]
+__all__ = ["LoadedData", "SkipRow", "assign", "build_dataloader", "load_rows", "manifest", "pack", "read_records",
+           "record_id", "run_loaders", "split_hh", "write_manifest"]
 
 
 @dataclass
@@ -87,6 +87,15 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
     if skips.total:
         log.warning("%s: %s", cfg.path, loaded.report())
     return loaded
+
+
+def read_records(cfg: DataConfig, kind: str) -> tuple[list[tuple[str, dict[str, Any]]], SkipLog]:
+    """Every usable ``kind`` record of ``cfg.path`` with its place ("file:line"), in file order: no split and no
+    dedupe (an evaluation set is read as it is written). Bad rows are counted in the returned SkipLog."""
+    check_names(cfg.format, kind)
+    skips = SkipLog()
+    plan = [(source, cfg.format) for source in open_sources(cfg)]
+    return [(where, record) for where, _, record in _records(plan, kind, skips, Counter())], skips
 
 
 def _records(plan: list[tuple[Source, str]], kind: str, skips: SkipLog, formats: Counter[str]
