@@ -23,6 +23,7 @@ Holm (1979) adjusts a declared family of p-values.
 from __future__ import annotations
 
 import warnings
+from statistics import NormalDist
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -124,7 +125,7 @@ def wilson(successes: float, n: int, level: float = LEVEL) -> tuple[float, float
     """Wilson score interval of a proportion (Wilson 1927)."""
     if n <= 0:
         return float("nan"), float("nan")
-    z = t_critical(1e9, level)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
     phat = successes / n
     centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
     width = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)

@@ -8,6 +8,7 @@ The quantile inverts the tail by Newton's method in log t. Every function takes 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -68,8 +69,8 @@ def t_quantile(q, df) -> np.ndarray:
     tail = np.minimum(q, 1 - q)  # solve P(T > t) = tail for t >= 0, then mirror
     inner = tail < 0.5
     target = np.log(np.where(inner, tail, 0.25))
-    log_t = np.log(np.maximum(np.sqrt(2.0) * np.vectorize(_erfinv, otypes=[float])(1 - 2 * np.where(inner, tail, 0.25)),
-                              1e-8))
+    normal = np.vectorize(NormalDist().inv_cdf, otypes=[float])(1 - np.where(inner, tail, 0.25))
+    log_t = np.log(np.maximum(normal, 1e-8))
     for _ in range(100):
         t = np.exp(log_t)
         upper = t_two_sided_p(t, df) / 2
@@ -83,14 +84,6 @@ def t_quantile(q, df) -> np.ndarray:
 
 def _lgamma(x: np.ndarray) -> np.ndarray:
     return np.vectorize(math.lgamma, otypes=[float])(x)
-
-
-def _erfinv(y: float) -> float:
-    """Inverse error function by Newton on math.erf (a start for t_quantile)."""
-    x = 0.0
-    for _ in range(60):
-        x -= (math.erf(x) - y) / (2 / math.sqrt(math.pi) * math.exp(-x * x))
-    return x
 
 
 def t_two_sided_p(t, df) -> np.ndarray:
