@@ -6,7 +6,8 @@ Blocking gates (a status other than ``pass`` replaces the verdicts with the fail
   of the rule that ignores the prompt (proxy.json);
 * ``oracle reaches the proxy``: for every oracle label (an algorithm trained on the true reward, phase ``oracle``),
   its best point under the KL budget has a mean true reward >= that of the same algorithm trained on the proxy (the
-  point estimates; the difference's interval is printed). Best-of-n by the true reward is not gated: it cannot lose;
+  point estimates; the difference's interval is printed). Best-of-n by the true reward is not gated: it cannot lose.
+  A world profile without oracle runs is not checked (so no verdicts); HH has no true reward to train one on;
 * ``gold RM is credible`` (hh): the gold RM's held-out pair accuracy (gold.json) is >= 0.6 on >= 500 pairs and the
   lower end of its 95% interval (its ``ci95``, else Wilson's) is above every draw's proxy accuracy (proxy.json).
   Without it the HH report is a smoke test.
@@ -70,9 +71,12 @@ def proxy_gate(data: RunDir, task: str) -> Gate:
     return Gate(name, status, "; ".join(parts), True)
 
 
-def oracle_gate(arrays: Arrays, budget: float, slope: float, chosen: dict[str, object]) -> Gate:
+def oracle_gate(arrays: Arrays, budget: float, slope: float, chosen: dict[str, object], task: str = "world") -> Gate:
     name = "oracle reaches the proxy (true reward >= proxy-trained, best under the KL budget)"
     oracles = [label for label in arrays.labels.values() if label.oracle_of and label.algorithm != "best_of_n"]
+    if not oracles and task == "hh":
+        return Gate(name, NOT_APPLICABLE, "HH has no true reward to train an oracle on (the gold RM gate stands)",
+                    False)
     if not oracles:
         return Gate(name, UNCHECKED, "no oracle runs (phase oracle, reward true) in this run directory", True)
     parts, ok = [], []
@@ -170,7 +174,7 @@ def runs_gate(data: RunDir) -> Gate:
 
 def all_gates(data: RunDir, arrays: Arrays, task: str, budget: float, slope: float,
               chosen: dict[str, object]) -> list[Gate]:
-    return [proxy_gate(data, task), oracle_gate(arrays, budget, slope, chosen), gold_gate(data, task),
+    return [proxy_gate(data, task), oracle_gate(arrays, budget, slope, chosen, task), gold_gate(data, task),
             interior_gate(data), checkpoint_gate(arrays), runs_gate(data)]
 
 
