@@ -174,8 +174,19 @@ def runs_gate(data: RunDir) -> Gate:
 
 def all_gates(data: RunDir, arrays: Arrays, task: str, budget: float, slope: float,
               chosen: dict[str, object]) -> list[Gate]:
-    return [proxy_gate(data, task), oracle_gate(arrays, budget, slope, chosen, task), gold_gate(data, task),
-            interior_gate(data), checkpoint_gate(arrays), runs_gate(data)]
+    """Every gate; one that cannot be evaluated (malformed files) is ``not checked`` with the error, and blocks."""
+    checks = [("proxy beats the prompt-blind rule", lambda: proxy_gate(data, task)),
+              ("oracle reaches the proxy", lambda: oracle_gate(arrays, budget, slope, chosen, task)),
+              ("gold RM is credible", lambda: gold_gate(data, task)),
+              ("learning rate and KL knob interior to their grids", lambda: interior_gate(data)),
+              ("checkpoints", lambda: checkpoint_gate(arrays)), ("runs finished", lambda: runs_gate(data))]
+    gates = []
+    for name, check in checks:
+        try:
+            gates.append(check())
+        except Exception as exc:  # a malformed file must not lose the report: the gate says it was not checked
+            gates.append(Gate(name, UNCHECKED, f"could not be checked ({type(exc).__name__}: {exc})", True))
+    return gates
 
 
 def gate_table(gates: list[Gate]) -> pd.DataFrame:

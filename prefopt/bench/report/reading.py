@@ -65,8 +65,9 @@ class RunDir:
             self.problems.append(f"{self.relative(path)}: not JSON ({exc})")
             return None
 
-    def jsonl(self, path: Path, required: bool = True) -> list[dict[str, Any]]:
-        """The file's rows; a bad line is skipped and noted with its line number."""
+    def jsonl(self, path: Path, required: bool = True, keys: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """The file's rows; a bad line (not a JSON object, or without one of ``keys``) is skipped and noted with its
+        line number."""
         if not path.is_file():
             if required:
                 self.problems.append(f"{self.relative(path)}: missing")
@@ -80,12 +81,13 @@ class RunDir:
             except json.JSONDecodeError:
                 bad.append(number)
                 continue
-            if isinstance(row, dict):
+            if isinstance(row, dict) and all(row.get(key) is not None for key in keys):
                 rows.append(row)
             else:
                 bad.append(number)
         if bad:
-            self.problems.append(f"{self.relative(path)}: {len(bad)} unreadable line(s) skipped (first: line {bad[0]})")
+            self.problems.append(f"{self.relative(path)}: {len(bad)} unreadable line(s) skipped (first: line {bad[0]}"
+                                 + (f"; each needs {', '.join(keys)})" if keys else ")"))
         return rows
 
     def responses(self, run_id: str, step: int, set_name: str = "eval") -> dict[int, str]:
@@ -141,8 +143,9 @@ def _read_draws(data: RunDir) -> dict[int, pd.DataFrame]:
         data.draws[draw] = {name: data.json(folder / f"{name}.json", required=name == "proxy") or {}
                             for name in ("draw", "labels", "proxy")}
         pairs[draw] = pd.DataFrame([_numeric(r) for r in data.jsonl(folder / "pairs.jsonl", required=False)])
-        starts += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "start.jsonl")]
-        bons += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "best_of_n.jsonl", required=False)]
+        starts += [{**_numeric(row), "draw": draw} for row in data.jsonl(folder / "start.jsonl", keys=("i", "gold"))]
+        bons += [{**_numeric(row), "draw": draw}
+                 for row in data.jsonl(folder / "best_of_n.jsonl", required=False, keys=("i", "j", "gold"))]
     if not data.draws:
         data.problems.append("draws/: no draw<d> folders (no start, labels or proxy to read)")
     data.start = pd.DataFrame(starts)
@@ -170,8 +173,9 @@ def _read_runs(data: RunDir, plan: list[dict[str, Any]], pairs: dict[int, pd.Dat
         if info.get("status") != "done" or info.get("phase", "main") not in JUDGED:
             continue
         ident = {key: info.get(key) for key in KEYS}
-        evals += [{**_numeric(r), **ident} for r in data.jsonl(folder / "eval.jsonl")]
-        pref = pd.DataFrame([_numeric(r) for r in data.jsonl(folder / "pref.jsonl", required=False)])
+        evals += [{**_numeric(r), **ident} for r in data.jsonl(folder / "eval.jsonl", keys=("step", "i", "kl"))]
+        pref = pd.DataFrame([_numeric(r) for r in data.jsonl(folder / "pref.jsonl", required=False,
+                                                             keys=("step", "k", "chosen", "rejected"))])
         held_out = pairs.get(info.get("draw"), pd.DataFrame())
         if not pref.empty and not held_out.empty and {"k", "chosen", "rejected"} <= set(pref):
             prefs.append(_margins(pref, held_out).assign(**ident))

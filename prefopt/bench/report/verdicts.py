@@ -69,11 +69,11 @@ def verdict_table(arrays: Arrays, labels: list[str], kl_levels: list[float], bud
     prefopt.bench.report.views.best_point with the settings ``chosen`` on val."""
     present = [label for label in labels if label in arrays.labels]
     best = {label: best_point(arrays.labels[label], budget, chosen.get(label))[0] for label in present}
+    matched = {(label, k): at_matched_kl(arrays.labels[label], k) for label in present for k in kl_levels}
     rows = []
     for index, a in enumerate(present):
         for b in present[index + 1:]:
-            targets = [(f"KL {k:g}", at_matched_kl(arrays.labels[a], k), at_matched_kl(arrays.labels[b], k))
-                       for k in kl_levels]
+            targets = [(f"KL {k:g}", matched[a, k], matched[b, k]) for k in kl_levels]
             targets.append((f"best, KL <= {budget:g}", best[a], best[b]))
             for at, pa, pb in targets:
                 row = {"A": a, "B": b, "at": at}

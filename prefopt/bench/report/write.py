@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from prefopt.bench.report import tables as t
@@ -33,7 +34,11 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
     task = str(data.bench.get("task", "world"))
     kl_levels = [float(k) for k in config(data, "frontier", "kl_levels", [])]
     budget = float(config(data, "select", "kl_budget", max(kl_levels, default=math.inf)))
-    arrays = build(data, config(data, "frontier", "best_of_n", None))
+    try:
+        arrays = build(data, config(data, "frontier", "best_of_n", None))
+    except Exception as exc:  # malformed rows: the report still says what it could read
+        data.problems.append(f"the runs' evaluations could not be assembled ({type(exc).__name__}: {exc})")
+        arrays = Arrays(np.array([]), sorted(data.draws), {}, {}, [])
     slope = length_slope(arrays, data.best_of_n)
     chosen = chosen_settings(data)
     gates = all_gates(data, arrays, task, budget, slope, chosen)
@@ -82,7 +87,7 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
                                "win_hi")
         view = t.with_interval(out["frontier"], "gold", "gold_lo", "gold_hi").drop(columns=["proxy", "entropy"],
                                                                                  errors="ignore")
-        return ["![true reward vs KL](reward_vs_kl.png)", "",
+        return [*(["![true reward vs KL](reward_vs_kl.png)", ""] if figures else []),
                 f"### Best points under the KL budget ({budget:g} nats)", "", t.markdown_table(best), "",
                 "### Every setting and checkpoint (means over draws x seeds; win: vs the start's sample; proxy and "
                 "entropy in frontier.csv)", "",
