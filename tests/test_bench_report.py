@@ -116,7 +116,8 @@ def test_missing_and_broken_files_are_listed_and_the_report_is_still_written(tmp
     text = (path / "results.md").read_text()
     problems = text[text.index("## Problems"):]
     assert "draws/draw1/proxy.json: missing" in problems
-    assert "beta=2/draw1/seed1/eval.jsonl: 1 unreadable line(s) skipped (first: line 49)" in problems
+    assert "beta=2/draw1/seed1/eval.jsonl: 1 unreadable line(s) skipped (first: line 49; each needs step, i, kl)" \
+        in problems
     assert "ppo/kl_coef=1/draw0/seed0 | ppo | main | 1 | 0 | 0 | 3e-05 | missing | run.json not written" in text
     assert "gates" in capsys.readouterr().out.lower()
     assert main(["bench", "report", str(tmp_path / "nowhere")]) == 2
