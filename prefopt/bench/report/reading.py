@@ -187,10 +187,12 @@ def _read_runs(data: RunDir, plan: list[dict[str, Any]], pairs: dict[int, pd.Dat
 
 
 def _margins(pref: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per (step, k): the implicit reward margin under the run's policy and the pair's true order."""
+    """Per (step, k): the implicit reward margin under the run's policy (the evaluation core's ``implicit_margin``
+    when the row has it, prefopt.judge.preference_rows) and the pair's true order."""
     merged = pref.merge(pairs, on="k", suffixes=("", "_pair"))
     out = merged[["step", "k"]].copy()
-    out["margin"] = (merged["chosen"] - merged["ref_chosen"]) - (merged["rejected"] - merged["ref_rejected"])
+    out["margin"] = merged["implicit_margin"] if "implicit_margin" in merged else \
+        (merged["chosen"] - merged["ref_chosen"]) - (merged["rejected"] - merged["ref_rejected"])
     if {"gold_chosen", "gold_rejected"} <= set(merged):
         out["true_sign"] = np.sign(merged["gold_chosen"] - merged["gold_rejected"])
     return out
