@@ -21,7 +21,7 @@ from prefopt.bench.config import load_bench_config
 from prefopt.bench.data import BenchData, read_jsonl
 from prefopt.bench.execute import knob_field
 from prefopt.bench.frontier import bon_kl, gao_fit, gold_matrix_at_kl, paired, verdict
-from prefopt.bench.report import markdown_table
+from prefopt.bench.report.v1 import markdown_table  # the old report, until the re-laid runner lands
 from prefopt.bench.start import Start
 from prefopt.bench.world import GROUPS, WorldGoldReward, implied_pairs, plackett_luce, prompt_group, world_prompts
 from prefopt.errors import ConfigError
