@@ -18,6 +18,11 @@ An algorithm declares:
     Trainer passes ONE batch per training step, and ``step`` splits every update's minibatch into G
     micro-batches whose losses are weighted so that their mean is the minibatch's loss -- accumulation then
     changes memory, not the update;
+  * ``full_batches``: every training batch holds exactly ``train.batch_size`` rows (the short last batch of an
+    epoch is left out, a different one each epoch; online algorithms, whose updates split a batch into minibatches
+    and micro-batches that must not be empty, as TRL does);
+  * ``updates_per_step``: optimizer updates per training step (the learning-rate schedule advances once per update);
+  * ``parameter_groups()``: the optimizer's parameter groups (a critic may have its own learning rate);
   * ``evaluate(batch)``: metric sums for a held-out batch (the Trainer averages them over rows).
 
 An algorithm with a reference policy scores it with ``reference_forward`` (the one way, for every algorithm):
@@ -46,6 +51,7 @@ class Algorithm:
     Config: ClassVar[type]
     registry_name: ClassVar[str]
     accumulates_in_step: ClassVar[bool] = False
+    full_batches: ClassVar[bool] = False
 
     def __init__(self, config: Any, run: Any, tokenizer: Any):
         self.config = config  # this algorithm's Config
@@ -77,6 +83,15 @@ class Algorithm:
     def step(self, batch: Any) -> Iterator[LossOutput]:
         """Yield the loss of each micro-batch this batch gives rise to (see the module docstring)."""
         raise NotImplementedError
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates one ``step`` makes (each ``train.gradient_accumulation_steps`` micro-batches)."""
+        return 1
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: every trainable parameter of ``self.model`` at ``train.learning_rate``."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     @property
     def accumulation(self) -> int:

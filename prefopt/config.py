@@ -136,7 +136,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (>= 0)."""
     warmup_steps: int = 0
-    """Linear warm-up steps."""
+    """Linear warm-up over this many steps (the lr moves at every optimizer update, several per step online)."""
     lr_scheduler: str = "constant_with_warmup"
     """transformers scheduler name: constant_with_warmup, constant, linear, cosine, polynomial, ..."""
     max_grad_norm: float = 1.0

@@ -6,6 +6,8 @@ or the run hangs. With one process they cost nothing.
 * ``any_process`` / ``max_over_processes``: one decision for all (a NaN on one process, a signal to one process);
 * ``mean_over_processes`` / ``sum_over_processes``: logged averages over every process's micro-batches, and exact
   evaluation totals (float64);
+* ``total_over_processes`` / ``gather_over_processes``: a tensor summed over every process, or the values of every
+  process in one tensor (the online algorithms' batch statistics: whitening, token counts, entropy quantiles);
 * ``exact_eval_batches``: each held-out batch once, although accelerate's ``even_batches`` pads the last round
   of batches with rows from the start;
 * ``seed_epoch``: the batch order of an epoch as a function of (seed, epoch) only, reaching through the batch
@@ -74,6 +76,26 @@ def sum_over_processes(accelerator: Any, totals: dict[str, float]) -> dict[str, 
         return {k: totals[k] for k in keys}
     values = torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64, device=accelerator.device)
     return dict(zip(keys, accelerator.reduce(values, "sum").tolist()))
+
+
+def total_over_processes(accelerator: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed elementwise over every process (a new tensor); ``tensor`` itself with one process or no
+    accelerator."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor.clone(), "sum")
+
+
+def gather_over_processes(accelerator: Any, values: torch.Tensor) -> torch.Tensor:
+    """The 1-d ``values`` of every process concatenated (processes may hold different counts); ``values`` itself with
+    one process or no accelerator."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return values
+    count = torch.tensor([values.numel()], device=values.device)
+    counts = accelerator.gather(count)
+    padded = accelerator.pad_across_processes(values, dim=0)
+    gathered = accelerator.gather(padded).view(accelerator.num_processes, -1)
+    return torch.cat([row[:n] for row, n in zip(gathered, counts.tolist())])
 
 
 def mean_over_processes(accelerator: Any, averager: MetricAverager) -> dict[str, float]:

@@ -84,7 +84,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ data
     def prepare_data(self) -> None:
         """Load, split and tokenize rows of the algorithm's kind (prefopt.data.run_loaders)."""
-        self.loaders, self.data_report = run_loaders(self.config, self.algorithm.kind, self.tokenizer)
+        self.loaders, self.data_report = run_loaders(self.config, self.algorithm.kind, self.tokenizer,
+                                                     drop_last=self.algorithm.full_batches)
 
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
@@ -120,12 +121,13 @@ class Trainer:
         if self.main:
             (self.output_dir / "manifest.json").write_text(json.dumps(self.data_report, indent=2, default=str))
         self.algorithm.build()
-        params = [p for p in self.algorithm.model.parameters() if p.requires_grad]
-        if not params:
+        groups = self.algorithm.parameter_groups()
+        if not any(group["params"] for group in groups):
             raise PrefoptError(f"algorithm {self.config.algorithm_name!r} has no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
-                                  num_training_steps=t.max_steps)
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        updates = self.algorithm.updates_per_step  # the schedule advances once per optimizer update
+        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * updates,
+                                  num_training_steps=t.max_steps * updates)
         names = list(self.loaders)
         prepared = acc.prepare(self.algorithm.model, optimizer, scheduler, *self.loaders.values())
         self.algorithm.model, optimizer, scheduler = prepared[:3]
@@ -224,7 +226,7 @@ class Trainer:
         return 1 if self.algorithm.accumulates_in_step else self.config.train.gradient_accumulation_steps
 
     def _train_step(self, batches, step: int, params, optimizer, scheduler, averager: MetricAverager) -> int:
-        """One step: ``batches_per_step`` batches; each yielded loss is one micro-batch; one lr step.
+        """One step: ``batches_per_step`` batches; each yielded loss is one micro-batch; one lr step per update.
 
         A non-finite loss anywhere spoils the update it belongs to: its backward is skipped on every process and,
         at the update, the optimizer does not step (``skip``) or the run stops (``stop``).
@@ -251,15 +253,13 @@ class Trainer:
                         else:
                             self.guard.skipped(step, spoiled)
                         optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()  # also after a skipped update: the lr is a function of the update count
                         spoiled = None
                 averager.add({"train/loss": float(out.loss.detach()), **out.metrics})
         if micro_batches % t.gradient_accumulation_steps:
             raise PrefoptError(f"{self.config.algorithm_name} yielded {micro_batches} micro-batches in step "
                                f"{step + 1}, not a multiple of train.gradient_accumulation_steps "
                                f"({t.gradient_accumulation_steps})")
-        # once per step, also after skipped updates: the lr is a function of the step, whether the algorithm makes
-        # one update per step (offline) or several (PPO: epochs x minibatches of one rollout)
-        scheduler.step()
         return tokens
 
     # ------------------------------------------------------------------------------------------------ eval/save

@@ -60,7 +60,7 @@ def hand_scored(**algorithm) -> tuple[A2C, TrunkScored, torch.Tensor, torch.Tens
     beta = run.algorithm.kl_coef if run.algorithm.kl_in == "reward" else 0.0
     rewards = torch.tensor([[-beta * 0.1, -beta * 0.2 + 1.0, 0.0]])
     rollout = SimpleNamespace(group=torch.tensor([0]), logprobs=logps.detach().clone(), seconds=0.0,
-                              tokens_per_s=0.0)
+                              tokens_per_s=0.0, ended=torch.tensor([True]))
     scored = TrunkScored(rollout=rollout, mask=mask, old_logps=None, ref_logps=logps.detach() - kl,
                          scores=torch.tensor([1.0]), components={}, kl=kl, rewards=rewards, kl_coef=beta,
                          values=values.detach(), forward=(logps, entropy, values))

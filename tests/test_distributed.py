@@ -1,4 +1,5 @@
-"""Two processes through accelerate (CPU, gloo) match one process with twice the gradient accumulation.
+"""Two processes through accelerate (CPU, gloo) match one process: DPO with twice the gradient accumulation, and
+the online algorithms' batch statistics and a REINFORCE++ run on the same global batch.
 
 ``accelerate launch --multi_gpu --num_processes 2`` with ``ACCELERATE_USE_CPU=true`` starts two torchrun workers
 that accelerate runs as MULTI_CPU over gloo (``--cpu`` alone would start ONE process unless MPI is installed).
@@ -34,6 +35,8 @@ import torch
 from safetensors.torch import load_file
 
 from prefopt.cli import main
+from prefopt.config import build_run_config
+from prefopt.trainer import Trainer
 
 ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
 
@@ -57,27 +60,22 @@ def metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_with_double_accumulation(tiny_model_dir, hh_small, tmp_path):
-    two = tmp_path / "two-processes"
+def launch_two(*command: str, tmp_path: Path) -> subprocess.Popen:
+    """``command`` (a module's ``-m name`` or a script, and its arguments) in 2 CPU processes under accelerate."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "prefopt.cli", "train", ""]
+                "--main_process_port", str(free_port())]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(tmp_path / "hf-home")}  # no user accelerate config
-    process = subprocess.Popen([*launcher, *recipe(tiny_model_dir, hh_small, two)], env=env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([*launcher, *command], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
-    one = tmp_path / "one-process"  # meanwhile, in this process
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", "", *recipe(tiny_model_dir, hh_small, one, "train.gradient_accumulation_steps=2")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+
+def finish(process: subprocess.Popen) -> tuple[str, str]:
+    """(stdout, stderr) of a launch that exited 0; a hang (a collective out of step) stops it and fails the test."""
     try:
         stdout, stderr = process.communicate(timeout=600)
-    except subprocess.TimeoutExpired:  # a collective out of step would hang: stop the launcher and its workers
+    except subprocess.TimeoutExpired:
         process.terminate()
         try:
             _, stderr = process.communicate(timeout=30)
@@ -86,6 +84,26 @@ def test_two_processes_match_one_with_double_accumulation(tiny_model_dir, hh_sma
             _, stderr = process.communicate()
         pytest.fail(f"the 2-process run hung:\n{stderr[-3000:]}")
     assert process.returncode == 0, stderr[-3000:]
+    return stdout, stderr
+
+
+def in_one_thread(fn, *args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_double_accumulation(tiny_model_dir, hh_small, tmp_path):
+    two = tmp_path / "two-processes"
+    process = launch_two("-m", "prefopt.cli", "train", "", *recipe(tiny_model_dir, hh_small, two), tmp_path=tmp_path)
+    one = tmp_path / "one-process"  # meanwhile, in this process
+    extra = "train.gradient_accumulation_steps=2"
+    assert in_one_thread(main, ["train", "", *recipe(tiny_model_dir, hh_small, one, extra)]) == 0
+    stdout, stderr = finish(process)
     assert json.loads(stdout)["output_dir"] == str(two)  # one final JSON, from the main process only
     console = [line for line in stderr.splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in console] == [f"step {n}/6" for n in range(1, 7)]  # printed once
@@ -110,6 +128,71 @@ def test_two_processes_match_one_with_double_accumulation(tiny_model_dir, hh_sma
     for a, b in evals:
         assert b["eval/rewards/accuracy"] == a["eval/rewards/accuracy"]
         assert round(a["eval/rewards/accuracy"] * 11, 9).is_integer()  # 11 rows, each counted once
+
+
+def online_recipe(model: Path, prompts: Path, out: Path, batch_size: int) -> dict:
+    """REINFORCE++ (global whitening, token-mean loss over the update), greedy so both launches sample the same
+    responses, two epochs over the rollout (the second off-policy), no length bucketing (so the batch of 4 of one
+    process is the two batches of 2 of two processes)."""
+    reward = {"name": "callable", "params": {"fn": "online_two_processes:question_number"}}
+    return {"algorithm": {"name": "reinforce_pp", "rewards": [reward], "kl_coef": 0.05, "epochs": 2,
+                          "num_minibatches": 1, "generation": {"max_new_tokens": 6, "do_sample": False}},
+            "model": {"name_or_path": str(model)},
+            "data": {"path": str(prompts), "format": "prompts", "eval_fraction": 0.0, "length_bucketing": False},
+            "train": {"output_dir": str(out), "max_steps": 2, "batch_size": batch_size, "learning_rate": 1e-2,
+                      "log_every": 1, "progress": False, "mixed_precision": "no"}}
+
+
+@pytest.mark.slow
+def test_online_batch_statistics_on_two_processes_equal_one_process(gpt2_real_dir, tmp_path):
+    """The same global batch on 2 processes (half each) and on 1: every batch-level statistic is reduced over the
+    processes. ``tests/online_two_processes.py``: grpo / rloo batch std, REINFORCE++'s global whitening (plain and
+    with a group baseline), advantage and reward whitening, and the update's loss and gradient for token_mean,
+    dapo, grpo, dr_grpo and top-entropy masking (per row, as DDP averages them; TRL's bnpo is each micro-batch's own
+    mean, so 2 processes equal 1 with twice the micro-batches). Then a REINFORCE++ run: 2 processes x 2 prompts and
+    1 process x 4 prompts log the same row-mean metrics and gradient norms over 2 steps of 2 updates (measured: 5e-6
+    relative, the float noise of batches padded to other widths) and end at the same weights up to that noise
+    amplified by Adam's first steps, which divide each gradient element by its own size (measured: 1.8e-4 where
+    training moved them by 4e-2)."""
+    import online_two_processes as script
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: question {i}?\n\nAssistant:"}) + "\n"
+                               for i in range(16)))
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir()
+    (tmp_path / "two.json").write_text(json.dumps(online_recipe(gpt2_real_dir, prompts, two, batch_size=2)))
+    process = launch_two(script.__file__, str(tmp_path / "two.json"), str(two), tmp_path=tmp_path)
+    expected = in_one_thread(script.statistics, None)  # meanwhile, in this process
+    in_one_thread(lambda: Trainer(build_run_config(online_recipe(gpt2_real_dir, prompts, one, 4))).fit())
+    finish(process)
+
+    halves = [json.loads((two / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
+    assert halves[0]["rows"] + halves[1]["rows"] == expected["rows"]
+    for key, value in expected.items():
+        if key == "rows":
+            continue
+        if isinstance(value, dict):  # an update: the processes' loss shares add up, each row's gradient is the same
+            assert halves[0][key]["loss"] + halves[1][key]["loss"] == pytest.approx(value["loss"], abs=1e-6), key
+            got = torch.tensor(halves[0][key]["grad"] + halves[1][key]["grad"])
+        else:
+            got = torch.tensor(halves[0][key] + halves[1][key])
+        want = torch.tensor(value["grad"] if isinstance(value, dict) else value)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=key)
+        assert want.abs().max() > 0, key
+
+    expected_weights = load_file(str(one / "model" / "model.safetensors"))
+    got_weights = load_file(str(two / "model" / "model.safetensors"))
+    diff = max(float((expected_weights[k] - got_weights[k]).abs().max()) for k in expected_weights)
+    start = load_file(str(gpt2_real_dir / "model.safetensors"))
+    moved = max(float((expected_weights[k] - start[k].float()).abs().max()) for k in start if k in expected_weights)
+    print(f"2 vs 1 process: max weight difference {diff:.3g} (training moved them by up to {moved:.3g})")
+    assert diff <= 0.01 * moved and moved > 1e-3
+    rows_one, rows_two = ([r for r in metrics(run) if "train/loss" in r] for run in (one, two))
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2]
+    for a, b in zip(rows_one, rows_two):
+        for key in ("reward/score", "kl", "response_length", "train/loss", "loss/policy", "train/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), (a["step"], key)
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])

@@ -168,4 +168,4 @@ def test_prefopt_list_shows_the_online_algorithms_and_their_registries():
     listed = json.loads(out.stdout)
     assert {listed["algorithms"][name] for name in ("grpo", "rloo", "reinforce_pp")} == {"prompts"}
     assert set(listed["advantages"]) >= {"gae", "mc", "grpo", "rloo", "reinforce_pp"}
-    assert set(listed["policy_losses"]) == {"grpo", "bnpo", "dapo", "dr_grpo", "sequence"}
+    assert set(listed["policy_losses"]) == {"grpo", "bnpo", "token_mean", "dapo", "dr_grpo", "sequence"}

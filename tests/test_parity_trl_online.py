@@ -1,4 +1,6 @@
-"""GRPO's loss types and RLOO's loss equal TRL 1.16's GRPOTrainer / RLOOTrainer on the same batch, to 1e-5.
+"""GRPO's loss types (and GSPO's sequence ratio) and RLOO's loss equal TRL 1.16's GRPOTrainer / RLOOTrainer on the
+same batch, to 1e-5, with off-policy ratios on both sides of the clip range (the end-to-end tests, through both
+libraries' scoring and advantages, are in tests/test_parity_trl_online_e2e.py; their ratios are 1).
 
 Both sides are computed here: TRL's own ``_compute_loss`` on an inputs dict built from one batch, and ours through
 the online skeleton's ``update`` (prefopt.rl.algorithm) on the same tokens, advantages and old / reference
@@ -124,6 +126,20 @@ def test_grpo_loss_types_equal_trl(batch, tmp_path, loss_type, beta, epsilon_hig
     assert ours(batch, GRPO, other) != pytest.approx(mine, abs=1e-4)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_gspo_sequence_ratio_equals_trl(batch, tmp_path, loss_type):
+    """``importance_sampling: sequence`` (GSPO, Zheng et al. 2025, eq. 7): each row's tokens share the ratio
+    exp(mean_t log pi/pi_old), clipped; TRL's importance_sampling_level="sequence". The old log-probs are perturbed, so
+    the sequence ratios leave the clip range and the loss differs from the token-level one."""
+    config = GRPOConfig(loss_type=loss_type, kl_coef=0.1, importance_sampling="sequence",
+                        generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+    mine = ours(batch, GRPO, config)
+    theirs = trl_grpo_loss(batch, tmp_path, loss_type=loss_type, beta=0.1, importance_sampling_level="sequence")
+    assert mine == pytest.approx(theirs, abs=1e-5), (mine, theirs)
+    token = GRPOConfig(loss_type=loss_type, kl_coef=0.1, generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+    assert ours(batch, GRPO, token) != pytest.approx(mine, abs=1e-4)
+
+
 def test_grpo_loss_types_differ_on_this_batch(batch):
     """The aggregations really differ here (unequal lengths), so each parity test checks its own normaliser."""
     losses = {t: ours(batch, GRPO, GRPOConfig(loss_type=t, generation=GenerationConfig(max_new_tokens=RESPONSE_LEN)))
@@ -162,7 +178,7 @@ def test_rloo_loss_equals_trl(batch, tmp_path, epsilon_high):
 
 
 @pytest.mark.parametrize("algorithm_cls, config_cls, loss_type", [
-    (GRPO, GRPOConfig, "grpo"), (GRPO, GRPOConfig, "bnpo"), (GRPO, GRPOConfig, "dapo"),
+    (GRPO, GRPOConfig, "grpo"), (GRPO, GRPOConfig, "token_mean"), (GRPO, GRPOConfig, "dapo"),
     (GRPO, GRPOConfig, "dr_grpo"), (RLOO, RLOOConfig, "sequence")])
 def test_an_update_split_into_micro_batches_has_the_same_loss_and_gradient(batch, algorithm_cls, config_cls,
                                                                            loss_type):

@@ -60,9 +60,9 @@ def test_clipped_policy_loss_matches_hand_computed_values():
     advantages = torch.tensor([[1.0, 1.0, -2.0], [-1.0, 5.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     old_logprobs = torch.full_like(ratio, -2.0)
-    logprobs = old_logprobs + ratio.log()  # PPO's surrogate is the bnpo loss (a token mean over the minibatch)
-    loss, metrics = POLICY_LOSSES.get("bnpo")(PolicyLossInputs(logprobs, old_logprobs, advantages, mask),
-                                              PPOConfig(epsilon=0.2))
+    logprobs = old_logprobs + ratio.log()  # PPO's surrogate is the token_mean loss (over the minibatch)
+    loss, metrics = POLICY_LOSSES.get("token_mean")(PolicyLossInputs(logprobs, old_logprobs, advantages, mask),
+                                                    PPOConfig(epsilon=0.2))
     # per token max(-A * rho, -A * clip(rho, 0.8, 1.2)):
     #   rho 1.5, A +1: max(-1.5, -1.2) = -1.2 (clipped)      rho 0.5, A +1: max(-0.5, -0.8) = -0.5
     #   rho 1.1, A -2: max( 2.2,  2.2) =  2.2                rho 0.5, A -1: max( 0.5,  0.8) =  0.8 (clipped)

@@ -70,8 +70,8 @@ def test_ppo_update_is_the_clipped_losses_of_the_whole_minibatch(gpt2_real_dir, 
     width = rollout.prompt_ids.shape[1]
     logps, _, values = (out[:, width:] for out in ppo.model(sequences, attention_mask, score_mask,
                                                              ppo.config.generation.logprob_temperature))
-    surrogate, metrics = POLICY_LOSSES.get("bnpo")(PolicyLossInputs(logps, scored.old_logps, advantages, mask),
-                                                   PPOConfig(epsilon=0.2))
+    surrogate, metrics = POLICY_LOSSES.get("token_mean")(PolicyLossInputs(logps, scored.old_logps, advantages,
+                                                                          mask), PPOConfig(epsilon=0.2))
     clip_fraction = metrics["clip_fraction"]
     critic, value_clip_fraction = value_loss(values, scored.values, scored.returns, mask, 0.2)
     torch.testing.assert_close(total, surrogate + VF_COEF * critic, atol=1e-6, rtol=0)

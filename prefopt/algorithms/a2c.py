@@ -60,12 +60,20 @@ class A2CConfig(OnlineConfig):
     """Return/advantage estimator: GAE(gamma, lam), or n-step returns bootstrapped from V (n_step)."""
     scale_rewards: Literal["group", "batch", "none"] = field(default="none", init=False)
     """Unused by gae and nstep."""
-    loss_type: str = field(default="bnpo", init=False)
+    loss_type: str = field(default="token_mean", init=False)
     """Unused: A2C's loss is its own (``a2c_objective``: no ratio, no clipping)."""
     epsilon: float = field(default=0.2, init=False)
     """Unused: no ratio to clip."""
     epsilon_high: float | None = field(default=None, init=False)
     """Unused: no ratio to clip."""
+    importance_sampling: Literal["token", "sequence"] = field(default="token", init=False)
+    """Unused: no ratio."""
+    top_entropy_quantile: float = field(default=1.0, init=False)
+    """Unused: A2C's loss is its own (every token)."""
+    eval_num_samples: int = field(default=1, init=False)
+    """A2C evaluates one response per prompt (its own ``evaluate``)."""
+    eval_pass_threshold: float = field(default=1.0, init=False)
+    """Unused: one response per prompt."""
     kl_coef: float = 0.05
     """beta: KL(pi || pi_0) penalty to the initial policy."""
     kl_in: Literal["reward", "loss"] = "reward"
@@ -92,6 +100,8 @@ class A2CConfig(OnlineConfig):
     """Hidden width of the value MLP (0: the model width)."""
     vf_coef: float = 0.5
     """Weight c_v of the value loss 0.5 (V - G)^2."""
+    critic_learning_rate: float | None = None
+    """AdamW learning rate of the value function; default: train.learning_rate."""
     preference_weight: float = 1.0
     """Weight of the preference-model head's score (0: no preference head)."""
     preference_data: str | None = None
@@ -126,6 +136,8 @@ class A2CConfig(OnlineConfig):
         check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
         for key in ("vf_coef", "preference_weight", "center_coef", "head_lr"):
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
+        check(self.critic_learning_rate is None or self.critic_learning_rate >= 0, "algorithm.critic_learning_rate",
+              self.critic_learning_rate, "must be >= 0")
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
 
 
@@ -214,6 +226,10 @@ class A2C(OnlineAlgorithm):
     def policy(self) -> torch.nn.Module:
         return self.lm
 
+    @property
+    def critic(self) -> torch.nn.Module:
+        return self.unwrapped.value
+
     # ------------------------------------------------------------------ stages
     def collect(self, batch: PromptBatch, seed: int | None = None) -> Rollout:
         """One response per prompt from the full policy model (KV cache on; ``seed`` fixes the draw); the trunk's
@@ -281,13 +297,13 @@ class A2C(OnlineAlgorithm):
         rewards = kl_shaped_rewards(scores, kl, mask, shaping)
         return TrunkScored(rollout=rollout, mask=mask, old_logps=None, ref_logps=ref_logps, scores=scores,
                            components=parts, kl=kl, rewards=rewards, kl_coef=shaping, values=forward[2].detach(),
-                           features=features, forward=forward)
+                           loss_mask=self.loss_mask(rollout, mask), features=features, forward=forward)
 
     def loss(self, scored: TrunkScored, advantages: Tensor, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         """The micro-batch's share of the ONE update's loss L (its share of the response tokens) and of its terms.
         One micro-batch: L on the score stage's forward (its graph kept). G > 1: the trained module runs again on
         the micro-batch's features (the advantages were whitened over the whole rollout)."""
-        rows, mask = micro.rows, scored.mask[micro.rows]
+        rows, mask = micro.rows, scored.loss_mask[micro.rows]
         if len(rows) == scored.mask.shape[0]:
             logps, entropy, values = scored.forward
         else:

@@ -17,12 +17,13 @@ One step of the Trainer = one batch of prompts, through the stages of the online
          + vf_coef * 0.5 * E_t[max((V_t - R_t)^2, (clip(V_t, V_old -+ eps_v) - R_t)^2)]  (clipped value loss)
          - entropy_coef * E_t[H_t]  +  ptx_coef * E_{x~D_pretrain}[-log pi(x)]          (PPO-ptx)
    with rho_t = pi(y_t|.) / pi_old(y_t|.); E_t is the mean over all response tokens of the minibatch. The
-   surrogate and entropy terms are the skeleton's ``policy_loss`` (``loss_type`` bnpo: that token mean; eps is
-   ``epsilon``, and ``epsilon_high`` gives DAPO's clip-higher).
+   surrogate and entropy terms are the skeleton's ``policy_loss`` (``loss_type`` token_mean: that token mean over
+   the minibatch of every process; eps is ``epsilon``, and ``epsilon_high`` gives DAPO's clip-higher).
 
 Choices: the critic is a value head on the policy (``shared``) or a separate model initialised from the reward
 model (``reward_model``, as InstructGPT); dropout is off; every log-prob (old, new, reference) is taken at the
-sampling temperature; one response per prompt by default (``num_samples``).
+sampling temperature; one response per prompt by default (``num_samples``); the critic may learn at its own rate
+(``critic_learning_rate``). Reward and advantage whitening use the statistics of the whole batch of every process.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from prefopt.config import DataConfig, check
 from prefopt.data import build_dataloader, load_rows
 from prefopt.distributed import BatchStream
 from prefopt.errors import ConfigError
-from prefopt.functional import masked_mean, masked_whiten
+from prefopt.functional import masked_mean
 from prefopt.models import load_reward_model
 from prefopt.registry import register_algorithm
-from prefopt.rl.advantages import explained_variance
+from prefopt.rl.advantages import batch_whiten, explained_variance
 from prefopt.rl.algorithm import MicroBatch, OnlineAlgorithm, OnlineConfig, Scored
 from prefopt.rl.kl import KLController, kl_over_processes, kl_penalty
 from prefopt.scoring import PolicyAndValue, value_head
@@ -73,8 +74,8 @@ class PPOConfig(OnlineConfig):
 
     num_samples: int = 1
     """Responses per prompt (PPO's baseline is its critic, not a group)."""
-    loss_type: str = "bnpo"
-    """Policy loss (prefopt.rl.losses); bnpo is PPO's E_t, the token mean over the minibatch."""
+    loss_type: str = "token_mean"
+    """Policy loss (prefopt.rl.losses); token_mean is PPO's E_t, the token mean over the minibatch."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty to the reference (initial value when adaptive; 0: no reference in training)."""
     epochs: int = 4
@@ -111,6 +112,8 @@ class PPOConfig(OnlineConfig):
     """shared: a value head on the policy; reward_model: a separate critic initialised from a reward model."""
     critic_path: str | None = None
     """Reward model directory of the separate critic; default: the path of the first reward_model component."""
+    critic_learning_rate: float | None = None
+    """AdamW learning rate of the critic (value head or separate critic); default: train.learning_rate."""
     value_head_std: float = 0.0
     """Init std of the shared value head's weights (0: zeros, so the first values are 0)."""
     ptx_coef: float = 0.0
@@ -127,6 +130,8 @@ class PPOConfig(OnlineConfig):
         check(self.cliprange_value > 0, "algorithm.cliprange_value", self.cliprange_value, "must be > 0")
         for key in ("vf_coef", "ptx_coef", "value_head_std"):
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
+        check(self.critic_learning_rate is None or self.critic_learning_rate >= 0, "algorithm.critic_learning_rate",
+              self.critic_learning_rate, "must be >= 0")
 
 
 def ptx_micro_batches(batch: LMBatch, parts: int) -> list[tuple[LMBatch, Tensor] | None]:
@@ -197,6 +202,11 @@ class PPO(OnlineAlgorithm):
     def kl_coef(self) -> float:
         return self.kl_ctl.value
 
+    @property
+    def critic(self) -> torch.nn.Module:
+        model = self.unwrapped
+        return model.value_head if model.value_head is not None else model.critic
+
     # ------------------------------------------------------------------------------------------ stages
     def reference_logps(self, rollout: Rollout) -> Tensor:
         return self.response_logps(self.reference_forward, rollout, with_values=False)[0]
@@ -210,7 +220,7 @@ class PPO(OnlineAlgorithm):
         reward whitening and the controller's update on this batch's KL (of every process)."""
         scored = super().score(rollout)
         if self.config.whiten_rewards:
-            scored.rewards = masked_whiten(scored.rewards, scored.mask, shift_mean=False)
+            scored.rewards = batch_whiten(scored.rewards, scored.mask, self.total, shift_mean=False)
         self.kl_ctl.update(*kl_over_processes(self.accelerator, scored.kl, scored.mask))
         return scored
 
@@ -220,7 +230,7 @@ class PPO(OnlineAlgorithm):
         cfg, rows = self.config, micro.rows
         logps, entropy, values = self.response_logps(self.model, scored.rollout, rows, with_entropy=self.entropy_mode)
         loss, metrics = self.policy_loss(logps, entropy, scored, advantages, micro)
-        mask = scored.mask[rows]
+        mask = scored.loss_mask[rows]
         vf_loss, vf_clipfrac = value_loss(values, scored.values[rows], scored.returns[rows], mask,
                                           cfg.cliprange_value)
         loss = loss + cfg.vf_coef * vf_loss * mask.sum() / max(micro.update_tokens, 1.0)

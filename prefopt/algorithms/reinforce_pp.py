@@ -5,10 +5,12 @@ r_t = -beta * (log pi - log pi_ref)(y_t) + [t = last] r(x, y), and its advantage
 normalised over ALL response tokens of the global batch (no per-prompt group, no value function):
 
     A_t = sum_{s >= t} gamma^{s-t} r_s,     A_t <- (A_t - mean_batch A) / std_batch A,
-    L   = E_t[ -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) ]      (token mean: bnpo),
+    L   = E_t[ -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) ]      (token mean over the minibatch: token_mean),
 
 updated for ``epochs`` passes over ``num_minibatches`` minibatches as PPO. One sample per prompt by default (the
-paper's point: the global normalisation replaces the group baseline); ``num_samples`` > 1 is allowed.
+paper's point: the global normalisation replaces the group baseline); ``num_samples`` > 1 is allowed, and
+``advantage: reinforce_pp_baseline`` then subtracts each prompt's mean score first (REINFORCE++-baseline, sec. 3.3).
+The batch mean and std are those of every process's tokens together.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ class ReinforcePPConfig(OnlineConfig):
     num_samples: int = 1
     """Responses per prompt (the batch, not a group, is the baseline)."""
     advantage: str = "reinforce_pp"
-    """Return-to-go of the KL-shaped token rewards, normalised over the batch."""
-    loss_type: str = "bnpo"
-    """Token-level mean of the clipped surrogate."""
+    """Return-to-go of the KL-shaped token rewards, normalised over the batch (reinforce_pp_baseline: group mean
+    of the scores subtracted first; needs num_samples >= 2)."""
+    loss_type: str = "token_mean"
+    """Token mean of the clipped surrogate over the minibatch."""
     kl_coef: float = 0.01
     """beta of the per-token KL penalty in the reward."""
     kl_in: Literal["loss", "reward"] = "reward"

@@ -119,9 +119,11 @@ def _records(plan: list[tuple[Source, str]], kind: str, skips: SkipLog, formats:
                 yield where, row_id, record
 
 
-def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
+                drop_last: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``train`` loader of a run (shuffled, seeded) and its ``eval`` loader when it has eval rows, and the data
-    report: the split manifests, the rows skipped while tokenizing and the row counts per split.
+    report: the split manifests, the rows skipped while tokenizing and the row counts per split. ``drop_last``: every
+    training batch is full, the rows left over leave each epoch (a different draw each epoch; the report counts them).
 
     Eval rows are ``run.eval_data``'s eval split (all its rows when it has none), else ``run.data``'s eval split.
     """
@@ -134,7 +136,8 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, An
         manifests["eval_data"] = eval_loaded.manifest
     t = run.train
     train_loader, train_skipped = _loader(run, loaded.train, kind, tokenizer, run.data.path, "train", t.batch_size,
-                                          shuffle=True, length_bucketing=run.data.length_bucketing)
+                                          shuffle=True, length_bucketing=run.data.length_bucketing,
+                                          drop_last=drop_last)
     loaders = {"train": train_loader}
     skipped = {"train": {**loaded.skipped, **train_skipped}}
     if eval_rows:
@@ -145,15 +148,21 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any) -> tuple[dict[str, An
         skipped["eval"] = eval_skipped
     report = {"manifests": manifests, "tokenization_skipped": skipped,
               "rows": {"train": len(loaded.train), "eval": len(eval_rows)}}
+    if drop_last:
+        left_out = len(train_loader.dataset) % t.batch_size
+        report["rows_left_out_per_epoch"] = left_out
+        if left_out:
+            log.info("data: %d training rows do not fill a batch of %d; each epoch leaves out %d (a different draw "
+                     "each epoch)", len(train_loader.dataset), t.batch_size, left_out)
     log.info("data: %s", loaded.report())
     return loaders, report
 
 
 def _loader(run: RunConfig, rows: list[dict[str, Any]], kind: str, tokenizer: Any, path: str, split: str,
-            batch_size: int, shuffle: bool, length_bucketing: bool) -> tuple[Any, dict[str, int]]:
+            batch_size: int, shuffle: bool, length_bucketing: bool, drop_last: bool = False) -> tuple[Any, dict[str, int]]:
     try:
         return build_dataloader(rows, kind, tokenizer, run.data, batch_size, shuffle=shuffle, seed=run.train.seed,
-                                length_bucketing=length_bucketing)
+                                length_bucketing=length_bucketing, drop_last=drop_last)
     except DataError as exc:  # name the file: the loader only sees records
         raise DataError(f"{path} ({split} rows): {exc}") from None
 

@@ -137,13 +137,16 @@ def unpaired_batch(features: list[Feature], pad_id: int) -> UnpairedBatch:
 
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of rows of similar length: rows are shuffled, cut into mega-batches of ``MEGA_BATCHES`` batches,
-    sorted by length inside each, cut into batches, and the batch order is shuffled (all with ``generator``)."""
+    sorted by length inside each, cut into batches, and the batch order is shuffled (all with ``generator``).
+    ``drop_last``: the one short batch (of the last mega-batch) is left out."""
 
-    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, generator: torch.Generator):
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, generator: torch.Generator,
+                 drop_last: bool = False):
         self.lengths = lengths
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.drop_last = drop_last
 
     def __iter__(self) -> Iterator[list[int]]:
         n = len(self.lengths)
@@ -153,23 +156,27 @@ class LengthBucketSampler(Sampler[list[int]]):
         for start in range(0, n, size):
             mega = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
             batches += [mega[i:i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+        if self.drop_last:
+            batches = [batch for batch in batches if len(batch) == self.batch_size]
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
         return iter(batches)
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.lengths) // self.batch_size
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
 def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, cfg: DataConfig, batch_size: int,
                      shuffle: bool, seed: int, length_bucketing: bool = False, skips: SkipLog | None = None,
-                     places: list[str] | None = None) -> tuple[DataLoader, dict[str, int]]:
+                     places: list[str] | None = None, drop_last: bool = False) -> tuple[DataLoader, dict[str, int]]:
     """Tokenize ``records`` as ``kind`` and batch them into that kind's typed container.
 
     Returns the DataLoader and the counts of rows skipped at tokenization per reason; with ``skips``, each
     skipped row is also added there with its place (``places[i]`` of record i, else "record i"). Each feature
     keeps its record's position in ``records`` as ``"index"``. The order is drawn from a ``torch.Generator``
-    seeded with ``seed``, so two runs with the same seed see the same batches.
+    seeded with ``seed``, so two runs with the same seed see the same batches. ``drop_last``: no short batch.
     """
     handler = KINDS.get(kind)
     pad_token_id(tokenizer)
@@ -193,9 +200,10 @@ def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, c
                         f"(skipped: {dict(skipped)})")
     generator = torch.Generator().manual_seed(seed)
     if length_bucketing:
-        batches: Sampler = LengthBucketSampler([handler.length(f) for f in features], batch_size, shuffle, generator)
+        batches: Sampler = LengthBucketSampler([handler.length(f) for f in features], batch_size, shuffle, generator,
+                                               drop_last)
     else:
         order = RandomSampler(features, generator=generator) if shuffle else SequentialSampler(features)
-        batches = BatchSampler(order, batch_size, drop_last=False)
+        batches = BatchSampler(order, batch_size, drop_last=drop_last)
     loader = DataLoader(features, batch_sampler=batches, collate_fn=partial(handler.collate, tokenizer=tokenizer))
     return loader, dict(skipped)

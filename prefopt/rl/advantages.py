@@ -16,20 +16,30 @@ a row is sum_t r_t = R - beta * sum_t KL_t. Estimators (A_t for each response to
              "none" leaves them; "group" is refused at config time (TRL's RLOO has no per-group std).
 * ``reinforce_pp``  REINFORCE++ (Hu 2025, eq. 7-8): A_t = sum_{s >= t} gamma^{s-t} r_s (the reward minus the KL
              still to come), normalised to mean 0, std 1 over all response tokens of the batch.
+* ``reinforce_pp_baseline``  REINFORCE++ with a group baseline (Hu 2025, sec. 3.3; OpenRLHF's
+             ``reinforce_baseline``): the group mean of the scores is subtracted from each score first,
+             R_i <- R_i - mean_g R, then A_t as ``reinforce_pp`` (return to go, normalised over the batch).
 
 ``scale_rewards`` "group" and "batch" divide by the unbiased std + 1e-4, as TRL 1.16 does.
+
+Batch statistics are over the GLOBAL batch: every sum, count, mean and std over rows or tokens goes through
+``AdvantageInputs.total`` (the sum over all processes, ``prefopt.distributed.total_over_processes``), so two
+processes with half a batch each give the advantages one process gives the whole batch. Group statistics stay
+local: the G samples of a prompt are sampled on one process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from prefopt.functional import masked_var, masked_whiten
+from prefopt.functional import masked_var
 from prefopt.registry import ADVANTAGES
+from prefopt.rl.kl import kl_shaped_rewards
 
 STD_EPS = 1e-4
 
@@ -44,6 +54,34 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     return out * mask
 
 
+def local_total(x: Tensor) -> Tensor:
+    """The sum over processes of a run with one process: ``x`` itself."""
+    return x
+
+
+def batch_moments(values: Tensor, mask: Tensor, total: Callable[[Tensor], Tensor] = local_total,
+                  unbiased: bool = True) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of ``values`` where ``mask`` is 1, over the global batch (``total`` sums over processes),
+    in float64, in two passes (the mean first, then the squared deviations from it)."""
+    values, mask = values.double(), mask.double()
+    first = total(torch.stack([(values * mask).sum(), mask.sum()]))
+    count = first[1]
+    mean = first[0] / count.clamp(min=1)
+    squares = total(((values - mean) ** 2 * mask).sum()[None])[0]
+    divisor = count - 1 if unbiased and count > 1 else count.clamp(min=1)
+    return mean, squares / divisor
+
+
+def batch_whiten(values: Tensor, mask: Tensor, total: Callable[[Tensor], Tensor] = local_total,
+                 shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries of the global batch (unbiased var); ``shift_mean=False``
+    keeps the mean (PPO's reward whitening). Masked result, in the dtype of ``values``."""
+    mean, var = batch_moments(values, mask, total)
+    whitened = (values.double() - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return (whitened * mask).to(values.dtype)
+
 
 @dataclass
 class AdvantageInputs:
@@ -53,6 +91,8 @@ class AdvantageInputs:
     mask: Tensor  # [B, T] 1 on response tokens
     group: Tensor  # [B] long: the prompt each row answers
     values: Tensor | None = None  # [B, T] critic values V(s_t) (gae, mc with a baseline)
+    scores: Tensor | None = None  # [B] R(x, y) alone, without the KL shaping (reinforce_pp_baseline)
+    total: Callable[[Tensor], Tensor] = field(default=local_total)  # a tensor summed over every process
 
     @property
     def sequence_rewards(self) -> Tensor:
@@ -68,8 +108,9 @@ def group_mean(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
     return (sums / counts)[inverse], counts[inverse]
 
 
-def unbiased_std(x: Tensor) -> Tensor:
-    return x.std() if x.numel() > 1 else x.new_zeros(())
+def batch_std(x: Tensor, total: Callable[[Tensor], Tensor]) -> Tensor:
+    """The unbiased std of the row values ``x`` [B] over the global batch (0 for a single row)."""
+    return batch_moments(x, torch.ones_like(x), total)[1].sqrt().to(x.dtype)
 
 
 def per_token(sequence_advantages: Tensor, mask: Tensor) -> Tensor:
@@ -142,7 +183,7 @@ def group_normalised_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tens
         std = (variance * counts / (counts - 1).clamp(min=1)).sqrt()
         advantages = advantages / (std + STD_EPS)
     elif cfg.scale_rewards == "batch":
-        advantages = advantages / (unbiased_std(rewards) + STD_EPS)
+        advantages = advantages / (batch_std(rewards, inputs.total) + STD_EPS)
     return per_token(advantages, inputs.mask), None
 
 
@@ -155,14 +196,24 @@ def leave_one_out_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor,
     baseline = (mean * counts - rewards) / (counts - 1)
     advantages = rewards - baseline
     if cfg.scale_rewards == "batch":
-        advantages = (advantages - advantages.mean()) / (unbiased_std(advantages) + STD_EPS)
+        mean, var = batch_moments(advantages, torch.ones_like(advantages), inputs.total)
+        advantages = ((advantages - mean) / (var.sqrt() + STD_EPS)).to(rewards.dtype)
     return per_token(advantages, inputs.mask), None
 
 
 @ADVANTAGES.register("reinforce_pp")
 def reinforce_pp_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
     returns = discounted_returns(inputs.rewards, inputs.mask, cfg.gamma)
-    return masked_whiten(returns, inputs.mask), returns
+    return batch_whiten(returns, inputs.mask, inputs.total), returns
+
+
+@ADVANTAGES.register("reinforce_pp_baseline")
+def reinforce_pp_group_baseline(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
+    if inputs.scores is None:
+        raise ValueError("advantage 'reinforce_pp_baseline' needs the scores R(x, y) of the responses")
+    baseline, _ = group_mean(inputs.scores.to(inputs.rewards.dtype), inputs.group)
+    rewards = inputs.rewards + kl_shaped_rewards(-baseline, torch.zeros_like(inputs.rewards), inputs.mask, 0.0)
+    return reinforce_pp_advantages(AdvantageInputs(rewards, inputs.mask, inputs.group, total=inputs.total), cfg)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

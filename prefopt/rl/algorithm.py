@@ -1,5 +1,6 @@
-"""``OnlineAlgorithm``: the skeleton of the online methods (critic-free ones, and PPO with its critic), one batch of
-prompts per Trainer step:
+"""``OnlineAlgorithm``: the skeleton of the online methods (critic-free ones, and PPO with its critic), one FULL batch
+of train.batch_size prompts per Trainer step (``full_batches``: an epoch's short last batch is left out, so no
+minibatch or micro-batch is ever empty):
 
     collect     G responses per prompt with the shared engine (prefopt.rl.engine), each row tagged with its prompt;
     score       the sequence reward R (prefopt.rl.rewards components), the policy's log-probs at sampling time (and
@@ -13,6 +14,10 @@ prompts per Trainer step:
                 update's loss: by default its forward and ``policy_loss``, the loss named by ``config.loss_type``
                 (prefopt.rl.losses) - entropy_coef * mean entropy.
 
+Every batch-level statistic is the global batch's, over all processes (``total``: a sum over processes): the
+estimators' batch means and stds, advantage (and PPO's reward) whitening, the token counts of an update (each
+process divides by its share, since DDP averages the processes' gradients) and the top-entropy quantile.
+
 Each stage is a method a subclass may override; a new critic-free method is usually only a ``Config`` with other
 defaults (see README, "Add an online algorithm"). PPO (prefopt.algorithms.ppo) overrides ``build`` (its critic),
 ``score`` (adaptive beta, KL estimator, reward whitening), ``loss`` (adds the clipped
@@ -22,7 +27,8 @@ value loss and PPO-ptx to ``policy_loss``) and ``rollout_metrics``; Sparrow's A2
 log-probs (detached) are the old ones and no extra forward is run for them (as TRL does); otherwise they are
 computed once, before the first update.
 
-Metrics (the same names for every online algorithm; ``eval/`` ones are per-response means on held-out prompts):
+Metrics (the same names for every online algorithm; ``eval/`` ones are per-prompt means over its
+``eval_num_samples`` responses on held-out prompts, plus reward/mean@k and reward/pass@k when k > 1):
     reward/score       mean R(x, y) (the weighted sum of the reward components; each is also reward/<component>)
     reward/kl_penalty  mean beta * KL(x, y) per response (0 when the KL is a loss term or beta = 0)
     reward/total       reward/score - reward/kl_penalty (what the policy is optimised for when the KL is a reward)
@@ -30,6 +36,8 @@ Metrics (the same names for every online algorithm; ``eval/`` ones are per-respo
                        in training, i.e. beta > 0; from the update's own log-probs when ``kl_from_update``)
     entropy            mean per-token entropy of the policy on its samples
     response_length    mean response tokens (EOS included)
+    truncated_fraction share of responses cut at max_new_tokens (no EOS)
+    frac_reward_zero_std  share of prompts whose G samples all scored the same (no group signal; G > 1)
     clip_fraction      share of tokens (rows for sequence losses) where the ratio clip binds
     loss/policy, loss/kl (the k3 loss term, when ``kl_in="loss"``), perf/gen_s, perf/gen_tokens_per_s, perf/score_s
     (the scoring stage: rewards, old and reference log-probs), perf/update_s and perf/train_tokens_per_s (the update
@@ -42,152 +50,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from prefopt.algorithm import Algorithm
 from prefopt.config import LoraConfig, check
-from prefopt.functional import masked_mean, masked_whiten
+from prefopt.distributed import gather_over_processes, total_over_processes
+from prefopt.functional import masked_mean
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
-from prefopt.rl.advantages import AdvantageInputs
-from prefopt.rl.engine import GenerationConfig, generate, rollout_inputs
+from prefopt.rl.advantages import AdvantageInputs, batch_whiten, group_mean
+from prefopt.rl.batches import MicroBatch, Scored, minibatches
+from prefopt.rl.config import GROUP_ADVANTAGES, OnlineConfig
+from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rl.kl import kl_penalty, kl_shaped_rewards
 from prefopt.rl.losses import PolicyLossInputs
-from prefopt.rl.rewards import CompositeReward, RewardSpec
+from prefopt.rl.rewards import CompositeReward
 from prefopt.scoring import TokenScorer, grouped_token_logps
 from prefopt.types import LossOutput, PromptBatch, Rollout
 
-
-GROUP_ADVANTAGES = ("grpo", "rloo")  # estimators whose baseline is the other samples of the prompt
-
-
-@dataclass
-class OnlineConfig:
-    rewards: list[RewardSpec] = field(default_factory=list)
-    """Reward components and weights (prefopt.rl.rewards), e.g. [{name: target_token}] or a reward_model."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling: max_new_tokens, temperature, top_p, top_k, do_sample (prefopt.rl.engine)."""
-    num_samples: int = 4
-    """G: responses sampled per prompt (a group); train.batch_size counts prompts."""
-    advantage: str = "grpo"
-    """Advantage estimator by name (prefopt.rl.advantages): grpo, rloo, reinforce_pp, mc; gae, nstep (critic)."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """grpo: divide group-centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO); rloo: none or
-    batch (normalise over the batch, TRL's RLOOTrainer normalize_advantages; rloo has no group std)."""
-    gamma: float = 1.0
-    """Discount per token (reinforce_pp, mc, gae)."""
-    lam: float = 0.95
-    """GAE lambda."""
-    n_step: int = 0
-    """n of the n-step returns (advantage=nstep); 0: Monte-Carlo returns to the end of the response."""
-    whiten_advantages: bool = False
-    """Normalise the estimator's advantages to mean 0, std 1 over the response tokens of the rollout (PPO, A2C)."""
-    loss_type: str = "grpo"
-    """Policy loss by name (prefopt.rl.losses): grpo, bnpo, dapo, dr_grpo, sequence."""
-    epsilon: float = 0.2
-    """Lower clip range eps_low of the ratio (and the upper one unless epsilon_high is set)."""
-    epsilon_high: float | None = None
-    """Upper clip range eps_high (DAPO clip-higher recommends 0.28); default: epsilon."""
-    kl_coef: float = 0.0
-    """beta: weight of KL(pi || pi_ref) (0: no reference forward in training; evaluation still reports the KL)."""
-    kl_in: Literal["loss", "reward"] = "loss"
-    """loss: beta * k3 per token in the loss (GRPO); reward: -beta * k1 per token in the reward (RLOO, REINFORCE++)."""
-    kl_ratio_correction: bool = True
-    """kl_in=loss: weight k3 by the ratio rho_t (unbiased off-policy; DeepSeek-V3.2; TRL's use_bias_correction_kl)."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus."""
-    epochs: int = 1
-    """Passes over each rollout batch (TRL's num_iterations)."""
-    num_minibatches: int = 1
-    """Minibatches per pass, each one optimizer update; at most the rows of a rollout (prompts x G)."""
-    reference: str | None = None
-    """Reference policy path; default: the starting model (model.name_or_path)."""
-    prefix_sharing: bool = True
-    """Score the G samples of a prompt with the prompt computed once (prefopt.prefix; the same log-probs). Needs
-    SDPA or eager attention and no sliding window; otherwise the padded rows are scored."""
-
-    def __post_init__(self):
-        check(self.num_samples >= 1, "algorithm.num_samples", self.num_samples, "must be >= 1")
-        check(self.advantage in ADVANTAGES, "algorithm.advantage", self.advantage,
-              f"known: {', '.join(ADVANTAGES.available())}")
-        check(self.loss_type in POLICY_LOSSES, "algorithm.loss_type", self.loss_type,
-              f"known: {', '.join(POLICY_LOSSES.available())}")
-        check(self.epsilon > 0, "algorithm.epsilon", self.epsilon, "must be > 0")
-        check(self.epsilon_high is None or self.epsilon_high > 0, "algorithm.epsilon_high", self.epsilon_high,
-              "must be > 0")
-        check(0 <= self.gamma <= 1, "algorithm.gamma", self.gamma, "must be in [0, 1]")
-        check(0 <= self.lam <= 1, "algorithm.lam", self.lam, "must be in [0, 1]")
-        for key in ("kl_coef", "entropy_coef"):
-            check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
-        check(self.epochs >= 1, "algorithm.epochs", self.epochs, "must be >= 1")
-        check(self.num_minibatches >= 1, "algorithm.num_minibatches", self.num_minibatches, "must be >= 1")
-        check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
-        check(self.advantage not in GROUP_ADVANTAGES or self.num_samples >= 2, "algorithm.num_samples",
-              self.num_samples, f"advantage={self.advantage} compares the samples of a prompt; needs >= 2")
-        check(self.advantage != "rloo" or self.scale_rewards != "group", "algorithm.scale_rewards",
-              self.scale_rewards, "advantage=rloo takes none or batch (TRL's RLOOTrainer normalize_advantages)")
-        check(self.loss_type != "sequence" or self.kl_in != "loss" or self.kl_coef == 0, "algorithm.kl_in",
-              self.kl_in, "loss_type=sequence has no k3 KL loss term; use kl_in=reward or a token-level loss_type")
-
-
-@dataclass
-class Scored:
-    """A rollout with everything the advantages and the update need; per-token tensors are [B, Tr]."""
-
-    rollout: Rollout
-    mask: Tensor  # 1 on response tokens
-    old_logps: Tensor | None  # log pi_old; None: the single update's own log-probs are used (detached)
-    ref_logps: Tensor | None  # log pi_ref; None without a KL term
-    scores: Tensor  # [B] R(x, y)
-    components: dict[str, Tensor]  # each reward component's raw score [B]
-    kl: Tensor  # per-token KL estimate (``token_kl``; 0 without a reference or when ``kl_from_update``)
-    rewards: Tensor  # per-token rewards r_t
-    kl_coef: float = 0.0  # beta of the KL shaping in ``rewards`` (0: the KL is not a reward term)
-    values: Tensor | None = None  # V(s_t) of the critic at scoring time (``uses_critic``)
-    returns: Tensor | None = None  # the estimator's returns (value targets), set by ``advantages``
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of an update: its rows of the rollout, its place among the update's micro-batches, and the
-    size of the update (the denominators that make the micro-batches' losses add up to the update's loss)."""
-
-    rows: Tensor  # row indices into the rollout
-    part: int  # 0 .. train.gradient_accumulation_steps - 1
-    update_rows: int  # rows of the update (its minibatch)
-    update_tokens: float  # response tokens of the update
-    tokens_per_update: float  # response tokens of the rollout / num_minibatches
+__all__ = ["GROUP_ADVANTAGES", "MicroBatch", "OnlineAlgorithm", "OnlineConfig", "Scored", "minibatches"]
 
 
 def require_dropout_off(run: Any, algorithm: str) -> None:
-    """Refuse ``model.disable_dropout: false``: an online update compares the policy with its old self and its
-    reference token by token (the ratio is 1 and the KL 0 at the start only without dropout noise)."""
-    check(run.model.disable_dropout, "model.disable_dropout", run.model.disable_dropout,
-          f"{algorithm} compares the policy with its old self and its reference token by token; dropout must be off")
-
-
-def minibatches(rows: int, epochs: int, num_minibatches: int, device: Any, shuffle: bool = True,
-                group: Tensor | None = None) -> Iterator[Tensor]:
-    """Row indices of each optimizer update of one rollout of ``rows`` rows: ``epochs`` passes over
-    ``num_minibatches`` minibatches, the rows shuffled at the start of each pass unless ``shuffle`` is False.
-    With ``group`` (the prompt of each row) whole groups are shuffled and a group's rows stay next to each other, so
-    the G samples of a prompt share a minibatch (and their prompt's forward) where the group count allows."""
-    positions = torch.arange(rows, device=device)
-    for _ in range(epochs):
-        if not shuffle:
-            order = positions
-        elif group is None:
-            order = torch.randperm(rows, device=device)
-        else:
-            ids, inverse = torch.unique(group, return_inverse=True)
-            place = torch.randperm(len(ids), device=device)[inverse]  # each row's group's place in the pass
-            order = torch.argsort(place * rows + positions)
-        yield from order.tensor_split(num_minibatches)
+    """Refuse ``model.disable_dropout: false`` and a LoRA adapter with dropout: an online update compares the policy
+    with its old self and its reference token by token (the ratio is 1 and the KL 0 at the start only without
+    dropout noise; the adapter's own dropout, ``model.lora.dropout``, would stay on after the model's is off)."""
+    why = f"{algorithm} compares the policy with its old self and its reference token by token; dropout must be off"
+    check(run.model.disable_dropout, "model.disable_dropout", run.model.disable_dropout, why)
+    check(run.model.lora.r == 0 or run.model.lora.dropout == 0, "model.lora.dropout", run.model.lora.dropout, why)
 
 
 class OnlineAlgorithm(Algorithm):
@@ -198,6 +93,7 @@ class OnlineAlgorithm(Algorithm):
     accumulates_in_step = True  # one rollout per step; each update's minibatch is split into micro-batches
     kl_knob = "kl_coef"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     uses_critic = False  # True: self.model also returns values V(s_t) (a scoring.PolicyAndValue with a critic)
+    full_batches = True  # every rollout answers train.batch_size prompts: no minibatch or micro-batch is ever empty
 
     @classmethod
     def check_run(cls, run: Any) -> None:
@@ -219,7 +115,7 @@ class OnlineAlgorithm(Algorithm):
         lm = load_causal_lm(self.run.model)  # dropout off: check_run
         self.model = TokenScorer(lm)
         self.reference = None
-        if needs_separate_reference(lm) or cfg.reference:  # also for the eval KL when beta = 0
+        if (needs_separate_reference(lm) and cfg.kl_coef > 0) or cfg.reference:  # a copy only when it is read
             ref_cfg = replace(self.run.model, lora=LoraConfig(), load_in_4bit=False, gradient_checkpointing=False)
             self.reference = TokenScorer(load_causal_lm(ref_cfg, path=cfg.reference, trainable=False))
 
@@ -233,6 +129,38 @@ class OnlineAlgorithm(Algorithm):
     def policy(self) -> torch.nn.Module:
         """The plain transformers / peft policy (generation and the reference run on it, outside DDP)."""
         return self.unwrapped.lm
+
+    @property
+    def has_reference(self) -> bool:
+        """A reference policy can be scored: a loaded copy, or the LoRA policy's base (its adapter off)."""
+        return self.reference is not None or not needs_separate_reference(self.policy)
+
+    @property
+    def critic(self) -> nn.Module | None:
+        """The critic's own parameters (PPO, A2C: trained at ``config.critic_learning_rate``); None without one."""
+        return None
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.config.epochs * self.config.num_minibatches
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The critic's parameters in a group of their own at ``config.critic_learning_rate`` when it is set."""
+        if self.critic is None or self.config.critic_learning_rate is None:  # every Config with a critic has it
+            return super().parameter_groups()
+        lr = self.config.critic_learning_rate
+        critic = {id(p) for p in self.critic.parameters()}
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        return [{"params": [p for p in trained if id(p) not in critic]},
+                {"params": [p for p in trained if id(p) in critic], "lr": lr}]
+
+    def total(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over every process (itself with one): the global batch's sums and counts."""
+        return total_over_processes(self.accelerator, tensor)
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
 
     @property
     def single_update(self) -> bool:
@@ -301,12 +229,26 @@ class OnlineAlgorithm(Algorithm):
         shaping = kl_coef if cfg.kl_in == "reward" else 0.0
         rewards = kl_shaped_rewards(scores, kl, mask, shaping)
         return Scored(rollout, mask, None if self.single_update else old_logps, ref_logps, scores, components, kl,
-                      rewards, shaping, values)
+                      rewards, shaping, values, loss_mask=self.loss_mask(rollout, mask))
+
+    def loss_mask(self, rollout: Rollout, mask: Tensor) -> Tensor:
+        """The response tokens the update trains on: all, or those of responses that ended with EOS
+        (``mask_truncated_completions``)."""
+        return mask * rollout.ended[:, None].to(mask.dtype) if self.config.mask_truncated_completions else mask
 
     def advantages(self, scored: Scored) -> Tensor:
-        inputs = AdvantageInputs(scored.rewards, scored.mask, scored.rollout.group, scored.values)
+        inputs = AdvantageInputs(scored.rewards, scored.mask, scored.rollout.group, scored.values, scored.scores,
+                                 self.total)
         advantages, scored.returns = ADVANTAGES.get(self.config.advantage)(inputs, self.config)
-        return masked_whiten(advantages, scored.mask) if self.config.whiten_advantages else advantages
+        return batch_whiten(advantages, scored.mask, self.total) if self.config.whiten_advantages else advantages
+
+    def update_sizes(self, scored: Scored, updates: list[Tensor]) -> tuple[float, list[float]]:
+        """(tokens of the rollout / num_minibatches, the tokens of each update) trained on, over ALL processes,
+        divided by the number of processes (the per-process share DDP's gradient average expects); one collective."""
+        mask = scored.loss_mask
+        local = torch.stack([mask.sum(), *(mask[rows].sum() for rows in updates)]).double()
+        counts = (self.total(local) / self.num_processes).tolist()
+        return counts[0] / self.config.num_minibatches, counts[1:]
 
     def update(self, scored: Scored, advantages: Tensor, metrics: dict[str, float]) -> Iterator[LossOutput]:
         """``epochs`` x ``num_minibatches`` updates; each minibatch is split into train.gradient_accumulation_steps
@@ -314,12 +256,12 @@ class OnlineAlgorithm(Algorithm):
         since accelerate divides by it) add up to its loss."""
         cfg, rollout, accumulation = self.config, scored.rollout, self.accumulation
         rows, device = rollout.response_ids.shape[0], rollout.response_ids.device
-        tokens_per_update = float(scored.mask.sum()) / cfg.num_minibatches
         group = rollout.group if cfg.num_samples > 1 else None  # several samples per prompt: keep them together
-        for minibatch in minibatches(rows, cfg.epochs, cfg.num_minibatches, device, cfg.num_minibatches > 1, group):
-            update_tokens = float(scored.mask[minibatch].sum())
-            for part, idx in enumerate(minibatch.tensor_split(accumulation)):  # its micro-batches
-                micro = MicroBatch(idx, part, len(minibatch), update_tokens, tokens_per_update)
+        updates = list(minibatches(rows, cfg.epochs, cfg.num_minibatches, device, cfg.num_minibatches > 1, group))
+        tokens_per_update, update_tokens = self.update_sizes(scored, updates)
+        for minibatch, tokens_of_update in zip(updates, update_tokens):
+            for part, idx in enumerate(minibatch.tensor_split(accumulation)):  # its micro-batches, none empty
+                micro = MicroBatch(idx, part, len(minibatch), tokens_of_update, tokens_per_update, accumulation)
                 loss, step_metrics = self.loss(scored, advantages, micro)
                 tokens = int(rollout.prompt_mask[idx].sum() + rollout.response_mask[idx].sum())
                 yield LossOutput(accumulation * loss, {**metrics, **step_metrics}, tokens)
@@ -340,19 +282,32 @@ class OnlineAlgorithm(Algorithm):
         """The loss named by ``config.loss_type`` - entropy_coef * the update's mean entropy, on the micro-batch's
         log-probs and entropies [b, Tr] (each a share of the update's value)."""
         cfg, rows = self.config, micro.rows
-        mask = scored.mask[rows]
+        mask = scored.loss_mask[rows]
         ref = None if scored.ref_logps is None else scored.ref_logps[rows]
         inputs = PolicyLossInputs(logps, self.old_logps(scored, logps, micro), advantages[rows], mask, ref,
                                   micro.tokens_per_update, cfg.generation.max_new_tokens, micro.update_rows,
-                                  micro.update_tokens)
+                                  micro.update_tokens, micro.micro_batches, self.high_entropy(entropy, mask))
         policy_loss, loss_metrics = POLICY_LOSSES.get(cfg.loss_type)(inputs, cfg)
         loss = policy_loss - cfg.entropy_coef * (entropy * mask).sum() / max(micro.update_tokens, 1.0)
         metrics = {"loss/policy": self.accumulation * float(policy_loss.detach()),
                    "entropy": float(masked_mean(entropy.detach(), mask)),
                    **{k: float(v) for k, v in loss_metrics.items()}}
         if ref is not None and self.kl_from_update:  # the sampling policy's KL, as ``rollout_metrics`` would log it
-            metrics["kl"] = float((self.token_kl(logps.detach(), ref) * mask).sum(-1).mean())
+            metrics["kl"] = float((self.token_kl(logps.detach(), ref) * scored.mask[rows]).sum(-1).mean())
         return loss, metrics
+
+    def high_entropy(self, entropy: Tensor, mask: Tensor) -> Tensor | None:
+        """1 on the micro-batch's tokens whose entropy reaches the (1 - ``top_entropy_quantile``) quantile of the
+        entropies of every process's micro-batch (TRL's get_high_entropy_mask); None when the quantile is 1."""
+        quantile = self.config.top_entropy_quantile
+        if quantile >= 1.0:
+            return None
+        entropy = entropy.detach().float()
+        values = gather_over_processes(self.accelerator, entropy[mask.bool()])
+        if values.numel() == 0:
+            return torch.zeros_like(mask)
+        threshold = torch.quantile(values, 1 - quantile)
+        return ((entropy * mask >= threshold) & mask.bool()).to(mask.dtype)
 
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
         kl = scored.kl.sum(-1)
@@ -362,7 +317,13 @@ class OnlineAlgorithm(Algorithm):
                    "reward/score": float(scored.scores.mean()), "reward/kl_penalty": float(penalty.mean()),
                    "reward/total": float((scored.scores - penalty).mean()),
                    "response_length": float(scored.mask.sum(-1).mean()),
+                   "truncated_fraction": float(1 - rollout.ended.float().mean()),
                    "perf/gen_s": rollout.seconds, "perf/gen_tokens_per_s": rollout.tokens_per_s}
+        if self.config.num_samples > 1 and rollout.group is not None:  # groups whose samples all score the same
+            scores = scored.scores.double()
+            spread, _ = group_mean((scores - group_mean(scores, rollout.group)[0]) ** 2, rollout.group)
+            metrics["frac_reward_zero_std"] = float(torch.isclose(spread.sqrt(), torch.zeros_like(spread)).double()
+                                                    .mean())
         if scored.ref_logps is not None and not self.kl_from_update:  # no reference, no KL (not a logged 0)
             metrics["kl"] = float(kl.mean())
         return metrics
@@ -383,12 +344,26 @@ class OnlineAlgorithm(Algorithm):
 
     @torch.no_grad()
     def evaluate(self, batch: PromptBatch) -> dict[str, float]:
-        """Sums over one seeded response per prompt: each reward component, reward/score, kl, response_length."""
-        rollout = generate(self.policy, self.tokenizer, batch, self.config.generation, seed=self.run.train.seed)
+        """Sums over the prompts of the means over k = ``eval_num_samples`` seeded responses per prompt: each reward
+        component, reward/score, response_length and, with a reference (``has_reference``), kl: the policy's and the
+        reference's log-probs from the same forward at the run's precision (not the sampler's, which runs outside
+        the autocast). k > 1 adds reward/mean@k (= reward/score) and reward/pass@k: the share of prompts with a
+        response scoring at least ``eval_pass_threshold``."""
+        cfg, k = self.config, self.config.eval_num_samples
+        rollout = generate(self.policy, self.tokenizer, batch, cfg.generation, k, seed=self.run.train.seed)
         scores, components = self.reward(rollout)
         mask = rollout.response_mask.float()
-        out = {**{f"reward/{name}": float(v.sum()) for name, v in components.items()},
-               "reward/score": float(scores.sum()), "response_length": float(mask.sum()),
-               "count": float(len(rollout.responses))}
-        out["kl"] = float(((rollout.logprobs - self.reference_logps(rollout)) * mask).sum())
+
+        def per_prompt(values: Tensor) -> float:  # rows i*k .. i*k + k - 1 answer prompt i
+            return float(values.float().view(-1, k).mean(-1).sum())
+
+        out = {**{f"reward/{name}": per_prompt(v) for name, v in components.items()},
+               "reward/score": per_prompt(scores), "response_length": per_prompt(mask.sum(-1)),
+               "count": float(batch.input_ids.shape[0])}
+        if k > 1:
+            out[f"reward/mean@{k}"] = out["reward/score"]
+            out[f"reward/pass@{k}"] = float((scores.view(-1, k) >= cfg.eval_pass_threshold).any(-1).sum())
+        if self.has_reference:
+            logps = self.response_logps(self.model, rollout)[0]
+            out["kl"] = per_prompt(((logps - self.reference_logps(rollout)) * mask).sum(-1))
         return out
