@@ -7,7 +7,7 @@ export PREFOPT_HH_DIR ?= $(if $(wildcard ../shared/data/hh-rlhf),../shared/data/
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-fast gpu-check bench bench-hh clean tiny-chain
+.PHONY: venv test test-fast faults gpu-check bench bench-hh clean tiny-chain
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
+
+# The whole fault matrix: every algorithm x {full, LoRA} x 5 ways to die, resumed and compared with an uninterrupted
+# run (tests/faults/test_kill_matrix.py; `make test` runs a slice of it). About 10 minutes on 2 cores.
+faults: $(STAMP)
+	PREFOPT_FAULTS=all OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/faults
 
 # On a CUDA machine: every algorithm a few steps in bf16 on a ~91M model, sft and dpo under accelerate launch with
 # recipes/accelerate/fsdp.yaml and deepspeed_zero2.yaml (tests/gpu; skipped without CUDA, as in `make test`).

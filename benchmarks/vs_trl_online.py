@@ -99,7 +99,7 @@ class Ours(Contestant):
     def recipe(self) -> dict[str, Any]:
         args = self.args
         algorithm: dict[str, Any] = {"name": self.algorithm, "num_samples": G,
-                                     "rewards": [{"name": "callable", "params": {"fn": "vs_trl_online:reward"}}],
+                                     "rewards": [{"name": "callable", "params": {"fn": "vs_trl_online:trl_reward"}}],
                                      "generation": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0,
                                                     "top_p": 1.0, "top_k": 0}}
         if self.algorithm == "grpo":

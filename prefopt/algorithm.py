@@ -113,6 +113,17 @@ class Algorithm:
         model.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
 
+    @property
+    def exported_model(self) -> nn.Module:
+        """The transformers / peft model ``save`` writes (its weights are what a checkpoint's ``model/`` holds):
+        the trained module's ``lm`` or ``rm`` when it wraps one (TokenScorer, RewardScorer, PolicyAndValue)."""
+        unwrapped = self.unwrapped
+        for name in ("lm", "rm"):
+            inner = getattr(unwrapped, name, None)
+            if isinstance(inner, nn.Module):
+                return inner
+        return unwrapped
+
     # ------------------------------------------------------------------ helpers
     @torch.no_grad()
     def reference_forward(self, *args: Any, **kwargs: Any) -> Any:

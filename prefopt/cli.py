@@ -21,9 +21,10 @@ from prefopt.errors import PrefoptError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from prefopt.config import load_config
+
+    config = load_config(args.recipe, args.overrides)  # before the heavy imports: a bad recipe is refused at once
     from prefopt.trainer import Trainer
 
-    config = load_config(args.recipe, args.overrides)
     if not config.train.progress:  # no bars at all: also transformers' weight loading / saving ones
         from transformers.utils import logging as hf_logging
 
@@ -37,13 +38,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from prefopt.config import load_config
+    from prefopt.data import run_tokenizer
     from prefopt.data.preview import preview
-    from prefopt.models import load_tokenizer
     from prefopt.registry import ALGORITHMS
 
     config = load_config(args.recipe, args.overrides)
     kind = ALGORITHMS.get(config.algorithm_name).kind
-    print(preview(config.data, kind, load_tokenizer(config.model), config.eval_data))
+    print(preview(config.data, kind, run_tokenizer(config), config.eval_data))
     return 0
 
 
@@ -84,7 +85,7 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     from prefopt.tiny import init_model
 
     path = init_model(args.out, corpus=args.corpus, arch=args.arch, size=args.size, vocab_size=args.vocab_size,
-                      seed=args.seed, max_texts=args.max_texts)
+                      seed=args.seed, max_texts=args.max_texts, chat_template=args.chat_template)
     print(path)
     return 0
 
@@ -92,7 +93,7 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from prefopt.models import merge_adapter
 
-    merge_adapter(args.adapter, args.out)
+    merge_adapter(args.adapter, args.out, base=args.base)
     print(args.out)
     return 0
 
@@ -184,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-model", help="train a byte-level BPE tokenizer on a corpus and build a tiny causal LM")
     p.add_argument("out")
     p.add_argument("--corpus", nargs="+", required=True, help="HH .jsonl.gz files/dirs, .jsonl, .txt")
-    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
-    p.add_argument("--size", default="tiny")
+    p.add_argument("--arch", choices=["gpt2", "llama", "qwen2"], default="gpt2")
+    p.add_argument("--size", default="tiny", help="nano (~0.4M parameters), micro (~1.3M), tiny (~4.3M), small, base")
+    p.add_argument("--chat-template", choices=["chatml", "llama3"], default=None,
+                   help="add this chat template and its special tokens (ChatML: <|im_end|> is the EOS)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--max-texts", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-adapter", help="merge a saved LoRA adapter into its base model")
     p.add_argument("adapter")
     p.add_argument("out")
+    p.add_argument("--base", default=None, help="the base model (hub id or folder); default: the one the adapter names")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="sample replies from one or more models on a prompts file (JSON lines)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefopt.errors import ConfigError
-from prefopt.recipe_file import merge, parse_overrides, read_yaml
+from prefopt.recipe_file import explain_env, merge, parse_overrides, read_yaml
 from prefopt.registry import closest
+from prefopt.rundir import check_output_dir, flatten
 
 
 @dataclass
@@ -74,6 +76,28 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One of several data sources of a run (``data.sources``), mixed by weight."""
+
+    path: str = ""
+    """A file, a directory or a hub dataset name, as data.path."""
+    weight: float = 1.0
+    """How many times its training rows are taken: 2 (each twice), 0.5 (half of them, in hash order), 1 (as they are)."""
+    format: str = "auto"
+    """Row format, as data.format."""
+    split: str = "train"
+    """Split to read, as data.split."""
+    subsets: list[str] | None = None
+    """Sub-directories to read, as data.subsets."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column map {name in this source: name prefopt reads}, e.g. {question: prompt, answer: completion}."""
+
+    def __post_init__(self):
+        check(bool(self.path), "data.sources[].path", self.path, "must name a file, a directory or a hub dataset")
+        check(self.weight > 0, "data.sources[].weight", self.weight, "must be > 0")
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how it is split and truncated."""
 
@@ -87,9 +111,20 @@ class DataConfig:
     """Sub-directories to read (hub data_dir); None: ["harmless-base"] for HH-RLHF, none for other data."""
     split: str = "train"
     """Split to read: the file / hub split name (HH: train or test; UltraFeedback-binarized: train_prefs, ...)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column map of data.path {name in the file: name prefopt reads}, e.g. {question: prompt, answer: completion}."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several sources instead of data.path, each with its weight, format, split and column map (mixed after the
+    split: the held-out rows of every source are evaluated as they are)."""
     chat_template: str = "auto"
-    """Conversational rows: "auto" (the tokenizer's chat template, HH text if it has none), "none" (HH text),
-    or a Jinja template file."""
+    """Conversational rows: "auto" (the tokenizer's chat template; an error if it has none), "none" (HH text on
+    purpose), "chatml" or "llama3" (built in), or a Jinja template file; a named or file template is saved with the
+    model."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """SFT on conversations: every assistant turn carries loss (all: TRL's assistant_only_loss) or only the last."""
+    packing: bool = False
+    """SFT: pack examples into max_length sequences (best fit, TRL's bfd); each keeps its positions and attends
+    only to itself. train.batch_size then counts packed sequences."""
     eval_fraction: float = 0.1
     """Fraction of rows held out for evaluation, chosen by a stable content hash."""
     split_salt: str = "prefopt"
@@ -106,13 +141,17 @@ class DataConfig:
     """Batch rows of similar length together (less padding); the batch order is still shuffled."""
 
     def __post_init__(self):
+        check(not (self.sources and self.path), "data.sources", "[...]", "give data.path or data.sources, not both")
         check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         check(self.max_length > 0, "data.max_length", self.max_length, "must be > 0")
         check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,
               "must be in (0, data.max_length]")
         check(self.max_examples is None or self.max_examples > 0, "data.max_examples", self.max_examples, "must be > 0")
-        check(self.chat_template in ("auto", "none") or Path(self.chat_template).expanduser().is_file(),
-              "data.chat_template", self.chat_template, "must be auto, none or an existing template file")
+        from prefopt.data.templates import TEMPLATES
+
+        names = ("auto", "none", *TEMPLATES)
+        check(self.chat_template in names or Path(self.chat_template).expanduser().is_file(),
+              "data.chat_template", self.chat_template, f"must be {', '.join(names)} or an existing template file")
 
 
 @dataclass
@@ -124,7 +163,9 @@ class TrainConfig:
     seed: int = 0
     """Seed for torch, numpy, python and data order."""
     max_steps: int = 100
-    """Optimizer-update rounds (one batch of the algorithm's kind each)."""
+    """Optimizer-update rounds (one batch of the algorithm's kind each); ignored when train.epochs is set."""
+    epochs: float | None = None
+    """Passes over the training data (may be fractional); sets max_steps = ceil(epochs x steps per epoch)."""
     batch_size: int = 8
     """Rows per batch per process (pairs, prompts, sequences)."""
     eval_batch_size: int = 16
@@ -132,9 +173,13 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Batches whose gradients are summed before one optimizer step."""
     learning_rate: float = 5e-5
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate."""
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "adafactor"] = "adamw"
+    """torch AdamW, its fused kernel, bitsandbytes' 8-bit AdamW, or transformers' Adafactor (prefopt.optim)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (>= 0)."""
+    """Decoupled weight decay (>= 0)."""
     warmup_steps: int = 0
     """Linear warm-up over this many steps (the lr moves at every optimizer update, several per step online)."""
     lr_scheduler: str = "constant_with_warmup"
@@ -156,7 +201,9 @@ class TrainConfig:
     resume: str | bool = "no"
     """"auto": continue the same run from its newest usable checkpoint in output_dir; "no"; or a checkpoint path."""
     overwrite: bool = False
-    """Clear an output_dir that holds an earlier run before starting (else such a directory is refused)."""
+    """Clear an output_dir that holds an earlier run before starting: exactly the files its ledger lists."""
+    accept_changed_data: bool = False
+    """Resume although a data file changed since the checkpoint (its saved position then points into other rows)."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """What to do when the loss or gradient is NaN/inf: skip the update, or stop (exit code 3)."""
     max_skipped_updates: int = 10
@@ -167,8 +214,14 @@ class TrainConfig:
     """Show a tqdm progress bar (a console line is printed every log_every steps either way)."""
     save_model: bool = True
     """Save the final model to output_dir/model."""
+    push_to_hub: str | None = None
+    """Hub repo id ("owner/name") to upload output_dir/model to at the end (huggingface_hub; needs a token)."""
+    hub_private: bool = True
+    """Create that hub repo private."""
 
     def __post_init__(self):
+        check_output_dir(self.output_dir)
+        check(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")
         for key in ("max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
             check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
         check(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "must be >= 0")
@@ -177,6 +230,11 @@ class TrainConfig:
         check(self.max_skipped_updates > 0, "train.max_skipped_updates", self.max_skipped_updates, "must be > 0")
         for key in ("eval_every", "save_every", "warmup_steps", "weight_decay"):
             check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be > 0 (or null: max_steps)")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+              self.adam_betas, "must be two numbers in [0, 1)")
+        check(self.push_to_hub is None or self.save_model, "train.push_to_hub", self.push_to_hub,
+              "uploads output_dir/model: needs train.save_model=true")
         check(self.max_eval_batches is None or self.max_eval_batches > 0, "train.max_eval_batches",
               self.max_eval_batches, "must be > 0 (or null: the whole eval split)")
         from transformers import SchedulerType
@@ -213,6 +271,11 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["algorithm"] = {"name": self.algorithm_name, **dataclasses.asdict(self.algorithm)}
         return out
+
+
+MAX_COEF = 1e3  # the largest KL / preference strength (beta) a recipe may set
+TOO_STRONG = (f"must be <= {MAX_COEF:g}: it multiplies log-ratios, so a larger one only makes the loss overflow "
+              "(typical values are 0.01 to 1)")
 
 
 def check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -341,12 +404,24 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate."""
-    data = read_yaml(path) if path else {}
+    """Read a YAML recipe (or none), apply ``section.key=value`` overrides, validate.
+
+    The recipe's directory and the working directory become importable first (as ``python script.py`` makes the
+    script's), so a reward module beside the recipe or where the command runs is found by ``"module:function"``."""
+    for folder in ([Path(path).resolve().parent] if path else []) + [Path.cwd()]:
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    sources: dict[str, str] = {}  # keys whose value a ${VAR} gave, for the error messages
+    data = read_yaml(path, sources) if path else {}
     if isinstance(data.get("algorithm"), str):
         data["algorithm"] = {"name": data["algorithm"]}
-    data = merge(data, parse_overrides(list(overrides)))
-    return build_run_config(data, where=str(path or "overrides"))
+    given = parse_overrides(list(overrides))
+    data = merge(data, given)
+    sources = {key: source for key, source in sources.items() if key not in flatten(given)}
+    try:
+        return build_run_config(data, where=str(path or "overrides"))
+    except ConfigError as exc:
+        raise ConfigError(explain_env(str(exc), sources)) from None
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:

@@ -1,4 +1,5 @@
-"""The console line a run prints every ``train.log_every`` steps, with or without the progress bar.
+"""What a run prints on the console: a banner at its start (``banner``) and a line every ``train.log_every`` steps,
+with or without the progress bar.
 
 ``step 20/100 | loss 0.6412 | rewards/accuracy 0.625 | rewards/margin 0.183 | lr 5.00e-05 | 2,310 tok/s |
 elapsed 0:00:41 | ETA 0:02:44``: the step, the loss, the algorithm's key metrics (every logged metric whose
@@ -62,3 +63,29 @@ def say(line: str, enabled: bool = True) -> None:
     """Print ``line`` on stderr without breaking a progress bar (main process only: pass ``enabled``)."""
     if enabled:
         tqdm.write(line, file=sys.stderr)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def banner(run: Any, model: Any, report: dict[str, Any], steps_per_epoch: int, processes: int, batches_per_step: int,
+           mixed_precision: str) -> str:
+    """What a run is about to do, printed once at its start: parameters (trainable share), precision, optimizer, rows,
+    the global batch, steps per epoch and the steps it will run."""
+    from prefopt.models import count_parameters
+
+    t, rows = run.train, report["rows"]
+    packed = report.get("sequences", {}).get("train", rows.get("train", 0))
+    packed = f" ({packed:,} packed sequences)" if packed != rows.get("train", 0) else ""
+    trainable, total = count_parameters(model)
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    rows_per_step = processes * t.batch_size * batches_per_step
+    epochs = t.max_steps / max(steps_per_epoch, 1)
+    return (f"{run.algorithm_name}: {_count(total)} parameters, {_count(trainable)} trainable "
+            f"({100 * trainable / max(total, 1):.1f}%); weights {'/'.join(dtypes)}, mixed precision {mixed_precision}; "
+            f"optimizer {t.optimizer}, lr {t.learning_rate:g} ({t.lr_scheduler})\n"
+            f"data: {rows.get('train', 0):,} train rows{packed}, {rows.get('eval', 0):,} eval rows; global batch "
+            f"{rows_per_step:,} rows ({processes} process{'es' if processes > 1 else ''} x {t.batch_size} rows x "
+            f"{batches_per_step} batch{'es' if batches_per_step > 1 else ''}); {steps_per_epoch:,} steps per epoch; "
+            f"{t.max_steps:,} steps ({epochs:.2f} epochs) -> {t.output_dir}")

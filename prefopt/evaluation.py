@@ -4,11 +4,13 @@ Every held-out row is counted exactly once, also over several processes (``prefo
 the global RNG is forked, so evaluating never changes the training run (exact resume); the completions online
 algorithms sample while evaluating are recorded, a few written to ``samples.jsonl`` and the console
 (``prefopt.samples``). The algorithm gives metric sums per batch (``Algorithm.evaluate``, with a ``count`` of its
-rows) and may finish the averages (``Algorithm.finalize_eval``); nothing here names an algorithm.
+rows) and may finish the averages (``Algorithm.finalize_eval``); nothing here names an algorithm. A metric that is
+NaN or infinite is kept as such, with a warning: a diverged model must show in the logs, not vanish from them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ import torch
 from prefopt import console
 from prefopt.distributed import exact_eval_batches, sum_over_processes
 from prefopt.samples import format_sample, recording, write_samples
+
+log = logging.getLogger("prefopt.evaluation")
 
 
 @torch.no_grad()
@@ -39,8 +43,11 @@ def evaluate(accelerator: Any, algorithm: Any, loader: Any, max_batches: int | N
     if not totals:
         return {}
     count = max(totals.pop("count", 1.0), 1.0)
-    metrics = {f"eval/{key}": value / count for key, value in totals.items() if math.isfinite(value)}
-    return algorithm.finalize_eval(metrics)
+    metrics = algorithm.finalize_eval({f"eval/{key}": value / count for key, value in totals.items()})
+    nonfinite = [key for key, value in metrics.items() if not math.isfinite(value)]
+    if nonfinite:  # reported as NaN/inf (never dropped): a diverged policy shows in metrics.jsonl and summary.json
+        log.warning("evaluation: %s non-finite (NaN/inf in some held-out batch)", ", ".join(nonfinite))
+    return metrics
 
 
 def evaluate_and_sample(run_evaluation: Any, step: int, output_dir: Path, main: bool) -> dict[str, float]:

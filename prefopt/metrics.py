@@ -6,6 +6,7 @@ process on CPU) and tokens/s.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -85,24 +86,6 @@ class MetricsWriter:
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint's step (they will be logged again)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        kept = []
-        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line) if line.strip() else None
-            except ValueError:
-                row = None
-            if not isinstance(row, dict):
-                if line.strip():  # a torn line (the process died mid-write): it is logged again after the resume
-                    log.warning("%s:%d: dropped an unreadable line (%r)", self.path, number, line[:60])
-                continue
-            if row.get("step", 0) <= step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-
     def to_csv(self) -> Path | None:
         if not (self.enabled and self.path.exists()):
             return None
@@ -113,8 +96,16 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
-    """metrics.jsonl -> DataFrame (one row per logged step)."""
-    return pd.read_json(path, lines=True)
+    """metrics.jsonl -> DataFrame (one row per logged step). A last line without its newline (the process was killed
+    while writing it; a resume cuts it off, ``prefopt.history``) is left out with a warning."""
+    text = Path(path).read_text()
+    if text and not text.endswith("\n"):
+        kept, _, torn = text.rpartition("\n")
+        log.warning("%s: left out a torn last line (%r)", path, torn[:60])
+        text = kept + "\n" if kept else ""
+    if not text.strip():
+        return pd.DataFrame()
+    return pd.read_json(io.StringIO(text), lines=True)
 
 
 def tracker_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from prefopt.config import ModelConfig
 from prefopt.errors import PrefoptError
+from prefopt.registry import closest
 
 logger = logging.getLogger("prefopt.models")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
                    "vocab.txt")
 TOKENIZER_PROBE = "Hello, world."
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -60,6 +63,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         logger.warning("tokenizer %r has no pad token; padding with its eos token %r", source, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    # the data layer truncates to data.max_length itself: "Token indices sequence length is longer than the
+    # specified maximum sequence length" (transformers' once-per-tokenizer warning) would only be noise
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 
@@ -150,28 +156,38 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
     """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
 
-    An adapter trained on a 4-bit base is merged into the unquantized base it was loaded from; a reward-model
-    adapter (peft task type SEQ_CLS) is merged into a sequence-classification base with its score head.
+    The base is ``base`` when given, else the one the adapter names (prefopt records it as an absolute path or a hub
+    id; an adapter saved elsewhere with a relative path gets an error asking for ``--base``). An adapter trained on a
+    4-bit base is merged into the unquantized base it was loaded from; a reward-model adapter (peft task type SEQ_CLS)
+    is merged into a sequence-classification base with its score head. The adapter folder's model card and recipe
+    are copied beside the merged weights.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
     adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
-    base_path = adapter_config.base_model_name_or_path
+    named = adapter_config.base_model_name_or_path
+    if base is None and named and not Path(named).is_absolute() and not is_hub_id(named):
+        raise PrefoptError(f"the adapter in {str(adapter_dir)!r} names its base by the relative path {named!r} (relative "
+                           "to where it was trained); give the base model with --base")
+    base_path = model_source(base or named, "--base" if base else "the base model the adapter names")
     is_reward = str(adapter_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS")
     auto_class = AutoModelForSequenceClassification if is_reward else AutoModelForCausalLM
     extra = {"num_labels": 1} if is_reward else {}
-    base = _from_pretrained(auto_class, base_path, "adapter base model", dtype=torch.float32,
-                            use_safetensors=True, **extra)
-    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    base_model = _from_pretrained(auto_class, base_path, "adapter base model", dtype=torch.float32,
+                                  use_safetensors=True, **extra)
+    merged = peft.PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)))
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    from prefopt.export import copy_provenance
+
+    copy_provenance(adapter_dir, out_dir, base_path)  # the model card and recipe go with the weights
     return out_dir
 
 
@@ -204,15 +220,43 @@ def _quantization_kwargs(dtype: torch.dtype | str) -> dict[str, Any]:
     return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
+def is_hub_id(source: str) -> bool:
+    """True for a name that only the hub can mean: ``name`` or ``owner/name`` that is not on disk."""
+    return bool(HUB_ID.fullmatch(source)) and not Path(source).expanduser().exists()
+
+
+def model_source(source: str, what: str = "model.name_or_path") -> str:
+    """Where a model (or tokenizer) comes from, decided at once: the absolute path of a local folder, or a hub id.
+
+    A path that is not on disk is a hub id only when it can be nothing else: ``gpt2`` or ``owner/name`` whose first
+    part is not a local folder. Anything else (``./x``, ``/x``, ``a/b/c``, or ``models/chat-bse`` when ``models/``
+    exists) is a local folder that does not exist: PrefoptError saying so, naming the closest folder there, instead
+    of trying the hub (with its retries, a minute or more). Adapters and cards record the absolute path, so a run
+    started from a relative path loads from any directory.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    parent = path.parent
+    if is_hub_id(source) and not (parent != Path(".") and parent.is_dir()):
+        return source
+    hint = ""
+    if parent.is_dir():
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        close = closest(path.name, names)
+        hint = (f"; did you mean {str(parent / close)!r}?" if close
+                else f" ({parent} holds the folders: {', '.join(names[:8]) or 'none'})")
+    raise PrefoptError(f"{what} {source!r}: the folder does not exist{hint} (not tried on the hub: a hub id is "
+                       "'name' or 'owner/name' whose first part is not a local folder)")
+
+
 def _from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(source)`` with user-facing errors for empty, missing or unloadable sources."""
     if not source:
         raise PrefoptError(f"no {what} given: set model.name_or_path to a hub id or a local directory")
-    looks_local = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().exists():
-        raise PrefoptError(f"{what} path {source!r} does not exist")
+    where = model_source(source, f"{what} path")
     try:
-        return auto_class.from_pretrained(source, **kwargs)
+        return auto_class.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:  # missing files, unknown hub id, unrecognised config
         where = "the local directory" if Path(source).expanduser().exists() else "the hub (or the hub is unreachable)"
         hint = " (prefopt loads safetensors weights only)" if auto_class is not AutoTokenizer else ""

@@ -4,6 +4,8 @@
   starting model's context (``max_position_embeddings`` / ``n_positions`` of its config.json);
 * a reward model (a ``reward_model`` reward component, a ``critic_path``) is a sequence-classification model with a
   score head, not a causal LM (which would train against a randomly initialised head);
+* every model and tokenizer it names is a local folder that exists or a hub id (decided at once, so a mistyped
+  folder is not tried on the hub: ``prefopt.models.model_source``);
 * an online algorithm (kind ``prompts``) has a reward: some term with a non-zero weight (its Config's
   ``reward_terms()``, else its ``rewards`` list).
 
@@ -15,14 +17,19 @@ from __future__ import annotations
 from typing import Any
 
 from prefopt.errors import ConfigError
+from prefopt.models import model_source
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def model_config(path: str, trust_remote_code: bool = False) -> Any | None:
-    """The transformers config at ``path`` (no weights), or None when it cannot be read here."""
+def model_config(path: str, trust_remote_code: bool = False, what: str = "model.name_or_path") -> Any | None:
+    """The transformers config at ``path`` (no weights), or None when it cannot be read here. A local path that does
+    not exist is an error at once (prefopt.models.model_source), not a hub lookup."""
     from transformers import AutoConfig
 
+    from prefopt.models import model_source
+
+    path = model_source(path, what)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception:  # missing, offline hub id, adapter-only folder: the model loader reports it properly
@@ -40,6 +47,8 @@ def context_length(config: Any) -> int | None:
 def check_run(run: Any, kind: str) -> None:
     """Raise ConfigError for the first problem found (module docstring)."""
     model = run.model
+    for key, source in model_sources(run):
+        model_source(source, key)
     config = model_config(model.name_or_path, model.trust_remote_code) if model.name_or_path else None
     context = context_length(config) if config is not None else None
     if context is not None:
@@ -58,6 +67,17 @@ def check_run(run: Any, kind: str) -> None:
         check_has_reward(run)
 
 
+def model_sources(run: Any) -> list[tuple[str, str]]:
+    """(key, path or hub id) of every model and tokenizer the run loads."""
+    found = [("model.name_or_path", run.model.name_or_path)]
+    if run.model.tokenizer:
+        found.append(("model.tokenizer", run.model.tokenizer))
+    reference = getattr(run.algorithm, "reference", None)
+    if isinstance(reference, str) and reference:
+        found.append(("algorithm.reference", reference))
+    return found + reward_model_paths(run.algorithm)
+
+
 def reward_model_paths(algorithm: Any) -> list[tuple[str, str]]:
     """(key, path) of every reward model the algorithm config names."""
     found = []
@@ -71,7 +91,7 @@ def reward_model_paths(algorithm: Any) -> list[tuple[str, str]]:
 
 
 def check_score_head(key: str, path: str, trust_remote_code: bool = False) -> None:
-    config = model_config(path, trust_remote_code)
+    config = model_config(path, trust_remote_code, key)
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ConfigError(f"{key}={path!r}: not a reward model ({', '.join(architectures)} has no score head); "

@@ -3,9 +3,11 @@
 * ``SignalCatcher``: the first SIGTERM/SIGINT is remembered and the Trainer stops after the step in flight, saving
   a checkpoint (``Interrupted``, exit 128 + the signal); a second one stops at once without saving. ``agreed()``
   is collective, so every process stops at the same step.
-* ``NonFiniteError`` (exit 3): the loss, gradient or weights went NaN/inf with ``on_nonfinite=stop``, or too many
-  updates in a row were skipped with ``on_nonfinite=skip``. ``last_finite_checkpoint`` names the checkpoint a
-  resume would start from, after checking that its weights really are finite.
+* ``NonFiniteError`` (exit 3): the loss, gradient or weights went NaN/inf with ``on_nonfinite=stop``, too many
+  updates in a row were skipped with ``on_nonfinite=skip``, or an online algorithm's sampling met NaN/inf
+  probabilities (a diverged policy: ``sampling_diverged``). ``advice`` names the newest checkpoint whose weights and
+  optimizer state really are finite, and says the truth about it: resumed as it is, an exact resume repeats the
+  same steps and meets the same NaN, so it says what to change.
 * ``NonFiniteGuard``: what the Trainer does with a non-finite loss, gradient norm or weights, and its count of
   skipped updates (part of the trainer state a checkpoint keeps). Every decision is agreed by all processes, so none
   waits forever in a collective.
@@ -13,9 +15,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,28 +87,59 @@ class SignalCatcher:
         return received
 
 
-def weights_finite(path: Path) -> bool:
-    """Every tensor of the checkpoint's model*.safetensors is finite."""
+SAMPLING_NAN = "probability tensor contains"  # torch.multinomial on NaN/inf probabilities
+
+
+def sampling_diverged(exc: BaseException) -> bool:
+    """The error torch raises when sampling from a policy whose probabilities are NaN/inf."""
+    return isinstance(exc, RuntimeError) and SAMPLING_NAN in str(exc)
+
+
+def _all_finite(tensors: Any) -> bool:
+    if isinstance(tensors, torch.Tensor):
+        return not tensors.is_floating_point() or bool(torch.isfinite(tensors).all())
+    if isinstance(tensors, dict):
+        return all(_all_finite(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return all(_all_finite(v) for v in tensors)
+    return True
+
+
+def checkpoint_finite(path: Path) -> bool:
+    """Every tensor of the checkpoint's weights (model*.safetensors) and optimizer state (optimizer*.bin) is finite."""
     from safetensors import safe_open
 
     for file in sorted(path.glob("model*.safetensors")):
         with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    return False
-    return True
+            if not all(_all_finite(handle.get_tensor(key)) for key in handle.keys()):
+                return False
+    return all(_all_finite(torch.load(file, map_location="cpu", weights_only=True))
+               for file in sorted(path.glob("optimizer*.bin")))
 
 
-def last_finite_checkpoint(output_dir: str | Path) -> str:
-    """'the newest checkpoint with finite weights is X (resume with train.resume=auto)', or that there is none."""
+def last_finite_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose weights and optimizer state are finite (None: there is none)."""
     for path in reversed(complete_checkpoints(output_dir)):
         try:
-            if weights_finite(path):
-                return f"the newest checkpoint with finite weights is {path} (resume with train.resume=auto)"
+            if checkpoint_finite(path):
+                return path
         except Exception:  # unreadable: not one to resume from
             continue
-    return "no checkpoint with finite weights was written, so there is nothing to resume from"
+    return None
+
+
+def advice(output_dir: str | Path, skipping: bool) -> str:
+    """What to do after a non-finite stop; ``skipping``: skipping updates did not help (or would not)."""
+    path = last_finite_checkpoint(output_dir)
+    if path is None:
+        return ("No checkpoint with finite weights and optimizer state was written, so there is nothing to resume "
+                "from: start over with a lower train.learning_rate")
+    model = path / "model"
+    restart = f"start a new run from {model if model.is_dir() else path} with a lower train.learning_rate"
+    how = restart if skipping else (f"resume with train.resume={path} train.on_nonfinite=skip to skip such "
+                                    f"updates, or {restart}")
+    return (f"The newest checkpoint with finite weights and optimizer state is {path}; resumed as it is, it repeats "
+            f"the same steps exactly (and meets the same NaN): {how}")
 
 
 class NonFiniteGuard:
@@ -153,8 +188,7 @@ class NonFiniteGuard:
         """A non-finite ``what``: stop (``on_nonfinite=stop``) or warn that its update is skipped."""
         message = f"non-finite {what} at step {step + 1}"
         if self.train.on_nonfinite == "stop":
-            raise NonFiniteError(f"{message}; stopped, {last_finite_checkpoint(self.output_dir)}. "
-                                 "Set train.on_nonfinite=skip to skip such updates.")
+            raise NonFiniteError(f"{message}; stopped. {advice(self.output_dir, skipping=False)}")
         log.warning("%s; update skipped", message)
 
     def updated(self) -> None:
@@ -167,12 +201,23 @@ class NonFiniteGuard:
         limit = self.train.max_skipped_updates
         if self.skipped_in_a_row >= limit:
             raise NonFiniteError(f"{self.skipped_in_a_row} updates in a row skipped (non-finite {what}, last at step "
-                                 f"{step + 1}; train.max_skipped_updates={limit}); stopped, "
-                                 f"{last_finite_checkpoint(self.output_dir)}")
+                                 f"{step + 1}; train.max_skipped_updates={limit}); stopped. "
+                                 f"{advice(self.output_dir, skipping=True)}")
 
     def check_weights(self, model: Any, step: int, what: str) -> None:
         """Refuse to write ``what`` from non-finite weights (agreed by all processes): stop with exit code 3."""
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
         if any_process(self.accelerator, not finite):
-            raise NonFiniteError(f"the weights are non-finite at step {step}; {what} not written; stopped, "
-                                 f"{last_finite_checkpoint(self.output_dir)}")
+            raise NonFiniteError(f"the weights are non-finite at step {step}; {what} not written; stopped. "
+                                 f"{advice(self.output_dir, skipping=self.train.on_nonfinite == 'skip')}")
+
+    @contextlib.contextmanager
+    def sampling(self, step: int, where: str) -> Iterator[None]:
+        """Sampling from NaN/inf probabilities inside the block (an online policy diverged) stops with exit 3."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not sampling_diverged(exc):
+                raise
+            raise NonFiniteError(f"the policy's sampling probabilities are NaN/inf at step {step} ({where}): it "
+                                 f"diverged; stopped. {advice(self.output_dir, skipping=True)}") from None

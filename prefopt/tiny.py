@@ -1,7 +1,8 @@
 """Tiny local starting models: a byte-level BPE tokenizer trained on the data and a small GPT-2 or Llama.
 
 Nothing can be downloaded here, so tests and benchmarks start from a model built from the corpus itself:
-``init_model`` trains the tokenizer, builds a randomly initialised model of a named size and saves both in
+``init_model`` trains the tokenizer, builds a randomly initialised model of a named size (GPT-2, Llama or Qwen2; with
+a chat template and its special tokens on request) and saves both in
 the ordinary transformers layout, so ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
 ``AutoTokenizer.from_pretrained(out_dir)`` load them like any hub checkpoint.
 
@@ -23,7 +24,8 @@ import tokenizers
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast,
+                          Qwen2Config)
 
 from prefopt.data.readers import read_json_lines
 from prefopt.errors import DataError, PrefoptError
@@ -44,6 +46,7 @@ class Size:
 
 SIZES: dict[str, Size] = {
     "nano": Size(layers=2, dim=64, heads=2),  # ~0.4M parameters
+    "micro": Size(layers=4, dim=128, heads=4),  # ~1.3M
     "tiny": Size(layers=4, dim=256, heads=4),  # ~4.3M, the benchmark size
     "small": Size(layers=6, dim=512, heads=8),  # ~21M
     "base": Size(layers=12, dim=768, heads=12),  # ~91M with an 8192-token vocabulary (GPU checks: tests/gpu)
@@ -103,11 +106,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedT
                                    padding_side="right", clean_up_tokenization_spaces=False)
 
 
-def build_model(arch: Literal["gpt2", "llama"], size: str, tokenizer: PreTrainedTokenizerFast,
+def build_model(arch: Literal["gpt2", "llama", "qwen2"], size: str, tokenizer: PreTrainedTokenizerFast,
                 seed: int = 0) -> PreTrainedModel:
     """A randomly initialised causal LM of a named size whose vocabulary and special ids match ``tokenizer``.
 
-    Dropout is off (as in Llama): policy and reference log-probs must not differ by dropout noise.
+    Dropout is off (as in Llama): policy and reference log-probs must not differ by dropout noise. ``qwen2`` is
+    Qwen2's architecture (grouped-query attention with one key/value head per two query heads, no sliding window).
     """
     if size not in SIZES:
         raise PrefoptError(f"unknown model size {size!r}; sizes: {', '.join(SIZES)}")
@@ -121,8 +125,12 @@ def build_model(arch: Literal["gpt2", "llama"], size: str, tokenizer: PreTrained
         config = LlamaConfig(num_hidden_layers=shape.layers, hidden_size=shape.dim, num_attention_heads=shape.heads,
                              num_key_value_heads=shape.heads, intermediate_size=_llama_mlp_width(shape.dim),
                              max_position_embeddings=CONTEXT_LENGTH, **ids)
+    elif arch == "qwen2":
+        config = Qwen2Config(num_hidden_layers=shape.layers, hidden_size=shape.dim, num_attention_heads=shape.heads,
+                             num_key_value_heads=max(shape.heads // 2, 1), intermediate_size=_llama_mlp_width(shape.dim),
+                             max_position_embeddings=CONTEXT_LENGTH, use_sliding_window=False, **ids)
     else:
-        raise PrefoptError(f"unknown architecture {arch!r}; architectures: gpt2, llama")
+        raise PrefoptError(f"unknown architecture {arch!r}; architectures: gpt2, llama, qwen2")
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -132,23 +140,51 @@ def _llama_mlp_width(dim: int) -> int:
     return -(-8 * dim // 3 // 32) * 32
 
 
-def init_model(out_dir: str | Path, corpus: list[str], arch: Literal["gpt2", "llama"] = "gpt2", size: str = "tiny",
-               vocab_size: int = 4096, seed: int = 0, max_texts: int | None = None) -> Path:
+def add_chat_template(tokenizer: PreTrainedTokenizerFast, name: str) -> None:
+    """Give ``tokenizer`` the built-in chat template ``name`` (prefopt.data.templates) and its markers as special tokens.
+
+    ChatML ends the assistant turn (and so generation) with ``<|im_end|>``: it becomes the EOS token, as in
+    Qwen2-Instruct. Llama 3 keeps ``<|endoftext|>`` as EOS and stops at ``<|eot_id|>`` too (the generation config
+    lists both, as Llama-3-Instruct's does)."""
+    from prefopt.data.templates import END_OF_TURN, SPECIAL_TOKENS, TEMPLATES
+
+    if name not in TEMPLATES:
+        raise PrefoptError(f"unknown chat template {name!r}; built in: {', '.join(TEMPLATES)}")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[name]})
+    tokenizer.chat_template = TEMPLATES[name]
+    if name == "chatml":
+        tokenizer.eos_token = END_OF_TURN[name]
+
+
+def init_model(out_dir: str | Path, corpus: list[str], arch: Literal["gpt2", "llama", "qwen2"] = "gpt2",
+               size: str = "tiny", vocab_size: int = 4096, seed: int = 0, max_texts: int | None = None,
+               chat_template: str | None = None) -> Path:
     """Train a tokenizer on ``corpus`` (at most ``max_texts`` documents), build a model, save both to ``out_dir``.
 
-    Also writes ``prefopt_init.json`` recording how the model was made. Same inputs and seed -> same files.
+    ``chat_template`` (chatml, llama3) adds that template and its special tokens (``add_chat_template``); the
+    model's generation config then stops at the end of an assistant turn. Also writes ``prefopt_init.json``
+    recording how the model was made. Same inputs and seed -> same files.
     """
     out_dir = Path(out_dir)
     texts = list(islice(corpus_texts(corpus), max_texts))
     if not texts:
         raise DataError(f"no texts in corpus {corpus}")
     tokenizer = train_tokenizer(texts, vocab_size)
+    if chat_template is not None:
+        add_chat_template(tokenizer, chat_template)
     model = build_model(arch, size, tokenizer, seed)
+    if chat_template is not None:
+        from prefopt.data.templates import END_OF_TURN
+
+        stops = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN[chat_template])})
+        model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stops,
+                                                   pad_token_id=tokenizer.pad_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     record = {
         "arch": arch, "size": size, "vocab_size": len(tokenizer), "requested_vocab_size": vocab_size,
+        "chat_template": chat_template,
         "corpus": [str(Path(p).resolve()) for p in corpus], "n_texts": len(texts), "max_texts": max_texts,
         "n_params": model.num_parameters(), "seed": seed, "context_length": CONTEXT_LENGTH,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -8,13 +8,18 @@ make one update. One training step consumes ``gradient_accumulation_steps`` batc
 when the algorithm ``accumulates_in_step`` (it splits each of its updates into micro-batches itself; see
 ``prefopt.algorithm``).
 
-Reliability contract (tests/test_reliability.py, tests/test_distributed.py):
+Reliability contract (tests/test_reliability.py, tests/test_distributed.py, tests/faults/):
 
 * exact resume: a checkpoint holds weights, optimizer, scheduler, RNG states and the data position; the batch
   order of epoch ``e`` is a function of ``(train.seed, e)`` only (``prefopt.distributed.seed_epoch``), and neither
   opening a data iterator nor evaluating draws from the training RNG, so a resumed run continues bit for bit on CPU;
-* the output directory belongs to one run (``prefopt.rundir``: refused unless resumed or overwritten; a lock);
-  resume=auto verifies the newest checkpoint and falls back to the previous one, setting the bad one aside;
+* the output directory belongs to one run (``prefopt.rundir``: refused unless resumed or overwritten, a lock, a
+  ledger of the files the run wrote); everything checkable without training (preflight, names, the data) is
+  checked before it is claimed, and a start that fails before its first step leaves nothing behind;
+* a resume knows what it resumes: the checkpoint's identity (algorithm, config, data, models:
+  ``prefopt.identity``) and every file's checksum are verified first; resume=auto falls back from a damaged newest
+  checkpoint to the previous one, setting the bad one aside; the logs are cut back to the checkpoint, so every
+  row appears once (``prefopt.history``);
 * SIGTERM / SIGINT: the step in flight finishes, a checkpoint is saved, ``Interrupted`` (exit 128 + signal);
   a second signal stops at once without saving (``prefopt.stopping``);
 * a non-finite loss or gradient norm skips the update or stops (``train.on_nonfinite``), naming the step; the
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import logging
 import time
 from collections.abc import Iterator
@@ -38,20 +44,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from prefopt import console, preflight, rundir
+from prefopt import console, history, identity, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
-from prefopt.data import run_loaders
+from prefopt.data import run_loaders, run_tokenizer
 from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
                                  sharded_weights)
-from prefopt.errors import ConfigError, PrefoptError
+from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate, evaluate_and_sample
+from prefopt.export import ExportedWeights, push_to_hub, write_provenance
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
-from prefopt.models import load_tokenizer
+from prefopt.optim import make_optimizer
 from prefopt.registry import ALGORITHMS
 from prefopt.stopping import Interrupted, NonFiniteError, NonFiniteGuard, SignalCatcher, signal_name
 
@@ -70,7 +77,7 @@ class Trainer:
         set_seed(config.train.seed)
         algorithm_cls = ALGORITHMS.get(config.algorithm_name)
         preflight.check_run(config, algorithm_cls.kind)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = run_tokenizer(config)
         self.algorithm = algorithm_cls(config.algorithm, config, self.tokenizer)
         self.output_dir = Path(config.train.output_dir)
         self.loaders: dict[str, Any] = {}
@@ -80,6 +87,10 @@ class Trainer:
         self.signals = SignalCatcher()
         self.lock = rundir.RunLock(self.output_dir)
         self.main = self.accelerator.is_main_process
+        self.identity: dict[str, Any] = {}
+        self.stepped = False  # a training step completed in this process (then a failure keeps the run's files)
+        self.fresh = False  # this attempt starts the run (no checkpoint resumed)
+        self.latest_metrics: dict[str, float] = {}  # the last logged row (and evaluation), for the model cards
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_data(self) -> None:
@@ -89,42 +100,70 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
-        """Train for ``train.max_steps`` steps; returns the final evaluation metrics."""
+        """Train for ``train.max_steps`` steps; returns the final evaluation metrics.
+
+        The data is read before the output directory is claimed (a data error never blocks a fixed re-run); a
+        fresh start that fails before its first step removes what it wrote (``rundir.undo_start``).
+        """
         check_backend(self.accelerator, self.config.train)
         try:
-            self._claim_output_dir()
+            if not self.loaders:
+                self.prepare_data()
+            self._on_main(self._claim_output_dir)
             self.signals.install()
             return self._fit()
+        except BaseException:
+            if self.main and self.lock.held and self.fresh and not self.stepped:
+                rundir.undo_start(self.output_dir)
+            raise
         finally:
             self.signals.restore()
             self.lock.release()
 
-    def _claim_output_dir(self) -> None:
-        """The output-directory policy and lock (prefopt.rundir), on the main process; all processes agree."""
-        t, error = self.config.train, [None]
+    def _on_main(self, work: Any, *args: Any) -> Any:
+        """Run ``work`` on the main process; its result, or the PrefoptError it raised, on every process."""
+        box: list[Any] = [None, None]
         if self.main:
             try:
-                rundir.check_writable(self.output_dir)
-                self.lock.acquire()
-                rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite)
-            except ConfigError as exc:
-                error = [str(exc)]
+                box = [work(*args), None]
+            except PrefoptError as exc:
+                box = [None, exc]
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(error)
-        if error[0] is not None:
-            raise ConfigError(error[0])
+            broadcast_object_list(box)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def _claim_output_dir(self) -> None:
+        """The output-directory policy under the lock (prefopt.rundir); nothing is written yet."""
+        t = self.config.train
+        rundir.claim(self.output_dir, self.config.to_dict(), t.resume, t.overwrite, self._writes(), self.lock)
+
+    def _writes(self) -> tuple[str, ...]:
+        """The entries of the output directory this run writes (its ledger, prefopt.rundir)."""
+        t = self.config.train
+        return rundir.run_entries(self.output_dir, save_model=t.save_model, samples=self.algorithm.kind == "prompts",
+                                  trackers=bool(t.report_to))
+
+    def _begin(self, state: dict[str, Any] | None) -> None:
+        """Main process, once the resume is decided: the run's ledger, config, data manifest and logs (history)."""
+        history.begin(self.output_dir, self._writes(), state, self._finished(state), self.config.to_dict(),
+                      self.data_report)
+
+    def _finished(self, state: dict[str, Any] | None) -> bool:
+        """The checkpoint was written after the final evaluation of a run of this length."""
+        return state is not None and "final" in state and state["step"] == self.config.train.max_steps
 
     def _fit(self) -> dict[str, float]:
         t, acc = self.config.train, self.accelerator
-        if not self.loaders:
-            self.prepare_data()
-        if self.main:
-            (self.output_dir / "manifest.json").write_text(json.dumps(self.data_report, indent=2, default=str))
         self.algorithm.build()
         groups = self.algorithm.parameter_groups()
         if not any(group["params"] for group in groups):
             raise PrefoptError(f"algorithm {self.config.algorithm_name!r} has no trainable parameters")
-        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = make_optimizer(groups, t)
+        steps_per_epoch = math.ceil(len(self.loaders["train"]) / (acc.num_processes * self.batches_per_step))
+        if t.epochs is not None:  # a control key (prefopt.rundir): the run config keeps train.epochs
+            t.max_steps = max(math.ceil(t.epochs * steps_per_epoch), 1)
         updates = self.algorithm.updates_per_step  # the schedule advances once per optimizer update
         scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * updates,
                                   num_training_steps=t.max_steps * updates)
@@ -134,19 +173,26 @@ class Trainer:
         self.loaders = dict(zip(names, prepared[3:]))
         params = [p for p in self.algorithm.model.parameters() if p.requires_grad]  # FSDP replaces them
         self.algorithm.setup(acc, self.loaders)
-        if t.report_to:
-            acc.init_trackers(self.output_dir.name, config=tracker_config(self.config.to_dict()))
 
-        writer = MetricsWriter(self.output_dir, acc, enabled=self.main)
-        averager = MetricAverager()
+        self.identity = self._on_main(identity.run_identity, self.config.algorithm_name, self.config.to_dict(),
+                                      self.data_report)
         step, consumed = 0, 0
         state = self._resume()
+        self.fresh = state is None
+        self._on_main(self._begin, state)
+        if t.report_to:
+            acc.init_trackers(self.output_dir.name, config=tracker_config(self.config.to_dict()),
+                              init_kwargs=history.tracker_kwargs(t.report_to, state["step"] if state else 0))
+        writer = MetricsWriter(self.output_dir, acc, enabled=self.main)
+        averager = MetricAverager()
+        console.say(console.banner(self.config, self.algorithm.model, self.data_report, steps_per_epoch,
+                                   acc.num_processes, self.batches_per_step, acc.mixed_precision), self.main)
         if state is not None:
             step, consumed = state["step"], state["batches_consumed"]
             self.data_position = self._restored_position(state)
             self.guard.restore(state)
             averager.restore(state.get("averagers"), acc.process_index, acc.num_processes)
-            writer.truncate_after(step)
+            console.say(f"resuming from step {step} of {t.max_steps} ({state['path']})", self.main)
         if signum := self.signals.agreed(acc):
             raise self._interrupted(signum, step, saved=False)
 
@@ -157,9 +203,11 @@ class Trainer:
         try:
             while step < t.max_steps:
                 step_start = time.perf_counter()
-                tokens = self._train_step(batches, step, params, optimizer, scheduler, averager)
+                with self.guard.sampling(step + 1, "training"):
+                    tokens = self._train_step(batches, step, params, optimizer, scheduler, averager)
                 consumed += self.batches_per_step
                 step += 1
+                self.stepped = True
                 elapsed = time.perf_counter() - step_start
                 averager.add({"perf/step_s": elapsed, "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
                               "train/lr": scheduler.get_last_lr()[0]})
@@ -169,10 +217,13 @@ class Trainer:
                     row["train/skipped_updates"] = self.guard.skipped_updates
                     row["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
                     writer.log(step, row)
+                    self.latest_metrics = row
                     console.say(console.format_line(step, t.max_steps, row, time.perf_counter() - train_start,
                                                     step - first_step), self.main)
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and "eval" in self.loaders:
-                    writer.log(step, self._evaluate_and_sample(step))
+                    evaluated = self._evaluate_and_sample(step)
+                    writer.log(step, evaluated)
+                    self.latest_metrics = {**self.latest_metrics, **evaluated}
                 if signum := self.signals.agreed(acc):
                     self._checkpoint(step, consumed, averager)
                     raise self._interrupted(signum, step, saved=True)
@@ -181,14 +232,22 @@ class Trainer:
         finally:
             progress.close()
             writer.to_csv()
-        final = self._evaluate_and_sample(step) if "eval" in self.loaders else {}
-        final["perf/train_s"] = time.perf_counter() - train_start
-        final["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
-        writer.log(step, final)
-        writer.to_csv()
-        self._checkpoint(step, consumed, averager)
+        if self._finished(state):  # resumed from the final checkpoint: the end is logged already
+            final = state["final"]
+        else:
+            final = self._evaluate_and_sample(step) if "eval" in self.loaders else {}
+            final["perf/train_s"] = time.perf_counter() - train_start
+            final["perf/peak_mem_mb"] = peak_memory_mb(acc.device)
+            writer.log(step, final)
+            writer.to_csv()
+            self._checkpoint(step, consumed, averager, final=final)
+        self.latest_metrics = {**self.latest_metrics, **final}
         if t.save_model:
-            self.save(self.output_dir / "model")
+            self.save(self.output_dir / "model", step)
+            if t.push_to_hub and self.main:
+                url = push_to_hub(self.output_dir / "model", t.push_to_hub, t.hub_private,
+                                  f"prefopt {self.config.algorithm_name}: step {step}")
+                console.say(f"uploaded {self.output_dir / 'model'} to {url}")
         if self.main:
             (self.output_dir / "summary.json").write_text(json.dumps({"step": step, **final}, indent=2))
         signum = self.signals.agreed(acc)  # before end_training, which destroys the process group
@@ -272,35 +331,54 @@ class Trainer:
 
     def _evaluate_and_sample(self, step: int) -> dict[str, float]:
         """``evaluate``, recording the completions online algorithms sample (prefopt.evaluation)."""
-        return evaluate_and_sample(self.evaluate, step, self.output_dir, self.main)
+        with self.guard.sampling(step, "evaluation"):
+            return evaluate_and_sample(self.evaluate, step, self.output_dir, self.main)
 
-    def save(self, out_dir: str | Path) -> None:
+    def save(self, out_dir: str | Path, step: int | None = None) -> None:
         self.guard.check_weights(self.algorithm.model, self.config.train.max_steps, f"the model {out_dir}")
         self.accelerator.wait_for_everyone()
         if self.main:
-            self.algorithm.save(out_dir)
+            step = self.config.train.max_steps if step is None else step
+            rundir.replace_dir(Path(out_dir), lambda tmp: self._export(tmp, step))  # never a half-written model/
         self.accelerator.wait_for_everyone()
 
-    def _checkpoint(self, step: int, consumed: int, averager: MetricAverager) -> None:
+    def _export(self, out_dir: str | Path, step: int) -> None:
+        """The model as plain transformers / peft load it, with its card and recipe (prefopt.export)."""
+        self.algorithm.save(out_dir)
+        write_provenance(out_dir, self.config, step, self.latest_metrics, self.data_report.get("manifests", {}))
+
+    def _weights_once(self) -> ExportedWeights | None:
+        """How a checkpoint stores its weights once (in its model/), or None where accelerate must store them: sharded
+        or DeepSpeed-held weights."""
+        if sharded_weights(self.accelerator) or self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return None
+        return ExportedWeights(self.accelerator.unwrap_model(self.algorithm.model), self.algorithm.exported_model)
+
+    def _checkpoint(self, step: int, consumed: int, averager: MetricAverager, final: dict | None = None) -> None:
         t = self.config.train
         self.guard.check_weights(self.algorithm.model, step, "checkpoint")
+        ends = {"final": final} if final is not None else {}
         state = {"batches_consumed": consumed, "data_positions": gather_object([list(self.data_position)]),
+                 "identity": self.identity, "logs": history.log_sizes(self.output_dir), **ends,
                  **self.guard.state(), "averagers": gather_object([averager.state()]),
                  "seed": t.seed, "batch_size": t.batch_size,
                  "gradient_accumulation_steps": t.gradient_accumulation_steps,
                  "num_processes": self.accelerator.num_processes}
-        export = None if sharded_weights(self.accelerator) else self.algorithm.save  # model/: plain from_pretrained
-        save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints, export=export)
+        weights = self._weights_once()
+        export = None if sharded_weights(self.accelerator) else lambda out: self._export(out, step)  # from_pretrained
+        save_checkpoint(self.accelerator, self.output_dir, step, state, keep=t.keep_checkpoints, export=export,
+                        weights=weights)
 
     def _resume(self) -> dict[str, Any] | None:
         """The trainer state of the checkpoint ``train.resume`` names (None: a fresh start); see load_resume."""
-        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume)
+        found = load_resume(self.accelerator, self.output_dir, self.config.train.resume, self._weights_once(),
+                            check=lambda path, state: identity.check_resumable(path, state, self.identity,
+                                                                               self.config.train))
         if found is None:
             return None
         path, state = found
         self._check_resume_state(state, path)
-        log.info("resumed from %s at step %d", path, state["step"])
-        return state
+        return {**state, "path": str(path)}
 
     def _restored_position(self, state: dict[str, Any]) -> tuple[int, int]:
         """This process's (epoch, batches taken) from the checkpoint; derived from the step with another count."""

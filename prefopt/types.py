@@ -38,6 +38,7 @@ class LMBatch(_Batch):
     input_ids: Tensor  # [B, T]
     attention_mask: Tensor  # [B, T]
     labels: Tensor  # [B, T], -100 where no loss (prompt tokens, padding)
+    position_ids: Tensor | None = None  # [B, T] packed SFT rows: each packed example counts from 0 (data.packing)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class PromptBatch(_Batch):
     attention_mask: Tensor  # [B, Tp]
     prompts: list[str] = field(default_factory=list)  # the prompt texts
     meta: list[dict[str, Any]] = field(default_factory=list)  # per-row extras (e.g. a reference answer)
+    raw_prompts: list[Any] = field(default_factory=list)  # each prompt as the data gave it: a string or chat messages
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Rollout(_Batch):
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
+    raw_prompts: list[Any] = field(default_factory=list)  # as PromptBatch.raw_prompts (reward models and functions)
     group: Tensor | None = None  # [B] long: which prompt each row answers (the G samples of a prompt share it)
 
     @property

@@ -1,4 +1,5 @@
-"""A short DPO run's ``prefopt train`` overrides, shared by the CLI-level run tests (test_run_policy, test_run_watch).
+"""A short DPO run's ``prefopt train`` overrides, shared by the CLI-level run tests (test_run_policy, test_run_watch,
+tests/faults), and ``train`` / ``one_line``: a run through ``prefopt.cli.main`` and the one ``prefopt:`` line it printed.
 
 16 training pairs of ``hh_small`` (about 12 held out), 128 tokens, batches of 4, 2 steps, a metrics row every step,
 no progress bar; ``extra`` overrides come last and win.
@@ -7,6 +8,21 @@ no progress bar; ``extra`` overrides come last and win.
 from __future__ import annotations
 
 from pathlib import Path
+
+from prefopt.cli import main
+
+
+def train(capsys, *argv: str) -> tuple[int, str]:
+    """``prefopt train`` with overrides ``argv``, in-process: (exit code, stderr)."""
+    code = main(["train", "", *argv])
+    return code, capsys.readouterr().err
+
+
+def one_line(stderr: str) -> str:
+    """The one ``prefopt:`` line of ``stderr`` (asserting there is one, and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
 
 
 def short_dpo(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

@@ -41,10 +41,10 @@ LOSSES = {  # name -> (algorithm settings, accumulation with 1 process, with 2)
 }
 
 
-def question_number(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]:
+def question_number(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     """The run's reward (``callable``): (i mod 5) / 4 for "question i" plus the response's length / 100; it differs
     between the rows of a batch although a random model's greedy responses are all alike."""
-    return [int(p.split("question ")[1].split("?")[0]) % 5 / 4 + len(r) / 100 for p, r in zip(prompts, responses)]
+    return [int(p.split("question ")[1].split("?")[0]) % 5 / 4 + len(r) / 100 for p, r in zip(prompts, completions)]
 
 
 def global_batch() -> dict[str, torch.Tensor]:

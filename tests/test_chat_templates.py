@@ -83,13 +83,14 @@ def test_dpo_pairs_token_ids_equal_trl(chat_model, tmp_path):
 
 
 def test_sft_messages_token_ids_equal_trl_prompt_completion(chat_model, tmp_path):
-    """An OpenAI-style ``messages`` row (system turn kept) is split at its last assistant turn; TRL's SFT on the
-    same split as conversational prompt-completion gives the same input ids and the same loss tokens."""
+    """An OpenAI-style ``messages`` row (system turn kept) is split at its last assistant turn; with
+    ``assistant_turns: last``, TRL's SFT on the same split as conversational prompt-completion gives the same input
+    ids and the same loss tokens."""
     from trl import SFTConfig, SFTTrainer
 
     _, tokenizer, model = chat_model
     rows = [{"messages": row["prompt"] + row["chosen"]} for row in PAIR_ROWS]
-    cfg = data_cfg(write_jsonl(tmp_path / "messages.jsonl", rows))
+    cfg = data_cfg(write_jsonl(tmp_path / "messages.jsonl", rows), assistant_turns="last")
     records = by_key(load_rows(cfg, "sft").train, "completion")
     theirs_rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in PAIR_ROWS]
     args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, max_length=None)
@@ -100,6 +101,56 @@ def test_sft_messages_token_ids_equal_trl_prompt_completion(chat_model, tmp_path
         assert ours["input_ids"] == theirs["input_ids"]
         assert ours["labels"] == theirs["labels"]  # -100 on the prompt: the same tokens carry loss
         assert IGNORE_INDEX in ours["labels"] and ours["labels"][-1] != IGNORE_INDEX
+
+
+CONVERSATIONS = [
+    [SYSTEM, user("Hi there."), bot("Hello! How can I help?"), user("Name a prime number."), bot("Seven."),
+     user("And an even one?"), bot("Two, the only even prime.")],
+    [user("How many legs does a spider have?"), bot("Eight legs.")],
+    [SYSTEM, user("Capital of France?"), bot("Paris."), user("Of Italy?"), bot("Rome.")],
+]
+
+
+def marked(template: str) -> str:
+    """The fixture's template with ``{% generation %}`` markers around each assistant turn after its header, as
+    TRL's assistant_only_loss needs them (ChatML: content + "<|im_end|>\\n"; Llama 3: content + "<|eot_id|>")."""
+    if "<|im_start|>" in template:
+        head, end = "'<|im_start|>' + message['role'] + '\\n'", "'<|im_end|>' + '\\n'"
+    else:
+        head, end = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'", "'<|eot_id|>'"
+    body = f"message['content'] + {end}"
+    turn = (f"{{{{ {head} }}}}{{% if message['role'] == 'assistant' %}}{{% generation %}}{{{{ {body} }}}}"
+            f"{{% endgeneration %}}{{% else %}}{{{{ {body} }}}}{{% endif %}}")
+    start, stop = template.index("{% for message in messages %}"), template.index("{% endfor %}")
+    return template[:start] + "{% for message in messages %}" + turn + template[stop:]
+
+
+def test_sft_every_assistant_turn_carries_loss_as_trl_assistant_only_loss(chat_model, tmp_path):
+    """Multi-turn conversations with system turns: input ids and loss tokens equal TRL 1.16's SFT with
+    ``assistant_only_loss=True`` on the same template with generation markers (prefopt needs none)."""
+    from trl import SFTConfig, SFTTrainer
+
+    _, tokenizer, model = chat_model
+    rows = [{"messages": conversation} for conversation in CONVERSATIONS]
+    cfg = data_cfg(write_jsonl(tmp_path / "messages.jsonl", rows))
+    records = by_key(load_rows(cfg, "sft").train, "completion")
+    theirs_tokenizer = AutoTokenizer.from_pretrained(chat_model[0])
+    theirs_tokenizer.chat_template = marked(tokenizer.chat_template)
+    assert theirs_tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False) == tokenizer.apply_chat_template(
+        CONVERSATIONS[0], tokenize=False)
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, max_length=None,
+                     assistant_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=theirs_tokenizer)
+    for conversation, theirs in zip(CONVERSATIONS, trainer.train_dataset):
+        ours = SFT.tokenize(records[conversation[-1]["content"]], tokenizer, cfg)
+        assert ours["input_ids"] == theirs["input_ids"]
+        assert ours["labels"] == theirs["labels"]  # TRL folds its assistant_masks into the labels
+        turns = sum(message["role"] == "assistant" for message in conversation)
+        assert ours["turns"] == [turns, turns]
+        loss_text = tokenizer.decode([t for t in ours["labels"] if t != IGNORE_INDEX])
+        assert all(m["content"] in loss_text for m in conversation if m["role"] == "assistant")
+        assert not any(m["content"] in loss_text for m in conversation if m["role"] != "assistant")
 
 
 def test_text_kind_of_messages_equals_trl_language_modeling(chat_model, tmp_path):
@@ -181,18 +232,20 @@ def test_hh_strings_stay_hh_text_and_none_or_a_file_choose_the_rendering(qwen2_w
     assert tokenizer.decode(feature["chosen_ids"]) == " Paris is the capital.\n"
 
 
-SEEN_PROMPTS: list[str] = []
+SEEN: list[tuple] = []
 
 
-def remember_prompts(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]:
-    """A ``callable`` reward that records the prompt texts the rollouts were generated from."""
-    SEEN_PROMPTS.extend(prompts)
-    return [float(len(response)) for response in responses]
+def remember_prompts(prompts, completions, **kwargs) -> list[float]:
+    """A TRL-style reward function that records what the rollouts hand it."""
+    SEEN.extend(zip(prompts, completions))
+    return [float(len(completion[0]["content"])) for completion in completions]
 
 
 def test_ppo_rollouts_start_from_the_templated_prompts(qwen2_window_dir, tmp_path):
-    """Online prompts go through the same rendering: PPO generates after TRL's templated prompt text."""
+    """Online prompts go through the same rendering: PPO generates after TRL's templated prompt text, and a reward
+    function gets the prompts as the data gave them (messages) and assistant-message completions, as in TRL."""
     from prefopt.config import build_run_config
+    from prefopt.rl.engine import repeat_prompts
     from prefopt.trainer import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen2_window_dir)
@@ -203,7 +256,12 @@ def test_ppo_rollouts_start_from_the_templated_prompts(qwen2_window_dir, tmp_pat
               "data": {"path": str(path), "eval_fraction": 0.0},
               "train": {"output_dir": str(tmp_path / "ppo"), "max_steps": 1, "batch_size": 3, "progress": False,
                         "mixed_precision": "no", "save_model": False}}
-    SEEN_PROMPTS.clear()
-    Trainer(build_run_config(recipe)).fit()
+    SEEN.clear()
+    trainer = Trainer(build_run_config(recipe))
+    trainer.prepare_data()
+    batch = repeat_prompts(next(iter(trainer.loaders["train"])), 1)
     expected = {maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer)["prompt"] for row in PAIR_ROWS}
-    assert set(SEEN_PROMPTS) == expected and all(p.endswith("<|im_start|>assistant\n") for p in SEEN_PROMPTS)
+    assert set(batch.prompts) == expected and all(p.endswith("<|im_start|>assistant\n") for p in batch.prompts)
+    trainer.fit()
+    assert sorted(json.dumps(p) for p, _ in SEEN) == sorted(json.dumps(row["prompt"]) for row in PAIR_ROWS)
+    assert all(c[0]["role"] == "assistant" and len(c) == 1 for _, c in SEEN)

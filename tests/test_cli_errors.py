@@ -171,7 +171,7 @@ def test_bad_recipe_files(tmp_path, capsys):
 
 def test_bad_model_and_tokenizer(files, tokenizers, tmp_path, capsys):
     line = error_line(*run(capsys, *base(tmp_path / "no-model", tmp_path, files["good"])))
-    assert f"model path '{tmp_path / 'no-model'}' does not exist" in line
+    assert f"model.name_or_path '{tmp_path / 'no-model'}': the folder does not exist" in line
     line = error_line(*run(capsys, *base(tokenizers["no_pad_no_eos"], tmp_path, files["good"])))
     assert "has no pad or eos token" in line
 
@@ -258,7 +258,8 @@ def test_recipe_text_is_parsed_before_variables_are_expanded(files, tiny_model_d
     monkeypatch.setenv("PREFOPT_TEST_SECTION", "{path: elsewhere}")
     recipe.write_text(common + "data: ${PREFOPT_TEST_SECTION}\n")
     line = error_line(main(["train", str(recipe)]), capsys.readouterr().err)
-    assert line == "prefopt: error: data: expected a mapping of keys, got str"
+    assert line == ("prefopt: error: data: expected a mapping of keys, got str (the value of data comes from "
+                    "${PREFOPT_TEST_SECTION} = '{path: elsewhere}')")
     # an unset variable without a default is an error (it used to become "")
     monkeypatch.delenv("PREFOPT_TEST_UNSET", raising=False)
     recipe.write_text(common + "data:\n  path: ${PREFOPT_TEST_UNSET}\n")

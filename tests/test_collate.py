@@ -194,3 +194,35 @@ def test_length_bucketing_cuts_padding_and_is_reproducible(pairs, tokenizer):
     first = order(seed=1)
     assert first == order(seed=1) and first != order(seed=2)
     assert first[0] != first[1]  # each epoch draws a new order from the seeded generator
+
+
+# ------------------------------------------------------------------------------------------------ SFT packing
+def test_packed_sft_examples_score_as_they_do_alone(llama_chat_dir, tmp_path):
+    """data.packing: examples packed best-fit into max_length sequences; with their own positions and a causal mask
+    of their own, every token's log-prob equals the unpacked one (exact attention boundaries)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefopt.algorithms.lm import lm_nll
+    from prefopt.data.collate import lm_batch, pack_examples
+    from prefopt.scoring import TokenScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_chat_dir)
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}?" * (1 + i % 3)},
+                          {"role": "assistant", "content": "An answer." * (1 + i % 4)}]} for i in range(9)]
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = DataConfig(path=str(path), eval_fraction=0.0, max_length=96, max_prompt_length=64)
+    features = [KINDS.get("sft").tokenize(r, tokenizer, cfg) for r in load_rows(cfg, "sft").train]
+    packed = pack_examples(features, cfg.max_length)
+    assert len(packed) < len(features) and all(len(f["input_ids"]) <= 96 for f in packed)
+    assert sum(f["examples"] for f in packed) == len(features)
+    scorer = TokenScorer(AutoModelForCausalLM.from_pretrained(llama_chat_dir, dtype=torch.float32).eval())
+
+    def logps(*args, **kwargs):
+        return scorer(*args, **kwargs)[0]
+
+    with torch.no_grad():
+        alone = lm_nll(logps, lm_batch(features, tokenizer.pad_token_id))
+        together = lm_nll(logps, lm_batch(packed, tokenizer.pad_token_id))
+    assert together[1] == alone[1] > 0  # the same loss tokens
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-4)

@@ -311,3 +311,27 @@ def test_manifest_has_counts_hashes_sources_and_skips(hh_pairs, tmp_path):
     assert small["count"] == 2 and small == swapped  # the hash is of the SORTED ids
     write_manifest(tmp_path / "out" / "manifest.json", pinned)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == json.loads(json.dumps(pinned))
+
+
+# ------------------------------------------------------------------------------------------------ several sources
+def test_sources_are_mixed_by_weight_after_the_split_with_their_column_maps(tmp_path):
+    """Two sources in two formats: an SFT file with its own column names (mapped) taken twice, and the MedicalGPT
+    SFT conversations taken half; held-out rows are not weighted; the manifest records each source's weight."""
+    own = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Question {i}?", "answer": f"Answer {i}."}
+                                              for i in range(40)])
+    sources = [{"path": str(own), "weight": 2.0, "columns": {"question": "prompt", "answer": "completion"}},
+               {"path": str(MEDICAL_SFT), "weight": 0.5}]
+    from prefopt.config import from_dict
+
+    cfg = from_dict(DataConfig, {"sources": sources, "eval_fraction": 0.1})
+    mixed = load_rows(cfg, "sft")
+    alone = [load_rows(DataConfig(path=s["path"], columns=s.get("columns", {}), eval_fraction=0.1), "sft")
+             for s in sources]
+    own_train = [r for r in mixed.train if isinstance(r["prompt"], str)]
+    assert len(own_train) == 2 * len(alone[0].train) and own_train[:len(alone[0].train)] == alone[0].train
+    assert len(mixed.train) - len(own_train) == round(0.5 * len(alone[1].train))
+    assert len(mixed.eval) == len(alone[0].eval) + len(alone[1].eval)
+    assert [s["weight"] for s in mixed.manifest["sources"]] == [2.0, 0.5]
+    assert mixed.formats == {"sft": 40, "conversations": 1000}
+    with pytest.raises(Exception, match="give data.path or data.sources"):
+        from_dict(DataConfig, {"path": str(own), "sources": sources})

@@ -5,6 +5,7 @@ and sharegpt, with a system turn), OpenAI-style messages; wrong fields are skipp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -143,11 +144,16 @@ def test_openai_messages_with_system_turns(tmp_path, tokenizer):
     path = rows_file(tmp_path, [{"messages": messages}, {"messages": messages[:2]}])
     loaded, cfg = load(path, "sft")
     assert loaded.formats == {"messages": 2} and loaded.skipped == {"messages: no assistant turn": 1}
-    feature = SFT.tokenize(loaded.train[0], tokenizer, cfg)
-    n = feature["labels"].count(-100)
+    feature = SFT.tokenize(loaded.train[0], tokenizer, cfg)  # data.assistant_turns: all (the default)
+    n = feature["prompt_length"]
     assert tokenizer.decode(feature["input_ids"][:n]) == (
         f"<|im_start|>system\nYou are terse.{END}{IM_USER}2+2?{END}{IM_BOT}4{END}{IM_USER}3+3?{END}{IM_BOT}")
     assert tokenizer.decode(feature["input_ids"][n:]) == f"6{END}"
+    assert tokenizer.decode([t for t in feature["labels"] if t != -100]) == f"4{END}6{END}"
+    assert feature["turns"] == [2, 2]
+    last = SFT.tokenize(loaded.train[0], tokenizer, dataclasses.replace(cfg, assistant_turns="last"))
+    assert last["input_ids"] == feature["input_ids"] and last["turns"] == [1, 2]
+    assert tokenizer.decode([t for t in last["labels"] if t != -100]) == f"6{END}"
 
 
 def test_whole_conversations_that_do_not_start_with_the_prompt_are_skipped(tmp_path):

@@ -26,14 +26,19 @@ PROMPTS = [{"prompt": [{"role": "user", "content": "How do I bake bread?"}]},
            {"prompt": [{"role": "user", "content": "Name a color."}]}]
 SAMPLING = ["--samples", "2", "--batch-size", "2", "--max-new-tokens", "6", "--seed", "5"]
 JUDGE = '''
-def characters(prompts, responses, meta):
+def text(completion):
+    """TRL's completions: a string for a string prompt, [assistant message] for a chat prompt."""
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def characters(prompts, completions, **kwargs):
     """A hand-made judge: the reply's length in characters."""
-    return [float(len(r)) for r in responses]
+    return [float(len(text(c))) for c in completions]
 
 
-def has_e(prompts, responses, meta):
+def has_e(prompts, completions, **kwargs):
     """A verifiable rule: 1 when the reply holds the letter e."""
-    return [1.0 if "e" in r else 0.0 for r in responses]
+    return [1.0 if "e" in text(c) else 0.0 for c in completions]
 '''
 
 

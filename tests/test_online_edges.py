@@ -197,14 +197,14 @@ def test_pass_at_k_and_mean_at_k_at_evaluation(gpt2_real_dir):
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(gpt2_real_dir)))
     grpo = GRPO(run.algorithm, run, tokenizer)
     grpo.build()
-    score = lambda prompts, responses, meta: [float(len(r) % 3 == 0) for r in responses]  # noqa: E731
+    score = lambda prompts, completions, **kw: [float(len(r) % 3 == 0) for r in completions]  # noqa: E731
     grpo.reward = CompositeReward([{"name": "callable", "params": {"fn": score}}], tokenizer, "cpu")
     texts = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(6)]
     encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
     batch = PromptBatch(encoded["input_ids"], encoded["attention_mask"], texts, [{}] * 6)
     out = grpo.evaluate(batch)
     rollout = generate(grpo.policy, tokenizer, batch, run.algorithm.generation, 3, seed=run.train.seed)
-    scores = torch.tensor(score(None, rollout.responses, None)).view(6, 3)
+    scores = torch.tensor(score(None, rollout.responses)).view(6, 3)
     assert out["count"] == 6 and "kl" not in out  # beta 0, full weights: no reference
     assert out["reward/mean@3"] == pytest.approx(float(scores.mean(-1).sum()))
     assert out["reward/pass@3"] == float(scores.max(-1).values.sum())

@@ -48,10 +48,6 @@ def score(text: str) -> float:
     return sum(c in "aeiou" for c in text) / max(len(text), 1)
 
 
-def prefopt_reward(prompts, responses, meta):
-    return [score(r) for r in responses]
-
-
 def trl_reward(completions, **kwargs):
     return [score(c[0]["content"] if isinstance(c, list) else c) for c in completions]
 
@@ -139,7 +135,7 @@ def prefopt_update(world: World, algorithm_cls, accumulation: int, **algorithm) 
                             "train": {"batch_size": len(QUESTIONS), "gradient_accumulation_steps": accumulation}})
     algo = algorithm_cls(run.algorithm, run, world.tokenizer)
     algo.build()
-    algo.reward = CompositeReward([{"name": "callable", "params": {"fn": prefopt_reward}}], world.tokenizer, "cpu")
+    algo.reward = CompositeReward([{"name": "callable", "params": {"fn": trl_reward}}], world.tokenizer, "cpu")
     scored = algo.score(world.rollout)
     advantages = algo.advantages(scored)
     losses = [out.loss for out in algo.update(scored, advantages, {})]

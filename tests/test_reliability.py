@@ -79,7 +79,9 @@ def train(args: list[str]) -> int:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The weights of a model/ folder, or of a checkpoint (its model/ holds them: stored once)."""
+    inner = path / "model" / "model.safetensors"
+    return load_file(str(inner if inner.is_file() else path / "model.safetensors"))
 
 
 def logged(out: Path) -> list[dict]:
@@ -133,7 +135,8 @@ def test_sigterm_then_resume_is_bit_exact(dropout_model, hh_small, tmp_path, one
     # everything in a checkpoint loads without unpickling code
     checkpoint = complete_checkpoints(resumed)[-1]
     names = sorted(p.name for p in checkpoint.iterdir())
-    assert "model.safetensors" in names and not any(n.startswith("pytorch_model") for n in names)
+    assert "model" in names and not any(n.startswith(("model.safetensors", "pytorch_model")) for n in names)
+    assert (checkpoint / "model" / "model.safetensors").is_file()  # the weights, once: in model/
     for name in names:
         if name.endswith((".bin", ".pkl", ".pt")):
             with torch.serialization.safe_globals(SAFE_RNG_GLOBALS):
@@ -228,10 +231,12 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(tiny_model_dir
                      "train.max_steps=6", "train.eval_every=0", "algorithm.precompute_reference=false")
     assert train(args) == 3
     stderr = capsys.readouterr().err
+    checkpoint = out / "checkpoints" / "step-00000004"
     assert stderr.strip().splitlines()[-1] == (
-        "prefopt: error: non-finite loss at step 5; stopped, the newest checkpoint with finite weights is "
-        f"{out / 'checkpoints' / 'step-00000004'} (resume with train.resume=auto). "
-        "Set train.on_nonfinite=skip to skip such updates.")
+        "prefopt: error: non-finite loss at step 5; stopped. The newest checkpoint with finite weights and optimizer "
+        f"state is {checkpoint}; resumed as it is, it repeats the same steps exactly (and meets the same NaN): resume "
+        f"with train.resume={checkpoint} train.on_nonfinite=skip to skip such updates, or start a new run from "
+        f"{checkpoint / 'model'} with a lower train.learning_rate")
     assert "Traceback" not in stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] and not list((out / "checkpoints").glob("*.tmp"))
     last = complete_checkpoints(out)[-1]

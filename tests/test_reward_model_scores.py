@@ -7,6 +7,8 @@ in prefopt too (``prefopt.scoring.score_positions``). On ``llama-chat`` (pad != 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from prefopt.config import ModelConfig, build_run_config
 from prefopt.data.collate import pad
-from prefopt.models import load_reward_model
+from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.scoring import RewardScorer
 from prefopt.trainer import Trainer
 
@@ -88,3 +90,99 @@ def test_training_batches_are_scored_as_plain_transformers_scores_their_rows(tra
     ended = sum(row[-1] == trainer.tokenizer.eos_token_id for row in rows)
     assert ended >= 2  # completions end with eos (the rest were cut at data.max_length)
     torch.testing.assert_close(ours, plain_scores(model_dir, rows), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ online reading
+CHAT_ROWS = [
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I bake bread?"}],
+     "chosen": "Mix flour, water and yeast, then bake.", "rejected": "No idea."},
+    {"prompt": [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a prime."}], "chosen": "Seven.", "rejected": "Eight, I think."},
+    {"prompt": [{"role": "user", "content": "What is two plus two?"}], "chosen": "Four.", "rejected": "Five."},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_reward_models(realistic_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    """A score head (seeded) on the ChatML (Qwen2) and the Llama-3 fixtures, saved as the reward stage saves one."""
+    out = {}
+    for name in ("qwen2-window", "llama-chat"):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(realistic_model_dirs[name], num_labels=1,
+                                                                   dtype=torch.float32)
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(realistic_model_dirs[name]).pad_token_id
+        out[name] = tmp_path_factory.mktemp(f"rm-{name}")
+        model.save_pretrained(out[name])
+        AutoTokenizer.from_pretrained(realistic_model_dirs[name]).save_pretrained(out[name])
+    return out
+
+
+def reward_stage_scores(rm_dir: Path, tmp_path: Path, **limits) -> torch.Tensor:
+    """Scores of prompt + chosen and prompt + rejected of ``CHAT_ROWS``, as the reward stage reads them: the rows
+    through the ``ranks`` kind with the RM's tokenizer, the batch through the RM's scorer."""
+    from prefopt.config import DataConfig
+    from prefopt.data import build_dataloader
+    from prefopt.data.kinds import RANKS
+
+    rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in CHAT_ROWS]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "scores": [1.0, 0.0]} for r in rows]
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(rm_dir)))
+    loader, _ = build_dataloader(records, "ranks", tokenizer, DataConfig(path=str(path), **limits),
+                                 batch_size=len(records), shuffle=False, seed=0)
+    batch = next(iter(loader))
+    assert RANKS is not None and batch.input_ids.shape[0] == 2 * len(CHAT_ROWS)
+    scorer = RewardScorer(load_reward_model(str(rm_dir), ModelConfig(name_or_path=str(rm_dir))))
+    with torch.no_grad():
+        return scorer(batch.input_ids, batch.attention_mask)  # [prompt 0 chosen, prompt 0 rejected, prompt 1 ...]
+
+
+def chat_rollout(policy_tokenizer) -> "Rollout":
+    """The chosen and rejected responses of ``CHAT_ROWS`` as a finished rollout: the prompts as the data gave them and
+    as the policy's template renders them (token tensors are placeholders: the RM reads the texts)."""
+    from prefopt.types import Rollout
+
+    prompts = [row["prompt"] for row in CHAT_ROWS for _ in range(2)]
+    responses = [row[key] for row in CHAT_ROWS for key in ("chosen", "rejected")]
+    n = len(responses)
+    return Rollout(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
+                   response_ids=torch.zeros(n, 1, dtype=torch.long), response_mask=torch.ones(n, 1, dtype=torch.long),
+                   logprobs=torch.zeros(n, 1), ended=torch.ones(n, dtype=torch.bool), responses=responses,
+                   raw_prompts=prompts, prompts=[policy_tokenizer.apply_chat_template(p, tokenize=False,
+                                                                                     add_generation_prompt=True)
+                                                 for p in prompts])
+
+
+@pytest.mark.parametrize("policy, rm", [("qwen2-window", "qwen2-window"), ("llama-chat", "llama-chat"),
+                                        ("qwen2-window", "llama-chat"), ("llama-chat", "qwen2-window")])
+def test_online_reward_model_scores_what_the_reward_stage_scored(policy, rm, realistic_model_dirs,
+                                                                 chat_reward_models, tmp_path):
+    """GRPO/RLOO/PPO read an RM where the reward stage trained it: the same (prompt, response) texts get the same
+    score online (the policy's templated prompt, its decoded response) as in the reward stage, for ChatML and
+    Llama-3 templates, for an RM of the policy's family and of the other one (rendered with ITS template)."""
+    from prefopt.rl.rewards import RewardModelReward
+
+    policy_tokenizer = load_tokenizer(ModelConfig(name_or_path=str(realistic_model_dirs[policy])))
+    rollout = chat_rollout(policy_tokenizer)
+    online = RewardModelReward(policy_tokenizer, "cpu", path=str(chat_reward_models[rm]))(rollout)
+    expected = reward_stage_scores(chat_reward_models[rm], tmp_path)
+    torch.testing.assert_close(online, expected, atol=1e-5, rtol=0)
+    assert expected.std() > 1e-3  # different texts, different scores: the comparison is not between constants
+
+
+def test_online_reward_model_cuts_rows_as_its_reward_stage_did(realistic_model_dirs, chat_reward_models, tmp_path):
+    """The reward stage's data.max_length / max_prompt_length, read from the recipe saved with the RM, cut the online
+    rows as they cut the training rows (here short enough to cut every prompt and response)."""
+    from prefopt.rl.rewards import RewardModelReward
+
+    rm = tmp_path / "rm"
+    shutil.copytree(chat_reward_models["llama-chat"], rm)
+    (rm / "prefopt_recipe.yaml").write_text("data: {max_length: 20, max_prompt_length: 12, chat_template: auto}\n")
+    rollout = chat_rollout(load_tokenizer(ModelConfig(name_or_path=str(realistic_model_dirs["qwen2-window"]))))
+    reader = RewardModelReward(None, "cpu", path=str(rm))
+    assert (reader.data.max_length, reader.data.max_prompt_length) == (20, 12)
+    expected = reward_stage_scores(rm, tmp_path, max_length=20, max_prompt_length=12)
+    torch.testing.assert_close(reader(rollout), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(expected, reward_stage_scores(rm, tmp_path))  # uncut rows score otherwise

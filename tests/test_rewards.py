@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from prefopt.config import ModelConfig
-from prefopt.errors import ConfigError, UnknownNameError
+from prefopt.errors import ConfigError, PrefoptError, UnknownNameError
 from prefopt.models import load_tokenizer
 from prefopt.registry import REWARDS
 from prefopt.rl.rewards import CompositeReward, RewardSpec, build_component
@@ -98,13 +100,14 @@ def test_task_words_are_single_tokens_and_prompts_are_hh_style(tokenizer, tmp_pa
     assert len(lines) == 5 and lines[0].startswith('{"prompt": ')
 
 
-def count_cats(prompts, responses, meta):
-    return [float(r.count("cat")) + (10.0 if m.get("answer") == "cat" else 0.0) for r, m in zip(responses, meta)]
+def count_cats(prompts, completions, answer=None, **kwargs):
+    """A TRL-style reward function: the data's ``answer`` column comes as a keyword argument."""
+    return [float(c.count("cat")) + (10.0 if a == "cat" else 0.0) for c, a in zip(completions, answer)]
 
 
 def test_callable_imports_module_function(tokenizer, tmp_path, monkeypatch):
-    source = ("def exclaim(prompts, responses, meta):\n"
-              "    return [len(p) % 7 + r.count('!') for p, r in zip(prompts, responses)]\n")
+    source = ("def exclaim(prompts, completions, **kwargs):\n"
+              "    return [len(p) % 7 + c.count('!') for p, c in zip(prompts, completions)]\n")
     (tmp_path / "my_rewards.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     rollout = make_rollout(tokenizer, responses=["wow!!", "", "!"])
@@ -123,8 +126,8 @@ def test_callable_errors_say_what_is_missing(tokenizer, spec, message):
 
 
 def test_callable_must_return_one_value_per_response(tokenizer):
-    reward = component("callable", tokenizer, fn=lambda p, r, m: [1.0])
-    with pytest.raises(ValueError, match="one float per response"):
+    reward = component("callable", tokenizer, fn=lambda completions, **kwargs: [1.0])
+    with pytest.raises(PrefoptError, match="one float or None per response"):
         reward(make_rollout(tokenizer))
 
 
@@ -162,10 +165,10 @@ def test_composite_is_the_weighted_sum_and_logs_each_component(tokenizer):
     specs = [RewardSpec("format_validity", weight=2.0),
              {"name": "length_penalty", "weight": 0.5, "params": {"target": 0, "coef": 1.0}},
              {"name": "callable", "weight": -1.0, "params": {"fn": count_cats}},
-             {"name": "callable", "weight": 3.0, "params": {"fn": lambda p, r, m: [1.0] * len(r)}}]
+             {"name": "callable", "weight": 3.0, "params": {"fn": lambda completions, **kw: [1.0] * len(completions)}}]
     reward = CompositeReward(specs, tokenizer, "cpu")
     total, parts = reward(rollout)
-    assert list(parts) == ["format_validity", "length_penalty", "callable", "callable_2"]
+    assert list(parts) == ["format_validity", "length_penalty", "count_cats", "callable"]
     lengths = rollout.response_mask.sum(-1).float()
     torch.testing.assert_close(parts["length_penalty"], -lengths)
     expected = 2.0 * torch.tensor([1.0, 0.0, 0.0]) - 0.5 * lengths - torch.tensor([11.0, 0.0, 0.0]) + 3.0
@@ -197,3 +200,72 @@ def test_a_new_component_is_one_class_and_one_decorator(tokenizer):
     finally:
         REWARDS.unregister("test_constant")
 
+
+
+# ------------------------------------------------------------------------------------------------ TRL reward functions
+def format_reward_func(completions, **kwargs):
+    """Reward function that checks if the completion has a specific format (TRL's documentation, unchanged)."""
+    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+    completion_contents = [completion[0]["content"] for completion in completions]
+    matches = [re.match(pattern, content) for content in completion_contents]
+    return [1.0 if match else 0.0 for match in matches]
+
+
+def accuracy_reward(completions, solution, **kwargs):
+    """TRL-style: the ``solution`` column as a keyword argument; None where there is nothing to check against."""
+    contents = [completion[0]["content"] for completion in completions]
+    return [None if s is None else float(s in c) for c, s in zip(contents, solution)]
+
+
+def old_style(prompts, responses, meta):
+    return [0.0] * len(responses)
+
+
+CHAT = [[{"role": "user", "content": "2+2?"}], [{"role": "system", "content": "Be exact."},
+                                                 {"role": "user", "content": "3+3?"}]]
+
+
+def chat_rollout(tokenizer):
+    """Two prompts x two samples, chat messages as the data gave them, a ``solution`` column (None for prompt 1)."""
+    responses = ["<think>easy</think><answer>4</answer>", "four", "<think>hm</think><answer>6</answer>", "6"]
+    rollout = make_rollout(tokenizer, prompts=["p"] * 4, responses=responses, ended=(True,) * 4)
+    return dataclasses.replace(rollout, raw_prompts=[CHAT[0], CHAT[0], CHAT[1], CHAT[1]],
+                               meta=[{"solution": "4"}, {"solution": "4"}, {}, {}],
+                               group=torch.tensor([0, 0, 1, 1]))
+
+
+def test_trl_reward_functions_work_unchanged_and_none_is_handled_as_trl_does(tokenizer):
+    """Completions of chat prompts come as assistant messages, columns as keyword arguments; a None is NaN in its
+    component (logged nan-aware), the total sums the components that scored; a response no component scored takes
+    its group's mean, so its advantage is 0 (TRL: excluded from the baseline, advantage 0)."""
+    rollout = chat_rollout(tokenizer)
+    total, parts = CompositeReward([{"name": "callable", "params": {"fn": format_reward_func}},
+                                    {"name": "callable", "weight": 2.0, "params": {"fn": accuracy_reward},
+                                     "label": "accuracy"}], tokenizer, "cpu")(rollout)
+    assert list(parts) == ["format_reward_func", "accuracy"]
+    assert parts["format_reward_func"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert parts["accuracy"][:2].tolist() == [1.0, 0.0] and parts["accuracy"][2:].isnan().all()
+    assert total.tolist() == [3.0, 0.0, 1.0, 0.0]  # rows 2, 3: only the format term scored them
+    alone, _ = CompositeReward([{"name": "callable", "params": {"fn": accuracy_reward}}], tokenizer, "cpu")(rollout)
+    assert alone.tolist() == [1.0, 0.0, 0.0, 0.0]  # group 1: nothing scored, 0
+    rollout.meta[1] = {}  # row 1 unscored: it takes row 0's score, the mean of its group's scored rows
+    alone, _ = CompositeReward([{"name": "callable", "params": {"fn": accuracy_reward}}], tokenizer, "cpu")(rollout)
+    assert alone.tolist() == [1.0, 1.0, 0.0, 0.0]
+    strings = make_rollout(tokenizer)  # string prompts: completions are strings, as in TRL's standard format
+    lengths = component("callable", tokenizer, fn=lambda completions, **kw: [len(c) for c in completions])(strings)
+    assert lengths.tolist() == [float(len(r)) for r in RESPONSES]
+
+
+def test_a_reward_function_is_checked_when_the_recipe_is_read_and_recorded_by_its_import_path():
+    from prefopt.config import build_run_config
+
+    def recipe(fn):
+        return {"algorithm": {"name": "grpo", "rewards": [{"name": "callable", "params": {"fn": fn}}]},
+                "model": {"name_or_path": "no-such-model"}}
+
+    with pytest.raises(ConfigError, match=r"old_style\(prompts, responses, meta\) cannot be called as TRL calls"):
+        build_run_config(recipe(f"{__name__}:old_style"))
+    config = build_run_config(recipe(count_cats))
+    assert config.to_dict()["algorithm"]["rewards"][0]["params"]["fn"] == f"{__name__}:count_cats"
+    with pytest.raises(UnknownNameError, match="length_penalty"):
+        build_run_config({**recipe(count_cats), "algorithm": {"name": "grpo", "rewards": [{"name": "lenght_penalty"}]}})

@@ -16,7 +16,6 @@ on the realistic GPT-2 fixture (dropout 0.1, pad = eos) and 48 HH pairs, 2-4 ste
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,8 +27,8 @@ from safetensors.torch import load_file
 
 from prefopt.algorithms.losses.sigmoid import sigmoid
 from prefopt.checkpoint import complete_checkpoints
-from cli_runs import short_dpo
-from prefopt.cli import main
+from cli_runs import one_line as last_line
+from cli_runs import short_dpo, train
 from prefopt.registry import LOSSES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,23 +37,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 args = short_dpo
 
 
-def train(capsys, *argv: str) -> tuple[int, str]:
-    code = main(["train", "", *argv])
-    return code, capsys.readouterr().err
-
-
-def last_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("prefopt:")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
-
-
 def steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The weights of a model/ folder, or of a checkpoint (its model/ holds them: stored once)."""
+    inner = path / "model" / "model.safetensors"
+    return load_file(str(inner if inner.is_file() else path / "model.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------- output directory
@@ -146,11 +136,13 @@ def test_skip_stops_after_max_skipped_updates_in_a_row(gpt2_real_dir, hh_small, 
     code, stderr = train(capsys, *args(gpt2_real_dir, hh_small, out, "algorithm.loss=nan_after", "train.max_steps=8",
                                        "train.on_nonfinite=skip", "train.max_skipped_updates=3",
                                        "train.save_every=2"))
+    checkpoint = out / "checkpoints" / "step-00000004"
     assert code == 3
     assert last_line(stderr) == (
         "prefopt: error: 3 updates in a row skipped (non-finite loss, last at step 5; train.max_skipped_updates=3); "
-        f"stopped, the newest checkpoint with finite weights is {out / 'checkpoints' / 'step-00000004'} "
-        "(resume with train.resume=auto)")
+        f"stopped. The newest checkpoint with finite weights and optimizer state is {checkpoint}; resumed as it is, "
+        f"it repeats the same steps exactly (and meets the same NaN): start a new run from {checkpoint / 'model'} "
+        "with a lower train.learning_rate")
     assert not (out / "model").exists() and not (out / "summary.json").exists()
 
 
@@ -159,8 +151,8 @@ def test_skip_with_no_checkpoint_says_there_is_none(gpt2_real_dir, hh_small, tmp
     code, stderr = train(capsys, *args(gpt2_real_dir, hh_small, out, "algorithm.loss=nan_after", "train.max_steps=20",
                                        "train.on_nonfinite=skip"))
     assert code == 3
-    assert last_line(stderr).endswith("stopped, no checkpoint with finite weights was written, so there is nothing "
-                                      "to resume from")
+    assert last_line(stderr).endswith("stopped. No checkpoint with finite weights and optimizer state was written, so "
+                                      "there is nothing to resume from: start over with a lower train.learning_rate")
     assert "train.max_skipped_updates=10" in stderr and not (out / "checkpoints").exists()
 
 
@@ -182,16 +174,18 @@ def test_non_finite_weights_are_never_written(gpt2_real_dir, hh_small, tmp_path,
     code, stderr = train(capsys, *args(gpt2_real_dir, hh_small, out, "train.max_steps=3", "train.save_every=1",
                                        "train.on_nonfinite=skip"))
     assert code == 3
+    checkpoint = out / "checkpoints" / "step-00000001"
     assert last_line(stderr) == (
-        "prefopt: error: the weights are non-finite at step 2; checkpoint not written; stopped, the newest "
-        f"checkpoint with finite weights is {out / 'checkpoints' / 'step-00000001'} (resume with train.resume=auto)")
+        "prefopt: error: the weights are non-finite at step 2; checkpoint not written; stopped. The newest checkpoint "
+        f"with finite weights and optimizer state is {checkpoint}; resumed as it is, it repeats the same steps exactly "
+        f"(and meets the same NaN): start a new run from {checkpoint / 'model'} with a lower train.learning_rate")
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000001"] and not (out / "model").exists()
     assert all(torch.isfinite(t).all() for t in weights(complete_checkpoints(out)[0]).values())
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def truncate_weights(path: Path) -> Path:
-    file = path / "model.safetensors"
+    file = path / "model" / "model.safetensors"  # a checkpoint's weights: in its model/
     file.write_bytes(file.read_bytes()[:1000])
     return file
 
@@ -245,10 +239,10 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(gpt2_real_dir, hh_small, 
     assert train(capsys, *run)[0] == 0
     with (out / "metrics.jsonl").open("a") as handle:
         handle.write('{"step": 3, "train/lo')  # the process died mid-write
-    with caplog.at_level("WARNING", logger="prefopt.metrics"):
+    with caplog.at_level("INFO", logger="prefopt.history"):
         code, stderr = train(capsys, *run, "train.resume=auto", "train.max_steps=3")
     assert code == 0, stderr
-    assert f"{out / 'metrics.jsonl'}:4: dropped an unreadable line" in caplog.text
+    assert f"{out / 'metrics.jsonl'}: dropped 1 row(s) written after the checkpoint (1 torn)" in caplog.text
     assert steps(out) == [1, 2, 2, 3, 3]
 
 
@@ -261,6 +255,11 @@ def test_resume_with_every_checkpoint_damaged_names_them(gpt2_real_dir, hh_small
     code, stderr = train(capsys, *run, "train.resume=auto")
     assert code == 2
     line = last_line(stderr)
-    assert line.startswith(f"prefopt: error: no usable checkpoint in {out / 'checkpoints'}: "
-                           f"{only / 'model.safetensors'}: ")
-    shutil.rmtree(out)
+    assert line.startswith(f"prefopt: error: no usable checkpoint in {out / 'checkpoints'} "
+                           f"({only / 'model' / 'model.safetensors'}: 1000 bytes, written with ")
+    assert line.endswith("this run cannot be continued: set train.overwrite=true to start it over")
+    code, stderr = train(capsys, *run, "train.resume=auto")  # it stays refused (once it silently started over)
+    assert code == 2
+    assert last_line(stderr).startswith(f"prefopt: error: no usable checkpoint in {out / 'checkpoints'} "
+                                        f"(set aside earlier: {only.name}.corrupt)")
+    assert train(capsys, *run, "train.overwrite=true")[0] == 0

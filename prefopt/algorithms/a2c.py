@@ -139,6 +139,11 @@ class A2CConfig(OnlineConfig):
         check(self.critic_learning_rate is None or self.critic_learning_rate >= 0, "algorithm.critic_learning_rate",
               self.critic_learning_rate, "must be >= 0")
         check(self.head_batch_size > 0, "algorithm.head_batch_size", self.head_batch_size, "must be > 0")
+        for key in ("preference_steps", "rule_steps"):
+            check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
+        check(self.preference_steps > 0 or self.preference_weight == 0 or self.reward_heads is not None,
+              "algorithm.preference_steps", self.preference_steps,
+              "must be > 0 while the preference head is used (preference_weight > 0) and not loaded (reward_heads)")
 
 
 def a2c_objective(logps: Tensor, values: Tensor, entropy: Tensor, ref_logps: Tensor, advantages: Tensor,
@@ -328,10 +333,14 @@ class A2C(OnlineAlgorithm):
         """Sums over one response per prompt, drawn with train.seed as the skeleton's evaluation draws it."""
         scored = self.score(self.collect(batch, seed=self.run.train.seed))
         sums = {"reward/score": scored.scores.sum(), "kl": scored.kl.sum(), "response_length": scored.mask.sum(),
-                **{f"reward/{k}": v.sum() for k, v in scored.components.items()}}
+                **{f"reward/{k}": v.nansum() for k, v in scored.components.items()}}
         return {**{k: float(v) for k, v in sums.items()}, "count": float(len(scored.rollout.responses))}
 
     # ------------------------------------------------------------------ save
+    @property
+    def exported_model(self) -> torch.nn.Module:
+        return self.lm  # the policy as a plain transformers model; the heads' file is beside it
+
     def save(self, out_dir: str | Path) -> None:
         """The policy as a plain transformers model (trunk + trained top), plus the value and reward heads."""
         out_dir = Path(out_dir)

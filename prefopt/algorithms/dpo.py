@@ -22,8 +22,9 @@ import torch
 from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import (ReferenceCache, means, pair_layout, policy_logps, preference_metrics,
                                         resolve_loss, sums)
-from prefopt.config import LoraConfig, check
+from prefopt.config import MAX_COEF, TOO_STRONG, LoraConfig, check
 from prefopt.distributed import seed_epoch
+from prefopt.errors import ConfigError, UnknownNameError
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
@@ -48,6 +49,7 @@ class DPOConfig:
 
     def __post_init__(self):
         check(self.beta > 0, "algorithm.beta", self.beta, "must be > 0")
+        check(self.beta <= MAX_COEF, "algorithm.beta", self.beta, TOO_STRONG)
 
 
 @register_algorithm("dpo")
@@ -57,6 +59,13 @@ class DPO(Algorithm):
     kind = "pairs"
     kl_knob = "beta"  # the Config field the benchmark sweeps for its reward-vs-KL frontier
     Config = DPOConfig
+
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        try:  # a misspelled loss or parameter: refused when the recipe is read
+            resolve_loss(run.algorithm.loss, run.algorithm.loss_params)
+        except UnknownNameError as exc:
+            raise ConfigError(f"algorithm.loss={run.algorithm.loss!r}: {exc}") from None
 
     def build(self) -> None:
         self.loss_fn = resolve_loss(self.config.loss, self.config.loss_params)

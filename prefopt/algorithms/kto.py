@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from prefopt.algorithm import Algorithm
-from prefopt.config import LoraConfig, check
+from prefopt.config import MAX_COEF, TOO_STRONG, LoraConfig, check
 from prefopt.data.collate import pad
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.registry import register_algorithm
@@ -47,6 +47,7 @@ class KTOConfig:
 
     def __post_init__(self):
         check(self.beta > 0, "algorithm.beta", self.beta, "must be > 0")
+        check(self.beta <= MAX_COEF, "algorithm.beta", self.beta, TOO_STRONG)
         check(self.desirable_weight > 0, "algorithm.desirable_weight", self.desirable_weight, "must be > 0")
         check(self.undesirable_weight > 0, "algorithm.undesirable_weight", self.undesirable_weight, "must be > 0")
 

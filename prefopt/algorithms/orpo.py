@@ -21,7 +21,7 @@ from torch import Tensor
 
 from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import means, pair_layout, sums
-from prefopt.config import check
+from prefopt.config import MAX_COEF, TOO_STRONG, check
 from prefopt.models import load_causal_lm
 from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
@@ -45,6 +45,7 @@ class ORPOConfig:
 
     def __post_init__(self):
         check(self.beta >= 0, "algorithm.beta", self.beta, "must be >= 0")
+        check(self.beta <= MAX_COEF, "algorithm.beta", self.beta, TOO_STRONG)
 
 
 @register_algorithm("orpo")

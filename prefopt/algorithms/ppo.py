@@ -130,6 +130,8 @@ class PPOConfig(OnlineConfig):
         check(self.cliprange_value > 0, "algorithm.cliprange_value", self.cliprange_value, "must be > 0")
         for key in ("vf_coef", "ptx_coef", "value_head_std"):
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
+        check(self.ptx_batch_size is None or self.ptx_batch_size > 0, "algorithm.ptx_batch_size", self.ptx_batch_size,
+              "must be > 0 (or null: the PPO minibatch size)")
         check(self.critic_learning_rate is None or self.critic_learning_rate >= 0, "algorithm.critic_learning_rate",
               self.critic_learning_rate, "must be >= 0")
 

@@ -41,7 +41,14 @@ def load_heads(reward_heads: str | None, trainable_layers: int) -> dict[str, Any
     path = path / HEADS_FILE if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"algorithm.reward_heads={str(path)!r}: file not found")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle of code, a truncated or foreign file: unpickling errors have many types
+        raise ConfigError(f"algorithm.reward_heads={str(path)!r}: not a heads file saved by a2c ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"algorithm.reward_heads={str(path)!r}: not a heads file saved by a2c (it holds a "
+                          f"{type(saved).__name__})")
     if saved.get("trainable_layers") != trainable_layers:
         raise ConfigError(f"algorithm.reward_heads were trained with trainable_layers="
                           f"{saved.get('trainable_layers')}, not {trainable_layers}")
@@ -100,7 +107,7 @@ def train_preference_head(trunk: Trunk, head: PreferenceHead, run: Any, tokenize
 
     cfg, data_cfg = run.algorithm, run.data
     if cfg.preference_data:
-        data_cfg = dataclasses.replace(data_cfg, path=cfg.preference_data, format="auto")
+        data_cfg = dataclasses.replace(data_cfg, path=cfg.preference_data, format="auto", sources=[])
     try:
         loaded = load_rows(data_cfg, "ranks")
     except PrefoptError as exc:

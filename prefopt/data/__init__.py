@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.config import DataConfig, RunConfig
+from prefopt.config import DataConfig, DataSource, RunConfig
+from prefopt.data.chat import install_template
 from prefopt.data.collate import build_dataloader, pack
 from prefopt.data.formats import check_names, convert, detect_format, parse_row
 from prefopt.data.hh import split_hh
@@ -25,7 +26,7 @@ from prefopt.errors import DataError
 log = logging.getLogger("prefopt.data")
 
 __all__ = ["LoadedData", "SkipRow", "assign", "build_dataloader", "load_rows", "manifest", "pack", "read_records",
-           "record_id", "run_loaders", "split_hh", "write_manifest"]
+           "record_id", "run_loaders", "run_tokenizer", "split_hh", "write_manifest"]
 
 
 @dataclass
@@ -57,13 +58,14 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
     share the split. Bad rows are skipped and counted with their reason; ``cfg.max_examples`` caps the train
     part (in hash order) after the split. DataError when no usable row is left.
     """
-    check_names(cfg.format, kind)
     skips = SkipLog()
     formats: Counter[str] = Counter()
-    plan = [(source, cfg.format) for source in open_sources(cfg)]
+    plan = _plan(cfg, kind)
     if kind == "text" and cfg.text_path:  # plain text, one document per line, after the data
-        plan += [(source, "auto") for source in open_sources(dataclasses.replace(cfg, path=cfg.text_path))]
-    groups = dedupe(_records(plan, kind, skips, formats), skips)
+        text = dataclasses.replace(cfg, path=cfg.text_path, sources=[])
+        plan += [(source, DataSource(cfg.text_path)) for source in open_sources(text)]
+    origin: dict[str, tuple[int, float]] = {}  # the place of each row -> (its source, the source's weight)
+    groups = dedupe(_records(plan, kind, skips, formats, origin), skips)
     sources = [source for source, _ in plan]
     if not groups:
         names = ", ".join(source.label for source in sources)
@@ -76,7 +78,7 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
                         "lower data.eval_fraction")
     # one (row id, record) per record, in hash order; a row that gives two records lists its id twice
     members = {name: [(rid, item) for rid in ids for item in groups[rid]] for name, ids in split.items()}
-    members["train"] = members["train"][:cfg.max_examples]
+    members["train"] = weighted(members["train"], origin)[:cfg.max_examples]
     parts = {name: [rid for rid, _ in items] for name, items in members.items()}
     pinned = manifest(parts, [source.info for source in sources], skips, salt=cfg.split_salt, fractions=fractions)
     pinned.update(kind=kind, config=dataclasses.asdict(cfg), formats=dict(formats))
@@ -90,20 +92,52 @@ def load_rows(cfg: DataConfig, kind: str) -> LoadedData:
 
 
 def read_records(cfg: DataConfig, kind: str) -> tuple[list[tuple[str, dict[str, Any]]], SkipLog]:
-    """Every usable ``kind`` record of ``cfg.path`` with its place ("file:line"), in file order: no split and no
-    dedupe (an evaluation set is read as it is written). Bad rows are counted in the returned SkipLog."""
-    check_names(cfg.format, kind)
+    """Every usable ``kind`` record of ``cfg.path`` (or ``cfg.sources``) with its place ("file:line"), in file order:
+    no split, no dedupe and no weights (an evaluation set is read as it is written). Bad rows are counted in the
+    returned SkipLog."""
     skips = SkipLog()
-    plan = [(source, cfg.format) for source in open_sources(cfg)]
-    return [(where, record) for where, _, record in _records(plan, kind, skips, Counter())], skips
+    return [(where, record) for where, _, record in _records(_plan(cfg, kind), kind, skips, Counter(), {})], skips
 
 
-def _records(plan: list[tuple[Source, str]], kind: str, skips: SkipLog, formats: Counter[str]
-             ) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """``(place, source row id, record)`` of every usable record of the ``(source, format)`` plan; bad rows go
-    to ``skips``, detected formats are counted in ``formats``."""
-    for source, fmt in plan:
+def _plan(cfg: DataConfig, kind: str) -> list[tuple[Source, DataSource]]:
+    """The sources ``cfg`` reads, each with its spec (``data.sources``, or ``data.path`` as one source of weight 1)."""
+    plan: list[tuple[Source, DataSource]] = []
+    for spec in cfg.sources or [DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)]:
+        check_names(spec.format, kind)
+        one = dataclasses.replace(cfg, path=spec.path, split=spec.split, subsets=spec.subsets, sources=[])
+        for source in open_sources(one):
+            source.info.update({"weight": spec.weight, "columns": spec.columns} if cfg.sources else {})
+            plan.append((source, spec))
+    return plan
+
+
+def weighted(members: list[tuple[str, tuple[str, Any]]], origin: dict[str, tuple[int, float]]
+             ) -> list[tuple[str, tuple[str, Any]]]:
+    """The training members with each source's rows taken ``weight`` times (``DataSource.weight``): whole copies, then
+    the first rows (in hash order) for the fraction. Sources of weight 1 are as they were."""
+    if all(weight == 1.0 for _, weight in origin.values()):
+        return members
+    by_source: dict[tuple[int, float], list[tuple[str, tuple[str, Any]]]] = {}
+    for member in members:
+        by_source.setdefault(origin[member[1][0]], []).append(member)
+    out = []
+    for (_, weight), items in by_source.items():
+        count = round(weight * len(items))
+        out += items * (count // len(items)) + items[:count % len(items)]
+    return out
+
+
+def _records(plan: list[tuple[Source, DataSource]], kind: str, skips: SkipLog, formats: Counter[str],
+             origin: dict[str, tuple[int, float]]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(place, source row id, record)`` of every usable record of the ``(source, spec)`` plan, its columns renamed
+    by the spec's column map; bad rows go to ``skips``, detected formats are counted in ``formats``, the weight of each
+    place's source goes to ``origin``."""
+    for index, (source, spec) in enumerate(plan):
+        fmt = spec.format
         for where, row in source.rows(skips):
+            origin[where] = (index, spec.weight)
+            if spec.columns:
+                row = {spec.columns.get(key, key): value for key, value in row.items()}
             try:
                 found = detect_format(row) if fmt == "auto" else fmt
                 formats[found] += 1
@@ -117,6 +151,16 @@ def _records(plan: list[tuple[Source, str]], kind: str, skips: SkipLog, formats:
             row_id = record_id(parsed)
             for record in records:
                 yield where, row_id, record
+
+
+def run_tokenizer(run: RunConfig) -> Any:
+    """The tokenizer of a run (prefopt.models.load_tokenizer) with the chat template ``data.chat_template`` names
+    installed, so that what the run saves renders chat as the run trained on it."""
+    from prefopt.models import load_tokenizer
+
+    tokenizer = load_tokenizer(run.model)
+    install_template(tokenizer, run.data.chat_template)
+    return tokenizer
 
 
 def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
@@ -147,7 +191,8 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
         loaders["eval"] = eval_loader
         skipped["eval"] = eval_skipped
     report = {"manifests": manifests, "tokenization_skipped": skipped,
-              "rows": {"train": len(loaded.train), "eval": len(eval_rows)}}
+              "rows": {"train": len(loaded.train), "eval": len(eval_rows)},
+              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()}}
     if drop_last:
         left_out = len(train_loader.dataset) % t.batch_size
         report["rows_left_out_per_epoch"] = left_out

@@ -15,17 +15,29 @@ as they are (HH-RLHF text stays HH text). Messages are rendered, as TRL 1.16 doe
 
 Strings and HH text are tokenized without special tokens, the prompt and each response separately, so the
 prompt / response boundary is exact; every string response ends with ``tokenizer.eos_token_id``.
+
+A conversation's assistant turns (``conversation_ids``, the SFT kind's ``data.assistant_turns: all``) are found as
+TRL's ``assistant_only_loss`` finds them through ``{% generation %}`` markers, without needing the markers: turn i
+spans from where ``template(messages[:i], add_generation_prompt=True)`` and the whole conversation part to where
+``template(messages[:i + 1])`` and the whole conversation part (the turn's content and the template's end of turn).
+
+Chat messages on a tokenizer without a chat template are an error under ``data.chat_template: auto`` (as TRL
+raises): name a template (``chatml``, ``llama3``: prefopt.data.templates; or a file), or ``none`` for HH text.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prefopt.data.hh import Message, render, render_prompt, render_response
+from prefopt.data.hh import ASSISTANT, Message, render, render_prompt, render_response
 from prefopt.data.readers import SkipRow
+from prefopt.data.templates import SPECIAL_TOKENS, TEMPLATES
 from prefopt.errors import DataError
+
+log = logging.getLogger("prefopt.data")
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system"}
@@ -61,13 +73,46 @@ def is_chat(value: Any) -> bool:
 
 
 def template_of(tokenizer: Any, setting: str) -> str | None:
-    """The chat template ``data.chat_template`` selects: the tokenizer's ("auto"), none ("none"), or a file's text."""
+    """The chat template ``data.chat_template`` selects: the tokenizer's ("auto"; None when it has none), none
+    ("none"), a named one (prefopt.data.templates) or a file's text."""
     if setting == "none":
         return None
     if setting == "auto":
         template = getattr(tokenizer, "chat_template", None)
         return template if isinstance(template, str) and template else None
+    if setting in TEMPLATES:
+        return TEMPLATES[setting]
     return _read_template(setting)
+
+
+def chat_template(tokenizer: Any, setting: str) -> str | None:
+    """The template chat messages are rendered with (None: as HH text, ``data.chat_template: none``).
+
+    DataError when the setting is "auto" and the tokenizer has no template: TRL raises there too, and training a chat
+    model on "Human: / Assistant:" text without saying so is worse."""
+    template = template_of(tokenizer, setting)
+    if template is None and setting != "none":
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise DataError(f"conversational rows (chat messages), but the tokenizer of {name!r} has no chat template: "
+                        f"set data.chat_template to {' or '.join(TEMPLATES)} (built in), a Jinja template file, or "
+                        "none to render them as HH text (\\n\\nHuman: ... \\n\\nAssistant: ...) on purpose")
+    return template
+
+
+def install_template(tokenizer: Any, setting: str) -> None:
+    """Give ``tokenizer`` the template a named or file ``data.chat_template`` selects, so that the saved model (and
+    whatever loads it: generation, evaluation, the next stage) renders chat as training did. "auto" / "none": as is.
+
+    A warning names the template's markers that are not single tokens of this tokenizer (``prefopt init-model
+    --chat-template`` adds them)."""
+    if setting in ("auto", "none"):
+        return
+    tokenizer.chat_template = template_of(tokenizer, setting)
+    missing = [t for t in SPECIAL_TOKENS.get(setting, []) if t not in tokenizer.get_vocab()]
+    if missing:
+        log.warning("data.chat_template=%s: the tokenizer has no token %s; the template's markers are split into "
+                    "ordinary tokens (a model made with `prefopt init-model --chat-template %s` has them)",
+                    setting, ", ".join(missing), setting)
 
 
 @lru_cache(maxsize=8)
@@ -83,8 +128,9 @@ def describe_rendering(tokenizer: Any, setting: str) -> str:
     if setting == "none":
         return "chat messages as HH text (data.chat_template: none)"
     if template_of(tokenizer, setting) is None:
-        return "chat messages as HH text (the tokenizer has no chat template)"
-    source = "the tokenizer's chat template" if setting == "auto" else f"the template file {setting}"
+        return "chat messages are refused: the tokenizer has no chat template (set data.chat_template)"
+    source = ("the tokenizer's chat template" if setting == "auto" else f"the built-in {setting} template"
+              if setting in TEMPLATES else f"the template file {setting}")
     return f"chat messages with {source}; plain strings as they are"
 
 
@@ -123,7 +169,7 @@ def prompt_and_response_ids(tokenizer: Any, prompt: Text, responses: list[Text],
                             ) -> tuple[list[int], list[list[int]]]:
     """Untruncated ``(prompt_ids, [response_ids, ...])`` of a prompt and its responses (see the module docstring)."""
     if is_chat(prompt):
-        template = template_of(tokenizer, setting)
+        template = chat_template(tokenizer, setting)
         if template is not None:
             prompt_ids = template_ids(tokenizer, prompt, template, add_generation_prompt=True)
             full = [template_ids(tokenizer, prompt + response, template) for response in responses]
@@ -134,10 +180,47 @@ def prompt_and_response_ids(tokenizer: Any, prompt: Text, responses: list[Text],
     return encode(tokenizer, prompt), [encode(tokenizer, response) + [eos] for response in responses]
 
 
+def sft_ids(tokenizer: Any, prompt: Text, completion: Text, setting: str, all_turns: bool
+            ) -> tuple[list[int], list[tuple[int, int]], list[int], int]:
+    """Untruncated ``(prompt_ids, spans, completion_ids, earlier)`` of an SFT row: the prompt and completion ids as
+    ``prompt_and_response_ids`` gives them, the ``[start, end)`` token spans of the prompt's own assistant turns that
+    carry loss too (``all_turns``; see the module docstring), and how many assistant turns the prompt holds.
+
+    String prompts are prompt + completion (TRL's completion-only loss): no span; their earlier turns are the
+    "\\n\\nAssistant:" markers before the last one."""
+    if not is_chat(prompt):
+        prompt_ids, (completion_ids,) = prompt_and_response_ids(tokenizer, prompt, [completion], setting)
+        return prompt_ids, [], completion_ids, max(prompt.count(ASSISTANT) - 1, 0)
+    earlier = [i for i, message in enumerate(prompt) if message["role"] == "assistant"]
+    template = chat_template(tokenizer, setting)
+    if not (all_turns and earlier):
+        prompt_ids, (completion_ids,) = prompt_and_response_ids(tokenizer, prompt, [completion], setting)
+        return prompt_ids, [], completion_ids, len(earlier)
+    if template is not None:
+        full = template_ids(tokenizer, prompt + completion, template)
+        cut = common_prefix_length(template_ids(tokenizer, prompt, template, add_generation_prompt=True), full)
+        spans = []
+        for i in earlier:
+            start = common_prefix_length(template_ids(tokenizer, prompt[:i], template, add_generation_prompt=True),
+                                         full)
+            end = common_prefix_length(template_ids(tokenizer, prompt[:i + 1], template), full)
+            spans.append((start, min(end, cut)))
+        return full[:cut], spans, full[cut:], len(earlier)
+    text, ids, spans, start = render_prompt(prompt), [], [], 0
+    for i in earlier:  # HH text, cut at each turn's edges, each piece tokenized on its own
+        begin, end = len(render_prompt(prompt[:i])), len(render(prompt[:i + 1]))
+        ids += encode(tokenizer, text[start:begin])
+        turn = encode(tokenizer, text[begin:end])
+        spans.append((len(ids), len(ids) + len(turn)))
+        ids, start = ids + turn, end
+    ids += encode(tokenizer, text[start:])
+    return ids, spans, encode(tokenizer, render_response(prompt, completion)) + [eos_token_id(tokenizer)], len(earlier)
+
+
 def prompt_text_and_ids(tokenizer: Any, prompt: Text, setting: str) -> tuple[str, list[int]]:
     """A generation prompt as text and ids: templated with the generation prompt added, HH text, or the string."""
     if is_chat(prompt):
-        template = template_of(tokenizer, setting)
+        template = chat_template(tokenizer, setting)
         if template is not None:
             text = tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
@@ -149,7 +232,7 @@ def prompt_text_and_ids(tokenizer: Any, prompt: Text, setting: str) -> tuple[str
 def document_ids(tokenizer: Any, text: Text, setting: str) -> list[int]:
     """A document for language modelling: a templated conversation, or the string (HH text) followed by EOS."""
     if is_chat(text):
-        template = template_of(tokenizer, setting)
+        template = chat_template(tokenizer, setting)
         if template is not None:
             return template_ids(tokenizer, text, template)
         text = render(text)

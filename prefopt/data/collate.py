@@ -8,6 +8,7 @@ length buckets (rows of similar length together, so less padding) with a seeded,
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections import Counter
@@ -76,15 +77,48 @@ def pack(docs: list[list[int]], max_length: int) -> list[Feature]:
     return chunks
 
 
+def pack_examples(features: list[Feature], max_length: int) -> list[Feature]:
+    """SFT examples packed into sequences of at most ``max_length`` tokens, best-fit decreasing (TRL's
+    ``packing_strategy="bfd"``): longest first, each into the fullest sequence it still fits.
+
+    A packed feature keeps every example whole, with ``position_ids`` counting from 0 in each (where the next example
+    starts) and the label of each example's first token -100 (it would be predicted from the example before it);
+    the SFT forward gives each example a causal mask of its own (prefopt.algorithms.lm), so every token sees only
+    its example, as unpacked."""
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"])):
+        size = len(features[i]["input_ids"])
+        at = bisect.bisect_left(rooms, (size, -1))
+        if at == len(rooms):
+            bins.append([])
+            room, where = max_length, len(bins) - 1
+        else:
+            room, where = rooms.pop(at)
+        bins[where].append(i)
+        bisect.insort(rooms, (room - size, where))
+    packed = []
+    for members in bins:
+        parts = [features[i] for i in sorted(members)]
+        packed.append({"input_ids": [t for f in parts for t in f["input_ids"]],
+                       "labels": [t for f in parts for t in [IGNORE_INDEX] + f["labels"][1:]],
+                       "position_ids": [t for f in parts for t in range(len(f["input_ids"]))],
+                       "turns": [sum(f["turns"][k] for f in parts) for k in (0, 1)], "examples": len(parts)})
+    return packed
+
+
 def _ones(rows: list[list[int]]) -> list[list[int]]:
     return [[1] * len(row) for row in rows]
 
 
 def lm_batch(features: list[Feature], pad_id: int) -> LMBatch:
-    """Causal-LM rows; ``labels`` from the feature (sft) or the input ids (packed text)."""
+    """Causal-LM rows; ``labels`` from the feature (sft) or the input ids (packed text); the position ids of packed
+    SFT examples (``pack_examples``)."""
     rows = [f["input_ids"] for f in features]
+    positions = pad([f["position_ids"] for f in features], 0) if "position_ids" in features[0] else None
     return LMBatch(input_ids=pad(rows, pad_id), attention_mask=pad(_ones(rows), 0),
-                   labels=pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX))
+                   labels=pad([f.get("labels", f["input_ids"]) for f in features], IGNORE_INDEX),
+                   position_ids=positions)
 
 
 def pair_batch(features: list[Feature], pad_id: int) -> PairBatch:
@@ -123,7 +157,8 @@ def prompt_batch(features: list[Feature], pad_id: int) -> PromptBatch:
     """Prompts LEFT-padded for generation, with their texts and meta."""
     rows = [f["prompt_ids"] for f in features]
     return PromptBatch(input_ids=pad(rows, pad_id, left=True), attention_mask=pad(_ones(rows), 0, left=True),
-                       prompts=[f["prompt"] for f in features], meta=[f["meta"] for f in features])
+                       prompts=[f["prompt"] for f in features], meta=[f["meta"] for f in features],
+                       raw_prompts=[f.get("raw_prompt", f["prompt"]) for f in features])
 
 
 def unpaired_batch(features: list[Feature], pad_id: int) -> UnpairedBatch:

@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefopt.config import DataConfig
-from prefopt.data.chat import document_ids, prompt_and_response_ids, prompt_text_and_ids
-from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pad_token_id, pair_batch, prompt_batch,
-                                  rank_batch, unpaired_batch)
+from prefopt.data.chat import document_ids, prompt_and_response_ids, prompt_text_and_ids, sft_ids
+from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pack_examples, pad_token_id, pair_batch,
+                                  prompt_batch, rank_batch, unpaired_batch)
 from prefopt.data.readers import SkipRow
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
@@ -35,7 +35,12 @@ from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBa
 def prompt_and_responses(tokenizer: Any, prompt: Any, responses: list[Any],
                          cfg: DataConfig) -> tuple[list[int], list[list[int]]]:
     """Prompt ids (left-truncated) and each response's ids (right-truncated to fit ``max_length``)."""
-    prompt_ids, response_ids = prompt_and_response_ids(tokenizer, prompt, responses, cfg.chat_template)
+    return fit(*prompt_and_response_ids(tokenizer, prompt, responses, cfg.chat_template), cfg)
+
+
+def fit(prompt_ids: list[int], response_ids: list[list[int]], cfg: DataConfig) -> tuple[list[int], list[list[int]]]:
+    """The prompt cut from the left to ``max_prompt_length``, then each response from the right to ``max_length``;
+    SkipRow when a response keeps no token."""
     prompt_ids = prompt_ids[-cfg.max_prompt_length:]
     room = cfg.max_length - len(prompt_ids)
     out = []
@@ -73,11 +78,29 @@ class PairsKind(Kind):
 
 
 class SFTKind(Kind):
-    """{prompt, completion} -> LMBatch with labels -100 on the prompt tokens and the padding."""
+    """{prompt, completion} -> LMBatch with labels -100 on the prompt tokens and the padding, except the prompt's own
+    assistant turns of a conversation under ``data.assistant_turns: all`` (prefopt.data.chat.sft_ids).
+
+    A feature's ``turns`` is ``[assistant turns carrying loss, assistant turns]`` of its row and ``prompt_length``
+    where its last turn starts (``prefopt data`` shows both)."""
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
-        prompt_ids, (completion,) = prompt_and_responses(tokenizer, record["prompt"], [record["completion"]], cfg)
-        return {"input_ids": prompt_ids + completion, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion}
+        prompt_ids, spans, completion, earlier = sft_ids(tokenizer, record["prompt"], record["completion"],
+                                                         cfg.chat_template, cfg.assistant_turns == "all")
+        cut = max(len(prompt_ids) - cfg.max_prompt_length, 0)  # from the left, as every kind cuts its prompts
+        completion = completion[:cfg.max_length - len(prompt_ids) + cut]
+        if not completion:
+            raise SkipRow("prompt longer than max_length")
+        labels = [IGNORE_INDEX] * len(prompt_ids)
+        kept = [(max(start, cut), end) for start, end in spans if end > cut]
+        for start, end in kept:
+            labels[start:end] = prompt_ids[start:end]
+        return {"input_ids": prompt_ids[cut:] + completion, "labels": labels[cut:] + completion,
+                "prompt_length": len(prompt_ids) - cut, "turns": [len(kept) + 1, earlier + 1]}
+
+    def prepare(self, features: list[Feature], cfg: DataConfig) -> list[Feature]:
+        """``data.packing``: examples packed into data.max_length sequences, each with its own positions and mask."""
+        return pack_examples(features, cfg.max_length) if cfg.packing else features
 
     def collate(self, features: list[Feature], tokenizer: Any) -> LMBatch:
         return lm_batch(features, pad_token_id(tokenizer))
@@ -115,7 +138,8 @@ class PromptsKind(Kind):
 
     def tokenize(self, record: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Feature:
         text, prompt_ids = prompt_text_and_ids(tokenizer, record["prompt"], cfg.chat_template)
-        return {"prompt_ids": prompt_ids[-cfg.max_prompt_length:], "prompt": text, "meta": dict(record.get("meta", {}))}
+        return {"prompt_ids": prompt_ids[-cfg.max_prompt_length:], "prompt": text, "raw_prompt": record["prompt"],
+                "meta": dict(record.get("meta", {}))}
 
     def collate(self, features: list[Feature], tokenizer: Any) -> PromptBatch:
         return prompt_batch(features, pad_token_id(tokenizer))

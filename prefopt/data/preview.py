@@ -5,7 +5,8 @@ The rows go through the very path training takes (``load_rows`` and ``build_data
 with its places, how chat messages are rendered, and the first example of each split decoded from the token ids
 of its batch: ``┃`` marks where the prompt ends and the response starts, ``⟦ ⟧`` enclose the tokens that carry
 loss (sft: labels other than -100; pairs / unpaired: the completion mask; ranks: the last token, where the
-reward model reads its score; prompts: none, generation starts after the prompt), and those tokens are listed.
+reward model reads its score; prompts: none, generation starts after the prompt), and those tokens are listed;
+for SFT, how many assistant turns carry loss (``data.assistant_turns``).
 Long spans are cut to ``SHOWN_CHARS`` characters (a prompt keeps its end, a response its start).
 """
 
@@ -51,11 +52,22 @@ def preview(data: DataConfig, kind: str, tokenizer: Any, eval_data: DataConfig |
         note = f"; skipped at tokenization {skips.total}: {skips.summary()}" if skips.total else ""
         lines.append(f"\n[{split}] {len(records)} records -> {kept} {'packed chunks' if kind == 'text' else 'rows'}"
                      f" of tokens{note}")
+        if kind == "sft":
+            lines.append(_turns_line(loader.dataset, data))
         feature = loader.dataset[0]
         where = places[feature["index"]] if "index" in feature else "the first documents, packed"
         lines.append(f"first example ({where}):")
         lines += _example(next(iter(loader)), feature, tokenizer)
     return "\n".join(lines)
+
+
+def _turns_line(features: list[dict[str, Any]], data: DataConfig) -> str:
+    """``assistant turns carrying loss: 3474 of 3474 (data.assistant_turns: all)``, over the tokenized rows."""
+    with_loss = sum(f["turns"][0] for f in features if "turns" in f)
+    turns = sum(f["turns"][1] for f in features if "turns" in f)
+    note = ("" if with_loss == turns or data.assistant_turns == "last"
+            else "; string prompts and turns cut by data.max_prompt_length carry none")
+    return f"assistant turns carrying loss: {with_loss} of {turns} (data.assistant_turns: {data.assistant_turns}{note})"
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -76,7 +88,10 @@ def _example(batch: Any, feature: dict[str, Any], tokenizer: Any) -> list[str]:
     rows_note: list[str] = []
     if isinstance(batch, LMBatch):
         rows = [("sequence", batch.input_ids[0], batch.attention_mask[0], batch.labels[0] != IGNORE_INDEX)]
-        prompt_len = int((batch.labels[0] == IGNORE_INDEX).long().cumprod(0).sum())
+        prompt_len = feature.get("prompt_length", int((batch.labels[0] == IGNORE_INDEX).long().cumprod(0).sum()))
+        if "examples" in feature:  # packed SFT examples (data.packing): no one prompt boundary
+            count = feature['examples']
+            rows_note, prompt_len = [f"  {count} example{'s' if count > 1 else ''} packed into this sequence"], 0
     elif isinstance(batch, PairBatch):
         rows = [(name, batch.input_ids[i], batch.attention_mask[i], batch.completion_mask[i].bool())
                 for i, name in enumerate(("chosen", "rejected"))]

@@ -122,4 +122,4 @@ def rollout_of(batch: PromptBatch, rows: list[dict[str, Any]], pad_token_id: int
     return Rollout(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, response_ids=ids,
                    response_mask=mask, logprobs=torch.zeros(ids.shape), ended=torch.tensor([r["ended"] for r in rows]),
                    prompts=list(batch.prompts), responses=[r["response"] for r in rows], meta=list(batch.meta),
-                   group=torch.arange(len(rows)))
+                   raw_prompts=list(batch.raw_prompts), group=torch.arange(len(rows)))

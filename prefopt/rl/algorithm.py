@@ -313,7 +313,7 @@ class OnlineAlgorithm(Algorithm):
         kl = scored.kl.sum(-1)
         penalty = scored.kl_coef * kl
         rollout = scored.rollout
-        metrics = {**{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
+        metrics = {**{f"reward/{name}": float(v.nanmean()) for name, v in scored.components.items()},  # None: NaN
                    "reward/score": float(scored.scores.mean()), "reward/kl_penalty": float(penalty.mean()),
                    "reward/total": float((scored.scores - penalty).mean()),
                    "response_length": float(scored.mask.sum(-1).mean()),
@@ -354,8 +354,8 @@ class OnlineAlgorithm(Algorithm):
         scores, components = self.reward(rollout)
         mask = rollout.response_mask.float()
 
-        def per_prompt(values: Tensor) -> float:  # rows i*k .. i*k + k - 1 answer prompt i
-            return float(values.float().view(-1, k).mean(-1).sum())
+        def per_prompt(values: Tensor) -> float:  # rows i*k .. i*k + k - 1 answer prompt i; None-scored rows: NaN
+            return float(values.float().view(-1, k).nanmean(-1).nansum())
 
         out = {**{f"reward/{name}": per_prompt(v) for name, v in components.items()},
                "reward/score": per_prompt(scores), "response_length": per_prompt(mask.sum(-1)),

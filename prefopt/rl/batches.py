@@ -64,4 +64,5 @@ def minibatches(rows: int, epochs: int, num_minibatches: int, device: Any, shuff
             ids, inverse = torch.unique(group, return_inverse=True)
             place = torch.randperm(len(ids), device=device)[inverse]  # each row's group's place in the pass
             order = torch.argsort(place * rows + positions)
-        yield from order.tensor_split(num_minibatches)
+        # a short last batch of an epoch can hold fewer rows than minibatches: no empty update
+        yield from (minibatch for minibatch in order.tensor_split(num_minibatches) if len(minibatch))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefopt.config import check
+from prefopt.config import MAX_COEF, TOO_STRONG, check
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
 from prefopt.rl.engine import GenerationConfig
 from prefopt.rl.rewards import RewardSpec
@@ -92,6 +92,7 @@ class OnlineConfig:
         check(0 <= self.lam <= 1, "algorithm.lam", self.lam, "must be in [0, 1]")
         for key in ("kl_coef", "entropy_coef"):
             check(getattr(self, key) >= 0, f"algorithm.{key}", getattr(self, key), "must be >= 0")
+        check(self.kl_coef <= MAX_COEF, "algorithm.kl_coef", self.kl_coef, TOO_STRONG)
         check(self.epochs >= 1, "algorithm.epochs", self.epochs, "must be >= 1")
         check(self.num_minibatches >= 1, "algorithm.num_minibatches", self.num_minibatches, "must be >= 1")
         check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")

@@ -137,7 +137,8 @@ def repeat_prompts(batch: PromptBatch, num_samples: int) -> PromptBatch:
         batch, input_ids=batch.input_ids.repeat_interleave(num_samples, 0),
         attention_mask=batch.attention_mask.repeat_interleave(num_samples, 0),
         prompts=[p for p in batch.prompts for _ in range(num_samples)],
-        meta=[m for m in batch.meta for _ in range(num_samples)])
+        meta=[m for m in batch.meta for _ in range(num_samples)],
+        raw_prompts=[p for p in batch.raw_prompts for _ in range(num_samples)])
 
 
 def prefilled_cache(model: nn.Module, batch: PromptBatch, num_samples: int) -> dict[str, object]:
@@ -246,7 +247,8 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     group = torch.arange(batch.input_ids.shape[0], device=response_ids.device).repeat_interleave(num_samples)
     rollout = SampledRollout(prompt_ids=repeated.input_ids, prompt_mask=repeated.attention_mask,
                              response_ids=response_ids, response_mask=mask, logprobs=logprobs, ended=ended,
-                             prompts=list(repeated.prompts), responses=texts, meta=list(repeated.meta), group=group,
+                             prompts=list(repeated.prompts), responses=texts, meta=list(repeated.meta),
+                             raw_prompts=list(repeated.raw_prompts), group=group,
                              seconds=seconds, new_tokens=int(mask.sum()), hidden=hidden)
     note_rollout(rollout)  # samples.jsonl, while the Trainer records
     return rollout

@@ -8,23 +8,31 @@ so that every component is logged on its own (``reward/<name>``). This is Sparro
 (Glaese et al. 2022): preference RM + rule terms + length penalty + format validity, each a pluggable term.
 
 Built-ins: ``reward_model`` (a scalar RM from the reward stage), ``length_penalty``, ``format_validity``,
-``callable`` (a user function), and ``target_token`` (the known-reward task, prefopt.tasks).
+``callable`` (a reward function written for TRL's reward_funcs: prefopt.rl.callables), and ``target_token`` (the
+known-reward task, prefopt.tasks).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
-from prefopt.config import ModelConfig
+from prefopt.config import DataConfig, ModelConfig
+from prefopt.data.chat import is_chat, prompt_and_response_ids
+from prefopt.data.collate import pad
+from prefopt.data.kinds import fit
+from prefopt.data.readers import SkipRow
 from prefopt.errors import ConfigError
+from prefopt.export import RECIPE_FILE
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.registry import REWARDS
+from prefopt.rl.callables import check_reward_function, import_function, recorded
 from prefopt.samples import note_rewards
 from prefopt.scoring import RewardScorer
 from prefopt.types import Rollout
@@ -40,6 +48,21 @@ class RewardSpec:
     """Multiplier of this component in the total reward."""
     params: dict[str, Any] = field(default_factory=dict)
     """Keyword parameters of the component, e.g. {path: runs/hh-tiny/reward/model} for reward_model."""
+    label: str | None = None
+    """Name of this term in the logs (reward/<label>); default: the component's name (a callable: its function's)."""
+
+    def __post_init__(self):
+        """Checked when the recipe is read: a known component, parameters its constructor takes, and a callable's
+        function importable and callable as TRL calls reward functions (recorded by its import path)."""
+        cls = REWARDS.get(self.name)
+        try:
+            inspect.signature(cls).bind(tokenizer=None, device=None, **self.params)
+        except TypeError as exc:
+            raise ConfigError(f"reward component {self.name!r}: {exc}") from None
+        fn = self.params.get("fn") if self.name == "callable" else None
+        if fn is not None:
+            check_reward_function(import_function(fn) if isinstance(fn, str) else fn, f"reward {self.name!r}")
+            self.params = {**self.params, "fn": recorded(fn)}
 
 
 def response_lengths(rollout: Rollout) -> Tensor:
@@ -49,43 +72,67 @@ def response_lengths(rollout: Rollout) -> Tensor:
 
 @REWARDS.register("reward_model")
 class RewardModelReward:
-    """Score of a scalar reward model from the reward stage (InstructGPT's r_theta(x, y)).
+    """Score of a scalar reward model from the reward stage (InstructGPT's r_theta(x, y)), read exactly where the reward
+    stage trained it.
 
-    The prompt and response texts are re-tokenized with the RM's own tokenizer exactly as the reward stage
-    tokenized its training rows (separately, no special tokens, concatenated) with EOS appended when the
-    response ended with EOS; the score is read at the last non-pad token (``RewardScorer``). Sequences longer
-    than ``max_length`` keep their end.
+    The hand-off is by text, as TRL's GRPO/RLOO hand a completion to a reward model: each prompt, as the data gave it,
+    and the decoded response are tokenized with the RM's OWN tokenizer by the reward stage's code
+    (prefopt.data.chat.prompt_and_response_ids, the ``ranks`` kind's path): chat messages with the RM's chat template
+    (the turn closed as the template closes it: ChatML's ``<|im_end|>\\n``; an RM of another family gets its own
+    template, not the policy's), strings as prompt + response + EOS. A string response that did not end (cut at
+    max_new_tokens) gets no EOS; a chat turn is always closed, as TRL does. The score is read at the last non-pad
+    token (``RewardScorer``). The prompt and response are cut as the reward stage cut its rows, and chat is rendered
+    as it was: ``max_length``, ``max_prompt_length`` and ``chat_template`` default to the reward stage's ``data``
+    settings, read from the recipe saved with the RM (``prefopt_recipe.yaml``; DataConfig's defaults without one).
     """
 
-    def __init__(self, tokenizer, device, path: str, batch_size: int = 32, max_length: int = 512,
-                 dtype: str = "float32"):
+    def __init__(self, tokenizer, device, path: str, batch_size: int = 32, max_length: int | None = None,
+                 max_prompt_length: int | None = None, dtype: str = "float32", chat_template: str | None = None):
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.tokenizer = load_tokenizer(cfg)
         self.scorer = RewardScorer(load_reward_model(path, cfg)).to(device)
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.device, self.batch_size = device, batch_size
+        trained = trained_data(path)
+        given = {"max_length": max_length, "max_prompt_length": max_prompt_length, "chat_template": chat_template}
+        self.data = DataConfig(**{**trained, **{k: v for k, v in given.items() if v is not None}})
 
-    def encode(self, prompt: str, response: str, ended: bool) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-        ids = ids + self.tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
-        if ended:
-            ids = ids + [self.tokenizer.eos_token_id]
-        return ids[-self.max_length:]
+    def encode(self, prompt: Any, response: str, ended: bool) -> list[int]:
+        """The RM's token ids of a prompt (a string or chat messages) and a response text, as the reward stage has
+        them: rendered and then cut as the ``ranks`` kind cuts its rows (``data.max_prompt_length`` and
+        ``data.max_length`` of the reward stage are this component's ``max_prompt_length`` and ``max_length``)."""
+        reply = [{"role": "assistant", "content": response}] if is_chat(prompt) else response
+        prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, prompt, [reply], self.data.chat_template)
+        if not (ended or is_chat(prompt)):
+            response_ids = response_ids[:-1]  # the EOS the reward stage appends to a finished string response
+        try:
+            prompt_ids, (response_ids,) = fit(prompt_ids, [response_ids], self.data)
+        except SkipRow:  # an empty response: the prompt's end alone
+            return prompt_ids[-self.data.max_length:]
+        return prompt_ids + response_ids
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> Tensor:
         ended = rollout.ended.tolist()
-        rows = [self.encode(p, r, e) for p, r, e in zip(rollout.prompts, rollout.responses, ended)]
+        prompts = rollout.raw_prompts or rollout.prompts
+        rows = [self.encode(p, r, e) for p, r, e in zip(prompts, rollout.responses, ended)]
         scores = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(chunk):
-                ids[i, :len(row)] = torch.tensor(row)
-                mask[i, :len(row)] = 1
+            ids = pad(chunk, self.tokenizer.pad_token_id)
+            mask = pad([[1] * len(row) for row in chunk], 0)
             scores.append(self.scorer(ids.to(self.device), mask.to(self.device)))
         return torch.cat(scores).float()
+
+
+def trained_data(path: str) -> dict[str, Any]:
+    """How the reward stage tokenized the rows of the RM at ``path``: ``max_length``, ``max_prompt_length`` and
+    ``chat_template`` of the recipe saved with it (prefopt.export), or {} for an RM without one."""
+    recipe = Path(path) / RECIPE_FILE
+    try:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8")).get("data") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        return {}
+    return {key: data[key] for key in ("max_length", "max_prompt_length", "chat_template") if key in data}
 
 
 @REWARDS.register("length_penalty")
@@ -122,42 +169,14 @@ class FormatValidity:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
 
-@REWARDS.register("callable")
-class CallableReward:
-    """A user function ``fn(prompts, responses, meta) -> list[float]``, given as ``"module:function"``."""
-
-    def __init__(self, tokenizer, device, fn: str | Callable[..., Any]):
-        self.fn = import_function(fn) if isinstance(fn, str) else fn
-        self.device = device
-
-    def __call__(self, rollout: Rollout) -> Tensor:
-        values = self.fn(list(rollout.prompts), list(rollout.responses), list(rollout.meta))
-        out = torch.as_tensor(list(values), dtype=torch.float32, device=self.device)
-        if out.shape != (len(rollout.responses),):
-            raise ValueError(f"reward function {self.fn!r} returned {tuple(out.shape)} values for "
-                             f"{len(rollout.responses)} responses (expected one float per response)")
-        return out
-
-
-def import_function(spec: str) -> Callable[..., Any]:
-    """``"package.module:function"`` -> the function; ConfigError saying what is missing."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"reward function {spec!r}: expected 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"reward function {spec!r}: cannot import module {module_name!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"reward function {spec!r}: module {module_name!r} has no function {attr!r}")
-    return fn
-
-
 class CompositeReward:
-    """The weighted sum of reward components: ``__call__(rollout) -> (total [B], {name: raw [B]})``.
+    """The weighted sum of reward components: ``__call__(rollout) -> (total [B], {label: raw [B]})``.
 
-    A name used twice gets a suffix (``callable``, ``callable_2``) so both are logged.
+    A component may leave a response unscored (NaN: a reward function's None), as in TRL: the total is the sum of the
+    weighted components that scored it (``nansum``); a response that NO component scored gets the mean total of the
+    scored responses of its prompt's group (of the rollout when it has no groups; 0 when none is scored), so its
+    advantage is 0 under grpo and rloo and it does not move its group's mean (TRL excludes it from its nan-aware
+    baseline and zeroes its advantage). A label used twice gets a suffix (``count_cats``, ``count_cats_2``).
     """
 
     def __init__(self, specs: list[RewardSpec | dict[str, Any]], tokenizer, device):
@@ -168,18 +187,33 @@ class CompositeReward:
         self.names: list[str] = []
         self.components = []
         for spec in self.specs:
-            self.names.append(_unique(spec.name, self.names))
-            self.components.append(build_component(spec, tokenizer, device))
+            component = build_component(spec, tokenizer, device)
+            label = spec.label or getattr(component, "name", spec.name)
+            self.names.append(_unique("callable" if label == "<lambda>" else label, self.names))
+            self.components.append(component)
         self.device = device
 
     def __call__(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {name: component(rollout).float().to(self.device)
                  for name, component in zip(self.names, self.components)}
-        total = torch.zeros(len(rollout.responses), device=self.device)
-        for name, spec in zip(self.names, self.specs):
-            total = total + spec.weight * parts[name]
+        weighted = torch.stack([spec.weight * parts[name] for name, spec in zip(self.names, self.specs)], dim=1)
+        total = weighted.nansum(dim=1)
+        unscored = weighted.isnan().all(dim=1)
+        if unscored.any():
+            total = _fill_unscored(total, unscored, rollout.group)
         note_rewards(rollout, total, parts)  # samples.jsonl, while the Trainer records
         return total, parts
+
+
+def _fill_unscored(total: Tensor, unscored: Tensor, group: Tensor | None) -> Tensor:
+    """``total`` with each unscored row set to the mean of the scored rows of its group (0 when there is none)."""
+    group = torch.zeros_like(unscored, dtype=torch.long) if group is None else group.to(total.device)
+    total = total.clone()
+    for g in group[unscored].unique():
+        members = group == g
+        scored = members & ~unscored
+        total[members & unscored] = total[scored].mean() if scored.any() else 0.0
+    return total
 
 
 def build_component(spec: RewardSpec, tokenizer, device):
