@@ -1,6 +1,6 @@
-"""prefopt.bench.report end to end: results.md, CSVs and figures from a synthetic run directory alone
-(tests/report_rundir.py), numbers recomputed by hand from the files, gates that withhold verdicts, and a report
-that is always written, with what it could not read listed."""
+"""prefopt.bench.report end to end: results.md, CSVs and figures from a run directory alone (bench-wing's v2 fixture
+tests/bench_rundir.py, planted numbers), numbers recomputed by hand from the files, gates that withhold verdicts, and a
+report that is always written, with what it could not read listed."""
 
 from __future__ import annotations
 
@@ -12,22 +12,41 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench_rundir import LABELS, check_run_dir, make_run_dir
 from prefopt.bench.report import write_report
 from prefopt.cli import main
-from report_rundir import write_run_dir
 
 T_975_2 = 4.302653  # Student's t, 2 degrees of freedom (3 draws), two-sided 95%
+FAILED = "dpo/beta=0.1/draw1/seed0"
+# the oracle gate compares point estimates: plant an oracle clearly above its proxy twin (fixture: +0.10 of effect)
+ORACLE_AHEAD = {**LABELS, "ppo_true": {**LABELS["ppo_true"], "values": {0.01: (0.60, 8.0), 0.05: (0.40, 4.0),
+                                                                        0.2: (0.20, 1.0)}}}
+
+
+def _fail(path: Path, run_id: str) -> None:
+    """Turn a finished run of the fixture into a failed one (its run.json says so; no evaluation)."""
+    run = path / "runs" / run_id
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "failed", "error": "RuntimeError: loss is nan"}))
+    (run / "eval.jsonl").unlink()
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = write_run_dir(tmp_path_factory.mktemp("bench") / "run", fail="dpo/beta=4/draw1/seed0")
+    path = make_run_dir(tmp_path_factory.mktemp("bench") / "run", labels=ORACLE_AHEAD, seeds=(0, 1), n_eval=16)
+    _fail(path, FAILED)
+    check_run_dir(path)
     write_report(path)
     return path
 
 
 def _eval(path: Path, run_id: str) -> pd.DataFrame:
     return pd.read_json(path / "runs" / run_id / "eval.jsonl", lines=True)
+
+
+def _row(verdicts: pd.DataFrame, a: str, b: str, at: str) -> pd.Series:
+    pair = ((verdicts["A"] == a) & (verdicts["B"] == b)) | ((verdicts["A"] == b) & (verdicts["B"] == a))
+    return verdicts[pair & verdicts["at"].str.startswith(at)].iloc[0]
 
 
 def test_results_open_with_the_gates_then_the_verdicts_and_every_table_is_a_csv(report):
@@ -38,41 +57,47 @@ def test_results_open_with_the_gates_then_the_verdicts_and_every_table_is_a_csv(
     for name in ("reward_vs_kl.png", "training_curves.png"):
         assert (report / name).stat().st_size > 10_000, name
     gates = pd.read_csv(report / "gates.csv").set_index("gate")["status"].to_dict()
-    assert [status for gate, status in gates.items() if gate.startswith(("proxy", "oracle", "learning"))] == \
-        ["pass"] * 3
-    assert gates["runs finished"] == "flag" and "dpo/beta=4/draw1/seed0" in text  # the failed run is named
+    assert [status for gate, status in gates.items() if gate.startswith(("proxy", "oracle"))] == ["pass"] * 2
+    # the fixture chooses the value of highest effect, at the edge of every grid; the failed run is named
+    assert gates["learning rate and KL knob interior to their grids"] == "flag"
+    assert gates["runs finished"] == "flag" and FAILED in text
 
 
 def test_best_point_verdict_recomputed_by_hand_from_the_files(report):
-    verdicts = pd.read_csv(report / "verdicts.csv")
-    row = verdicts[(verdicts["A"] == "ppo") & (verdicts["B"] == "dpo") & verdicts["at"].str.startswith("best")].iloc[0]
-    # the chosen setting (manifest: 2) at its last checkpoint whose mean KL over the cells is <= the budget 4
+    row = _row(pd.read_csv(report / "verdicts.csv"), "ppo", "dpo", "best")
+    # the chosen setting (the fixture's manifest: ppo kl_coef 0.01, dpo beta 0.05) at its last checkpoint whose mean KL
+    # over the cells is <= the budget (select.kl_budget unset -> max(frontier.kl_levels) = 2)
     diffs = []
     for draw in range(3):
         means = {}
-        for label, knob in (("ppo", "kl_coef"), ("dpo", "beta")):
-            runs = [_eval(report, f"{label}/{knob}=2/draw{draw}/seed{s}") for s in range(2)]
+        for label, setting in (("ppo", "kl_coef=0.01"), ("dpo", "beta=0.05")):
+            runs = [_eval(report, f"{label}/{setting}/draw{draw}/seed{s}") for s in range(2)]
             kl = pd.concat(runs).groupby("step")["kl"].mean()
-            step = kl[kl <= 4.0].index.max()
+            step = kl[kl <= 2.0].index.max()
             means[label] = np.mean([r[r["step"] == step]["gold"].mean() for r in runs])
-        diffs.append(means["ppo"] - means["dpo"])
+        diffs.append(means[row["A"]] - means[row["B"]])
     half = T_975_2 * np.std(diffs, ddof=1) / math.sqrt(3)
     assert (row["diff"], row["lo"], row["hi"]) == pytest.approx((np.mean(diffs), np.mean(diffs) - half,
                                                                  np.mean(diffs) + half), abs=1e-6)
     assert row["p holm"] >= row["p"] and row["unit"] == "draws"
 
 
-def test_matched_kl_rows_rest_on_measured_brackets(report):
+def test_matched_kl_rows_rest_on_measured_brackets_and_find_the_planted_difference(report):
     verdicts = pd.read_csv(report / "verdicts.csv")
     at_kl = verdicts[verdicts["at"].str.startswith("KL")]
-    assert len(at_kl) == 6 and at_kl["verdict"].str.startswith("n/a").sum() == 2  # best-of-n stops at KL 1.84
+    assert len(at_kl) == 6 and at_kl["verdict"].str.startswith("n/a").sum() == 2  # best-of-16 stops at KL 1.84
     for row in at_kl[at_kl["diff"].notna()].itertuples():
         k = float(row.at.split()[1])
         for bracket in (getattr(row, "_4"), getattr(row, "_5")):  # "A KL", "B KL": mean KLs of the two checkpoints
             low, high = map(float, bracket.split("-"))
-            assert low <= k + 0.1 and high >= k - 0.1 and high > low, (row.A, row.B, bracket)
+            assert low <= k + 1e-9 and high >= k - 1e-9 and high > low, (row.A, row.B, bracket)
     tested = verdicts["p"].notna()
     assert tested.sum() == 7 and set(verdicts.loc[tested, "verdict"]) <= {"better", "worse", "inconclusive"}
+    # planted: gold rises by effect x KL / kl_max, so at KL 1 ppo (kl_coef 0.2: 0.10 per nat) gains 0.1 and dpo
+    # (beta 0.5: 0.05 / 0.5 nat, not reaching 1; beta 0.1: 0.12 / 3 nats) gains 0.04: the envelope's diff is ~0.06
+    row = _row(verdicts, "ppo", "dpo", "KL 1")
+    ppo_minus_dpo = row["diff"] if row["A"] == "ppo" else -row["diff"]
+    assert ppo_minus_dpo == pytest.approx(0.06, abs=0.03)
 
 
 def test_best_of_n_at_n_max_is_the_proxy_argmax(report):
@@ -85,14 +110,23 @@ def test_best_of_n_at_n_max_is_the_proxy_argmax(report):
     assert bon["gold"] == pytest.approx(np.mean(picked)) and bon["kl"] == pytest.approx(math.log(16) - 15 / 16)
 
 
-def test_equal_footing_reads_run_costs(report):
+def test_equal_footing_and_preference_accuracy_read_the_run_files(report):
     footing = pd.read_csv(report / "footing.csv").set_index("label")
-    assert footing.loc["dpo", "runs"] == 17 and footing.loc["dpo", "samples"] == 0  # one dpo run failed
-    assert footing.loc["dpo", "labels_consumed"] == 120 and footing.loc["ppo", "samples"] == 1024
+    assert footing.loc["dpo", "runs"] == 3 * 3 * 2 - 1 and footing.loc["dpo", "samples"] == 0  # one dpo run failed
+    assert footing.loc["dpo", "labels_consumed"] == 480 and footing.loc["ppo", "samples"] == 24 * 16
+    assert footing.loc["ppo_true", "labels_consumed"] == 0 and footing.loc["ppo", "updates"] == 24
+    pref = pd.read_csv(report / "pref.csv")
+    # planted margins: dpo 2.0 at the last step, ppo 0.5: every held-out pair agrees with its label
+    assert set(pref["label"]) == {"ppo", "ppo_true", "dpo"} and (pref["vs labels"] == 1.0).all()
+    assert pref.loc[pref["label"] == "dpo", "runs"].sum() == 3 * 3 * 2 - 1
 
 
 def test_failed_or_unchecked_gates_withhold_the_verdicts(tmp_path):
-    path = write_run_dir(tmp_path / "run", draws=2, prompts=6, proxy_accuracy=0.6, oracle=False)
+    labels = {name: spec for name, spec in LABELS.items() if not spec.get("oracle_of")}
+    path = make_run_dir(tmp_path / "run", labels=labels, draws=2, seeds=(0,), n_eval=6, n_val=4, bon_n=4)
+    proxy = json.loads((path / "draws" / "draw1" / "proxy.json").read_text())
+    (path / "draws" / "draw1" / "proxy.json").write_text(json.dumps({**proxy, "val_accuracy": 0.6,
+                                                                     "rule_val_accuracy": 0.68}))
     markdown = write_report(path, figures=False)
     gates = pd.read_csv(path / "gates.csv").set_index("gate")["status"]
     assert gates.filter(like="proxy beats").iloc[0] == "FAIL" and gates.filter(like="oracle").iloc[0] == "not checked"
@@ -106,9 +140,9 @@ def test_failed_or_unchecked_gates_withhold_the_verdicts(tmp_path):
 
 
 def test_missing_and_broken_files_are_listed_and_the_report_is_still_written(tmp_path, capsys):
-    path = write_run_dir(tmp_path / "run", draws=2, prompts=6)
-    (path / "runs" / "ppo" / "kl_coef=1" / "draw0" / "seed0" / "run.json").unlink()
-    eval_file = path / "runs" / "dpo" / "beta=2" / "draw1" / "seed1" / "eval.jsonl"
+    path = make_run_dir(tmp_path / "run", draws=2, seeds=(0, 1), n_eval=6, n_val=4, bon_n=4)
+    (path / "runs" / "ppo" / "kl_coef=0.01" / "draw0" / "seed0" / "run.json").unlink()
+    eval_file = path / "runs" / "dpo" / "beta=0.05" / "draw1" / "seed1" / "eval.jsonl"
     eval_file.write_text(eval_file.read_text() + "{not json\n")
     (path / "draws" / "draw1" / "proxy.json").unlink()
     (path / "draws" / "draw0" / "best_of_n.jsonl").unlink()
@@ -116,9 +150,10 @@ def test_missing_and_broken_files_are_listed_and_the_report_is_still_written(tmp
     text = (path / "results.md").read_text()
     problems = text[text.index("## Problems"):]
     assert "draws/draw1/proxy.json: missing" in problems
-    assert "beta=2/draw1/seed1/eval.jsonl: 1 unreadable line(s) skipped (first: line 49; each needs step, i, kl)" \
-        in problems
-    assert "ppo/kl_coef=1/draw0/seed0 | ppo | main | 1 | 0 | 0 | 3e-05 | missing | run.json not written" in text
+    lines = 8 * 6 + 1  # 8 checkpoints x 6 eval prompts, then the broken line
+    assert f"beta=0.05/draw1/seed1/eval.jsonl: 1 unreadable line(s) skipped (first: line {lines}; each needs step, " \
+        "i, kl)" in problems
+    assert "ppo/kl_coef=0.01/draw0/seed0 | ppo | main | 0.010 | 0 | 0 | 0.003 | missing | run.json not written" in text
     assert "gates" in capsys.readouterr().out.lower()
     assert main(["bench", "report", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
