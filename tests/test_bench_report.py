@@ -14,6 +14,7 @@ import pytest
 
 from bench_rundir import LABELS, check_run_dir, make_run_dir
 from prefopt.bench.report import write_report
+from prefopt.bench.report.tables import fmt
 from prefopt.cli import main
 
 T_975_2 = 4.302653  # Student's t, 2 degrees of freedom (3 draws), two-sided 95%
@@ -108,6 +109,15 @@ def test_best_of_n_at_n_max_is_the_proxy_argmax(report):
         samples = pd.read_json(report / "draws" / f"draw{draw}" / "best_of_n.jsonl", lines=True)
         picked += [group.loc[group["proxy"].idxmax(), "gold"] for _, group in samples.groupby("i")]
     assert bon["gold"] == pytest.approx(np.mean(picked)) and bon["kl"] == pytest.approx(math.log(16) - 15 / 16)
+
+
+def test_best_points_carry_the_variance_decomposition_and_numbers_print_plainly(report):
+    best = pd.read_csv(report / "best.csv").set_index("label")
+    shares = best.loc[["ppo", "dpo", "ppo_true"], ["share draw", "share seed", "share prompt"]]
+    assert ((shares >= 0) & (shares <= 1)).all().all() and np.allclose(shares.sum(axis=1), 1.0)
+    assert "| shares d/s/p |" in (report / "results.md").read_text()
+    assert [fmt(v) for v in (9.99999, 10.0, 0.1234, 1234.5, 2e-5, float("nan"))] == \
+        ["10", "10", "0.123", "1234", "2e-05", ""]
 
 
 def test_equal_footing_and_preference_accuracy_read_the_run_files(report):

@@ -3,7 +3,8 @@
 * ``frontier``: every (label, setting, checkpoint): cells, mean KL, gold with its 95% interval, the length-adjusted
   gold ``gold - slope (length - start length)``, length, conditional accuracy, proxy, entropy, win rate vs the start;
 * ``fits``: Gao et al.'s alpha, beta, R^2 and fitted peak per curve (setting), from its mean points;
-* ``best``: each label's best point under the KL budget, with its interval and win rate against the start;
+* ``best``: each label's best point under the KL budget, with its interval, win rate against the start and the
+  variance decomposition of its gold (shares of the grand mean's variance carried by draws / seeds / prompts);
 * ``footing``: the budget actually spent per label (run.json ``cost``), means over its finished runs;
 * ``pref``: implicit-reward preference accuracy on held-out pairs (pref.json) at the last step, per setting;
 * ``runs``: every planned run: status, error, and its last checkpoint's numbers.
@@ -20,7 +21,7 @@ import pandas as pd
 from prefopt.bench.report.curves import Arrays, column
 from prefopt.bench.report.frontier import gao_fit
 from prefopt.bench.report.reading import RunDir
-from prefopt.bench.report.stats import nested_interval
+from prefopt.bench.report.stats import nested_interval, variance_shares
 from prefopt.bench.report.views import best_point, frontier_rows
 
 COST = ["updates", "samples", "tokens", "flops", "labels_consumed", "epochs_over_pairs", "wall_s", "cpu_s",
@@ -66,10 +67,12 @@ def best_table(arrays: Arrays, budget: float, slope: float, chosen: dict[str, ob
         if point.cells:
             array = point.array(arrays.draws)
             gold, win = (nested_interval(array[..., column(c)]) for c in ("gold", "win"))
+            shares = variance_shares(array[..., column("gold")]) if array.shape[0] > 1 else {}
             row.update({"kl": float(np.mean(list(point.kl.values()))), "gold": gold.mean, "gold_lo": gold.lo,
                         "gold_hi": gold.hi, "win vs start": win.mean, "win_lo": max(win.lo, 0.0),
                         "win_hi": min(win.hi, 1.0),
-                        "length": point.mean("length"), "cond_acc": point.mean("cond_acc")})
+                        "length": point.mean("length"), "cond_acc": point.mean("cond_acc"),
+                        **{f"share {k}": v for k, v in shares.items()}})
             row["gold length-adjusted"] = gold.mean - slope * (row["length"] - start["length"])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -153,10 +156,10 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, (float, np.floating)):
         if math.isinf(value):
             return str(value)
-        if float(value).is_integer() and abs(value) < 1e6:
-            return f"{value:.0f}"
         if abs(value) >= 1e6 or 0 < abs(value) < 10 ** -digits:
             return f"{value:.3g}"
+        if float(round(value, digits)).is_integer():
+            return f"{value:.0f}"
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
     return str(value)
 
@@ -169,6 +172,21 @@ def markdown_table(frame: pd.DataFrame) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(fmt(v).replace("|", "/") for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
+
+
+def shares_text(row: dict[str, Any]) -> str:
+    """The variance decomposition of a row as "draw/seed/prompt" shares, 2 decimals."""
+    return "/".join(fmt(row.get(f"share {k}"), 2) for k in ("draw", "seed", "prompt"))
+
+
+def with_shares(frame: pd.DataFrame) -> pd.DataFrame:
+    """The three ``share *`` columns shown as one "shares d/s/p" column (markdown views)."""
+    names = [f"share {k}" for k in ("draw", "seed", "prompt")]
+    if frame.empty or not set(names) & set(frame):
+        return frame
+    view = frame.copy()
+    view["shares d/s/p"] = [shares_text(row) for row in view.to_dict("records")]
+    return view.drop(columns=[n for n in names if n in view])
 
 
 def with_interval(frame: pd.DataFrame, column_name: str, lo: str, hi: str, digits: int = 3) -> pd.DataFrame:

@@ -83,12 +83,15 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
 
             plot_frontier(data.path / "reward_vs_kl.png", out["frontier"], out["fits"], t.start_means(arrays)["gold"],
                           "true reward" if task == "world" else "gold RM score", kl_levels, budget)
-        best = t.with_interval(t.with_interval(out["best"], "gold", "gold_lo", "gold_hi"), "win vs start", "win_lo",
-                               "win_hi")
+        best = t.with_shares(t.with_interval(t.with_interval(out["best"], "gold", "gold_lo", "gold_hi"),
+                                             "win vs start", "win_lo", "win_hi"))
         view = t.with_interval(out["frontier"], "gold", "gold_lo", "gold_hi").drop(columns=["proxy", "entropy"],
                                                                                  errors="ignore")
         return [*(["![true reward vs KL](reward_vs_kl.png)", ""] if figures else []),
-                f"### Best points under the KL budget ({budget:g} nats)", "", t.markdown_table(best), "",
+                f"### Best points under the KL budget ({budget:g} nats)", "",
+                "Gold and win rate against the start's sample on the same prompt, 95% intervals over world draws; "
+                "`shares d/s/p`: the variance of the gold's grand mean carried by draws / seeds / prompts (ANOVA).", "",
+                t.markdown_table(best), "",
                 "### Every setting and checkpoint (means over draws x seeds; win: vs the start's sample; proxy and "
                 "entropy in frontier.csv)", "",
                 t.markdown_table(view), "",
@@ -157,9 +160,15 @@ def _verdict_note(family: list[str], kl_levels: list[float], budget: float, arra
             "over its seeds and the pinned eval prompts; one draw: over seeds), for the expectation over draws and "
             "seeds on these prompts (prefopt/bench/report/stats.py; coverage measured on simulated bench-shaped data: "
             "prefopt/bench/report/coverage.py). "
-            f"`win`: P(gold A > gold B) on the same prompt; `adj`: the difference less {slope:.4f} x the length "
-            "difference (gold per token within prompts among the start's best-of-n samples); `shares`: the variance "
-            "of the difference carried by draws / seeds / prompts.")
+            f"`win`: P(gold A > gold B) on the same prompt; `adj`: {_adjustment_note(slope)}; `shares`: the "
+            "variance of the difference carried by draws / seeds / prompts.")
+
+
+def _adjustment_note(slope: float) -> str:
+    if not np.isfinite(slope):
+        return "not computed (the start's best-of-n samples do not vary in length within a prompt, or are missing)"
+    return (f"the difference less {slope:.4f} x the length difference (gold per token within prompts among the "
+            "start's best-of-n samples)")
 
 
 def _verdict_view(table: pd.DataFrame) -> pd.DataFrame:
@@ -178,7 +187,7 @@ def _verdict_view(table: pd.DataFrame) -> pd.DataFrame:
                          "length A / B": f"{row['length A']:.1f} / {row['length B']:.1f}",
                          "adj A - B": row["diff length-adjusted"],
                          "cond_acc A / B": f"{t.fmt(row['cond_acc A'])} / {t.fmt(row['cond_acc B'])}",
-                         "shares d/s/p": "/".join(t.fmt(row.get(f"share {k}"), 2) for k in ("draw", "seed", "prompt"))})
+                         "shares d/s/p": t.shares_text(row)})
         view.update({"verdict": row["verdict"], "flags": row.get("flags", "")})
         rows.append(view)
     return pd.DataFrame(rows)
