@@ -167,3 +167,26 @@ def test_missing_and_broken_files_are_listed_and_the_report_is_still_written(tmp
     assert "gates" in capsys.readouterr().out.lower()
     assert main(["bench", "report", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_offline_runs_that_stop_at_different_steps_per_draw_align_by_checkpoint_position(tmp_path):
+    """An offline run trains ceil(epochs x labelled rows / batch) steps and each draw has its own labelled rows, so
+    dpo's checkpoints in draw 1 (max_steps 25) are not draw 0's (24): the best point and the frontier must still hold
+    every cell (by step alone, draw 1 was missing at every step but 1-3 and the best-point verdict was n/a)."""
+    from prefopt.bench.plan import checkpoint_steps
+
+    path = make_run_dir(tmp_path / "run", labels=ORACLE_AHEAD, draws=2, seeds=(0,), n_eval=6, n_val=4, bon_n=4)
+    moved = dict(zip(checkpoint_steps(24, 8), checkpoint_steps(25, 8)))
+    for run in (path / "runs" / "dpo").glob("*/draw1/seed0"):
+        for name in ("eval.jsonl", "pref.jsonl"):
+            rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
+            (run / name).write_text("".join(json.dumps({**r, "step": moved[r["step"]]}) + "\n" for r in rows))
+    write_report(path, figures=False)
+    best = pd.read_csv(path / "best.csv").set_index("label")
+    # chosen beta 0.05 (KL 6 t / T): the last checkpoint under KL 2 is position 5 of 8: steps 7 (draw 0) and 6 (draw 1)
+    assert best.loc["dpo", "cells"] == "2/2" and best.loc["dpo", "step"] == pytest.approx(6.5)
+    verdict = _row(pd.read_csv(path / "verdicts.csv"), "ppo", "dpo", "best")
+    assert np.isfinite(verdict["diff"])
+    frontier = pd.read_csv(path / "frontier.csv")
+    assert (frontier.loc[frontier["label"] == "dpo", "cells"] == 2).all()
+    assert frontier.loc[frontier["label"] == "dpo", "step"].max() == pytest.approx(24.5)

@@ -1,7 +1,8 @@
 """The run directory's frames as arrays: one curve per run, grouped by label, and best-of-n as labels of its own.
 
 A ``Label`` holds every curve of one label (one per setting x draw x seed) on the eval prompts, aligned to the same
-prompt order, plus the start's per-prompt values per draw. Columns of a curve's ``values`` ([steps, prompts,
+prompt order, plus the start's per-prompt values per draw; a setting's checkpoints align across its cells by step,
+or by position from the last one where its runs stopped at different steps (``align``). Columns of a curve's ``values`` ([steps, prompts,
 columns]): ``COLUMNS`` (gold, length, cond_acc, proxy, entropy, win), NaN where a run did not record one; ``win``
 is 1 / 0.5 / 0 as the run's gold beats / ties / loses to the start's on the same prompt and draw.
 
@@ -33,6 +34,11 @@ class Curve:
     steps: np.ndarray  # [T]
     kl: np.ndarray  # [T] mean KL over the eval prompts
     values: np.ndarray  # [T, prompts, len(COLUMNS)]
+    keys: np.ndarray | None = None  # [T] what aligns checkpoints across the cells of a setting (``align``)
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = self.steps
 
 
 @dataclass
@@ -87,8 +93,24 @@ def build(data: RunDir, bon_ns: list[int] | None = None) -> Arrays:
                                                                    str(first.get("reward", "proxy")), str(algorithm),
                                                                    meta.get("oracle_of")))
             label.curves.append(_curve(rows, prompts, start.get(int(first["draw"]))))
+    for label in arrays.labels.values():
+        align(label)
     _best_of_n(data, arrays, bon_ns)
     return arrays
+
+
+def align(label: Label) -> None:
+    """Checkpoints of one setting compare across (draw, seed) cells by step; where the cells stopped at different
+    steps (offline runs train ceil(epochs x labelled rows / batch) steps, and each draw has its own labelled rows),
+    by position counted from the last checkpoint instead (key 0 = last, -1 = the one before, ...: the same share of
+    each run's training, checkpoints being log-spaced up to its own last step)."""
+    by_value: dict[object, list[Curve]] = {}
+    for curve in label.curves:
+        by_value.setdefault(curve.value, []).append(curve)
+    for curves in by_value.values():
+        if len({tuple(c.steps.tolist()) for c in curves}) > 1:
+            for curve in curves:
+                curve.keys = np.arange(len(curve.steps)) - (len(curve.steps) - 1)
 
 
 def _table(rows: pd.DataFrame, prompts: np.ndarray) -> np.ndarray:

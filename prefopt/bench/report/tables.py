@@ -176,7 +176,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def shares_text(row: dict[str, Any]) -> str:
     """The variance decomposition of a row as "draw/seed/prompt" shares, 2 decimals."""
-    return "/".join(fmt(row.get(f"share {k}"), 2) for k in ("draw", "seed", "prompt"))
+    parts = [fmt(row.get(f"share {k}"), 2) for k in ("draw", "seed", "prompt")]
+    return "/".join(parts) if any(parts) else ""
 
 
 def with_shares(frame: pd.DataFrame) -> pd.DataFrame:

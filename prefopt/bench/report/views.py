@@ -24,7 +24,8 @@ class Point:
     kl: dict[tuple[int, int], float] = field(default_factory=dict)
     brackets: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
     setting: object = None
-    step: int | None = None
+    key: int | None = None  # the checkpoint's alignment key (curves.align): its step, or its position from the last
+    steps: dict[tuple[int, int], int] = field(default_factory=dict)  # each cell's own step at the point
     missing: list[tuple[int, int]] = field(default_factory=list)  # cells that do not reach the point
 
     @property
@@ -41,6 +42,14 @@ class Point:
             if d in seeds:
                 out[draws.index(d), seeds[d].index(s)] = values
         return out
+
+    @property
+    def step(self) -> float | None:
+        """The cells' step at the point: one number when they agree, else their mean."""
+        if not self.steps:
+            return None
+        steps = set(self.steps.values())
+        return int(next(iter(steps))) if len(steps) == 1 else float(np.mean(list(self.steps.values())))
 
     def mean(self, name: str = "gold") -> float:
         """Mean of a column over every cell and prompt (NaN where no cell has it)."""
@@ -72,17 +81,17 @@ def at_matched_kl(label: Label, k: float) -> Point:
 
 
 def setting_steps(label: Label) -> pd.DataFrame:
-    """One row per (setting, step): mean KL and mean eval gold over the cells."""
+    """One row per (setting, checkpoint key): mean step, mean KL and mean eval gold over the cells."""
     rows = []
     for curve in label.curves:
-        for t, step in enumerate(curve.steps):
-            rows.append({"value": curve.value, "step": int(step), "kl": curve.kl[t],
+        for t, key in enumerate(curve.keys):
+            rows.append({"value": curve.value, "key": int(key), "step": int(curve.steps[t]), "kl": curve.kl[t],
                          "gold": float(np.nanmean(curve.values[t, :, column("gold")]))})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
     frame["value"] = frame["value"].astype(object)
-    return frame.groupby(["value", "step"], dropna=False, sort=True).mean().reset_index()
+    return frame.groupby(["value", "key"], dropna=False, sort=True).mean().reset_index()
 
 
 def best_point(label: Label, budget: float, chosen: object = None) -> tuple[Point, str]:
@@ -98,20 +107,21 @@ def best_point(label: Label, budget: float, chosen: object = None) -> tuple[Poin
     if within.empty:
         return point, f"no checkpoint at mean KL <= {budget:g} (lowest {table['kl'].min():.2f})"
     if label.name.startswith("best_of_n"):
-        chosen_row, note = within.iloc[within["step"].argmax()], "the largest n within the budget"
+        chosen_row, note = within.iloc[within["key"].argmax()], "the largest n within the budget"
     elif chosen is not None:
         mine = within[[_same(v, chosen) for v in within["value"]]]
         if mine.empty:
             return point, f"the chosen setting {chosen} has no checkpoint at mean KL <= {budget:g}"
-        chosen_row, note = mine.iloc[mine["step"].argmax()], f"setting {chosen} chosen on val; last step within budget"
+        chosen_row, note = mine.iloc[mine["key"].argmax()], f"setting {chosen} chosen on val; last step within budget"
     else:
         index = best_under_budget(within["kl"].to_numpy(), within["gold"].to_numpy(), budget)
         chosen_row, note = within.iloc[index], "highest eval gold within the budget (no val choice: optimistic)"
-    point.setting, point.step = chosen_row["value"], int(chosen_row["step"])
+    point.setting, point.key = chosen_row["value"], int(chosen_row["key"])
     for curve in label.curves:
-        where = np.flatnonzero(curve.steps == point.step)
+        where = np.flatnonzero(curve.keys == point.key)
         if _same(curve.value, point.setting) and len(where):
             cell = (curve.draw, curve.seed)
+            point.steps[cell] = int(curve.steps[where[0]])
             point.cells[cell] = curve.values[where[0]]
             point.kl[cell] = float(curve.kl[where[0]])
             point.brackets[cell] = (point.kl[cell], point.kl[cell])
@@ -134,15 +144,16 @@ def frontier_rows(arrays: Arrays, label: Label) -> list[dict[str, object]]:
     rows = []
     for value in label.settings:
         curves = [c for c in label.curves if _same(c.value, value)]
-        for step in sorted({int(s) for c in curves for s in c.steps}):
+        for key in sorted({int(k) for c in curves for k in c.keys}):
             point = Point(label.name)
             for curve in curves:
-                where = np.flatnonzero(curve.steps == step)
+                where = np.flatnonzero(curve.keys == key)
                 if len(where):
+                    point.steps[(curve.draw, curve.seed)] = int(curve.steps[where[0]])
                     point.cells[(curve.draw, curve.seed)] = curve.values[where[0]]
                     point.kl[(curve.draw, curve.seed)] = float(curve.kl[where[0]])
             gold = nested_interval(point.array(arrays.draws)[..., column("gold")])
-            row = {"label": label.name, "value": value, "step": step, "cells": len(point.cells),
+            row = {"label": label.name, "value": value, "step": point.step, "cells": len(point.cells),
                    "kl": float(np.mean(list(point.kl.values())))}
             row.update({name: point.mean(name) for name in COLUMNS})
             row.update(gold_lo=gold.lo, gold_hi=gold.hi)

@@ -93,7 +93,8 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
                 "`shares d/s/p`: the variance of the gold's grand mean carried by draws / seeds / prompts (ANOVA).", "",
                 t.markdown_table(best), "",
                 "### Every setting and checkpoint (means over draws x seeds; win: vs the start's sample; proxy and "
-                "entropy in frontier.csv)", "",
+                "entropy in frontier.csv; a setting whose runs stop at different steps is aligned by checkpoint "
+                "position from the last, its step the cells' mean)", "",
                 t.markdown_table(view), "",
                 "### Gao et al. 2022 forms per curve (R = gold - gold(start), d = sqrt(KL))", "",
                 t.markdown_table(out["fits"]), ""]
@@ -228,7 +229,8 @@ def _samples(data: RunDir, arrays: Arrays, budget: float, chosen: dict[str, obje
             continue
         gold = dict(zip(arrays.prompts.tolist(), point.cells[cells[0]][:, column("gold")]))
         run = next((c.run_id for c in label.curves if (c.draw, c.seed) == cells[0] and c.value == point.setting), None)
-        responses = data.responses(run, point.step) if run is not None and label.algorithm != "best_of_n" else {}
+        responses = data.responses(run, point.steps[cells[0]]) if run is not None and \
+            label.algorithm != "best_of_n" else {}
         shown[label.name] = (responses, gold)
     lines = []
     for i in list(arrays.prompts)[:count]:
