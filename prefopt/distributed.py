@@ -8,6 +8,7 @@ or the run hangs. With one process they cost nothing.
   evaluation totals (float64);
 * ``total_over_processes`` / ``gather_over_processes``: a tensor summed over every process, or the values of every
   process in one tensor (the online algorithms' batch statistics: whitening, token counts, entropy quantiles);
+* ``batches_per_process``: an epoch's batches on each process, as accelerate shards them;
 * ``exact_eval_batches``: each held-out batch once, although accelerate's ``even_batches`` pads the last round
   of batches with rows from the start;
 * ``seed_epoch``: the batch order of an epoch as a function of (seed, epoch) only, reaching through the batch
@@ -96,6 +97,13 @@ def gather_over_processes(accelerator: Any, values: torch.Tensor) -> torch.Tenso
     padded = accelerator.pad_across_processes(values, dim=0)
     gathered = accelerator.gather(padded).view(accelerator.num_processes, -1)
     return torch.cat([row[:n] for row, n in zip(gathered, counts.tolist())])
+
+
+def batches_per_process(batches: int, processes: int, drop_last: bool) -> int:
+    """The batches each process takes in an epoch of a loader of ``batches`` batches that accelerate shards in rounds
+    of one batch per process: a last round short of ``processes`` batches is left out with ``drop_last``, else
+    filled with batches from the start (``even_batches``)."""
+    return batches // processes if drop_last else math.ceil(batches / processes)
 
 
 def mean_over_processes(accelerator: Any, averager: MetricAverager) -> dict[str, float]:

@@ -52,8 +52,8 @@ from prefopt import console, history, identity, preflight, rundir
 from prefopt.checkpoint import load_resume, save_checkpoint
 from prefopt.config import RunConfig
 from prefopt.data import run_loaders, run_tokenizer
-from prefopt.distributed import (check_backend, end_training, make_accelerator, mean_over_processes, seed_epoch,
-                                 sharded_weights)
+from prefopt.distributed import (batches_per_process, check_backend, end_training, make_accelerator,
+                                 mean_over_processes, seed_epoch, sharded_weights)
 from prefopt.errors import PrefoptError
 from prefopt.evaluation import evaluate, evaluate_and_sample
 from prefopt.export import ExportedWeights, push_to_hub, write_provenance
@@ -96,7 +96,7 @@ class Trainer:
     def prepare_data(self) -> None:
         """Load, split and tokenize rows of the algorithm's kind (prefopt.data.run_loaders)."""
         self.loaders, self.data_report = run_loaders(self.config, self.algorithm.kind, self.tokenizer,
-                                                     drop_last=self.algorithm.full_batches)
+                                                     self.algorithm.full_batches, self.accelerator.num_processes)
 
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
@@ -161,7 +161,8 @@ class Trainer:
         if not any(group["params"] for group in groups):
             raise PrefoptError(f"algorithm {self.config.algorithm_name!r} has no trainable parameters")
         optimizer = make_optimizer(groups, t)
-        steps_per_epoch = math.ceil(len(self.loaders["train"]) / (acc.num_processes * self.batches_per_step))
+        batches = batches_per_process(len(self.loaders["train"]), acc.num_processes, self.algorithm.full_batches)
+        steps_per_epoch = math.ceil(batches / self.batches_per_step)
         if t.epochs is not None:  # a control key (prefopt.rundir): the run config keeps train.epochs
             t.max_steps = max(math.ceil(t.epochs * steps_per_epoch), 1)
         updates = self.algorithm.updates_per_step  # the schedule advances once per optimizer update

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from prefopt.algorithms.a2c import A2C
 from prefopt.algorithms.grpo import GRPO
@@ -233,6 +233,35 @@ def test_the_critic_learns_at_its_own_rate(algorithm_cls, name, gpt2_real_dir):
         assert critic["lr"] == critic_lr and "lr" not in policy
         assert {id(p) for p in critic["params"]} == {id(p) for p in built.critic.parameters()}
         assert policy["params"] and critic["params"]
+
+
+@pytest.mark.parametrize("name", ["ppo", "a2c"])
+def test_the_trainer_moves_the_critic_at_its_own_rate(name, gpt2_real_dir, tmp_path):
+    """Through the Trainer: Adam's first update moves each parameter by its group's learning rate (g / |g|), so the
+    policy moves by at most train.learning_rate and the critic by critic_learning_rate."""
+    prompts = write_task_prompts(tmp_path / "prompts.jsonl", 8)
+    algorithm = {"critic_learning_rate": 1e-2, "generation": {"max_new_tokens": 8}}  # some responses score > 0
+    if name == "a2c":
+        algorithm.update({"preference_weight": 0.0, "rules": {}, "trainable_layers": 1})
+    config = recipe(name, gpt2_real_dir, prompts, tmp_path / "run", **algorithm,
+                    train={"max_steps": 1, "batch_size": 8, "learning_rate": 1e-4})
+    moved: list[list[float]] = []
+    before: dict[int, torch.Tensor] = {}
+
+    def snapshot(optimizer, args, kwargs):
+        before.update({id(p): p.detach().clone() for g in optimizer.param_groups for p in g["params"]})
+
+    def measure(optimizer, args, kwargs):
+        moved.append([max(float((p.detach() - before[id(p)]).abs().max()) for p in g["params"])
+                      for g in optimizer.param_groups])
+
+    hooks = [register_optimizer_step_pre_hook(snapshot), register_optimizer_step_post_hook(measure)]
+    try:
+        Trainer(build_run_config(config)).fit()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert moved[0] == pytest.approx([1e-4, 1e-2], rel=1e-3)
 
 
 def test_every_online_knob_is_documented_and_listed(capsys):

@@ -140,6 +140,32 @@ def test_gspo_sequence_ratio_equals_trl(batch, tmp_path, loss_type):
     assert ours(batch, GRPO, token) != pytest.approx(mine, abs=1e-4)
 
 
+def test_gspo_gradient_is_the_papers(batch):
+    """GSPO's gradient (Zheng et al. 2025, eq. 10): the rows whose clip does not bind contribute
+    -A_i s_i (1/|y_i|) sum_t grad log pi(y_it), s_i = exp(mean_t log pi/pi_old) held fixed (the stop-gradient form);
+    the clipped rows nothing. Checked against autograd of that surrogate, on a copy of the policy (a loss-value
+    parity cannot see a ratio whose gradient is cut)."""
+    batch = {**batch, "policy": copy.deepcopy(batch["policy"])}
+    config = GRPOConfig(loss_type="grpo", importance_sampling="sequence", epsilon=0.05,  # GSPO's ranges are small
+                        generation=GenerationConfig(max_new_tokens=RESPONSE_LEN))
+    (loss,) = update_losses(batch, GRPO, config)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in batch["policy"].named_parameters()}
+    batch["policy"].zero_grad()
+
+    rollout, mask, advantages = batch["rollout"], batch["mask"], batch["advantages"]
+    logps = TokenScorer(batch["policy"])(rollout.sequences, rollout.attention_mask,
+                                         torch.cat([0 * rollout.prompt_mask, rollout.response_mask], 1))[0]
+    mean_logps = (logps[:, PROMPT_LEN:] * mask).sum(-1) / mask.sum(-1)
+    ratio = torch.exp(mean_logps.detach() - (batch["old_logps"] * mask).sum(-1) / mask.sum(-1))
+    clipped = ((ratio > 1.05) & (advantages > 0)) | ((ratio < 0.95) & (advantages < 0))
+    assert 0 < clipped.sum() < len(ratio)  # both kinds of rows are in this batch
+    (-(~clipped * advantages * ratio * mean_logps).sum() / len(ratio)).backward()
+    for name, p in batch["policy"].named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-7, rtol=1e-5, msg=name)
+    assert max(float(g.abs().max()) for g in ours.values()) > 1e-3
+
+
 def test_grpo_loss_types_differ_on_this_batch(batch):
     """The aggregations really differ here (unequal lengths), so each parity test checks its own normaliser."""
     losses = {t: ours(batch, GRPO, GRPOConfig(loss_type=t, generation=GenerationConfig(max_new_tokens=RESPONSE_LEN)))

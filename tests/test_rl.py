@@ -192,6 +192,8 @@ def test_online_config_names_are_checked():
     ({"name": "grpo", "advantage": "rloo"}, "algorithm.scale_rewards", {"scale_rewards": "batch"}),  # was "none"
     ({"name": "grpo", "n_step": -1}, "algorithm.n_step", {"n_step": 2}),
     ({"name": "rloo", "kl_in": "loss", "kl_coef": 0.1}, "algorithm.kl_in", {"kl_coef": 0.0}),  # sequence: no k3 term
+    ({"name": "rloo", "top_entropy_quantile": 0.2}, "algorithm.top_entropy_quantile",  # sequence: no token mask
+     {"top_entropy_quantile": 1.0}),
 ])
 def test_online_config_refuses_settings_that_would_train_silently_wrong(algorithm, field, fixed):
     with pytest.raises(ConfigError, match=field):
@@ -204,6 +206,34 @@ def test_a_critic_free_algorithm_refuses_a_critic_estimator(advantage):
     with pytest.raises(ConfigError, match="algorithm.advantage='.*needs a critic"):  # step 1 failed before
         build_run_config({"algorithm": {"name": "grpo", "rewards": [TASK_REWARD], "advantage": advantage}})
     build_run_config({"algorithm": {"name": "grpo", "rewards": [TASK_REWARD], "advantage": "mc"}})
+
+
+def test_an_estimator_declares_what_the_config_must_give_it():
+    """A new estimator says it compares the samples of a prompt, or reads a critic, or takes some scale_rewards; the
+    online config refuses what would make it silently wrong, with no estimator named in the skeleton (it knew three
+    built-in names: a plugin group estimator ran at num_samples 1 with every advantage 0)."""
+    from prefopt.rl.advantages import estimator
+
+    @estimator("test_group_mean", needs_groups=True, scale_rewards=("none",))
+    def group_mean_baseline(inputs, cfg):
+        return inputs.rewards, None
+
+    @estimator("test_critic_baseline", needs_critic=True)
+    def critic_baseline(inputs, cfg):
+        return inputs.rewards, None
+
+    base = {"name": "grpo", "rewards": [TASK_REWARD], "scale_rewards": "none"}
+    try:
+        with pytest.raises(ConfigError, match="algorithm.num_samples=1: advantage=test_group_mean compares"):
+            build_run_config({"algorithm": {**base, "advantage": "test_group_mean", "num_samples": 1}})
+        with pytest.raises(ConfigError, match="algorithm.scale_rewards='group': advantage=test_group_mean takes none"):
+            build_run_config({"algorithm": {**base, "advantage": "test_group_mean", "scale_rewards": "group"}})
+        build_run_config({"algorithm": {**base, "advantage": "test_group_mean", "num_samples": 2}})
+        with pytest.raises(ConfigError, match="algorithm.advantage='test_critic_baseline': needs a critic"):
+            build_run_config({"algorithm": {**base, "advantage": "test_critic_baseline"}})
+    finally:
+        for name in ("test_group_mean", "test_critic_baseline"):
+            ADVANTAGES._entries.pop(name)
 
 
 def test_minibatches_keep_the_samples_of_a_prompt_together():

@@ -101,7 +101,8 @@ class A2CConfig(OnlineConfig):
     vf_coef: float = 0.5
     """Weight c_v of the value loss 0.5 (V - G)^2."""
     critic_learning_rate: float | None = None
-    """AdamW learning rate of the value function; default: train.learning_rate."""
+    """Learning rate of the value function (its own optimizer group, on the same schedule); default:
+    train.learning_rate."""
     preference_weight: float = 1.0
     """Weight of the preference-model head's score (0: no preference head)."""
     preference_data: str | None = None

@@ -113,7 +113,8 @@ class PPOConfig(OnlineConfig):
     critic_path: str | None = None
     """Reward model directory of the separate critic; default: the path of the first reward_model component."""
     critic_learning_rate: float | None = None
-    """AdamW learning rate of the critic (value head or separate critic); default: train.learning_rate."""
+    """Learning rate of the critic (value head or separate critic; its own optimizer group, on the same schedule);
+    default: train.learning_rate."""
     value_head_std: float = 0.0
     """Init std of the shared value head's weights (0: zeros, so the first values are 0)."""
     ptx_coef: float = 0.0

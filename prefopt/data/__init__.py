@@ -163,11 +163,12 @@ def run_tokenizer(run: RunConfig) -> Any:
     return tokenizer
 
 
-def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
-                drop_last: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_loaders(run: RunConfig, kind: str, tokenizer: Any, drop_last: bool = False,
+                processes: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``train`` loader of a run (shuffled, seeded) and its ``eval`` loader when it has eval rows, and the data
     report: the split manifests, the rows skipped while tokenizing and the row counts per split. ``drop_last``: every
-    training batch is full, the rows left over leave each epoch (a different draw each epoch; the report counts them).
+    training batch is full, the rows left over leave each epoch (a different draw each epoch; the report counts them,
+    with the last round of fewer batches than ``processes`` that accelerate then leaves out too).
 
     Eval rows are ``run.eval_data``'s eval split (all its rows when it has none), else ``run.data``'s eval split.
     """
@@ -194,11 +195,11 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any,
               "rows": {"train": len(loaded.train), "eval": len(eval_rows)},
               "sequences": {name: len(loader.dataset) for name, loader in loaders.items()}}
     if drop_last:
-        left_out = len(train_loader.dataset) % t.batch_size
+        left_out = len(train_loader.dataset) - len(train_loader) // processes * processes * t.batch_size
         report["rows_left_out_per_epoch"] = left_out
         if left_out:
-            log.info("data: %d training rows do not fill a batch of %d; each epoch leaves out %d (a different draw "
-                     "each epoch)", len(train_loader.dataset), t.batch_size, left_out)
+            log.info("data: %d training rows do not fill batches of %d on %d process(es); each epoch leaves out %d "
+                     "(a different draw each epoch)", len(train_loader.dataset), t.batch_size, processes, left_out)
     log.info("data: %s", loaded.report())
     return loaders, report
 

@@ -22,6 +22,11 @@ a row is sum_t r_t = R - beta * sum_t KL_t. Estimators (A_t for each response to
 
 ``scale_rewards`` "group" and "batch" divide by the unbiased std + 1e-4, as TRL 1.16 does.
 
+An estimator registered with ``estimator(name, ...)`` declares what a config must give it (the online config checks
+it, naming no estimator): several samples per prompt (``needs_groups``: its baseline comes from them), a critic's
+values (``needs_critic``), and the ``scale_rewards`` values it takes. ``ADVANTAGES.register(name)`` registers one that
+needs none of these.
+
 Batch statistics are over the GLOBAL batch: every sum, count, mean and std over rows or tokens goes through
 ``AdvantageInputs.total`` (the sum over all processes, ``prefopt.distributed.total_over_processes``), so two
 processes with half a batch each give the advantages one process gives the whole batch. Group statistics stay
@@ -42,6 +47,23 @@ from prefopt.registry import ADVANTAGES
 from prefopt.rl.kl import kl_shaped_rewards
 
 STD_EPS = 1e-4
+SCALES = ("group", "batch", "none")
+
+
+def estimator(name: str, needs_groups: bool = False, needs_critic: bool = False,
+              scale_rewards: tuple[str, ...] = SCALES) -> Callable[[Callable], Callable]:
+    """Register the decorated estimator as ``name`` with what it needs (module docstring)."""
+    def register(fn: Callable) -> Callable:
+        fn.needs_groups, fn.needs_critic, fn.scale_rewards = needs_groups, needs_critic, scale_rewards
+        return ADVANTAGES.register(name)(fn)
+    return register
+
+
+def requirements(name: str) -> tuple[bool, bool, tuple[str, ...]]:
+    """(needs_groups, needs_critic, scale_rewards) of the estimator registered as ``name``."""
+    fn = ADVANTAGES.get(name)
+    return (getattr(fn, "needs_groups", False), getattr(fn, "needs_critic", False),
+            getattr(fn, "scale_rewards", SCALES))
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
@@ -138,7 +160,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + values) * mask
 
 
-@ADVANTAGES.register("gae")
+@estimator("gae", needs_critic=True)
 def gae_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
     if inputs.values is None:
         raise ValueError("advantage 'gae' needs a critic (values)")
@@ -158,7 +180,7 @@ def nstep_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, n
     return returns * mask
 
 
-@ADVANTAGES.register("nstep")
+@estimator("nstep", needs_critic=True)
 def nstep_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
     if inputs.values is None:
         raise ValueError("advantage 'nstep' needs a critic (values)")
@@ -173,7 +195,7 @@ def monte_carlo_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, T
     return returns - baseline, returns
 
 
-@ADVANTAGES.register("grpo")
+@estimator("grpo", needs_groups=True)
 def group_normalised_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, None]:
     rewards = inputs.sequence_rewards
     mean, _ = group_mean(rewards, inputs.group)
@@ -187,7 +209,7 @@ def group_normalised_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tens
     return per_token(advantages, inputs.mask), None
 
 
-@ADVANTAGES.register("rloo")
+@estimator("rloo", needs_groups=True, scale_rewards=("none", "batch"))
 def leave_one_out_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, None]:
     rewards = inputs.sequence_rewards
     mean, counts = group_mean(rewards, inputs.group)
@@ -207,7 +229,7 @@ def reinforce_pp_advantages(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, 
     return batch_whiten(returns, inputs.mask, inputs.total), returns
 
 
-@ADVANTAGES.register("reinforce_pp_baseline")
+@estimator("reinforce_pp_baseline", needs_groups=True)
 def reinforce_pp_group_baseline(inputs: AdvantageInputs, cfg: Any) -> tuple[Tensor, Tensor]:
     if inputs.scores is None:
         raise ValueError("advantage 'reinforce_pp_baseline' needs the scores R(x, y) of the responses")

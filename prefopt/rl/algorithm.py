@@ -63,9 +63,9 @@ from prefopt.functional import masked_mean
 from prefopt.models import load_causal_lm, needs_separate_reference
 from prefopt.prefix import supports
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
-from prefopt.rl.advantages import AdvantageInputs, batch_whiten, group_mean
+from prefopt.rl.advantages import AdvantageInputs, batch_whiten, group_mean, requirements
 from prefopt.rl.batches import MicroBatch, Scored, minibatches
-from prefopt.rl.config import GROUP_ADVANTAGES, OnlineConfig
+from prefopt.rl.config import OnlineConfig
 from prefopt.rl.engine import generate, rollout_inputs
 from prefopt.rl.kl import kl_penalty, kl_shaped_rewards
 from prefopt.rl.losses import PolicyLossInputs
@@ -73,7 +73,7 @@ from prefopt.rl.rewards import CompositeReward
 from prefopt.scoring import TokenScorer, grouped_token_logps
 from prefopt.types import LossOutput, PromptBatch, Rollout
 
-__all__ = ["GROUP_ADVANTAGES", "MicroBatch", "OnlineAlgorithm", "OnlineConfig", "Scored", "minibatches"]
+__all__ = ["MicroBatch", "OnlineAlgorithm", "OnlineConfig", "Scored", "minibatches"]
 
 
 def require_dropout_off(run: Any, algorithm: str) -> None:
@@ -100,7 +100,7 @@ class OnlineAlgorithm(Algorithm):
         require_dropout_off(run, cls.registry_name)
         cfg, rows = run.algorithm, run.train.batch_size * run.algorithm.num_samples
         critic = cls.uses_critic or cls.score is not OnlineAlgorithm.score  # an own ``score`` brings its values
-        check(critic or cfg.advantage not in ("gae", "nstep"), "algorithm.advantage", cfg.advantage,
+        check(critic or not requirements(cfg.advantage)[1], "algorithm.advantage", cfg.advantage,
               f"needs a critic's values; {cls.registry_name} has none (use grpo, rloo, reinforce_pp or mc)")
         check(cfg.num_minibatches <= rows, "algorithm.num_minibatches", cfg.num_minibatches,
               f"must be <= train.batch_size x num_samples ({rows})")

@@ -12,10 +12,9 @@ from typing import Literal
 
 from prefopt.config import MAX_COEF, TOO_STRONG, check
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
+from prefopt.rl.advantages import requirements
 from prefopt.rl.engine import GenerationConfig
 from prefopt.rl.rewards import RewardSpec
-
-GROUP_ADVANTAGES = ("grpo", "rloo", "reinforce_pp_baseline")  # baselines from the other samples of the prompt
 
 
 @dataclass
@@ -45,7 +44,9 @@ class OnlineConfig:
     loss_type: str = "grpo"
     """Policy loss by name (prefopt.rl.losses): grpo, bnpo, token_mean, dapo, dr_grpo, sequence."""
     importance_sampling: Literal["token", "sequence"] = "token"
-    """token: one ratio per token; sequence: GSPO's one ratio per response, exp(mean_t log pi/pi_old) on its tokens."""
+    """token: one ratio per token; sequence: GSPO's one ratio per response, exp(mean_t log pi/pi_old) on its tokens
+    (GSPO's objective with loss_type grpo; a token-sum loss, bnpo / dapo / dr_grpo / token_mean, weights each response
+    by its length, as TRL warns)."""
     top_entropy_quantile: float = 1.0
     """Train the policy term on the tokens whose entropy is in the top q of the micro-batch's (all processes; Wang
     et al. 2025, "Beyond the 80/20 rule"; TRL's top_entropy_quantile); 1.0: every token."""
@@ -96,16 +97,20 @@ class OnlineConfig:
         check(self.epochs >= 1, "algorithm.epochs", self.epochs, "must be >= 1")
         check(self.num_minibatches >= 1, "algorithm.num_minibatches", self.num_minibatches, "must be >= 1")
         check(self.n_step >= 0, "algorithm.n_step", self.n_step, "must be >= 0")
-        check(self.advantage not in GROUP_ADVANTAGES or self.num_samples >= 2, "algorithm.num_samples",
-              self.num_samples, f"advantage={self.advantage} compares the samples of a prompt; needs >= 2")
-        check(self.advantage != "rloo" or self.scale_rewards != "group", "algorithm.scale_rewards",
-              self.scale_rewards, "advantage=rloo takes none or batch (TRL's RLOOTrainer normalize_advantages)")
+        needs_groups, _, scales = requirements(self.advantage)
+        check(not needs_groups or self.num_samples >= 2, "algorithm.num_samples", self.num_samples,
+              f"advantage={self.advantage} compares the samples of a prompt; needs >= 2")
+        check(self.scale_rewards in scales, "algorithm.scale_rewards", self.scale_rewards,
+              f"advantage={self.advantage} takes {' or '.join(scales)}")
         check(self.loss_type != "sequence" or self.kl_in != "loss" or self.kl_coef == 0, "algorithm.kl_in",
               self.kl_in, "loss_type=sequence has no k3 KL loss term; use kl_in=reward or a token-level loss_type")
         check(self.loss_type != "sequence" or self.importance_sampling == "token", "algorithm.importance_sampling",
               self.importance_sampling, "loss_type=sequence has one (summed) ratio per row already")
         check(0 < self.top_entropy_quantile <= 1, "algorithm.top_entropy_quantile", self.top_entropy_quantile,
               "must be in (0, 1]")
+        check(self.loss_type != "sequence" or self.top_entropy_quantile == 1, "algorithm.top_entropy_quantile",
+              self.top_entropy_quantile, "loss_type=sequence has one term per response, no token to mask; use a "
+              "token-level loss_type")
         check(self.eval_num_samples >= 1, "algorithm.eval_num_samples", self.eval_num_samples, "must be >= 1")
         check(self.generation.do_sample or self.num_samples == 1, "algorithm.generation.do_sample", False,
               f"greedy decoding gives the {self.num_samples} samples of a prompt one response (every group "
