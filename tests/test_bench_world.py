@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prefopt.bench.world import (GROUPS, WorldGoldReward, conditional_accuracy, demonstrations, gold_spec,
-                                 implied_pairs, kto_rows, label_prompts, plackett_luce_scores, prompt_group,
+                                 implied_pairs, kto_rows, label_prompts, oracle_weight, plackett_luce_scores, prompt_group,
                                  true_reward, world_prompts)
 from prefopt.config import ModelConfig
 from prefopt.models import load_tokenizer
@@ -103,6 +103,16 @@ def test_conditional_accuracy():
     own, other = torch.tensor([3.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 2.0, 1.0, 0.0])
     got = conditional_accuracy(own, other).tolist()
     assert got[:3] == [0.75, 0.0, 0.5] and math.isnan(got[3])
+
+
+def test_oracle_weight_is_the_proxys_slope_on_the_true_reward():
+    rewards = [0.0, 0.25, 0.5, 0.75]
+    assert oracle_weight(rewards, [5 * r + 1 for r in rewards]) == pytest.approx(5.0)  # proxy = 5 r + 1
+    noise = [0.3, -0.3, -0.3, 0.3]  # mean 0 and orthogonal to r - mean(r) = [-3, -1, 1, 3] / 8: the slope stays 5
+    assert oracle_weight(rewards, [5 * r + 1 + e for r, e in zip(rewards, noise)]) == pytest.approx(5.0)
+    assert oracle_weight(rewards, [-r for r in rewards]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="constant"):
+        oracle_weight([0.5, 0.5], [1.0, 2.0])
 
 
 def test_labeller_ties_equal_rewards_and_orders_the_rest_by_bradley_terry():

@@ -164,6 +164,20 @@ def gold_spec(budget: int, penalty: float = 0.0) -> dict[str, Any]:
     return {"name": "world_gold", "weight": 1.0, "params": {"budget": budget, "penalty": penalty}}
 
 
+def oracle_weight(true_rewards: list[float], proxy_scores: list[float]) -> float:
+    """The weight a of the oracle's reward a * r: the least-squares slope of the proxy's score on r over the same
+    responses (the start's samples), a = cov(proxy, r) / var(r), so that the true reward is in the proxy's units
+    and one KL coefficient is the same trade-off for the oracle and for the runs on the proxy (module docstring)."""
+    n = len(true_rewards)
+    if n != len(proxy_scores) or n < 2:
+        raise ValueError(f"oracle_weight: {n} true rewards and {len(proxy_scores)} proxy scores (need >= 2 of each)")
+    mean_r, mean_p = sum(true_rewards) / n, sum(proxy_scores) / n
+    var = sum((r - mean_r) ** 2 for r in true_rewards) / n
+    if var == 0:
+        raise ValueError("oracle_weight: the true reward is constant over these responses")
+    return sum((r - mean_r) * (p - mean_p) for r, p in zip(true_rewards, proxy_scores)) / n / var
+
+
 # ------------------------------------------------------------------------------------------------ labels
 
 
