@@ -81,6 +81,11 @@ def test_best_point_verdict_recomputed_by_hand_from_the_files(report):
     assert (row["diff"], row["lo"], row["hi"]) == pytest.approx((np.mean(diffs), np.mean(diffs) - half,
                                                                  np.mean(diffs) + half), abs=1e-6)
     assert row["p holm"] >= row["p"] and row["unit"] == "draws"
+    # the summary at the top of the verdicts: every label at every point, the same gold as the verdict rows
+    summary = pd.read_csv(report / "summary.csv").set_index(["label", "at"])
+    assert len(summary) == 5 * 3 and summary.loc[(row["A"], row["at"]), "gold"] == pytest.approx(row["gold A"])
+    assert summary.loc[("best_of_n", "KL 2"), "cells"] == "0/3" and np.isnan(summary.loc[("best_of_n", "KL 2"), "gold"])
+    assert "tested rows decided after Holm" in (report / "results.md").read_text()
 
 
 def test_matched_kl_rows_rest_on_measured_brackets_and_find_the_planted_difference(report):

@@ -81,3 +81,24 @@ def test_gao_fits_recover_planted_coefficients_and_peaks():
     assert rl["peak_reward"] == pytest.approx(0.1 * math.e)  # R* = beta d*
     assert gao_curve(0.2, 0.1, "rl", np.array([math.e]))[0] == pytest.approx(0.1 * math.e)
     assert math.isnan(gao_fit(kl[:2], kl[:2], "rl")["alpha"])  # too few points to fit two coefficients
+
+
+def test_fitted_peaks_far_past_the_measured_kl_are_not_shown():
+    """R = d (1 - 0.5 d) (best-of-n form) peaks at d = 1, KL 1, R 0.5: shown when measured up to KL 4; measured only
+    up to KL 0.3 the peak is > 2x past the data, an extrapolation: blank, and ``peak`` says so."""
+    import pandas as pd
+
+    from prefopt.bench.report.curves import Arrays
+    from prefopt.bench.report.tables import fits_table
+
+    arrays = Arrays(np.array([0]), [0], {0: np.zeros((1, 6))}, {}, [])  # start gold 0
+    for top, note in ((4.0, "within the measured KL"), (0.3, "beyond 2x the measured KL: not shown")):
+        kl = np.linspace(0.05, top, 6)
+        d = np.sqrt(kl)
+        frontier = pd.DataFrame({"label": "best_of_n", "value": None, "kl": kl, "gold": d * (1 - 0.5 * d)})
+        row = fits_table(frontier, arrays).iloc[0]
+        assert row["peak"] == note and row["max measured kl"] == pytest.approx(top)
+        if top > 1:
+            assert (row["peak_kl"], row["peak_reward"]) == pytest.approx((1.0, 0.5))
+        else:
+            assert np.isnan(row["peak_kl"]) and np.isnan(row["peak_reward"])

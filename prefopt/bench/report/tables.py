@@ -2,7 +2,8 @@
 
 * ``frontier``: every (label, setting, checkpoint): cells, mean KL, gold with its 95% interval, the length-adjusted
   gold ``gold - slope (length - start length)``, length, conditional accuracy, proxy, entropy, win rate vs the start;
-* ``fits``: Gao et al.'s alpha, beta, R^2 and fitted peak per curve (setting), from its mean points;
+* ``fits``: Gao et al.'s alpha, beta, R^2 and fitted peak per curve (setting), from its mean points; a peak more than
+  2x past the largest measured KL is an extrapolation and is not shown (``peak`` says where it lies);
 * ``best``: each label's best point under the KL budget, with its interval, win rate against the start and the
   variance decomposition of its gold (shares of the grand mean's variance carried by draws / seeds / prompts);
 * ``footing``: the budget actually spent per label (run.json ``cost``), means over its finished runs;
@@ -52,9 +53,24 @@ def fits_table(frontier: pd.DataFrame, arrays: Arrays) -> pd.DataFrame:
     for (label, value), curve in frontier.groupby(["label", "value"], dropna=False, sort=False):
         form = "bon" if str(label).startswith("best_of_n") else "rl"
         fit = gao_fit(curve["kl"].to_numpy(), curve["gold"].to_numpy() - start_gold, form)
+        measured = float(curve["kl"].max())
         rows.append({"label": label, "value": value, "form": "d(alpha - beta d)" if form == "bon"
-                     else "d(alpha - beta log d)", **fit})
+                     else "d(alpha - beta log d)", **fit, "max measured kl": measured,
+                     "peak": _peak_note(fit["peak_kl"], fit["beta"], measured)})
+        if rows[-1]["peak"].startswith("beyond"):  # an extrapolation is not a finding
+            rows[-1].update(peak_kl=float("nan"), peak_reward=float("nan"))
     return pd.DataFrame(rows)
+
+
+def _peak_note(peak_kl: float, beta: float, measured: float) -> str:
+    """Where the fitted peak lies against the measured KLs (Gao et al.: gold peaks, then falls, under a proxy)."""
+    if math.isnan(beta):
+        return "no fit (< 3 points with KL > 0)"
+    if beta <= 0 or math.isnan(peak_kl):
+        return "none: still rising (beta <= 0)"
+    if peak_kl <= measured:
+        return "within the measured KL"
+    return "past the measured KL (<= 2x)" if peak_kl <= 2 * measured else "beyond 2x the measured KL: not shown"
 
 
 def best_table(arrays: Arrays, budget: float, slope: float, chosen: dict[str, object]) -> pd.DataFrame:
@@ -176,7 +192,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def shares_text(row: dict[str, Any]) -> str:
     """The variance decomposition of a row as "draw/seed/prompt" shares, 2 decimals."""
-    parts = [fmt(row.get(f"share {k}"), 2) for k in ("draw", "seed", "prompt")]
+    parts = [f"{row.get(f'share {k}'):.2f}" if isinstance(row.get(f"share {k}"), (float, int)) and
+             not pd.isna(row.get(f"share {k}")) else "" for k in ("draw", "seed", "prompt")]
     return "/".join(parts) if any(parts) else ""
 
 

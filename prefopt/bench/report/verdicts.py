@@ -94,6 +94,35 @@ def verdict_table(arrays: Arrays, labels: list[str], kl_levels: list[float], bud
     return table
 
 
+def summary_table(arrays: Arrays, kl_levels: list[float], budget: float, chosen: dict[str, object]) -> pd.DataFrame:
+    """Every label (oracles included, as references) at each matched KL (upper envelope per cell) and at its best
+    point under the budget: mean gold with its 95% interval over draws, and how many cells reach the point."""
+    rows = []
+    for label in arrays.labels.values():
+        points = [(f"KL {k:g}", at_matched_kl(label, k)) for k in kl_levels]
+        points.append((f"best, KL <= {budget:g}", best_point(label, budget, chosen.get(label.name))[0]))
+        for at, point in points:
+            row = {"label": label.name, "phase": label.phase, "at": at,
+                   "cells": f"{len(point.cells)}/{len(point.cells) + len(point.missing)}"}
+            if point.complete:
+                gold = nested_interval(point.array(arrays.draws)[..., column("gold")])
+                row.update(kl=float(np.mean(list(point.kl.values()))), gold=gold.mean, lo=gold.lo, hi=gold.hi)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def decided_text(table: pd.DataFrame) -> str:
+    """One line per row decided after Holm (better / worse), or how many were tested and none decided."""
+    if table.empty or "p holm" not in table:
+        return "No row of the family could be tested."
+    tested = table[table["p holm"].notna()]
+    decided = tested[tested["verdict"].isin(["better", "worse"])]
+    head = f"{len(decided)} of {len(tested)} tested rows decided after Holm ({len(table) - len(tested)} n/a)"
+    return head + (":" if len(decided) else ".") + "".join(
+        f"\n- **{r['A']} {r['verdict']} than {r['B']}** at {r['at']}: {r['diff']:+.4f} [{r['lo']:+.4f}, "
+        f"{r['hi']:+.4f}], p (Holm) {r['p holm']:.3g}" for r in decided.to_dict("records"))
+
+
 def length_slope(arrays: Arrays, data_best_of_n: pd.DataFrame) -> float:
     """Gold on length within prompts (and draws) among the start's best-of-n samples; NaN without them."""
     from prefopt.bench.report.stats import within_slope

@@ -22,7 +22,7 @@ from prefopt.bench.report import tables as t
 from prefopt.bench.report.curves import BON, Arrays, build, column
 from prefopt.bench.report.gates import all_gates, gate_table
 from prefopt.bench.report.reading import RunDir, chosen_settings, config, read_run_dir
-from prefopt.bench.report.verdicts import length_slope, seeds_note, verdict_table
+from prefopt.bench.report.verdicts import decided_text, length_slope, seeds_note, summary_table, verdict_table
 
 
 def write_report(run_dir: str | Path, figures: bool = True) -> str:
@@ -72,7 +72,11 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
             return ["**Verdicts withheld**: " + "; ".join(f"gate `{g.name}`: {g.status} ({g.numbers})"
                                                         for g in withheld), "",
                     "The measured differences are in verdicts.csv (verdict `withheld`); they are not verdicts.", ""]
-        return [head, "", t.markdown_table(_verdict_view(table)), ""]
+        out["summary"] = summary_table(arrays, kl_levels, budget, chosen)
+        return [decided_text(table), "", "Gold of every label at each point (matched KL: the upper envelope over its "
+                "settings per cell; oracles for reference; 95% intervals over draws; n/a: the cells that reach it):", "",
+                t.markdown_table(_summary_view(out["summary"])), "", head, "",
+                t.markdown_table(_verdict_view(table)), ""]
 
     def frontier() -> list[str]:
         out["frontier"] = t.frontier_table(arrays, slope)
@@ -170,6 +174,16 @@ def _adjustment_note(slope: float) -> str:
         return "not computed (the start's best-of-n samples do not vary in length within a prompt, or are missing)"
     return (f"the difference less {slope:.4f} x the length difference (gold per token within prompts among the "
             "start's best-of-n samples)")
+
+
+def _summary_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """Labels as rows, points as columns: "0.412 [0.380, 0.444]" or "n/a (3/12)"."""
+    if summary.empty:
+        return summary
+    text = [f"n/a ({r['cells']} cells)" if pd.isna(r.get("gold")) else t.fmt(r["gold"]) if pd.isna(r.get("lo"))
+            else f"{t.fmt(r['gold'])} [{t.fmt(r['lo'])}, {t.fmt(r['hi'])}]" for r in summary.to_dict("records")]
+    view = summary.assign(text=text).pivot(index="label", columns="at", values="text")
+    return view[list(dict.fromkeys(summary["at"]))].reindex(list(dict.fromkeys(summary["label"]))).reset_index()
 
 
 def _verdict_view(table: pd.DataFrame) -> pd.DataFrame:
