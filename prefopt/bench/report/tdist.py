@@ -2,7 +2,8 @@
 
 CDF through the regularized incomplete beta function (Numerical Recipes, 3rd ed., section 6.4):
 P(T <= t) = 1 - I_x(df / 2, 1 / 2) / 2 with x = df / (df + t^2), for t >= 0; I_x by Lentz's continued fraction.
-The quantile inverts the tail by Newton's method in log t. Every function takes arrays (df may be fractional: Satterthwaite).
+The quantile inverts the tail by Newton's method in log t. Every function takes arrays (df may be fractional:
+Satterthwaite).
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
                     "The measured differences are in verdicts.csv (verdict `withheld`); they are not verdicts.", ""]
         out["summary"] = summary_table(arrays, kl_levels, budget, chosen)
         return [decided_text(table), "", "Gold of every label at each point (matched KL: the upper envelope over its "
-                "settings per cell; oracles for reference; 95% intervals over draws; n/a: the cells that reach it):", "",
+                "settings per cell; oracles for reference; 95% intervals over draws; n/a: the cells that reach "
+                "it):", "",
                 t.markdown_table(_summary_view(out["summary"])), "", head, "",
                 t.markdown_table(_verdict_view(table)), ""]
 
