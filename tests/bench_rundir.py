@@ -100,7 +100,7 @@ def make_run_dir(path: Path, labels: dict[str, dict[str, Any]] | None = None, dr
         write_json(directory / "proxy.json", {"n_pairs": 200, "val_accuracy": 0.7, "val_accuracy_ci95": [0.64, 0.76],
                                               "val_accuracy_true": 0.8,
                                               "rule_val_accuracy": 0.62, "ceiling_val_accuracy": 0.8, "steps": 60,
-                                              "seed": 1 + d})
+                                              "seed": 1 + d, "oracle_slope": 5.0, "oracle_weight": 5.0})
         write_jsonl(directory / "start.jsonl", [sample_row(0, name, i, start_gold[name][i], 0.0, 0.0, 1.0)
                                                 for name in sets for i in range(sets[name])])
         bon = []
@@ -252,7 +252,7 @@ def check_run_dir(path: Path) -> None:
         proxy = read_json(draw / "proxy.json")
         if bench["task"] == "world":
             assert {"n_pairs", "val_accuracy", "val_accuracy_ci95", "val_accuracy_true", "rule_val_accuracy",
-                    "ceiling_val_accuracy", "steps", "seed"} <= set(proxy)
+                    "ceiling_val_accuracy", "steps", "seed", "oracle_slope", "oracle_weight"} <= set(proxy)
             parts = read_json(draw / "labels.json")["parts"]
             assert all({"prompts", "responses", "pairs_used", "ties_dropped", "label_agreement_over_pairs_used",
                         "kto_rows", "start_true_reward"} <= set(part) for part in parts.values())

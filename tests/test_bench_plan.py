@@ -66,7 +66,7 @@ def test_runs_get_the_draws_files_the_right_reward_and_the_offline_budget(tmp_pa
     assert by_name["ppo"].reward == "proxy"
     assert by_name["a2c"].policy_class == "top 2 of 2 blocks + head (embeddings frozen)"
     assert by_name["dpo"].policy_class == "full" and by_name["kto"].reward == "labels"
-    planner = Planner(cfg, start, tmp_path / "bench")
+    planner = Planner(cfg, start, tmp_path / "bench", {0: 4.5, 1: 6.0})
     runs = [run for label in labels for run in planner.main_runs(label, 0.01, label.values)]
     assert len({run.key for run in runs}) == len({run.id for run in runs}) == len(runs)
     assert {(run.draw, run.seed) for run in runs} == {(0, 0), (0, 1), (1, 1000), (1, 1001)}
@@ -81,6 +81,7 @@ def test_runs_get_the_draws_files_the_right_reward_and_the_offline_budget(tmp_pa
             assert rewards[0]["params"]["path"] == str(the_draw.proxy_rm) and run.labels == 40
         if run.label == "ppo_true":
             assert rewards[0]["name"] == "world_gold" and run.phase == "oracle" and run.labels == 0
+            assert rewards[0]["weight"] == {0: 4.5, 1: 6.0}[run.draw]  # the true reward in the proxy's units
         if run.kind in ("pairs", "unpaired"):
             rows = 100 + run.draw if run.kind == "pairs" else 60
             batch = recipe["train"]["batch_size"]

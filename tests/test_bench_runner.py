@@ -10,11 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench_rundir import check_run_dir, make_run_dir
 from prefopt.bench.files import read_json, read_jsonl
 from prefopt.bench.plan import checkpoint_steps
 from prefopt.bench.runner import _best, _extension, run_bench
+from prefopt.bench.world import oracle_weight
 
 BENCH = Path(__file__).resolve().parents[1] / "recipes" / "bench"
 WORLD_TINY = BENCH / "world_tiny_test.yaml"
@@ -106,6 +108,17 @@ def test_tiny_world_bench_writes_the_run_directory(world_bench):
             labels = read_json(out / "draws" / f"draw{row['draw']}" / "labels.json")["parts"]["policy_train"]
             assert cost["samples"] == row["max_steps"] * 8
             assert cost["labels_consumed"] == (row["reward"] == "proxy") * labels["prompts_labelled"]
+        if row["reward"] == "true":  # the oracle's reward: the true reward in the proxy's units (its draw's slope)
+            draw = out / "draws" / f"draw{row['draw']}"
+            proxy, bon = read_json(draw / "proxy.json"), read_jsonl(draw / "best_of_n.jsonl")
+            try:
+                slope = oracle_weight([r["gold"] for r in bon], [r["proxy"] for r in bon])
+            except ValueError:  # the true reward constant over the start's replies: no scale, weight 1
+                slope = None
+            assert proxy["oracle_slope"] == (slope if slope is None else pytest.approx(slope, rel=1e-9))
+            assert proxy["oracle_weight"] == (slope if slope is not None and slope > 0 else 1.0)
+            reward = yaml.safe_load((out / row["dir"] / "recipe.yaml").read_text())["algorithm"]["rewards"][0]
+            assert reward["name"] == "world_gold" and reward["weight"] == proxy["oracle_weight"]
     values = {row["value"] for row in plan["runs"] if row["label"] == "dpo" and row["phase"] == "main"}
     assert values == set(cfg["frontier"]["knob_values"]["dpo"]) | {selection["dpo"]["chosen_value"]}
     text = (out / "results.md").read_text()  # the report, from the run directory alone, every section computed

@@ -16,7 +16,7 @@ The run directory is everything a result depends on and all the report reads (pr
     data/<part>.jsonl     the pinned parts
     draws/draw<d>/        draw.json (seed, keys); labels.json (world: counts, ties dropped, label agreement per part);
                           proxy.json (the proxy RM's held-out accuracy beside the prompt-blind rule and the true
-                          reward);
+                          reward; world: the oracle runs' weight of the true reward, in the proxy's units);
                           start.jsonl (the start's sample rows, step 0); best_of_n.jsonl {i, j, gold, proxy, length,
                           cond_acc}; pairs.jsonl (held-out pairs: the start's log-probs, the gold of each reply)
     runs/<id>/            run.json (plan row + status, final_step, cost: wall / CPU s, eval s, peak RSS, updates, rows,

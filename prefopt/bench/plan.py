@@ -149,10 +149,14 @@ def _rows(path: Path) -> int:
 
 
 class Planner:
-    """Builds runs for one bench: the config, the built start and the eval settings every key includes."""
+    """Builds runs for one bench: the config, the built start and the eval settings every key includes.
 
-    def __init__(self, cfg: BenchConfig, start: Start, run_dir: Path):
+    ``oracle_weights``: draw -> the weight of the true reward in its oracle runs (proxy.json's ``oracle_weight``:
+    the true reward in the proxy's units, so that one KL coefficient is one trade-off for both)."""
+
+    def __init__(self, cfg: BenchConfig, start: Start, run_dir: Path, oracle_weights: dict[int, float] | None = None):
         self.cfg, self.start, self.run_dir = cfg, start, Path(run_dir)
+        self.oracle_weights = dict(oracle_weights or {})
         self.eval_settings = json.loads(json.dumps({
             "eval": dataclasses.asdict(cfg.eval), "lengths": [cfg.data.max_length, cfg.data.max_prompt_length],
             "prompts": str(self.run_dir / "prompts.jsonl"), "task": cfg.task,
@@ -160,7 +164,10 @@ class Planner:
 
     def rewards(self, label: Label, draw: Draw) -> list[dict[str, Any]] | None:
         if label.reward == "true":
-            return [gold_judge(self.cfg)]
+            if draw.draw not in self.oracle_weights:
+                raise ConfigError(f"oracles: no oracle weight for draw {draw.draw} (draws/draw{draw.draw}/proxy.json "
+                                  "oracle_weight; the draws phase writes it)")
+            return [{**gold_judge(self.cfg), "weight": self.oracle_weights[draw.draw]}]
         if label.reward == "proxy":
             return [proxy_reward(self.cfg, draw.proxy_rm)]
         return None

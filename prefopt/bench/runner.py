@@ -107,7 +107,9 @@ def _phases(cfg: BenchConfig) -> Path:
         labels, skipped = plan_labels(cfg, start.policy)
         for label, reason in skipped.items():
             tqdm.write(f"prefopt bench: skipping {label!r}: {reason}")
-        planner, plan = Planner(cfg, start, run_dir), []
+        weights = {d.draw: read_json(run_dir / "draws" / f"draw{d.draw}" / "proxy.json")["oracle_weight"]
+                   for d in start.draws} if cfg.oracles else {}
+        planner, plan = Planner(cfg, start, run_dir, weights), []
         with clock("select"):
             selection = select(workers, planner, labels, plan, clock)
         runs = {label.label: planner.main_runs(label, *_main_setting(cfg, label, selection)) for label in labels}

@@ -34,6 +34,7 @@ from prefopt.bench.launch import train
 from prefopt.bench.plan import Run
 from prefopt.bench.stages import Start, build_stage
 from prefopt.bench.recipes import gold_judge, proxy_reward
+from prefopt.bench.world import oracle_weight
 from prefopt.errors import PrefoptError
 from prefopt.stopping import Interrupted
 
@@ -164,11 +165,16 @@ def evaluation(draw: int) -> Evaluation:
     return _EVALUATIONS[draw]
 
 
+DRAW_FILES = 2
+"""The version of a draw's files (2: proxy.json has the oracle's weight); a draw written by another is made again."""
+
+
 def draw_key(ctx: Context, draw: int) -> str:
     the_draw = ctx.start.draws[draw]
     return content_key("draw", {"stages": [s.key for s in ctx.start.shared + the_draw.stages], "seed": the_draw.seed,
                                 "eval": asdict(ctx.cfg.eval), "best_of_n": max(ctx.cfg.frontier.best_of_n, default=0),
-                                "prompts": str(ctx.run_dir / "prompts.jsonl")}, ctx.start.known)
+                                "prompts": str(ctx.run_dir / "prompts.jsonl"), "files": DRAW_FILES},
+                       ctx.start.known)
 
 
 def task_draw(draw: int) -> dict[str, float]:
@@ -191,7 +197,8 @@ def task_draw(draw: int) -> dict[str, float]:
         report = {"n_pairs": len(val), "val_accuracy": proxy["accuracy"], "val_accuracy_ci95": proxy["ci95"],
                   "val_accuracy_true": pair_accuracy(evals.proxy, evals.tokenizer, true_order(evals, val))["accuracy"],
                   "rule_val_accuracy": pair_accuracy(evals.judges["rule"], evals.tokenizer, val)["accuracy"],
-                  "ceiling_val_accuracy": pair_accuracy(evals.gold, evals.tokenizer, val)["accuracy"]}
+                  "ceiling_val_accuracy": pair_accuracy(evals.gold, evals.tokenizer, val)["accuracy"],
+                  **oracle_scale(out["best_of_n"] or out["start"])}
     else:
         report = pair_accuracy(evals.proxy, evals.tokenizer, read_jsonl(ctx.run_dir / "data" / "eval.jsonl"))
     proxy_stage = stages["proxy_rm"]
@@ -203,6 +210,17 @@ def task_draw(draw: int) -> dict[str, float]:
                                          "labels_key": stages["labels"].key if "labels" in stages else None,
                                          "proxy_key": proxy_stage.key})
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def oracle_scale(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The oracle's reward weight (prefopt.bench.world.oracle_weight: the proxy's slope on the true reward over the
+    start's replies, best-of-n's when drawn): ``oracle_slope`` as fitted, ``oracle_weight`` the weight the oracle
+    runs use (1.0 where the slope is not positive or the true reward is constant: then the proxy carries no scale)."""
+    try:
+        slope = oracle_weight([row["gold"] for row in rows], [row["proxy"] for row in rows])
+    except ValueError:
+        slope = None
+    return {"oracle_slope": slope, "oracle_weight": slope if slope is not None and slope > 0 else 1.0}
 
 
 def true_order(evals: Evaluation, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
