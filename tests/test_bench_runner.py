@@ -121,7 +121,9 @@ def test_tiny_world_bench_writes_the_run_directory(world_bench):
             assert reward["name"] == "world_gold" and reward["weight"] == proxy["oracle_weight"]
     values = {row["value"] for row in plan["runs"] if row["label"] == "dpo" and row["phase"] == "main"}
     assert values == set(cfg["frontier"]["knob_values"]["dpo"]) | {selection["dpo"]["chosen_value"]}
-    assert (out / "results.md").is_file()
+    text = (out / "results.md").read_text()  # the report, from the run directory alone, every section computed
+    assert text.index("## Gates") < text.index("## Verdicts") < text.index("## Runs")
+    assert "could not be computed" not in text and "## Problems reading the run directory\n\n(none)" in text
 
 
 @pytest.mark.slow
