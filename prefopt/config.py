@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from prefopt.chat_templates import TEMPLATES
 from prefopt.errors import ConfigError
 from prefopt.recipe_file import explain_env, merge, parse_overrides, read_yaml
 from prefopt.registry import closest
@@ -50,6 +51,23 @@ class LoraConfig:
 
 
 @dataclass
+class LogitsConfig:
+    """How the LM head's log-probs are computed without its [tokens, vocab] logits (prefopt.lm_head)."""
+
+    chunk: int = 256
+    """Positions whose logits are computed at once (forward and backward)."""
+    vocab_block: int = 4096
+    """Vocabulary entries per block (CPU, float32 Linear heads; elsewhere whole rows)."""
+    keep_mb: float = 64.0
+    """Logits kept from the forward for the backward, in MB; blocks past it are recomputed (one head matmul each)."""
+
+    def __post_init__(self):
+        check(self.chunk >= 1, "model.logits.chunk", self.chunk, "must be >= 1")
+        check(self.vocab_block >= 1, "model.logits.vocab_block", self.vocab_block, "must be >= 1")
+        check(self.keep_mb >= 0, "model.logits.keep_mb", self.keep_mb, "must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     """Which model to start from and how to load it."""
 
@@ -70,6 +88,8 @@ class ModelConfig:
     LoRA adapter's own dropout is model.lora.dropout."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter settings."""
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    """Chunking of the LM head's log-probs: peak memory of the head vs one recomputed matmul."""
 
     def __post_init__(self):
         check(not self.load_in_4bit or self.lora.r > 0, "model.load_in_4bit", True, "needs model.lora.r > 0 (QLoRA)")
@@ -147,8 +167,6 @@ class DataConfig:
         check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,
               "must be in (0, data.max_length]")
         check(self.max_examples is None or self.max_examples > 0, "data.max_examples", self.max_examples, "must be > 0")
-        from prefopt.data.templates import TEMPLATES
-
         names = ("auto", "none", *TEMPLATES)
         check(self.chat_template in names or Path(self.chat_template).expanduser().is_file(),
               "data.chat_template", self.chat_template, f"must be {', '.join(names)} or an existing template file")
@@ -397,7 +415,8 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
             hint = closest(key, list(known) + ["algorithm"])
             raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else ".")
                               + " Sections: algorithm, model, data, eval_data, train")
-        sections[key] = from_dict(known[key], value or {}, key)
+        # an empty section is its defaults; no eval_data (null, as a saved recipe writes it) is none
+        sections[key] = None if key == "eval_data" and value is None else from_dict(known[key], value or {}, key)
     run = RunConfig(algorithm=algorithm, **sections)
     algo_cls.check_run(run)  # combinations the algorithm cannot run are refused here, not mid-run
     return run

@@ -45,3 +45,15 @@ def test_content_keys_follow_contents_and_stage_keys_not_paths(tmp_path):
     by_key = content_key("run", {"m": "stage:abc"}, {})
     assert content_key("run", {"m": str(tmp_path / "stage" / "model")}, known) == by_key
     assert content_key("run", spec, {}) != content_key("stage", spec, {})
+
+
+def test_jsonl_rows_keep_unicode_line_separators(tmp_path):
+    """A sampled reply may hold U+2028 or U+0085 (written raw); the bench's reader and the report's split rows on "\\n"
+    only, so such a row reads back whole (str.splitlines broke it mid-row)."""
+    from prefopt.bench.report.reading import RunDir
+
+    rows = [{"response": "a\u2028b\x85c\u2029d"}, {"response": "plain"}]
+    path = write_jsonl(tmp_path / "eval.jsonl", rows)
+    assert read_jsonl(path) == rows
+    data = RunDir(tmp_path)
+    assert data.jsonl(path) == rows and data.problems == []

@@ -100,7 +100,7 @@ def test_generation_of_the_split_model_is_unchanged(model_dir):
 
 
 def captured_rollout(model_dir, num_samples: int, max_new_tokens: int = 20, eos_logit: float = 3.0):
-    """(split model, rollout with the trunk features captured in generation) of four left-padded chat prompts.
+    """(split model, rollout with the trunk features captured in generation) of eight left-padded chat prompts.
 
     The policy head gets a bias of ``eos_logit`` on each EOS id, so that rows end at different steps (random
     weights almost never sample EOS): padding after EOS, rows finished early and rows cut at max_new_tokens.
@@ -114,7 +114,7 @@ def captured_rollout(model_dir, num_samples: int, max_new_tokens: int = 20, eos_
     eos = eos_ids(tokenizer, split.lm)
     bias[torch.tensor(eos)] = eos_logit - math.log(len(eos))  # the same EOS mass with one or two EOS ids
     head.bias = nn.Parameter(bias)
-    texts = [f"Human: tell me about item {i}{' please' * 3 * i}" for i in range(4)]
+    texts = [f"Human: tell me about item {i}{' please' * 3 * (i % 4)}" for i in range(8)]  # 8 rows: some end, some are cut
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     batch = prompt_batch([{"prompt_ids": r, "prompt": t, "meta": {}} for r, t in zip(rows, texts)],
                          tokenizer.pad_token_id)

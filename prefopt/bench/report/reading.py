@@ -73,7 +73,7 @@ class RunDir:
                 self.problems.append(f"{self.relative(path)}: missing")
             return []
         rows, bad = [], []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):  # not splitlines: U+2028
             if not line.strip():
                 continue
             try:
