@@ -153,10 +153,27 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.recipe == "report":  # prefopt bench report RUN_DIR: results.md from the run directory alone
+        return cmd_bench_report(args.overrides)
     from prefopt.bench.runner import run_bench
 
     out = run_bench(args.recipe, args.overrides)
     print(out)
+    return 0
+
+
+def cmd_bench_report(paths: list[str]) -> int:
+    from pathlib import Path
+
+    from prefopt.bench.report import write_report
+    from prefopt.errors import DataError
+
+    if len(paths) != 1:
+        raise DataError(f"usage: prefopt bench report RUN_DIR (one run directory), got {len(paths)} arguments")
+    if not Path(paths[0]).is_dir():
+        raise DataError(f"{paths[0]}: not a directory (a bench run directory holds bench.json, plan.json, runs/)")
+    print(write_report(paths[0]))
+    print(f"\nwritten: {Path(paths[0]) / 'results.md'}")
     return 0
 
 
@@ -227,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="run a benchmark recipe: several algorithms, same start, same splits")
+    p = sub.add_parser("bench", help="run a benchmark recipe: several algorithms, same start, same splits; "
+                                      "`prefopt bench report RUN_DIR` rebuilds results.md from a run directory")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_bench)

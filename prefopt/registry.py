@@ -26,7 +26,8 @@ from prefopt.errors import PrefoptError, UnknownNameError
 T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "prefopt.algorithms"
-BUILTIN_MODULES = ("prefopt.data.kinds", "prefopt.rl", "prefopt.algorithms", "prefopt.rl.rewards")
+BUILTIN_MODULES = ("prefopt.data.kinds", "prefopt.rl", "prefopt.algorithms", "prefopt.rl.rewards", "prefopt.bench.world")
+"""Modules whose decorators register prefopt's own entries (the bench's world registers its true reward)."""
 _builtins_loaded = False
 _plugins_loaded = False
 

@@ -72,9 +72,9 @@ def test_every_recipe_validates(recipe):
     if "accelerate" in recipe.parts:
         pytest.skip("accelerate launcher config, not a prefopt recipe")
     if "bench" in recipe.parts:
-        from prefopt.bench.config import load_bench_config
+        from prefopt.bench.recipes import load_bench
 
-        load_bench_config(recipe)
+        load_bench(recipe)
         return
     cfg = load_config(recipe)
     assert cfg.train.max_steps > 0

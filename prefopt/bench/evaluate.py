@@ -1,260 +1,191 @@
-"""The shared evaluation: every policy on the same eval prompts and pairs, sampled with the same seeds.
+"""The bench's evaluation, on the ONE evaluation core (prefopt.judge, the code of ``prefopt eval``): every policy on
+the same prompt sets and pairs, sampled with the same seeds.
 
-For a policy pi, the start policy pi_0 (the SFT checkpoint every algorithm trained from) and the gold scorer
-g (the gold RM, or the known task reward):
+``Evaluation`` is one world draw's context, built once per worker process: the tokenizer, the start pi_0 (the
+reference of every KL and implicit reward), the judges (``gold``: the true reward or the gold RM, with the world's
+``cond_acc`` and ``rule`` columns; ``proxy``: the draw's proxy RM), the tokenized prompt sets and held-out pairs.
 
-* responses y_i ~ pi(.|x_i) for the eval prompts, drawn by the ONE generation engine (prefopt.rl.engine) with
-  batch b seeded ``eval.seed + b`` (the same draws of randomness for every policy);
-* ``gold_reward``     = mean_i g(x_i, y_i)  (and ``proxy_reward`` with the proxy RM, task hh);
-* ``kl``              = mean_i sum_t [log pi(y_it | x_i, y_i<t) - log pi_0(y_it | x_i, y_i<t)], the sequence-level
-  Monte-Carlo estimate of KL(pi || pi_0) on the sampled tokens (both log-probs from a teacher-forced forward at
-  the sampling temperature, so pi_0 scores 0 exactly);
-* ``win_rate``        = mean_i [g(x_i, y_i) > g(x_i, y0_i)] + 0.5 [=], y0_i the start's sample for the same prompt
-  and seed;
-* ``pref_acc``        = accuracy of the IMPLICIT reward on eval pairs: log pi(y_w)/pi_0(y_w) > log pi(y_l)/pi_0(y_l)
-  (ties count 1/2, so the start itself scores 0.5); ``pref_acc_logprob`` = plain log-prob ranking
-  log pi(y_w) > log pi(y_l);
-* ``length``          = mean response tokens (EOS included);
-* ``entropy``         = mean over eval samples of the policy's mean per-token entropy (nats) on its own sample.
-
-Prompt sets: ``eval`` (reported) and, in the world task, ``val`` (learning-rate and KL-knob selection), each
-batch b of a set seeded ``eval.seed + b`` (val: ``eval.seed + 100000 + b``).
-
-Best-of-n (``best_of_n_samples``): n_max responses per eval prompt from the start, draw j of prompt batch b seeded
-``eval.seed + 7919 (seed + 1) + 104729 j + b``, each with its gold and proxy score; best-of-n for n <= n_max is
-the first n draws' argmax under the proxy (prefopt.bench.frontier), with analytic KL log n - (n - 1) / n
-(Stiennon et al. 2020; Gao et al. 2022).
+* ``samples(model, set)``: prefopt.judge.sample_and_measure with reply b of a set seeded ``eval.seed + b`` (val:
+  ``+ 100000``), the same for every policy (common random numbers): one row per prompt i with its response, the
+  judges' scores, ``kl`` to pi_0, ``logp``, ``length`` and ``entropy`` (prefopt.judge.sampling states each);
+* ``preference(model)``: prefopt.judge.preference_rows on the held-out pairs: the implicit-reward margin
+  (log pi(y_w)/pi_0(y_w) - log pi(y_l)/pi_0(y_l)) and accuracies per pair;
+* ``best_of_n(n, draw_seed)``: n replies per eval prompt from the start (seed ``eval.seed + 7919 draw_seed``), judged;
+* ``pair_accuracy(judge, pairs)``: how often a judge (a reward model, the true reward, the rule) ranks the labelled
+  chosen reply first (ties 1/2), with its 95% interval over pairs (prefopt.judge.mean_interval).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from prefopt.bench.config import BenchConfig
-from prefopt.bench.data import write_jsonl
 from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader
+from prefopt.judge import mean_interval, pair_logps, paired_wins, preference_rows, sample_and_measure
 from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.rl.engine import generate, rollout_inputs
+from prefopt.rl.engine import GenerationConfig
 from prefopt.rl.rewards import RewardSpec, build_component
-from prefopt.scoring import sequence_logps, token_logps
+from prefopt.types import Rollout
+
+SET_OFFSET = {"eval": 0, "val": 100000}
+"""Sampling-seed offset of each prompt set."""
+COLUMNS = ("gold", "proxy", "cond_acc", "rule", "kl", "logp", "length", "entropy", "response")
+"""The columns of a sample row (eval.jsonl, start.jsonl) besides step, set and i."""
 
 
-@dataclass
-class PolicyEval:
-    """One policy's evaluation: the metrics and one row per eval prompt (prompt, response, scores)."""
+def text_rollout(tokenizer, prompts: list[str], responses: list[str]) -> Rollout:
+    """A Rollout of given texts (each response ended by EOS), for scoring them with reward components."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [tokenizer(r, add_special_tokens=False, verbose=False)["input_ids"] + [eos] for r in responses]
+    prompt_ids = [tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"] for p in prompts]
+    width, prompt_width = max(map(len, encoded)), max(map(len, prompt_ids))
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    left = torch.full((len(prompt_ids), prompt_width), pad, dtype=torch.long)
+    left_mask = torch.zeros_like(left)
+    for i, (row, prompt) in enumerate(zip(encoded, prompt_ids)):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        if prompt:
+            left[i, -len(prompt):], left_mask[i, -len(prompt):] = torch.tensor(prompt), 1
+    return Rollout(prompt_ids=left, prompt_mask=left_mask, response_ids=ids, response_mask=mask,
+                   logprobs=torch.zeros(ids.shape), ended=torch.ones(len(encoded), dtype=torch.bool),
+                   prompts=list(prompts), responses=list(responses))
 
-    metrics: dict[str, float]
-    samples: list[dict[str, Any]]
+
+def _number(value: Any) -> Any:
+    """NaN (a judge's "no score", e.g. cond_acc of a reply without target words) as None, like the files."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
-class Evaluator:
-    """Holds the start (reference) policy, the scorers and the tokenized eval set; ``evaluate(model)``."""
+def judges(gold: Any, proxy: Any | None) -> dict[str, Any]:
+    """The judges of a draw: gold (and the columns of its ``details``, e.g. the world's cond_acc), proxy."""
+    out = {"gold": gold}
+    if hasattr(gold, "details"):
+        for name in ("cond_acc", "rule"):
+            out[name] = lambda rollout, name=name: gold.details(rollout)[name]
+    if proxy is not None:
+        out["proxy"] = proxy
+    return out
 
-    def __init__(self, cfg: BenchConfig, start_path: str, gold: dict[str, Any], proxy: dict[str, Any] | None,
-                 prompts: list[dict[str, Any]], pairs: list[dict[str, Any]], device: torch.device | None = None,
-                 val_prompts: list[dict[str, Any]] | None = None):
-        self.cfg = cfg
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_tokenizer(ModelConfig(name_or_path=start_path))
-        self.reference = self.load_policy(start_path)
+
+def pair_accuracy(judge: Any, tokenizer, pairs: list[dict[str, Any]], batch_size: int = 256) -> dict[str, Any]:
+    """How often ``judge`` scores the chosen reply of a labelled pair above the rejected one (ties 1/2), with the
+    95% interval over pairs: {n_pairs, accuracy, ci95}."""
+    wins: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        prompts = [p["prompt"] for p in chunk]
+        chosen = judge(text_rollout(tokenizer, prompts, [p["chosen"] for p in chunk])).float().tolist()
+        rejected = judge(text_rollout(tokenizer, prompts, [p["rejected"] for p in chunk])).float().tolist()
+        wins += paired_wins(chosen, rejected)
+    accuracy, low, high = mean_interval(wins, 0.95, (0.0, 1.0))
+    return {"n_pairs": len(pairs), "accuracy": accuracy, "ci95": [low, high]}
+
+
+class Evaluation:
+    """One draw's evaluation context (module docstring)."""
+
+    def __init__(self, start: str, gold: dict[str, Any], proxy: dict[str, Any] | None, generation: GenerationConfig,
+                 prompts: dict[str, list[dict[str, Any]]], pairs: list[dict[str, Any]], lengths: tuple[int, int],
+                 batch_size: int, seed: int):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(ModelConfig(name_or_path=start))
+        self.start, self.shell, self.shell_config = start, None, None
+        self.reference = self.load(start)
         self.gold = build_component(RewardSpec(**gold), self.tokenizer, self.device)
         self.proxy = build_component(RewardSpec(**proxy), self.tokenizer, self.device) if proxy else None
-        data = DataConfig(path="<eval>", eval_fraction=0.0, max_length=cfg.data.max_length,
-                          max_prompt_length=cfg.data.max_prompt_length)
-        size = cfg.eval.batch_size
-        self.sets = {}
-        for name, rows in (("eval", prompts), ("val", val_prompts or [])):
-            if rows:
-                loader, _ = build_dataloader(rows, "prompts", self.tokenizer, data, size, shuffle=False, seed=0)
-                self.sets[name] = [batch.to(self.device) for batch in loader]
-        self.prompt_batches = self.sets["eval"]
-        self.pair_batches = []
-        if pairs:
-            loader, _ = build_dataloader(pairs, "pairs", self.tokenizer, data, size, shuffle=False, seed=0)
-            self.pair_batches = [batch.to(self.device) for batch in loader]
-        self.reference_pairs = [self.pair_logps(self.reference, b) for b in self.pair_batches]
-        self.baseline: PolicyEval | None = None
+        self.judges = judges(self.gold, self.proxy)
+        self.generation, self.seed, self.batch_size = generation, seed, batch_size
+        self.data = DataConfig(path="<eval>", eval_fraction=0.0, max_length=lengths[0], max_prompt_length=lengths[1])
+        self.sets = {name: self._batches(rows, "prompts") for name, rows in prompts.items() if rows}
+        self.pairs = pairs
+        self.pair_batches = self._batches(pairs, "pairs") if pairs else []
+        self.reference_pairs = pair_logps(self.reference, self.pair_batches) if pairs else None
 
-    def load_policy(self, path: str) -> torch.nn.Module:
+    def _batches(self, rows: list[dict[str, Any]], kind: str) -> list[Any]:
+        loader, _ = build_dataloader(rows, kind, self.tokenizer, self.data, self.batch_size, shuffle=False, seed=0)
+        return list(loader)
+
+    def load(self, path: str | Path) -> torch.nn.Module:
         return load_causal_lm(ModelConfig(name_or_path=str(path)), trainable=False).to(self.device)
 
-    @torch.no_grad()
-    def pair_logps(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs (chosen [B], rejected [B]) of a pair batch."""
-        logps, _ = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-        return logps.chunk(2)
+    def checkpoint(self, path: str | Path) -> torch.nn.Module:
+        """A checkpoint of a run as a policy: its weights loaded into one model kept for this draw (a saved model of
+        the start's architecture, its tied weights left out), else ``load`` (a different config, an adapter)."""
+        path = Path(path)
+        if self.shell is None:
+            self.shell = self.load(self.start)
+            self.shell_config = json.loads((Path(self.start) / "config.json").read_text())
+        weights = path / "model.safetensors"
+        if weights.is_file() and json.loads((path / "config.json").read_text()) == self.shell_config:
+            state = load_file(weights, device=str(self.device))
+            current = self.shell.state_dict(keep_vars=True)
+            storage = {}
+            for name, tensor in current.items():
+                storage.setdefault(tensor.data_ptr(), []).append(name)
+            missing = set(current) - set(state)
+            tied = all(any(other in state for other in storage[current[name].data_ptr()]) for name in missing)
+            if tied and set(state) <= set(current):
+                self.shell.load_state_dict(state, strict=False)
+                return self.shell
+        return self.load(path)
 
-    @torch.no_grad()
-    def sample(self, model: torch.nn.Module, prompt_set: str = "eval") -> list[dict[str, Any]]:
-        """One seeded response per prompt of a set, with its gold / proxy score, KL to the start, length and
-        mean token entropy."""
-        gen = self.cfg.eval.generation
-        offset = self.cfg.eval.seed + (100000 if prompt_set == "val" else 0)
-        rows: list[dict[str, Any]] = []
-        for b, batch in enumerate(self.sets[prompt_set]):
-            rollout = generate(model, self.tokenizer, batch, gen, seed=offset + b)
-            sequences, attention_mask, score_mask = rollout_inputs(rollout)
-            width = rollout.prompt_ids.shape[1]
-            mask = rollout.response_mask.float()
-            logps, entropy = (t[:, width:] for t in token_logps(model, sequences, attention_mask, score_mask,
-                                                                   gen.logprob_temperature, with_entropy=True))
-            ref_logps = token_logps(self.reference, sequences, attention_mask, score_mask,
-                                    gen.logprob_temperature)[0][:, width:]
-            kl = ((logps - ref_logps) * mask).sum(-1)
-            entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-            gold = self.gold(rollout).float()
-            proxy = self.proxy(rollout).float() if self.proxy is not None else None
-            for i, (prompt, response) in enumerate(zip(rollout.prompts, rollout.responses)):
-                row = {"prompt": prompt, "response": response, "gold": float(gold[i]), "kl": float(kl[i]),
-                       "logp": float((logps[i] * mask[i]).sum()), "length": int(mask[i].sum()),
-                       "entropy": float(entropy[i])}
-                if proxy is not None:
-                    row["proxy"] = float(proxy[i])
-                rows.append(row)
-        return rows
+    def samples(self, model: torch.nn.Module, prompt_set: str) -> list[dict[str, Any]]:
+        """One seeded reply per prompt of a set, judged and measured; row i answers prompt i."""
+        rows = sample_and_measure(model, self.tokenizer, self.sets[prompt_set], self.generation,
+                                  self.seed + SET_OFFSET[prompt_set], judges=self.judges, reference=self.reference,
+                                  entropy=True)
+        return [{"i": row["prompt_index"], **{k: _number(row.get(k)) for k in COLUMNS}} for row in rows]
 
-    @torch.no_grad()
-    def best_of_n_samples(self, n_max: int, seed: int) -> list[dict[str, Any]]:
-        """n_max responses per eval prompt from the start (module docstring): rows {i, j, gold, proxy, length}."""
-        gen = self.cfg.eval.generation
-        rows: list[dict[str, Any]] = []
-        for j in range(n_max):
-            i = 0
-            for b, batch in enumerate(self.prompt_batches):
-                rollout = generate(self.reference, self.tokenizer, batch, gen,
-                                   seed=self.cfg.eval.seed + 7919 * (seed + 1) + 104729 * j + b)
-                gold = self.gold(rollout).float()
-                proxy = self.proxy(rollout).float() if self.proxy is not None else gold
-                lengths = rollout.response_mask.sum(-1)
-                for k, response in enumerate(rollout.responses):
-                    rows.append({"i": i, "j": j, "gold": float(gold[k]), "proxy": float(proxy[k]),
-                                 "length": int(lengths[k]), "response": response})
-                    i += 1
-        return rows
+    def preference(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Per held-out pair k: the policy's summed log-probs of chosen and rejected, the implicit-reward margin and
+        whether it (and the plain log-probs) rank the chosen first."""
+        chosen, rejected = pair_logps(model, self.pair_batches)
+        rows = preference_rows((chosen, rejected), self.reference_pairs)
+        return [{"k": row["pair_index"], "chosen": c, "rejected": r, **{k: v for k, v in row.items()
+                                                                       if k != "pair_index"}}
+                for row, c, r in zip(rows, chosen.tolist(), rejected.tolist())]
 
-    @torch.no_grad()
-    def preference(self, model: torch.nn.Module) -> dict[str, float]:
-        if not self.pair_batches:
-            return {}
-        implicit, logprob, total = 0.0, 0.0, 0
-        for batch, (ref_chosen, ref_rejected) in zip(self.pair_batches, self.reference_pairs):
-            chosen, rejected = self.pair_logps(model, batch)
-            margin = (chosen - ref_chosen) - (rejected - ref_rejected)
-            implicit += float((margin > 0).float().sum() + 0.5 * (margin == 0).float().sum())
-            logprob += float((chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum())
-            total += chosen.shape[0]
-        return {"pref_acc": implicit / total, "pref_acc_logprob": logprob / total}
+    def best_of_n(self, n: int, draw_seed: int) -> list[dict[str, Any]]:
+        """n replies per eval prompt from the start, judged: rows {i, j, gold, proxy, length, cond_acc}."""
+        rows = sample_and_measure(self.reference, self.tokenizer, self.sets["eval"], self.generation,
+                                  self.seed + 7919 * draw_seed, num_samples=n, judges=self.judges, policy=False)
+        return [{"i": row["prompt_index"], "j": row["sample"], "length": row["length"],
+                 **{k: _number(row.get(k)) for k in ("gold", "proxy", "cond_acc")}} for row in rows]
 
-    def evaluate(self, model: torch.nn.Module) -> PolicyEval:
-        """All metrics of the module docstring for ``model`` (the start's samples are drawn first)."""
-        if self.baseline is None:
-            self.baseline = self._evaluate(self.reference, None)
-        return self._evaluate(model, self.baseline.samples)
-
-    def evaluate_start(self) -> PolicyEval:
-        if self.baseline is None:
-            self.baseline = self._evaluate(self.reference, None)
-        return self.baseline
-
-    def _evaluate(self, model: torch.nn.Module, baseline: list[dict[str, Any]] | None) -> PolicyEval:
-        rows = self.sample(model)
-        n = len(rows)
-        gold = [r["gold"] for r in rows]
-        metrics = {"gold_reward": sum(gold) / n, "gold_reward_sem": _sem(gold),
-                   "kl": sum(r["kl"] for r in rows) / n, "length": sum(r["length"] for r in rows) / n,
-                   "entropy": sum(r["entropy"] for r in rows) / n}
-        if self.proxy is not None:
-            metrics["proxy_reward"] = sum(r["proxy"] for r in rows) / n
-        if baseline is None:
-            metrics["win_rate"] = 0.5
-        else:
-            wins = [1.0 if r["gold"] > b["gold"] else 0.5 if r["gold"] == b["gold"] else 0.0
-                    for r, b in zip(rows, baseline)]
-            metrics["win_rate"] = sum(wins) / n
-            for r, b in zip(rows, baseline):
-                r["start_gold"] = b["gold"]
-        metrics.update(self.preference(model))
-        metrics["eval_prompts"] = n
-        metrics["eval_pairs"] = sum(b.completion_mask.shape[0] // 2 for b in self.pair_batches)
-        return PolicyEval(metrics, rows)
+    def start_pairs(self) -> list[dict[str, Any]]:
+        """The held-out pairs with the start's summed log-probs and the gold judge's score of each reply."""
+        if not self.pairs:
+            return []
+        prompts = [p["prompt"] for p in self.pairs]
+        gold = [self.gold(text_rollout(self.tokenizer, prompts, [p[side] for p in self.pairs])).float().tolist()
+                for side in ("chosen", "rejected")]
+        ref_chosen, ref_rejected = (t.tolist() for t in self.reference_pairs)
+        return [{"k": k, "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                 "ref_chosen": ref_chosen[k], "ref_rejected": ref_rejected[k], "gold_chosen": gold[0][k],
+                 "gold_rejected": gold[1][k]} for k, p in enumerate(self.pairs)]
 
 
-def _sem(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+def evaluate_policy(evaluation: Evaluation, path: str | Path, step: int, prompt_set: str | None,
+                    with_pairs: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One checkpoint: its sample rows on ``prompt_set`` and its pair rows (eval.jsonl, pref.jsonl)."""
+    model = evaluation.checkpoint(path)
+    rows = [{"step": step, "set": prompt_set, **row} for row in evaluation.samples(model, prompt_set)] \
+        if prompt_set else []
+    pairs = [{"step": step, **row} for row in evaluation.preference(model)] if with_pairs and evaluation.pairs else []
+    return rows, pairs
 
 
-# ------------------------------------------------------------------------------------------------ bench runs
-
-
-def evaluate_run(bench: Any, run: Any, snapshots: dict[int, str], final_step: int) -> None:
-    """A run's policy at every snapshot and at its end on the eval prompts (and, for a main run, at its end on the
-    val prompts; a sweep run on the val prompts only): ``eval.jsonl`` (one row per step and prompt) and
-    ``eval.json`` (the run's key and the means per step)."""
-    evaluator = bench._evaluator()
-    points, rows = [], []
-    models = [(step, path) for step, path in sorted(snapshots.items())] + [(final_step, str(run.model))]
-    sets = ["val"] if run.phase == "lr_sweep" else ["eval"]
-    for step, path in models:
-        model = evaluator.load_policy(path)
-        for prompt_set in sets + (["val"] if step == final_step and run.phase == "main"
-                                  and "val" in evaluator.sets else []):
-            samples = evaluator.sample(model, prompt_set)
-            points.append({"step": step, "set": prompt_set, **summarise(samples)})
-            rows += [{"step": step, "set": prompt_set, "i": i, **row} for i, row in enumerate(samples)]
-        del model
-    write_jsonl(run.directory / "eval.jsonl", rows)
-    (run.directory / "eval.json").write_text(json.dumps({"key": run.key, "points": points}, indent=2))
-
-
-def evaluate_start(bench: Any) -> None:
-    """The start on every prompt set (eval/start.json, start.jsonl) and the best-of-n draws per seed
-    (eval/best_of_n.jsonl), cached under a key of the eval settings, the start, the proxy and the seeds."""
-    from prefopt.bench.start import stage_key
-
-    path = bench.run_dir / "eval" / "start.json"
-    key = stage_key("start-eval", {"eval": bench._eval_settings(), "start": str(bench.start.policy),
-                                   "proxy": bench.reward_specs(), "bon": bench.cfg.frontier.best_of_n,
-                                   "seeds": bench.cfg.seeds}, bench.known_paths())
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
-        bench.evals["start"] = json.loads(path.read_text())
-        return
-    started, cpu = time.perf_counter(), time.process_time()
-    evaluator = bench._evaluator()
-    result = evaluator.evaluate_start()
-    rows = [{"step": 0, "set": "eval", "i": i, **row} for i, row in enumerate(result.samples)]
-    points = [{"step": 0, "set": "eval", **summarise(result.samples)}]
-    if "val" in evaluator.sets:
-        val = evaluator.sample(evaluator.reference, "val")
-        rows += [{"step": 0, "set": "val", "i": i, **row} for i, row in enumerate(val)]
-        points.append({"step": 0, "set": "val", **summarise(val)})
-    write_jsonl(path.with_name("start.jsonl"), rows)
-    write_jsonl(path.with_name("start_samples.jsonl"), result.samples)
-    n_max = max(bench.cfg.frontier.best_of_n, default=0)
-    bon = [{"seed": seed, **row} for seed in bench.cfg.seeds for row in evaluator.best_of_n_samples(n_max, seed)] \
-        if n_max else []
-    write_jsonl(path.with_name("best_of_n.jsonl"), bon)
-    record = {"key": key, "metrics": result.metrics, "points": points}
-    path.write_text(json.dumps(record, indent=2))
-    bench.times["eval/start"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
-    bench.evals["start"] = record
-
-
-def summarise(samples: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over one set's samples (gold_reward, proxy_reward, kl, length, entropy)."""
-    n = max(len(samples), 1)
-    out = {"gold_reward": sum(r["gold"] for r in samples) / n, "kl": sum(r["kl"] for r in samples) / n,
-           "length": sum(r["length"] for r in samples) / n, "entropy": sum(r["entropy"] for r in samples) / n}
-    if samples and "proxy" in samples[0]:
-        out["proxy_reward"] = sum(r["proxy"] for r in samples) / n
-    return out
+def evaluate_start(evaluation: Evaluation, n_max: int, draw_seed: int) -> dict[str, list[dict[str, Any]]]:
+    """The start on every prompt set (start.jsonl), its best-of-n replies and the held-out pairs (pairs.jsonl)."""
+    start = [{"step": 0, "set": name, **row} for name in evaluation.sets
+             for row in evaluation.samples(evaluation.reference, name)]
+    return {"start": start, "best_of_n": evaluation.best_of_n(n_max, draw_seed) if n_max else [],
+            "pairs": evaluation.start_pairs()}
