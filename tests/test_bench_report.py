@@ -62,6 +62,7 @@ def test_results_open_with_the_gates_then_the_verdicts_and_every_table_is_a_csv(
     # the fixture chooses the value of highest effect, at the edge of every grid; the failed run is named
     assert gates["learning rate and KL knob interior to their grids"] == "flag"
     assert gates["runs finished"] == "flag" and FAILED in text
+    assert "trained on the true reward x 5 (draw 0), 5 (draw 1), 5 (draw 2)" in text  # proxy.json oracle_weight
 
 
 def test_best_point_verdict_recomputed_by_hand_from_the_files(report):
