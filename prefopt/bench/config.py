@@ -194,8 +194,6 @@ class FrontierConfig:
     """n of the best-of-n baselines from the start (ranked by the proxy RM and by the gold); empty: none."""
     kl_levels: list[float] = field(default_factory=list)
     """KL values (nats) at which the report compares algorithms."""
-    bootstrap: int = 10000
-    """Bootstrap resamples of the report's intervals."""
     flops_probe: bool = True
     """One short run per label (its first main recipe, 4 steps) has its FLOPs counted (torch.utils.flop_counter);
     every run's FLOPs are then its tokens x that probe's FLOPs per token."""
@@ -204,7 +202,6 @@ class FrontierConfig:
         check(self.checkpoints >= 1, "frontier.checkpoints", self.checkpoints, "must be >= 1")
         check(all(n >= 1 for n in self.best_of_n), "frontier.best_of_n", self.best_of_n, "every n must be >= 1")
         check(all(k > 0 for k in self.kl_levels), "frontier.kl_levels", self.kl_levels, "must be > 0")
-        check(self.bootstrap >= 100, "frontier.bootstrap", self.bootstrap, "must be >= 100")
         for label, values in self.knob_values.items():
             check(bool(values) and all(v >= 0 for v in values), f"frontier.knob_values.{label}", values,
                   "give one or more values >= 0")
@@ -223,20 +220,6 @@ class BudgetConfig:
 
 
 @dataclass
-class DiagnosticsConfig:
-    """Reward-hacking flags (the report's): each computed per run, flagged when it crosses its threshold."""
-
-    gap_z: float = 1.0
-    """Gold-proxy gap: (proxy - proxy_start) / sd_proxy - (gold - gold_start) / sd_gold above this."""
-    length_ratio: float = 1.5
-    """Length drift: mean response length / the start's above this or below its inverse."""
-    entropy_ratio: float = 0.5
-    """Entropy collapse: mean token entropy / the start's below this."""
-    kl_acceleration: float = 2.0
-    """KL acceleration: KL growth per step over the last checkpoint interval / over the first above this."""
-
-
-@dataclass
 class EvalConfig:
     """The evaluation every policy gets: same prompts, same pairs, same sampling seeds."""
 
@@ -251,13 +234,10 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=12))
     """Sampling settings (also the online algorithms' training sampler unless their recipe sets one); world: its
     max_new_tokens is the world's T."""
-    samples_shown: int = 4
-    """Prompts shown with every algorithm's response in the report's samples."""
 
     def __post_init__(self):
         for key in ("num_prompts", "num_pairs", "batch_size"):
             check(getattr(self, key) > 0, f"eval.{key}", getattr(self, key), "must be > 0")
-        check(self.samples_shown >= 0, "eval.samples_shown", self.samples_shown, "must be >= 0")
 
 
 @dataclass
@@ -307,8 +287,6 @@ class BenchConfig:
     """KL-knob values, checkpoints, best-of-n, comparison levels."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     """Equal footing of the offline algorithms."""
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    """Reward-hacking thresholds (the report's)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """The shared evaluation."""
 
