@@ -196,3 +196,12 @@ def test_offline_runs_that_stop_at_different_steps_per_draw_align_by_checkpoint_
     frontier = pd.read_csv(path / "frontier.csv")
     assert (frontier.loc[frontier["label"] == "dpo", "cells"] == 2).all()
     assert frontier.loc[frontier["label"] == "dpo", "step"].max() == pytest.approx(24.5)
+
+
+def test_a_family_label_without_evaluated_runs_is_named_not_silently_dropped(tmp_path):
+    path = make_run_dir(tmp_path / "run", labels=ORACLE_AHEAD, draws=2, seeds=(0, 1), n_eval=6, n_val=4, bon_n=4)
+    for eval_file in (path / "runs" / "dpo").rglob("eval.jsonl"):
+        eval_file.unlink()
+    markdown = write_report(path, figures=False)
+    assert "**Verdicts withheld**" not in markdown and "(no finished evaluated run, so no rows: dpo)" in markdown
+    assert "dpo" not in set(pd.read_csv(path / "verdicts.csv")[["A", "B"]].to_numpy().ravel())

@@ -157,7 +157,9 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
 
 
 def _verdict_note(family: list[str], kl_levels: list[float], budget: float, arrays: Arrays, slope: float) -> str:
+    absent = [label for label in family if label not in arrays.labels]
     return (f"Family (declared by the config, Holm-corrected over its tested rows): every pair of {', '.join(family)} "
+            + (f"(no finished evaluated run, so no rows: {', '.join(absent)}) " if absent else "") +
             f"at matched KL {', '.join(f'{k:g}' for k in kl_levels) or '(none)'} and at each one's best point under "
             f"KL {budget:g} (its setting chosen on val by the selection runs, its last checkpoint within the budget). "
             "A matched-KL row exists only where both labels have measured checkpoints bracketing the KL in every "
