@@ -166,6 +166,7 @@ def test_missing_and_broken_files_are_listed_and_the_report_is_still_written(tmp
     text = (path / "results.md").read_text()
     problems = text[text.index("## Problems"):]
     assert "draws/draw1/proxy.json: missing" in problems
+    assert "config.draws" not in problems  # 2 planned, draw0 and draw1 on disk
     lines = 8 * 6 + 1  # 8 checkpoints x 6 eval prompts, then the broken line
     assert f"beta=0.05/draw1/seed1/eval.jsonl: 1 unreadable line(s) skipped (first: line {lines}; each needs step, " \
         "i, kl)" in problems
@@ -205,3 +206,17 @@ def test_a_family_label_without_evaluated_runs_is_named_not_silently_dropped(tmp
     markdown = write_report(path, figures=False)
     assert "**Verdicts withheld**" not in markdown and "(no finished evaluated run, so no rows: dpo)" in markdown
     assert "dpo" not in set(pd.read_csv(path / "verdicts.csv")[["A", "B"]].to_numpy().ravel())
+
+
+def test_single_replicate_rows_say_so_and_a_draw_count_mismatch_is_a_problem(tmp_path):
+    path = make_run_dir(tmp_path / "run", labels=ORACLE_AHEAD, draws=1, seeds=(0,), n_eval=6, n_val=4, bon_n=4)
+    bench = json.loads((path / "bench.json").read_text())
+    bench["config"]["draws"] = 3
+    (path / "bench.json").write_text(json.dumps(bench))
+    markdown = write_report(path, figures=False)
+    verdicts = pd.read_csv(path / "verdicts.csv")
+    measured = verdicts[verdicts["diff"].notna()]
+    assert len(measured) and (measured["verdict"] == "n/a: no interval from a single replicate (one draw, one "
+                                                     "seed)").all() and verdicts["p"].isna().all()
+    assert "(no interval)" in markdown and "nan" not in markdown.split("## Verdicts")[1]
+    assert "bench.json: config.draws = 3 but draws/ holds draw0" in (path / "results.md").read_text()

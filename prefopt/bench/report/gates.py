@@ -105,7 +105,8 @@ def oracle_gate(arrays: Arrays, budget: float, slope: float, chosen: dict[str, o
         row = compare(arrays, best_oracle, best_twin, slope)
         ok.append(row["gold A"] >= row["gold B"])
         parts.append(f"{oracle.name} {row['gold A']:.4f} (KL {row['A KL']}) vs {twin.name} {row['gold B']:.4f} "
-                     f"(KL {row['B KL']}): diff {row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]")
+                     f"(KL {row['B KL']}): diff {row['diff']:+.4f} " + (
+                         f"[{row['lo']:+.4f}, {row['hi']:+.4f}]" if not np.isnan(row["lo"]) else "(no interval)"))
     status = UNCHECKED if None in ok else PASS if all(ok) else FAIL
     return Gate(name, status, "; ".join(parts) + weights, True)
 
