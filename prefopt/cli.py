@@ -12,11 +12,22 @@ import argparse
 import json
 import logging
 import os
+import pathlib
 import sys
 import traceback
 from typing import Any
 
 from prefopt.errors import PrefoptError
+
+
+def quiet_loading() -> None:
+    """No weight-loading, shard-writing or table-building bars (transformers, datasets): commands print their own
+    lines."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -25,10 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)  # before the heavy imports: a bad recipe is refused at once
     from prefopt.trainer import Trainer
 
-    if not config.train.progress:  # no bars at all: also transformers' weight loading / saving ones
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    if not config.train.progress:  # no bars at all: also the weight loading / saving and table building ones
+        quiet_loading()
     trainer = Trainer(config)
     final = trainer.fit()
     if trainer.accelerator.is_main_process:  # under `accelerate launch`, one JSON
@@ -42,6 +51,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from prefopt.data.preview import preview
     from prefopt.registry import ALGORITHMS
 
+    quiet_loading()
     config = load_config(args.recipe, args.overrides)
     kind = ALGORITHMS.get(config.algorithm_name).kind
     print(preview(config.data, kind, run_tokenizer(config), config.eval_data))
@@ -82,8 +92,11 @@ def _first_doc_line(obj: Any) -> str:
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
+    from prefopt.export import new_model_folder
     from prefopt.tiny import init_model
 
+    new_model_folder(pathlib.Path(args.out), args.overwrite, "the new model")
+    quiet_loading()
     path = init_model(args.out, corpus=args.corpus, arch=args.arch, size=args.size, vocab_size=args.vocab_size,
                       seed=args.seed, max_texts=args.max_texts, chat_template=args.chat_template)
     print(path)
@@ -91,9 +104,10 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from prefopt.models import merge_adapter
+    from prefopt.export import merge_adapter
 
-    merge_adapter(args.adapter, args.out, base=args.base)
+    quiet_loading()
+    merge_adapter(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
     print(args.out)
     return 0
 
@@ -101,12 +115,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from prefopt.judge.commands import run_generate
 
+    quiet_loading()
     return run_generate(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prefopt.judge.commands import run_eval
 
+    quiet_loading()
     return run_eval(args)
 
 
@@ -117,7 +133,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", help="row format of the prompts file (data.format)")
     p.add_argument("--split", default="train", help="split to read (data.split)")
     p.add_argument("--chat-template", default=None,
-                   help="auto (the tokenizer's), none (HH text) or a template file (data.chat_template)")
+                   help="auto (the tokenizer's), none (HH text), chatml, llama3 or a template file (data.chat_template)")
     p.add_argument("--samples", type=int, default=1, help="replies per prompt and model")
     p.add_argument("--seed", type=int, default=0, help="sample j of prompt batch b uses seed + 104729 j + b")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
@@ -184,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="train a byte-level BPE tokenizer on a corpus and build a tiny causal LM")
     p.add_argument("out")
-    p.add_argument("--corpus", nargs="+", required=True, help="HH .jsonl.gz files/dirs, .jsonl, .txt")
+    p.add_argument("--corpus", nargs="+", required=True,
+                   help="texts to train the tokenizer on: .txt, HH files/dirs, or any data file data.path takes")
     p.add_argument("--arch", choices=["gpt2", "llama", "qwen2"], default="gpt2")
     p.add_argument("--size", default="tiny", help="nano (~0.4M parameters), micro (~1.3M), tiny (~4.3M), small, base")
     p.add_argument("--chat-template", choices=["chatml", "llama3"], default=None,
@@ -192,12 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--max-texts", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing OUT folder")
     p.set_defaults(func=cmd_init_model)
 
     p = sub.add_parser("merge-adapter", help="merge a saved LoRA adapter into its base model")
     p.add_argument("adapter")
     p.add_argument("out")
     p.add_argument("--base", default=None, help="the base model (hub id or folder); default: the one the adapter names")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing OUT folder")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="sample replies from one or more models on a prompts file (JSON lines)")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from prefopt.chat_templates import TEMPLATES
 from prefopt.errors import ConfigError
 from prefopt.recipe_file import explain_env, merge, parse_overrides, read_yaml
 from prefopt.registry import closest
@@ -147,8 +148,6 @@ class DataConfig:
         check(0 < self.max_prompt_length <= self.max_length, "data.max_prompt_length", self.max_prompt_length,
               "must be in (0, data.max_length]")
         check(self.max_examples is None or self.max_examples > 0, "data.max_examples", self.max_examples, "must be > 0")
-        from prefopt.data.templates import TEMPLATES
-
         names = ("auto", "none", *TEMPLATES)
         check(self.chat_template in names or Path(self.chat_template).expanduser().is_file(),
               "data.chat_template", self.chat_template, f"must be {', '.join(names)} or an existing template file")
@@ -397,7 +396,8 @@ def build_run_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
             hint = closest(key, list(known) + ["algorithm"])
             raise ConfigError(f"{where}: unknown section {key!r}" + (f"; did you mean {hint!r}?" if hint else ".")
                               + " Sections: algorithm, model, data, eval_data, train")
-        sections[key] = from_dict(known[key], value or {}, key)
+        # an empty section is its defaults; no eval_data (null, as a saved recipe writes it) is none
+        sections[key] = None if key == "eval_data" and value is None else from_dict(known[key], value or {}, key)
     run = RunConfig(algorithm=algorithm, **sections)
     algo_cls.check_run(run)  # combinations the algorithm cannot run are refused here, not mid-run
     return run

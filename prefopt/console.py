@@ -66,7 +66,8 @@ def say(line: str, enabled: bool = True) -> None:
 
 
 def _count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+    return (f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3
+            else f"{n:,}")
 
 
 def banner(run: Any, model: Any, report: dict[str, Any], steps_per_epoch: int, processes: int, batches_per_step: int,
@@ -76,8 +77,14 @@ def banner(run: Any, model: Any, report: dict[str, Any], steps_per_epoch: int, p
     from prefopt.models import count_parameters
 
     t, rows = run.train, report["rows"]
-    packed = report.get("sequences", {}).get("train", rows.get("train", 0))
-    packed = f" ({packed:,} packed sequences)" if packed != rows.get("train", 0) else ""
+    sequences = report.get("sequences", {}).get("train", rows.get("train", 0))
+    packed = f" ({sequences:,} packed sequences)" if report.get("packed") else ""
+    unit = "packed sequences" if packed else "rows"
+    kept = {split: rows.get(split, 0) - sum(report.get("tokenization_skipped", {}).get(split, {}).values())
+            for split in ("train", "eval")}
+    said = {split: f"{kept[split]:,} {split} rows" + (f" (of {rows[split]:,}: {rows[split] - kept[split]:,} skipped "
+                                                      "at tokenization)" if kept[split] != rows.get(split, 0) else "")
+            for split in kept}
     trainable, total = count_parameters(model)
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     rows_per_step = processes * t.batch_size * batches_per_step
@@ -85,7 +92,7 @@ def banner(run: Any, model: Any, report: dict[str, Any], steps_per_epoch: int, p
     return (f"{run.algorithm_name}: {_count(total)} parameters, {_count(trainable)} trainable "
             f"({100 * trainable / max(total, 1):.1f}%); weights {'/'.join(dtypes)}, mixed precision {mixed_precision}; "
             f"optimizer {t.optimizer}, lr {t.learning_rate:g} ({t.lr_scheduler})\n"
-            f"data: {rows.get('train', 0):,} train rows{packed}, {rows.get('eval', 0):,} eval rows; global batch "
-            f"{rows_per_step:,} rows ({processes} process{'es' if processes > 1 else ''} x {t.batch_size} rows x "
+            f"data: {said['train']}{packed}, {said['eval']}; global batch "
+            f"{rows_per_step:,} {unit} ({processes} process{'es' if processes > 1 else ''} x {t.batch_size} {unit} x "
             f"{batches_per_step} batch{'es' if batches_per_step > 1 else ''}); {steps_per_epoch:,} steps per epoch; "
             f"{t.max_steps:,} steps ({epochs:.2f} epochs) -> {t.output_dir}")

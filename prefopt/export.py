@@ -5,10 +5,13 @@ Every ``model/`` and ``checkpoints/step-N/model/`` gets (``write_provenance``):
 * ``README.md``, a Hugging Face model card (``huggingface_hub.ModelCard``): the base model (a hub id, or the absolute
   path of a local folder), the data (each source's path or hub name and sha256, the rows, a fingerprint of the
   pinned split), the algorithm and the settings that differ from its defaults, the step, the metrics at that step,
-  the prefopt version, and how to load it with plain transformers (or peft for an adapter);
+  the prefopt version, and how to load it with plain transformers (or peft for an adapter), with the auto class
+  of its head (a reward model: ``AutoModelForSequenceClassification``);
 * ``prefopt_recipe.yaml``: the run's recipe as prefopt read it, every default filled in (``prefopt train`` takes it).
 
-``push_to_hub`` uploads a ``model/`` folder through ``huggingface_hub`` when ``train.push_to_hub`` names a repo.
+``merge_adapter`` folds a saved LoRA adapter into its base and carries the card and recipe over (``prefopt
+merge-adapter``); ``push_to_hub`` uploads a ``model/`` folder through ``huggingface_hub`` when ``train.push_to_hub``
+names a repo.
 """
 
 from __future__ import annotations
@@ -19,14 +22,39 @@ import json
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import prefopt
+from prefopt.config import ModelConfig
+from prefopt.errors import PrefoptError
+from prefopt.models import from_pretrained, is_hub_id, load_tokenizer, model_source
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "prefopt_recipe.yaml"
-PEFT_LOADER = "from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(path)"
-PLAIN_LOADER = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(path)"
+HEADS = ("CausalLM", "SequenceClassification")  # a policy, a reward model
+
+
+def loader(adapter: bool, head: str) -> str:
+    """The card's two lines that load the model: transformers' or peft's auto class for its head."""
+    package, cls = ("peft", f"AutoPeftModelFor{head}") if adapter else ("transformers", f"AutoModelFor{head}")
+    labels = ", num_labels=1" if head == "SequenceClassification" else ""  # a LoRA RM's base config says 2
+    return f"from {package} import {cls}\nmodel = {cls}.from_pretrained(path{labels})"
+
+
+def saved_head(model_dir: Path) -> str:
+    """``SequenceClassification`` for a saved reward model (its config's architectures, or a SEQ_CLS adapter),
+    else ``CausalLM``."""
+    for name, key in (("config.json", "architectures"), ("adapter_config.json", "task_type")):
+        try:
+            value = json.loads((model_dir / name).read_text()).get(key) or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value == "SEQ_CLS" or (isinstance(value, list) and any("ForSequenceClassification" in v for v in value)):
+            return "SequenceClassification"
+    return "CausalLM"
 
 
 def data_fingerprint(manifests: dict[str, Any]) -> str:
@@ -59,11 +87,10 @@ def recipe_text(run: Any) -> str:
     return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
 
 
-def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[str, Any], adapter: bool) -> str:
+def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[str, Any], adapter: bool,
+               head: str = "CausalLM") -> str:
     """The text of ``README.md`` (module docstring)."""
     from huggingface_hub import ModelCardData
-
-    from prefopt.models import is_hub_id, model_source
 
     base = model_source(run.model.name_or_path)
     sources = [s for m in manifests.values() for s in m.get("sources", [])]
@@ -93,10 +120,10 @@ def model_card(run: Any, step: int, metrics: dict[str, float], manifests: dict[s
     shown = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("perf/")}
     lines += (["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in shown.items()] if shown
               else ["(none logged)"])
-    loader = PEFT_LOADER if adapter else PLAIN_LOADER
-    lines += ["", "## Use", "", "```python", loader, "from transformers import AutoTokenizer",
+    lines += ["", "## Use", "", "```python", loader(adapter, head), "from transformers import AutoTokenizer",
               "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
-              f"`{RECIPE_FILE}` is the recipe that made it: `prefopt train {RECIPE_FILE}`."]
+              f"`{RECIPE_FILE}` is the recipe that made it: `prefopt train {RECIPE_FILE}`, run in `{Path.cwd()}` "
+              "(its relative paths start there)."]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 
@@ -112,7 +139,8 @@ def write_provenance(model_dir: str | Path, run: Any, step: int, metrics: dict[s
     """Write the model card and the recipe into ``model_dir`` (module docstring)."""
     model_dir = Path(model_dir)
     adapter = (model_dir / "adapter_config.json").is_file()
-    (model_dir / CARD_FILE).write_text(model_card(run, step, metrics, manifests, adapter), encoding="utf-8")
+    (model_dir / CARD_FILE).write_text(model_card(run, step, metrics, manifests, adapter, saved_head(model_dir)),
+                                       encoding="utf-8")
     (model_dir / RECIPE_FILE).write_text(recipe_text(run), encoding="utf-8")
 
 
@@ -122,9 +150,59 @@ def copy_provenance(adapter_dir: Path, merged_dir: Path, base: str) -> None:
         (merged_dir / RECIPE_FILE).write_text((adapter_dir / RECIPE_FILE).read_text(encoding="utf-8"), encoding="utf-8")
     if (adapter_dir / CARD_FILE).is_file():
         card = (adapter_dir / CARD_FILE).read_text(encoding="utf-8")
-        card = card.replace("library_name: peft", "library_name: transformers", 1).replace(PEFT_LOADER, PLAIN_LOADER)
+        card = card.replace("library_name: peft", "library_name: transformers", 1)
+        for head in HEADS:
+            card = card.replace(loader(True, head), loader(False, head))
         (merged_dir / CARD_FILE).write_text(card + f"\nThe LoRA adapter merged into `{base}` by `prefopt merge-adapter`.\n",
                                             encoding="utf-8")
+
+
+def new_model_folder(out_dir: Path, overwrite: bool, what: str) -> None:
+    """PrefoptError when ``out_dir`` already holds files and ``overwrite`` is not given (``init-model``,
+    ``merge-adapter``: a model is never written over another one by mistake)."""
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not overwrite:
+        raise PrefoptError(f"{str(out_dir)!r} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
+                           f"); give a new folder for {what}, or --overwrite to replace them (nothing was written)")
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
+                  overwrite: bool = False) -> Path:
+    """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
+
+    The base is ``base`` when given, else the one the adapter names (prefopt records it as an absolute path or a hub
+    id; an adapter saved elsewhere with a relative path gets an error asking for ``--base``). An adapter trained on a
+    4-bit base is merged into the unquantized base it was loaded from; a reward-model adapter (peft task type SEQ_CLS)
+    is merged into a sequence-classification base with its score head. The adapter folder's model card and recipe
+    are copied beside the merged weights. A folder that already holds files (another model, the adapter, its base)
+    is refused before anything is loaded, unless ``overwrite`` (never the adapter's or base's own folder).
+    """
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
+    new_model_folder(out_dir, overwrite, "the merged model")
+    adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
+    named = adapter_config.base_model_name_or_path
+    if base is None and named and not Path(named).is_absolute() and not is_hub_id(named):
+        raise PrefoptError(f"the adapter in {str(adapter_dir)!r} names its base by the relative path {named!r} (relative "
+                           "to where it was trained); give the base model with --base")
+    base_path = model_source(base or named, "--base" if base else "the base model the adapter names")
+    for what, folder in (("the adapter", adapter_dir), ("its base model", Path(base_path))):
+        if folder.is_dir() and out_dir.resolve() == folder.resolve():
+            raise PrefoptError(f"{str(out_dir)!r} is {what}'s own folder: the merged model goes to a new folder")
+    is_reward = str(adapter_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS")
+    auto_class = AutoModelForSequenceClassification if is_reward else AutoModelForCausalLM
+    extra = {"num_labels": 1} if is_reward else {}
+    base_model = from_pretrained(auto_class, base_path, "adapter base model", dtype=torch.float32,
+                                  use_safetensors=True, **extra)
+    merged = peft.PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    copy_provenance(adapter_dir, out_dir, base_path)  # the model card and recipe go with the weights
+    return out_dir
 
 
 def push_to_hub(model_dir: str | Path, repo_id: str, private: bool, message: str) -> str:

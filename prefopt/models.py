@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
         raise PrefoptError(f"{key} {source!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
                            "save the tokenizer there (tokenizer.save_pretrained) or set model.tokenizer")
-    tokenizer = _from_pretrained(AutoTokenizer, source, what, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, source, what, trust_remote_code=cfg.trust_remote_code)
     if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
         raise PrefoptError(f"tokenizer of {source!r} encodes {TOKENIZER_PROBE!r} to no tokens (an empty vocabulary: "
                            f"are its files incomplete?); {len(tokenizer)} tokens in it")
@@ -78,10 +79,13 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
     ``cfg.disable_dropout`` is false (``disable_dropout``).
     """
     source = path or cfg.name_or_path
+    reason = not_a_policy(source, adapter_ok=True)
+    if reason:
+        raise PrefoptError(f"model {source!r} is {reason}")
     kwargs = _weights_kwargs(cfg)
     if cfg.load_in_4bit:
         kwargs.update(_quantization_kwargs(kwargs["dtype"]))
-    model = _from_pretrained(AutoModelForCausalLM, source, "model", **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, source, "model", **kwargs)
     if cfg.disable_dropout:
         disable_dropout(model)
     if not trainable:
@@ -99,6 +103,31 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
         model = peft.get_peft_model(model, lora)
     model.train()
     return model
+
+
+def not_a_policy(source: str, adapter_ok: bool = False) -> str | None:
+    """Why the local folder ``source`` cannot be loaded as a policy (a causal LM), else None: a reward model's
+    weights (a sequence-classification head: its LM head would be random), or, unless ``adapter_ok``, a LoRA
+    adapter (training starts from full weights)."""
+    folder = Path(source).expanduser()
+    try:
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        adapter = None
+    if isinstance(adapter, dict) and adapter.get("task_type") == "SEQ_CLS":
+        return ("a reward model's LoRA adapter (task_type SEQ_CLS), not a causal LM: give a policy's model/ folder "
+                "(an SFT, DPO or GRPO run's)")
+    if not adapter_ok and adapter is not None and not (folder / "config.json").is_file():
+        return (f"a LoRA adapter (adapter_config.json, no weights of its own): merge it into its base first "
+                f"(prefopt merge-adapter {source} OUT) and start from OUT")
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    if architectures and all(name.endswith("ForSequenceClassification") for name in architectures):
+        return (f"a reward model ({', '.join(architectures)}), not a causal LM: give a policy's model/ folder "
+                "(an SFT, DPO or GRPO run's)")
+    return None
 
 
 def needs_separate_reference(model: nn.Module) -> bool:
@@ -129,8 +158,14 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
     while the score head trains in full (peft's SEQ_CLS ``modules_to_save``); 4-bit loading is not applied.
     Dropout is off unless ``cfg.disable_dropout`` is false.
     """
-    model = _from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
-                             **_weights_kwargs(cfg))
+    hf_logger = logging.getLogger("transformers.modeling_utils")  # its table of missing keys, said here instead
+    hf_logger.addFilter(_no_load_report)  # (not its level: transformers checks TP plans when that is >= WARNING)
+    try:
+        model, info = from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
+                                      output_loading_info=True, **_weights_kwargs(cfg))
+    finally:
+        hf_logger.removeFilter(_no_load_report)
+    new_head = _new_head(model, info.get("missing_keys", ()), path, trainable)
     if cfg.disable_dropout:
         disable_dropout(model)
     if model.config.pad_token_id is None:
@@ -139,7 +174,33 @@ def load_reward_model(path: str, cfg: ModelConfig, trainable: bool = False) -> P
         lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                target_modules=cfg.lora.target_modules, task_type="SEQ_CLS")
         model = peft.get_peft_model(model, lora)
+    if new_head:
+        logger.info("reward model %s: the score head (%s) starts from a random init (the checkpoint has none)",
+                    path, new_head)
     return model.train() if trainable else _freeze(model)
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def _new_head(model: PreTrainedModel, missing: Any, path: str, trainable: bool) -> str:
+    """The score head's weights the checkpoint lacked (expected when a reward stage or critic starts from a causal
+    LM); PrefoptError when a frozen reward model lacks them (its scores would be a random projection) or when the
+    backbone itself is incomplete."""
+    prefix = f"{model.base_model_prefix}."
+    missing = sorted(missing)
+    body = [key for key in missing if key.startswith(prefix)]
+    if body:
+        raise PrefoptError(f"reward model {path!r}: the checkpoint lacks {len(body)} backbone weights "
+                           f"({', '.join(body[:3])}{', ...' if len(body) > 3 else ''}): not a model of this "
+                           f"architecture, or saved incompletely")
+    head = ", ".join(missing)
+    if head and not trainable:
+        raise PrefoptError(f"reward model {path!r} has no trained score head ({head} missing from its checkpoint: "
+                           "a causal LM, not a reward model; its scores would come from a random projection); "
+                           "train one with algorithm: reward and give its model/ directory")
+    return head
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -154,41 +215,6 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
     return model
-
-
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
-    """Fold a saved LoRA adapter into its (full-precision) base and save the result with its tokenizer.
-
-    The base is ``base`` when given, else the one the adapter names (prefopt records it as an absolute path or a hub
-    id; an adapter saved elsewhere with a relative path gets an error asking for ``--base``). An adapter trained on a
-    4-bit base is merged into the unquantized base it was loaded from; a reward-model adapter (peft task type SEQ_CLS)
-    is merged into a sequence-classification base with its score head. The adapter folder's model card and recipe
-    are copied beside the merged weights.
-    """
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PrefoptError(f"no LoRA adapter in {str(adapter_dir)!r}: adapter_config.json is missing")
-    adapter_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
-    named = adapter_config.base_model_name_or_path
-    if base is None and named and not Path(named).is_absolute() and not is_hub_id(named):
-        raise PrefoptError(f"the adapter in {str(adapter_dir)!r} names its base by the relative path {named!r} (relative "
-                           "to where it was trained); give the base model with --base")
-    base_path = model_source(base or named, "--base" if base else "the base model the adapter names")
-    is_reward = str(adapter_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS")
-    auto_class = AutoModelForSequenceClassification if is_reward else AutoModelForCausalLM
-    extra = {"num_labels": 1} if is_reward else {}
-    base_model = _from_pretrained(auto_class, base_path, "adapter base model", dtype=torch.float32,
-                                  use_safetensors=True, **extra)
-    merged = peft.PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    from prefopt.export import copy_provenance
-
-    copy_provenance(adapter_dir, out_dir, base_path)  # the model card and recipe go with the weights
-    return out_dir
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -250,7 +276,7 @@ def model_source(source: str, what: str = "model.name_or_path") -> str:
                        "'name' or 'owner/name' whose first part is not a local folder)")
 
 
-def _from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> Any:
+def from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(source)`` with user-facing errors for empty, missing or unloadable sources."""
     if not source:
         raise PrefoptError(f"no {what} given: set model.name_or_path to a hub id or a local directory")
@@ -260,7 +286,9 @@ def _from_pretrained(auto_class: Any, source: str, what: str, **kwargs: Any) -> 
     except (OSError, ValueError) as exc:  # missing files, unknown hub id, unrecognised config
         where = "the local directory" if Path(source).expanduser().exists() else "the hub (or the hub is unreachable)"
         hint = " (prefopt loads safetensors weights only)" if auto_class is not AutoTokenizer else ""
-        raise PrefoptError(f"cannot load {what} {source!r} from {where}{hint}: {exc}") from exc
+        if not Path(source).expanduser().exists() and "/" in source:  # a hub id that could have been a folder
+            hint += f"; there is no folder {source!r} in {Path.cwd()} either"
+        raise PrefoptError(f"cannot load {what} {source!r} from {where}{hint}: {' '.join(str(exc).split())}") from exc
 
 
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:

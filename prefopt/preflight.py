@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefopt.errors import ConfigError
-from prefopt.models import model_source
+from prefopt.models import model_source, not_a_policy
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -49,6 +49,9 @@ def check_run(run: Any, kind: str) -> None:
     model = run.model
     for key, source in model_sources(run):
         model_source(source, key)
+    reason = not_a_policy(model.name_or_path) if run.algorithm_name != "reward" else None
+    if reason:
+        raise ConfigError(f"model.name_or_path={model.name_or_path!r}: {reason}")
     config = model_config(model.name_or_path, model.trust_remote_code) if model.name_or_path else None
     context = context_length(config) if config is not None else None
     if context is not None:

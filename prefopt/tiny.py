@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tokenizers
 import torch
@@ -27,7 +27,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast,
                           Qwen2Config)
 
-from prefopt.data.readers import read_json_lines
+from prefopt.chat_templates import END_OF_TURN, SPECIAL_TOKENS, TEMPLATES
+from prefopt.config import DataConfig
+from prefopt.data.readers import SkipLog, is_hub_name, read_json_lines, read_rows
 from prefopt.errors import DataError, PrefoptError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -54,19 +56,19 @@ SIZES: dict[str, Size] = {
 
 
 def corpus_texts(paths: list[str]) -> Iterator[str]:
-    """Documents from HH files or directories, MedicalGPT ``conversations`` jsonl, and plain ``.txt`` files.
+    """Documents from HH files or directories, MedicalGPT ``conversations`` jsonl, plain ``.txt`` files, and anything
+    else ``data.path`` may name (a parquet, csv, JSON or arrow file, a saved or hub dataset: prefopt.data.readers).
 
     HH rows give both the chosen and the rejected dialogue; a conversation gives its turns joined by newlines
     (and, for a preference row, that prompt followed by each of chosen and rejected); ``.txt`` gives one
-    document per non-empty line. An HH directory is read as ``<dir>/<subset>/<split>.jsonl.gz``.
+    document per non-empty line. An HH directory is read as ``<dir>/<subset>/<split>.jsonl.gz``. Any other row gives
+    each of its string fields (ids aside) and each of its chat message lists, the contents joined by newlines.
     """
     for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(path.glob("*/*.jsonl.gz"))
-            if not files:
-                raise DataError(f"{path}: no <subset>/<split>.jsonl.gz files in this directory")
+        files = sorted(path.glob("*/*.jsonl.gz")) if path.is_dir() else []
+        if files:
             yield from corpus_texts([str(f) for f in files])
-        elif not path.is_file():
+        elif not path.exists() and not is_hub_name(str(path)):
             raise DataError(f"corpus file {str(path)!r} not found")
         elif path.suffix == ".txt":
             with path.open(encoding="utf-8") as lines:
@@ -74,7 +76,9 @@ def corpus_texts(paths: list[str]) -> Iterator[str]:
         elif path.name.endswith((".jsonl", ".jsonl.gz")):
             yield from _jsonl_texts(path)
         else:
-            raise DataError(f"{path}: unsupported corpus file (expected .jsonl, .jsonl.gz, .txt or an HH directory)")
+            skips = SkipLog()
+            for _, row in read_rows(DataConfig(path=str(path)), skips):
+                yield from _row_texts(row)
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
@@ -83,12 +87,28 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             prompt = "\n".join(turn["value"] for turn in row["conversations"])
             replies = [row[key] for key in ("chosen", "rejected") if key in row]
             yield from ([prompt + "\n" + reply for reply in replies] if replies else [prompt])
-        elif "chosen" in row and "rejected" in row:
+        elif isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
             yield row["chosen"]
             yield row["rejected"]
+        elif isinstance(row, dict):
+            yield from _row_texts(row)
         else:
-            raise DataError(f"{path}:{number}: expected 'chosen'/'rejected' (HH) or 'conversations' keys, "
-                            f"got {sorted(row)}")
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+
+
+def _row_texts(row: dict[str, Any]) -> Iterator[str]:
+    """Each string field of a row (not ``*id``) and each chat message list (``{role, content}`` or ``{from, value}``
+    items; one such item alone too), its contents joined by newlines."""
+    for key, value in row.items():
+        if isinstance(value, dict):
+            value = [value]
+        if isinstance(value, str) and value.strip() and not str(key).lower().endswith("id"):
+            yield value
+        elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            contents = [m.get("content", m.get("value")) for m in value]
+            text = "\n".join(c for c in contents if isinstance(c, str))
+            if text.strip():
+                yield text
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
@@ -141,13 +161,11 @@ def _llama_mlp_width(dim: int) -> int:
 
 
 def add_chat_template(tokenizer: PreTrainedTokenizerFast, name: str) -> None:
-    """Give ``tokenizer`` the built-in chat template ``name`` (prefopt.data.templates) and its markers as special tokens.
+    """Give ``tokenizer`` the built-in chat template ``name`` (prefopt.chat_templates) and its markers as special tokens.
 
     ChatML ends the assistant turn (and so generation) with ``<|im_end|>``: it becomes the EOS token, as in
     Qwen2-Instruct. Llama 3 keeps ``<|endoftext|>`` as EOS and stops at ``<|eot_id|>`` too (the generation config
     lists both, as Llama-3-Instruct's does)."""
-    from prefopt.data.templates import END_OF_TURN, SPECIAL_TOKENS, TEMPLATES
-
     if name not in TEMPLATES:
         raise PrefoptError(f"unknown chat template {name!r}; built in: {', '.join(TEMPLATES)}")
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[name]})
@@ -174,8 +192,6 @@ def init_model(out_dir: str | Path, corpus: list[str], arch: Literal["gpt2", "ll
         add_chat_template(tokenizer, chat_template)
     model = build_model(arch, size, tokenizer, seed)
     if chat_template is not None:
-        from prefopt.data.templates import END_OF_TURN
-
         stops = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN[chat_template])})
         model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stops,
                                                    pad_token_id=tokenizer.pad_token_id)

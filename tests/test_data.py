@@ -335,3 +335,12 @@ def test_sources_are_mixed_by_weight_after_the_split_with_their_column_maps(tmp_
     assert mixed.formats == {"sft": 40, "conversations": 1000}
     with pytest.raises(Exception, match="give data.path or data.sources"):
         from_dict(DataConfig, {"path": str(own), "sources": sources})
+
+
+def test_an_empty_data_path_is_named_as_data_path():
+    from prefopt.config import DataConfig
+    from prefopt.data import load_rows
+    from prefopt.errors import DataError
+
+    with pytest.raises(DataError, match="^data.path is empty"):
+        load_rows(DataConfig(), "pairs")

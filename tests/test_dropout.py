@@ -57,7 +57,8 @@ def test_kto_kl_estimate_is_0_at_learning_rate_0_on_a_dropout_model(gpt2_real_di
 
 def test_every_loader_turns_dropout_off(gpt2_real_dir):
     cfg = ModelConfig(name_or_path=str(gpt2_real_dir), lora=LoraConfig(r=4, dropout=0.05))
-    loaded = (load_causal_lm(cfg), load_causal_lm(cfg, trainable=False), load_reward_model(str(gpt2_real_dir), cfg))
+    loaded = (load_causal_lm(cfg), load_causal_lm(cfg, trainable=False),
+              load_reward_model(str(gpt2_real_dir), cfg, trainable=True))  # the reward stage: a new head
     for model in loaded:
         probabilities = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
         assert probabilities, "gpt2-real has dropout modules"

@@ -160,7 +160,9 @@ def test_bad_replies_and_judges_are_one_line_errors(files, tmp_path, capsys, lla
               "--judge.x"),
              (["--models", files["start"], "--prompts", files["prompts"], "--baseline", "start"], "needs a --judge"),
              (["--models", files["start"], "--prompts", files["prompts"], "--reference", str(llama_chat_dir)],
-              "has another vocabulary than model")]
+              "has another vocabulary than model"),
+             (["--models", files["start"], "--prompts", files["prompts"], "--judge",
+               f"{{name: reward_model, params: {{path: {files['start']}}}}}"], "has no trained score head")]
     for n, (args, message) in enumerate(cases):
         assert main(["eval", *args, "--out", str(tmp_path / f"out{n}")]) == 2
         err = capsys.readouterr().err.strip()

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from prefopt.config import LoraConfig, ModelConfig
 from prefopt.errors import PrefoptError
+from prefopt.export import merge_adapter
 from prefopt.scoring import sequence_logps
-from prefopt.models import (count_parameters, load_causal_lm, load_reward_model, load_tokenizer, merge_adapter,
+from prefopt.models import (count_parameters, load_causal_lm, load_reward_model, load_tokenizer,
                             needs_separate_reference, reference_context)
 from prefopt.tiny import EOS_TOKEN, PAD_TOKEN, build_model, corpus_texts, init_model, train_tokenizer
 
@@ -140,6 +141,21 @@ def test_missing_or_empty_paths_are_user_errors(tmp_path):
         load_tokenizer(ModelConfig())
 
 
+def test_a_name_tried_on_the_hub_says_no_local_folder_holds_it(tmp_path, monkeypatch):
+    """``models/base`` before ``models/`` exists can only be a hub id; when the hub cannot give it, the message says
+    that no local folder of that name exists here either (a new user's first run from the wrong directory)."""
+    from transformers import AutoTokenizer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(PrefoptError, match=f"cannot load model 'models/base' from the hub .* no folder "
+                                           f"'models/base' in {tmp_path} either"):
+        load_tokenizer(ModelConfig(name_or_path="models/base"))
+
+
 def test_frozen_reference_and_full_policy(tiny_model_dir):
     policy = load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)))
     reference = load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)), trainable=False)
@@ -224,8 +240,41 @@ def test_merge_adapter_matches_the_adapter_model(tiny_llama_dir, hh_path, tmp_pa
         merge_adapter(tmp_path / "merged", tmp_path / "again")
 
 
-def test_load_reward_model_scores_each_sequence(tiny_model_dir, hh_path):
-    reward_model = load_reward_model(str(tiny_model_dir), ModelConfig())
+def test_merge_adapter_never_writes_over_a_model(qwen2_window_dir, tmp_path, capsys):
+    """`prefopt merge-adapter ADAPTER runs/sft/model` wrote the merged weights over the SFT model without a word: a
+    folder holding files is refused before anything is loaded (--overwrite replaces it), the adapter's own folder
+    and its base's always."""
+    from prefopt.cli import main
+
+    policy = load_causal_lm(ModelConfig(name_or_path=str(qwen2_window_dir), lora=LoraConfig(r=4, alpha=8)))
+    perturb_lora_b(policy, seed=1)
+    policy.save_pretrained(tmp_path / "adapter")
+    other = tmp_path / "sft-model"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"the user's model")
+    before = {p.name: p.read_bytes() for p in Path(qwen2_window_dir).iterdir() if p.is_file()}
+    capsys.readouterr()  # the loading bar of the policy above
+    for out, message in ((other, "already holds files (model.safetensors); give a new folder"),
+                         (tmp_path / "adapter", "already holds files")):
+        assert main(["merge-adapter", str(tmp_path / "adapter"), str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert (other / "model.safetensors").read_bytes() == b"the user's model"
+    for out in (tmp_path / "adapter", qwen2_window_dir):
+        assert main(["merge-adapter", str(tmp_path / "adapter"), str(out), "--overwrite"]) == 2
+        assert "own folder: the merged model goes to a new folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in Path(qwen2_window_dir).iterdir() if p.is_file()} == before
+    assert main(["merge-adapter", str(tmp_path / "adapter"), str(other), "--overwrite"]) == 0
+    assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(other).named_parameters())
+
+
+def test_load_reward_model_scores_each_sequence(tiny_model_dir, hh_path, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)  # no pad_token_id
+    saved.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "rm")
+    reward_model = load_reward_model(str(tmp_path / "rm"), ModelConfig())
     assert reward_model.config.num_labels == 1 and reward_model.config.pad_token_id == 1
     assert not reward_model.training and not any(p.requires_grad for p in reward_model.parameters())
     batch = hh_batch(tiny_model_dir, hh_path)

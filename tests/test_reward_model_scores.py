@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from prefopt.config import ModelConfig, build_run_config
 from prefopt.data.collate import pad
+from prefopt.errors import PrefoptError
 from prefopt.models import load_reward_model, load_tokenizer
 from prefopt.scoring import RewardScorer
 from prefopt.trainer import Trainer
@@ -186,3 +187,72 @@ def test_online_reward_model_cuts_rows_as_its_reward_stage_did(realistic_model_d
     expected = reward_stage_scores(rm, tmp_path, max_length=20, max_prompt_length=12)
     torch.testing.assert_close(reader(rollout), expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected, reward_stage_scores(rm, tmp_path))  # uncut rows score otherwise
+
+
+def test_an_rm_trained_with_a_template_file_is_read_from_any_directory(realistic_model_dirs, chat_reward_models,
+                                                                       tmp_path, monkeypatch):
+    """A reward stage run with ``data.chat_template: <a file>`` saved that template with the RM (its tokenizer), and
+    its recipe names the file relative to where it ran: the online reader renders with the RM's saved template, from
+    any working directory, as it was trained."""
+    from prefopt.rl.rewards import RewardModelReward
+
+    rm = tmp_path / "rm"
+    shutil.copytree(chat_reward_models["qwen2-window"], rm)
+    (rm / "prefopt_recipe.yaml").write_text("data: {chat_template: templates/chat.jinja}\n")  # not there from here
+    monkeypatch.chdir(tmp_path)
+    rollout = chat_rollout(load_tokenizer(ModelConfig(name_or_path=str(realistic_model_dirs["llama-chat"]))))
+    reader = RewardModelReward(None, "cpu", path=str(rm))
+    torch.testing.assert_close(reader(rollout), reward_stage_scores(rm, tmp_path), atol=1e-5, rtol=0)
+
+
+def test_a_causal_lm_given_as_reward_model_is_refused_and_a_new_head_is_said_once(realistic_model_dirs, trained,
+                                                                                 capfd):
+    """A frozen reward model whose checkpoint has no score head (an SFT model given by mistake) would score with a
+    random projection: refused, naming the path and the missing weights. The reward stage (trainable) starting
+    from the same causal LM is expected to lack it: no transformers LOAD REPORT table on stderr."""
+    policy, rm = str(realistic_model_dirs["qwen2-window"]), trained[1]
+    with pytest.raises(PrefoptError, match=r"has no trained score head \(score\.weight missing"):
+        load_reward_model(policy, ModelConfig(name_or_path=policy))
+    capfd.readouterr()
+    model = load_reward_model(policy, ModelConfig(name_or_path=policy), trainable=True)
+    said = "".join(capfd.readouterr())
+    assert model.training and "LOAD REPORT" not in said and "not sharded" not in said, said
+    for trainable in (False, True):  # a trained RM loads without a word from transformers either way
+        load_reward_model(str(rm), ModelConfig(name_or_path=str(rm)), trainable=trainable)
+        said = "".join(capfd.readouterr())
+        assert "[transformers]" not in said and "not sharded" not in said, said
+
+
+def card_loads(model_dir: Path):
+    """What the ``## Use`` block of the model's card loads, run as a user would paste it."""
+    card = (model_dir / "README.md").read_text()
+    code = card.split("## Use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope = {"path": str(model_dir)}
+    exec(code, scope)
+    return scope["model"]
+
+
+def test_a_reward_models_card_loads_it_with_its_score_head(trained, hh_path, tmp_path):
+    """The card of a reward model said ``AutoModelForCausalLM`` (a random LM head, the score head dropped) and of a
+    LoRA reward model ``AutoPeftModelForCausalLM``: it names the sequence-classification classes, and what it loads
+    scores as prefopt does."""
+    name, model_dir, _ = trained
+    model = card_loads(model_dir)
+    assert type(model).__name__.endswith("ForSequenceClassification")
+    ids = [[5, 6, 7, 8, 9]]
+    with torch.no_grad():
+        loaded = model.eval()(input_ids=torch.tensor(ids)).logits[0, 0]
+    torch.testing.assert_close(loaded, plain_scores(model_dir, ids)[0])
+    config = build_run_config({
+        "algorithm": {"name": "reward"}, "model": {"name_or_path": trained[2].config.model.name_or_path,
+                                                   "lora": {"r": 4}},
+        "data": {"path": str(hh_path), "eval_fraction": 0.0, "max_examples": 4, "max_length": 96,
+                 "max_prompt_length": 48},
+        "train": {"output_dir": str(tmp_path / "rm-lora"), "max_steps": 1, "batch_size": 4, "progress": False}})
+    Trainer(config).fit()
+    adapter = card_loads(tmp_path / "rm-lora" / "model")
+    assert type(adapter).__name__ == "PeftModelForSequenceClassification"
+    ours = load_reward_model(str(tmp_path / "rm-lora" / "model"), ModelConfig(dtype="auto"))  # as the card loads it
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.eval()(input_ids=torch.tensor(ids)).logits,
+                                   ours(input_ids=torch.tensor(ids)).logits)

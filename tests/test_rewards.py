@@ -269,3 +269,28 @@ def test_a_reward_function_is_checked_when_the_recipe_is_read_and_recorded_by_it
     assert config.to_dict()["algorithm"]["rewards"][0]["params"]["fn"] == f"{__name__}:count_cats"
     with pytest.raises(UnknownNameError, match="length_penalty"):
         build_run_config({**recipe(count_cats), "algorithm": {"name": "grpo", "rewards": [{"name": "lenght_penalty"}]}})
+
+
+def test_a_reward_module_in_the_working_directory_is_importable_from_the_prefopt_command(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The console script does not put the working directory on sys.path (``python -m`` does): ``prefopt eval
+    --judge module:function`` must still find a module there, as ``prefopt train`` finds one beside the recipe."""
+    from prefopt.cli import main
+
+    (tmp_path / "cwd_reward_22.py").write_text("def score(prompts, completions, **kwargs):\n"
+                                               "    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_reward_22", raising=False)
+    code = main(["eval", "--judge", "cwd_reward_22:score", "--replies", "missing.jsonl", "--out", "out"])
+    err = capsys.readouterr().err
+    assert code == 2 and "replies file 'missing.jsonl' not found" in err, err  # the judge was imported
+    monkeypatch.delitem(sys.modules, "cwd_reward_22", raising=False)
+
+
+def test_a_judge_is_named_by_its_label_as_the_training_logs_name_it():
+    """``label`` names a component in the training logs (reward/<label>) and its column in ``prefopt eval``."""
+    from prefopt.judge.inputs import judge_names, judge_specs
+
+    specs = judge_specs(["{name: length_penalty, label: brevity}", "length_penalty", "format_validity"])
+    assert judge_names(specs) == ["brevity", "length_penalty", "format_validity"]

@@ -102,10 +102,13 @@ def read_records(cfg: DataConfig, kind: str) -> tuple[list[tuple[str, dict[str, 
 def _plan(cfg: DataConfig, kind: str) -> list[tuple[Source, DataSource]]:
     """The sources ``cfg`` reads, each with its spec (``data.sources``, or ``data.path`` as one source of weight 1)."""
     plan: list[tuple[Source, DataSource]] = []
-    for spec in cfg.sources or [DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)]:
-        check_names(spec.format, kind)
-        one = dataclasses.replace(cfg, path=spec.path, split=spec.split, subsets=spec.subsets, sources=[])
-        for source in open_sources(one):
+    for given in cfg.sources or [None]:
+        check_names(cfg.format if given is None else given.format, kind)
+        one = cfg if given is None else dataclasses.replace(cfg, path=given.path, split=given.split,
+                                                            subsets=given.subsets, sources=[])
+        sources = open_sources(one)  # an empty data.path is an error naming data.path
+        spec = given or DataSource(cfg.path, 1.0, cfg.format, cfg.split, cfg.subsets, cfg.columns)
+        for source in sources:
             source.info.update({"weight": spec.weight, "columns": spec.columns} if cfg.sources else {})
             plan.append((source, spec))
     return plan
@@ -193,7 +196,8 @@ def run_loaders(run: RunConfig, kind: str, tokenizer: Any, drop_last: bool = Fal
         skipped["eval"] = eval_skipped
     report = {"manifests": manifests, "tokenization_skipped": skipped,
               "rows": {"train": len(loaded.train), "eval": len(eval_rows)},
-              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()}}
+              "sequences": {name: len(loader.dataset) for name, loader in loaders.items()},
+              "packed": kind == "text" or (kind == "sft" and run.data.packing)}  # a batch is packed sequences
     if drop_last:
         left_out = len(train_loader.dataset) - len(train_loader) // processes * processes * t.batch_size
         report["rows_left_out_per_epoch"] = left_out
@@ -208,7 +212,7 @@ def _loader(run: RunConfig, rows: list[dict[str, Any]], kind: str, tokenizer: An
             batch_size: int, shuffle: bool, length_bucketing: bool, drop_last: bool = False) -> tuple[Any, dict[str, int]]:
     try:
         return build_dataloader(rows, kind, tokenizer, run.data, batch_size, shuffle=shuffle, seed=run.train.seed,
-                                length_bucketing=length_bucketing, drop_last=drop_last)
+                                length_bucketing=length_bucketing, drop_last=drop_last, split=split)
     except DataError as exc:  # name the file: the loader only sees records
         raise DataError(f"{path} ({split} rows): {exc}") from None
 

@@ -22,7 +22,7 @@ spans from where ``template(messages[:i], add_generation_prompt=True)`` and the 
 ``template(messages[:i + 1])`` and the whole conversation part (the turn's content and the template's end of turn).
 
 Chat messages on a tokenizer without a chat template are an error under ``data.chat_template: auto`` (as TRL
-raises): name a template (``chatml``, ``llama3``: prefopt.data.templates; or a file), or ``none`` for HH text.
+raises): name a template (``chatml``, ``llama3``: prefopt.chat_templates; or a file), or ``none`` for HH text.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 from prefopt.data.hh import ASSISTANT, Message, render, render_prompt, render_response
 from prefopt.data.readers import SkipRow
-from prefopt.data.templates import SPECIAL_TOKENS, TEMPLATES
+from prefopt.chat_templates import SPECIAL_TOKENS, TEMPLATES
 from prefopt.errors import DataError
 
 log = logging.getLogger("prefopt.data")
@@ -74,7 +74,7 @@ def is_chat(value: Any) -> bool:
 
 def template_of(tokenizer: Any, setting: str) -> str | None:
     """The chat template ``data.chat_template`` selects: the tokenizer's ("auto"; None when it has none), none
-    ("none"), a named one (prefopt.data.templates) or a file's text."""
+    ("none"), a named one (prefopt.chat_templates) or a file's text."""
     if setting == "none":
         return None
     if setting == "auto":

@@ -27,6 +27,7 @@ from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
 
 IGNORE_INDEX = -100
+TOO_LONG = "prompt longer than max_length"  # the SkipRow reason of a row whose response gets no token
 MEGA_BATCHES = 50
 log = logging.getLogger("prefopt.data")
 
@@ -203,15 +204,26 @@ class LengthBucketSampler(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
+def too_long_hint(skipped: dict[str, int], cfg: DataConfig) -> str:
+    """What to change when rows were skipped for a prompt that leaves no room in ``max_length``."""
+    if not skipped.get(TOO_LONG):
+        return ""
+    return (f" (a prompt keeps up to data.max_prompt_length={cfg.max_prompt_length} of data.max_length="
+            f"{cfg.max_length} tokens, leaving no room for its response: raise data.max_length or lower "
+            "data.max_prompt_length)")
+
+
 def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, cfg: DataConfig, batch_size: int,
                      shuffle: bool, seed: int, length_bucketing: bool = False, skips: SkipLog | None = None,
-                     places: list[str] | None = None, drop_last: bool = False) -> tuple[DataLoader, dict[str, int]]:
+                     places: list[str] | None = None, drop_last: bool = False,
+                     split: str = "") -> tuple[DataLoader, dict[str, int]]:
     """Tokenize ``records`` as ``kind`` and batch them into that kind's typed container.
 
     Returns the DataLoader and the counts of rows skipped at tokenization per reason; with ``skips``, each
     skipped row is also added there with its place (``places[i]`` of record i, else "record i"). Each feature
     keeps its record's position in ``records`` as ``"index"``. The order is drawn from a ``torch.Generator``
     seeded with ``seed``, so two runs with the same seed see the same batches. ``drop_last``: no short batch.
+    ``split`` (train, eval) names the rows in the warning about skipped rows.
     """
     handler = KINDS.get(kind)
     pad_token_id(tokenizer)
@@ -229,10 +241,11 @@ def build_dataloader(records: list[dict[str, Any]], kind: str, tokenizer: Any, c
         features.append(feature)
     features = handler.prepare(features, cfg)
     if skipped:
-        log.warning("%s rows skipped at tokenization: %s", kind, ", ".join(f"{n} {r}" for r, n in skipped.items()))
+        log.warning("%s%s rows skipped at tokenization: %s of %d%s", kind, f" {split}" if split else "",
+                    ", ".join(f"{n} {r}" for r, n in skipped.items()), len(records), too_long_hint(skipped, cfg))
     if not features:
         raise DataError(f"no {kind} rows left after tokenization of {len(records)} records "
-                        f"(skipped: {dict(skipped)})")
+                        f"(skipped: {dict(skipped)}){too_long_hint(skipped, cfg)}")
     generator = torch.Generator().manual_seed(seed)
     if length_bucketing:
         batches: Sampler = LengthBucketSampler([handler.length(f) for f in features], batch_size, shuffle, generator,

@@ -25,8 +25,8 @@ from typing import Any
 
 from prefopt.config import DataConfig
 from prefopt.data.chat import document_ids, prompt_and_response_ids, prompt_text_and_ids, sft_ids
-from prefopt.data.collate import (IGNORE_INDEX, Feature, lm_batch, pack, pack_examples, pad_token_id, pair_batch,
-                                  prompt_batch, rank_batch, unpaired_batch)
+from prefopt.data.collate import (IGNORE_INDEX, TOO_LONG, Feature, lm_batch, pack, pack_examples, pad_token_id,
+                                  pair_batch, prompt_batch, rank_batch, unpaired_batch)
 from prefopt.data.readers import SkipRow
 from prefopt.registry import KINDS
 from prefopt.types import LMBatch, PairBatch, PromptBatch, RankBatch, UnpairedBatch
@@ -47,7 +47,7 @@ def fit(prompt_ids: list[int], response_ids: list[list[int]], cfg: DataConfig) -
     for ids in response_ids:
         ids = ids[:room]
         if not ids:
-            raise SkipRow("prompt longer than max_length")
+            raise SkipRow(TOO_LONG)
         out.append(ids)
     return prompt_ids, out
 
@@ -90,7 +90,7 @@ class SFTKind(Kind):
         cut = max(len(prompt_ids) - cfg.max_prompt_length, 0)  # from the left, as every kind cuts its prompts
         completion = completion[:cfg.max_length - len(prompt_ids) + cut]
         if not completion:
-            raise SkipRow("prompt longer than max_length")
+            raise SkipRow(TOO_LONG)
         labels = [IGNORE_INDEX] * len(prompt_ids)
         kept = [(max(start, cut), end) for start, end in spans if end > cut]
         for start, end in kept:

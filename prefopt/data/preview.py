@@ -47,11 +47,12 @@ def preview(data: DataConfig, kind: str, tokenizer: Any, eval_data: DataConfig |
             continue
         skips = SkipLog()
         loader, _ = build_dataloader(records, kind, tokenizer, data, batch_size=1, shuffle=False, seed=0,
-                                     skips=skips, places=places)
+                                     skips=skips, places=places, split=split)
         kept = len(loader.dataset)
         note = f"; skipped at tokenization {skips.total}: {skips.summary()}" if skips.total else ""
-        lines.append(f"\n[{split}] {len(records)} records -> {kept} {'packed chunks' if kind == 'text' else 'rows'}"
-                     f" of tokens{note}")
+        unit = ("packed chunks" if kind == "text" else "packed sequences" if kind == "sft" and data.packing
+                else "rows")
+        lines.append(f"\n[{split}] {len(records)} records -> {kept} {unit} of tokens{note}")
         if kind == "sft":
             lines.append(_turns_line(loader.dataset, data))
         feature = loader.dataset[0]

@@ -61,14 +61,6 @@ def arguments(args: Any) -> dict[str, Any]:
     return {key: value for key, value in vars(args).items() if key != "func"}
 
 
-def quiet_loading() -> None:
-    """No weight-loading or table-building bars: the commands print their own lines."""
-    import datasets
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
 def claim(path: Path, overwrite: bool, what: str) -> None:
     """Refuse to write over earlier results unless asked (they are removed whole: nothing of both is mixed)."""
     exists = path.is_dir() and any(path.iterdir()) if what == "directory" else path.exists()
@@ -83,7 +75,6 @@ def claim(path: Path, overwrite: bool, what: str) -> None:
 
 
 def run_generate(args: Any) -> int:
-    quiet_loading()
     out = Path(args.out)
     claim(out, args.overwrite, "file")
     gen, device = generation_config(args), device_of(args)
@@ -164,7 +155,6 @@ def plan_from_replies(args: Any) -> Plan:
 
 
 def run_eval(args: Any) -> int:
-    quiet_loading()
     out = Path(args.out)
     claim(out, args.overwrite, "directory")
     specs = judge_specs(args.judge or [])

@@ -146,11 +146,12 @@ def judge_specs(values: list[str]) -> list[RewardSpec]:
 
 
 def judge_names(specs: list[RewardSpec]) -> list[str]:
-    """Column names of the judges: the component name (a function: its own name), unique by a suffix _2, _3."""
+    """Column names of the judges: the spec's ``label``, else the component name (a function: its own name), unique by
+    a suffix _2, _3 (as training names them in its logs, reward/<label>)."""
     names: list[str] = []
     for spec in specs:
         fn = spec.params.get("fn") if spec.name == "callable" else None
-        base = str(fn).rpartition(":")[2] if isinstance(fn, str) else spec.name
+        base = spec.label or (str(fn).rpartition(":")[2] if isinstance(fn, str) else spec.name)
         name, n = base, 2
         while name in names:
             name, n = f"{base}_{n}", n + 1

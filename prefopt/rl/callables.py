@@ -11,12 +11,12 @@ A function that works as one of TRL's ``GRPOTrainer(reward_funcs=[...])`` works 
 * ``completion_ids``: each response's token ids (EOS included when it ended);
 * ``columns``: every other column of the prompt rows (``answer``, ``solution``, ...), one list entry per response;
 * the result: one float per response, or ``None`` where the function cannot score it (TRL: NaN). A response that
-  every component leaves unscored is handled as TRL does, nan-aware (see ``CompositeReward``).
+  every component leaves unscored gets an advantage of 0 (see ``CompositeReward``, and how it differs from TRL).
 TRL's ``trainer_state``, ``log_extra`` and ``log_metric`` keyword arguments are not passed; ``async def``
 functions are awaited.
 
-The function is named ``"module:function"`` in a recipe; the recipe's directory and the working directory are
-importable (``prefopt.config.load_config``). A function object given in Python is recorded by that import path, so
+The function is named ``"module:function"`` in a recipe or ``prefopt eval --judge``; the working directory is
+importable (``import_function``), and so is the recipe's directory (``prefopt.config.load_config``). A function object given in Python is recorded by that import path, so
 the run config names it and the run resumes in a new process. Its signature is checked when the recipe is read:
 it must take ``completions`` (or ``**kwargs``) by keyword.
 """
@@ -27,6 +27,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -47,13 +48,14 @@ def import_function(spec: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"reward function {spec!r}: expected 'module:function'")
+    here = os.getcwd()  # the working directory is importable, as under `python -m` (the console script omits it)
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        looked = ", ".join(p or "." for p in sys.path[:3])
-        raise ConfigError(f"reward function {spec!r}: cannot import module {module_name!r}: {exc} (a module beside "
-                          f"the recipe or in the working directory is importable; the path starts {looked}, ...)"
-                          ) from exc
+        raise ConfigError(f"reward function {spec!r}: cannot import module {module_name!r}: {exc} (looked in the "
+                          f"working directory {here}, beside the recipe and in the installed packages)") from exc
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)

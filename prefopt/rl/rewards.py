@@ -126,13 +126,18 @@ class RewardModelReward:
 
 def trained_data(path: str) -> dict[str, Any]:
     """How the reward stage tokenized the rows of the RM at ``path``: ``max_length``, ``max_prompt_length`` and
-    ``chat_template`` of the recipe saved with it (prefopt.export), or {} for an RM without one."""
+    ``chat_template`` of the recipe saved with it (prefopt.export), or {} for an RM without one. A named or file
+    template was saved with the RM's tokenizer (prefopt.data.run_tokenizer): it is read from there ("auto"), so a
+    file named relative to where the reward stage ran is not looked for."""
     recipe = Path(path) / RECIPE_FILE
     try:
         data = yaml.safe_load(recipe.read_text(encoding="utf-8")).get("data") or {}
     except (OSError, AttributeError, yaml.YAMLError):
         return {}
-    return {key: data[key] for key in ("max_length", "max_prompt_length", "chat_template") if key in data}
+    out = {key: data[key] for key in ("max_length", "max_prompt_length", "chat_template") if key in data}
+    if out.get("chat_template") not in (None, "auto", "none"):
+        out["chat_template"] = "auto"
+    return out
 
 
 @REWARDS.register("length_penalty")
@@ -175,8 +180,10 @@ class CompositeReward:
     A component may leave a response unscored (NaN: a reward function's None), as in TRL: the total is the sum of the
     weighted components that scored it (``nansum``); a response that NO component scored gets the mean total of the
     scored responses of its prompt's group (of the rollout when it has no groups; 0 when none is scored), so its
-    advantage is 0 under grpo and rloo and it does not move its group's mean (TRL excludes it from its nan-aware
-    baseline and zeroes its advantage). A label used twice gets a suffix (``count_cats``, ``count_cats_2``).
+    advantage is 0 under grpo and rloo and it does not move its group's mean. TRL instead leaves such a response out
+    of every statistic (nanmean, nanstd, a leave-one-out over the scored responses): with unscored responses in a
+    group, prefopt's group std (k scored of n: n - 1 in its denominator, not k - 1) and RLOO baseline differ from TRL's.
+    A label used twice gets a suffix (``count_cats``, ``count_cats_2``).
     """
 
     def __init__(self, specs: list[RewardSpec | dict[str, Any]], tokenizer, device):
