@@ -1,29 +1,35 @@
-"""The ablations of ``vs_trl.py``: prefopt's DPO, ORPO or reward model with one of its speed choices undone.
+"""The ablations of ``vs_trl.py`` and ``vs_trl_online.py``: prefopt with one of its speed choices undone.
 
 Each switch undoes one thing prefopt does that TRL does not, so the ablation table can say what it is worth:
 
 - ``no_packing``: prefix-shared segments one per row instead of packed first-fit into rows (``prefopt.prefix``);
 - ``full_logits``: the LM head on every position, then the scored positions picked (as TRL does on CPU), instead
   of logits on the scored positions only;
+- ``unchunked``: the LM head on the scored positions in one piece, one log_softmax over their [tokens, vocab]
+  logits (prefopt before ``prefopt.lm_head``), instead of chunk by chunk;
 - ``two_forwards`` (DPO): chosen and rejected rows in a forward each, each trimmed to its own longest row, instead
   of one forward over both.
 
 ``sharing`` (prefix sharing off) and ``precompute`` (cached reference log-probs) are recipe fields, not here.
+``before_online``: an online algorithm as it was before the chunked head, the decode loop and prefix sharing by cost.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
 def variant_class(algorithm: str, options: dict[str, Any]) -> type:
     """The algorithm class, or a subclass with one ablation switched on (ablations live in the benchmark)."""
     from prefopt.algorithms.dpo import DPO
+    from prefopt.algorithms.lm import SFT
     from prefopt.algorithms.orpo import ORPO
     from prefopt.algorithms.reward import RewardModelling
 
-    base = {"dpo": DPO, "orpo": ORPO, "reward": RewardModelling}[algorithm]
-    if not any(options.get(k) for k in ("no_packing", "two_forwards", "full_logits")):
+    base = {"dpo": DPO, "orpo": ORPO, "reward": RewardModelling, "sft": SFT}[algorithm]
+    if not any(options.get(k) for k in ("no_packing", "two_forwards", "full_logits", "unchunked")):
         return base
     from prefopt.scoring import sum_scored
     from prefopt.scoring import TokenScorer
@@ -42,10 +48,11 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
 
         def build(self):
             super().build()
-            if options.get("full_logits"):
-                self.model = FullLogitsScorer(self.model.lm)
+            scorer = FullLogitsScorer if options.get("full_logits") else unchunked_scorer()
+            if options.get("full_logits") or options.get("unchunked"):
+                self.model = scorer(self.model.lm)
                 if getattr(self, "reference", None) is not None:
-                    self.reference = FullLogitsScorer(self.reference.lm)
+                    self.reference = scorer(self.reference.lm)
 
         def pair_logps(self, batch, split):
             if not options.get("two_forwards"):
@@ -94,3 +101,108 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
 
     Variant.__name__ = f"{base.__name__}Variant"
     return Variant
+
+
+def unchunked_scorer() -> type:
+    """A TokenScorer with the LM head on the scored positions in one piece: one log_softmax over [scored tokens,
+    vocab] (prefopt's scoring before ``prefopt.lm_head``)."""
+    from prefopt.scoring import TokenScorer
+
+    class UnchunkedScorer(TokenScorer):
+        """The LM head on the scored positions in one piece."""
+
+        def forward(self, input_ids, attention_mask, score_mask, temperature=1.0, with_entropy=False, layout=None):
+            import torch
+
+            from prefopt.scoring import decoder_hidden
+
+            rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
+            if layout is None:
+                hidden = decoder_hidden(self.lm, input_ids, attention_mask)[:, :-1][rows, cols]
+            else:
+                packed = decoder_hidden(self.lm, layout.input_ids, layout.mask_for(self.lm, self.lm.dtype),
+                                        layout.position_ids)
+                hidden = layout.gather(packed, rows, cols)
+            logp = torch.log_softmax(self.lm.get_output_embeddings()(hidden).float() / temperature, -1)
+            picked = logp.gather(-1, input_ids[:, 1:][rows, cols, None])[:, 0]
+            logps = picked.new_zeros(input_ids.shape).index_put((rows, cols + 1), picked)
+            if not with_entropy:
+                return logps, None
+            if with_entropy == "detached":  # a metric: no [tokens, vocab] probabilities kept for the backward
+                logp = logp.detach()
+            entropy = -(logp.exp() * logp).sum(-1)
+            return logps, logps.new_zeros(input_ids.shape).index_put((rows, cols + 1), entropy)
+
+    return UnchunkedScorer
+
+
+# ----------------------------------------------------------------------------------------------------- online
+def before_online(base: type) -> type:
+    """An online algorithm class as prefopt was before this work's three speed changes, each undone where the
+    variant itself runs (the baton of ``turns.py`` lets one contestant run at a time, so a module attribute swapped
+    for the length of the variant's own call is seen by nobody else):
+
+    - the sampler: transformers' ``generate`` (its cache, its ``torch.multinomial`` sampler, ``output_logits``)
+      with each prompt prefilled once, instead of ``prefopt.rl.decoding``'s loop (``hf_decode``);
+    - the LM head: one log_softmax over the [scored tokens, vocab] logits (``UnchunkedScorer``);
+    - prefix sharing of the G samples always on, instead of where it pays (``prefopt.prefix.sharing_pays``).
+    """
+    import prefopt.rl.engine
+    import prefopt.scoring
+
+    class Before(base):
+        def build(self):
+            super().build()
+            scorer = unchunked_scorer()
+            self.model = scorer(self.model.lm)
+            if self.reference is not None:
+                self.reference = scorer(self.reference.lm)
+
+        def collect(self, batch):
+            with swapped(prefopt.rl.engine, "decode", hf_decode):
+                return super().collect(batch)
+
+        def response_logps(self, *args, **kwargs):
+            with swapped(prefopt.scoring, "sharing_pays", lambda *a, **k: True):
+                return super().response_logps(*args, **kwargs)
+
+    Before.__name__ = f"{base.__name__}Before"
+    return Before
+
+
+@contextlib.contextmanager
+def swapped(module: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def hf_decode(model, input_ids, attention_mask, num_samples, gen, eos, pad_token_id, capture=None):
+    """``prefopt.rl.decoding.decode`` as it was: the prompts (all but their last token) prefilled once and their
+    cache repeated G times, then transformers' ``generate`` with ``output_logits``; behaviour log-probs from them."""
+    import torch
+    import transformers
+
+    from prefopt.scoring import position_ids
+
+    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k) if gen.do_sample else {}
+    config = transformers.GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, **sampling,
+                                           eos_token_id=eos, pad_token_id=pad_token_id, use_cache=True,
+                                           return_dict_in_generate=True, output_logits=True)
+    ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+    out.cache.batch_repeat_interleave(num_samples)
+    saved, model.generation_config = model.generation_config, config
+    try:
+        out = model.generate(input_ids=input_ids.repeat_interleave(num_samples, 0),
+                             attention_mask=attention_mask.repeat_interleave(num_samples, 0),
+                             generation_config=config, cache=out.cache)
+    finally:
+        model.generation_config = saved
+    tokens = out.sequences[:, input_ids.shape[1]:]
+    logprobs = torch.stack([torch.log_softmax(logits.float() / gen.logprob_temperature, -1).gather(
+        -1, tokens[:, t, None])[:, 0] for t, logits in enumerate(out.logits)], dim=1)
+    return tokens, logprobs, True

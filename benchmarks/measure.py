@@ -38,12 +38,14 @@ def matmul_ceiling(dtype: str) -> float:
     return best
 
 
-def parameters_per_token(work: Path) -> int:
-    """Matmul parameters a token passes through: all but the position table (the tied wte is the LM head)."""
-    from transformers import AutoConfig
+def parameters_per_token(model_dir: Path) -> int:
+    """Matmul parameters a token passes through: all but a learned position table (the tied embedding counts once,
+    as the LM head)."""
+    from transformers import AutoModelForCausalLM
 
-    c = AutoConfig.from_pretrained(work / "model")
-    return c.n_layer * 12 * c.n_embd**2 + c.vocab_size * c.n_embd
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    positions = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2's position table
+    return model.num_parameters() - (positions.weight.numel() if positions is not None else 0)
 
 
 def rss_mb() -> float:

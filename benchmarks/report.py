@@ -10,6 +10,7 @@ are ratios of median s/step within one dtype; ablation rows (names outside ``MAI
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from typing import Any
@@ -41,6 +42,19 @@ def summarise(result: dict[str, Any], warmup: int, n_params: int, memory: dict[s
 
 
 MAIN = ("prefopt", "prefopt+precompute", "trl-default", "trl-best")
+PARITY = {"fp32": 1e-5, "bf16": 1e-3}  # |step-0 loss - TRL default's| allowed (bf16: differently shaped roundings)
+
+
+def parity(rows: list[dict[str, Any]]) -> str:
+    """The parity gate: every contestant's step-0 loss equals TRL default's on the same batch (within PARITY;
+    length bucketing trains on other batches by design)."""
+    same_batches = [r for r in rows if "length-bucketing" not in r["name"]]  # bucketing reorders the rows
+    failed = [f"{r['name']} {r['dtype']}: {r['loss0_diff']:.1e}" for r in same_batches
+              if not r["loss0_diff"] <= PARITY[r["dtype"]]]
+    if failed:
+        return "**Parity check FAILED** (step-0 loss differs from TRL default's): " + "; ".join(failed)
+    return ("Parity check passed: every contestant's step-0 loss equals TRL default's on the same batch within "
+            + ", ".join(f"{v:g} ({k})" for k, v in PARITY.items()) + ".")
 
 
 def markdown(rows: list[dict[str, Any]], results: dict[str, Any], args: argparse.Namespace, batch: int) -> str:
@@ -60,11 +74,19 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, Any], args: argparse
         o = by_key.get((f"{r['name'].split('/')[0]}/{other}", r["dtype"]))
         return f"{o['s_per_step'] / r['s_per_step']:.2f}x" if o else "-"
 
+    def added(r: dict[str, Any], other: str | None = None) -> str:
+        """Peak RSS above the process's baseline, MB; with ``other``: as a share of that contestant's."""
+        o = r if other is None else by_key.get((f"{r['name'].split('/')[0]}/{other}", r["dtype"]))
+        if o is None or math.isnan(o["peak_rss_mb"]) or math.isnan(r["peak_rss_mb"]):
+            return "-"
+        mine, theirs = r["peak_rss_mb"] - r["baseline_rss_mb"], o["peak_rss_mb"] - o["baseline_rss_mb"]
+        return f"{mine:.0f}" if other is None else f"{100 * mine / theirs:.0f}%"
+
     lines += ["", "## prefopt vs TRL", "",
               "| algorithm | contestant | dtype | s/step | speed-up vs TRL default | vs TRL best | tokens/s | MFU "
-              "| peak RSS MB (baseline) | loss at step 0 | \\|Δ loss\\| vs TRL default: step 0 (max, all steps) "
-              "| setup s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| peak RSS MB (baseline) | MB added | added vs TRL default / best | loss at step 0 "
+              "| \\|Δ loss\\| vs TRL default: step 0 (max, all steps) | setup s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         algo, who = r["name"].split("/")
         if who not in MAIN:
@@ -72,8 +94,10 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, Any], args: argparse
         lines.append(
             f"| {algo} | {who} | {r['dtype']} | {r['s_per_step']:.3f} | {ratio(r, 'trl-default')} | "
             f"{ratio(r, 'trl-best')} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-            f"{r['peak_rss_mb']:.0f} ({r['baseline_rss_mb']:.0f}) | {r['loss0']:.6f} | "
+            f"{r['peak_rss_mb']:.0f} ({r['baseline_rss_mb']:.0f}) | {added(r)} | "
+            f"{added(r, 'trl-default')} / {added(r, 'trl-best')} | {r['loss0']:.6f} | "
             f"{r['loss0_diff']:.1e} ({r['max_loss_diff']:.1e}) | {r['setup_s']:.1f} |")
+    lines += ["", parity(rows)]
     ablations = [r for r in rows if r["name"].split("/")[1] not in MAIN]
     if ablations:
         lines += ["", "## Ablations (fp32): prefopt with one thing changed, in the same alternating run", "",

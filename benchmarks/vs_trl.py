@@ -2,11 +2,14 @@
 
     python benchmarks/vs_trl.py                      # fp32 and bf16 runs, ablations, memory: the full table
     python benchmarks/vs_trl.py --dtypes fp32 --algorithms dpo --steps 6 --no-memory    # a quick look
+    python benchmarks/vs_trl.py --arch qwen2 --vocab 151936 --long-pairs --max-length 1024 --max-prompt-length 512 \\
+        --batch 2 --dtypes fp32 --no-ablations --threads 1       # a Qwen2.5-like vocabulary, 1,024-token pairs
 
 Protocol. The model is the tiny GPT-2 of ``prefopt.tiny`` (4 layers, width 256, byte-level BPE 4096 trained on the
 HH text; built into ``--work`` on first use, ``assets.py``). Pairs are the HH-RLHF harmless-base rows of
 ../shared/data, tokenized once by prefopt (prompt cut from the left to 256 tokens, prompt + response <=
-``--max-length`` 384), shuffled with a fixed seed and cut into batches of 8 pairs. Both libraries get exactly these
+``--max-length`` 384), shuffled with a fixed seed and cut into batches of ``--batch`` 8 pairs (``--long-pairs``: each
+lengthened to fill ``--max-length``, see ``lengthened``). Both libraries get exactly these
 token ids in exactly this batch order: TRL's train set is the same rows, read sequentially, and a collator hands TRL
 the same ids (TRL's own DataCollatorForPreference for DPO and RewardTrainer, the ORPO tensors for ORPOTrainer); the
 first batches are checked to be equal tensors.
@@ -41,13 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from ablations import variant_class
-from assets import HH, ROOT, build_assets
+from assets import HH, ROOT, add_shape_arguments, build_assets, lengthened, shape_flags, shape_of
 from measure import matmul_ceiling, parameters_per_token, peak_rss_mb, rss_mb, run_worker
-from report import markdown, summarise
+from report import MAIN, markdown, summarise
 from turns import Contestant, fit_in_turns, run_in_turns, train_in_turns
 
-BATCH = 8
-TRL_LR = {"dpo": 1e-6, "orpo": 1e-6, "reward": 1e-4}  # TRL's default learning rates; ours uses the same
+TRL_LR = {"dpo": 1e-6, "orpo": 1e-6, "reward": 1e-4, "sft": 2e-5}  # TRL's default learning rates; ours uses the same
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -58,17 +60,29 @@ def load_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = load_rows(DataConfig(path=str(HH), eval_fraction=0.0), "pairs").train
     random.Random(args.seed).shuffle(rows)
-    return rows[:(args.warmup + args.steps) * BATCH]
+    if args.long_pairs:
+        rows = [lengthened(rows, i, args) for i in range(len(rows))]
+    return rows[:(args.warmup + args.steps) * args.batch]
 
 
 def data_config(args: argparse.Namespace):
     from prefopt.config import DataConfig
 
-    return DataConfig(path=str(HH), eval_fraction=0.0, max_length=args.max_length, max_prompt_length=256)
+    return DataConfig(path=str(HH), eval_fraction=0.0, max_length=args.max_length,
+                      max_prompt_length=args.max_prompt_length)
 
 
 def as_ranks(record: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": record["prompt"], "responses": [record["chosen"], record["rejected"]], "scores": [1.0, 0.0]}
+
+
+def as_sft(record: dict[str, Any]) -> dict[str, Any]:
+    """SFT on the chosen response (InstructGPT step 1 on HH): the same prompt and response tokens as the pair's."""
+    return {"prompt": record["prompt"], "completion": record["chosen"]}
+
+
+KINDS = {"dpo": "pairs", "orpo": "pairs", "reward": "ranks", "sft": "sft"}
+RECORDS = {"pairs": lambda r: r, "ranks": as_ranks, "sft": as_sft}
 
 
 # ----------------------------------------------------------------------------------------------------- contestants
@@ -83,10 +97,10 @@ class Ours(Contestant):
         args = self.args
         config = build_run_config(self.recipe())
         trainer = Trainer(config)
-        kind = "ranks" if self.algorithm == "reward" else "pairs"
-        records = self.shared["pairs"] if kind == "pairs" else [as_ranks(r) for r in self.shared["pairs"]]
+        kind = KINDS[self.algorithm]
+        records = [RECORDS[kind](r) for r in self.shared["pairs"]]
         bucketing = self.options.get("bucketing", False)  # other batches of the same rows, in shuffled order
-        loader, _ = build_dataloader(records, kind, trainer.tokenizer, config.data, BATCH, shuffle=bucketing,
+        loader, _ = build_dataloader(records, kind, trainer.tokenizer, config.data, args.batch, shuffle=bucketing,
                                      seed=args.seed, length_bucketing=bucketing)
         trainer.loaders = {"train": loader}
         trainer.algorithm = variant_class(self.algorithm, self.options)(config.algorithm, config, trainer.tokenizer)
@@ -105,17 +119,20 @@ class Ours(Contestant):
     def recipe(self) -> dict[str, Any]:
         """The recipe this contestant trains with (as a YAML recipe would give it)."""
         args, assets = self.args, self.shared["assets"]
-        algorithm: dict[str, Any] = {"name": self.algorithm, "prefix_sharing": self.options.get("sharing", True)}
+        algorithm: dict[str, Any] = {"name": self.algorithm}
+        if self.algorithm != "sft":
+            algorithm["prefix_sharing"] = self.options.get("sharing", True)
         if self.algorithm == "dpo":
             algorithm.update(beta=0.1, precompute_reference=self.options.get("precompute", False))
         elif self.algorithm == "orpo":
             algorithm.update(beta=0.1, nll_on="full")  # TRL's ORPO also scores the chosen prompt tokens
         return {
             "algorithm": algorithm,
-            "model": {"name_or_path": str(assets["rm" if self.algorithm == "reward" else "lm"])},
+            "model": {"name_or_path": str(assets["rm" if self.algorithm == "reward" else "lm"]),
+                      **({"logits": {"keep_mb": args.keep_mb}} if args.keep_mb is not None else {})},
             "data": dataclasses.asdict(data_config(args)),
             "train": {"output_dir": str(args.work / "runs" / self.dtype / self.name), "max_steps": self.steps,
-                      "batch_size": BATCH, "learning_rate": TRL_LR[self.algorithm], "lr_scheduler": "constant",
+                      "batch_size": args.batch, "learning_rate": TRL_LR[self.algorithm], "lr_scheduler": "constant",
                       "warmup_steps": 0, "max_grad_norm": 1.0, "seed": args.seed,
                       "mixed_precision": "bf16" if self.dtype == "bf16" else "no", "progress": False,
                       "save_model": False, "log_every": 10, "overwrite": True},  # a rerun replaces the last
@@ -129,7 +146,7 @@ class TRL(Contestant):
         from datasets import Dataset
 
         args, assets, best = self.args, self.shared["assets"], self.options.get("best", False)
-        common = dict(output_dir=str(args.work / "runs" / self.dtype / self.name), per_device_train_batch_size=BATCH,
+        common = dict(output_dir=str(args.work / "runs" / self.dtype / self.name), per_device_train_batch_size=args.batch,
                       max_steps=self.steps, learning_rate=TRL_LR[self.algorithm], lr_scheduler_type="constant",
                       warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=args.seed, report_to="none",
                       save_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential", use_cpu=True,
@@ -156,6 +173,13 @@ class TRL(Contestant):
                                   processing_class=self.shared["tokenizer"],
                                   data_collator=SameTokens(features, orpo_tensors(self.shared["pad_id"])),
                                   args=ORPOConfig(**common, beta=0.1))
+        elif self.algorithm == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            ids = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in self.shared["features_sft"]]
+            trainer = SFTTrainer(model=str(assets["lm"]), train_dataset=Dataset.from_list(ids),
+                                 processing_class=self.shared["tokenizer"],
+                                 args=SFTConfig(**common, max_length=args.max_length))
         else:
             from trl import RewardConfig, RewardTrainer
 
@@ -172,7 +196,7 @@ class TRL(Contestant):
             return out
 
         trainer.compute_loss = recorded_loss
-        self.tokens = self.shared["tokens"][:self.steps]  # the same batches as prefopt's, in the same order
+        self.tokens = self.shared[f"tokens_{KINDS[self.algorithm]}"][:self.steps]  # prefopt's batches, in order
         self.trainer = trainer
         train_in_turns(self, trainer)
 
@@ -213,11 +237,13 @@ def lineup(args: argparse.Namespace) -> list[tuple[str, str, type, dict[str, Any
         out.append((f"{algo}/trl-default", algo, TRL, {}))
         out.append((f"{algo}/trl-best", algo, TRL, {"best": True}))
         if args.ablations and args.dtype == "fp32":
-            out.append((f"{algo}/prefopt-no-prefix-sharing", algo, Ours, {"sharing": False}))
-            out.append((f"{algo}/prefopt-no-packing", algo, Ours, {"no_packing": True}))
+            if algo != "sft":
+                out.append((f"{algo}/prefopt-no-prefix-sharing", algo, Ours, {"sharing": False}))
+                out.append((f"{algo}/prefopt-no-packing", algo, Ours, {"no_packing": True}))
             out.append((f"{algo}/prefopt+length-bucketing", algo, Ours, {"bucketing": True}))
             if algo != "reward":
                 out.append((f"{algo}/prefopt+full-logits", algo, Ours, {"full_logits": True}))
+                out.append((f"{algo}/prefopt+unchunked-head", algo, Ours, {"unchunked": True}))
             if algo == "dpo":
                 out.append((f"{algo}/prefopt-no-sharing+two-forwards", algo, Ours,
                             {"sharing": False, "two_forwards": True}))
@@ -232,26 +258,28 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from prefopt.data import build_dataloader
-    from prefopt.data.collate import pair_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    assets = build_assets(args.work)
+    assets = build_assets(args.work, shape_of(args, args.max_length))
     tokenizer = AutoTokenizer.from_pretrained(assets["lm"])
     pairs = load_pairs(args)
-    loader, _ = build_dataloader(pairs, "pairs", tokenizer, data_config(args), BATCH, shuffle=False, seed=args.seed,
-                                 length_bucketing=False)
-    features = list(loader.dataset)
-    batches = [pair_batch(features[i:i + BATCH], tokenizer.pad_token_id) for i in range(0, len(features), BATCH)]
-    shared = {"assets": assets, "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "pairs": pairs,
-              "features": features, "tokens": [int(b.attention_mask.sum()) for b in batches]}
+    shared = {"assets": assets, "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "pairs": pairs}
+    for kind in ("pairs", "ranks", "sft"):  # every contestant of a kind trains on these batches, in this order
+        loader, _ = build_dataloader([RECORDS[kind](r) for r in pairs], kind, tokenizer, data_config(args), args.batch,
+                                     shuffle=False, seed=args.seed, length_bucketing=False)
+        shared[f"features_{kind}"] = list(loader.dataset)
+        shared[f"batches_{kind}"] = list(loader)
+        shared[f"tokens_{kind}"] = [int(b.attention_mask.sum()) for b in shared[f"batches_{kind}"]]
+    features, batches = shared["features_pairs"], shared["batches_pairs"]
+    shared["features"] = features
     baseline_rss = rss_mb()
-    ceiling_before = matmul_ceiling(args.dtype) if not args.only else float("nan")
+    ceiling_before = matmul_ceiling(args.dtype) if not args.memory_run else float("nan")
 
     contestants = [cls(name, algo, args, shared, **options) for name, algo, cls, options in lineup(args)]
-    run_in_turns(contestants, check=lambda: check_same_batches(contestants, batches))
-    ceiling_after = matmul_ceiling(args.dtype) if not args.only else float("nan")
+    run_in_turns(contestants, check=lambda: check_same_batches(contestants, shared))
+    ceiling_after = matmul_ceiling(args.dtype) if not args.memory_run else float("nan")
 
     tokens = [int(b.attention_mask.sum()) for b in batches]
     return {
@@ -273,7 +301,7 @@ def token_slots(batches: list[Any], pairs: list[dict[str, Any]], tokenizer: Any,
     from prefopt.algorithms.pairwise import pair_layout
     from prefopt.data import build_dataloader
 
-    bucketed, _ = build_dataloader(pairs, "pairs", tokenizer, data_config(args), BATCH, shuffle=True,
+    bucketed, _ = build_dataloader(pairs, "pairs", tokenizer, data_config(args), args.batch, shuffle=True,
                                    seed=args.seed, length_bucketing=True)
     mean = statistics.mean
     return {"real tokens": mean(int(b.attention_mask.sum()) for b in batches),
@@ -284,37 +312,42 @@ def token_slots(batches: list[Any], pairs: list[dict[str, Any]], tokenizer: Any,
             "shared prefix, packed, length-bucketed batches": mean(pair_layout(b).num_tokens for b in bucketed)}
 
 
-def check_same_batches(contestants: list[Contestant], batches: list[Any]) -> None:
-    """TRL's first DPO / reward batches hold exactly prefopt's tensors (ORPO's collator is built from them)."""
+def check_same_batches(contestants: list[Contestant], shared: dict[str, Any]) -> None:
+    """TRL's first DPO / SFT / reward batches hold exactly prefopt's tensors (ORPO's collator is built from them)."""
     import torch
 
     for c in contestants:
         if not isinstance(c, TRL):
             continue
-        for k, ours in enumerate(batches[:2]):
-            got = c.trainer.data_collator([c.trainer.train_dataset[i] for i in range(k * BATCH, (k + 1) * BATCH)])
+        kind = "pairs" if c.algorithm == "reward" else KINDS[c.algorithm]  # TRL's RM collator: chosen, then rejected
+        for k, ours in enumerate(shared[f"batches_{kind}"][:2]):
+            got = c.trainer.data_collator([c.trainer.train_dataset[i] for i in range(k * c.args.batch, (k + 1) * c.args.batch)])
             if c.algorithm == "orpo":
                 n = ours.num_pairs
                 got = {"input_ids": torch.cat([got["chosen_input_ids"], got["rejected_input_ids"]]),
                        "attention_mask": torch.cat([got["chosen_attention_mask"], got["rejected_attention_mask"]]),
                        "completion_mask": torch.cat([got["chosen_labels"], got["rejected_labels"]]) != -100}
-                assert n == BATCH
+                assert n == c.args.batch
             assert torch.equal(got["input_ids"], ours.input_ids), c.name
             assert torch.equal(got["attention_mask"], ours.attention_mask), c.name
             if "completion_mask" in got:
                 assert torch.equal(got["completion_mask"].long(), ours.completion_mask), c.name
+            if "labels" in got:  # SFT: -100 on the prompt and the padding
+                assert torch.equal(got["labels"], ours.labels), c.name
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--algorithms", ",".join(args.algorithms), "--warmup", str(args.warmup), "--seed", str(args.seed),
-             "--max-length", str(args.max_length), "--work", str(args.work)]
+             "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
+             "--work", str(args.work), "--batch", str(args.batch), *shape_flags(args)]
+    flags += (["--long-pairs"] if args.long_pairs else []) + (["--keep-mb", str(args.keep_mb)] if args.keep_mb is not None else [])
     flags += ["--ablations" if args.ablations else "--no-ablations"]
     return flags + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algorithms", default="dpo,orpo,reward", type=lambda s: s.split(","))
+    parser.add_argument("--algorithms", default="dpo,orpo,reward,sft", type=lambda s: s.split(","))
     parser.add_argument("--dtypes", default="fp32,bf16", type=lambda s: s.split(","))
     parser.add_argument("--steps", type=int, default=12, help="timed steps per contestant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -322,12 +355,20 @@ def main() -> None:
     parser.add_argument("--no-memory", dest="memory_steps", action="store_const", const=0)
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--max-length", type=int, default=384, help="prompt + response tokens, at most")
+    parser.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens (cut from the left)")
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step (the same batches for every contestant)")
+    parser.add_argument("--long-pairs", action="store_true",
+                        help="pairs lengthened to fill --max-length (see lengthened): the HH pairs are short")
+    parser.add_argument("--keep-mb", type=float, help="prefopt's model.logits.keep_mb (default: the recipe default)")
+    add_shape_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "vs_trl")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="", type=lambda s: [x for x in s.split(",") if x], help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="", type=lambda s: [x for x in s.split(",") if x],
+                        help="contestants to run, e.g. dpo/prefopt+precompute,dpo/trl-best (default: all)")
+    parser.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -336,22 +377,23 @@ def main() -> None:
         args.worker.write_text(json.dumps(result))
         return
 
-    build_assets(args.work)
-    n_params = parameters_per_token(args.work)
+    assets = build_assets(args.work, shape_of(args, args.max_length))
+    n_params = parameters_per_token(assets["lm"])
     results, rows = {}, []
     for dtype in args.dtypes:
         flags = common_flags(args) + ["--dtype", dtype]
-        results[dtype] = run_worker(__file__, args.work, flags + ["--steps", str(args.steps)])
+        results[dtype] = run_worker(__file__, args.work, flags + ["--steps", str(args.steps),
+                                                                  "--only", ",".join(args.only)])
         memory = {}
         if args.memory_steps:
             warm = max(args.memory_steps - args.warmup, 0)
             for name in results[dtype]["contestants"]:
-                if "prefopt-" in name or "prefopt+length" in name or "+full" in name:
+                if name.split("/")[1] not in MAIN:
                     continue  # ablations: timing only
-                one = run_worker(__file__, args.work, [*flags, "--steps", str(warm), "--only", name])
+                one = run_worker(__file__, args.work, [*flags, "--steps", str(warm), "--only", name, "--memory-run"])
                 memory[name] = {"peak_rss_mb": one["peak_rss_mb"], "baseline_rss_mb": one["baseline_rss_mb"]}
         rows += summarise(results[dtype], args.warmup, n_params, memory)
-    table = markdown(rows, results, args, BATCH)
+    table = markdown(rows, results, args, args.batch)
     (args.work / "results.json").write_text(json.dumps({"results": results, "rows": rows}, indent=1))
     (args.work / "results.md").write_text(table)
     print(table)

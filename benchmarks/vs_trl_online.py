@@ -1,52 +1,66 @@
 """prefopt's online algorithms vs TRL 1.16, side by side: ``grpo`` vs GRPOTrainer and ``rloo`` vs RLOOTrainer.
 
-    python benchmarks/vs_trl_online.py                     # grpo and rloo, 2 warm-up + 6 timed steps, memory
+    python benchmarks/vs_trl_online.py --max-new-tokens 256         # grpo and rloo, G = 8, the GPT-2 model, memory
     python benchmarks/vs_trl_online.py --algorithms grpo --steps 2 --no-memory      # a quick look
+    python benchmarks/vs_trl_online.py --arch qwen2 --vocab 151936 --algorithms grpo --max-new-tokens 256 \\
+        --prompts 2 --steps 2 --warmup 1                                 # a Qwen2.5-like vocabulary
 
-Protocol (as ``vs_trl.py``: the contestant threads of ``turns.py``, the model of ``assets.py``). The model is the
-tiny GPT-2 of ``prefopt.tiny`` (4 layers, width 256, BPE 4096 trained on the HH text), fp32 on both sides. Prompts
-are the HH-RLHF harmless-base prompts of ../shared/data (up to the last "\\n\\nAssistant:") of 24..``--max-prompt``
-tokens, in file order, 8 per step; each is answered G = 4 times (32 completions a step), ``--max-new-tokens`` 32
-tokens, temperature 1, top-p 1, top-k 0. Neither side shuffles (TRL: ``shuffle_dataset=False``), so step k of both
-sides answers the same 8 prompts. The reward is the same deterministic function of the completion text on both sides
-(the share of its words that are common English words, ``reward``). Learning rate 1e-6 (TRL's default), constant,
-clip 1.0, seed 0; TRL's default loss type (``dapo``) for GRPO on both sides; RLOO with beta = 0.05 (TRL's default).
-"trl-default" is TRL as it ships (gradient checkpointing on); "trl-best" turns it off; "prefopt-no-prefix" is
-prefopt with ``prefix_sharing: false`` (each of the G samples scored with its own copy of the prompt, as TRL does),
-the ablation that shows how much of the gap prefix sharing makes.
+Protocol (as ``vs_trl.py``: the contestant threads of ``turns.py``, the model of ``assets.py``, any shape). fp32 on
+both sides. Prompts are the HH-RLHF harmless-base prompts of ../shared/data (up to the last "\\n\\nAssistant:") of
+24..``--max-prompt`` tokens, in file order, ``--prompts`` per step; each is answered ``--num-samples`` (G) times,
+``--max-new-tokens`` tokens at most, temperature 1, top-p 1, top-k 0. Neither side shuffles (TRL:
+``shuffle_dataset=False``), so step k of both sides answers the same prompts, tokenized to the same ids (checked).
+The reward is the same deterministic function of the completion text on both sides (``reward``). Learning rate 1e-6
+(TRL's default), constant, clip 1.0, seed 0; TRL's default loss type (``dapo``) for GRPO on both sides, beta 0; RLOO
+with beta = 0.05 (TRL's default). "trl-default" is TRL as it ships (gradient checkpointing on); "trl-best" turns it
+off; "prefopt-no-prefix" is prefopt with ``prefix_sharing: false``; "prefopt-before" is prefopt with this work's
+three changes undone (transformers' ``generate`` as the sampler, the LM head unchunked, prefix sharing always on:
+``ablations.before_online``), the before/after comparison in one run.
+
+The same completions for everyone (``SharedCompletions``): before the contestants start, the starting policy
+samples every step's completions once (prefopt's engine, seed 1000 + step), each then ended by EOS at a seeded
+length between half and all of ``--max-new-tokens`` (``ended_early``: so the step-0 losses are not 0 by symmetry). Each contestant then runs its own
+generation at every step, timed (so the generation column is each library's own sampler at these settings), and
+trains on the shared completions of that step instead of its own draw: TRL's ``_generate_single_turn`` and
+prefopt's ``collect`` hand the shared token ids on. So every contestant trains on the same completions, and the
+step-0 losses must agree (the parity gate of the table; the policy has not moved yet, so the ratio is exactly 1 and
+the loss is a function of the completions and the rewards only).
 
 Every contestant is a real training loop in its own thread (``Trainer.fit`` / ``trainer.train()``), one optimizer
 step each in turn (``turns.run_in_turns``). Reported: median s/step over the timed steps and its parts (generation;
 scoring = rewards and the old / reference log-probs the step needs; update = the rest: the policy forward, backward
-and optimizer step), generated tokens/s, the loss at step 0, and peak RSS of a process that runs only that
-contestant (``--memory-steps`` steps; ``measure.run_worker``). The samples differ between the sides (different
-random streams), so losses are equal only where they do not depend on the samples;
-``tests/test_parity_trl_online.py`` shows the losses equal on the same batch.
+and optimizer step), generated tokens/s of the contestant's own sampler, the loss at step 0, and peak RSS of a
+process that runs only that contestant (``--memory-steps`` steps; ``measure.run_worker``) above its baseline (RSS
+after imports, the model files and the shared completions, before the contestant is built).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from assets import HH, build_assets
-from measure import peak_rss_mb, run_worker
+from ablations import before_online
+from assets import HH, add_shape_arguments, build_assets, shape_flags, shape_of
+from measure import peak_rss_mb, rss_mb, run_worker
 from turns import Contestant, fit_in_turns, run_in_turns, train_in_turns
 
-G, PROMPTS_PER_STEP, LR = 4, 8, 1e-6
+LR = 1e-6
+PARITY = 1e-5  # |step-0 loss - TRL default's|
 COMMON_WORDS = {"the", "a", "and", "to", "of", "i", "you", "is", "it", "that", "in", "be", "not", "for", "are"}
 
 
 def reward(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]:
-    """Share of the words of each response that are common English words (0 for an empty one)."""
+    """Share of the words of each response that are common English words, plus characters / 1000 (so the samples
+    of a prompt differ even when they have no words: a random model's draws from a 151,936-token vocabulary)."""
     out = []
     for response in responses:
         words = response.lower().split()
-        out.append(sum(w in COMMON_WORDS for w in words) / len(words) if words else 0.0)
+        out.append((sum(w in COMMON_WORDS for w in words) / len(words) if words else 0.0) + len(response) / 1000)
     return out
 
 
@@ -60,7 +74,68 @@ def load_prompts(args: argparse.Namespace, tokenizer: Any) -> list[str]:
 
     rows = load_rows(DataConfig(path=str(HH), format="hh", eval_fraction=0.0), "prompts").train
     prompts = [r["prompt"] for r in rows if 24 <= len(tokenizer(r["prompt"])["input_ids"]) <= args.max_prompt]
-    return prompts[:PROMPTS_PER_STEP * (args.warmup + args.steps)]
+    return prompts[:args.prompts * (args.warmup + args.steps)]
+
+
+class SharedCompletions:
+    """Every step's completions, sampled once from the starting policy: what every contestant trains on."""
+
+    def __init__(self, args: argparse.Namespace, shared: dict[str, Any]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from prefopt.rl.engine import GenerationConfig, generate
+
+        model = AutoModelForCausalLM.from_pretrained(shared["assets"]["lm"], dtype=torch.float32)
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0)
+        tokenizer = shared["tokenizer"]
+        self.rollouts = [ended_early(generate(model, tokenizer, batch, gen, args.num_samples, seed=1000 + step),
+                                     tokenizer, seed=step)
+                         for step, batch in enumerate(prompt_loader(args, tokenizer, shared["prompts_file"]))]
+
+    def swap_into(self, step: int, rollout: Any) -> Any:
+        """prefopt's rollout of ``step`` with the shared completions (its prompts, generation time and count kept)."""
+        import torch
+
+        shared = self.rollouts[step]
+        assert torch.equal(shared.prompt_ids, rollout.prompt_ids), "prefopt's prompts differ from the shared ones"
+        return dataclasses.replace(rollout, response_ids=shared.response_ids, response_mask=shared.response_mask,
+                                   logprobs=shared.logprobs, ended=shared.ended, responses=shared.responses)
+
+    def token_lists(self, step: int, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """The completions of ``step`` as TRL hands them on (each cut after its first EOS), for TRL's prompt ids."""
+        shared = self.rollouts[step]
+        ours = [row[m.bool()].tolist() for row, m in zip(shared.prompt_ids, shared.prompt_mask)]
+        assert ours == [list(p) for p in prompt_ids], "TRL's prompt ids differ from prefopt's"
+        return [row[:int(n)].tolist() for row, n in zip(shared.response_ids, shared.response_mask.sum(-1))]
+
+
+def ended_early(rollout: Any, tokenizer: Any, seed: int) -> Any:
+    """The rollout with each response ended by EOS at a seeded length between half and all of its tokens: a random
+    model rarely samples its EOS, and with every response as long as the others the group-centred losses are 0 at
+    step 0 whatever the advantages, which would make the parity gate empty."""
+    import torch
+
+    rows, width = rollout.response_ids.shape
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.minimum(rollout.response_mask.sum(-1),
+                            torch.randint((width + 1) // 2, width + 1, (rows,), generator=generator))
+    keep = torch.arange(width)[None, :] < lengths[:, None]
+    ids = rollout.response_ids.masked_fill(~keep, tokenizer.pad_token_id)
+    ids[torch.arange(rows), lengths - 1] = tokenizer.eos_token_id
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths)]
+    return dataclasses.replace(rollout, response_ids=ids, response_mask=keep.long(), logprobs=rollout.logprobs * keep,
+                               ended=torch.ones(rows, dtype=torch.bool), responses=texts)
+
+
+def prompt_loader(args: argparse.Namespace, tokenizer: Any, prompts_file: Path) -> Any:
+    """prefopt's batches of the prompts, in file order, as TRL reads them (``load_rows`` would order them by hash)."""
+    from prefopt.config import DataConfig
+    from prefopt.data import build_dataloader
+
+    config = DataConfig(path=str(prompts_file), format="prompts", eval_fraction=0.0, max_prompt_length=args.max_prompt)
+    records = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    return build_dataloader(records, "prompts", tokenizer, config, args.prompts, shuffle=False, seed=0)[0]
 
 
 class Ours(Contestant):
@@ -68,28 +143,28 @@ class Ours(Contestant):
 
     def train(self) -> None:
         from prefopt.config import build_run_config
-        from prefopt.data import build_dataloader, load_rows
         from prefopt.trainer import Trainer
 
         config = build_run_config(self.recipe())
         trainer = Trainer(config)
-        records = load_rows(config.data, "prompts").train
-        loader, _ = build_dataloader(records, "prompts", trainer.tokenizer, config.data, PROMPTS_PER_STEP,
-                                     shuffle=False, seed=0)
-        trainer.loaders = {"train": loader}
+        self.rewards: list[float] = []
+        trainer.loaders = {"train": prompt_loader(self.args, trainer.tokenizer, self.shared["prompts_file"])}
+        if self.options.get("before"):
+            trainer.algorithm = before_online(type(trainer.algorithm))(config.algorithm, config, trainer.tokenizer)
         algorithm = trainer.algorithm
         step_fn, collect_fn = algorithm.step, algorithm.collect
         self.parts: list[dict[str, float]] = []
 
         def collect(batch):
-            rollout = collect_fn(batch)
+            rollout = collect_fn(batch)  # its own draw, timed, then the shared completions of this step
             self.tokens.append(rollout.new_tokens)
-            return rollout
+            return self.shared["completions"].swap_into(len(self.tokens) - 1, rollout)
 
         def recorded_step(batch):
             for i, out in enumerate(step_fn(batch)):
                 if i == 0:
                     self.losses.append(float(out.loss.detach()))
+                    self.rewards.append(out.metrics["reward/score"])
                     self.parts.append({"generation": out.metrics["perf/gen_s"], "scoring": out.metrics["perf/score_s"]})
                 yield out
 
@@ -98,7 +173,7 @@ class Ours(Contestant):
 
     def recipe(self) -> dict[str, Any]:
         args = self.args
-        algorithm: dict[str, Any] = {"name": self.algorithm, "num_samples": G,
+        algorithm: dict[str, Any] = {"name": self.algorithm, "num_samples": args.num_samples,
                                      "rewards": [{"name": "callable", "params": {"fn": "vs_trl_online:trl_reward"}}],
                                      "generation": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0,
                                                     "top_p": 1.0, "top_k": 0}}
@@ -111,7 +186,7 @@ class Ours(Contestant):
                 "data": {"path": str(self.shared["prompts_file"]), "format": "prompts", "eval_fraction": 0.0,
                          "max_prompt_length": args.max_prompt},
                 "train": {"output_dir": str(args.work / "runs" / self.name), "max_steps": self.steps,
-                          "batch_size": PROMPTS_PER_STEP, "learning_rate": LR, "lr_scheduler": "constant",
+                          "batch_size": args.prompts, "learning_rate": LR, "lr_scheduler": "constant",
                           "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 0, "mixed_precision": "no",
                           "progress": False, "save_model": False, "log_every": 100,
                           "overwrite": True}}  # a rerun (the memory process) replaces the last
@@ -124,8 +199,9 @@ class TRL(Contestant):
         from datasets import Dataset
 
         args = self.args
-        common = dict(output_dir=str(args.work / "runs" / self.name), per_device_train_batch_size=PROMPTS_PER_STEP * G,
-                      num_generations=G, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
+        common = dict(output_dir=str(args.work / "runs" / self.name),
+                      per_device_train_batch_size=args.prompts * args.num_samples, num_generations=args.num_samples,
+                      max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
                       top_k=0, max_steps=self.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                       weight_decay=0.0, max_grad_norm=1.0, seed=0, report_to="none", save_strategy="no",
                       disable_tqdm=True, use_cpu=True, bf16=False, shuffle_dataset=False, logging_steps=100,
@@ -145,25 +221,29 @@ class TRL(Contestant):
             trainer = RLOOTrainer(model=str(self.shared["assets"]["lm"]), reward_funcs=trl_reward,
                                   args=RLOOConfig(**common, beta=0.05), train_dataset=dataset,
                                   processing_class=self.shared["tokenizer"])
-        self.parts = []
-        generate, generate_and_score = trainer._generate, trainer._generate_and_score_completions
+        self.parts, self.rewards = [], []
+        single_turn, generate_and_score = trainer._generate_single_turn, trainer._generate_and_score_completions
         timing: dict[str, float] = {}
 
-        def timed_generate(*a, **k):
+        def shared_single_turn(prompt_ids, *a, **k):
             start = time.perf_counter()
-            out = generate(*a, **k)
+            out = single_turn(prompt_ids, *a, **k)  # its own draw, timed
             timing["generation"] = time.perf_counter() - start
-            return out
+            own = out[0] if isinstance(out, tuple) else out
+            self.tokens.append(sum(len(ids) for ids in own))
+            completions = self.shared["completions"].token_lists(len(self.tokens) - 1, prompt_ids)
+            return (completions, None) if isinstance(out, tuple) else completions
 
         def timed_generate_and_score(*a, **k):
             start = time.perf_counter()
             out = generate_and_score(*a, **k)
             self.parts.append({"generation": timing["generation"],
                                "scoring": time.perf_counter() - start - timing["generation"]})
-            self.tokens.append(int(out["completion_mask"].sum()))
+            self.rewards.append(trainer._metrics["train"]["reward"][-1])
             return out
 
-        trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_generate_and_score
+        trainer._generate_single_turn, trainer._generate_and_score_completions = (shared_single_turn,
+                                                                                  timed_generate_and_score)
         compute_loss = trainer.compute_loss
 
         def recorded_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -178,9 +258,11 @@ class TRL(Contestant):
 def lineup(args: argparse.Namespace) -> list[tuple[str, str, type, dict[str, Any]]]:
     out = []
     for algo in args.algorithms:
-        out += [(f"{algo}/prefopt", algo, Ours, {}), (f"{algo}/prefopt-no-prefix", algo, Ours, {"prefix_sharing": False}),
-                (f"{algo}/trl-default", algo, TRL, {}),
+        out += [(f"{algo}/prefopt", algo, Ours, {}), (f"{algo}/trl-default", algo, TRL, {}),
                 (f"{algo}/trl-best", algo, TRL, {"best": True})]
+        if args.ablations:
+            out += [(f"{algo}/prefopt-no-prefix", algo, Ours, {"prefix_sharing": False}),
+                    (f"{algo}/prefopt-before", algo, Ours, {"before": True})]
     return [c for c in out if not args.only or c[0] in args.only]
 
 
@@ -192,47 +274,79 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    assets = build_assets(args.work)
+    assets = build_assets(args.work, shape_of(args, args.max_prompt + args.max_new_tokens))
     tokenizer = AutoTokenizer.from_pretrained(assets["lm"])
     prompts = load_prompts(args, tokenizer)
-    prompts_file = args.work / "prompts.jsonl"
+    prompts_file = args.work / f"prompts-{time.time_ns()}.jsonl"  # one per worker: memory runs may overlap
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     shared = {"assets": assets, "tokenizer": tokenizer, "prompts": prompts, "prompts_file": prompts_file}
+    shared["completions"] = SharedCompletions(args, shared)
+    baseline = rss_mb()
     args.dtype = "fp32"
     contestants = [cls(name, algo, args, shared, **options) for name, algo, cls, options in lineup(args)]
     run_in_turns(contestants)
+    prompts_file.unlink()
     return {"contestants": [{"name": c.name, "times": c.times, "losses": c.losses, "tokens": c.tokens,
-                             "parts": c.parts} for c in contestants],
-            "peak_rss_mb": peak_rss_mb()}
+                             "parts": c.parts, "rewards": c.rewards} for c in contestants],
+            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
+            "completion_tokens": [int(r.response_mask.sum()) for r in shared["completions"].rollouts]}
 
 
-def summarise(result: dict[str, Any], warmup: int, memory: dict[str, float]) -> list[dict[str, Any]]:
+def summarise(result: dict[str, Any], warmup: int, memory: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     rows = []
     for c in result["contestants"]:
         times, parts = c["times"][warmup:], c["parts"][warmup:len(c["times"])]
-        step = statistics.median(times)
-        generation = statistics.median(p["generation"] for p in parts)
-        scoring = statistics.median(p["scoring"] for p in parts)
-        tokens = sum(c["tokens"][warmup:len(c["times"])]) / sum(times)
-        rows.append({"name": c["name"], "s_per_step": step, "generation_s": generation, "scoring_s": scoring,
+        mem = memory.get(c["name"], {})
+        rows.append({"name": c["name"], "s_per_step": statistics.median(times),
+                     "generation_s": statistics.median(p["generation"] for p in parts),
+                     "scoring_s": statistics.median(p["scoring"] for p in parts),
                      "update_s": statistics.median(t - p["generation"] - p["scoring"] for t, p in zip(times, parts)),
-                     "gen_tokens_per_s": tokens, "loss_step0": c["losses"][0] if c["losses"] else float("nan"),
-                     "peak_rss_mb": memory.get(c["name"], float("nan"))})
+                     "gen_tokens_per_s": sum(c["tokens"][warmup:len(c["times"])]) / sum(p["generation"] for p in parts),
+                     "loss_step0": c["losses"][0] if c["losses"] else float("nan"),
+                     "reward_step0": c["rewards"][0] if c["rewards"] else float("nan"),
+                     "peak_rss_mb": mem.get("peak_rss_mb", float("nan")),
+                     "added_mb": mem.get("peak_rss_mb", float("nan")) - mem.get("baseline_rss_mb", float("nan"))})
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = [f"G = {G}, {PROMPTS_PER_STEP} prompts x {G} = {PROMPTS_PER_STEP * G} completions a step, "
-             f"max_new_tokens {args.max_new_tokens}, fp32, {args.threads} thread(s); median of {args.steps} "
-             f"steps after {args.warmup} warm-up.", "",
-             "| contestant | s/step | generation s | scoring s | update s | gen tokens/s | loss step 0 | peak RSS MB "
-             "| prefopt speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+def speedup(other: dict[str, Any] | None, row: dict[str, Any]) -> str:
+    """``other``'s s/step over ``row``'s ("-" when ``other`` did not run)."""
+    return f"{other['s_per_step'] / row['s_per_step']:.2f}x" if other else "-"
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, result: dict[str, Any]) -> str:
+    by_name = {r["name"]: r for r in rows}
+    lines = [f"`python benchmarks/vs_trl_online.py {' '.join(args.argv)}`", "",
+             f"{args.arch}, {args.layers} layers, width {args.width}, vocabulary {args.vocab}; G = {args.num_samples}, "
+             f"{args.prompts} prompts x {args.num_samples} = {args.prompts * args.num_samples} completions a step, "
+             f"max_new_tokens {args.max_new_tokens} (the shared completions: {statistics.mean(result['completion_tokens']):.0f} "
+             f"tokens a step), fp32, {args.threads} thread(s); median of {args.steps} steps after {args.warmup} warm-up.",
+             "", "| contestant | s/step | generation s | scoring s | update s | own gen tokens/s | loss step 0 "
+             "| peak RSS MB | MB added | added vs TRL default / best | TRL default s/step over this | vs TRL best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        ours = next(r for r in rows if r["name"].split("/")[0] == row["name"].split("/")[0]
-                    and r["name"].endswith("/prefopt"))
+        algo = row["name"].split("/")[0]
+        default, best = by_name.get(f"{algo}/trl-default"), by_name.get(f"{algo}/trl-best")
+
+        def share(other):
+            return f"{100 * row['added_mb'] / other['added_mb']:.0f}%" if other and other["added_mb"] > 0 else "-"
+
         lines.append(f"| {row['name']} | {row['s_per_step']:.3f} | {row['generation_s']:.3f} | {row['scoring_s']:.3f} "
-                     f"| {row['update_s']:.3f} | {row['gen_tokens_per_s']:.0f} | {row['loss_step0']:.5f} "
-                     f"| {row['peak_rss_mb']:.0f} | {row['s_per_step'] / ours['s_per_step']:.2f}x |")
+                     f"| {row['update_s']:.3f} | {row['gen_tokens_per_s']:.0f} | {row['loss_step0']:.6f} "
+                     f"| {row['peak_rss_mb']:.0f} | {row['added_mb']:.0f} | {share(default)} / {share(best)} "
+                     f"| {speedup(default, row)} | {speedup(best, row)} |")
+    failed = []
+    for r in rows:
+        default = by_name.get(r["name"].split("/")[0] + "/trl-default")
+        for key in ("loss_step0", "reward_step0") if default else ():  # no TRL contestant (--only): no gate
+            if not abs(r[key] - default[key]) <= PARITY:
+                failed.append(f"{r['name']} {key} {r[key]:.6f} vs {default[key]:.6f}")
+    gated = any(r["name"].endswith("/trl-default") for r in rows)
+    lines += ["", "No TRL contestant ran (--only): no parity gate." if not gated else
+              f"**Parity check FAILED** (step 0 vs TRL default): {'; '.join(failed)}" if failed else
+              f"Parity check passed: every contestant trains on the same completions; the step-0 loss and mean reward "
+              f"are within {PARITY:g} of TRL default's (RLOO's step-0 loss is 0 by construction: the leave-one-out "
+              "advantages of a prompt sum to 0 and the ratio is 1)."]
     return "\n".join(lines) + "\n"
 
 
@@ -242,13 +356,19 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["grpo", "rloo"], choices=["grpo", "rloo"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num-samples", type=int, default=8, help="G: completions per prompt")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-ablations", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure prefopt-no-prefix's peak memory")
+    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--only", nargs="*", default=[])
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    add_shape_arguments(parser)
     args = parser.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -256,7 +376,9 @@ def main() -> None:
         args.worker.write_text(json.dumps(worker(args)))
         return
     flags = ["--work", str(args.work), "--max-new-tokens", str(args.max_new_tokens), "--max-prompt",
-             str(args.max_prompt), "--threads", str(args.threads), "--algorithms", *args.algorithms]
+             str(args.max_prompt), "--threads", str(args.threads), "--num-samples", str(args.num_samples),
+             "--prompts", str(args.prompts), "--algorithms", *args.algorithms, *shape_flags(args),
+             "--ablations" if args.ablations else "--no-ablations"]
 
     def run(extra: list[str]) -> dict[str, Any]:
         return run_worker(__file__, args.work, [*flags, *extra], quiet=True)
@@ -265,9 +387,13 @@ def main() -> None:
     memory = {}
     if not args.no_memory:
         for name, *_ in lineup(args):
-            memory[name] = run(["--steps", str(args.memory_steps), "--warmup", "0", "--only", name])["peak_rss_mb"]
+            if name.endswith("-no-prefix") and not args.memory_ablations:
+                continue  # the ablations' memory only when asked (each memory run is a process of its own)
+            one = run(["--steps", str(args.memory_steps), "--warmup", "0", "--only", name])
+            memory[name] = {"peak_rss_mb": one["peak_rss_mb"], "baseline_rss_mb": one["baseline_rss_mb"]}
     rows = summarise(result, args.warmup, memory)
-    table = markdown(rows, args)
+    args.argv = __import__("sys").argv[1:]
+    table = markdown(rows, args, result)
     (args.work / "results.json").write_text(json.dumps({"result": result, "rows": rows}, indent=1))
     (args.work / "results.md").write_text(table)
     print(table)

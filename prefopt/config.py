@@ -51,6 +51,23 @@ class LoraConfig:
 
 
 @dataclass
+class LogitsConfig:
+    """How the LM head's log-probs are computed without its [tokens, vocab] logits (prefopt.lm_head)."""
+
+    chunk: int = 256
+    """Positions whose logits are computed at once (forward and backward)."""
+    vocab_block: int = 4096
+    """Vocabulary entries per block (CPU, float32 Linear heads; elsewhere whole rows)."""
+    keep_mb: float = 64.0
+    """Logits kept from the forward for the backward, in MB; blocks past it are recomputed (one head matmul each)."""
+
+    def __post_init__(self):
+        check(self.chunk >= 1, "model.logits.chunk", self.chunk, "must be >= 1")
+        check(self.vocab_block >= 1, "model.logits.vocab_block", self.vocab_block, "must be >= 1")
+        check(self.keep_mb >= 0, "model.logits.keep_mb", self.keep_mb, "must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     """Which model to start from and how to load it."""
 
@@ -71,6 +88,8 @@ class ModelConfig:
     LoRA adapter's own dropout is model.lora.dropout."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter settings."""
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    """Chunking of the LM head's log-probs: peak memory of the head vs one recomputed matmul."""
 
     def __post_init__(self):
         check(not self.load_in_4bit or self.lora.r > 0, "model.load_in_4bit", True, "needs model.lora.r > 0 (QLoRA)")

@@ -76,7 +76,7 @@ def banner(run: Any, model: Any, report: dict[str, Any], steps_per_epoch: int, p
     the global batch, steps per epoch and the steps it will run."""
     from prefopt.models import count_parameters
 
-    t, rows = run.train, report["rows"]
+    t, rows = run.train, report.get("rows", {})  # {} when the caller set the Trainer's loaders itself
     sequences = report.get("sequences", {}).get("train", rows.get("train", 0))
     packed = f" ({sequences:,} packed sequences)" if report.get("packed") else ""
     unit = "packed sequences" if packed else "rows"

@@ -7,7 +7,8 @@ prefixes (prefopt.prefix):
 * positions always come from the attention mask: ``position_ids = cumsum(attention_mask) - 1``, the numbering
   ``generate`` gives a left-padded row; on right-padded rows it is 0..L-1, as a plain forward counts;
 * entry t of a per-token result [N, T] belongs to token t, predicted from the tokens before it; column 0 is never
-  scored; the LM head runs only on the scored positions, so no [N, T, V] logits tensor is made;
+  scored; the LM head runs only on the scored positions, a chunk at a time (``prefopt.lm_head``), so neither the
+  [N, T, V] nor the [scored tokens, V] logits are ever held;
 * with a ``SharedPrefixLayout`` the decoder runs on its packed rows, where a prompt shared by several rows
   (a preference pair, a ranking, the G samples of one prompt: ``grouped_token_logps``) is computed once; the
   result is in the layout of ``input_ids`` either way.
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prefopt.prefix import SharedPrefixLayout, share_prefixes
+from prefopt.lm_head import head_logps
+from prefopt.prefix import SharedPrefixLayout, share_prefixes, sharing_pays
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -46,28 +48,24 @@ def logps_from_hidden(hidden: Tensor, head: nn.Module, input_ids: Tensor, score_
     """Per-token log-probs (and entropies) [N, T] of ``input_ids[:, t]`` where ``score_mask[:, t]`` is 1.
 
     ``hidden`` [N, T, H] are the decoder states in the layout of ``input_ids``; token t is predicted from position
-    t - 1 and the LM ``head`` runs only there. Both outputs keep their graph (an entropy bonus needs it), except
-    with ``with_entropy="detached"``: the entropies are then a metric without a graph (same values, less memory).
+    t - 1 and the LM ``head`` runs only there, in chunks (``prefopt.lm_head``). Both outputs keep their graph (an
+    entropy bonus needs it), except with ``with_entropy="detached"``: the entropies are then a metric without one.
     """
     rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
-    return _pick(head(hidden[:, :-1][rows, cols]), input_ids, rows, cols, temperature, with_entropy)
+    return _scatter(hidden[:, :-1][rows, cols], head, input_ids, rows, cols, temperature, with_entropy)
 
 
-def _pick(logits: Tensor, input_ids: Tensor, rows: Tensor, cols: Tensor, temperature: float,
-          with_entropy: bool | str) -> tuple[Tensor, Tensor | None]:
-    """Scatter log softmax(logits / T)[target] of the selected positions back to [N, T] (and the entropies)."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = F.log_softmax(logits, dim=-1)  # [M, V]
-    picked = logp_all.gather(-1, input_ids[:, 1:][rows, cols, None]).squeeze(-1)
-    logps = logits.new_zeros(input_ids.shape).index_put((rows, cols + 1), picked)
+def _scatter(hidden: Tensor, head: nn.Module, input_ids: Tensor, rows: Tensor, cols: Tensor, temperature: float,
+             with_entropy: bool | str) -> tuple[Tensor, Tensor | None]:
+    """log softmax(head(hidden) / T)[target] of the selected positions [M, H], scattered back to [N, T] (and the
+    entropies): token (rows[m], cols[m] + 1) is predicted from ``hidden[m]``."""
+    picked, entropy = head_logps(hidden, head, input_ids[:, 1:][rows, cols], temperature, bool(with_entropy))
+    logps = picked.new_zeros(input_ids.shape).index_put((rows, cols + 1), picked)
     if not with_entropy:
         return logps, None
-    if with_entropy == "detached":  # a metric only: no [M, V] probabilities kept for the backward
-        logp_all = logp_all.detach()
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logps, logits.new_zeros(input_ids.shape).index_put((rows, cols + 1), entropy)
+    if with_entropy == "detached":
+        entropy = entropy.detach()
+    return logps, picked.new_zeros(input_ids.shape).index_put((rows, cols + 1), entropy)
 
 
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
@@ -80,8 +78,8 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, sco
                                  input_ids, score_mask, temperature, with_entropy)
     rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
     hidden = decoder_hidden(model, layout.input_ids, layout.mask_for(model, model.dtype), layout.position_ids)
-    logits = model.get_output_embeddings()(layout.gather(hidden, rows, cols))
-    return _pick(logits, input_ids, rows, cols, temperature, with_entropy)
+    return _scatter(layout.gather(hidden, rows, cols), model.get_output_embeddings(), input_ids, rows, cols,
+                    temperature, with_entropy)
 
 
 def sum_scored(per_token: Tensor, score_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,13 +106,15 @@ def group_lists(group: Tensor) -> list[list[int]]:
 
 def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
                         group: Tensor | None, temperature: float = 1.0, with_entropy: bool | str = False,
-                        **kwargs) -> tuple[Tensor | None, ...]:
+                        hidden_size: int | None = None, **kwargs) -> tuple[Tensor | None, ...]:
     """``scorer(input_ids, attention_mask, score_mask)`` (a ``TokenScorer``, maybe DDP-wrapped) with the rows of
-    each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward; the same result.
+    each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward where that costs less
+    (``prefopt.prefix.sharing_pays``: not for G long responses to a short prompt); the same result either way.
 
     Rows may be left-padded (a rollout): each is rotated so its real tokens start at column 0, scored in a
     ``share_prefixes`` layout, and rotated back. ``group`` None: the padded rows as they are, by any scorer taking
-    these arguments (``kwargs`` too; a ``PolicyAndValue`` also returns values).
+    these arguments (``kwargs`` too; a ``PolicyAndValue`` also returns values). ``hidden_size``: the model's width,
+    for the cost rule (None: read from the scorer's ``lm``).
     """
     if group is None:
         return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
@@ -123,9 +123,18 @@ def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Te
     pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # leading padding of each row
     forward, back = (columns + pads) % width, (columns - pads) % width
     ids, mask, scored = (x.gather(1, forward) for x in (input_ids, attention_mask, score_mask))
-    layout = share_prefixes(ids, mask, group_lists(group))
+    groups = group_lists(group)
+    if not sharing_pays(ids, mask, groups, hidden_size or _hidden_size(scorer)):  # G long responses, short prompt
+        return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
+    layout = share_prefixes(ids, mask, groups)
     logps, entropy = scorer(ids, mask, scored, temperature, with_entropy, layout=layout, **kwargs)
     return logps.gather(1, back), None if entropy is None else entropy.gather(1, back)
+
+
+def _hidden_size(scorer: nn.Module) -> int:
+    """The width of the causal LM a (maybe DDP-wrapped) scorer runs."""
+    config = getattr(scorer, "module", scorer).lm.config
+    return config.get_text_config().hidden_size
 
 
 class TokenScorer(nn.Module):

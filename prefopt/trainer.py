@@ -55,6 +55,7 @@ from prefopt.data import run_loaders, run_tokenizer
 from prefopt.distributed import (batches_per_process, check_backend, end_training, make_accelerator,
                                  mean_over_processes, seed_epoch, sharded_weights)
 from prefopt.errors import PrefoptError
+from prefopt.lm_head import chunking
 from prefopt.evaluation import evaluate, evaluate_and_sample
 from prefopt.export import ExportedWeights, push_to_hub, write_provenance
 from prefopt.metrics import MetricAverager, MetricsWriter, peak_memory_mb, tracker_config
@@ -111,7 +112,8 @@ class Trainer:
                 self.prepare_data()
             self._on_main(self._claim_output_dir)
             self.signals.install()
-            return self._fit()
+            with chunking(self.config.model.logits):  # the LM head's log-probs, chunk by chunk (prefopt.lm_head)
+                return self._fit()
         except BaseException:
             if self.main and self.lock.held and self.fresh and not self.stepped:
                 rundir.undo_start(self.output_dir)

@@ -372,7 +372,7 @@ def test_accumulation_splits_the_one_update_of_a_rollout(gpt2_real_dir, tmp_path
         Trainer(build_run_config({
             "algorithm": {"name": "a2c", "trainable_layers": 1, "preference_weight": 0.0, "rules": {},
                           "rewards": [{"name": "target_token", "params": {"token": TARGETS}}],
-                          "generation": {"max_new_tokens": 6}},
+                          "generation": {"max_new_tokens": 12}},  # some target tokens sampled
             "model": {"name_or_path": str(gpt2_real_dir)},
             "data": {"path": str(data), "format": "prompts", "eval_fraction": 0.0},
             "train": {"output_dir": str(out), "max_steps": 1, "batch_size": 8, "learning_rate": 1e-3,

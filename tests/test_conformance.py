@@ -12,7 +12,8 @@ step is worth in ``STEP_ONE`` below. At step 1 the policy is still the model it 
   forwards (its causal-LM loss for pt / sft, its sequence-classification scores in the Bradley-Terry loss for the
   reward model, its logits in the paper's formula for ORPO).
 
-Tolerances: 1e-6 on analytic values in fp32; 1e-5 on analytic values under bf16 autocast (policy and reference
+Every cell scores with the LM head in small chunks (``CHUNKED_LOGITS``, prefopt.lm_head). Tolerances: 1e-6 on
+analytic values in fp32; 1e-5 on analytic values under bf16 autocast (policy and reference
 must run the same forward under the same autocast, so only the rounding of sums may differ; a reference run outside
 the autocast is off by 1e-4..1e-3); 1e-5 on values computed another way in both precisions (the plain forward runs
 under ``torch.autocast`` in a bf16 cell: measured within 1.2e-7 relative, while bf16 moves these losses by up to
@@ -70,6 +71,9 @@ SETTING_REFUSED = {  # (algorithm, section, key, value) -> the one line a user s
        f"model.disable_dropout=False: {online} compares the policy with its old self and its reference token by "
        "token; dropout must be off" for online in ("ppo", "a2c", "grpo", "rloo", "reinforce_pp")},
 }
+# the LM head in chunks of 5 positions x 100 vocabulary entries, the first two blocks kept, the rest recomputed in the
+# backward (prefopt.lm_head): every cell's values come through the chunked path at its smallest
+CHUNKED_LOGITS = {"chunk": 5, "vocab_block": 100, "keep_mb": 0.005}
 CELLS = list(itertools.product(ALGORITHMS.available(), MODELS, PRECISIONS, WEIGHTS, ACCUMULATION))
 DPO_BETA = 0.1
 DPO_LOSS_AT_ZERO = {  # each registered pairwise loss with a reference at log-ratio 0, default parameters
@@ -118,7 +122,8 @@ def recipe(algorithm: str, model_dir: Path, data: Path, precision: str, weights:
            out: Path) -> dict[str, Any]:
     return {
         "algorithm": {"name": algorithm, **SETTINGS.get(algorithm, {})},
-        "model": {"name_or_path": str(model_dir), **({"lora": {"r": 4, "alpha": 8}} if weights == "lora" else {})},
+        "model": {"name_or_path": str(model_dir), "logits": CHUNKED_LOGITS,
+                  **({"lora": {"r": 4, "alpha": 8}} if weights == "lora" else {})},
         "data": {"path": str(data), "eval_fraction": 0.0, "max_length": 64, "max_prompt_length": 32},
         "train": {"output_dir": str(out), "max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": accumulation,
                   "learning_rate": 1e-3, "log_every": 1, "progress": False, "save_model": False,

@@ -14,7 +14,7 @@ from prefopt.algorithms.orpo import ORPO, ORPOConfig
 from prefopt.algorithms.pairwise import pair_layout, policy_logps, resolve_loss
 from prefopt.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.prefix import rank_groups, share_prefixes, supports
+from prefopt.prefix import rank_groups, share_prefixes, sharing_pays, supports
 from prefopt.scoring import RewardScorer, TokenScorer
 from prefopt.types import PairLogps
 
@@ -202,3 +202,45 @@ def test_supports(tiny_model_dir, tiny_llama_dir, qwen2_window_dir):
     llama.config.sliding_window = 16
     assert not supports(llama)
     assert not supports(AutoModelForCausalLM.from_pretrained(qwen2_window_dir))  # Qwen2 with use_sliding_window
+
+
+def group_rows(prompt: int, response: int, samples: int, prompts: int = 2) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """``prompts`` x ``samples`` right-padded rows: each prompt's samples share ``prompt`` tokens, then ``response``."""
+    torch.manual_seed(0)
+    ids = torch.randint(2, 500, (prompts * samples, prompt + response))
+    for p in range(prompts):
+        ids[p * samples:(p + 1) * samples, :prompt] = ids[p * samples, :prompt]
+    groups = [list(range(p * samples, (p + 1) * samples)) for p in range(prompts)]
+    return ids, torch.ones_like(ids), groups
+
+
+def test_sharing_pays_by_hand():
+    """width 256 (6 d = 1536 per token slot, pairs at 0.5): G = 8 responses of 256 tokens to a 96-token prompt pack
+    into a row of 96 + 8 x 256 = 2144 slots and 2144^2 / 2 = 2.30M pair units, against 8 rows of 352 slots and
+    8 x 352^2 / 2 = 0.50M: 2144 x 1536 + 2.30M = 5.59M > 2816 x 1536 + 0.50M = 4.82M, so the padded rows run. With
+    32-token responses the packed row costs 352 x 1536 + 62K = 0.60M against 1024 x 1536 + 66K = 1.64M: shared."""
+    assert not sharing_pays(*group_rows(96, 256, 8, prompts=1), hidden_size=256)
+    assert sharing_pays(*group_rows(96, 32, 8, prompts=1), hidden_size=256)
+    assert sharing_pays(*group_rows(300, 64, 2), hidden_size=256)  # a preference pair's long prompt
+
+
+def test_grouped_scoring_shares_only_where_it_pays(tiny_model_dir, monkeypatch):
+    """A rollout of G = 8 long responses to a short prompt is scored as padded rows (no layout is built); short ones
+    share their prompt; the log-probs are the same either way."""
+    import prefopt.scoring
+
+    built = []
+    share = prefopt.scoring.share_prefixes
+    monkeypatch.setattr(prefopt.scoring, "share_prefixes", lambda *a, **k: built.append(1) or share(*a, **k))
+    scorer = TokenScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    for prompt, response, shared in [(4, 40, False), (40, 4, True)]:
+        ids, mask, groups = group_rows(prompt, response, 8)
+        score_mask = torch.zeros_like(ids)
+        score_mask[:, prompt:] = 1
+        group = torch.arange(2).repeat_interleave(8)
+        built.clear()
+        with torch.no_grad():
+            logps, _ = prefopt.scoring.grouped_token_logps(scorer, ids, mask, score_mask, group)
+            plain, _ = scorer(ids, mask, score_mask)
+        assert bool(built) is shared
+        torch.testing.assert_close(logps, plain, atol=1e-5, rtol=0)

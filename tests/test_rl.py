@@ -12,7 +12,8 @@ from prefopt.models import load_tokenizer
 from prefopt.registry import ADVANTAGES, POLICY_LOSSES
 from prefopt.rl.advantages import AdvantageInputs
 from prefopt.rl.algorithm import OnlineConfig
-from prefopt.rl.engine import GenerationConfig, generate, prefilled_cache, repeat_prompts, rollout_inputs
+from prefopt.rl.decoding import prefill
+from prefopt.rl.engine import GenerationConfig, generate, repeat_prompts, rollout_inputs
 from prefopt.rl.losses import PolicyLossInputs
 from prefopt.scoring import TokenScorer, grouped_token_logps, token_logps
 from prefopt.tasks import TASK_REWARD
@@ -75,7 +76,8 @@ def test_a_prompt_prefilled_once_for_its_samples_gives_the_same_draw(fixture, re
     """The prompts' KV cache computed once and repeated G times: the same tokens and log-probs as G copies."""
     tokenizer, model, batch = two_prompts(request.getfixturevalue(fixture))
     gen = GenerationConfig(max_new_tokens=24)
-    assert prefilled_cache(model, batch, 3)  # this model's cache is shared
+    with torch.no_grad():  # this model's cache is shared
+        assert prefill(model, batch.input_ids, batch.attention_mask, 3, batch.input_ids.shape[1] + 24) is not None
     once = generate(model, tokenizer, batch, gen, num_samples=3, seed=5)
     copies = generate(model, tokenizer, repeat_prompts(batch, 3), gen, seed=5)
     assert torch.equal(once.response_ids, copies.response_ids)

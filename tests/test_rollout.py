@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers import GenerationConfig as TransformersGenerationConfig
 
@@ -16,6 +15,7 @@ from prefopt.config import DataConfig, ModelConfig
 from prefopt.data import build_dataloader, load_rows
 from prefopt.errors import ConfigError
 from prefopt.models import load_tokenizer
+from prefopt.rl import decoding
 from prefopt.rl.engine import GenerationConfig, generate, response_mask
 from prefopt.rl.rewards import RewardModelReward
 from prefopt.scoring import position_ids
@@ -173,7 +173,7 @@ def test_every_generation_eos_ends_a_response(llama_chat_dir, hh_path, tmp_path)
     with torch.no_grad():  # make <|eot_id|> likely: its output row along the mean final hidden state
         hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         mean = hidden[batch.attention_mask.bool()].float().mean(0)
-        model.get_output_embeddings().weight[eot] = (6 * mean / mean.norm() ** 2).to(model.dtype)
+        model.get_output_embeddings().weight[eot] = (5 * mean / mean.norm() ** 2).to(model.dtype)  # logit 5: some rows
     rollout = generate(model, tokenizer, batch, GenerationConfig(max_new_tokens=12), seed=0)
     lengths = rollout.response_mask.sum(-1)
     last = rollout.response_ids.gather(1, (lengths - 1)[:, None])[:, 0]
@@ -225,11 +225,13 @@ def test_a_checkpoints_generation_config_does_not_reshape_the_samples(gpt2_real_
 def test_captured_features_stay_aligned_when_the_prompt_cache_cannot_be_shared(gpt2_real_dir, hh_path, repeatable,
                                                                              monkeypatch):
     """generate(capture=block, num_samples=2) records the block's output at every column; when the model's cache
-    cannot be repeated over the G samples (prefilled_cache gives up after its forward and generate prefills the
-    repeated prompts itself), the discarded prefill's output must not shift the recorded columns."""
+    cannot be repeated over the G samples (the decode loop gives up after the prompts' forward and prefills the
+    repeated prompts), the discarded prefill's output must not shift the recorded columns."""
     tokenizer, model = load(gpt2_real_dir)
-    if not repeatable:
-        monkeypatch.delattr(transformers.cache_utils.Cache, "batch_repeat_interleave")  # a cache that cannot repeat
+    if not repeatable:  # a cache that cannot repeat
+        repeated_cache = decoding.repeated_cache
+        monkeypatch.setattr(decoding, "repeated_cache", lambda cache, n, width: None if n > 1 else
+                            repeated_cache(cache, n, width))
     block = model.transformer.h[-1]
     rollout = generate(model, tokenizer, hh_prompts(tokenizer, hh_path, rows=3), GenerationConfig(max_new_tokens=6),
                        num_samples=2, seed=0, capture=block)

@@ -199,7 +199,8 @@ class OnlineAlgorithm(Algorithm):
             group = None if group is None else group[rows]
         group = group if self.config.prefix_sharing and supports(self.policy) else None
         outputs = grouped_token_logps(scorer, sequences, attention_mask, score_mask, group,
-                                      self.config.generation.logprob_temperature, with_entropy, **kwargs)
+                                      self.config.generation.logprob_temperature, with_entropy,
+                                      hidden_size=self.policy.config.get_text_config().hidden_size, **kwargs)
         width = rollout.prompt_ids.shape[1]
         return tuple(None if out is None else out[:, width:] for out in outputs)
 

@@ -1,53 +1,50 @@
 """The generation engine: one batched sampler for every online algorithm, evaluation and the benchmark.
 
-``generate(model, tokenizer, batch, gen, num_samples=G)`` runs transformers' ``model.generate`` on a LEFT-padded
-``PromptBatch`` with the KV cache on and returns a ``Rollout`` of G responses per prompt (rows i*G .. i*G+G-1
-answer prompt i; ``group`` holds i). Each prompt is prefilled ONCE: one forward over the prompts (all but their
-last token) fills the KV cache, which is repeated G times before ``generate`` continues from it, instead of
-``generate`` prefilling every copy. The Rollout holds:
+``generate(model, tokenizer, batch, gen, num_samples=G)`` samples G responses to each prompt of a LEFT-padded
+``PromptBatch`` and returns a ``Rollout`` (rows i*G .. i*G+G-1 answer prompt i; ``group`` holds i). The decode loop
+is ``prefopt.rl.decoding``: each prompt is prefilled ONCE and its KV cache repeated G times into buffers written in
+place, then one model call and one sampling step per token. The Rollout holds:
 
 * ``response_ids``: the sampled tokens, right-padded with the pad token;
 * ``response_mask``: 1 on every token up to and including the first EOS (a response cut at
   ``max_new_tokens`` has no EOS and is 1 throughout its length); ``ended``: whether it stopped at an EOS. EOS is
   any id of ``eos_ids``: the tokenizer's and every one the model's generation config lists (Llama 3 ends a turn
   with ``<|eot_id|>``, Qwen with ``<|im_end|>``);
-* ``logprobs``: behaviour log-probs  log softmax(z_t / temperature)[y_t]  of each sampled token, read from the
-  raw logits generate returns (``output_logits``), so no second forward is run. Top-k / top-p truncation is
-  not folded in: these are the log-probs the training forward recomputes (as TRL and OpenRLHF do), so the
-  PPO ratio starts at exactly 1. Sampling uses the algorithm's ``GenerationConfig`` and nothing else: what a
-  checkpoint's own generation_config asks for (repetition penalty, forced or length-decayed EOS, n-gram
-  blocking, minimum length, its own temperature, ...) is not applied, so the samples come from the policy whose
-  log-probs are trained on; only its EOS ids are kept (``eos_ids``);
+* ``logprobs``: behaviour log-probs  log softmax(z_t / temperature)[y_t]  of each sampled token, from the logits
+  the sampling step drew from, so no second forward is run. Top-k / top-p truncation is not folded in: these are
+  the log-probs the training forward recomputes (as TRL and OpenRLHF do), so the PPO ratio starts at exactly 1.
+  Sampling uses the algorithm's ``GenerationConfig`` and nothing else: what a checkpoint's own generation_config
+  asks for (repetition penalty, forced or length-decayed EOS, n-gram blocking, minimum length, its own
+  temperature, ...) is never read, so the samples come from the policy whose log-probs are trained on; only its
+  EOS ids are kept (``eos_ids``);
 * decoded response texts (special tokens dropped), and the prompts / meta of the batch (repeated G times);
 * ``seconds`` and ``new_tokens``: the generation time and the generated (unmasked) token count, so an
   algorithm can log generation tokens/s apart from training tokens/s;
 * ``hidden`` (when ``capture`` names a module of the model, e.g. the last block of Sparrow's shared trunk): that
-  module's output at every position of the sampled sequences, recorded from generate's own forwards (the prompt
-  prefill and each decoding step) plus one step on the last sampled token, so nobody runs the model up to that
-  module again on the rollout.
+  module's output at every position of the sampled sequences, recorded from the loop's own forwards (the prompt
+  prefill and one per sampled token; the last one is fed up to that module only), so nobody runs the model up to
+  that module again.
 
-Positions: generate numbers the tokens of a left-padded row from its first real token
-(``position_ids = cumsum(attention_mask) - 1``); prefopt.scoring numbers them the same way, so a teacher-forced
-forward reproduces these log-probs.
+Positions: the loop numbers the tokens of a left-padded row from its first real token
+(``position_ids = cumsum(attention_mask) - 1``, as transformers' ``generate``); prefopt.scoring numbers them the same
+way, so a teacher-forced forward reproduces these log-probs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 from torch import Tensor, nn
 
 from prefopt.config import check
 from prefopt.samples import note_rollout
-from prefopt.scoring import position_ids
+from prefopt.rl.decoding import decode
 from prefopt.types import PromptBatch, Rollout
 
 
@@ -101,27 +98,6 @@ def eos_ids(tokenizer, model: nn.Module) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def sampling_config(gen: GenerationConfig, eos: list[int], pad_token_id: int) -> transformers.GenerationConfig:
-    """The complete transformers generation config of a rollout: the algorithm's settings and the EOS ids."""
-    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k) if gen.do_sample else {}
-    return transformers.GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, **sampling,
-                                         eos_token_id=eos, pad_token_id=pad_token_id, use_cache=True,
-                                         return_dict_in_generate=True, output_logits=True)
-
-
-@contextlib.contextmanager
-def only_settings(model: nn.Module, config: transformers.GenerationConfig) -> Iterator[None]:
-    """Make ``config`` the model's generation config for the duration: ``model.generate`` fills every setting a
-    passed config leaves unset from ``model.generation_config``, so passing ``config`` alone is not enough."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft reads the base model's
-    saved = base.generation_config
-    base.generation_config = config
-    try:
-        yield
-    finally:
-        base.generation_config = saved
-
-
 def response_mask(response_ids: Tensor, eos: list[int]) -> Tensor:
     """1 on every token up to and including the first EOS of each row; 0 after it. [B, Tr] long."""
     is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device)).long()
@@ -141,37 +117,13 @@ def repeat_prompts(batch: PromptBatch, num_samples: int) -> PromptBatch:
         raw_prompts=[p for p in batch.raw_prompts for _ in range(num_samples)])
 
 
-def prefilled_cache(model: nn.Module, batch: PromptBatch, num_samples: int) -> dict[str, object]:
-    """``generate`` keyword arguments that start from the prompts' KV cache, computed once and repeated
-    ``num_samples`` times (all but the last prompt token, which ``generate`` feeds itself); {} when the model's
-    cache cannot be repeated or there is nothing to share."""
-    if num_samples == 1 or batch.input_ids.shape[1] < 2:
-        return {}
-    ids, mask = batch.input_ids[:, :-1], batch.attention_mask[:, :-1]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes kwargs through
-    no_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **no_logits)
-    cache = getattr(out, "cache", None)  # only the cache is read: the logits of one position are kept
-    if not hasattr(cache, "batch_repeat_interleave"):
-        return {}
-    cache.batch_repeat_interleave(num_samples)
-    return {"cache": cache}
-
-
-class _Captured(Exception):
-    """Ends the forward of the last sampled token once the captured module has run."""
-
-
 @contextlib.contextmanager
-def recording(module: nn.Module, stop: bool = False) -> Iterator[list[Tensor]]:
-    """The outputs of ``module`` [b, t, H] of every forward while open, in order; ``stop``: raise ``_Captured``
-    after recording, so the rest of the model does not run."""
+def recording(module: nn.Module) -> Iterator[list[Tensor]]:
+    """The outputs of ``module`` [b, t, H] of every forward while open, in order."""
     outputs: list[Tensor] = []
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> None:
         outputs.append((output[0] if isinstance(output, tuple) else output).detach())
-        if stop:
-            raise _Captured
 
     handle = module.register_forward_hook(hook)
     try:
@@ -180,23 +132,13 @@ def recording(module: nn.Module, stop: bool = False) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def captured_hidden(model: nn.Module, module: nn.Module, outputs: list[Tensor], sequences: Tensor,
-                    prompt_mask: Tensor, cache: Any) -> Tensor:
-    """The output of ``module`` at every column of ``sequences`` [B, T, H] from the ``outputs`` the forwards of
-    ``generate`` recorded: the prompts (prefilled once per prompt for its G samples, or by generate) and one
-    column per decoding step. The last sampled token is never fed forward by generate: one more step on its
-    column with the generation's KV cache runs the model up to ``module`` and stops there."""
-    rows, width = sequences.shape
+def captured_hidden(module: nn.Module, outputs: list[Tensor], rows: int, width: int) -> Tensor:
+    """The output of ``module`` at every column of the sampled sequences [rows, width, H] from the ``outputs`` the
+    decode loop's forwards recorded: the prompts (prefilled once per prompt for its G samples) and one column per
+    sampled token (``decode(capture=module)`` feeds the last one too, up to the module)."""
     if not outputs:
         raise ValueError(f"generate(capture=...): {type(module).__name__} is not a module of the generating model")
-    hidden = torch.cat([out.repeat_interleave(rows // out.shape[0], 0) for out in outputs], dim=1)[:, :width]
-    if hidden.shape[1] < width:  # generate's own mask: the prompt's, then 1 on every generated column
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, width - prompt_mask.shape[1])], dim=1)
-        with recording(module, stop=True) as last, contextlib.suppress(_Captured):
-            model(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=position_ids(mask)[:, -1:],
-                  cache=cache, use_cache=True)
-        hidden = torch.cat([hidden, *last], dim=1)
-    return hidden
+    return torch.cat([out.repeat_interleave(rows // out.shape[0], 0) for out in outputs], dim=1)[:, :width]
 
 
 @torch.no_grad()
@@ -208,40 +150,34 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     its mode restored. With ``seed`` the global RNG is forked, so training randomness is left untouched.
     ``capture``: a module of ``model`` (e.g. a block) whose output at every position of the sampled sequences is
     kept as ``rollout.hidden`` (``captured_hidden``), so a later pass need not run the model up to it again.
+    Sampling draws from the global RNG (``torch.rand``: one uniform variate per row and token).
     """
     was_training = model.training
     model.eval()
     eos = eos_ids(tokenizer, model)
-    config = sampling_config(gen, eos, tokenizer.pad_token_id)
     repeated = repeat_prompts(batch, num_samples)
     hidden = None
     start = time.perf_counter()
     try:
-        with (torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None),
-              only_settings(model, config)):
+        with torch.random.fork_rng(devices=_rng_devices(batch.input_ids), enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             with recording(capture) if capture is not None else contextlib.nullcontext([]) as outputs:
-                prefilled = prefilled_cache(model, batch, num_samples)
-                if not prefilled:  # generate prefills the repeated prompts itself: drop a discarded prefill's output
-                    outputs.clear()
-                out = model.generate(input_ids=repeated.input_ids, attention_mask=repeated.attention_mask,
-                                     generation_config=config, **prefilled)
+                response_ids, logprobs, once = decode(model, batch.input_ids, batch.attention_mask, num_samples, gen,
+                                                      eos, tokenizer.pad_token_id, capture)
             if capture is not None:
-                hidden = captured_hidden(model, capture, outputs, out.sequences, repeated.attention_mask, out.cache)
+                del outputs[:0 if once else 1]  # a prefill of the B prompts whose cache could not be repeated
+                hidden = captured_hidden(capture, outputs, len(response_ids),
+                                         batch.input_ids.shape[1] + response_ids.shape[1])
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    prompt_width = batch.input_ids.shape[1]
-    response_ids = out.sequences[:, prompt_width:]
     mask = response_mask(response_ids, eos)
-    if capture is not None:  # padding and the columns after EOS are garbage (generate attends to them): zero
+    if capture is not None:  # padding and the columns after EOS are garbage (the loop attends to them): zero
         hidden = hidden * torch.cat([repeated.attention_mask, mask], dim=1)[..., None].to(hidden.dtype)
     is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))
     ended = (is_eos & mask.bool()).any(-1)
-    logprobs = torch.stack([  # one [B, V] step at a time: no float32 copy of all [B, Tr, V] logits at once
-        torch.log_softmax(logits.float() / gen.logprob_temperature, dim=-1).gather(-1, response_ids[:, t, None])[:, 0]
-        for t, logits in enumerate(out.logits)], dim=1) * mask
+    logprobs = logprobs * mask
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask)]
     group = torch.arange(batch.input_ids.shape[0], device=response_ids.device).repeat_interleave(num_samples)
