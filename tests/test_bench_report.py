@@ -220,3 +220,18 @@ def test_single_replicate_rows_say_so_and_a_draw_count_mismatch_is_a_problem(tmp
                                                      "seed)").all() and verdicts["p"].isna().all()
     assert "(no interval)" in markdown and "nan" not in markdown.split("## Verdicts")[1]
     assert "bench.json: config.draws = 3 but draws/ holds draw0" in (path / "results.md").read_text()
+
+
+def test_jsonl_rows_keep_unicode_line_separators(tmp_path):
+    """A sampled response may hold U+2028 or U+0085 (the run directory is written with ensure_ascii=False); both
+    readers split rows on "\\n" only, so such a row reads back whole (str.splitlines broke it in two and the report
+    dropped it as unreadable). Ported from perf's test of the old bench reader (tests/test_bench.py, deleted)."""
+    from prefopt.bench.files import read_jsonl, write_jsonl
+    from prefopt.bench.report.reading import RunDir
+
+    rows = [{"i": 0, "response": "a\u2028b\x85c\u2029d"}, {"i": 1, "response": "plain"}]
+    path = tmp_path / "eval.jsonl"
+    write_jsonl(path, rows)
+    assert "\u2028" in path.read_text(encoding="utf-8") and read_jsonl(path) == rows
+    data = RunDir(tmp_path)
+    assert data.jsonl(path, keys=("i",)) == rows and data.problems == []

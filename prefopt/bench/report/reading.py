@@ -73,7 +73,9 @@ class RunDir:
                 self.problems.append(f"{self.relative(path)}: missing")
             return []
         rows, bad = [], []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        # split on "\n" only: rows are written with ensure_ascii=False, and a response may hold U+2028 or U+0085,
+        # which str.splitlines() would treat as line ends (losing the row)
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
             if not line.strip():
                 continue
             try:
