@@ -62,6 +62,7 @@ def test_results_open_with_the_gates_then_the_verdicts_and_every_table_is_a_csv(
     # the fixture chooses the value of highest effect, at the edge of every grid; the failed run is named
     assert gates["learning rate and KL knob interior to their grids"] == "flag"
     assert gates["runs finished"] == "flag" and FAILED in text
+    assert "trained on the true reward x 5 (draw 0), 5 (draw 1), 5 (draw 2)" in text  # proxy.json oracle_weight
 
 
 def test_best_point_verdict_recomputed_by_hand_from_the_files(report):
@@ -165,6 +166,7 @@ def test_missing_and_broken_files_are_listed_and_the_report_is_still_written(tmp
     text = (path / "results.md").read_text()
     problems = text[text.index("## Problems"):]
     assert "draws/draw1/proxy.json: missing" in problems
+    assert "config.draws" not in problems  # 2 planned, draw0 and draw1 on disk
     lines = 8 * 6 + 1  # 8 checkpoints x 6 eval prompts, then the broken line
     assert f"beta=0.05/draw1/seed1/eval.jsonl: 1 unreadable line(s) skipped (first: line {lines}; each needs step, " \
         "i, kl)" in problems
@@ -195,3 +197,41 @@ def test_offline_runs_that_stop_at_different_steps_per_draw_align_by_checkpoint_
     frontier = pd.read_csv(path / "frontier.csv")
     assert (frontier.loc[frontier["label"] == "dpo", "cells"] == 2).all()
     assert frontier.loc[frontier["label"] == "dpo", "step"].max() == pytest.approx(24.5)
+
+
+def test_a_family_label_without_evaluated_runs_is_named_not_silently_dropped(tmp_path):
+    path = make_run_dir(tmp_path / "run", labels=ORACLE_AHEAD, draws=2, seeds=(0, 1), n_eval=6, n_val=4, bon_n=4)
+    for eval_file in (path / "runs" / "dpo").rglob("eval.jsonl"):
+        eval_file.unlink()
+    markdown = write_report(path, figures=False)
+    assert "**Verdicts withheld**" not in markdown and "(no finished evaluated run, so no rows: dpo)" in markdown
+    assert "dpo" not in set(pd.read_csv(path / "verdicts.csv")[["A", "B"]].to_numpy().ravel())
+
+
+def test_single_replicate_rows_say_so_and_a_draw_count_mismatch_is_a_problem(tmp_path):
+    path = make_run_dir(tmp_path / "run", labels=ORACLE_AHEAD, draws=1, seeds=(0,), n_eval=6, n_val=4, bon_n=4)
+    bench = json.loads((path / "bench.json").read_text())
+    bench["config"]["draws"] = 3
+    (path / "bench.json").write_text(json.dumps(bench))
+    markdown = write_report(path, figures=False)
+    verdicts = pd.read_csv(path / "verdicts.csv")
+    measured = verdicts[verdicts["diff"].notna()]
+    assert len(measured) and (measured["verdict"] == "n/a: no interval from a single replicate (one draw, one "
+                                                     "seed)").all() and verdicts["p"].isna().all()
+    assert "(no interval)" in markdown and "nan" not in markdown.split("## Verdicts")[1]
+    assert "bench.json: config.draws = 3 but draws/ holds draw0" in (path / "results.md").read_text()
+
+
+def test_jsonl_rows_keep_unicode_line_separators(tmp_path):
+    """A sampled response may hold U+2028 or U+0085 (the run directory is written with ensure_ascii=False); both
+    readers split rows on "\\n" only, so such a row reads back whole (str.splitlines broke it in two and the report
+    dropped it as unreadable). Ported from perf's test of the old bench reader (tests/test_bench.py, deleted)."""
+    from prefopt.bench.files import read_jsonl, write_jsonl
+    from prefopt.bench.report.reading import RunDir
+
+    rows = [{"i": 0, "response": "a\u2028b\x85c\u2029d"}, {"i": 1, "response": "plain"}]
+    path = tmp_path / "eval.jsonl"
+    write_jsonl(path, rows)
+    assert "\u2028" in path.read_text(encoding="utf-8") and read_jsonl(path) == rows
+    data = RunDir(tmp_path)
+    assert data.jsonl(path, keys=("i",)) == rows and data.problems == []

@@ -4,7 +4,8 @@ A ``Label`` holds every curve of one label (one per setting x draw x seed) on th
 prompt order, plus the start's per-prompt values per draw; a setting's checkpoints align across its cells by step,
 or by position from the last one where its runs stopped at different steps (``align``). Columns of a curve's
 ``values`` ([steps, prompts, columns]): ``COLUMNS`` (gold, length, cond_acc, proxy, entropy, win), NaN where a run
-did not record one; ``win`` is 1 / 0.5 / 0 as the run's gold beats / ties / loses to the start's on the same prompt and draw.
+did not record one; ``win`` is 1 / 0.5 / 0 as the run's gold beats / ties / loses to the start's on the same prompt
+and draw.
 
 Best-of-n (prefopt.bench.report.frontier.best_of_n_expected) gives two labels from each draw's n_max samples per
 prompt: ``best_of_n`` (ranked by the proxy) and ``best_of_n@true`` (ranked by the true reward: the oracle), one

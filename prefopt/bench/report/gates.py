@@ -71,7 +71,16 @@ def proxy_gate(data: RunDir, task: str) -> Gate:
     return Gate(name, status, "; ".join(parts), True)
 
 
-def oracle_gate(arrays: Arrays, budget: float, slope: float, chosen: dict[str, object], task: str = "world") -> Gate:
+def _oracle_weights(data: RunDir) -> str:
+    """The weight of the true reward in each draw's oracle runs (proxy.json ``oracle_weight``), as text."""
+    weights = {d: (entry.get("proxy") or {}).get("oracle_weight") for d, entry in sorted(data.draws.items())}
+    known = {d: w for d, w in weights.items() if w is not None}
+    return "; trained on the true reward x " + ", ".join(f"{w:.3g} (draw {d})" for d, w in known.items()) + \
+        " (proxy.json oracle_weight: the proxy's units)" if known else ""
+
+
+def oracle_gate(arrays: Arrays, budget: float, slope: float, chosen: dict[str, object], task: str = "world",
+                weights: str = "") -> Gate:
     name = "oracle reaches the proxy (true reward >= proxy-trained, best under the KL budget)"
     oracles = [label for label in arrays.labels.values() if label.oracle_of and label.algorithm != "best_of_n"]
     if not oracles and task == "hh":
@@ -96,9 +105,10 @@ def oracle_gate(arrays: Arrays, budget: float, slope: float, chosen: dict[str, o
         row = compare(arrays, best_oracle, best_twin, slope)
         ok.append(row["gold A"] >= row["gold B"])
         parts.append(f"{oracle.name} {row['gold A']:.4f} (KL {row['A KL']}) vs {twin.name} {row['gold B']:.4f} "
-                     f"(KL {row['B KL']}): diff {row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]")
+                     f"(KL {row['B KL']}): diff {row['diff']:+.4f} " + (
+                         f"[{row['lo']:+.4f}, {row['hi']:+.4f}]" if not np.isnan(row["lo"]) else "(no interval)"))
     status = UNCHECKED if None in ok else PASS if all(ok) else FAIL
-    return Gate(name, status, "; ".join(parts), True)
+    return Gate(name, status, "; ".join(parts) + weights, True)
 
 
 def gold_gate(data: RunDir, task: str) -> Gate:
@@ -176,7 +186,8 @@ def all_gates(data: RunDir, arrays: Arrays, task: str, budget: float, slope: flo
               chosen: dict[str, object]) -> list[Gate]:
     """Every gate; one that cannot be evaluated (malformed files) is ``not checked`` with the error, and blocks."""
     checks = [("proxy beats the prompt-blind rule", lambda: proxy_gate(data, task)),
-              ("oracle reaches the proxy", lambda: oracle_gate(arrays, budget, slope, chosen, task)),
+              ("oracle reaches the proxy", lambda: oracle_gate(arrays, budget, slope, chosen, task,
+                                                               _oracle_weights(data))),
               ("gold RM is credible", lambda: gold_gate(data, task)),
               ("learning rate and KL knob interior to their grids", lambda: interior_gate(data)),
               ("checkpoints", lambda: checkpoint_gate(arrays)), ("runs finished", lambda: runs_gate(data))]

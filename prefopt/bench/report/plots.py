@@ -22,44 +22,57 @@ def _pyplot():
 
 def plot_frontier(path: Path, frontier: pd.DataFrame, fits: pd.DataFrame, start_gold: float, reward_name: str,
                   kl_levels: list[float], budget: float) -> None:
-    """One line per setting through its checkpoints' means (markers: settings), one colour per label, best-of-n
-    along n, Gao et al.'s fitted curve of each setting dashed; the start; matched-KL levels dotted, the budget dashed;
-    x on a sqrt scale (Gao et al.'s d = sqrt(KL))."""
+    """One panel per trained label (small multiples, shared axes): one line per setting through its checkpoints'
+    means, Gao et al.'s fitted curve of each setting dashed; best-of-n by the proxy and by the true reward in every
+    panel as references (grey); the start; matched-KL levels dotted, the budget dashed; x on a sqrt scale (Gao et
+    al.'s d = sqrt(KL))."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9.0, 6.0))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = "osD^vP*X"
-    for index, (label, group) in enumerate(frontier.groupby("label", sort=False)):
-        color = colors[index % len(colors)]
-        for v_index, (value, curve) in enumerate(group.groupby("value", dropna=False, sort=True)):
+    groups = dict(list(frontier.groupby("label", sort=False)))
+    references = {label: group for label, group in groups.items() if str(label).startswith("best_of_n")}
+    panels = [label for label in groups if label not in references] or list(references)
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
+    kl_max = float(np.nanmax(frontier["kl"])) if len(frontier) else 1.0
+    for ax, label in zip(axes.flat, panels):
+        for ref, style in zip(references, ("-", "--")):
+            curve = references[ref].sort_values("step")
+            ax.plot(curve["kl"], curve["gold"], ls=style, color="grey", lw=1.0, label=ref)
+        settings = list(groups[label].groupby("value", dropna=False, sort=True))
+        shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(settings), 1)))
+        for color, (value, curve) in zip(shades, settings):
             curve = curve.sort_values("step")
-            name = label if str(label).startswith("best_of_n") else f"{label} {value:g}" if isinstance(
-                value, (int, float)) else f"{label} {value}"
-            ax.plot(curve["kl"], curve["gold"], marker=markers[v_index % len(markers)], ms=3.5, lw=1.1,
-                    color=color, alpha=0.9, label=name)
+            name = f"{value:g}" if isinstance(value, (int, float)) and not pd.isna(value) else str(value)
+            ax.plot(curve["kl"], curve["gold"], marker="o", ms=2.5, lw=1.1, color=color, label=name)
             fit = fits[(fits["label"] == label) & ((fits["value"] == value) | (pd.isna(value) & fits["value"].isna()))]
             if not fit.empty and np.isfinite(fit.iloc[0]["alpha"]):
                 d = np.linspace(0, math.sqrt(max(curve["kl"].max(), 1e-6)), 60)
                 form = "bon" if str(label).startswith("best_of_n") else "rl"
                 ax.plot(d ** 2, start_gold + gao_curve(fit.iloc[0]["alpha"], fit.iloc[0]["beta"], form, d), ls="--",
-                        lw=0.7, color=color, alpha=0.6)
-    if np.isfinite(start_gold):
-        ax.scatter([0], [start_gold], marker="*", s=160, color="black", label="start", zorder=5)
-    for k in kl_levels:
-        ax.axvline(k, color="grey", ls=":", lw=0.8)
-    if np.isfinite(budget):
-        ax.axvline(budget, color="black", ls="--", lw=0.8, label=f"KL budget {budget:g}")
+                        lw=0.7, color=color, alpha=0.7)
+        if np.isfinite(start_gold):
+            ax.scatter([0], [start_gold], marker="*", s=60, color="black", zorder=5)
+        for k in kl_levels:
+            ax.axvline(k, color="grey", ls=":", lw=0.6)
+        if np.isfinite(budget):
+            ax.axvline(budget, color="black", ls="--", lw=0.7)
+        ax.set_title(str(label), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=5.5, loc="lower right")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    ax = axes.flat[0]
     ax.set_xscale("function", functions=(lambda x: np.sqrt(np.maximum(x, 0)), np.square))
-    kl_max = float(np.nanmax(frontier["kl"])) if len(frontier) else 1.0
     ax.set_xlim(0, kl_max * 1.05)
-    ax.set_xticks([t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= kl_max * 1.05])
-    ax.set_xlabel("KL(policy || start), nats per response, sqrt scale (best-of-n: log n - (n-1)/n)")
-    ax.set_ylabel(f"{reward_name} on eval prompts (mean over draws x seeds)")
-    ax.set_title("True reward vs KL: one line per setting through its checkpoints; dashed: Gao et al. fit", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, ncol=2)
+    ax.set_xticks([t for t in (0, 1, 2, 5, 10, 20, 40, 100, 200, 500) if t <= kl_max * 1.05])
+    fig.supxlabel("KL(policy || start), nats per response, sqrt scale (best-of-n: log n - (n-1)/n)", fontsize=9)
+    fig.supylabel(f"{reward_name} on eval prompts (mean over draws x seeds)", fontsize=9)
+    fig.suptitle("True reward vs KL: one line per setting (its knob value) through its checkpoints; dashed: Gao et "
+                 f"al. fit; grey: best-of-n by the proxy (solid) / the true reward (dashed); star: the start; dotted: "
+                 f"matched KL levels; black dashed: the budget {budget:g}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

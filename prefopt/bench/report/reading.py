@@ -73,7 +73,9 @@ class RunDir:
                 self.problems.append(f"{self.relative(path)}: missing")
             return []
         rows, bad = [], []
-        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):  # not splitlines: U+2028
+        # split on "\n" only: rows are written with ensure_ascii=False, and a response may hold U+2028 or U+0085,
+        # which str.splitlines() would treat as line ends (losing the row)
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -148,6 +150,10 @@ def _read_draws(data: RunDir) -> dict[int, pd.DataFrame]:
                  for row in data.jsonl(folder / "best_of_n.jsonl", required=False, keys=("i", "j", "gold"))]
     if not data.draws:
         data.problems.append("draws/: no draw<d> folders (no start, labels or proxy to read)")
+    planned = (data.bench.get("config") or {}).get("draws")
+    if isinstance(planned, int) and data.draws and sorted(data.draws) != list(range(planned)):
+        data.problems.append(f"bench.json: config.draws = {planned} but draws/ holds "
+                             f"{', '.join(f'draw{d}' for d in sorted(data.draws))}")
     data.start = pd.DataFrame(starts)
     if not data.start.empty and "set" not in data.start:
         data.start["set"] = "eval"

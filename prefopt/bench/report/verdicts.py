@@ -87,6 +87,8 @@ def verdict_table(arrays: Arrays, labels: list[str], kl_levels: list[float], bud
     table = pd.DataFrame(rows)
     if table.empty or "p" not in table:
         return table
+    single = table["diff"].notna() & table["p"].isna()  # one (draw, seed) cell: a difference but no interval
+    table.loc[single, "verdict"] = "n/a: no interval from a single replicate (one draw, one seed)"
     table["p holm"] = holm(table["p"].tolist())
     tested = table["p holm"].notna()
     table.loc[tested, "verdict"] = np.where(table.loc[tested, "p holm"] >= ALPHA, "inconclusive",

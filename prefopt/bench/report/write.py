@@ -157,7 +157,9 @@ def write_report(run_dir: str | Path, figures: bool = True) -> str:
 
 
 def _verdict_note(family: list[str], kl_levels: list[float], budget: float, arrays: Arrays, slope: float) -> str:
+    absent = [label for label in family if label not in arrays.labels]
     return (f"Family (declared by the config, Holm-corrected over its tested rows): every pair of {', '.join(family)} "
+            + (f"(no finished evaluated run, so no rows: {', '.join(absent)}) " if absent else "") +
             f"at matched KL {', '.join(f'{k:g}' for k in kl_levels) or '(none)'} and at each one's best point under "
             f"KL {budget:g} (its setting chosen on val by the selection runs, its last checkpoint within the budget). "
             "A matched-KL row exists only where both labels have measured checkpoints bracketing the KL in every "
@@ -187,6 +189,13 @@ def _summary_view(summary: pd.DataFrame) -> pd.DataFrame:
     return view[list(dict.fromkeys(summary["at"]))].reindex(list(dict.fromkeys(summary["label"]))).reset_index()
 
 
+def _diff_text(row: dict) -> str:
+    """"+0.0123 [-0.0040, +0.0286]", or the difference alone where one replicate gives no interval."""
+    if pd.isna(row.get("lo")):
+        return f"{row['diff']:+.4f} (no interval)"
+    return f"{row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]"
+
+
 def _verdict_view(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
@@ -197,9 +206,10 @@ def _verdict_view(table: pd.DataFrame) -> pd.DataFrame:
                 "B KL": row.get("B KL", "") if measured else ""}
         if measured:
             view.update({"gold A": row["gold A"], "gold B": row["gold B"],
-                         "A - B [95% CI]": f"{row['diff']:+.4f} [{row['lo']:+.4f}, {row['hi']:+.4f}]",
-                         "p (Holm)": f"{row['p']:.3g} ({row['p holm']:.3g})",
-                         "win A>B [95% CI]": f"{row['win A over B']:.3f} [{row['win lo']:.3f}, {row['win hi']:.3f}]",
+                         "A - B [95% CI]": _diff_text(row),
+                         "p (Holm)": f"{row['p']:.3g} ({row['p holm']:.3g})" if not pd.isna(row["p"]) else "",
+                         "win A>B [95% CI]": f"{row['win A over B']:.3f}" + (
+                             f" [{row['win lo']:.3f}, {row['win hi']:.3f}]" if not pd.isna(row["win lo"]) else ""),
                          "length A / B": f"{row['length A']:.1f} / {row['length B']:.1f}",
                          "adj A - B": row["diff length-adjusted"],
                          "cond_acc A / B": f"{t.fmt(row['cond_acc A'])} / {t.fmt(row['cond_acc B'])}",
