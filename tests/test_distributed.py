@@ -151,13 +151,15 @@ def test_online_batch_statistics_on_two_processes_equal_one_process(gpt2_real_di
     with a group baseline), advantage and reward whitening, and the update's loss and gradient for token_mean,
     dapo, grpo, dr_grpo and top-entropy masking (per row, as DDP averages them; TRL's bnpo is each micro-batch's own
     mean, so 2 processes equal 1 with twice the micro-batches). Then a REINFORCE++ run over 2 steps of 2 updates:
-    2 processes x 2 prompts, and 1 process x 4 prompts in 2 micro-batches of 2 (each a process's rows). Both make
-    the SAME float operations: each micro-batch's forward and backward has the shapes of a process's, and DDP's
-    average of two gradients (each scaled by 2 / 2, exact) is the sum accelerate accumulates. So the weights and
-    gradient norms are bit-equal, the logged means equal to float32 rounding: a tolerance would hide a small statistic computed per
-    process (Adam turns any gradient difference, even 1e-7 relative, into weight differences of the learning rate's
-    order on the elements whose gradient is near 0; with 1 process x 1 micro-batch of 4 the weights differ by
-    1.8e-4, the float noise of summing a gradient over 4 rows at once instead of 2 + 2)."""
+    2 processes x 2 prompts, and 1 process x 4 prompts in 2 micro-batches of 2 (each a process's rows). Each
+    micro-batch's update has the shapes of a process's, and DDP's average of two gradients (each scaled by 2 / 2,
+    exact) is the sum accelerate accumulates; but the rollout is sampled and scored (behaviour, old and reference
+    log-probs) over 4 rows in one process and 2 in each of two, and the LM head's matrix products over 4 rows round
+    differently from those over 2 (step 1: loss 0.16177442 vs 0.16177439, grad norm 0.5753760 vs 0.5753763). Adam
+    turns that 1e-7 relative noise into weight differences of the learning rate's order on the elements whose
+    gradient is near 0: 2.2e-4 after 2 steps, where training moved the weights by 4.0e-2. So the run is checked to
+    1% of the movement and the logs to 1e-4 relative; the statistics themselves (above) are checked to 1e-6, which
+    a statistic computed per process fails by far (before the fix: grad norm 0.4459 vs 0.4026, weights 0.078 apart)."""
     import online_two_processes as script
 
     prompts = tmp_path / "prompts.jsonl"
@@ -194,14 +196,13 @@ def test_online_batch_statistics_on_two_processes_equal_one_process(gpt2_real_di
     start = load_file(str(gpt2_real_dir / "model.safetensors"))
     moved = max(float((expected_weights[k] - start[k].float()).abs().max()) for k in start if k in expected_weights)
     print(f"2 vs 1 process: max weight difference {diff:.3g} (training moved them by up to {moved:.3g})")
-    assert diff == 0 and moved > 1e-3
+    assert moved > 1e-3 and diff <= 0.01 * moved
     rows_one, rows_two = ([r for r in metrics(run) if "train/loss" in r] for run in (one, two))
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2]
     for a, b in zip(rows_one, rows_two):
         assert a.keys() == b.keys() and {"kl", "train/grad_norm", "loss/policy", "reward/score"} <= a.keys()
-        assert b["train/grad_norm"] == a["train/grad_norm"]  # the same gradients, bit for bit
-        for key in a:  # the logs: float32 means over 4 rows vs the mean of 2 processes' means over 2
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+        for key in a:  # the logs: the same to the rounding of 4-row vs 2-row products (above)
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-8), (a["step"], key)
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
