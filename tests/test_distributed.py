@@ -153,9 +153,11 @@ def test_online_batch_statistics_on_two_processes_equal_one_process(gpt2_real_di
     mean, so 2 processes equal 1 with twice the micro-batches). Then a REINFORCE++ run over 2 steps of 2 updates:
     2 processes x 2 prompts, and 1 process x 4 prompts in 2 micro-batches of 2 (each a process's rows). Each
     micro-batch's update has the shapes of a process's, and DDP's average of two gradients (each scaled by 2 / 2,
-    exact) is the sum accelerate accumulates; but the rollout is sampled and scored (behaviour, old and reference
-    log-probs) over 4 rows in one process and 2 in each of two, and the LM head's matrix products over 4 rows round
-    differently from those over 2 (step 1: loss 0.16177442 vs 0.16177439, grad norm 0.5753760 vs 0.5753763). Adam
+    exact) is the sum accelerate accumulates; but the rollout is sampled over 4 rows in one process and 2 in each of
+    two, and the decode loop's behaviour log-probs (the update's old log-probs) come from one model call per token on
+    all rows, whose products over 4 rows round differently from those over 2 (4.8e-7 on this fixture; a scoring pass
+    is row-invariant, 0.0), so step 1 differs in the 7th digit (loss 0.16177442 vs 0.16177439, grad norm 0.5753760
+    vs 0.5753763). Adam
     turns that 1e-7 relative noise into weight differences of the learning rate's order on the elements whose
     gradient is near 0: 2.2e-4 after 2 steps, where training moved the weights by 4.0e-2. So the run is checked to
     1% of the movement and the logs to 1e-4 relative; the statistics themselves (above) are checked to 1e-6, which
