@@ -112,12 +112,37 @@ class CachedPrefixLayout:
                           position_ids=self.prefix_positions, use_cache=True, **{past: cache}).last_hidden_state
         if self.branch_ids.numel() == 0:
             return prefix.flatten(0, 1)
-        cache.batch_select_indices(self.prefix_of)  # one copy of the prefix's keys and values per branch
+        select_rows(cache, self.prefix_of)  # one copy of the prefix's keys and values per branch
         branch = backbone(input_ids=self.branch_ids, attention_mask=self.branch_mask,
                           position_ids=self.branch_positions, use_cache=True, **{past: cache}).last_hidden_state
         return torch.cat([prefix.flatten(0, 1), branch.flatten(0, 1)])
 
     gather = SharedPrefixLayout.gather
+
+
+class _Rows(torch.autograd.Function):
+    """``x[index]`` over the batch dimension, whose backward sums the rows' gradients in fp32 and rounds once: the
+    gradient of a prefix's bf16 keys and values, read by K branches, is then rounded as the padded rows' matmuls
+    round it (autograd's own backward would add them up in bf16, one rounding per branch)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        total = grad.new_zeros(ctx.shape, dtype=torch.float32).index_add_(0, index, grad.float())
+        return total.to(ctx.dtype), None
+
+
+def select_rows(cache, index: Tensor) -> None:
+    """Replace each layer's keys and values of ``cache`` by their rows ``index`` (rows repeat: one per branch)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys, layer.values = _Rows.apply(layer.keys, index), _Rows.apply(layer.values, index)
 
 
 def new_cache(backbone: nn.Module):
