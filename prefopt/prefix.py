@@ -106,14 +106,18 @@ class CachedPrefixLayout:
         if backbone.training and torch.is_grad_enabled() and getattr(backbone, "is_gradient_checkpointing", False):
             raise RuntimeError("the cached prefix layout cannot run under gradient checkpointing (transformers drops "
                                "the cache in checkpointed layers); choose_layout picks the packed one there")
+        # the embeddings of both forwards in one lookup: one [vocab, H] gradient (at a 152k vocabulary, a second one
+        # costs as much as the attention saved)
+        embeds = backbone.get_input_embeddings()(torch.cat([self.prefix_ids.flatten(), self.branch_ids.flatten()]))
+        prefix_embeds, branch_embeds = embeds.split([self.prefix_ids.numel(), self.branch_ids.numel()])
         cache = new_cache(backbone)
         past = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-        prefix = backbone(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
+        prefix = backbone(inputs_embeds=prefix_embeds.view(*self.prefix_ids.shape, -1), attention_mask=self.prefix_mask,
                           position_ids=self.prefix_positions, use_cache=True, **{past: cache}).last_hidden_state
         if self.branch_ids.numel() == 0:
             return prefix.flatten(0, 1)
         select_rows(cache, self.prefix_of)  # one copy of the prefix's keys and values per branch
-        branch = backbone(input_ids=self.branch_ids, attention_mask=self.branch_mask,
+        branch = backbone(inputs_embeds=branch_embeds.view(*self.branch_ids.shape, -1), attention_mask=self.branch_mask,
                           position_ids=self.branch_positions, use_cache=True, **{past: cache}).last_hidden_state
         return torch.cat([prefix.flatten(0, 1), branch.flatten(0, 1)])
 
