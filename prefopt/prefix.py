@@ -238,10 +238,11 @@ def _segments(ids: np.ndarray, lengths: np.ndarray, groups: Sequence[Sequence[in
 # ------------------------------------------------------------------------------------------------- the choice
 TOKEN_WEIGHT = 6  # a token slot's cost per unit of hidden size: 24 d^2 FLOPs a layer, in units of 4 d FLOPs
 ATTENTION_WEIGHT = 0.5  # a (query, key) pair SDPA computes, in units of 4 d FLOPs, fitted on CPU (choose_layout)
+COPY_WEIGHT = 64  # a prefix position's keys and values copied for one branch (forward and backward), fitted on CPU
 
 
-def _cost(slots: int, pairs: int, hidden_size: int) -> float:
-    return TOKEN_WEIGHT * hidden_size * slots + ATTENTION_WEIGHT * pairs
+def _cost(slots: int, pairs: int, hidden_size: int, copies: int = 0) -> float:
+    return TOKEN_WEIGHT * hidden_size * slots + ATTENTION_WEIGHT * pairs + COPY_WEIGHT * copies
 
 
 def layout_costs(input_ids: Tensor, attention_mask: Tensor, groups: Sequence[Sequence[int]],
@@ -261,7 +262,7 @@ def layout_costs(input_ids: Tensor, attention_mask: Tensor, groups: Sequence[Seq
         "packed": _cost(packed_rows * packed_width, packed_rows * packed_width**2, hidden_size),
         "cached": _cost(len(groups) * prefix_width + len(spans) * branch_width,
                         len(groups) * prefix_width**2 + len(spans) * branch_width * (prefix_width + branch_width),
-                        hidden_size),
+                        hidden_size, len(spans) * prefix_width),
     }
 
 
@@ -272,11 +273,15 @@ def choose_layout(input_ids: Tensor, attention_mask: Tensor, groups: Sequence[Se
 
     A layer's cost is its matmuls, 24 d^2 FLOPs per token slot (d = the hidden size; attention projections and an
     MLP 4 d wide), plus attention, 4 d per (query, key) pair SDPA computes, every pair of a row even where the mask
-    hides it (``ATTENTION_WEIGHT`` fitted on CPU). Per group of K rows with a p-token prefix and b-token branches:
-    padded K (p + b) slots and K (p + b)^2 pairs, packed (p + K b) slots and (p + K b)^2 pairs, cached p + K b slots
-    and p^2 + K b (p + b) pairs. So the packed layout loses when K long branches share a short prefix, the cached
-    one only by padding (prefixes padded to the longest, branches to the longest), and the padded rows win only when
-    nothing is shared.
+    hides it, plus, in the cached layout, the prefix's keys and values copied once per branch (index, concatenation
+    and their backward: memory-bound). Per group of K rows with a p-token prefix and b-token branches: padded
+    K (p + b) slots and K (p + b)^2 pairs, packed (p + K b) slots and (p + K b)^2 pairs, cached p + K b slots,
+    p^2 + K b (p + b) pairs and K p copies. So the packed layout loses when K long branches share a short prefix,
+    the cached one when the branches are short (its copies) or by padding (prefixes padded to the longest, branches
+    to the longest), and the padded rows win only when little is shared. ``ATTENTION_WEIGHT`` and ``COPY_WEIGHT``
+    are fitted on CPU (``benchmarks/prefix_layouts.py``: the rule picks the measured fastest layout, or one within
+    5% of it, in each measured setting; GPT-2 4 x 256 and Qwen2 4 x 64 trunks, online groups of 8 with 8-256-token
+    responses, HH-like pairs, 1,024-token pairs, 4-wise rankings).
     """
     if not supports(model):
         return None

@@ -358,3 +358,65 @@ def group_rows(prompt: int, response: int, samples: int, prompts: int = 2) -> tu
         ids[p * samples:(p + 1) * samples, :prompt] = ids[p * samples, :prompt]
     groups = [list(range(p * samples, (p + 1) * samples)) for p in range(prompts)]
     return ids, torch.ones_like(ids), groups
+
+
+def test_layout_costs_by_hand():
+    """Width 256 (a token slot 6 x 256 = 1536 units, a pair 0.5). G = 8 responses of 256 tokens to a 96-token prompt:
+    padded 8 rows x 352 = 2816 slots and 8 x 352^2 = 991K pairs -> 4.33M + 0.50M = 4.82M; packed one row of
+    96 + 8 x 256 = 2144 slots and 2144^2 = 4.60M pairs -> 3.29M + 2.30M = 5.59M; cached 96 + 2048 = 2144 slots and
+    96^2 + 8 x 256 x 352 = 730K pairs and 8 x 96 copies of the prompt's keys and values at 64 -> 3.29M + 0.37M +
+    0.05M = 3.71M."""
+    costs = layout_costs(*group_rows(96, 256, 8, prompts=1), hidden_size=256)
+    assert costs == pytest.approx({"padded": 2816 * 1536 + 0.5 * 8 * 352**2,
+                                   "packed": 2144 * 1536 + 0.5 * 2144**2,
+                                   "cached": 2144 * 1536 + 0.5 * (96**2 + 8 * 256 * 352) + 64 * 8 * 96})
+
+
+# measured with benchmarks/prefix_layouts.py (forward + backward of the trunk, 1 thread, the layouts taking turns; the
+# table in /work/team/notes/share.md): the fastest layout of each setting, which the cost model must pick
+MEASURED = [  # (shape, prompts, branch lengths of each group, fastest)
+    ("gpt2", [60, 96], [[32] * 8] * 2, "packed"),  # online, G = 8, 32-token responses: 0.224 s vs cached 0.255
+    ("gpt2", [60, 96], [[128] * 8] * 2, "cached"),  # 128 tokens: 1.052 vs packed 1.141 vs padded 1.297
+    ("gpt2", [60, 96], [[256] * 8] * 2, "cached"),  # 256 tokens: 1.660 vs padded 2.286 vs packed 2.818
+    ("qwen2", [60, 96], [[256] * 8] * 2, "cached"),  # 0.265 vs padded 0.343 vs packed 0.851
+    ("gpt2", [512], [[512, 512]], "cached"),  # a 1,024-token pair: 1.133 vs padded 1.494
+    ("qwen2", [512], [[512, 512]], "cached"),  # 0.289 vs padded 0.356 vs packed 0.455
+]
+
+
+@pytest.mark.parametrize("shape,prompts,branches,fastest", MEASURED)
+def test_the_cost_model_picks_the_measured_fastest(shape, prompts, branches, fastest):
+    width = {"gpt2": 256, "qwen2": 64}[shape]
+    torch.manual_seed(0)
+    rows, groups = [], []
+    for prompt, lengths in zip(prompts, branches):
+        head = torch.randint(2, 500, (prompt,))
+        groups.append(list(range(len(rows), len(rows) + len(lengths))))
+        rows += [torch.cat([head, torch.randint(2, 500, (n,))]) for n in lengths]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    costs = layout_costs(ids, mask, groups, width)
+    assert min(costs, key=costs.get) == fastest, costs
+
+
+def test_grouped_scoring_runs_the_chosen_layout(tiny_model_dir, monkeypatch):
+    """A rollout of G = 8 long responses to a short prompt runs the cached layout, short ones to a long prompt the
+    packed one; the log-probs equal the padded rows' either way."""
+    import prefopt.prefix
+
+    built = []
+    for name in ("share_prefixes", "cache_prefixes"):
+        original = getattr(prefopt.prefix, name)
+        monkeypatch.setattr(prefopt.prefix, name, lambda *a, _f=original, _n=name, **k: built.append(_n) or _f(*a, **k))
+    scorer = TokenScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    for prompt, response, layout in [(4, 60, "cache_prefixes"), (60, 2, "share_prefixes")]:
+        ids, mask, groups = group_rows(prompt, response, 8)
+        score_mask = torch.zeros_like(ids)
+        score_mask[:, prompt:] = 1
+        group = torch.arange(2).repeat_interleave(8)
+        built.clear()
+        with torch.no_grad():
+            logps, _ = grouped_token_logps(scorer, ids, mask, score_mask, group)
+            plain, _ = scorer(ids, mask, score_mask)
+        assert built == [layout]
+        torch.testing.assert_close(logps, plain, atol=1e-6, rtol=1e-6)
