@@ -42,7 +42,7 @@ def settings() -> list[Setting]:
 
     hh = Setting("HH-like pairs x 8 (prompts 20-120, responses 10-150)", "gpt2",
                  list(rng.integers(20, 121, 8)), [list(rng.integers(10, 151, 2)) for _ in range(8)])
-    return [online(32, "gpt2"), online(128, "gpt2"), online(256, "gpt2"), online(256, "qwen2"),
+    return [online(16, "gpt2"), online(32, "gpt2"), online(128, "gpt2"), online(256, "gpt2"), online(256, "qwen2"),
             hh, Setting("pair 512 + 2 x 512 x 1 (long pairs)", "gpt2", [512], [[512, 512]]),
             Setting("pair 512 + 2 x 512 x 1 (long pairs)", "qwen2", [512], [[512, 512]]),
             Setting("ranking K=4, prompt 64 + 4 x 64, x 4", "qwen2", [64] * 4, [[64] * 4] * 4)]
