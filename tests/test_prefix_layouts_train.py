@@ -60,10 +60,14 @@ def run(monkeypatch, algorithm, model_dir, data_path, precision, sharing, out):
     return loss, grads
 
 
-@pytest.mark.parametrize("algorithm,precision", [("dpo", "fp32"), ("reward", "fp32"), ("grpo", "fp32"),
-                                                 ("rloo", "fp32"), ("dpo", "bf16"), ("grpo", "bf16")])
-def test_one_update_equals_the_padded_rows(algorithm, precision, gpt2_real_dir, rm_dir, hh_head, tmp_path,
+@pytest.mark.parametrize("algorithm,precision,chunk", [("dpo", "fp32", 128), ("reward", "fp32", 128),
+                                                       ("grpo", "fp32", 128), ("rloo", "fp32", 4), ("dpo", "bf16", 16),
+                                                       ("grpo", "bf16", 128)])
+def test_one_update_equals_the_padded_rows(algorithm, precision, chunk, gpt2_real_dir, rm_dir, hh_head, tmp_path,
                                            monkeypatch):
+    """``chunk``: the branches' query chunk (``prefix.BRANCH_CHUNK``; 128 by default, smaller to run 2-3 chunks on
+    these short rows)."""
+    monkeypatch.setattr(prefopt.prefix, "BRANCH_CHUNK", chunk)
     model_dir = rm_dir if algorithm == "reward" else gpt2_real_dir
     cached = run(monkeypatch, algorithm, model_dir, hh_head(16), precision, True, tmp_path / "cached")
     padded = run(monkeypatch, algorithm, model_dir, hh_head(16), precision, False, tmp_path / "padded")

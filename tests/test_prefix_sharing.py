@@ -13,6 +13,8 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+
+import prefopt.prefix
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from prefopt.algorithms.orpo import ORPO, ORPOConfig
@@ -108,13 +110,24 @@ def test_rank_groups_from_pairs():
 
 
 def layout_of(kind: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list) -> object:
-    """The layout ``kind`` of right-padded rows: packed, one segment per row, or the prefix's KV cache."""
-    if kind == "cached":
+    """The layout ``kind`` of right-padded rows: packed, one segment per row, or the prefix's KV cache (its branches
+    in one forward, or in 16-token chunks: ``chunked``)."""
+    if kind.startswith("cached"):
         return cache_prefixes(input_ids, attention_mask, groups)
     return share_prefixes(input_ids, attention_mask, groups, pack=kind == "packed")
 
 
-KINDS = ["packed", "one-per-row", "cached"]
+KINDS = ["packed", "one-per-row", "cached", "cached-chunks"]
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """``chunked(kind, size)``: the cached layout's branches in ``size``-token chunks for kind "cached-chunks" (the
+    rows here are shorter than the 128 tokens a chunk takes by default): 2-4 chunks, as 256-512-token branches."""
+    def set_kind(kind: str, size: int = 32) -> None:
+        if kind == "cached-chunks":
+            monkeypatch.setattr(prefopt.prefix, "BRANCH_CHUNK", size)
+    return set_kind
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +185,15 @@ def scored(scorer, batch, layout, bf16: bool = False) -> tuple[torch.Tensor, lis
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt2-real", "llama-chat"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_token_logps_and_gradients_equal_unshared(request, pair_batch, arch, attention, kind):
+def test_token_logps_and_gradients_equal_unshared(request, pair_batch, arch, attention, kind, chunked):
+    chunked(kind)
     model = perturbed(load_lm(request, arch, attention))
     assert supports(model)
     scorer, batch = TokenScorer(model), pair_batch
     layout = layout_of(kind, batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs))
     assert layout.num_tokens < batch.input_ids.numel()  # the prompts really are written once
+    if kind == "cached-chunks":
+        assert len(prefopt.prefix.branch_chunks(layout.branch_ids.shape[1])) >= 2
     plain, expected = scored(scorer, batch, None)
     shared, got = scored(scorer, batch, layout)
     torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-6)
@@ -185,9 +201,10 @@ def test_token_logps_and_gradients_equal_unshared(request, pair_batch, arch, att
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_bf16_autocast_adds_no_error(request, pair_batch, kind):
+def test_bf16_autocast_adds_no_error(request, pair_batch, kind, chunked):
     """Under bf16 autocast (llama-chat, bf16 weights loaded in fp32) each layout is as close to the fp32 values as
     the unshared bf16 rows are, within 1e-3 (log-probs in nats, gradients relative)."""
+    chunked(kind)
     scorer, batch = TokenScorer(perturbed(load_lm(request, "llama-chat"))), pair_batch
     layout = layout_of(kind, batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs))
     truth, truth_grads = scored(scorer, batch, None)
@@ -232,8 +249,6 @@ def test_dpo_loss_equal_unshared(tiny_model_dir, pair_batch, kind):
 def test_orpo_loss_equal_unshared(tiny_model_dir, pair_batch, nll_on, monkeypatch):
     """ORPO scores the chosen prompt tokens too with nll_on=full: they are read once from the shared prefix (every
     layout forced in turn)."""
-    import prefopt.prefix
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     losses = []
@@ -251,10 +266,11 @@ def test_orpo_loss_equal_unshared(tiny_model_dir, pair_batch, nll_on, monkeypatc
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_reward_scores_equal_unshared_k3(offline_model, kind):
+def test_reward_scores_equal_unshared_k3(offline_model, kind, chunked):
     """Three ranked completions of one prompt share it; a second prompt has two. Scores and gradients match (on
     gpt2-real, pad = eos: both read the token before each completion's eos; the score head on the last real token
     of each branch)."""
+    chunked(kind)
     model_dir = offline_model[1]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
@@ -323,16 +339,16 @@ def rollout_rows(tokenizer_eos: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 @pytest.mark.parametrize("arch", ["gpt2-real", "llama-chat", "qwen2"])
 @pytest.mark.parametrize("kind", [*KINDS, "chosen"])
-def test_grouped_scoring_equal_unshared(request, arch, kind, monkeypatch):
+def test_grouped_scoring_equal_unshared(request, arch, kind, monkeypatch, chunked):
     """GRPO / RLOO groups: left-padded prompts of different lengths, early EOS, truncation, temperature 0.7 and
     entropies: log-probs, entropies and gradients of each layout (forced, or as chosen by cost) equal the padded
     rows'. The first response token's log-prob comes from the prompt's last hidden state."""
-    import prefopt.prefix
-
+    chunked(kind, 4)  # 9-token branches: 2 chunks
     model = perturbed(load_lm(request, arch))
     if kind != "chosen":
         costs = {"padded": 2, "packed": 1, "one-per-row": 1, "cached": 1}
-        monkeypatch.setattr(prefopt.prefix, "layout_costs", lambda *a, **k: {**costs, kind: 0})
+        monkeypatch.setattr(prefopt.prefix, "layout_costs",
+                            lambda *a, **k: {**costs, kind.replace("-chunks", ""): 0})
         if kind == "one-per-row":
             monkeypatch.setattr(prefopt.prefix, "share_prefixes", lambda *a: share_prefixes(*a, pack=False))
     scorer = TokenScorer(model)
@@ -364,12 +380,14 @@ def test_layout_costs_by_hand():
     """Width 256 (a token slot 6 x 256 = 1536 units, a pair 0.5). G = 8 responses of 256 tokens to a 96-token prompt:
     padded 8 rows x 352 = 2816 slots and 8 x 352^2 = 991K pairs -> 4.33M + 0.50M = 4.82M; packed one row of
     96 + 8 x 256 = 2144 slots and 2144^2 = 4.60M pairs -> 3.29M + 2.30M = 5.59M; cached 96 + 2048 = 2144 slots and
-    96^2 + 8 x 256 x 352 = 730K pairs and 8 x 96 copies of the prompt's keys and values at 64 -> 3.29M + 0.37M +
-    0.05M = 3.71M."""
+    96^2 + 8 x (128 x 224 + 128 x 352) = 599K pairs (the 256-token branches in two 128-token chunks, each attending
+    to the prompt and the chunks up to itself) and 8 x 96 x 2 copies of the prompt's keys and values at 64 ->
+    3.29M + 0.30M + 0.10M = 3.69M."""
     costs = layout_costs(*group_rows(96, 256, 8, prompts=1), hidden_size=256)
     assert costs == pytest.approx({"padded": 2816 * 1536 + 0.5 * 8 * 352**2,
                                    "packed": 2144 * 1536 + 0.5 * 2144**2,
-                                   "cached": 2144 * 1536 + 0.5 * (96**2 + 8 * 256 * 352) + 64 * 8 * 96})
+                                   "cached": 2144 * 1536 + 0.5 * (96**2 + 8 * (128 * 224 + 128 * 352))
+                                   + 64 * 8 * 96 * 2})
 
 
 # measured with benchmarks/prefix_layouts.py (forward + backward of the trunk, 1 thread, the layouts taking turns; the
@@ -402,8 +420,6 @@ def test_the_cost_model_picks_the_measured_fastest(shape, prompts, branches, fas
 def test_grouped_scoring_runs_the_chosen_layout(tiny_model_dir, monkeypatch):
     """A rollout of G = 8 long responses to a short prompt runs the cached layout, short ones to a long prompt the
     packed one; the log-probs equal the padded rows' either way."""
-    import prefopt.prefix
-
     built = []
     for name in ("share_prefixes", "cache_prefixes"):
         original = getattr(prefopt.prefix, name)
@@ -420,3 +436,11 @@ def test_grouped_scoring_runs_the_chosen_layout(tiny_model_dir, monkeypatch):
             plain, _ = scorer(ids, mask, score_mask)
         assert built == [layout]
         torch.testing.assert_close(logps, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_branch_chunks():
+    """Branches run in 128-token query chunks or more (one when shorter than two), in one under bf16 gradients."""
+    assert prefopt.prefix.branch_chunks(100) == [(0, 100)]
+    assert prefopt.prefix.branch_chunks(300) == [(0, 150), (150, 300)]
+    assert prefopt.prefix.branch_chunks(512) == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    assert prefopt.prefix.branch_chunks(512, bf16_gradients=True) == [(0, 512)]
