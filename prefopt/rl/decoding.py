@@ -106,19 +106,31 @@ def prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_sam
     return cache, out.logits[:, -1].repeat_interleave(num_samples, 0)
 
 
-def sample(logits: Tensor, temperature: float, warpers: list[Any]) -> Tensor:
-    """One token per row [N] from softmax(warped logits / T) by the Gumbel-max trick (Gumbel 1954; Maddison et al.
-    2014): argmax over the vocabulary of scores + G, G = -log(-log U), U uniform per entry (in float32)."""
-    scores = logits / temperature if temperature != 1.0 else logits
+def sample(scores: Tensor, warpers: list[Any]) -> Tensor:
+    """One token per row [N] from softmax(warped scores) by the Gumbel-max trick (Gumbel 1954; Maddison et al.
+    2014): argmax over the vocabulary of scores + G, G = -log(-log U), U uniform per entry (in float32).
+    ``scores``: float32 logits already divided by the temperature."""
     for warper in warpers:
         scores = warper(None, scores)
-    scores = scores.float()
-    top = scores.max(-1).values
-    if not bool(torch.isfinite(top).all()) or bool(torch.isnan(scores).any()):  # a diverged policy (stopping.py)
+    noise = torch.rand_like(scores).log_().neg_().log_()  # log(-log U); U = 0 gives +inf: that entry is never drawn
+    return torch.sub(scores, noise, out=noise).argmax(-1)
+
+
+def draw(logits: Tensor, gen: Any, warpers: list[Any]) -> tuple[Tensor, Tensor]:
+    """Each row's next token [N] and its behaviour log-prob  log softmax(z / T)[y]  [N] (T:
+    ``gen.logprob_temperature``): drawn by ``sample`` from the tempered logits cut by the ``warpers``, or their argmax
+    when ``gen.do_sample`` is off. The tempered logits are made once for both (a pass over [N, V] fewer than dividing
+    twice), and a drawn token whose log-prob is not finite is the sign of a diverged policy (nan or inf logits give
+    nan everywhere): an error (stopping.py reads its message), checked on [N] values instead of the whole [N, V]."""
+    scores = logits.float()
+    if gen.logprob_temperature != 1.0:
+        scores = scores / gen.logprob_temperature
+    drawn = sample(scores, warpers) if gen.do_sample else scores.argmax(-1)
+    logprobs = torch.log_softmax(scores, -1).gather(1, drawn[:, None])[:, 0]
+    if gen.do_sample and not bool(torch.isfinite(logprobs).all()):
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0 (the policy's logits are "
                            "not finite)")
-    noise = torch.rand_like(scores).log_().neg_().log_()  # log(-log U); U = 0 gives +inf: that entry is never drawn
-    return (scores - noise).argmax(-1)
+    return drawn, logprobs
 
 
 def sampling_warpers(top_k: int, top_p: float) -> list[Any]:
@@ -177,11 +189,8 @@ def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_samp
     logprobs = torch.zeros(rows, steps, device=device)
     ended = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(steps):
-        logits = logits.float()
-        drawn = sample(logits, gen.temperature, warpers) if gen.do_sample else logits.argmax(-1)
-        drawn = drawn.masked_fill_(ended, pad_token_id)
-        tokens[:, t] = drawn
-        logprobs[:, t] = torch.log_softmax(logits / gen.logprob_temperature, -1).gather(1, drawn[:, None])[:, 0]
+        drawn, logprobs[:, t] = draw(logits, gen, warpers)
+        tokens[:, t] = drawn.masked_fill_(ended, pad_token_id)
         ended |= torch.isin(drawn, eos_ids)
         last = t == steps - 1 or bool(ended.all())
         if last and capture is None:
