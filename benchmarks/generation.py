@@ -99,9 +99,9 @@ def main() -> None:
     lines = [f"`python benchmarks/generation.py {' '.join(sys.argv[1:])}`", "",
              f"{args.arch}, {args.layers} layers, width {args.width}, vocabulary {args.vocab}; {args.prompts} prompts x "
              f"G = {args.num_samples} = {sequences.shape[0]} rows, {batch.input_ids.shape[1]} prompt columns + "
-             f"{args.max_new_tokens} new tokens, fp32, {args.threads} thread(s), median of {args.repeats}; load averages "
-             f"{' '.join(f'{x:.2f}' for x in load_before)} before, {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-             "after.", "",
+             f"{args.max_new_tokens} new tokens, fp32, {args.threads} thread(s), median of {args.repeats}; "
+             f"load averages {' '.join(f'{x:.2f}' for x in load_before)} before, "
+             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after.", "",
              "| | s | ms per step | tokens/s | share of the forward's tokens/s |", "|---|---|---|---|---|"]
     for name, values in times.items():
         seconds = statistics.median(values)

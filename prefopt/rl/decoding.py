@@ -12,12 +12,12 @@ needs:
 * ``decode``: per step the model on the B x G new tokens (the mask and positions are slices of tensors made once)
   and ``draw``: the logits divided by the temperature once, for the behaviour log-prob ``log softmax(z / T)[y]`` of
   the drawn token and for ``sample``: top-k and top-p (transformers' own warpers), then the Gumbel-max draw
-  ``argmax(scores - log(-log U))`` with one uniform variate per vocabulary entry: an exact draw from the same distribution (as ``torch.multinomial``'s exponential
-  race, at less than half its cost), and a coupled one: two nearby models given the same variates draw the same
-  token unless their scores differ near the top, which the evaluation's common random numbers rely on (one uniform
-  per row through the inverse CDF was 2-10x cheaper, but a small change of the scores shifts every CDF entry after
-  it, and a model perturbed by 5% shared its first sampled token with the original on 1 row of 10). It stops when
-  every row has ended.
+  ``argmax(scores - log(-log U))`` with one uniform variate per vocabulary entry: an exact draw from the same
+  distribution (as ``torch.multinomial``'s exponential race, at less than half its cost), and a coupled one: two
+  nearby models given the same variates draw the same token unless their scores differ near the top, which the
+  evaluation's common random numbers rely on (one uniform per row through the inverse CDF was 2-10x cheaper, but a
+  small change of the scores shifts every CDF entry after it, and a model perturbed by 5% shared its first sampled
+  token with the original on 1 row of 10). It stops when every row has ended.
 
 Layers of another kind than transformers' ``DynamicLayer`` (sliding-window layers, which keep only their window)
 keep their own class and are repeated with their own ``batch_repeat_interleave``; a cache that cannot be repeated is
