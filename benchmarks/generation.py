@@ -97,8 +97,8 @@ def main() -> None:
     new_tokens = sequences.shape[0] * args.max_new_tokens
     forward_rate = sequences.numel() / statistics.median(times["one forward"])
     lines = [f"`python benchmarks/generation.py {' '.join(sys.argv[1:])}`", "",
-             f"{args.arch}, {args.layers} layers, width {args.width}, vocabulary {args.vocab}; {args.prompts} prompts x "
-             f"G = {args.num_samples} = {sequences.shape[0]} rows, {batch.input_ids.shape[1]} prompt columns + "
+             f"{args.arch}, {args.layers} layers, width {args.width}, vocabulary {args.vocab}; {args.prompts} prompts "
+             f"x G = {args.num_samples} = {sequences.shape[0]} rows, {batch.input_ids.shape[1]} prompt columns + "
              f"{args.max_new_tokens} new tokens, fp32, {args.threads} thread(s), median of {args.repeats}; "
              f"load averages {' '.join(f'{x:.2f}' for x in load_before)} before, "
              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after.", "",
