@@ -56,8 +56,8 @@ class LogitsConfig:
     """Positions whose logits are computed at once (forward and backward)."""
     vocab_block: int = 4096
     """Vocabulary entries per block (CPU, float32 Linear heads; elsewhere whole rows)."""
-    keep_mb: float = 64.0
-    """Logits kept from the forward for the backward, in MB; blocks past it are recomputed (one head matmul each)."""
+    keep_mb: float = 128.0
+    """MB of float32 logits a call keeps for its backward: all if they fit, else none (each block recomputed)."""
 
     def __post_init__(self):
         check(self.chunk >= 1, "model.logits.chunk", self.chunk, "must be >= 1")
@@ -190,8 +190,8 @@ class TrainConfig:
     """Batches whose gradients are summed before one optimizer step."""
     learning_rate: float = 5e-5
     """Peak learning rate."""
-    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "adafactor"] = "adamw"
-    """torch AdamW, its fused kernel, bitsandbytes' 8-bit AdamW, or transformers' Adafactor (prefopt.optim)."""
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "adafactor"] = "adamw_fused"
+    """torch AdamW's fused kernel or its multi-tensor one, bitsandbytes' 8-bit AdamW, Adafactor (prefopt.optim)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW's (beta1, beta2)."""
     weight_decay: float = 0.0

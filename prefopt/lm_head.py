@@ -11,10 +11,12 @@ logits in closed form,
     d log p_y / dz_v = 1[v = y] - p_v,        d H / dz_v = -p_v (log p_v + H),
 
 (times 1 / T) and takes the head's vector-Jacobian product on the block (autograd's, so autocast rounds as it
-would). The first blocks' logits are kept for the backward up to ``keep_mb``; the others are recomputed there (one
-more head matmul each). So the head's memory is bounded by ``keep_mb`` plus a few [positions, block] float32
-tensors, not tokens x vocabulary. The values and gradients are those of the unchunked ``log_softmax`` within float
-rounding (``tests/test_lm_head.py``).
+would). A call whose [M, V] float32 logits fit in ``keep_mb`` keeps them all for the backward (no head forward
+there); a larger one keeps none and recomputes each block there (one more head matmul each). All or nothing: kept
+in part, the logits would cost the whole budget at the step's peak memory to save only budget / size of the
+recompute (10% for 1,024 positions x 151,936 entries at 64 MB); a small vocabulary's logits fit whole. So
+the head's memory is bounded by ``keep_mb`` plus a few [positions, block] float32 tensors, not tokens x vocabulary.
+The values and gradients are those of the unchunked ``log_softmax`` within float rounding (``tests/test_lm_head.py``).
 
 On CPU, a plain ``nn.Linear`` head computing in float32 (every transformers causal LM, tied or not) is cut along the
 vocabulary too; under bf16 or on GPU the head runs on whole rows (a bf16 product rounded per block and summed
@@ -61,7 +63,7 @@ def head_logps(hidden: Tensor, head: nn.Module, targets: Tensor, temperature: fl
     config = _CHUNKING.get()
     cut = config.vocab_block if _exact_in_blocks(hidden, head) else None
     graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
-    keep = int(config.keep_mb * 2**20) if graph else 0
+    keep = graph and 4 * hidden.shape[0] * params[0].shape[0] <= config.keep_mb * 2**20
     logps, entropy = _HeadLogps.apply(hidden, targets, head, names, float(temperature), bool(with_entropy),
                                       (config.chunk, cut, keep), *params)
     return logps, entropy if with_entropy else None
@@ -132,20 +134,18 @@ class _HeadLogps(torch.autograd.Function):
         wants = [ctx.needs_input_grad[0], *ctx.needs_input_grad[7:]]  # hidden, then each parameter
         logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse_out, entropy_out = torch.empty_like(logps), torch.empty_like(logps)
-        ctx.kept, kept_bytes = {}, 0
+        ctx.kept = {}
         for chunk in _blocks(hidden.shape[0], positions, params[0].shape[0], cut):
             rows = chunk[0].rows
             h, y = hidden[rows], targets[rows]
             lse = entropy = picked = None
             for block in chunk:
-                graph = kept_bytes < keep  # room left to keep this block's logits (and their graph)
-                with torch.enable_grad() if graph else contextlib.nullcontext():
-                    h_in = h.detach().requires_grad_(wants[0]) if graph else h
-                    leaves = block.leaves(params, wants[1:] if graph else [False] * len(params))
+                with torch.enable_grad() if keep else contextlib.nullcontext():  # keep: this block's logits and graph
+                    h_in = h.detach().requires_grad_(wants[0]) if keep else h
+                    leaves = block.leaves(params, wants[1:] if keep else [False] * len(params))
                     z = block.logits(head, names, leaves, h_in, temperature)  # [m, v]
-                if graph and kept_bytes + 4 * z.numel() <= keep:
+                if keep:
                     ctx.kept[(rows.start, block.start())] = (z, h_in, leaves)
-                    kept_bytes += 4 * z.numel()
                 z = z.detach()
                 start, width = block.start(), z.shape[1]
                 at_target = z.gather(1, (y - start).clamp(0, width - 1)[:, None])[:, 0]

@@ -71,8 +71,8 @@ SETTING_REFUSED = {  # (algorithm, section, key, value) -> the one line a user s
        f"model.disable_dropout=False: {online} compares the policy with its old self and its reference token by "
        "token; dropout must be off" for online in ("ppo", "a2c", "grpo", "rloo", "reinforce_pp")},
 }
-# the LM head in chunks of 5 positions x 100 vocabulary entries, the first two blocks kept, the rest recomputed in the
-# backward (prefopt.lm_head): every cell's values come through the chunked path at its smallest
+# the LM head in chunks of 5 positions x 100 vocabulary entries, none kept: each recomputed in the backward
+# (prefopt.lm_head): every cell's values come through the chunked path at its smallest
 CHUNKED_LOGITS = {"chunk": 5, "vocab_block": 100, "keep_mb": 0.005}
 CELLS = list(itertools.product(ALGORITHMS.available(), MODELS, PRECISIONS, WEIGHTS, ACCUMULATION))
 DPO_BETA = 0.1

@@ -3,13 +3,14 @@ over the full logits, without ever making a [tokens, vocab] tensor.
 
 The reference is the unchunked computation written out: ``log_softmax(head(hidden) / T)`` gathered at the targets,
 its entropy ``-(p * log p).sum()``, and autograd's gradients of both. Measured on the realistic fixtures (chunks of 7
-positions x 100 vocabulary entries, some blocks kept and some recomputed): log-probs within 1e-6, entropies 4e-6
+positions x 100 vocabulary entries, all kept from the forward or all recomputed in the backward): log-probs within 1e-6, entropies 4e-6
 (of ~6 nats), gradients 1e-6 relative in fp32; bf16 within bf16's rounding.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from accelerate.state import AcceleratorState
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
+import prefopt.lm_head
 import prefopt.scoring
 from prefopt.config import LogitsConfig, build_run_config
 from prefopt.errors import ConfigError
@@ -29,7 +31,8 @@ from test_conformance import recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = LogitsConfig(chunk=7, vocab_block=100, keep_mb=0.01)  # 2.8 KB blocks: 3 kept, the rest recomputed
+SMALL = LogitsConfig(chunk=7, vocab_block=100, keep_mb=0.01)  # 2.8 KB blocks, none kept: each recomputed
+KEPT = LogitsConfig(chunk=7, vocab_block=100, keep_mb=1.0)  # the same blocks, all kept for the backward
 
 
 def unchunked(hidden, head, targets, temperature=1.0, with_entropy=False):
@@ -56,17 +59,19 @@ def run(fn, model, hidden, targets, precision, temperature=0.7):
     return logps.detach(), entropy.detach(), hidden.grad, model.get_output_embeddings().weight.grad.clone()
 
 
+@pytest.mark.parametrize("config", [SMALL, KEPT], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("fixture,precision", [("gpt2-real", "fp32"), ("llama-chat", "fp32"), ("llama-chat", "bf16")])
-def test_values_and_gradients_equal_one_log_softmax(fixture, precision, realistic_model_dirs):
+def test_values_and_gradients_equal_one_log_softmax(fixture, precision, config, realistic_model_dirs):
     """Hidden states of the fixture on real tokens (gpt2-real: tied head; llama-chat: untied, in fp32 and under bf16
-    autocast), 7-position chunks: under fp32 the vocabulary is cut in 100-entry blocks, under bf16 it runs whole."""
+    autocast), 7-position chunks: under fp32 the vocabulary is cut in 100-entry blocks, under bf16 it runs whole;
+    the blocks' logits recomputed in the backward or all kept from the forward."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(realistic_model_dirs[fixture], dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (3, 40))
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state.flatten(0, 1)  # [120, H]
     targets = ids.roll(-1, 1).flatten()
-    with chunking(SMALL):
+    with chunking(config):
         ours = run(head_logps, model, hidden, targets, precision)
     reference = run(unchunked, model, hidden, targets, precision)
     logps, entropy, grad_hidden, grad_head = ours
@@ -92,7 +97,7 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("keep_mb", [0.0, 0.01])
+@pytest.mark.parametrize("keep_mb", [0.0, 1.0])  # nothing kept; all 400 x 512 kept
 def test_no_tensor_grows_with_tokens_times_vocabulary(keep_mb, gpt2_real_dir):
     """400 positions x a 512-token vocabulary: forward and backward make nothing larger than the head's own weight
     (its gradient), the hidden states or a block; the unchunked head makes [400, 512]."""
@@ -110,6 +115,28 @@ def test_no_tensor_grows_with_tokens_times_vocabulary(keep_mb, gpt2_real_dir):
         sizes[name] = seen.largest
     assert sizes["unchunked"] >= 400 * head.out_features
     assert sizes["chunked"] <= max(head.weight.numel(), hidden.numel())
+
+
+def test_a_call_keeps_all_its_logits_or_none(gpt2_real_dir, monkeypatch):
+    """``keep_mb`` is all or nothing: 120 positions' logits are kept whole when they fit (the backward runs no head
+    forward) and not at all when the budget is 1% short (every block recomputed in the backward, none held from
+    the forward): kept in part, they would cost the whole budget at the step's peak for a share of the recompute."""
+    torch.manual_seed(0)
+    head = AutoModelForCausalLM.from_pretrained(gpt2_real_dir, dtype=torch.float32).get_output_embeddings()
+    hidden = torch.randn(120, head.in_features, requires_grad=True)
+    targets = torch.randint(0, head.out_features, (120,))
+    calls = []
+    logits = prefopt.lm_head._Block.logits
+    monkeypatch.setattr(prefopt.lm_head._Block, "logits", lambda self, *args: calls.append(1) or logits(self, *args))
+    blocks = math.ceil(120 / 7) * math.ceil(head.out_features / 100)
+    size_mb = 4 * 120 * head.out_features / 2**20
+    for budget, recomputed in ((size_mb, 0), (0.99 * size_mb, blocks)):
+        calls.clear()
+        with chunking(LogitsConfig(chunk=7, vocab_block=100, keep_mb=budget)):
+            logps, _ = head_logps(hidden, head, targets)
+            forward = len(calls)
+            logps.sum().backward()
+        assert (forward, len(calls) - forward) == (blocks, recomputed), budget
 
 
 def test_logits_settings_are_validated():
