@@ -80,8 +80,7 @@ def variant_class(algorithm: str, options: dict[str, Any]) -> type:
                 rows, cols = torch.meshgrid(torch.arange(input_ids.shape[0]), torch.arange(input_ids.shape[1] - 1),
                                             indexing="ij")
             else:
-                packed = decoder_hidden(self.lm, layout.input_ids, layout.mask_for(self.lm, self.lm.dtype),
-                                        layout.position_ids)
+                packed = layout.hidden(self.lm.get_decoder())
                 rows, cols = torch.meshgrid(torch.arange(input_ids.shape[0]), torch.arange(input_ids.shape[1] - 1),
                                             indexing="ij")
                 hidden = layout.gather(packed, rows, cols)
@@ -120,8 +119,7 @@ def unchunked_scorer() -> type:
             if layout is None:
                 hidden = decoder_hidden(self.lm, input_ids, attention_mask)[:, :-1][rows, cols]
             else:
-                packed = decoder_hidden(self.lm, layout.input_ids, layout.mask_for(self.lm, self.lm.dtype),
-                                        layout.position_ids)
+                packed = layout.hidden(self.lm.get_decoder())
                 hidden = layout.gather(packed, rows, cols)
             logp = torch.log_softmax(self.lm.get_output_embeddings()(hidden).float() / temperature, -1)
             picked = logp.gather(-1, input_ids[:, 1:][rows, cols, None])[:, 0]
@@ -145,10 +143,12 @@ def before_online(base: type) -> type:
     - the sampler: transformers' ``generate`` (its cache, its ``torch.multinomial`` sampler, ``output_logits``)
       with each prompt prefilled once, instead of ``prefopt.rl.decoding``'s loop (``hf_decode``);
     - the LM head: one log_softmax over the [scored tokens, vocab] logits (``UnchunkedScorer``);
-    - prefix sharing of the G samples always on, instead of where it pays (``prefopt.prefix.sharing_pays``).
+    - prefix sharing of the G samples always in the packed layout, instead of the layout that costs least
+      (``prefopt.prefix.choose_layout``).
     """
     import prefopt.rl.engine
     import prefopt.scoring
+    from prefopt.prefix import share_prefixes
 
     class Before(base):
         def build(self):
@@ -163,7 +163,8 @@ def before_online(base: type) -> type:
                 return super().collect(batch)
 
         def response_logps(self, *args, **kwargs):
-            with swapped(prefopt.scoring, "sharing_pays", lambda *a, **k: True):
+            packed = lambda ids, mask, groups, model: share_prefixes(ids, mask, groups)  # noqa: E731
+            with swapped(prefopt.scoring, "choose_layout", packed):
                 return super().response_logps(*args, **kwargs)
 
     Before.__name__ = f"{base.__name__}Before"

@@ -120,19 +120,25 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def token_slots(batches: list[Any], pairs: list[dict[str, Any]], tokenizer: Any,
                 args: argparse.Namespace) -> dict[str, float]:
-    """Mean token positions one forward runs per step: padded rows, shared prefixes, shared and packed."""
-    from prefopt.algorithms.pairwise import pair_layout
+    """Mean token positions one forward runs per step: padded rows, shared prefixes (one pair per row, packed, or the
+    prompt once with its two responses on its KV cache; prefopt picks the cheapest, prefopt.prefix.choose_layout)."""
     from prefopt.data import build_dataloader
+    from prefopt.prefix import cache_prefixes, pair_groups, share_prefixes
+
+    def packed(b: Any, pack: bool = True) -> int:
+        return share_prefixes(b.input_ids, b.attention_mask, pair_groups(b.num_pairs), pack=pack).num_tokens
 
     bucketed, _ = build_dataloader(pairs, "pairs", tokenizer, data_config(args), args.batch, shuffle=True,
                                    seed=args.seed, length_bucketing=True)
     mean = statistics.mean
     return {"real tokens": mean(int(b.attention_mask.sum()) for b in batches),
             "padded rows (TRL, prefopt-no-prefix-sharing)": mean(b.input_ids.numel() for b in batches),
-            "shared prefix, one pair per row": mean(pair_layout(b, pack=False).num_tokens for b in batches),
-            "shared prefix, packed (prefopt)": mean(pair_layout(b).num_tokens for b in batches),
+            "shared prefix, one pair per row": mean(packed(b, pack=False) for b in batches),
+            "shared prefix, packed": mean(packed(b) for b in batches),
+            "shared prefix, cached": mean(cache_prefixes(b.input_ids, b.attention_mask, pair_groups(b.num_pairs))
+                                          .num_tokens for b in batches),
             "padded rows, length-bucketed batches": mean(b.input_ids.numel() for b in bucketed),
-            "shared prefix, packed, length-bucketed batches": mean(pair_layout(b).num_tokens for b in bucketed)}
+            "shared prefix, packed, length-bucketed batches": mean(packed(b) for b in bucketed)}
 
 
 def check_same_batches(contestants: list[Contestant], shared: dict[str, Any]) -> None:

@@ -9,9 +9,9 @@ prefixes (prefopt.prefix):
 * entry t of a per-token result [N, T] belongs to token t, predicted from the tokens before it; column 0 is never
   scored; the LM head runs only on the scored positions, a chunk at a time (``prefopt.lm_head``), so neither the
   [N, T, V] nor the [scored tokens, V] logits are ever held;
-* with a ``SharedPrefixLayout`` the decoder runs on its packed rows, where a prompt shared by several rows
-  (a preference pair, a ranking, the G samples of one prompt: ``grouped_token_logps``) is computed once; the
-  result is in the layout of ``input_ids`` either way.
+* with a layout (``prefopt.prefix``: the packed rows or the prefix's KV cache reused by its branches) a prompt
+  shared by several rows (a preference pair, a ranking, the G samples of one prompt: ``grouped_token_logps``) is
+  computed once; the result is in the layout of ``input_ids`` either way.
 
 ``TokenScorer`` (a causal LM), ``RewardScorer`` (a sequence-classification reward model) and ``PolicyAndValue`` (a
 causal LM and, optionally, its critic: per-token values V(tokens < t)) wrap models so that their ``forward`` returns
@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefopt.lm_head import head_logps
-from prefopt.prefix import SharedPrefixLayout, share_prefixes, sharing_pays
+from prefopt.prefix import CachedPrefixLayout, SharedPrefixLayout, choose_layout
+
+Layout = SharedPrefixLayout | CachedPrefixLayout
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -70,14 +72,14 @@ def _scatter(hidden: Tensor, head: nn.Module, input_ids: Tensor, rows: Tensor, c
 
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
                 temperature: float = 1.0, with_entropy: bool | str = False,
-                layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor | None]:
+                layout: Layout | None = None) -> tuple[Tensor, Tensor | None]:
     """Log-probs [N, T] of ``input_ids[:, t]`` given tokens < t where ``score_mask[:, t]`` is 1 (0 elsewhere), and
-    the entropies [N, T] when asked. Left, right or no padding; ``layout``: run the shared-prefix packed rows."""
+    the entropies [N, T] when asked. Left, right or no padding; ``layout``: run the rows' shared prefixes once."""
     if layout is None:
         return logps_from_hidden(decoder_hidden(model, input_ids, attention_mask), model.get_output_embeddings(),
                                  input_ids, score_mask, temperature, with_entropy)
     rows, cols = score_mask[:, 1:].bool().nonzero(as_tuple=True)
-    hidden = decoder_hidden(model, layout.input_ids, layout.mask_for(model, model.dtype), layout.position_ids)
+    hidden = layout.hidden(model.get_decoder())
     return _scatter(layout.gather(hidden, rows, cols), model.get_output_embeddings(), input_ids, rows, cols,
                     temperature, with_entropy)
 
@@ -106,15 +108,16 @@ def group_lists(group: Tensor) -> list[list[int]]:
 
 def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor,
                         group: Tensor | None, temperature: float = 1.0, with_entropy: bool | str = False,
-                        hidden_size: int | None = None, **kwargs) -> tuple[Tensor | None, ...]:
+                        lm: nn.Module | None = None, **kwargs) -> tuple[Tensor | None, ...]:
     """``scorer(input_ids, attention_mask, score_mask)`` (a ``TokenScorer``, maybe DDP-wrapped) with the rows of
-    each ``group`` sharing their common prefix (the prompt of G samples) in one packed forward where that costs less
-    (``prefopt.prefix.sharing_pays``: not for G long responses to a short prompt); the same result either way.
+    each ``group`` sharing their common prefix (the prompt of G samples) in the layout that costs least
+    (``prefopt.prefix.choose_layout``: the prompt's KV cache reused by its G samples, the packed rows, or the padded
+    rows); the same result either way.
 
-    Rows may be left-padded (a rollout): each is rotated so its real tokens start at column 0, scored in a
-    ``share_prefixes`` layout, and rotated back. ``group`` None: the padded rows as they are, by any scorer taking
-    these arguments (``kwargs`` too; a ``PolicyAndValue`` also returns values). ``hidden_size``: the model's width,
-    for the cost rule (None: read from the scorer's ``lm``).
+    Rows may be left-padded (a rollout): each is rotated so its real tokens start at column 0, scored in that
+    layout, and rotated back. ``group`` None: the padded rows as they are, by any scorer taking these arguments
+    (``kwargs`` too; a ``PolicyAndValue`` also returns values). ``lm``: the plain model the scorer runs, whose
+    shape the cost reads (None: the scorer's ``lm``).
     """
     if group is None:
         return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
@@ -123,18 +126,11 @@ def grouped_token_logps(scorer: nn.Module, input_ids: Tensor, attention_mask: Te
     pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # leading padding of each row
     forward, back = (columns + pads) % width, (columns - pads) % width
     ids, mask, scored = (x.gather(1, forward) for x in (input_ids, attention_mask, score_mask))
-    groups = group_lists(group)
-    if not sharing_pays(ids, mask, groups, hidden_size or _hidden_size(scorer)):  # G long responses, short prompt
+    layout = choose_layout(ids, mask, group_lists(group), lm or getattr(scorer, "module", scorer).lm)
+    if layout is None:
         return scorer(input_ids, attention_mask, score_mask, temperature, with_entropy, **kwargs)
-    layout = share_prefixes(ids, mask, groups)
     logps, entropy = scorer(ids, mask, scored, temperature, with_entropy, layout=layout, **kwargs)
     return logps.gather(1, back), None if entropy is None else entropy.gather(1, back)
-
-
-def _hidden_size(scorer: nn.Module) -> int:
-    """The width of the causal LM a (maybe DDP-wrapped) scorer runs."""
-    config = getattr(scorer, "module", scorer).lm.config
-    return config.get_text_config().hidden_size
 
 
 class TokenScorer(nn.Module):
@@ -146,8 +142,7 @@ class TokenScorer(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, temperature: float = 1.0,
-                with_entropy: bool | str = False,
-                layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor | None]:
+                with_entropy: bool | str = False, layout: Layout | None = None) -> tuple[Tensor, Tensor | None]:
         return token_logps(self.lm, input_ids, attention_mask, score_mask, temperature, with_entropy, layout)
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
@@ -171,8 +166,8 @@ def score_positions(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int
 class RewardScorer(nn.Module):
     """Wraps a sequence-classification model: ``forward(input_ids, attention_mask)`` -> scores [N].
 
-    With ``layout`` (prefopt.prefix.share_prefixes of these right-padded rows) the backbone runs on the packed rows,
-    where the prompt shared by a group of completions is computed once; the scores are the same. Scores are read
+    With ``layout`` (prefopt.prefix.choose_layout of these right-padded rows) the backbone runs the prompt shared by
+    a group of completions once; the scores are the same. Scores are read
     where plain transformers reads them (``score_positions``)."""
 
     def __init__(self, rm: nn.Module):
@@ -184,7 +179,7 @@ class RewardScorer(nn.Module):
         """The plain transformers model (LoRA: adapted in place)."""
         return self.rm.get_base_model() if isinstance(self.rm, peft.PeftModel) else self.rm
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, layout: SharedPrefixLayout | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, layout: Layout | None = None) -> Tensor:
         rm = self.backbone
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         read = score_positions(input_ids, attention_mask, rm.config.pad_token_id)
@@ -192,9 +187,7 @@ class RewardScorer(nn.Module):
             hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             pooled = hidden.last_hidden_state[rows, read]
         else:
-            hidden = rm.base_model(input_ids=layout.input_ids, attention_mask=layout.mask_for(rm, rm.dtype),
-                                   position_ids=layout.position_ids, use_cache=False)
-            pooled = layout.gather(hidden.last_hidden_state, rows, read)
+            pooled = layout.gather(layout.hidden(rm.base_model), rows, read)
         return rm.score(pooled).squeeze(-1).float()
 
     def save_pretrained(self, out_dir, **kwargs) -> None:

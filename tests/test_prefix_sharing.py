@@ -1,21 +1,29 @@
 """Prefix sharing (prefopt.prefix) gives the same log-probs, losses, scores and gradients as the padded rows.
 
-The layout itself is checked by hand on a two-row example; the model-level checks run the nano GPT-2 and Llama
-with SDPA and eager attention, packed and unpacked, and compare to the unshared path to 1e-5.
+Both layouts are checked by hand on small examples; the model-level checks run the nano GPT-2, Llama and Qwen2 and
+the realistic fixtures (dropout off: ``from_pretrained`` returns the model in eval mode, and training turns dropout
+off, ``model.disable_dropout``; with it on, two layouts draw different masks) with SDPA and eager attention, in
+every layout (packed, one segment per row, the prefix's KV cache reused by its branches), and compare with the
+unshared rows: fp32 within 1e-6 (log-probs) and 1e-6 relative (gradients); under bf16 autocast each layout's
+distance to the fp32 values within 1e-3 of the unshared bf16 path's own (tests/test_lm_head.py's rule).
 """
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
+
+import prefopt.prefix
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from prefopt.algorithms.orpo import ORPO, ORPOConfig
-from prefopt.algorithms.pairwise import pair_layout, policy_logps, resolve_loss
+from prefopt.algorithms.pairwise import policy_logps, resolve_loss
 from prefopt.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from prefopt.data import build_dataloader, load_rows
-from prefopt.prefix import rank_groups, share_prefixes, sharing_pays, supports
-from prefopt.scoring import RewardScorer, TokenScorer
+from prefopt.prefix import (CachedPrefixLayout, SharedPrefixLayout, cache_prefixes, choose_layout, layout_costs,
+                            pair_groups, rank_groups, share_prefixes, supports)
+from prefopt.scoring import RewardScorer, TokenScorer, grouped_token_logps
 from prefopt.types import PairLogps
 
 PAD = 0
@@ -61,10 +69,37 @@ def test_whole_row_is_a_prefix_of_the_other():
     assert layout.source[1, :2].tolist() == [0, 1]
 
 
-def test_left_padding_is_refused():
+def test_cached_layout_by_hand():
+    """[5 6 7 8], [5 6 9] and [4 3] (a prompt of its own, shorter: left-padded): the prefixes [5 6] and [4 3] run
+    once, the branches [7 8] and [9] on the first one's cache with positions 2.. and its mask before their own."""
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, PAD], [4, 3, PAD, PAD], [1, 2, 3, PAD]])
+    mask = (ids != PAD).long()
+    layout = cache_prefixes(ids, mask, [[0, 1], [2], [3]])
+    assert layout.prefix_ids.tolist() == [[0, 5, 6], [0, 4, 3], [1, 2, 3]]
+    assert layout.prefix_mask.tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 1]]
+    assert layout.prefix_positions.tolist() == [[0, 0, 1], [0, 0, 1], [0, 1, 2]]
+    assert layout.branch_ids.tolist() == [[7, 8], [9, PAD]]
+    assert layout.branch_mask.tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]]
+    assert layout.branch_positions.tolist() == [[2, 3], [2, 3]]
+    assert layout.prefix_of.tolist() == [0, 0]
+    # flat index: 3 prefix rows of 3 (0..8), then 2 branch rows of 2 (9..12)
+    assert layout.source[:, :3].tolist() == [[1, 2, 9], [1, 2, 11], [4, 5, 0], [6, 7, 8]]
+    assert layout.source[0, 3] == 10
+    assert layout.num_tokens == 9 + 4
+
+
+def test_rows_that_share_nothing_are_their_own_prefixes():
+    """A group whose rows differ at the first token: each row runs as a prefix of its own, no branch."""
+    ids = torch.tensor([[1, 2, 3], [4, 5, PAD]])
+    layout = cache_prefixes(ids, (ids != PAD).long(), [[0, 1]])
+    assert layout.prefix_ids.tolist() == [[1, 2, 3], [0, 4, 5]] and layout.branch_ids.numel() == 0
+
+
+@pytest.mark.parametrize("build", [share_prefixes, cache_prefixes])
+def test_left_padding_is_refused(build):
     ids = torch.tensor([[PAD, 1, 2], [3, 4, 5]])
     with pytest.raises(ValueError, match="right-padded"):
-        share_prefixes(ids, (ids != PAD).long(), [[0, 1]])
+        build(ids, (ids != PAD).long(), [[0, 1]])
 
 
 def test_rank_groups_from_pairs():
@@ -72,6 +107,27 @@ def test_rank_groups_from_pairs():
     pairs = torch.tensor([[0, 1], [0, 2], [1, 2], [3, 4]])
     groups = rank_groups(6, pairs, torch.tensor([0, 0, 0, 1]))
     assert groups == [[0, 1, 2], [3, 4], [5]]
+
+
+def layout_of(kind: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list) -> object:
+    """The layout ``kind`` of right-padded rows: packed, one segment per row, or the prefix's KV cache (its branches
+    in one forward, or in 16-token chunks: ``chunked``)."""
+    if kind.startswith("cached"):
+        return cache_prefixes(input_ids, attention_mask, groups)
+    return share_prefixes(input_ids, attention_mask, groups, pack=kind == "packed")
+
+
+KINDS = ["packed", "one-per-row", "cached", "cached-chunks"]
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """``chunked(kind, size)``: the cached layout's branches in ``size``-token chunks for kind "cached-chunks" (the
+    rows here are shorter than the 128 tokens a chunk takes by default): 2-4 chunks, as 256-512-token branches."""
+    def set_kind(kind: str, size: int = 32) -> None:
+        if kind == "cached-chunks":
+            monkeypatch.setattr(prefopt.prefix, "BRANCH_CHUNK", size)
+    return set_kind
 
 
 @pytest.fixture(scope="module")
@@ -84,80 +140,137 @@ def pair_batch(tiny_model_dir, hh_path):
 
 
 def grads(model: torch.nn.Module) -> list[torch.Tensor]:
-    out = [p.grad.clone() for p in model.parameters()]
+    out = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
     return out
 
 
-def model_dir_of(request, arch: str):
-    """The kind nano models by architecture, or a realistic fixture by name (tests/realistic.py)."""
+def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+def load_lm(request, arch: str, attention: str = "sdpa") -> torch.nn.Module:
+    """The nano models by architecture (qwen2: the qwen2-window fixture with its window off), or a realistic fixture
+    by name (tests/realistic.py); fp32, eval mode (no dropout)."""
+    extra = {}
     if arch in ("gpt2", "llama"):
-        return request.getfixturevalue("tiny_model_dir" if arch == "gpt2" else "tiny_llama_dir")
-    return request.getfixturevalue("realistic_model_dirs")[arch]
+        model_dir = request.getfixturevalue("tiny_model_dir" if arch == "gpt2" else "tiny_llama_dir")
+    elif arch == "qwen2":
+        model_dir = request.getfixturevalue("qwen2_window_dir")
+        extra = {"use_sliding_window": False, "sliding_window": None, "layer_types": ["full_attention"] * 2}
+    else:
+        model_dir = request.getfixturevalue("realistic_model_dirs")[arch]
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype=torch.float32,
+                                                **extra)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-real", "llama-chat"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("pack", [True, False])
-def test_token_logps_and_gradients_equal_unshared(request, pair_batch, arch, attention, pack):
-    model_dir = model_dir_of(request, arch)
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights of a useful scale: nano models start close to uniform."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype=torch.float32)
-    with torch.no_grad():  # random weights of a useful scale: nano models start close to uniform
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def scored(scorer, batch, layout, bf16: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-token log-probs of the completions and the gradients of a weighted sum of them."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logps, _ = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask,
+                          **({} if layout is None else {"layout": layout}))
+    (logps.sum(-1) * torch.linspace(1, 2, logps.shape[0])).sum().backward()
+    return logps.detach(), grads(scorer)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt2-real", "llama-chat"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_token_logps_and_gradients_equal_unshared(request, pair_batch, arch, attention, kind, chunked):
+    chunked(kind)
+    model = perturbed(load_lm(request, arch, attention))
     assert supports(model)
     scorer, batch = TokenScorer(model), pair_batch
-    layout = pair_layout(batch, pack=pack)
+    layout = layout_of(kind, batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs))
     assert layout.num_tokens < batch.input_ids.numel()  # the prompts really are written once
-
-    plain, _ = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
-    (plain.sum(-1) * torch.linspace(1, 2, plain.shape[0])).sum().backward()
-    expected = grads(model)
-    shared, _ = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask, layout=layout)
-    (shared.sum(-1) * torch.linspace(1, 2, shared.shape[0])).sum().backward()
-    got = grads(model)
-
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    if kind == "cached-chunks":
+        assert len(prefopt.prefix.branch_chunks(layout.branch_ids.shape[1])) >= 2
+    plain, expected = scored(scorer, batch, None)
+    shared, got = scored(scorer, batch, layout)
+    torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-6)
+    assert max(relative(g, e) for g, e in zip(got, expected)) < 2e-6
 
 
-def test_dpo_loss_equal_unshared(tiny_model_dir, pair_batch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_adds_no_error(request, pair_batch, kind, chunked):
+    """Under bf16 autocast (llama-chat, bf16 weights loaded in fp32) each layout is as close to the fp32 values as
+    the unshared bf16 rows are, within 1e-3 (log-probs in nats, gradients relative)."""
+    chunked(kind)
+    scorer, batch = TokenScorer(perturbed(load_lm(request, "llama-chat"))), pair_batch
+    layout = layout_of(kind, batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs))
+    truth, truth_grads = scored(scorer, batch, None)
+    plain, plain_grads = scored(scorer, batch, None, bf16=True)
+    shared, got = scored(scorer, batch, layout, bf16=True)
+    assert float((shared - truth).abs().max()) < float((plain - truth).abs().max()) + 1e-3
+    for g, p, t in zip(got, plain_grads, truth_grads):
+        assert relative(g, t) < relative(p, t) + 1e-3
+
+
+def test_lora_gradients_equal_unshared(request, pair_batch):
+    """A LoRA-wrapped llama-chat (peft): the adapter's gradients through the cached layout equal the padded rows'."""
+    lm = peft.get_peft_model(load_lm(request, "llama-chat"), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                              init_lora_weights=False))
+    scorer, batch = TokenScorer(lm), pair_batch
+    assert supports(lm)
+    layout = cache_prefixes(batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs))
+    plain, expected = scored(scorer, batch, None)
+    shared, got = scored(scorer, batch, layout)
+    assert len(got) == len(expected) > 0 and all("lora" in n for n, p in lm.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-6)
+    assert max(relative(g, e) for g, e in zip(got, expected)) < 2e-6
+
+
+@pytest.mark.parametrize("kind", [None, *KINDS])
+def test_dpo_loss_equal_unshared(tiny_model_dir, pair_batch, kind):
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.005 * torch.randn_like(p))
+    reference = perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    layout = None if kind is None else layout_of(kind, pair_batch.input_ids, pair_batch.attention_mask,
+                                                 pair_groups(pair_batch.num_pairs))
     losses = []
-    for layout in (None, pair_layout(pair_batch)):
+    for lay in (None, layout):
         with torch.no_grad():
-            c, r, cl, rl = policy_logps(TokenScorer(policy), pair_batch, layout)
-            rc, rr, _, _ = policy_logps(TokenScorer(reference), pair_batch, layout)
+            c, r, cl, rl = policy_logps(TokenScorer(policy), pair_batch, lay)
+            rc, rr, _, _ = policy_logps(TokenScorer(reference), pair_batch, lay)
         losses.append(float(resolve_loss("sigmoid", {})(PairLogps(c, r, rc, rr, cl, rl), 0.1).mean()))
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 @pytest.mark.parametrize("nll_on", ["response", "full"])
-def test_orpo_loss_equal_unshared(tiny_model_dir, pair_batch, nll_on):
-    """ORPO scores the chosen prompt tokens too with nll_on=full: they are read once from the shared prefix."""
+def test_orpo_loss_equal_unshared(tiny_model_dir, pair_batch, nll_on, monkeypatch):
+    """ORPO scores the chosen prompt tokens too with nll_on=full: they are read once from the shared prefix (every
+    layout forced in turn)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     losses = []
-    for sharing in (False, True):
+    for sharing, kind in [(False, None), (True, "packed"), (True, "cached")]:
+        monkeypatch.setattr(prefopt.prefix, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, kind: 0})
         cfg = ORPOConfig(beta=0.25, nll_on=nll_on, prefix_sharing=sharing)
         algorithm = ORPO(cfg, RunConfig(algorithm=cfg, model=ModelConfig(), train=TrainConfig()), tokenizer)
         algorithm.model = TokenScorer(policy)
+        assert sharing is False or isinstance(algorithm.layout(pair_batch),
+                                              CachedPrefixLayout if kind == "cached" else SharedPrefixLayout)
         with torch.no_grad():
             loss, _ = algorithm.losses(pair_batch)
         losses.append(float(loss))
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
 
 
-def test_reward_scores_equal_unshared_k3(offline_model):
+@pytest.mark.parametrize("kind", KINDS)
+def test_reward_scores_equal_unshared_k3(offline_model, kind, chunked):
     """Three ranked completions of one prompt share it; a second prompt has two. Scores and gradients match (on
-    gpt2-real, pad = eos: both read the token before each completion's eos)."""
+    gpt2-real, pad = eos: both read the token before each completion's eos; the score head on the last real token
+    of each branch)."""
+    chunked(kind)
     model_dir = offline_model[1]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
@@ -175,22 +288,19 @@ def test_reward_scores_equal_unshared_k3(offline_model):
     batch = next(iter(loader))
     groups = rank_groups(batch.input_ids.shape[0], batch.pairs, batch.pair_group)
     assert groups == [[0, 1, 2], [3, 4]]
-    layout = share_prefixes(batch.input_ids, batch.attention_mask, groups)
+    layout = layout_of(kind, batch.input_ids, batch.attention_mask, groups)
     scorer = RewardScorer(rm)
     plain = scorer(batch.input_ids, batch.attention_mask)
-    plain.sum().backward()
+    (plain * torch.linspace(1, 2, 5)).sum().backward()
     expected = grads(rm)
     shared = scorer(batch.input_ids, batch.attention_mask, layout=layout)
-    shared.sum().backward()
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
-    for g, e in zip(grads(rm), expected):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    (shared * torch.linspace(1, 2, 5)).sum().backward()
+    torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-6)
+    assert max(relative(g, e) for g, e in zip(grads(rm), expected)) < 2e-6
 
 
 def test_supports(tiny_model_dir, tiny_llama_dir, qwen2_window_dir):
     """SDPA / eager models take a layout, a LoRA-wrapped one too; a sliding window or flash attention does not."""
-    import peft
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert supports(model)
     lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
@@ -202,8 +312,60 @@ def test_supports(tiny_model_dir, tiny_llama_dir, qwen2_window_dir):
     llama.config.sliding_window = 16
     assert not supports(llama)
     assert not supports(AutoModelForCausalLM.from_pretrained(qwen2_window_dir))  # Qwen2 with use_sliding_window
+    ids = torch.tensor([[1, 2, 3], [1, 2, 4]])
+    assert choose_layout(ids, torch.ones_like(ids), [[0, 1]], llama) is None
 
 
+# ---------------------------------------------------------------------------------------- online groups
+def rollout_rows(tokenizer_eos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two prompts of 11 and 4 tokens (left-padded to 11), G = 4 responses each of up to 9 tokens: some end early at
+    EOS (1 on EOS, 0 after), some are truncated at 9 (no EOS), as a rollout lays them out."""
+    torch.manual_seed(1)
+    prompts = torch.randint(3, 400, (2, 11))
+    prompt_mask = torch.ones(2, 11, dtype=torch.long)
+    prompt_mask[1, :7] = 0
+    prompts[1, :7] = tokenizer_eos  # pad = eos, as gpt2-real
+    responses = torch.randint(3, 400, (8, 9))
+    response_mask = torch.ones(8, 9, dtype=torch.long)
+    for row, end in {0: 2, 3: 5, 5: 0, 6: 7}.items():  # EOS at column `end`, padding after
+        responses[row, end] = tokenizer_eos
+        responses[row, end + 1:] = tokenizer_eos
+        response_mask[row, end + 1:] = 0
+    ids = torch.cat([prompts.repeat_interleave(4, 0), responses], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(4, 0), response_mask], 1)
+    score = torch.cat([torch.zeros_like(prompt_mask.repeat_interleave(4, 0)), response_mask], 1)
+    return ids, mask, score, torch.arange(2).repeat_interleave(4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2-real", "llama-chat", "qwen2"])
+@pytest.mark.parametrize("kind", [*KINDS, "chosen"])
+def test_grouped_scoring_equal_unshared(request, arch, kind, monkeypatch, chunked):
+    """GRPO / RLOO groups: left-padded prompts of different lengths, early EOS, truncation, temperature 0.7 and
+    entropies: log-probs, entropies and gradients of each layout (forced, or as chosen by cost) equal the padded
+    rows'. The first response token's log-prob comes from the prompt's last hidden state."""
+    chunked(kind, 4)  # 9-token branches: 2 chunks
+    model = perturbed(load_lm(request, arch))
+    if kind != "chosen":
+        costs = {"padded": 2, "packed": 1, "one-per-row": 1, "cached": 1}
+        monkeypatch.setattr(prefopt.prefix, "layout_costs",
+                            lambda *a, **k: {**costs, kind.replace("-chunks", ""): 0})
+        if kind == "one-per-row":
+            monkeypatch.setattr(prefopt.prefix, "share_prefixes", lambda *a: share_prefixes(*a, pack=False))
+    scorer = TokenScorer(model)
+    eos = model.generation_config.eos_token_id
+    ids, mask, score, group = rollout_rows(eos[0] if isinstance(eos, list) else eos)
+    out = {}
+    for name, g in [("plain", None), ("grouped", group)]:
+        logps, entropy = grouped_token_logps(scorer, ids, mask, score, g, 0.7, True)
+        (logps.sum(-1) * torch.linspace(1, 2, 8) + entropy.sum(-1)).sum().backward()
+        out[name] = logps.detach(), entropy.detach(), grads(model)
+    torch.testing.assert_close(out["grouped"][0], out["plain"][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out["grouped"][1], out["plain"][1], atol=1e-5, rtol=0)  # ~6 nats
+    assert max(relative(g, e) for g, e in zip(out["grouped"][2], out["plain"][2])) < 2e-6
+    assert (out["plain"][0][:, 11] != 0).all()  # the first response token is scored
+
+
+# ---------------------------------------------------------------------------------------- the choice
 def group_rows(prompt: int, response: int, samples: int, prompts: int = 2) -> tuple[torch.Tensor, torch.Tensor, list]:
     """``prompts`` x ``samples`` right-padded rows: each prompt's samples share ``prompt`` tokens, then ``response``."""
     torch.manual_seed(0)
@@ -214,33 +376,71 @@ def group_rows(prompt: int, response: int, samples: int, prompts: int = 2) -> tu
     return ids, torch.ones_like(ids), groups
 
 
-def test_sharing_pays_by_hand():
-    """width 256 (6 d = 1536 per token slot, pairs at 0.5): G = 8 responses of 256 tokens to a 96-token prompt pack
-    into a row of 96 + 8 x 256 = 2144 slots and 2144^2 / 2 = 2.30M pair units, against 8 rows of 352 slots and
-    8 x 352^2 / 2 = 0.50M: 2144 x 1536 + 2.30M = 5.59M > 2816 x 1536 + 0.50M = 4.82M, so the padded rows run. With
-    32-token responses the packed row costs 352 x 1536 + 62K = 0.60M against 1024 x 1536 + 66K = 1.64M: shared."""
-    assert not sharing_pays(*group_rows(96, 256, 8, prompts=1), hidden_size=256)
-    assert sharing_pays(*group_rows(96, 32, 8, prompts=1), hidden_size=256)
-    assert sharing_pays(*group_rows(300, 64, 2), hidden_size=256)  # a preference pair's long prompt
+def test_layout_costs_by_hand():
+    """Width 256 (a token slot 6 x 256 = 1536 units, a pair 0.5). G = 8 responses of 256 tokens to a 96-token prompt:
+    padded 8 rows x 352 = 2816 slots and 8 x 352^2 = 991K pairs -> 4.33M + 0.50M = 4.82M; packed one row of
+    96 + 8 x 256 = 2144 slots and 2144^2 = 4.60M pairs -> 3.29M + 2.30M = 5.59M; cached 96 + 2048 = 2144 slots and
+    96^2 + 8 x (128 x 224 + 128 x 352) = 599K pairs (the 256-token branches in two 128-token chunks, each attending
+    to the prompt and the chunks up to itself) and 8 x 96 x 2 copies of the prompt's keys and values at 64 ->
+    3.29M + 0.30M + 0.10M = 3.69M."""
+    costs = layout_costs(*group_rows(96, 256, 8, prompts=1), hidden_size=256)
+    assert costs == pytest.approx({"padded": 2816 * 1536 + 0.5 * 8 * 352**2,
+                                   "packed": 2144 * 1536 + 0.5 * 2144**2,
+                                   "cached": 2144 * 1536 + 0.5 * (96**2 + 8 * (128 * 224 + 128 * 352))
+                                   + 64 * 8 * 96 * 2})
 
 
-def test_grouped_scoring_shares_only_where_it_pays(tiny_model_dir, monkeypatch):
-    """A rollout of G = 8 long responses to a short prompt is scored as padded rows (no layout is built); short ones
-    share their prompt; the log-probs are the same either way."""
-    import prefopt.scoring
+# measured with benchmarks/prefix_layouts.py (forward + backward of the trunk, 1 thread, the layouts taking turns; the
+# table in /work/team/notes/share.md): the fastest layout of each setting, which the cost model must pick
+MEASURED = [  # (shape, prompts, branch lengths of each group, fastest)
+    ("gpt2", [60, 96], [[32] * 8] * 2, "packed"),  # online, G = 8, 32-token responses: 0.224 s vs cached 0.255
+    ("gpt2", [60, 96], [[128] * 8] * 2, "cached"),  # 128 tokens: 1.052 vs packed 1.141 vs padded 1.297
+    ("gpt2", [60, 96], [[256] * 8] * 2, "cached"),  # 256 tokens: 1.660 vs padded 2.286 vs packed 2.818
+    ("qwen2", [60, 96], [[256] * 8] * 2, "cached"),  # 0.265 vs padded 0.343 vs packed 0.851
+    ("gpt2", [512], [[512, 512]], "cached"),  # a 1,024-token pair: 1.133 vs padded 1.494
+    ("qwen2", [512], [[512, 512]], "cached"),  # 0.289 vs padded 0.356 vs packed 0.455
+]
 
+
+@pytest.mark.parametrize("shape,prompts,branches,fastest", MEASURED)
+def test_the_cost_model_picks_the_measured_fastest(shape, prompts, branches, fastest):
+    width = {"gpt2": 256, "qwen2": 64}[shape]
+    torch.manual_seed(0)
+    rows, groups = [], []
+    for prompt, lengths in zip(prompts, branches):
+        head = torch.randint(2, 500, (prompt,))
+        groups.append(list(range(len(rows), len(rows) + len(lengths))))
+        rows += [torch.cat([head, torch.randint(2, 500, (n,))]) for n in lengths]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    costs = layout_costs(ids, mask, groups, width)
+    assert min(costs, key=costs.get) == fastest, costs
+
+
+def test_grouped_scoring_runs_the_chosen_layout(tiny_model_dir, monkeypatch):
+    """A rollout of G = 8 long responses to a short prompt runs the cached layout, short ones to a long prompt the
+    packed one; the log-probs equal the padded rows' either way."""
     built = []
-    share = prefopt.scoring.share_prefixes
-    monkeypatch.setattr(prefopt.scoring, "share_prefixes", lambda *a, **k: built.append(1) or share(*a, **k))
+    for name in ("share_prefixes", "cache_prefixes"):
+        original = getattr(prefopt.prefix, name)
+        monkeypatch.setattr(prefopt.prefix, name, lambda *a, _f=original, _n=name, **k: built.append(_n) or _f(*a, **k))
     scorer = TokenScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    for prompt, response, shared in [(4, 40, False), (40, 4, True)]:
+    for prompt, response, layout in [(4, 60, "cache_prefixes"), (60, 2, "share_prefixes")]:
         ids, mask, groups = group_rows(prompt, response, 8)
         score_mask = torch.zeros_like(ids)
         score_mask[:, prompt:] = 1
         group = torch.arange(2).repeat_interleave(8)
         built.clear()
         with torch.no_grad():
-            logps, _ = prefopt.scoring.grouped_token_logps(scorer, ids, mask, score_mask, group)
+            logps, _ = grouped_token_logps(scorer, ids, mask, score_mask, group)
             plain, _ = scorer(ids, mask, score_mask)
-        assert bool(built) is shared
-        torch.testing.assert_close(logps, plain, atol=1e-5, rtol=0)
+        assert built == [layout]
+        torch.testing.assert_close(logps, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_branch_chunks():
+    """Branches run in 128-token query chunks or more (one when shorter than two), in one under bf16 gradients."""
+    assert prefopt.prefix.branch_chunks(100) == [(0, 100)]
+    assert prefopt.prefix.branch_chunks(300) == [(0, 150), (150, 300)]
+    assert prefopt.prefix.branch_chunks(512) == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    assert prefopt.prefix.branch_chunks(512, bf16_gradients=True) == [(0, 512)]

@@ -26,9 +26,9 @@ from prefopt.config import MAX_COEF, TOO_STRONG, LoraConfig, check
 from prefopt.distributed import seed_epoch
 from prefopt.errors import ConfigError, UnknownNameError
 from prefopt.models import load_causal_lm, needs_separate_reference
-from prefopt.prefix import SharedPrefixLayout, supports
+from prefopt.prefix import supports
 from prefopt.registry import register_algorithm
-from prefopt.scoring import TokenScorer
+from prefopt.scoring import Layout, TokenScorer
 from prefopt.types import LossOutput, PairBatch, PairLogps
 
 
@@ -92,13 +92,14 @@ class DPO(Algorithm):
             if "train" in loaders:  # the first epoch's order: the batches a short run takes
                 seed_epoch(loaders["train"], 0, t.seed)
             for split, loader in loaders.items():
-                self.cache.fill(split, loader, self.reference_forward, accelerator, self.share_prefix,
+                self.cache.fill(split, loader, self.reference_forward, accelerator, self.layout,
                                 max_batches=budget.get(split), progress=t.progress)
             self.reference = None
 
-    def layout(self, batch: PairBatch) -> SharedPrefixLayout | None:
-        """The batch with each prompt written once (prefix sharing), or None to run the padded rows."""
-        return pair_layout(batch) if self.share_prefix else None
+    def layout(self, batch: PairBatch) -> Layout | None:
+        """The batch with each prompt run once (prefix sharing, in the layout that costs least), or None to run the
+        padded rows."""
+        return pair_layout(batch, self.unwrapped.lm) if self.share_prefix else None
 
     def pair_logps(self, batch: PairBatch, split: str) -> PairLogps:
         layout = self.layout(batch)

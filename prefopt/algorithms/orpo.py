@@ -23,9 +23,8 @@ from prefopt.algorithm import Algorithm
 from prefopt.algorithms.pairwise import means, pair_layout, sums
 from prefopt.config import MAX_COEF, TOO_STRONG, check
 from prefopt.models import load_causal_lm
-from prefopt.prefix import SharedPrefixLayout, supports
 from prefopt.registry import register_algorithm
-from prefopt.scoring import TokenScorer
+from prefopt.scoring import Layout, TokenScorer
 from prefopt.types import LossOutput, PairBatch
 
 
@@ -59,10 +58,10 @@ class ORPO(Algorithm):
     def build(self) -> None:
         self.model = TokenScorer(load_causal_lm(self.run.model))
 
-    def layout(self, batch: PairBatch) -> SharedPrefixLayout | None:
-        """The batch with each prompt written once (prefix sharing), or None to run the padded rows."""
-        share = self.config.prefix_sharing and supports(self.unwrapped.lm)
-        return pair_layout(batch) if share else None
+    def layout(self, batch: PairBatch) -> Layout | None:
+        """The batch with each prompt run once (prefix sharing, in the layout that costs least), or None to run the
+        padded rows."""
+        return pair_layout(batch, self.unwrapped.lm) if self.config.prefix_sharing else None
 
     def losses(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss, per-pair metrics)."""

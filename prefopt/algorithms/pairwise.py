@@ -12,9 +12,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefopt.errors import ConfigError
-from prefopt.prefix import SharedPrefixLayout, pair_groups, share_prefixes
+from prefopt.prefix import choose_layout, pair_groups
 from prefopt.registry import LOSSES, closest
-from prefopt.scoring import sum_scored
+from prefopt.scoring import Layout, sum_scored
 from prefopt.types import PairBatch, PairLogps
 
 
@@ -39,16 +39,17 @@ def resolve_loss(name: str, params: dict[str, Any]) -> Callable[..., Tensor]:
     return bound
 
 
-def pair_layout(batch: PairBatch, pack: bool = True) -> SharedPrefixLayout:
-    """The batch with each pair's prompt written once for its chosen and rejected responses (prefopt.prefix)."""
-    return share_prefixes(batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs), pack=pack)
+def pair_layout(batch: PairBatch, model: Any) -> Layout | None:
+    """The batch with each pair's prompt run once for its chosen and rejected responses, in the layout that costs
+    ``model`` least (prefopt.prefix.choose_layout; None: the padded rows cost least)."""
+    return choose_layout(batch.input_ids, batch.attention_mask, pair_groups(batch.num_pairs), model)
 
 
 def policy_logps(scorer: Any, batch: PairBatch,
-                 layout: SharedPrefixLayout | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 layout: Layout | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward over chosen and rejected rows -> (chosen, rejected, chosen_lengths, rejected_lengths).
 
-    With a ``layout`` (``pair_layout(batch)``) the scorer runs each shared prompt once; the values are the same.
+    With a ``layout`` (``pair_layout(batch, model)``) the scorer runs each shared prompt once; the values are the same.
     """
     kwargs = {} if layout is None else {"layout": layout}
     per_token, _ = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask, **kwargs)
@@ -91,8 +92,10 @@ class ReferenceCache:
 
     @torch.no_grad()
     def fill(self, split: str, loader: Any, reference_scorer: Any, accelerator: Any,
-             share_prefix: bool = False, max_batches: int | None = None, progress: bool = True) -> None:
-        """Reference log-probs of the first ``max_batches`` batches of ``loader`` (all: None), with a progress bar.
+             layout_of: Callable[[PairBatch], Layout | None] | None = None, max_batches: int | None = None,
+             progress: bool = True) -> None:
+        """Reference log-probs of the first ``max_batches`` batches of ``loader`` (all: None), with a progress bar;
+        ``layout_of(batch)``: the layout each batch runs in (None: the padded rows).
 
         For the training split the caller seeds the loader's epoch 0 first, so these are the batches a run of
         ``max_steps`` steps takes when it stays inside the first epoch."""
@@ -101,7 +104,7 @@ class ReferenceCache:
         bar = tqdm(itertools.islice(loader, total), total=total, desc=f"reference log-probs ({split})",
                    disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
         for batch in bar:
-            layout = pair_layout(batch) if share_prefix else None
+            layout = None if layout_of is None else layout_of(batch)
             chosen, rejected, _, _ = policy_logps(reference_scorer, batch, layout)
             index = accelerator.gather(batch.index)
             chosen, rejected = accelerator.gather(chosen), accelerator.gather(rejected)

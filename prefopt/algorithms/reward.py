@@ -26,9 +26,9 @@ from torch import Tensor
 from prefopt.algorithm import Algorithm
 from prefopt.config import check
 from prefopt.models import load_reward_model
-from prefopt.prefix import SharedPrefixLayout, rank_groups, share_prefixes, supports
+from prefopt.prefix import choose_layout, rank_groups
 from prefopt.registry import register_algorithm
-from prefopt.scoring import RewardScorer
+from prefopt.scoring import Layout, RewardScorer
 from prefopt.types import LossOutput, RankBatch
 
 
@@ -77,12 +77,13 @@ class RewardModelling(Algorithm):
     def build(self) -> None:
         self.model = RewardScorer(load_reward_model(self.run.model.name_or_path, self.run.model, trainable=True))
 
-    def layout(self, batch: RankBatch) -> SharedPrefixLayout | None:
-        """The batch with each prompt written once for all its completions, or None to run the padded rows."""
-        if not (self.config.prefix_sharing and supports(self.unwrapped.backbone)):
+    def layout(self, batch: RankBatch) -> Layout | None:
+        """The batch with each prompt run once for all its completions (in the layout that costs least), or None to
+        run the padded rows."""
+        if not self.config.prefix_sharing:
             return None
         groups = rank_groups(batch.input_ids.shape[0], batch.pairs, batch.pair_group)
-        return share_prefixes(batch.input_ids, batch.attention_mask, groups)
+        return choose_layout(batch.input_ids, batch.attention_mask, groups, self.unwrapped.backbone)
 
     def scores(self, batch: RankBatch) -> Tensor:
         """Score of every completion row [N]."""

@@ -200,7 +200,7 @@ class OnlineAlgorithm(Algorithm):
         group = group if self.config.prefix_sharing and supports(self.policy) else None
         outputs = grouped_token_logps(scorer, sequences, attention_mask, score_mask, group,
                                       self.config.generation.logprob_temperature, with_entropy,
-                                      hidden_size=self.policy.config.get_text_config().hidden_size, **kwargs)
+                                      lm=self.policy, **kwargs)
         width = rollout.prompt_ids.shape[1]
         return tuple(None if out is None else out[:, width:] for out in outputs)
 
