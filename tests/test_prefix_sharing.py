@@ -390,15 +390,18 @@ def test_layout_costs_by_hand():
                                    + 64 * 8 * 96 * 2})
 
 
-# measured with benchmarks/prefix_layouts.py (forward + backward of the trunk, 1 thread, the layouts taking turns; the
-# table in /work/team/notes/share.md): the fastest layout of each setting, which the cost model must pick
+# measured with benchmarks/prefix_layouts.py (forward + backward of the trunk, 1 thread, the layouts taking turns, 5
+# repeats; 06:35-06:40, load 4.6-5.5; /work/team/notes/share.md): the fastest layout of each setting, which the cost
+# model must pick (s: padded / packed / cached)
 MEASURED = [  # (shape, prompts, branch lengths of each group, fastest)
-    ("gpt2", [60, 96], [[32] * 8] * 2, "packed"),  # online, G = 8, 32-token responses: 0.224 s vs cached 0.255
-    ("gpt2", [60, 96], [[128] * 8] * 2, "cached"),  # 128 tokens: 1.052 vs packed 1.141 vs padded 1.297
-    ("gpt2", [60, 96], [[256] * 8] * 2, "cached"),  # 256 tokens: 1.660 vs padded 2.286 vs packed 2.818
-    ("qwen2", [60, 96], [[256] * 8] * 2, "cached"),  # 0.265 vs padded 0.343 vs packed 0.851
-    ("gpt2", [512], [[512, 512]], "cached"),  # a 1,024-token pair: 1.133 vs padded 1.494
-    ("qwen2", [512], [[512, 512]], "cached"),  # 0.289 vs padded 0.356 vs packed 0.455
+    ("gpt2", [60, 96], [[16] * 8] * 2, "packed"),  # online, G = 8, 16-token responses: 1.473 / 0.330 / 0.404
+    ("gpt2", [60, 96], [[32] * 8] * 2, "packed"),  # 32 tokens: 1.876 / 0.550 / 0.625
+    ("gpt2", [60, 96], [[128] * 8] * 2, "cached"),  # 128 tokens: 3.033 / 2.200 / 1.670
+    ("gpt2", [60, 96], [[256] * 8] * 2, "cached"),  # 256 tokens: 4.595 / 5.591 / 3.245
+    ("qwen2", [60, 96], [[256] * 8] * 2, "cached"),  # 0.638 / 1.716 / 0.525
+    ("gpt2", [512], [[512, 512]], "cached"),  # a 1,024-token pair: 2.213 / 2.616 / 1.919
+    ("qwen2", [512], [[512, 512]], "cached"),  # 0.445 / 0.641 / 0.413
+    ("qwen2", [64] * 4, [[64] * 4] * 4, "cached"),  # 4-wise rankings: 0.201 / 0.179 / 0.153
 ]
 
 
