@@ -14,14 +14,17 @@ The three run in turn, ``--repeats`` times each, on the same model (``assets.py`
 * ``one forward``: a plain forward (no grad) over the same prompt + response tokens, the rate a batched pass reaches
   on this machine: the ceiling generation is compared with (the issue's target: >= 50% of it).
 
-Reported: the median seconds and new tokens/s of each sampler, the forward's tokens/s over all the tokens it runs,
-and each sampler's tokens/s as a share of the forward's. Writes ``results.md`` in ``--work``.
+Reported: the median seconds, milliseconds per new token (per decode step) and new tokens/s of each sampler, the
+forward's tokens/s over all the tokens it runs, each sampler's tokens/s as a share of the forward's, and the machine's
+load averages before and after (timings on a loaded machine are noisy; the shares are measured side by side). Writes
+``results.md`` in ``--work``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -82,6 +85,7 @@ def main() -> None:
         with torch.no_grad():
             model(input_ids=sequences, attention_mask=mask)
 
+    load_before = os.getloadavg()
     times: dict[str, list[float]] = {"prefopt engine": [], "transformers generate": [], "one forward": []}
     for _ in range(args.repeats):
         for name, fn in zip(times, (engine, before, forward)):
@@ -93,14 +97,17 @@ def main() -> None:
     new_tokens = sequences.shape[0] * args.max_new_tokens
     forward_rate = sequences.numel() / statistics.median(times["one forward"])
     lines = [f"`python benchmarks/generation.py {' '.join(sys.argv[1:])}`", "",
-             f"{args.arch}, {args.layers} layers, width {args.width}, vocabulary {args.vocab}; {args.prompts} prompts x "
-             f"G = {args.num_samples} = {sequences.shape[0]} rows, {batch.input_ids.shape[1]} prompt columns + "
-             f"{args.max_new_tokens} new tokens, fp32, {args.threads} thread(s), median of {args.repeats}.", "",
-             "| | s | tokens/s | share of the forward's tokens/s |", "|---|---|---|---|"]
+             f"{args.arch}, {args.layers} layers, width {args.width}, vocabulary {args.vocab}; {args.prompts} prompts "
+             f"x G = {args.num_samples} = {sequences.shape[0]} rows, {batch.input_ids.shape[1]} prompt columns + "
+             f"{args.max_new_tokens} new tokens, fp32, {args.threads} thread(s), median of {args.repeats}; "
+             f"load averages {' '.join(f'{x:.2f}' for x in load_before)} before, "
+             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after.", "",
+             "| | s | ms per step | tokens/s | share of the forward's tokens/s |", "|---|---|---|---|---|"]
     for name, values in times.items():
         seconds = statistics.median(values)
         rate = (sequences.numel() if name == "one forward" else new_tokens) / seconds
-        lines.append(f"| {name} | {seconds:.3f} | {rate:.0f} | {rate / forward_rate:.2f} |")
+        step = "" if name == "one forward" else f"{seconds / args.max_new_tokens * 1e3:.1f}"
+        lines.append(f"| {name} | {seconds:.3f} | {step} | {rate:.0f} | {rate / forward_rate:.2f} |")
     table = "\n".join(lines) + "\n"
     (args.work / "results.md").write_text(table)
     (args.work / "results.json").write_text(json.dumps(times, indent=1))

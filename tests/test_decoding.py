@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from prefopt.rl.decoding import PreallocatedLayer, sample, sampling_warpers
+from prefopt.rl.decoding import PreallocatedLayer, draw, sample, sampling_warpers
 from prefopt.rl.engine import GenerationConfig, generate
 from prefopt.scoring import position_ids
 from test_rl import two_prompts
@@ -25,7 +25,7 @@ def test_sample_draws_from_the_warped_softmax(temperature, top_k, top_p):
     renormalised, as transformers' warpers define it (within 4.5 standard errors)."""
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
-    draws = sample(logits.expand(60_000, -1), temperature, sampling_warpers(top_k, top_p))
+    draws = sample(logits.expand(60_000, -1) / temperature, sampling_warpers(top_k, top_p))
     frequency = torch.bincount(draws, minlength=6).double() / len(draws)
     expected = torch.softmax(logits[0].double() / temperature, -1)
     if top_k:
@@ -71,3 +71,35 @@ def test_greedy_decode_equals_the_models_own_cache(fixture, request):
                         cache=cache, use_cache=True)
     expected = torch.stack(tokens, 1).masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
     assert torch.equal(rollout.response_ids, expected)
+
+
+@pytest.mark.parametrize("do_sample,temperature,top_k,top_p", [(True, 0.7, 0, 1.0), (True, 1.0, 5, 0.9),
+                                                                (False, 1.0, 0, 1.0)])
+def test_draw_gives_the_log_prob_of_the_drawn_token_under_the_tempered_softmax(do_sample, temperature, top_k, top_p):
+    """``draw``: the token ``sample`` gives from the same uniform variates (the argmax when greedy) and its behaviour
+    log-prob log softmax(z / T)[y] computed in float64 (T = 1 when greedy; top-k / top-p do not enter it)."""
+    logits = torch.randn(6, 50, dtype=torch.bfloat16) * 4
+    gen = GenerationConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    warpers = sampling_warpers(top_k, top_p) if do_sample else []
+    torch.manual_seed(1)
+    tokens, logprobs = draw(logits, gen, warpers)
+    torch.manual_seed(1)
+    expected = sample(logits.float() / temperature, warpers) if do_sample else logits.float().argmax(-1)
+    assert torch.equal(tokens, expected)
+    reference = torch.log_softmax(logits.double() / gen.logprob_temperature, -1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.double(), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_draw_refuses_logits_that_are_not_finite_with_the_message_stopping_reads(bad):
+    """A diverged policy's nan or +inf logits (in one row) stop the sampling with torch.multinomial's words, which
+    prefopt.stopping turns into the exit-3 divergence stop; an entry at -inf (a banned token) is fine."""
+    from prefopt.stopping import SAMPLING_NAN
+
+    logits = torch.randn(3, 10)
+    logits[0, 4] = -float("inf")
+    tokens, logprobs = draw(logits, GenerationConfig(temperature=0.7), [])
+    assert (tokens[0] != 4).item() and bool(torch.isfinite(logprobs).all())
+    logits[1, 2] = bad
+    with pytest.raises(RuntimeError, match=SAMPLING_NAN):
+        draw(logits, GenerationConfig(temperature=0.7), [])
