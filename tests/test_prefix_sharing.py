@@ -126,7 +126,7 @@ def chunked(monkeypatch):
     rows here are shorter than the 128 tokens a chunk takes by default): 2-4 chunks, as 256-512-token branches."""
     def set_kind(kind: str, size: int = 32) -> None:
         if kind == "cached-chunks":
-            monkeypatch.setattr(prefopt.prefix, "BRANCH_CHUNK", size)
+            monkeypatch.setattr(prefopt.prefix.cached, "BRANCH_CHUNK", size)
     return set_kind
 
 
@@ -253,7 +253,7 @@ def test_orpo_loss_equal_unshared(tiny_model_dir, pair_batch, nll_on, monkeypatc
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     losses = []
     for sharing, kind in [(False, None), (True, "packed"), (True, "cached")]:
-        monkeypatch.setattr(prefopt.prefix, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, kind: 0})
+        monkeypatch.setattr(prefopt.prefix.choice, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, kind: 0})
         cfg = ORPOConfig(beta=0.25, nll_on=nll_on, prefix_sharing=sharing)
         algorithm = ORPO(cfg, RunConfig(algorithm=cfg, model=ModelConfig(), train=TrainConfig()), tokenizer)
         algorithm.model = TokenScorer(policy)
@@ -347,10 +347,10 @@ def test_grouped_scoring_equal_unshared(request, arch, kind, monkeypatch, chunke
     model = perturbed(load_lm(request, arch))
     if kind != "chosen":
         costs = {"padded": 2, "packed": 1, "one-per-row": 1, "cached": 1}
-        monkeypatch.setattr(prefopt.prefix, "layout_costs",
+        monkeypatch.setattr(prefopt.prefix.choice, "layout_costs",
                             lambda *a, **k: {**costs, kind.replace("-chunks", ""): 0})
         if kind == "one-per-row":
-            monkeypatch.setattr(prefopt.prefix, "share_prefixes", lambda *a: share_prefixes(*a, pack=False))
+            monkeypatch.setattr(prefopt.prefix.choice, "share_prefixes", lambda *a: share_prefixes(*a, pack=False))
     scorer = TokenScorer(model)
     eos = model.generation_config.eos_token_id
     ids, mask, score, group = rollout_rows(eos[0] if isinstance(eos, list) else eos)
@@ -425,8 +425,9 @@ def test_grouped_scoring_runs_the_chosen_layout(tiny_model_dir, monkeypatch):
     packed one; the log-probs equal the padded rows' either way."""
     built = []
     for name in ("share_prefixes", "cache_prefixes"):
-        original = getattr(prefopt.prefix, name)
-        monkeypatch.setattr(prefopt.prefix, name, lambda *a, _f=original, _n=name, **k: built.append(_n) or _f(*a, **k))
+        original = getattr(prefopt.prefix.choice, name)
+        monkeypatch.setattr(prefopt.prefix.choice, name,
+                            lambda *a, _f=original, _n=name, **k: built.append(_n) or _f(*a, **k))
     scorer = TokenScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     for prompt, response, layout in [(4, 60, "cache_prefixes"), (60, 2, "share_prefixes")]:
         ids, mask, groups = group_rows(prompt, response, 8)
