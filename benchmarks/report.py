@@ -1,10 +1,11 @@
 """The report of ``vs_trl.py``: one row per contestant and dtype from a worker's measurements, and the markdown.
 
-Per contestant: median s/step over the timed steps, tokens/s (non-pad tokens of the batch's chosen + rejected
-rows, the same count for both libraries), the loss at step 0 and the largest |loss difference| to TRL's default
-over the steps, MFU and peak RSS. MFU = 6 * N * tokens / step time / ceiling, with N from
-``measure.parameters_per_token`` and the ceiling the highest ``measure.matmul_ceiling`` of the worker. Speed-ups
-are ratios of median s/step within one dtype; ablation rows (names outside ``MAIN``) go to a table of their own.
+Per contestant: median s/step over the timed steps, tokens/s (non-pad tokens of the batch's chosen + rejected rows,
+the same count for both libraries), the loss at step 0 and the largest |loss difference| to TRL's default over the
+steps, MFU, peak RSS and the median CPU seconds of the contestant's thread per step (``turns.py``). MFU = 6 * N *
+tokens / step time / ceiling, with N from ``measure.parameters_per_token`` and the ceiling the highest
+``measure.matmul_ceiling`` of the worker. Speed-ups are ratios of median s/step within one dtype; ablation rows
+(names outside ``MAIN``) go to a table of their own.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def summarise(result: dict[str, Any], warmup: int, n_params: int, memory: dict[s
         mem = memory.get(name, {})
         rows.append({
             "name": name, "dtype": result["dtype"], "s_per_step": statistics.median(times),
+            "cpu_s_per_step": statistics.median(c["cpu_times"][warmup:]) if c.get("cpu_times") else float("nan"),
             "tokens_per_s": sum(tokens) / sum(times), "mfu": statistics.median(flops) / ceiling,
             "loss0": c["losses"][0] if c["losses"] else float("nan"),
             "loss0_diff": diffs[0] if diffs else float("nan"), "max_loss_diff": max(diffs) if diffs else float("nan"),
@@ -70,9 +72,9 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, Any], args: argparse
                      f"after {c['after']:.0f})")
     by_key = {(r["name"], r["dtype"]): r for r in rows}
 
-    def ratio(r: dict[str, Any], other: str) -> str:
+    def ratio(r: dict[str, Any], other: str, key: str = "s_per_step") -> str:
         o = by_key.get((f"{r['name'].split('/')[0]}/{other}", r["dtype"]))
-        return f"{o['s_per_step'] / r['s_per_step']:.2f}x" if o else "-"
+        return f"{o[key] / r[key]:.2f}x" if o else "-"
 
     def added(r: dict[str, Any], other: str | None = None) -> str:
         """Peak RSS above the process's baseline, MB; with ``other``: as a share of that contestant's."""
@@ -85,8 +87,8 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, Any], args: argparse
     lines += ["", "## prefopt vs TRL", "",
               "| algorithm | contestant | dtype | s/step | speed-up vs TRL default | vs TRL best | tokens/s | MFU "
               "| peak RSS MB (baseline) | MB added | added vs TRL default / best | loss at step 0 "
-              "| \\|Δ loss\\| vs TRL default: step 0 (max, all steps) | setup s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| \\|Δ loss\\| vs TRL default: step 0 (max, all steps) | setup s | CPU s/step (vs TRL best) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         algo, who = r["name"].split("/")
         if who not in MAIN:
@@ -96,7 +98,8 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, Any], args: argparse
             f"{ratio(r, 'trl-best')} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
             f"{r['peak_rss_mb']:.0f} ({r['baseline_rss_mb']:.0f}) | {added(r)} | "
             f"{added(r, 'trl-default')} / {added(r, 'trl-best')} | {r['loss0']:.6f} | "
-            f"{r['loss0_diff']:.1e} ({r['max_loss_diff']:.1e}) | {r['setup_s']:.1f} |")
+            f"{r['loss0_diff']:.1e} ({r['max_loss_diff']:.1e}) | {r['setup_s']:.1f} | "
+            f"{r['cpu_s_per_step']:.3f} ({ratio(r, 'trl-best', 'cpu_s_per_step')}) |")
     lines += ["", parity(rows)]
     ablations = [r for r in rows if r["name"].split("/")[1] not in MAIN]
     if ablations:

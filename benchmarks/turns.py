@@ -4,7 +4,10 @@ Every contestant is a real training loop in its own thread: ``prefopt.trainer.Tr
 (``fit_in_turns``), ``trainer.train()`` for TRL (``train_in_turns``). A baton lets exactly one thread run at a
 time, one optimizer step each in turn (``run_in_turns``), so all contestants of a run see the same machine load. A
 step is timed from its start to the end of its optimizer update (TRL: ``on_step_begin`` to ``on_step_end``; ours:
-``Trainer._train_step``) into ``Contestant.times``; the benchmark scripts record losses and tokens themselves.
+``Trainer._train_step``) into ``Contestant.times``, and the CPU seconds the contestant's thread spent in it into
+``Contestant.cpu_times`` (``time.thread_time``: one torch thread runs every op in the calling thread, so this is
+the step's work, less sensitive than the wall clock to what the machine's other jobs take from it); the benchmark
+scripts record losses and tokens themselves.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ class Contestant:
         self.dtype = args.dtype
         self.steps = args.warmup + args.steps
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # CPU seconds of this thread per step
         self.losses: list[float] = []
         self.tokens: list[int] = []  # non-pad tokens of each step's batch
         self.setup_s = 0.0
         self.error: str | None = None
         self.go, self.idle = threading.Event(), threading.Event()
-        self._t0 = 0.0
+        self._t0 = self._c0 = 0.0
         self._created = time.perf_counter()
 
     # baton
@@ -41,10 +45,11 @@ class Contestant:
         self.idle.set()
         self.go.wait()
         self.go.clear()
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.thread_time()
 
     def end(self) -> None:
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu_times.append(time.thread_time() - self._c0)
 
     def thread_main(self) -> None:
         self._created = time.perf_counter()

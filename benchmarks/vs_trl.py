@@ -113,6 +113,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_step": tokens, "padded_tokens_per_step": [b.input_ids.numel() for b in batches],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "contestants": {c.name: {"algorithm": c.algorithm, "side": c.side, "options": c.options, "times": c.times,
+                                 "cpu_times": c.cpu_times,
                                  "losses": c.losses, "tokens": c.tokens, "setup_s": c.setup_s}
                         for c in contestants},
     }

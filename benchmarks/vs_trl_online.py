@@ -91,8 +91,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     contestants = [cls(name, algo, args, shared, **options) for name, algo, cls, options in lineup(args)]
     run_in_turns(contestants)
     prompts_file.unlink()
-    return {"contestants": [{"name": c.name, "times": c.times, "losses": c.losses, "tokens": c.tokens,
-                             "parts": c.parts, "rewards": c.rewards} for c in contestants],
+    return {"contestants": [{"name": c.name, "times": c.times, "cpu_times": c.cpu_times, "losses": c.losses,
+                             "tokens": c.tokens, "parts": c.parts, "rewards": c.rewards} for c in contestants],
             "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
             "completion_tokens": [int(r.response_mask.sum()) for r in shared["completions"].rollouts]}
 
@@ -102,7 +102,9 @@ def summarise(result: dict[str, Any], warmup: int, memory: dict[str, dict[str, f
     for c in result["contestants"]:
         times, parts = c["times"][warmup:], c["parts"][warmup:len(c["times"])]
         mem = memory.get(c["name"], {})
+        cpu = c.get("cpu_times", [])[warmup:]
         rows.append({"name": c["name"], "s_per_step": statistics.median(times),
+                     "cpu_s_per_step": statistics.median(cpu) if cpu else float("nan"),
                      "generation_s": statistics.median(p["generation"] for p in parts),
                      "scoring_s": statistics.median(p["scoring"] for p in parts),
                      "update_s": statistics.median(t - p["generation"] - p["scoring"] for t, p in zip(times, parts)),
@@ -114,9 +116,9 @@ def summarise(result: dict[str, Any], warmup: int, memory: dict[str, dict[str, f
     return rows
 
 
-def speedup(other: dict[str, Any] | None, row: dict[str, Any]) -> str:
-    """``other``'s s/step over ``row``'s ("-" when ``other`` did not run)."""
-    return f"{other['s_per_step'] / row['s_per_step']:.2f}x" if other else "-"
+def speedup(other: dict[str, Any] | None, row: dict[str, Any], key: str = "s_per_step") -> str:
+    """``other``'s s/step over ``row``'s ("-" when ``other`` did not run); ``key`` cpu_s_per_step: CPU seconds."""
+    return f"{other[key] / row[key]:.2f}x" if other else "-"
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, result: dict[str, Any]) -> str:
@@ -127,8 +129,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, result: dict[
              f"max_new_tokens {args.max_new_tokens} (the shared completions: {statistics.mean(result['completion_tokens']):.0f} "
              f"tokens a step), fp32, {args.threads} thread(s); median of {args.steps} steps after {args.warmup} warm-up.",
              "", "| contestant | s/step | generation s | scoring s | update s | own gen tokens/s | loss step 0 "
-             "| peak RSS MB | MB added | added vs TRL default / best | TRL default s/step over this | vs TRL best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB | MB added | added vs TRL default / best | TRL default s/step over this | vs TRL best "
+             "| CPU s/step (vs TRL best) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         algo = row["name"].split("/")[0]
         default, best = by_name.get(f"{algo}/trl-default"), by_name.get(f"{algo}/trl-best")
@@ -139,7 +141,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, result: dict[
         lines.append(f"| {row['name']} | {row['s_per_step']:.3f} | {row['generation_s']:.3f} | {row['scoring_s']:.3f} "
                      f"| {row['update_s']:.3f} | {row['gen_tokens_per_s']:.0f} | {row['loss_step0']:.6f} "
                      f"| {row['peak_rss_mb']:.0f} | {row['added_mb']:.0f} | {share(default)} / {share(best)} "
-                     f"| {speedup(default, row)} | {speedup(best, row)} |")
+                     f"| {speedup(default, row)} | {speedup(best, row)} "
+                     f"| {row['cpu_s_per_step']:.3f} ({speedup(best, row, 'cpu_s_per_step')}) |")
     failed = []
     for r in rows:
         default = by_name.get(r["name"].split("/")[0] + "/trl-default")
