@@ -2,9 +2,9 @@
 
 For each setting (a model shape and a batch of groups: online G samples of a prompt, preference pairs, long pairs)
 one forward + backward of the decoder trunk (the LM head's work is the same in every layout) in each layout, the
-median of ``--repeats`` runs (the layouts take turns), beside ``prefopt.prefix.layout_costs``'s modelled costs and the layout
-``choose_layout`` picks; the last column says whether the pick is the fastest (or within 5% of it). This is how
-``prefix.ATTENTION_WEIGHT`` is fitted and checked.
+median of ``--repeats`` runs (the layouts take turns), beside ``prefopt.prefix.layout_costs``'s modelled costs
+and the layout ``choose_layout`` picks; the last column says whether the pick is the fastest (or within 5% of
+it). This is how ``prefix.choice.ATTENTION_WEIGHT`` and ``COPY_WEIGHT`` are fitted and checked.
 
     cd benchmarks && nice -n 10 python prefix_layouts.py --threads 1 --repeats 3
 """
@@ -117,7 +117,8 @@ def main() -> None:
                 model.zero_grad(set_to_none=True)
             return step
 
-        layouts = {"padded": None, "packed": share_prefixes(ids, mask, groups), "cached": cache_prefixes(ids, mask, groups)}
+        layouts = {"padded": None, "packed": share_prefixes(ids, mask, groups),
+                   "cached": cache_prefixes(ids, mask, groups)}
         seconds = timed({name: run(layout) for name, layout in layouts.items()}, args.repeats)
         costs = layout_costs(ids, mask, groups, model.config.get_text_config().hidden_size)
         chosen = choose_layout(ids, mask, groups, model)

@@ -53,8 +53,8 @@ def run(monkeypatch, algorithm, model_dir, data_path, precision, sharing, out):
     built = []
     cache_prefixes = prefopt.prefix.cache_prefixes
     with monkeypatch.context() as patch:  # the cached layout wherever a layout is chosen
-        patch.setattr(prefopt.prefix, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, "cached": 0})
-        patch.setattr(prefopt.prefix, "cache_prefixes", lambda *a: built.append(1) or cache_prefixes(*a))
+        patch.setattr(prefopt.prefix.choice, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, "cached": 0})
+        patch.setattr(prefopt.prefix.choice, "cache_prefixes", lambda *a: built.append(1) or cache_prefixes(*a))
         loss, grads = first_update(monkeypatch, data, out)
     assert bool(built) is sharing  # the layout under test really ran (or, unshared, did not)
     return loss, grads
@@ -67,7 +67,7 @@ def test_one_update_equals_the_padded_rows(algorithm, precision, chunk, gpt2_rea
                                            monkeypatch):
     """``chunk``: the branches' query chunk (``prefix.BRANCH_CHUNK``; 128 by default, smaller to run 2-3 chunks on
     these short rows)."""
-    monkeypatch.setattr(prefopt.prefix, "BRANCH_CHUNK", chunk)
+    monkeypatch.setattr(prefopt.prefix.cached, "BRANCH_CHUNK", chunk)
     model_dir = rm_dir if algorithm == "reward" else gpt2_real_dir
     cached = run(monkeypatch, algorithm, model_dir, hh_head(16), precision, True, tmp_path / "cached")
     padded = run(monkeypatch, algorithm, model_dir, hh_head(16), precision, False, tmp_path / "padded")
@@ -93,7 +93,7 @@ def test_gradient_checkpointing_runs_the_packed_layout(gpt2_real_dir):
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 10]])
     mask = torch.ones_like(ids)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prefopt.prefix, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, "cached": 0})
+        patch.setattr(prefopt.prefix.choice, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, "cached": 0})
         assert isinstance(prefopt.prefix.choose_layout(ids, mask, [[0, 1]], model), prefopt.prefix.SharedPrefixLayout)
         with torch.no_grad():  # no gradient recorded: the cache is kept, the cached layout runs
             assert isinstance(prefopt.prefix.choose_layout(ids, mask, [[0, 1]], model), CachedPrefixLayout)

@@ -126,7 +126,7 @@ def chunked(monkeypatch):
     rows here are shorter than the 128 tokens a chunk takes by default): 2-4 chunks, as 256-512-token branches."""
     def set_kind(kind: str, size: int = 32) -> None:
         if kind == "cached-chunks":
-            monkeypatch.setattr(prefopt.prefix, "BRANCH_CHUNK", size)
+            monkeypatch.setattr(prefopt.prefix.cached, "BRANCH_CHUNK", size)
     return set_kind
 
 
@@ -253,7 +253,7 @@ def test_orpo_loss_equal_unshared(tiny_model_dir, pair_batch, nll_on, monkeypatc
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     losses = []
     for sharing, kind in [(False, None), (True, "packed"), (True, "cached")]:
-        monkeypatch.setattr(prefopt.prefix, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, kind: 0})
+        monkeypatch.setattr(prefopt.prefix.choice, "layout_costs", lambda *a, **k: {"padded": 2, "packed": 1, kind: 0})
         cfg = ORPOConfig(beta=0.25, nll_on=nll_on, prefix_sharing=sharing)
         algorithm = ORPO(cfg, RunConfig(algorithm=cfg, model=ModelConfig(), train=TrainConfig()), tokenizer)
         algorithm.model = TokenScorer(policy)
@@ -347,10 +347,10 @@ def test_grouped_scoring_equal_unshared(request, arch, kind, monkeypatch, chunke
     model = perturbed(load_lm(request, arch))
     if kind != "chosen":
         costs = {"padded": 2, "packed": 1, "one-per-row": 1, "cached": 1}
-        monkeypatch.setattr(prefopt.prefix, "layout_costs",
+        monkeypatch.setattr(prefopt.prefix.choice, "layout_costs",
                             lambda *a, **k: {**costs, kind.replace("-chunks", ""): 0})
         if kind == "one-per-row":
-            monkeypatch.setattr(prefopt.prefix, "share_prefixes", lambda *a: share_prefixes(*a, pack=False))
+            monkeypatch.setattr(prefopt.prefix.choice, "share_prefixes", lambda *a: share_prefixes(*a, pack=False))
     scorer = TokenScorer(model)
     eos = model.generation_config.eos_token_id
     ids, mask, score, group = rollout_rows(eos[0] if isinstance(eos, list) else eos)
@@ -390,15 +390,18 @@ def test_layout_costs_by_hand():
                                    + 64 * 8 * 96 * 2})
 
 
-# measured with benchmarks/prefix_layouts.py (forward + backward of the trunk, 1 thread, the layouts taking turns; the
-# table in /work/team/notes/share.md): the fastest layout of each setting, which the cost model must pick
+# measured with benchmarks/prefix_layouts.py (forward + backward of the trunk, 1 thread, the layouts taking turns, 5
+# repeats; 06:35-06:40, load 4.6-5.5; /work/team/notes/share.md): the fastest layout of each setting, which the cost
+# model must pick (s: padded / packed / cached)
 MEASURED = [  # (shape, prompts, branch lengths of each group, fastest)
-    ("gpt2", [60, 96], [[32] * 8] * 2, "packed"),  # online, G = 8, 32-token responses: 0.224 s vs cached 0.255
-    ("gpt2", [60, 96], [[128] * 8] * 2, "cached"),  # 128 tokens: 1.052 vs packed 1.141 vs padded 1.297
-    ("gpt2", [60, 96], [[256] * 8] * 2, "cached"),  # 256 tokens: 1.660 vs padded 2.286 vs packed 2.818
-    ("qwen2", [60, 96], [[256] * 8] * 2, "cached"),  # 0.265 vs padded 0.343 vs packed 0.851
-    ("gpt2", [512], [[512, 512]], "cached"),  # a 1,024-token pair: 1.133 vs padded 1.494
-    ("qwen2", [512], [[512, 512]], "cached"),  # 0.289 vs padded 0.356 vs packed 0.455
+    ("gpt2", [60, 96], [[16] * 8] * 2, "packed"),  # online, G = 8, 16-token responses: 1.473 / 0.330 / 0.404
+    ("gpt2", [60, 96], [[32] * 8] * 2, "packed"),  # 32 tokens: 1.876 / 0.550 / 0.625
+    ("gpt2", [60, 96], [[128] * 8] * 2, "cached"),  # 128 tokens: 3.033 / 2.200 / 1.670
+    ("gpt2", [60, 96], [[256] * 8] * 2, "cached"),  # 256 tokens: 4.595 / 5.591 / 3.245
+    ("qwen2", [60, 96], [[256] * 8] * 2, "cached"),  # 0.638 / 1.716 / 0.525
+    ("gpt2", [512], [[512, 512]], "cached"),  # a 1,024-token pair: 2.213 / 2.616 / 1.919
+    ("qwen2", [512], [[512, 512]], "cached"),  # 0.445 / 0.641 / 0.413
+    ("qwen2", [64] * 4, [[64] * 4] * 4, "cached"),  # 4-wise rankings: 0.201 / 0.179 / 0.153
 ]
 
 
@@ -422,8 +425,9 @@ def test_grouped_scoring_runs_the_chosen_layout(tiny_model_dir, monkeypatch):
     packed one; the log-probs equal the padded rows' either way."""
     built = []
     for name in ("share_prefixes", "cache_prefixes"):
-        original = getattr(prefopt.prefix, name)
-        monkeypatch.setattr(prefopt.prefix, name, lambda *a, _f=original, _n=name, **k: built.append(_n) or _f(*a, **k))
+        original = getattr(prefopt.prefix.choice, name)
+        monkeypatch.setattr(prefopt.prefix.choice, name,
+                            lambda *a, _f=original, _n=name, **k: built.append(_n) or _f(*a, **k))
     scorer = TokenScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     for prompt, response, layout in [(4, 60, "cache_prefixes"), (60, 2, "share_prefixes")]:
         ids, mask, groups = group_rows(prompt, response, 8)

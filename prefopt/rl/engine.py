@@ -150,7 +150,7 @@ def generate(model: nn.Module, tokenizer, batch: PromptBatch, gen: GenerationCon
     its mode restored. With ``seed`` the global RNG is forked, so training randomness is left untouched.
     ``capture``: a module of ``model`` (e.g. a block) whose output at every position of the sampled sequences is
     kept as ``rollout.hidden`` (``captured_hidden``), so a later pass need not run the model up to it again.
-    Sampling draws from the global RNG (``torch.rand``: one uniform variate per row and token).
+    Sampling draws from the global RNG (``torch.rand``: one uniform variate per row, token and vocabulary entry).
     """
     was_training = model.training
     model.eval()
