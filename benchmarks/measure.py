@@ -38,14 +38,16 @@ def matmul_ceiling(dtype: str) -> float:
     return best
 
 
-def parameters_per_token(model_dir: Path) -> int:
+def parameters_per_token(model_dir: Path, reward_model: bool = False) -> int:
     """Matmul parameters a token passes through: all but a learned position table (the tied embedding counts once,
-    as the LM head)."""
-    from transformers import AutoModelForCausalLM
+    as the LM head). A reward model (``reward_model``) has no LM head: its token embedding is a lookup, not a matmul,
+    so it is left out too (its score head counts)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = (AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM).from_pretrained(model_dir)
     positions = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2's position table
-    return model.num_parameters() - (positions.weight.numel() if positions is not None else 0)
+    lookups = [positions] + ([model.get_input_embeddings()] if reward_model else [])
+    return model.num_parameters() - sum(t.weight.numel() for t in lookups if t is not None)
 
 
 def rss_mb() -> float:

@@ -17,15 +17,17 @@ import sys
 from typing import Any
 
 
-def summarise(result: dict[str, Any], warmup: int, n_params: int, memory: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of one worker's result (one dtype); ``memory``: name -> peak and baseline RSS of its own process."""
+def summarise(result: dict[str, Any], warmup: int, n_params: dict[str, int],
+              memory: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one worker's result (one dtype); ``n_params``: algorithm -> matmul parameters per token;
+    ``memory``: name -> peak and baseline RSS of its own process."""
     rows = []
     ceiling = max(result["ceiling_gflops"].values())
     trl_losses = {c["algorithm"]: c["losses"] for name, c in result["contestants"].items()
                   if name.endswith("/trl-default")}
     for name, c in result["contestants"].items():
         times, tokens = c["times"][warmup:], c["tokens"][warmup:]
-        flops = [6 * n_params * n / t / 1e9 for n, t in zip(tokens, times)]
+        flops = [6 * n_params[c["algorithm"]] * n / t / 1e9 for n, t in zip(tokens, times)]
         reference = trl_losses.get(c["algorithm"], [])
         diffs = [abs(a - b) for a, b in zip(c["losses"], reference)]
         mem = memory.get(name, {})

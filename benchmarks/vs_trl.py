@@ -208,7 +208,9 @@ def main() -> None:
         return
 
     assets = build_assets(args.work, shape_of(args, args.max_length))
-    n_params = parameters_per_token(assets["lm"])
+    lm_params = parameters_per_token(assets["lm"])
+    n_params = {a: parameters_per_token(assets["rm"], reward_model=True) if a == "reward" else lm_params
+                for a in args.algorithms}
     results, rows = {}, []
     for dtype in args.dtypes:
         flags = common_flags(args) + ["--dtype", dtype]
