@@ -45,7 +45,8 @@ CONTROL_KEYS = frozenset({"train.resume", "train.overwrite", "train.progress", "
                           "train.max_steps", "train.save_model", "train.max_skipped_updates", "train.num_workers",
                           "train.output_dir", "train.seed", "train.batch_size", "train.gradient_accumulation_steps",
                           "train.on_nonfinite", "train.accept_changed_data", "train.epochs", "train.push_to_hub",
-                          "train.hub_private"})
+                          "train.hub_private",
+                          "model.logits.keep_mb"})  # kept or recomputed, the head's logits are the same numbers
 log = logging.getLogger("prefopt.rundir")
 __all__ = ["CONFIG_FILE", "LEDGER_FILE", "LOCK_FILE", "RunLock", "RunFiles", "check_output_dir", "claim",
            "clear_run", "config_hash", "changed_keys", "flatten", "holds_run"]

@@ -70,9 +70,11 @@ def test_resume_auto_continues_only_the_same_run(gpt2_real_dir, hh_small, tmp_pa
     line = last_line(stderr)
     assert line.startswith(f"prefopt: error: train.output_dir='{out}' holds a different run (config differs in "
                            "algorithm.beta: 0.1 -> 0.2; train.learning_rate: 0.002 -> 0.001)")
-    # the same run, with more steps (its directory spelled another way): continues from its last checkpoint
+    # the same run, with more steps (its directory spelled another way) and another memory budget for the head's
+    # logits (the same numbers, kept or recomputed): continues from its last checkpoint
     same = out.parent / ".." / out.parent.name / out.name
-    assert train(capsys, *args(gpt2_real_dir, hh_small, same, "train.resume=auto", "train.max_steps=3"))[0] == 0
+    assert train(capsys, *args(gpt2_real_dir, hh_small, same, "train.resume=auto", "train.max_steps=3",
+                               "model.logits.keep_mb=0"))[0] == 0
     assert steps(out) == [1, 2, 2, 3, 3]  # train rows 1, 2 (+ eval at 2), then 3 (+ eval at 3)
 
 
