@@ -15,7 +15,8 @@ would). A call whose [M, V] float32 logits fit in ``keep_mb`` keeps them all for
 there); a larger one keeps none and recomputes each block there (one more head matmul each). All or nothing: kept
 in part, the logits would cost the whole budget at the step's peak memory to save only budget / size of the
 recompute (10% for 1,024 positions x 151,936 entries at 64 MB); a small vocabulary's logits fit whole. So
-the head's memory is bounded by ``keep_mb`` plus a few [positions, block] float32 tensors, not tokens x vocabulary.
+the head's memory is bounded by ``keep_mb`` (which counts, under autocast, the head's parameters cast once per
+kept chunk) plus a few [positions, block] float32 tensors, not tokens x vocabulary.
 The values and gradients are those of the unchunked ``log_softmax`` within float rounding (``tests/test_lm_head.py``).
 
 On CPU, a plain ``nn.Linear`` head computing in float32 (every transformers causal LM, tied or not) is cut along the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,10 +65,22 @@ def head_logps(hidden: Tensor, head: nn.Module, targets: Tensor, temperature: fl
     config = _CHUNKING.get()
     cut = config.vocab_block if _exact_in_blocks(hidden, head) else None
     graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
-    keep = graph and 4 * hidden.shape[0] * params[0].shape[0] <= config.keep_mb * 2**20
+    keep = graph and _kept_bytes(hidden, params, config.chunk) <= config.keep_mb * 2**20
     logps, entropy = _HeadLogps.apply(hidden, targets, head, names, float(temperature), bool(with_entropy),
                                       (config.chunk, cut, keep), *params)
     return logps, entropy if with_entropy else None
+
+
+def _kept_bytes(hidden: Tensor, params: tuple[Tensor, ...], chunk: int) -> int:
+    """What keeping a call's logits for the backward holds: the [M, V] float32 logits, and under autocast each
+    chunk's graph also holds the head's parameters cast to the autocast dtype (a [V, H] copy per chunk)."""
+    device = hidden.device.type
+    kept = 4 * hidden.shape[0] * params[0].shape[0]
+    if torch.is_autocast_enabled(device):
+        cast = torch.get_autocast_dtype(device)
+        copies = sum(p.numel() * cast.itemsize for p in params if p.is_floating_point() and p.dtype != cast)
+        kept += math.ceil(hidden.shape[0] / chunk) * copies
+    return kept
 
 
 def _exact_in_blocks(hidden: Tensor, head: nn.Module) -> bool:

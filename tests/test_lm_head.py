@@ -139,6 +139,29 @@ def test_a_call_keeps_all_its_logits_or_none(gpt2_real_dir, monkeypatch):
         assert (forward, len(calls) - forward) == (blocks, recomputed), budget
 
 
+def test_under_autocast_the_budget_counts_the_cast_head(gpt2_real_dir, monkeypatch):
+    """Under autocast each kept chunk's graph also holds the head cast to bf16 ([V, H], once per chunk): a budget
+    that fits the logits alone but not the logits and those copies keeps nothing (review: 97 MB of copies beside
+    96 MB of logits under a 128 MB budget; ~2 GB at a Llama-3-8B head)."""
+    torch.manual_seed(0)
+    head = AutoModelForCausalLM.from_pretrained(gpt2_real_dir, dtype=torch.float32).get_output_embeddings()
+    hidden = torch.randn(120, head.in_features, requires_grad=True)
+    targets = torch.randint(0, head.out_features, (120,))
+    calls = []
+    logits = prefopt.lm_head._Block.logits
+    monkeypatch.setattr(prefopt.lm_head._Block, "logits", lambda self, *args: calls.append(1) or logits(self, *args))
+    chunks = math.ceil(120 / 7)
+    logits_mb = 4 * 120 * head.out_features / 2**20
+    copies_mb = chunks * 2 * head.weight.numel() / 2**20
+    for budget, recomputed in ((logits_mb + copies_mb, 0), (logits_mb * 1.01, chunks)):
+        calls.clear()
+        with chunking(LogitsConfig(chunk=7, keep_mb=budget)), torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _ = head_logps(hidden, head, targets)
+            forward = len(calls)
+            logps.sum().backward()
+        assert (forward, len(calls) - forward) == (chunks, recomputed), budget
+
+
 def test_logits_settings_are_validated():
     with pytest.raises(ConfigError, match="model.logits.chunk"):
         LogitsConfig(chunk=0)

@@ -80,7 +80,7 @@ def test_cached_layout_by_hand():
     assert layout.prefix_positions.tolist() == [[0, 0, 1], [0, 0, 1], [0, 1, 2]]
     assert layout.branch_ids.tolist() == [[7, 8], [9, PAD]]
     assert layout.branch_mask.tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]]
-    assert layout.branch_positions.tolist() == [[2, 3], [2, 3]]
+    assert layout.branch_positions.tolist() == [[2, 3], [2, 2]]  # padding repeats the row's last position
     assert layout.prefix_of.tolist() == [0, 0]
     # flat index: 3 prefix rows of 3 (0..8), then 2 branch rows of 2 (9..12)
     assert layout.source[:, :3].tolist() == [[1, 2, 9], [1, 2, 11], [4, 5, 0], [6, 7, 8]]

@@ -30,7 +30,8 @@ class CachedPrefixLayout:
     prefix_positions: Tensor  # [B, P] 0.. from the first real token (0 on padding)
     branch_ids: Tensor  # [M, S] each branch (the row's tokens after its prefix), right-padded
     branch_mask: Tensor  # [M, P + S] its prefix's mask, then 1 on its real branch tokens
-    branch_positions: Tensor  # [M, S] continuing from its prefix's length
+    branch_positions: Tensor  # [M, S] continuing from its prefix's length; padding slots repeat the branch's last
+    # position, so no id passes the original row's (a learned position table's size, dynamic RoPE's trigger)
     prefix_of: Tensor  # [M] the group (prefix row) each branch continues
     source: Tensor  # [N, T] flat index of each original token in [prefix states (B * P); branch states (M * S)]
     lengths: Tensor  # [N] real tokens of each original row
@@ -153,7 +154,7 @@ def cache_prefixes(input_ids: Tensor, attention_mask: Tensor,
         branch_ids[m, :length] = ids[r, prefix:lengths[r]]
         branch_mask[m, :width] = prefix_mask[g]
         branch_mask[m, width:width + length] = 1
-        branch_positions[m] = prefix + np.arange(span)
+        branch_positions[m] = prefix + np.minimum(np.arange(span), length - 1)  # padding: the row's last position
         source[r, prefix:lengths[r]] = len(groups) * width + m * span + np.arange(length)
     prefix_of = np.array([g for _, g in branches], dtype=np.int64)
 

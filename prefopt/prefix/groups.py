@@ -13,6 +13,7 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 def attention_implementation(model: nn.Module) -> str | None:
+    """The attention kind transformers runs ``model`` with ("sdpa", "eager", ...), None when it does not say."""
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
 
@@ -27,7 +28,7 @@ def supports(model: nn.Module) -> bool:
     base = _base(model)
     return (attention_implementation(base) in SUPPORTED_ATTENTION
             and "position_ids" in inspect.signature(base.forward).parameters
-            and getattr(base.config, "sliding_window", None) is None)
+            and getattr(base.config.get_text_config(), "sliding_window", None) is None)  # multimodal: text_config
 
 
 def can_cache(model: nn.Module) -> bool:
