@@ -9,6 +9,7 @@ positions x 100 vocabulary entries, all kept from the forward or all recomputed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -117,10 +118,9 @@ def test_no_tensor_grows_with_tokens_times_vocabulary(keep_mb, gpt2_real_dir):
     assert sizes["chunked"] <= max(head.weight.numel(), hidden.numel())
 
 
-def test_a_call_keeps_all_its_logits_or_none(gpt2_real_dir, monkeypatch):
-    """``keep_mb`` is all or nothing: 120 positions' logits are kept whole when they fit (the backward runs no head
-    forward) and not at all when the budget is 1% short (every block recomputed in the backward, none held from
-    the forward): kept in part, they would cost the whole budget at the step's peak for a share of the recompute."""
+def head_calls(gpt2_real_dir, monkeypatch, config: LogitsConfig, budgets, autocast: bool = False):
+    """(head forwards in the call, head forwards in its backward) of 120 positions on gpt2-real's head under each
+    ``keep_mb`` of ``budgets`` (the rest of ``config`` fixed), and the head."""
     torch.manual_seed(0)
     head = AutoModelForCausalLM.from_pretrained(gpt2_real_dir, dtype=torch.float32).get_output_embeddings()
     hidden = torch.randn(120, head.in_features, requires_grad=True)
@@ -128,38 +128,39 @@ def test_a_call_keeps_all_its_logits_or_none(gpt2_real_dir, monkeypatch):
     calls = []
     logits = prefopt.lm_head._Block.logits
     monkeypatch.setattr(prefopt.lm_head._Block, "logits", lambda self, *args: calls.append(1) or logits(self, *args))
-    blocks = math.ceil(120 / 7) * math.ceil(head.out_features / 100)
-    size_mb = 4 * 120 * head.out_features / 2**20
-    for budget, recomputed in ((size_mb, 0), (0.99 * size_mb, blocks)):
+    counts = []
+    for budget in budgets(head):
         calls.clear()
-        with chunking(LogitsConfig(chunk=7, vocab_block=100, keep_mb=budget)):
+        with chunking(dataclasses.replace(config, keep_mb=budget)), torch.autocast("cpu", enabled=autocast):
             logps, _ = head_logps(hidden, head, targets)
             forward = len(calls)
             logps.sum().backward()
-        assert (forward, len(calls) - forward) == (blocks, recomputed), budget
+        counts.append((forward, len(calls) - forward))
+    return counts
+
+
+def test_a_call_keeps_all_its_logits_or_none(gpt2_real_dir, monkeypatch):
+    """``keep_mb`` is all or nothing: 120 positions' logits are kept whole when they fit (the backward runs no head
+    forward) and not at all when the budget is 1% short (every block recomputed in the backward, none held from
+    the forward): kept in part, they would cost the whole budget at the step's peak for a share of the recompute."""
+    size_mb = lambda head: 4 * 120 * head.out_features / 2**20  # noqa: E731
+    counts = head_calls(gpt2_real_dir, monkeypatch, LogitsConfig(chunk=7, vocab_block=100),
+                        lambda head: (size_mb(head), 0.99 * size_mb(head)))
+    vocab = AutoModelForCausalLM.from_pretrained(gpt2_real_dir).config.vocab_size
+    blocks = math.ceil(120 / 7) * math.ceil(vocab / 100)
+    assert counts == [(blocks, 0), (blocks, blocks)]
 
 
 def test_under_autocast_the_budget_counts_the_cast_head(gpt2_real_dir, monkeypatch):
     """Under autocast each kept chunk's graph also holds the head cast to bf16 ([V, H], once per chunk): a budget
     that fits the logits alone but not the logits and those copies keeps nothing (review: 97 MB of copies beside
     96 MB of logits under a 128 MB budget; ~2 GB at a Llama-3-8B head)."""
-    torch.manual_seed(0)
-    head = AutoModelForCausalLM.from_pretrained(gpt2_real_dir, dtype=torch.float32).get_output_embeddings()
-    hidden = torch.randn(120, head.in_features, requires_grad=True)
-    targets = torch.randint(0, head.out_features, (120,))
-    calls = []
-    logits = prefopt.lm_head._Block.logits
-    monkeypatch.setattr(prefopt.lm_head._Block, "logits", lambda self, *args: calls.append(1) or logits(self, *args))
     chunks = math.ceil(120 / 7)
-    logits_mb = 4 * 120 * head.out_features / 2**20
-    copies_mb = chunks * 2 * head.weight.numel() / 2**20
-    for budget, recomputed in ((logits_mb + copies_mb, 0), (logits_mb * 1.01, chunks)):
-        calls.clear()
-        with chunking(LogitsConfig(chunk=7, keep_mb=budget)), torch.autocast("cpu", dtype=torch.bfloat16):
-            logps, _ = head_logps(hidden, head, targets)
-            forward = len(calls)
-            logps.sum().backward()
-        assert (forward, len(calls) - forward) == (chunks, recomputed), budget
+    logits_mb = lambda head: 4 * 120 * head.out_features / 2**20  # noqa: E731
+    copies_mb = lambda head: chunks * 2 * head.weight.numel() / 2**20  # noqa: E731
+    counts = head_calls(gpt2_real_dir, monkeypatch, LogitsConfig(chunk=7),
+                        lambda head: (logits_mb(head) + copies_mb(head), 1.01 * logits_mb(head)), autocast=True)
+    assert counts == [(chunks, 0), (chunks, chunks)]
 
 
 def test_logits_settings_are_validated():
