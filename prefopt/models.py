@@ -203,6 +203,11 @@ def _new_head(model: PreTrainedModel, missing: Any, path: str, trainable: bool) 
     return head
 
 
+def adapted(model: nn.Module) -> nn.Module:
+    """The transformers model a peft wrapper adapts in place (``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Dropout off in ``model`` (before any adapter is added, so ``model.lora.dropout`` still applies).
 

@@ -20,12 +20,12 @@ exactly these quantities and goes through the DDP/FSDP wrapper (see prefopt.trai
 
 from __future__ import annotations
 
-import peft
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefopt.lm_head import head_logps
+from prefopt.models import adapted
 from prefopt.prefix import CachedPrefixLayout, SharedPrefixLayout, choose_layout
 
 Layout = SharedPrefixLayout | CachedPrefixLayout
@@ -177,7 +177,7 @@ class RewardScorer(nn.Module):
     @property
     def backbone(self) -> nn.Module:
         """The plain transformers model (LoRA: adapted in place)."""
-        return self.rm.get_base_model() if isinstance(self.rm, peft.PeftModel) else self.rm
+        return adapted(self.rm)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, layout: Layout | None = None) -> Tensor:
         rm = self.backbone
@@ -223,7 +223,7 @@ class PolicyAndValue(nn.Module):
         if not with_values or (self.value_head is None and self.critic is None):
             return logps, entropy, None
         if self.critic is not None:
-            critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic  # peft
+            critic = adapted(self.critic)
             hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                        use_cache=False).last_hidden_state  # the backbone (with its adapter, if any)
             values = critic.score(hidden).squeeze(-1).float()

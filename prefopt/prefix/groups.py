@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prefopt.models import adapted
+
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -18,14 +20,10 @@ def attention_implementation(model: nn.Module) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the adapted model
-
-
 def supports(model: nn.Module) -> bool:
     """Whether ``model`` can run a layout: SDPA or eager attention (they take a 4D mask as it is), position ids in
     its forward, and no sliding window (the 4D mask replaces the one transformers would build)."""
-    base = _base(model)
+    base = adapted(model)
     return (attention_implementation(base) in SUPPORTED_ATTENTION
             and "position_ids" in inspect.signature(base.forward).parameters
             and getattr(base.config.get_text_config(), "sliding_window", None) is None)  # multimodal: text_config
@@ -34,7 +32,7 @@ def supports(model: nn.Module) -> bool:
 def can_cache(model: nn.Module) -> bool:
     """Whether the cached layout can run now: not while gradient checkpointing is on and a gradient is recorded
     (transformers' checkpointed layers drop the cache)."""
-    return not (getattr(_base(model), "is_gradient_checkpointing", False) and torch.is_grad_enabled()
+    return not (getattr(adapted(model), "is_gradient_checkpointing", False) and torch.is_grad_enabled()
                 and model.training)
 
 

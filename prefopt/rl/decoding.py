@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from prefopt.models import adapted
 from prefopt.scoring import position_ids
 
 
@@ -79,7 +80,7 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes kwargs through
+    base = adapted(model)  # peft passes kwargs through
     return name in inspect.signature(base.forward).parameters
 
 
